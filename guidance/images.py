@@ -1,0 +1,61 @@
+"""Encode generated images with their generation parameters embedded (PNG text chunks, A1111 style)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def a1111_parameters(meta: dict[str, Any]) -> str:
+    """The ``parameters`` text A1111 writes, which many tools (civitai, image browsers) read back."""
+    lines = [str(meta.get("prompt", ""))]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    scale = meta.get("cfg_scale")
+    fields = [
+        ("Steps", meta.get("steps")),
+        ("Sampler", meta.get("scheduler")),
+        ("CFG scale", scale),
+        ("Seed", meta.get("seed")),
+        ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta else None),
+        ("Model", meta.get("model")),
+        ("Policy", meta.get("policy")),
+        ("NFE", meta.get("nfe")),
+    ]
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+def png_info(meta: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(meta))
+    for key, value in meta.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    info.add_text("diffsteer", json.dumps(meta))
+    return info
+
+
+def encode_image(image: Image.Image, fmt: str = "png", meta: dict[str, Any] | None = None, quality: int = 95) -> bytes:
+    """Image bytes in ``fmt`` (png, jpeg, webp); PNG carries ``meta`` as text chunks, JPEG/WebP as EXIF comment."""
+    if fmt not in FORMATS:
+        raise ValueError(f"output_format: unknown value {fmt!r}; accepted values: {', '.join(FORMATS)}")
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG", pnginfo=png_info(meta) if meta else None)
+    else:
+        exif = Image.Exif()
+        if meta:
+            exif[0x9286] = a1111_parameters(meta)  # UserComment, where A1111 stores it for JPEG/WebP
+        image.save(buf, format=FORMATS[fmt], quality=quality, exif=exif)
+    return buf.getvalue()
+
+
+def read_png_metadata(data: bytes | str) -> dict[str, Any]:
+    """The ``diffsteer`` metadata of a PNG written by :func:`encode_image` (bytes or a path)."""
+    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    return json.loads(image.text["diffsteer"])

@@ -1,0 +1,336 @@
+"""Load Stable-Diffusion-family checkpoints into one bundle the sampler understands.
+
+``load_model(spec)`` accepts:
+
+- ``None`` / ``"default"``: the built-in default model (needs no download);
+- ``"builtin:tiny"`` / ``"builtin:tiny-sdxl"`` / ``"builtin:tiny-v"``: tiny random-weight models built from config;
+- a local diffusers folder (``model_index.json``): SD 1.x, SD 2.x (ε or v-prediction), SDXL, SD-Turbo, SDXL-Turbo;
+- a single ``.safetensors`` / ``.ckpt`` file (needs the matching diffusers config, from ``config=`` or the hub);
+- a hub id (``org/name``) where the network allows; offline, a clear error.
+
+fp32 on CPU; fp16 (or bf16) on CUDA with PyTorch SDPA attention, and xformers attention when it is installed
+and works on the device, falling back quietly when it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guidance.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
+DEFAULT_MODEL = "builtin:tiny"
+
+
+@dataclass
+class DiffusionModel:
+    """The components of one checkpoint. Read-only during sampling: safe to share between requests."""
+
+    name: str
+    family: str  # "sd" or "sdxl"
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    scheduler_config: dict[str, Any]
+    force_zeros_for_empty_prompt: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def components(self) -> dict[str, Any]:
+        """diffusers pipeline components (for reference pipelines and LoRA loading)."""
+        import diffusers
+
+        scheduler = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
+        parts: dict[str, Any] = {
+            "unet": self.unet,
+            "vae": self.vae,
+            "scheduler": scheduler,
+            "image_encoder": None,
+            "feature_extractor": None,
+        }
+        if self.family == "sdxl":
+            parts.update(
+                text_encoder=self.text_encoders[0] if len(self.text_encoders) == 2 else None,
+                tokenizer=self.tokenizers[0] if len(self.tokenizers) == 2 else None,
+                text_encoder_2=self.text_encoders[-1],
+                tokenizer_2=self.tokenizers[-1],
+            )
+        else:
+            parts.update(text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], safety_checker=None)
+        return parts
+
+    def to_pipeline(self):
+        """A diffusers pipeline over the same modules (shares weights; for references and LoRA tooling)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.family == "sdxl":
+            return StableDiffusionXLPipeline(
+                **self.components(), force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt
+            )
+        return StableDiffusionPipeline(**self.components(), requires_safety_checker=False)
+
+
+def from_components(name: str, components: dict[str, Any], force_zeros_for_empty_prompt: bool = True) -> DiffusionModel:
+    """Bundle diffusers pipeline components (a dict like ``pipe.components``)."""
+    is_xl = components.get("text_encoder_2") is not None
+    encoders = [components.get("text_encoder"), components.get("text_encoder_2")] if is_xl else [components["text_encoder"]]
+    tokenizers = [components.get("tokenizer"), components.get("tokenizer_2")] if is_xl else [components["tokenizer"]]
+    pairs = [(e, t) for e, t in zip(encoders, tokenizers) if e is not None]
+    return DiffusionModel(
+        name=name,
+        family="sdxl" if is_xl else "sd",
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoders=[e for e, _ in pairs],
+        tokenizers=[t for _, t in pairs],
+        scheduler_config={**components["scheduler"].config, "_class_name": type(components["scheduler"]).__name__},
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt if is_xl else False,
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise InvalidInput("dtype", f"unknown value {dtype!r}; accepted values: auto, fp32, fp16, bf16")
+    if device.type == "cpu" and table[dtype] == torch.float16:
+        raise InvalidInput("dtype", "fp16 is not supported on CPU; use fp32 or bf16")
+    return table[dtype]
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    config: str | None = None,
+    attention: str = "auto",
+) -> DiffusionModel:
+    """Load a model (see the module docstring for ``spec``); ``config`` is the diffusers config folder or hub id
+    for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    spec = spec or "default"
+    if spec == "default":
+        spec = DEFAULT_MODEL
+    if spec.startswith("builtin:"):
+        model = _load_builtin(spec)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            model = _load_diffusers_folder(str(path), spec)
+        elif path.is_file():
+            model = _load_single_file(path, config)
+        elif _looks_like_path(spec):
+            raise InvalidInput("model", f"path {spec!r} does not exist")
+        else:
+            model = _load_diffusers_folder(spec, spec)
+    _place(model, device, dtype)
+    configure_attention(model.unet, device, attention)
+    return model
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Anything that is not of the hub-id form ``org/name``, or that has a checkpoint suffix."""
+    return not HUB_ID.match(spec) or spec.endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+
+
+def _load_builtin(spec: str) -> DiffusionModel:
+    from guidance import tiny
+
+    if spec == "builtin:tiny":
+        return from_components(spec, tiny.tiny_sd_components())
+    if spec == "builtin:tiny-v":
+        return from_components(spec, tiny.tiny_sd_components(prediction_type="v_prediction"))
+    if spec == "builtin:tiny-sdxl":
+        return from_components(spec, tiny.tiny_sdxl_components())
+    raise InvalidInput("model", f"unknown built-in model {spec!r}; accepted values: default, {', '.join(BUILTIN_MODELS)}")
+
+
+def _hub_error(spec: str, error: Exception) -> InvalidInput:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = (
+        "HF_HUB_OFFLINE is set, so hub ids only resolve from the local cache"
+        if offline
+        else "it is not a local path and could not be fetched from the hub"
+    )
+    return InvalidInput("model", f"cannot load {spec!r}: {hint} ({type(error).__name__}: {error})")
+
+
+def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
+    """Load each component of a diffusers layout (local folder or hub id) with its own class."""
+    import diffusers
+    import transformers
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        index = _read_model_index(location)
+    except (OSError, ValueError, HFValidationError) as e:
+        raise _hub_error(name, e) from None
+    class_name = index.get("_class_name", "")
+    if "unet" not in index or "vae" not in index:
+        raise InvalidInput("model", f"{name!r} is a {class_name or 'diffusers'} checkpoint without a UNet and VAE; "
+                           "accepted: Stable Diffusion 1.x/2.x, SDXL and their Turbo variants")
+
+    def component(key: str):
+        entry = index.get(key)
+        if not entry or entry[0] is None or entry[1] is None:
+            return None
+        library, cls_name = entry
+        cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
+        if key.startswith("tokenizer"):
+            return cls.from_pretrained(location, subfolder=key)
+        if key == "scheduler":
+            return cls.from_config(cls.load_config(location, subfolder=key))
+        try:
+            return cls.from_pretrained(location, subfolder=key)
+        except (OSError, EnvironmentError):
+            return cls.from_pretrained(location, subfolder=key, variant="fp16")
+
+    try:
+        parts = {k: component(k) for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+    except OSError as e:
+        raise _hub_error(name, e) from None
+    return from_components(name, parts, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+def _read_model_index(location: str) -> dict[str, Any]:
+    path = Path(location) / "model_index.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(location, "model_index.json")).read_text())
+
+
+def _load_single_file(path: Path, config: str | None) -> DiffusionModel:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
+        raise InvalidInput("model", f"file {str(path)!r} is not a checkpoint; accepted: .safetensors, .ckpt")
+    is_xl = _single_file_is_sdxl(path)
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {}
+    if config is not None:
+        kwargs["config"] = config
+    if not is_xl:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_single_file(str(path), **kwargs)
+    except Exception as e:  # diffusers raises many types here (missing config, bad keys)
+        raise InvalidInput(
+            "model",
+            f"cannot load single-file checkpoint {str(path)!r}: {type(e).__name__}: {e}. Single files need the "
+            "model's diffusers config: pass `config` (a diffusers folder of the same architecture) or allow hub access",
+        ) from None
+    return from_components(str(path), pipe.components)
+
+
+def _single_file_is_sdxl(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = f.keys()
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        keys = state.get("state_dict", state).keys()
+    return any(k.startswith("conditioner.embedders.1") for k in keys)
+
+
+def _place(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> None:
+    vae_dtype = torch.float32 if dtype == torch.float16 and getattr(model.vae.config, "force_upcast", False) else dtype
+    for module in [model.unet, model.vae, *model.text_encoders]:
+        target = vae_dtype if module is model.vae else dtype
+        module.to(device=device)
+        if next(module.parameters()).dtype != target:
+            module.to(dtype=target)
+        module.eval()
+        module.requires_grad_(False)
+
+
+def configure_attention(unet: torch.nn.Module, device: torch.device, attention: str = "auto") -> str:
+    """Choose the attention kernel; returns the one in use (``sdpa`` or ``xformers``)."""
+    if attention not in ("auto", "sdpa", "xformers"):
+        raise InvalidInput("attention", f"unknown value {attention!r}; accepted values: auto, sdpa, xformers")
+    if attention != "sdpa" and device.type == "cuda":
+        try:
+            import xformers  # noqa: F401
+
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as e:  # not installed, or built for another torch/CUDA
+            if attention == "xformers":
+                raise InvalidInput("attention", f"xformers is not usable here: {e}") from None
+            log.debug("xformers unavailable, using SDPA: %s", e)
+    elif attention == "xformers":
+        raise InvalidInput("attention", "xformers needs a CUDA device")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+class ModelCache:
+    """Loaded models by spec; loading is serialised, lookups are not."""
+
+    def __init__(self, **load_kwargs: Any):
+        self._models: dict[str, DiffusionModel] = {}
+        self._lock = threading.Lock()
+        self._load_kwargs = load_kwargs
+
+    def get(self, spec: str | None = None) -> DiffusionModel:
+        key = spec or "default"
+        model = self._models.get(key)
+        if model is None:
+            with self._lock:
+                model = self._models.get(key)
+                if model is None:
+                    model = load_model(key, **self._load_kwargs)
+                    self._models[key] = model
+        return model
+
+    def loaded(self) -> list[str]:
+        return list(self._models)

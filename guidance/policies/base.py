@@ -1,0 +1,84 @@
+"""The guidance-policy interface.
+
+A policy is immutable: its validated ``params`` and nothing else. Everything that changes during a
+generation (momentum buffers, switch steps, traces) lives in the state object returned by :meth:`start`,
+which belongs to one generation only, so one policy object can serve concurrent requests.
+
+Per step, the sampler calls ``step(state, x, info, denoiser)`` with the scheduler-scaled model input ``x``;
+the policy asks the denoiser for the conditions it needs and returns the guided model output, in the
+checkpoint's prediction space, which the scheduler then consumes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pydantic
+import torch
+
+from guidance.denoiser import Denoiser, StepInfo
+
+
+class PolicyParams(pydantic.BaseModel):
+    """Base of every policy's parameter schema: unknown fields, NaN and infinities are rejected."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    def spec(self) -> str:
+        """The compact spec string (``name:key=value,...``) of the non-default parameters."""
+        values = self.model_dump(exclude_defaults=True, exclude={"name"})
+        if not values:
+            return self.name  # type: ignore[attr-defined]
+        body = ",".join(f"{k}={_format_value(v)}" for k, v in values.items())
+        return f"{self.name}:{body}"  # type: ignore[attr-defined]
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class SamplingContext:
+    """What a policy may know before the first step."""
+
+    num_steps: int
+    batch_size: int
+    prediction_type: str
+    has_negative_prompt: bool
+
+
+@dataclass
+class PolicyState:
+    """Per-generation state; policies subclass it. ``trace`` is returned in the result."""
+
+    trace: dict[str, Any] = field(default_factory=dict)
+
+
+class GuidancePolicy(ABC):
+    """Base class: ``name``, ``Params`` and ``conditions`` (the prompt conditions to encode)."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[PolicyParams]]
+    conditions: ClassVar[tuple[str, ...]] = ("cond", "uncond")
+    summary: ClassVar[str] = ""
+
+    def __init__(self, params: PolicyParams | None = None):
+        self.params = params if params is not None else self.Params()
+
+    def start(self, ctx: SamplingContext) -> PolicyState:
+        """Fresh state for one generation; validate step-dependent parameters here."""
+        return PolicyState()
+
+    @abstractmethod
+    def step(self, state: PolicyState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
+        """The guided model output for step ``info`` at scaled input ``x``."""
+
+    def finish(self, state: PolicyState) -> dict[str, Any]:
+        """The trace reported with the result (JSON-serialisable)."""
+        return state.trace

@@ -1,0 +1,150 @@
+"""Policy registry: name -> policy class and parameter schema; spec-string and JSON parsing.
+
+A policy is written either as a spec string, ``apg:scale=10,eta=0,momentum=-0.5`` (values are JSON:
+numbers, ``true``/``false``, ``null``, lists like ``[7,5,3]``; anything else is a string), or as a JSON object
+``{"name": "apg", "scale": 10, "eta": 0, "momentum": -0.5}``. Both parse to the same validated
+``Params`` object of the policy; errors name the field (``policy.scale``) and the accepted values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+
+from guidance.errors import InvalidInput, from_pydantic, unknown_choice
+from guidance.policies.adaptive import AdaptiveGuidance
+from guidance.policies.apg import APG
+from guidance.policies.base import GuidancePolicy, PolicyParams
+from guidance.policies.cfg import CFG
+from guidance.policies.cfg_zero_star import CFGZeroStar
+from guidance.policies.linear_ag import LinearAG
+from guidance.policies.perp_neg import PerpNeg
+
+_POLICIES: dict[str, type[GuidancePolicy]] = {}
+
+
+def register_policy(cls: type[GuidancePolicy]) -> type[GuidancePolicy]:
+    """Add a policy class (usable as a decorator); its ``name`` must be new."""
+    if cls.name in _POLICIES and _POLICIES[cls.name] is not cls:
+        raise ValueError(f"policy {cls.name!r} is already registered")
+    _POLICIES[cls.name] = cls
+    return cls
+
+
+for _cls in (CFG, APG, AdaptiveGuidance, LinearAG, CFGZeroStar, PerpNeg):
+    register_policy(_cls)
+
+DEFAULT_POLICY = "cfg"
+PolicySpec = str | Mapping[str, Any] | PolicyParams | None
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def policy_class(name: str) -> type[GuidancePolicy]:
+    try:
+        return _POLICIES[name]
+    except KeyError:
+        raise unknown_choice("policy.name", name, _POLICIES) from None
+
+
+def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
+    """Validate a spec string, JSON object or Params into the policy's Params object."""
+    if spec is None:
+        return policy_class(DEFAULT_POLICY).Params()
+    if isinstance(spec, PolicyParams):
+        return spec
+    if isinstance(spec, str):
+        spec = spec.strip()
+        data = _parse_json_object(spec, field) if spec.startswith("{") else parse_spec_string(spec, field)
+    elif isinstance(spec, Mapping):
+        data = dict(spec)
+    else:
+        raise InvalidInput(field, f"expected a spec string or an object, got {type(spec).__name__}")
+    name = data.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{field}.name", f"missing; accepted values: {', '.join(policy_names())}")
+    cls = _POLICIES.get(name)
+    if cls is None:
+        raise unknown_choice(f"{field}.name", name, _POLICIES)
+    try:
+        return cls.Params(name=name, **data)
+    except pydantic.ValidationError as e:
+        raise from_pydantic(e, prefix=f"{field}.") from None
+    except TypeError as e:  # e.g. a non-string key
+        raise InvalidInput(field, str(e)) from None
+
+
+def build_policy(spec: PolicySpec, field: str = "policy") -> GuidancePolicy:
+    params = parse_policy(spec, field)
+    return _POLICIES[params.name](params)  # type: ignore[attr-defined]
+
+
+def parse_spec_string(spec: str, field: str = "policy") -> dict[str, Any]:
+    """``name[:key=value,...]`` -> {"name": name, key: value, ...}; commas inside [...] do not split."""
+    name, _, body = spec.partition(":")
+    data: dict[str, Any] = {"name": name.strip()}
+    for item in _split_top_level(body):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise InvalidInput(field, f"malformed parameter {item!r}; write key=value, e.g. cfg:scale=7.5")
+        if key in data:
+            raise InvalidInput(f"{field}.{key}", "given twice")
+        data[key] = _parse_value(raw.strip())
+    return data
+
+
+def _split_top_level(body: str) -> list[str]:
+    items, depth, current = [], 0, []
+    for ch in body:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [i for i in (s.strip() for s in items) if i]
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse_json_object(text: str, field: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(field, f"invalid JSON: {e.msg} at position {e.pos}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(field, "expected a JSON object")
+    return data
+
+
+def policy_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of every policy's parameters, by name."""
+    return {name: cls.Params.model_json_schema() for name, cls in sorted(_POLICIES.items())}
+
+
+def describe_policies() -> list[dict[str, Any]]:
+    """Name, summary and parameters (type, default, help) of every policy, for listings."""
+    rows = []
+    for name, cls in sorted(_POLICIES.items()):
+        params = []
+        for key, info in cls.Params.model_fields.items():
+            if key == "name":
+                continue
+            params.append({"name": key, "default": info.default, "help": info.description or ""})
+        rows.append({"name": name, "summary": cls.summary, "parameters": params})
+    return rows

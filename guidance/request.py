@@ -1,0 +1,95 @@
+"""The parameters of one generation: one pydantic schema shared by the Python API, the CLI and the service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import pydantic
+
+from guidance.errors import InvalidInput, from_pydantic
+from guidance.policies.base import PolicyParams
+from guidance.registry import parse_policy, policy_names
+from guidance.schedulers import check_scheduler_name, scheduler_names
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable maxima; requests above them are refused with the field named."""
+
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 200
+    max_num_images: int = 16
+    max_prompt_chars: int = 4000
+
+
+def _policy(value: Any) -> PolicyParams:
+    return parse_policy(value)
+
+
+class GenerationParams(pydantic.BaseModel):
+    """What to generate. ``width``/``height`` default to the model's native size; ``seed`` to a random one."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = pydantic.Field(description="The text prompt.")
+    negative_prompt: str | None = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
+    policy: Annotated[pydantic.SerializeAsAny[PolicyParams], pydantic.BeforeValidator(_policy)] = pydantic.Field(
+        default_factory=lambda: parse_policy(None),
+        description=f"Guidance policy: a spec string like 'apg:scale=10' or an object with 'name' "
+        f"({', '.join(policy_names())}) and its parameters.",
+        json_schema_extra={"anyOf": [{"type": "string"}, {"type": "object"}]},
+    )
+    steps: int = pydantic.Field(30, ge=1, description="Number of denoising steps.")
+    scheduler: str = pydantic.Field(
+        "default", description=f"Sampler: {', '.join(scheduler_names())} ('default' is the checkpoint's own)."
+    )
+    seed: int | None = pydantic.Field(
+        None, ge=0, le=MAX_SEED, description="Seed of the first image; image k uses seed + k. Random when absent."
+    )
+    num_images: int = pydantic.Field(1, ge=1, description="Images generated with the same prompt.")
+    width: int | None = pydantic.Field(None, ge=8, description="Width in pixels, a multiple of 8.")
+    height: int | None = pydantic.Field(None, ge=8, description="Height in pixels, a multiple of 8.")
+    eta: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="DDIM η (stochasticity); other schedulers ignore it.")
+
+    @pydantic.field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return check_scheduler_name(v)
+
+    @pydantic.field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | GenerationParams, limits: Limits | None = None) -> GenerationParams:
+        """Validate ``data`` (raising InvalidInput naming the field) and check it against ``limits``."""
+        if isinstance(data, GenerationParams):
+            params = data
+        else:
+            try:
+                params = cls.model_validate(data)
+            except pydantic.ValidationError as e:
+                raise from_pydantic(e) from None
+        params.check_limits(limits or Limits())
+        return params
+
+    def check_limits(self, limits: Limits) -> None:
+        checks = [
+            ("steps", self.steps, limits.max_steps),
+            ("num_images", self.num_images, limits.max_num_images),
+            ("width", self.width, limits.max_width),
+            ("height", self.height, limits.max_height),
+            ("prompt", len(self.prompt), limits.max_prompt_chars),
+            ("negative_prompt", len(self.negative_prompt or ""), limits.max_prompt_chars),
+        ]
+        for name, value, maximum in checks:
+            if value is not None and value > maximum:
+                unit = " characters" if "prompt" in name else ""
+                raise InvalidInput(name, f"{value}{unit} is above the maximum of {maximum}{unit}")

@@ -1,0 +1,238 @@
+"""The denoising loop: diffusers components, a pluggable guidance policy, no shared mutable state.
+
+``generate`` is the inference entry point (prompt in, PIL images and metadata out). Its parts are public for
+the methods that need more control: ``initial_noise`` (per-image seeds), ``denoise`` (the loop; with autograd
+on, gradient checkpointing of each UNet call and a per-step choice of where gradients flow, for ReNO and
+AlignProp) and ``decode`` (differentiable VAE decode to [0, 1]).
+
+Everything a generation mutates — scheduler, generators, policy state, the denoiser's counters — is created
+per call, so concurrent generations on one shared model are independent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from guidance.conditioning import encode_conditions
+from guidance.denoiser import Denoiser, StepInfo, UNetFn
+from guidance.models import DiffusionModel
+from guidance.policies.base import GuidancePolicy, PolicyState, SamplingContext
+from guidance.registry import build_policy
+from guidance.request import GenerationParams, Limits
+from guidance.schedulers import build_scheduler
+
+
+class GenerationCancelled(Exception):
+    """Raised by a step callback to stop a generation; the sampler lets it propagate."""
+
+
+@dataclass
+class StepEvent:
+    """Progress after a denoising step (``step`` of ``total``, 1-based)."""
+
+    step: int
+    total: int
+    nfe: int  # UNet evaluations so far, summed over the batch's images
+    elapsed: float
+    latents: torch.Tensor
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    pixels: torch.Tensor  # [B, 3, H, W] float in [0, 1], on CPU
+    seeds: list[int]
+    nfe: list[int]  # UNet evaluations per image
+    unet_calls: int
+    step_times: list[float]
+    total_time: float
+    trace: dict[str, Any]
+    params: GenerationParams
+    model: str
+
+    def metadata(self, index: int) -> dict[str, Any]:
+        """Generation parameters of image ``index`` (for PNG text chunks and API responses)."""
+        p = self.params
+        return {
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt or "",
+            "seed": self.seeds[index],
+            "policy": p.policy.spec(),
+            "cfg_scale": getattr(p.policy, "scale", None),
+            "steps": p.steps,
+            "scheduler": p.scheduler,
+            "width": self.images[index].width,
+            "height": self.images[index].height,
+            "eta": p.eta,
+            "model": self.model,
+            "nfe": self.nfe[index],
+        }
+
+
+def resolve_seeds(seed: int | None, num_images: int) -> list[int]:
+    """Image k uses seed + k (A1111's convention); a missing seed is drawn at random (32 bits)."""
+    base = secrets.randbelow(2**32) if seed is None else seed
+    return [(base + k) % 2**63 for k in range(num_images)]
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Unit Gaussian latents, one CPU generator per image (device-independent, batch-independent noise).
+
+    Returns the noise and the generators, which ancestral schedulers keep drawing from.
+    """
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device), generators
+
+
+def step_alpha_bars(scheduler: Any, timesteps: torch.Tensor) -> list[float]:
+    """ᾱ at each step: from σ (ᾱ = 1/(1+σ²)) for σ-based schedulers, else from ``alphas_cumprod[t]``."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(timesteps) + 1:
+        return [float(1.0 / (1.0 + float(s) ** 2)) for s in sigmas[:-1]]
+    acp = scheduler.alphas_cumprod
+    return [float(acp[int(round(float(t)))]) for t in timesteps]
+
+
+def scheduler_step_kwargs(scheduler: Any, eta: float, generators: list[torch.Generator]) -> dict[str, Any]:
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def denoise(
+    latents: torch.Tensor,
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    denoiser: Denoiser,
+    policy: GuidancePolicy,
+    state: PolicyState,
+    *,
+    step_kwargs: dict[str, Any] | None = None,
+    callback: StepCallback | None = None,
+    grad_at_step: Callable[[int], bool] | None = None,
+    step_times: list[float] | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from ``latents`` (already scaled by ``init_noise_sigma``).
+
+    ``grad_at_step(i)`` decides, per step, whether autograd records it (default: the ambient grad mode), so a
+    trainer can backpropagate through the last K steps only. A step's input is detached where the step before
+    it did not record gradients, which makes the truncation explicit.
+    """
+    alpha_bars = step_alpha_bars(scheduler, timesteps)
+    prediction_type = denoiser.prediction_type
+    start = time.perf_counter()
+    for i, t in enumerate(timesteps):
+        t0 = time.perf_counter()
+        record = torch.is_grad_enabled() if grad_at_step is None else grad_at_step(i)
+        with torch.set_grad_enabled(record):
+            x_in = scheduler.scale_model_input(latents, t)
+            info = StepInfo(i, len(timesteps), t, alpha_bars[i], prediction_type)
+            guided = policy.step(state, x_in, info, denoiser)
+            latents = scheduler.step(guided, t, latents, **(step_kwargs or {}), return_dict=False)[0]
+        if latents.device.type == "cuda":
+            torch.cuda.synchronize(latents.device)
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t0)
+        if callback is not None:
+            callback(StepEvent(i + 1, len(timesteps), int(denoiser.evaluations.sum()), time.perf_counter() - start, latents))
+    return latents
+
+
+def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode to images in [0, 1], differentiable. (VAEs that need fp32 are kept in fp32 at load time.)"""
+    vae = model.vae
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / cfg.scaling_factor
+        latents = latents + torch.tensor(mean).view(shape).to(latents)
+    else:
+        latents = latents / cfg.scaling_factor
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    array = (pixels.detach().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def generate(
+    model: DiffusionModel,
+    params: GenerationParams | dict[str, Any],
+    *,
+    callback: StepCallback | None = None,
+    limits: Limits | None = None,
+    unet_fn: UNetFn | None = None,
+) -> GenerationResult:
+    """Text-to-image sampling with the request's guidance policy. Raises InvalidInput for bad parameters and
+    lets a callback's GenerationCancelled propagate."""
+    params = GenerationParams.parse(params, limits)
+    t_start = time.perf_counter()
+    policy = build_policy(params.policy)
+    height = params.height or model.default_size
+    width = params.width or model.default_size
+    seeds = resolve_seeds(params.seed, params.num_images)
+    device = model.device
+
+    scheduler = build_scheduler(params.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(params.steps, device=device)
+    timesteps = scheduler.timesteps
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    state = policy.start(
+        SamplingContext(len(timesteps), params.num_images, model.prediction_type, bool(params.negative_prompt))
+    )
+
+    conditions, aliases = encode_conditions(
+        model, params.prompt, params.negative_prompt, params.num_images, policy.conditions, height=height, width=width
+    )
+    denoiser = Denoiser(model.unet, conditions, model.prediction_type, aliases=aliases, unet_fn=unet_fn)
+    shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    noise, generators = initial_noise(seeds, shape, device)
+    latents = noise * scheduler.init_noise_sigma
+
+    step_times: list[float] = []
+    with torch.no_grad():
+        latents = denoise(
+            latents,
+            scheduler,
+            timesteps,
+            denoiser,
+            policy,
+            state,
+            step_kwargs=scheduler_step_kwargs(scheduler, params.eta, generators),
+            callback=callback,
+            step_times=step_times,
+        )
+        pixels = decode(model, latents).cpu()
+    return GenerationResult(
+        images=to_pil(pixels),
+        pixels=pixels,
+        seeds=seeds,
+        nfe=denoiser.evaluations.tolist(),
+        unet_calls=denoiser.unet_calls,
+        step_times=step_times,
+        total_time=time.perf_counter() - t_start,
+        trace=policy.finish(state),
+        params=params,
+        model=model.name,
+    )

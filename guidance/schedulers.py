@@ -1,0 +1,53 @@
+"""Scheduler names -> diffusers scheduler classes, and a fresh scheduler per generation.
+
+diffusers schedulers are stateful (step index, multistep history), so a pipeline's shared scheduler breaks
+under concurrent requests (diffusers issues 3672 and 5749). Every generation here builds its own instance
+from the checkpoint's scheduler config; ``default`` keeps the checkpoint's own class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+
+from guidance.errors import unknown_choice
+
+# name -> (diffusers class name, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+DEFAULT_SCHEDULER = "default"
+
+
+def scheduler_names() -> list[str]:
+    return [DEFAULT_SCHEDULER, *SCHEDULERS]
+
+
+def check_scheduler_name(name: str, field: str = "scheduler") -> str:
+    if name != DEFAULT_SCHEDULER and name not in SCHEDULERS:
+        raise unknown_choice(field, name, scheduler_names())
+    return name
+
+
+def build_scheduler(name: str, base_config: dict[str, Any]) -> Any:
+    """A new scheduler instance for one generation, from the checkpoint's scheduler config."""
+    check_scheduler_name(name)
+    if name == DEFAULT_SCHEDULER:
+        cls = getattr(diffusers, base_config["_class_name"])
+        return cls.from_config(base_config)
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)

@@ -1,0 +1,148 @@
+"""The ``diffsteer`` command line: generate images, list policies (and, later, serve and train).
+
+Bad input exits with status 2 and one line naming the option or field and the accepted values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from guidance.errors import InvalidInput
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` (or a single number for a square) -> (width, height)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            w = h = int(parts[0])
+        elif len(parts) == 2:
+            w, h = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput("--size", f"expected WxH like 512x512, got {text!r}") from None
+    return w, h
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png``, ``out-1.png``, ... for several."""
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise InvalidInput("--output", f"must end in .png, got {output!r}")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from guidance.images import encode_image
+    from guidance.models import load_model
+    from guidance.request import GenerationParams, Limits
+    from guidance.sampler import generate
+
+    width = height = None
+    if args.size:
+        width, height = parse_size(args.size)
+    limits = Limits(max_width=args.max_size, max_height=args.max_size)
+    params = GenerationParams.parse(
+        {
+            "prompt": args.prompt,
+            "negative_prompt": args.negative,
+            "policy": args.policy,
+            "steps": args.steps,
+            "scheduler": args.scheduler,
+            "seed": args.seed,
+            "num_images": args.num_images,
+            "width": width,
+            "height": height,
+            "eta": args.eta,
+        },
+        limits,
+    )
+    paths = output_paths(args.output, params.num_images)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
+    with tqdm(total=params.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
+
+        def progress(event) -> None:
+            bar.total = event.total
+            bar.set_postfix(nfe=event.nfe)
+            bar.update(event.step - bar.n)
+
+        result = generate(model, params, callback=progress, limits=limits)
+    for k, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_image(result.images[k], "png", result.metadata(k)))
+        if not args.quiet:
+            print(f"{path}  seed={result.seeds[k]}  nfe={result.nfe[k]}")
+    if result.trace and args.trace:
+        print(json.dumps(result.trace))
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from guidance.registry import describe_policies, policy_schemas
+
+    if args.json:
+        print(json.dumps(policy_schemas(), indent=2))
+        return 0
+    for row in describe_policies():
+        print(f"{row['name']}: {row['summary']}")
+        for p in row["parameters"]:
+            print(f"    {p['name']} = {json.dumps(p['default'])}    {p['help']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from guidance.schedulers import scheduler_names
+
+    parser = argparse.ArgumentParser(prog="diffsteer", description="Steer text-to-image diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--policy", default=None, help="guidance policy spec, e.g. 'apg:scale=10,eta=0' (see `diffsteer policies`)")
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--scheduler", default="default", help=f"one of: {', '.join(scheduler_names())}")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the first image (random when absent)")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--size", default=None, help="WxH, multiples of 8 (default: the model's native size)")
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    gen.add_argument("--model", default=None, help="diffusers folder, .safetensors file, hub id, or builtin:NAME")
+    gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    gen.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
+    gen.add_argument("--max-size", type=int, default=2048, help="largest accepted width/height")
+    gen.add_argument("-o", "--output", default="diffsteer.png", help="output PNG (several images: NAME-k.png)")
+    gen.add_argument("--trace", action="store_true", help="print the policy's trace as JSON")
+    gen.add_argument("-q", "--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    pol = sub.add_parser("policies", help="list guidance policies with their parameters and defaults")
+    pol.add_argument("--json", action="store_true", help="print the JSON schemas")
+    pol.set_defaults(func=cmd_policies)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InvalidInput as e:
+        print(f"diffsteer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffsteer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
