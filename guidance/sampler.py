@@ -175,6 +175,111 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
+def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any, torch.Tensor]:
+    """A fresh scheduler for one run, with its timesteps set."""
+    scheduler = build_scheduler(params.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(params.steps, device=model.device)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return scheduler, scheduler.timesteps
+
+
+@dataclass
+class Trajectory:
+    """The outcome of one run of the reverse process."""
+
+    latents: torch.Tensor
+    denoiser: Denoiser
+    state: PolicyState
+    step_times: list[float]
+
+
+@dataclass
+class PreparedGeneration:
+    """A validated request with its prompts encoded and its noise drawn, ready to run once or many times.
+
+    Each :meth:`run` builds its own scheduler, policy state and denoiser counters, so runs (e.g. the
+    iterations of ReNO, or a trainer's rollouts) never share mutable state.
+    """
+
+    model: DiffusionModel
+    params: GenerationParams
+    policy: GuidancePolicy
+    conditions: dict[str, Any]
+    aliases: dict[str, str]
+    seeds: list[int]
+    noise: torch.Tensor
+    generators: list[torch.Generator]
+    height: int
+    width: int
+    unet_fn: UNetFn | None = None
+    gradient_checkpointing: bool = False
+
+    def run(
+        self,
+        noise: torch.Tensor | None = None,
+        *,
+        callback: StepCallback | None = None,
+        grad_at_step: Callable[[int], bool] | None = None,
+    ) -> Trajectory:
+        """Denoise from ``noise`` (unit Gaussian; default: the seeds' noise) to clean latents."""
+        scheduler, timesteps = make_scheduler(self.model, self.params)
+        state = self.policy.start(
+            SamplingContext(len(timesteps), self.params.num_images, self.model.prediction_type, bool(self.params.negative_prompt))
+        )
+        denoiser = Denoiser(
+            self.model.unet,
+            self.conditions,
+            self.model.prediction_type,
+            aliases=self.aliases,
+            gradient_checkpointing=self.gradient_checkpointing,
+            unet_fn=self.unet_fn,
+        )
+        noise = self.noise if noise is None else noise
+        step_times: list[float] = []
+        latents = denoise(
+            noise * scheduler.init_noise_sigma,
+            scheduler,
+            timesteps,
+            denoiser,
+            self.policy,
+            state,
+            step_kwargs=scheduler_step_kwargs(scheduler, self.params.eta, self.generators),
+            callback=callback,
+            grad_at_step=grad_at_step,
+            step_times=step_times,
+        )
+        return Trajectory(latents, denoiser, state, step_times)
+
+
+def prepare(
+    model: DiffusionModel,
+    params: GenerationParams | dict[str, Any],
+    *,
+    limits: Limits | None = None,
+    unet_fn: UNetFn | None = None,
+    gradient_checkpointing: bool = False,
+) -> PreparedGeneration:
+    """Validate ``params`` (InvalidInput names the field), encode the prompts and draw the seeds' noise."""
+    params = GenerationParams.parse(params, limits)
+    policy = build_policy(params.policy)
+    _, timesteps = make_scheduler(model, params)
+    context = SamplingContext(len(timesteps), params.num_images, model.prediction_type, bool(params.negative_prompt))
+    policy.start(context)  # validates step-dependent parameters before any work is done
+    height = params.height or model.default_size
+    width = params.width or model.default_size
+    conditions, aliases = encode_conditions(
+        model, params.prompt, params.negative_prompt, params.num_images, policy.conditions, height=height, width=width
+    )
+    seeds = resolve_seeds(params.seed, params.num_images)
+    shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    noise, generators = initial_noise(seeds, shape, model.device)
+    prepared = PreparedGeneration(
+        model, params, policy, conditions, aliases, seeds, noise, generators, height, width, unet_fn, gradient_checkpointing
+    )
+    return prepared
+
+
 def generate(
     model: DiffusionModel,
     params: GenerationParams | dict[str, Any],
@@ -185,54 +290,20 @@ def generate(
 ) -> GenerationResult:
     """Text-to-image sampling with the request's guidance policy. Raises InvalidInput for bad parameters and
     lets a callback's GenerationCancelled propagate."""
-    params = GenerationParams.parse(params, limits)
     t_start = time.perf_counter()
-    policy = build_policy(params.policy)
-    height = params.height or model.default_size
-    width = params.width or model.default_size
-    seeds = resolve_seeds(params.seed, params.num_images)
-    device = model.device
-
-    scheduler = build_scheduler(params.scheduler, model.scheduler_config)
-    scheduler.set_timesteps(params.steps, device=device)
-    timesteps = scheduler.timesteps
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    state = policy.start(
-        SamplingContext(len(timesteps), params.num_images, model.prediction_type, bool(params.negative_prompt))
-    )
-
-    conditions, aliases = encode_conditions(
-        model, params.prompt, params.negative_prompt, params.num_images, policy.conditions, height=height, width=width
-    )
-    denoiser = Denoiser(model.unet, conditions, model.prediction_type, aliases=aliases, unet_fn=unet_fn)
-    shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-    noise, generators = initial_noise(seeds, shape, device)
-    latents = noise * scheduler.init_noise_sigma
-
-    step_times: list[float] = []
+    prepared = prepare(model, params, limits=limits, unet_fn=unet_fn)
     with torch.no_grad():
-        latents = denoise(
-            latents,
-            scheduler,
-            timesteps,
-            denoiser,
-            policy,
-            state,
-            step_kwargs=scheduler_step_kwargs(scheduler, params.eta, generators),
-            callback=callback,
-            step_times=step_times,
-        )
-        pixels = decode(model, latents).cpu()
+        run = prepared.run(callback=callback)
+        pixels = decode(model, run.latents).cpu()
     return GenerationResult(
         images=to_pil(pixels),
         pixels=pixels,
-        seeds=seeds,
-        nfe=denoiser.evaluations.tolist(),
-        unet_calls=denoiser.unet_calls,
-        step_times=step_times,
+        seeds=prepared.seeds,
+        nfe=run.denoiser.evaluations.tolist(),
+        unet_calls=run.denoiser.unet_calls,
+        step_times=run.step_times,
         total_time=time.perf_counter() - t_start,
-        trace=policy.finish(state),
-        params=params,
+        trace=prepared.policy.finish(run.state),
+        params=prepared.params,
         model=model.name,
     )
