@@ -1,0 +1,73 @@
+"""Shared helpers for benchmarks: model architectures at real size with random weights, timing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sd15_components(seed: int = 0) -> dict:
+    """Stable Diffusion 1.5 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder), random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from guidance.tiny import tiny_scheduler_config, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text.eval(),
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": DDIMScheduler.from_config(tiny_scheduler_config()),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def load_arch(arch: str, device: str, dtype: str | None):
+    """``tiny`` (the built-in model), ``default`` (the shipped default) or ``sd15`` (random weights)."""
+    from guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype
+
+    if arch == "sd15":
+        model = from_components("sd15-random", sd15_components())
+        dev = torch.device(device)
+        _place(model, dev, resolve_dtype(dtype, dev))
+        configure_attention(model.unet, dev, "sdpa")
+        return model
+    return load_model("builtin:tiny" if arch == "tiny" else None, device=device, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Run each function ``repeats`` times, interleaved (A B A B ...) so drift hits both; median seconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
