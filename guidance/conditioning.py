@@ -14,49 +14,51 @@ from collections.abc import Iterable
 
 import torch
 
-from guidance.denoiser import Condition
+from guidance.denoiser import Condition, concat_conditions
 from guidance.models import DiffusionModel
 
 
-def condition_texts(prompt: str, negative_prompt: str | None) -> dict[str, str | None]:
-    """Condition name -> text (None: the zero embedding of SDXL's empty prompt is decided later)."""
-    return {"cond": prompt, "uncond": negative_prompt or "", "empty": "", "negative": negative_prompt or ""}
+SHARED_CONDITIONS = ("uncond", "empty", "negative")
+
+
+def shared_texts(negative_prompt: str | None) -> dict[str, str]:
+    """Text of each condition shared by all images: the negative prompt, or the empty prompt without one."""
+    return {"uncond": negative_prompt or "", "empty": "", "negative": negative_prompt or ""}
 
 
 def encode_conditions(
     model: DiffusionModel,
-    prompt: str,
+    prompts: list[str],
     negative_prompt: str | None,
-    num_images: int,
     names: Iterable[str],
     *,
     height: int,
     width: int,
 ) -> tuple[dict[str, Condition], dict[str, str]]:
-    """Encode the conditions in ``names`` for ``num_images`` images; returns (conditions, aliases)."""
+    """Encode the conditions in ``names`` for one image per entry of ``prompts``; returns (conditions, aliases)."""
     names = list(dict.fromkeys(names))
-    texts = condition_texts(prompt, negative_prompt)
-    unknown = [n for n in names if n not in texts]
+    texts = shared_texts(negative_prompt)
+    unknown = [n for n in names if n != "cond" and n not in texts]
     if unknown:
-        raise ValueError(f"unknown condition names {unknown}; known: {sorted(texts)}")
-
-    def key(name: str) -> tuple[str, bool]:
-        """(text, zeroed): SDXL checkpoints with force_zeros_for_empty_prompt use zeros for an empty negative."""
-        text = texts[name]
-        zero = model.family == "sdxl" and model.force_zeros_for_empty_prompt and name != "cond" and text == ""
-        return text, zero
+        raise ValueError(f"unknown condition names {unknown}; known: cond, {', '.join(SHARED_CONDITIONS)}")
+    # SDXL checkpoints with force_zeros_for_empty_prompt use all-zero embeddings for an empty negative.
+    zero_empty = model.family == "sdxl" and model.force_zeros_for_empty_prompt
 
     owners: dict[tuple[str, bool], str] = {}
     aliases: dict[str, str] = {}
     for name in names:
-        k = key(name)
-        if k in owners:
-            aliases[name] = owners[k]
+        if name == "cond":
+            continue
+        key = (texts[name], zero_empty and texts[name] == "")
+        if key in owners:
+            aliases[name] = owners[key]
         else:
-            owners[k] = name
-    unique_texts = list(dict.fromkeys(text for text, _ in owners))
-    encoded = _encode_texts(model, unique_texts, height=height, width=width)
-    conditions = {}
+            owners[key] = name
+    encoded = _encode_texts(model, list(dict.fromkeys([*prompts, *(t for t, _ in owners)])), height=height, width=width)
+
+    conditions: dict[str, Condition] = {}
+    if "cond" in names:
+        conditions["cond"] = concat_conditions([encoded[p] for p in prompts])
     for (text, zero), name in owners.items():
         condition = encoded[text]
         if zero:
@@ -64,14 +66,8 @@ def encode_conditions(
                 torch.zeros_like(condition.hidden_states),
                 {"text_embeds": torch.zeros_like(condition.added["text_embeds"]), "time_ids": condition.added["time_ids"]},
             )
-        conditions[name] = _repeat(condition, num_images)
+        conditions[name] = concat_conditions([condition] * len(prompts))
     return conditions, aliases
-
-
-def _repeat(condition: Condition, n: int) -> Condition:
-    return Condition(
-        condition.hidden_states.repeat(n, 1, 1), {k: v.repeat(n, 1) for k, v in condition.added.items()}
-    )
 
 
 @torch.no_grad()

@@ -35,7 +35,9 @@ class GenerationParams(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str = pydantic.Field(description="The text prompt.")
+    prompt: str | list[str] = pydantic.Field(
+        description="The text prompt, or one prompt per image (then num_images is the list's length)."
+    )
     negative_prompt: str | None = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
     policy: Annotated[pydantic.SerializeAsAny[PolicyParams], pydantic.BeforeValidator(_policy)] = pydantic.Field(
         default_factory=lambda: parse_policy(None),
@@ -49,6 +51,9 @@ class GenerationParams(pydantic.BaseModel):
     )
     seed: int | None = pydantic.Field(
         None, ge=0, le=MAX_SEED, description="Seed of the first image; image k uses seed + k. Random when absent."
+    )
+    seeds: list[pydantic.conint(ge=0, le=MAX_SEED)] | None = pydantic.Field(  # type: ignore[valid-type]
+        None, description="Explicit per-image seeds (instead of `seed`); one per image."
     )
     num_images: int = pydantic.Field(1, ge=1, description="Images generated with the same prompt.")
     width: int | None = pydantic.Field(None, ge=8, description="Width in pixels, a multiple of 8.")
@@ -66,6 +71,26 @@ class GenerationParams(pydantic.BaseModel):
         if v is not None and v % 8:
             raise ValueError(f"must be a multiple of 8, got {v}")
         return v
+
+    @pydantic.model_validator(mode="after")
+    def _batch(self) -> GenerationParams:
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise InvalidInput("prompt", "an empty list; give a prompt or a list of prompts")
+            if self.num_images not in (1, len(self.prompt)):
+                raise InvalidInput("num_images", f"is {self.num_images} but prompt lists {len(self.prompt)} prompts")
+            self.num_images = len(self.prompt)
+        if self.seeds is not None:
+            if self.seed is not None:
+                raise InvalidInput("seeds", "give either seed or seeds, not both")
+            if len(self.seeds) != self.num_images:
+                raise InvalidInput("seeds", f"has {len(self.seeds)} values for {self.num_images} images")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        """One prompt per image."""
+        return list(self.prompt) if isinstance(self.prompt, list) else [self.prompt] * self.num_images
 
     @classmethod
     def parse(cls, data: dict[str, Any] | GenerationParams, limits: Limits | None = None) -> GenerationParams:
@@ -86,7 +111,7 @@ class GenerationParams(pydantic.BaseModel):
             ("num_images", self.num_images, limits.max_num_images),
             ("width", self.width, limits.max_width),
             ("height", self.height, limits.max_height),
-            ("prompt", len(self.prompt), limits.max_prompt_chars),
+            ("prompt", max(len(p) for p in self.prompts), limits.max_prompt_chars),
             ("negative_prompt", len(self.negative_prompt or ""), limits.max_prompt_chars),
         ]
         for name, value, maximum in checks:

@@ -66,7 +66,7 @@ class GenerationResult:
         """Generation parameters of image ``index`` (for PNG text chunks and API responses)."""
         p = self.params
         return {
-            "prompt": p.prompt,
+            "prompt": p.prompts[index],
             "negative_prompt": p.negative_prompt or "",
             "seed": self.seeds[index],
             "policy": p.policy.spec(),
@@ -269,9 +269,9 @@ def prepare(
     height = params.height or model.default_size
     width = params.width or model.default_size
     conditions, aliases = encode_conditions(
-        model, params.prompt, params.negative_prompt, params.num_images, policy.conditions, height=height, width=width
+        model, params.prompts, params.negative_prompt, policy.conditions, height=height, width=width
     )
-    seeds = resolve_seeds(params.seed, params.num_images)
+    seeds = list(params.seeds) if params.seeds is not None else resolve_seeds(params.seed, params.num_images)
     shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     noise, generators = initial_noise(seeds, shape, model.device)
     prepared = PreparedGeneration(
