@@ -1,0 +1,72 @@
+"""CLIP score (Radford et al. 2021; Hessel et al. 2021, "CLIPScore") with any open_clip model.
+
+score = cos(f_img(x), f_txt(prompt)), optionally multiplied by the model's ``logit_scale.exp()`` (100 for
+trained CLIP models). ReNO (Eyring et al. 2024) uses the scaled form with loss ``0.01 * (100 - score)``,
+so ``scale_by_logit_scale`` defaults to True and the default offset is 100 (1 when unscaled): the spec
+``clip:0.01`` then reproduces ReNO's CLIP term.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .base import Reward, TextEmbeddingCache
+from .open_clip_loader import LoadedOpenClip, OpenClipSourceConfig, encode_text, load_open_clip
+from .preprocess import clip_preprocess
+
+
+class ClipRewardConfig(OpenClipSourceConfig):
+    """CLIP image-text similarity with an open_clip model loaded from local files."""
+
+    name: Literal["clip"] = "clip"
+    scale_by_logit_scale: bool = Field(
+        default=True,
+        description="Multiply the cosine by logit_scale.exp() (~100), as ReNO's CLIP loss does; offset 100 then, else 1.",
+    )
+
+
+class ClipReward(Reward):
+    """open_clip CLIP score; see the module docstring."""
+
+    name = "clip"
+    differentiable = True
+    uses_prompts = True
+
+    def __init__(self, config: ClipRewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(config)
+        self.config: ClipRewardConfig = config
+        loaded = load_open_clip(config, self.name, None, device, dtype)
+        self.model = loaded.model
+        self._loaded = loaded
+        self.preprocess_cfg = loaded.preprocess
+        self.text_cache = TextEmbeddingCache(config.text_cache_size)
+
+    @property
+    def default_offset(self) -> float:
+        return 100.0 if self.config.scale_by_logit_scale else 1.0
+
+    def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
+        return open_clip_similarity(self._loaded, self.text_cache, images, prompts, self.config.scale_by_logit_scale)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.text_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+
+def open_clip_similarity(
+    loaded: LoadedOpenClip, cache: TextEmbeddingCache, images: Tensor, prompts: list[str] | None, scale: bool
+) -> Tensor:
+    """cos(image, text) per pair (times logit_scale.exp() if ``scale``), differentiable in ``images``."""
+    assert prompts is not None
+    model = loaded.model
+    pixels = clip_preprocess(images.to(loaded.device), loaded.preprocess).to(loaded.input_dtype)
+    img = model.encode_image(pixels, normalize=True).float()
+    txt = cache.get(prompts, lambda p: encode_text(loaded, p)).float()
+    sim = (img * txt).sum(dim=-1)
+    if scale:
+        sim = sim * model.logit_scale.exp().float().reshape(())
+    return sim
