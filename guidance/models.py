@@ -123,6 +123,33 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device, or InvalidInput naming ``device``."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInput("device", f"unknown device {device!r}; accepted: cpu, cuda, cuda:N, mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device", f"{device!r} requested but CUDA is not available here; use cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInput("device", f"{device!r} requested but MPS is not available here; use cpu")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInput("device", f"unsupported device {device!r}; accepted: cpu, cuda, cuda:N, mps")
+    return resolved
+
+
+def canonical_spec(spec: str | None) -> str:
+    """The key a model spec is cached under: ``default`` resolved, existing paths made absolute."""
+    spec = spec or "default"
+    if spec == "default":
+        return DEFAULT_MODEL
+    if not spec.startswith("builtin:") and Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser().resolve())
+    return spec
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -147,16 +174,19 @@ def load_model(
 ) -> DiffusionModel:
     """Load a model (see the module docstring for ``spec``); ``config`` is the diffusers config folder or hub id
     for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    spec = spec or "default"
-    if spec == "default":
-        spec = DEFAULT_MODEL
+    name = DEFAULT_MODEL if spec in (None, "", "default") else spec
+    spec = canonical_spec(spec)
     if spec.startswith("builtin:"):
         model = _load_builtin(spec)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise InvalidInput(
+                    "model", f"folder {spec!r} has no model_index.json; accepted: a diffusers pipeline folder"
+                )
             model = _load_diffusers_folder(str(path), spec)
         elif path.is_file():
             model = _load_single_file(path, config)
@@ -164,6 +194,7 @@ def load_model(
             raise InvalidInput("model", f"path {spec!r} does not exist")
         else:
             model = _load_diffusers_folder(spec, spec)
+    model.name = name
     _place(model, device, dtype)
     configure_attention(model.unet, device, attention)
     return model
@@ -250,7 +281,11 @@ def _load_single_file(path: Path, config: str | None) -> DiffusionModel:
 
     if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
         raise InvalidInput("model", f"file {str(path)!r} is not a checkpoint; accepted: .safetensors, .ckpt")
-    is_xl = _single_file_is_sdxl(path)
+    try:
+        is_xl = _single_file_is_sdxl(path)
+    except Exception as e:  # safetensors/pickle errors for corrupt or foreign files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InvalidInput("model", f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {first_line}") from None
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     kwargs: dict[str, Any] = {}
     if config is not None:
@@ -322,7 +357,7 @@ class ModelCache:
         self._load_kwargs = load_kwargs
 
     def get(self, spec: str | None = None) -> DiffusionModel:
-        key = spec or "default"
+        key = canonical_spec(spec)
         model = self._models.get(key)
         if model is None:
             with self._lock:

@@ -71,6 +71,12 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
     cls = _POLICIES.get(name)
     if cls is None:
         raise unknown_choice(f"{field}.name", name, _POLICIES)
+    accepted = [k for k in cls.Params.model_fields if k != "name"]
+    for key in data:
+        if key not in accepted:
+            raise InvalidInput(
+                f"{field}.{key}", f"unknown parameter of policy {name!r}; accepted parameters: {', '.join(accepted)}"
+            )
     try:
         return cls.Params(name=name, **data)
     except pydantic.ValidationError as e:

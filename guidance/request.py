@@ -30,12 +30,23 @@ def _policy(value: Any) -> PolicyParams:
     return parse_policy(value)
 
 
+def _prompt(value: Any) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise InvalidInput(f"prompt.{i}", f"expected a string, got {type(item).__name__}")
+        return value
+    raise InvalidInput("prompt", f"expected a string or a list of strings, got {type(value).__name__}")
+
+
 class GenerationParams(pydantic.BaseModel):
     """What to generate. ``width``/``height`` default to the model's native size; ``seed`` to a random one."""
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str | list[str] = pydantic.Field(
+    prompt: Annotated[str | list[str], pydantic.BeforeValidator(_prompt)] = pydantic.Field(
         description="The text prompt, or one prompt per image (then num_images is the list's length)."
     )
     negative_prompt: str | None = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
@@ -81,6 +92,8 @@ class GenerationParams(pydantic.BaseModel):
                 raise InvalidInput("num_images", f"is {self.num_images} but prompt lists {len(self.prompt)} prompts")
             self.num_images = len(self.prompt)
         if self.seeds is not None:
+            if self.num_images == 1 and not isinstance(self.prompt, list):
+                self.num_images = len(self.seeds)
             if self.seed is not None:
                 raise InvalidInput("seeds", "give either seed or seeds, not both")
             if len(self.seeds) != self.num_images:

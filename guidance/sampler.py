@@ -24,6 +24,7 @@ from PIL import Image
 
 from guidance.conditioning import encode_conditions
 from guidance.denoiser import Denoiser, StepInfo, UNetFn
+from guidance.errors import InvalidInput
 from guidance.models import DiffusionModel
 from guidance.policies.base import GuidancePolicy, PolicyState, SamplingContext
 from guidance.registry import build_policy
@@ -178,10 +179,23 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any, torch.Tensor]:
     """A fresh scheduler for one run, with its timesteps set."""
     scheduler = build_scheduler(params.scheduler, model.scheduler_config)
-    scheduler.set_timesteps(params.steps, device=model.device)
+    try:
+        scheduler.set_timesteps(params.steps, device=model.device)
+    except ValueError as e:  # e.g. more steps than the scheduler's training timesteps
+        raise InvalidInput("steps", f"{params.steps} is not supported by scheduler {params.scheduler!r}: {e}") from None
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     return scheduler, scheduler.timesteps
+
+
+def sampling_context(model: DiffusionModel, params: GenerationParams, timesteps: torch.Tensor) -> SamplingContext:
+    return SamplingContext(
+        num_steps=len(timesteps),
+        batch_size=params.num_images,
+        prediction_type=model.prediction_type,
+        has_negative_prompt=bool(params.negative_prompt),
+        requested_steps=params.steps,
+    )
 
 
 @dataclass
@@ -225,7 +239,7 @@ class PreparedGeneration:
         """Denoise from ``noise`` (unit Gaussian; default: the seeds' noise) to clean latents."""
         scheduler, timesteps = make_scheduler(self.model, self.params)
         state = self.policy.start(
-            SamplingContext(len(timesteps), self.params.num_images, self.model.prediction_type, bool(self.params.negative_prompt))
+            sampling_context(self.model, self.params, timesteps)
         )
         denoiser = Denoiser(
             self.model.unet,
@@ -264,8 +278,7 @@ def prepare(
     params = GenerationParams.parse(params, limits)
     policy = build_policy(params.policy)
     _, timesteps = make_scheduler(model, params)
-    context = SamplingContext(len(timesteps), params.num_images, model.prediction_type, bool(params.negative_prompt))
-    policy.start(context)  # validates step-dependent parameters before any work is done
+    policy.start(sampling_context(model, params, timesteps))  # validates step-dependent parameters before any work is done
     height = params.height or model.default_size
     width = params.width or model.default_size
     conditions, aliases = encode_conditions(

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import diffusers
-
 from guidance.errors import unknown_choice
 
 # name -> (diffusers class name, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS only, as SD 1.x ships it
     "lms": ("LMSDiscreteScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
@@ -45,6 +43,8 @@ def check_scheduler_name(name: str, field: str = "scheduler") -> str:
 
 def build_scheduler(name: str, base_config: dict[str, Any]) -> Any:
     """A new scheduler instance for one generation, from the checkpoint's scheduler config."""
+    import diffusers
+
     check_scheduler_name(name)
     if name == DEFAULT_SCHEDULER:
         cls = getattr(diffusers, base_config["_class_name"])

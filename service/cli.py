@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from guidance.sampler import generate
 
     width = height = None
-    if args.size:
+    if args.size is not None:
         width, height = parse_size(args.size)
     limits = Limits(max_width=args.max_size, max_height=args.max_size)
     params = GenerationParams.parse(
@@ -99,6 +99,22 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    settings = load_settings(args.config, host=args.host, port=args.port, model=args.model)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=30)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from guidance.schedulers import scheduler_names
 
@@ -128,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policies", help="list guidance policies with their parameters and defaults")
     pol.add_argument("--json", action="store_true", help="print the JSON schemas")
     pol.set_defaults(func=cmd_policies)
+    srv = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
+    srv.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    srv.add_argument("--model", default=None, help="default model: diffusers folder, .safetensors file, hub id, or builtin:NAME")
+    srv.add_argument("--config", default=None, help="YAML or JSON settings file (environment DIFFSTEER_* overrides it)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

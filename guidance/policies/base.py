@@ -47,10 +47,11 @@ def _format_value(value: Any) -> str:
 class SamplingContext:
     """What a policy may know before the first step."""
 
-    num_steps: int
+    num_steps: int  # model evaluations points (the scheduler's timesteps; > steps for Heun, PNDM)
     batch_size: int
     prediction_type: str
     has_negative_prompt: bool
+    requested_steps: int | None = None  # the request's `steps`
 
 
 @dataclass

@@ -81,7 +81,7 @@ class CFG(GuidancePolicy):
     summary = "Classifier-free guidance with rescale, intervals and scale schedules."
 
     def start(self, ctx: SamplingContext) -> CFGState:
-        check_scales_length(self.params.scales, ctx.num_steps)
+        check_scales_length(self.params.scales, ctx.requested_steps or ctx.num_steps)
         return CFGState()
 
     def step(self, state: CFGState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
@@ -105,8 +105,8 @@ def check_scales_length(scales: list[float] | None, num_steps: int) -> None:
 
 def step_scale(p: CFGParams, info: StepInfo) -> float:
     """The scheduled w at this step (before the interval is applied)."""
-    if p.scales is not None:
-        return float(p.scales[info.index])
+    if p.scales is not None:  # one per requested step; schedulers with more timesteps (Heun) map by position
+        return float(p.scales[min(int(info.fraction * len(p.scales)), len(p.scales) - 1)])
     return scheduled_scale(p.schedule, p.scale, p.scale_end, info.progress)
 
 
