@@ -2,7 +2,8 @@
 
 ``load_model(spec)`` accepts:
 
-- ``None`` / ``"default"``: the built-in default model (needs no download);
+- ``None`` / ``"default"``: the built-in default, ``builtin:proving-ground``: the project's own small model of
+  its synthetic shapes world (64×64, shipped in the package; see ``training/proving_ground_model.py``);
 - ``"builtin:tiny"`` / ``"builtin:tiny-sdxl"`` / ``"builtin:tiny-v"``: tiny random-weight models built from config;
 - a local diffusers folder (``model_index.json``): SD 1.x, SD 2.x (ε or v-prediction), SDXL, SD-Turbo, SDXL-Turbo;
 - a single ``.safetensors`` / ``.ckpt`` file (needs the matching diffusers config, from ``config=`` or the hub);
@@ -29,8 +30,9 @@ from guidance.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
-DEFAULT_MODEL = "builtin:tiny"
+PROVING_GROUND_MODEL = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "model"
+BUILTIN_MODELS = ("builtin:proving-ground", "builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
+DEFAULT_MODEL = "builtin:proving-ground"
 
 
 @dataclass
@@ -211,6 +213,10 @@ def _looks_like_path(spec: str) -> bool:
 def _load_builtin(spec: str) -> DiffusionModel:
     from guidance import tiny
 
+    if spec == "builtin:proving-ground":
+        if not (PROVING_GROUND_MODEL / "model_index.json").is_file():
+            raise InvalidInput("model", f"the proving-ground model is missing from {PROVING_GROUND_MODEL}")
+        return _load_diffusers_folder(str(PROVING_GROUND_MODEL), spec)
     if spec == "builtin:tiny":
         return from_components(spec, tiny.tiny_sd_components())
     if spec == "builtin:tiny-v":

@@ -20,8 +20,10 @@ from guidance.policies.apg import APG
 from guidance.policies.base import GuidancePolicy, PolicyParams
 from guidance.policies.cfg import CFG
 from guidance.policies.cfg_zero_star import CFGZeroStar
+from guidance.policies.dynamic import DynamicCFG
 from guidance.policies.linear_ag import LinearAG
 from guidance.policies.perp_neg import PerpNeg
+from guidance.policies.reno import ReNO
 
 _POLICIES: dict[str, type[GuidancePolicy]] = {}
 
@@ -34,7 +36,7 @@ def register_policy(cls: type[GuidancePolicy]) -> type[GuidancePolicy]:
     return cls
 
 
-for _cls in (CFG, APG, AdaptiveGuidance, LinearAG, CFGZeroStar, PerpNeg):
+for _cls in (CFG, APG, AdaptiveGuidance, LinearAG, CFGZeroStar, PerpNeg, ReNO, DynamicCFG):
     register_policy(_cls)
 
 DEFAULT_POLICY = "cfg"

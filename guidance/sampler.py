@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from guidance.conditioning import encode_conditions
 from guidance.denoiser import Denoiser, StepInfo, UNetFn
@@ -44,7 +45,8 @@ class StepEvent:
     total: int
     nfe: int  # UNet evaluations so far, summed over the batch's images
     elapsed: float
-    latents: torch.Tensor
+    latents: torch.Tensor | None
+    phase: str = "denoise"  # or a policy's own outer loop, e.g. "reno"
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -156,8 +158,9 @@ def denoise(
     return latents
 
 
-def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode to images in [0, 1], differentiable. (VAEs that need fp32 are kept in fp32 at load time.)"""
+def decode(model: DiffusionModel, latents: torch.Tensor, *, checkpoint: bool = False) -> torch.Tensor:
+    """VAE decode to images in [0, 1], differentiable; ``checkpoint`` recomputes the decoder in the backward
+    pass instead of storing its activations. (VAEs that need fp32 are kept in fp32 at load time.)"""
     vae = model.vae
     cfg = vae.config
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
@@ -167,7 +170,11 @@ def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
         latents = latents + torch.tensor(mean).view(shape).to(latents)
     else:
         latents = latents / cfg.scaling_factor
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    latents = latents.to(vae.dtype)
+    if checkpoint and torch.is_grad_enabled():
+        image = activation_checkpoint(lambda z: vae.decode(z, return_dict=False)[0], latents, use_reentrant=False)
+    else:
+        image = vae.decode(latents, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -195,6 +202,8 @@ def sampling_context(model: DiffusionModel, params: GenerationParams, timesteps:
         prediction_type=model.prediction_type,
         has_negative_prompt=bool(params.negative_prompt),
         requested_steps=params.steps,
+        prompts=tuple(params.prompts),
+        model=model,
     )
 
 
@@ -222,8 +231,7 @@ class PreparedGeneration:
     conditions: dict[str, Any]
     aliases: dict[str, str]
     seeds: list[int]
-    noise: torch.Tensor
-    generators: list[torch.Generator]
+    noise: torch.Tensor  # the seeds' unit Gaussian noise; each run draws it (and its generators) afresh
     height: int
     width: int
     unet_fn: UNetFn | None = None
@@ -249,7 +257,8 @@ class PreparedGeneration:
             gradient_checkpointing=self.gradient_checkpointing,
             unet_fn=self.unet_fn,
         )
-        noise = self.noise if noise is None else noise
+        fresh_noise, generators = initial_noise(self.seeds, tuple(self.noise.shape[1:]), self.noise.device)
+        noise = fresh_noise if noise is None else noise
         step_times: list[float] = []
         latents = denoise(
             noise * scheduler.init_noise_sigma,
@@ -258,7 +267,7 @@ class PreparedGeneration:
             denoiser,
             self.policy,
             state,
-            step_kwargs=scheduler_step_kwargs(scheduler, self.params.eta, self.generators),
+            step_kwargs=scheduler_step_kwargs(scheduler, self.params.eta, generators),
             callback=callback,
             grad_at_step=grad_at_step,
             step_times=step_times,
@@ -286,9 +295,9 @@ def prepare(
     )
     seeds = list(params.seeds) if params.seeds is not None else resolve_seeds(params.seed, params.num_images)
     shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-    noise, generators = initial_noise(seeds, shape, model.device)
+    noise, _ = initial_noise(seeds, shape, model.device)
     prepared = PreparedGeneration(
-        model, params, policy, conditions, aliases, seeds, noise, generators, height, width, unet_fn, gradient_checkpointing
+        model, params, policy, conditions, aliases, seeds, noise, height, width, unet_fn, gradient_checkpointing
     )
     return prepared
 
@@ -305,18 +314,21 @@ def generate(
     lets a callback's GenerationCancelled propagate."""
     t_start = time.perf_counter()
     prepared = prepare(model, params, limits=limits, unet_fn=unet_fn)
+    noise, outer_trace, outer_nfe = None, {}, 0
+    if hasattr(prepared.policy, "optimise_noise"):  # e.g. ReNO: an outer loop over whole trajectories
+        noise, outer_trace, outer_nfe = prepared.policy.optimise_noise(prepared, callback)
     with torch.no_grad():
-        run = prepared.run(callback=callback)
+        run = prepared.run(noise, callback=callback)
         pixels = decode(model, run.latents).cpu()
     return GenerationResult(
         images=to_pil(pixels),
         pixels=pixels,
         seeds=prepared.seeds,
-        nfe=run.denoiser.evaluations.tolist(),
+        nfe=[n + outer_nfe for n in run.denoiser.evaluations.tolist()],
         unet_calls=run.denoiser.unet_calls,
         step_times=run.step_times,
         total_time=time.perf_counter() - t_start,
-        trace=prepared.policy.finish(run.state),
+        trace={**prepared.policy.finish(run.state), **outer_trace},
         params=prepared.params,
         model=model.name,
     )

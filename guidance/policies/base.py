@@ -52,6 +52,8 @@ class SamplingContext:
     prediction_type: str
     has_negative_prompt: bool
     requested_steps: int | None = None  # the request's `steps`
+    prompts: tuple[str, ...] = ()  # one per image
+    model: Any = None  # the DiffusionModel, for policies that decode or score (dynamic CFG)
 
 
 @dataclass
