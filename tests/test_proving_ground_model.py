@@ -1,0 +1,76 @@
+"""The shipped proving-ground model: loads in diffusers and in our sampler, is small, and has learned the world."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guidance.models import PROVING_GROUND_MODEL, load_model
+from guidance.sampler import generate
+
+
+@pytest.fixture(scope="module")
+def pg_model():
+    return load_model("builtin:proving-ground", device="cpu")
+
+
+def test_default_model_is_the_proving_ground(pg_model):
+    model = load_model(None, device="cpu")
+    assert model.name == "builtin:proving-ground"
+    assert model.default_size == 64 and model.family == "sd"
+
+
+def test_shipped_files_are_small_fp16_safetensors():
+    weights = list(PROVING_GROUND_MODEL.rglob("*.safetensors"))
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    assert sum(p.stat().st_size for p in weights) <= 25 * 2**20
+    from safetensors import safe_open
+
+    for part in ("unet", "vae"):
+        with safe_open(str(next((PROVING_GROUND_MODEL / part).glob("*.safetensors"))), "pt") as f:
+            assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+
+
+def test_loads_in_stable_diffusion_pipeline_and_matches_our_sampler(pg_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(PROVING_GROUND_MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in (7, 8)]
+    theirs = pipe("a red circle", num_inference_steps=8, guidance_scale=3.0, num_images_per_prompt=2,
+                  generator=generators, output_type="np").images
+    ours = generate(pg_model, {"prompt": "a red circle", "seed": 7, "num_images": 2, "steps": 8,
+                               "policy": "cfg:scale=3"}).pixels.permute(0, 2, 3, 1).numpy()
+    assert theirs.shape == (2, 64, 64, 3)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_the_model_draws_the_requested_colours(pg_model):
+    """A loose bar on held-out seeds (the full evaluation is benchmarks/proving_ground_eval.py)."""
+    from proving_ground import heldout_suite, verify
+
+    items = heldout_suite("single", 12, seed=0)
+    result = generate(pg_model, {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items],
+                                 "steps": 20, "scheduler": "ddim", "policy": "cfg:scale=3"})
+    reports = [verify(np.asarray(img), item.spec) for img, item in zip(result.images, items)]
+    assert sum(r.colour_correct for r in reports) >= 8
+
+
+def test_training_log_documents_the_run():
+    log = json.loads((PROVING_GROUND_MODEL / "training_log.json").read_text())
+    assert log["total_s"] <= 90 * 60
+    assert log["denoiser_mse_last_200"] < log["denoiser_mse_first_200"]
+
+
+def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path):
+    from training.proving_ground_model import ProvingGroundModelConfig, train
+
+    cfg = ProvingGroundModelConfig(output=str(tmp_path / "m"), num_scenes=64, vae_steps=2, vae_batch=4,
+                                   unet_steps=2, unet_batch=4)
+    out = train(cfg)
+    model = load_model(str(out), device="cpu")
+    result = generate(model, {"prompt": "a red circle", "seed": 1, "steps": 2})
+    assert result.images[0].size == (64, 64)
+    assert Path(out, "training_log.json").is_file()
