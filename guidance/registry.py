@@ -153,6 +153,7 @@ def describe_policies() -> list[dict[str, Any]]:
         for key, info in cls.Params.model_fields.items():
             if key == "name":
                 continue
-            params.append({"name": key, "default": info.default, "help": info.description or ""})
+            default = info.get_default(call_default_factory=True)
+            params.append({"name": key, "default": default, "help": info.description or ""})
         rows.append({"name": name, "summary": cls.summary, "parameters": params})
     return rows

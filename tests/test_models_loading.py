@@ -392,7 +392,7 @@ def test_cli_policies_json_is_a_schema_per_policy(capsys):
         params = set(policy_class(name).Params.model_fields)
         assert set(schema["properties"]) == params, name
         assert schema["properties"]["name"].get("const", schema["properties"]["name"].get("default")) == name
-        assert "scale" in schema["properties"]
+        assert "scale" in schema["properties"] or "candidates" in schema["properties"], name
         assert schema.get("additionalProperties") is False, f"{name}: unknown parameters must be rejected"
     apg = schemas["apg"]["properties"]
     assert apg["eta"]["minimum"] == 0 and apg["eta"]["maximum"] == 1
