@@ -380,7 +380,7 @@ def test_cli_policies_lists_every_policy_with_parameters(capsys):
         assert listed == list(params), f"{name}: {listed} != {list(params)}"
         for line, (key, info) in zip(block, params.items()):
             default = line.split(" = ", 1)[1].split("    ")[0]
-            assert json.loads(default) == info.default, f"{name}.{key}: {default}"
+            assert json.loads(default) == info.get_default(call_default_factory=True), f"{name}.{key}: {default}"
 
 
 def test_cli_policies_json_is_a_schema_per_policy(capsys):
