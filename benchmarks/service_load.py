@@ -1,0 +1,225 @@
+"""Load on the HTTP service: throughput and latency at 1, 4 and 8 concurrent clients, batching on and off.
+
+For each mode a real server is started (``python -m service.cli serve`` in a subprocess, loopback port) with
+its default scheduling for that mode (batching on: up to 8 sampler loops sharing UNet calls; off: one
+generation at a time), warmed up, then driven by N client threads that each send requests back to back,
+until ``--requests`` answers per client count or ``--seconds`` per client count, whichever comes first.
+Reports throughput (images/s), p50/p99 latency, the server's RSS before and after, rows per UNet call (from
+/metrics), and the ratio batched/unbatched throughput at the highest client count, all from one run; JSON.
+
+    python benchmarks/service_load.py                                  # tiny model, CPU, quick
+    python benchmarks/service_load.py --requests 8 --seconds 20        # a short smoke run
+    python benchmarks/service_load.py --model PATH --device cuda --size 512 --steps 20 --requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss
+    except Exception:
+        status = Path(f"/proc/{pid}/status")
+        if status.exists():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Server:
+    def __init__(self, args, batching: bool):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+               "DIFFSTEER_BATCHING": "true" if batching else "false",
+               "DIFFSTEER_QUEUE_SIZE": str(max(args.clients) * 2),
+               "DIFFSTEER_MAX_BATCH_REQUESTS": str(max(args.clients)),
+               "DIFFSTEER_REQUEST_TIMEOUT_S": "600", "DIFFSTEER_LOG_LEVEL": "warning",
+               "DIFFSTEER_MAX_WIDTH": "4096", "DIFFSTEER_MAX_HEIGHT": "4096"}
+        if args.device:
+            env["DIFFSTEER_DEVICE"] = args.device
+        if args.dtype:
+            env["DIFFSTEER_DTYPE"] = args.dtype
+        if args.threads:
+            env["DIFFSTEER_TORCH_THREADS"] = str(args.threads)
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--model", args.model]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready in time")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def drive(url: str, body: dict, clients: int, max_requests: int, max_seconds: float) -> dict:
+    """``clients`` threads sending requests back to back; stops at ``max_requests`` answers or ``max_seconds``."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    issued = [0]
+    deadline = time.monotonic() + max_seconds
+
+    def worker(index: int) -> None:
+        with httpx.Client(timeout=600) as client:
+            while True:
+                with lock:
+                    if issued[0] >= max_requests or time.monotonic() > deadline:
+                        return
+                    issued[0] += 1
+                    seed = issued[0]
+                t0 = time.perf_counter()
+                r = client.post(f"{url}/generate", json={**body, "seed": seed})
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 200:
+                        latencies.append(elapsed)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    images = len(latencies) * body.get("num_images", 1)
+    return {
+        "clients": clients,
+        "completed": len(latencies),
+        "statuses": statuses,
+        "wall_s": round(wall, 3),
+        "throughput_images_per_s": round(images / wall, 4) if wall > 0 else None,
+        "latency_p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
+        "latency_p99_s": round(percentile(latencies, 0.99), 4) if latencies else None,
+        "latency_mean_s": round(statistics.fmean(latencies), 4) if latencies else None,
+    }
+
+
+def run_mode(args, batching: bool, body: dict) -> dict:
+    server = Server(args, batching)
+    try:
+        server.wait_ready(args.ready_timeout)
+        for _ in range(2):  # warm-up: first-call costs (kernels, allocator) stay out of the numbers
+            httpx.post(f"{server.url}/generate", json=body, timeout=600).raise_for_status()
+        rss_before = rss_bytes(server.proc.pid)
+        rows = []
+        for clients in args.clients:
+            metrics_before = httpx.get(f"{server.url}/metrics", timeout=30).text
+            row = drive(server.url, body, clients, args.requests, args.seconds)
+            metrics_after = httpx.get(f"{server.url}/metrics", timeout=30).text
+            calls = metric_sum(metrics_after, "diffsteer_unet_batch_rows_count") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_count")
+            rows_total = metric_sum(metrics_after, "diffsteer_unet_batch_rows_sum") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_sum")
+            row["unet_calls"] = int(calls)
+            row["rows_per_unet_call"] = round(rows_total / calls, 3) if calls else None
+            rows.append(row)
+            print(json.dumps({"batching": batching, **row}), file=sys.stderr)
+        rss_after = rss_bytes(server.proc.pid)
+        return {"batching": batching, "rss_before_bytes": rss_before, "rss_after_bytes": rss_after, "runs": rows}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    ap.add_argument("--requests", type=int, default=24, help="answers per client count (bound)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="time per client count (bound)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--size", type=int, default=None, help="width = height (default: the model's native size)")
+    ap.add_argument("--policy", default="cfg:scale=5")
+    ap.add_argument("--scheduler", default="euler")
+    ap.add_argument("--modes", default="on,off", help="batching modes to run: on, off or on,off")
+    ap.add_argument("--ready-timeout", type=float, default=900.0)
+    args = ap.parse_args()
+
+    body = {"prompt": "a red circle to the left of a blue square", "steps": args.steps, "policy": args.policy,
+            "scheduler": args.scheduler}
+    if args.size:
+        body.update(width=args.size, height=args.size)
+    results = {}
+    for mode in args.modes.split(","):
+        results[mode] = run_mode(args, mode.strip() == "on", body)
+    report: dict = {
+        "benchmark": "service_load",
+        "model": args.model,
+        "device": args.device or "auto",
+        "request": body,
+        "bounds": {"requests_per_client_count": args.requests, "seconds_per_client_count": args.seconds},
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "results": results,
+    }
+    if "on" in results and "off" in results:
+        top = max(args.clients)
+        on = next(r for r in results["on"]["runs"] if r["clients"] == top)
+        off = next(r for r in results["off"]["runs"] if r["clients"] == top)
+        if on["throughput_images_per_s"] and off["throughput_images_per_s"]:
+            report[f"ratio_batched_over_unbatched_throughput_at_{top}_clients"] = round(
+                on["throughput_images_per_s"] / off["throughput_images_per_s"], 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

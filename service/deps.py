@@ -1,0 +1,80 @@
+"""FastAPI dependencies: the engine, API-key authentication, and request validation against the limits.
+
+API keys come in ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or HTTP Basic auth with the key as password
+(what A1111 clients send); each configured key is compared with ``hmac.compare_digest`` (all of them, so the
+time taken does not depend on which key matched). A key never reaches a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+
+from fastapi import Depends, Request
+
+from service.engine import Engine, Plan
+from service.errors import ServiceError
+from service.jobs import JobStore
+from service.schemas import GenerateRequest
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            return value.strip()
+        if scheme == "basic":
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[2]
+    key = request.headers.get("x-api-key")
+    return key.strip() if key is not None else None
+
+
+def key_is_valid(candidate: str, keys: list[str]) -> bool:
+    given = candidate.encode("utf-8")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode("utf-8"))
+    return matched
+
+
+def _check(request: Request, engine: Engine) -> None:
+    keys = [k.get_secret_value() for k in engine.settings.api_keys]
+    if not keys:
+        return
+    candidate = presented_key(request)
+    if candidate is None or not key_is_valid(candidate, keys):
+        raise ServiceError(
+            401,
+            "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+            headers={"WWW-Authenticate": 'Bearer realm="diffsteer"'},
+            code="invalid_api_key",
+        )
+
+
+async def require_api_key(request: Request, engine: Engine = Depends(get_engine)) -> None:
+    _check(request, engine)
+
+
+async def require_api_key_for_metrics(request: Request, engine: Engine = Depends(get_engine)) -> None:
+    if engine.settings.metrics_require_key:
+        _check(request, engine)
+
+
+def planned(body: GenerateRequest, engine: Engine = Depends(get_engine)) -> Plan:
+    """The request validated against the server's limits, models and LoRA folder (InvalidInput -> 422)."""
+    return engine.plan(body)

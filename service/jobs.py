@@ -1,0 +1,190 @@
+"""Asynchronous jobs: an id at once, status and results by polling, progress as server-sent events.
+
+A job wraps a queue :class:`~service.queue.Ticket`. The ticket's worker thread appends events (``queued``,
+``started``, one ``step`` per denoising step, then ``succeeded`` / ``failed`` / ``cancelled``) to the job and
+wakes the event streams waiting on it (``loop.call_soon_threadsafe``); every event has a sequence number, so a
+stream can resume after ``Last-Event-ID``. Finished jobs are kept ``ttl_s`` seconds (and at most
+``max_finished``, oldest dropped first), then purged with their images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from guidance.errors import InvalidInput
+from guidance.sampler import StepEvent
+from service.engine import ModelUnavailable, Outcome
+from service.queue import Cancelled, Ticket, TimedOut
+
+log = logging.getLogger("service.jobs")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def describe_error(error: BaseException) -> tuple[str, dict[str, Any]]:
+    """(job status, error body) for a ticket's exception."""
+    if isinstance(error, Cancelled):
+        return "cancelled", {"field": None, "message": f"cancelled: {error.reason}", "code": "cancelled"}
+    if isinstance(error, TimedOut):
+        return "failed", {"field": None, "message": str(error), "code": "timeout"}
+    if isinstance(error, InvalidInput):
+        return "failed", {"field": error.field, "message": error.reason, "code": "invalid_input"}
+    if isinstance(error, ModelUnavailable):
+        return "failed", {"field": "model", "message": str(error), "code": "model_unavailable"}
+    return "failed", {"field": None, "message": f"internal error ({type(error).__name__}); see the server log",
+                      "code": "internal"}
+
+
+@dataclass
+class Job:
+    id: str
+    ticket: Ticket | None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    finished_mono: float | None = None
+    status: str = "queued"
+    step: int = 0
+    total: int | None = None
+    phase: str = "denoise"
+    nfe: int = 0
+    result_body: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None
+    latest_latents: tuple[int, Any] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
+
+    # -- worker side -------------------------------------------------------------------------------------
+    def _add(self, kind: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            self.events.append({"id": len(self.events) + 1, "event": kind, "data": data})
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    def on_ticket(self, kind: str, data: Any) -> None:
+        if self.finished:  # a late notice from a worker that was cancelled meanwhile
+            return
+        if kind == "started":
+            self.status = "running"
+            self.started_at = time.time()
+            self._add("started", {"status": "running"})
+        elif kind == "prepared":
+            self.model = data[0]
+        elif kind == "step":
+            event: StepEvent = data
+            phase = getattr(event, "phase", "denoise")
+            self.step, self.total, self.nfe = event.step, event.total, event.nfe
+            self.phase = phase
+            self.latest_latents = (event.step, event.latents) if event.latents is not None else None
+            self._add("step", {"step": event.step, "total": event.total, "nfe": event.nfe,
+                               "elapsed_s": round(event.elapsed, 4), "phase": phase})
+        elif kind == "finished":
+            error = data.exception()
+            if error is None:
+                outcome: Outcome = data.result()
+                self.result_body = outcome.response()  # what GET returns; the pixels and PIL images are dropped
+                self.status = "succeeded"
+                self.nfe = sum(outcome.result.nfe)
+                final = {"status": "succeeded", "seeds": outcome.result.seeds, "nfe": outcome.result.nfe}
+            else:
+                self.status, self.error = describe_error(error)
+                if self.error["code"] == "internal":
+                    log.error("job %s failed", self.id, exc_info=error)
+                final = {"status": self.status, "error": self.error}
+            self.finished_at = time.time()
+            self.finished_mono = time.monotonic()
+            self.latest_latents = None
+            self.ticket = None  # its future holds the full outcome (pixels, PIL images): let it go
+            self._add(self.status, final)
+
+    # -- reader side -------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def events_after(self, last_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return self.events[last_id:]
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        with self._lock:
+            self._waiters.add((loop, event))
+
+    def unsubscribe(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        with self._lock:
+            self._waiters.discard((loop, event))
+
+    def status_body(self, ttl_s: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "expires_at": self.finished_at + ttl_s if self.finished_at is not None else None,
+            "progress": {"step": self.step, "total": self.total, "nfe": self.nfe, "phase": self.phase},
+            "result": self.result_body,
+            "error": {"field": self.error["field"], "message": self.error["message"]} if self.error else None,
+        }
+
+
+class JobStore:
+    def __init__(self, ttl_s: float, max_finished: int):
+        self.ttl_s = ttl_s
+        self.max_finished = max_finished
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def create(self, ticket: Ticket) -> Job:
+        job = Job(secrets.token_urlsafe(16), ticket)
+        job._add("queued", {"status": "queued"})
+        ticket.listeners.append(job.on_ticket)
+        with self._lock:
+            self._jobs[job.id] = job
+        if ticket.future.done():  # ended before the listener was attached (e.g. cancelled at once)
+            job.on_ticket("finished", ticket.future)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def remove(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.pop(job_id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def purge(self, now: float | None = None) -> int:
+        """Drop finished jobs older than the TTL, and the oldest beyond ``max_finished``; returns how many."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            finished = sorted((j for j in self._jobs.values() if j.finished_mono is not None), key=lambda j: j.finished_mono)
+            drop = [j for j in finished if now - j.finished_mono > self.ttl_s]
+            keep = [j for j in finished if j not in drop]
+            drop += keep[: max(0, len(keep) - self.max_finished)]
+            for job in drop:
+                self._jobs.pop(job.id, None)
+        return len(drop)
+
+    def cancel_all(self, reason: str) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            ticket = job.ticket
+            if ticket is not None:
+                ticket.cancel(reason)

@@ -1,0 +1,127 @@
+"""LoRA adapters in diffusers format, loaded by name from a folder and applied per request.
+
+Isolation: a request's adapters are a sorted tuple of (name, weight). The device worker runs every use of
+the modules an adapter changes (UNet and text encoders) on its one thread and never mixes adapter sets in one
+batch; before each batch or task it calls :meth:`LoraControl.activate` with the batch's set, which loads
+missing adapters (peft layers, through diffusers' ``load_lora_weights`` on a pipeline sharing the model's
+modules), enables exactly those with their weights, or disables every adapter for a plain request. So
+concurrent requests with and without LoRA share one copy of the weights and never see each other's
+adapters. A weight of 0 is dropped at validation, so such a request is a plain one (and batches with them).
+
+Files: ``<lora_dir>/<name>.safetensors`` or ``<lora_dir>/<name>/pytorch_lora_weights.safetensors`` (what
+``StableDiffusionPipeline.save_lora_weights`` writes). Names are plain file names; no paths.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from guidance.errors import InvalidInput
+from guidance.models import DiffusionModel
+from service.device import AdapterSet
+
+log = logging.getLogger("service.lora")
+
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+class LoraLibrary:
+    """The adapters available in ``folder`` (None: LoRA disabled)."""
+
+    def __init__(self, folder: Path | str | None):
+        self.folder = Path(folder).expanduser().resolve() if folder is not None else None
+
+    def names(self) -> list[str]:
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        found = set()
+        for entry in self.folder.iterdir():
+            if entry.is_file() and entry.suffix == ".safetensors":
+                found.add(entry.stem)
+            elif entry.is_dir() and (entry / WEIGHTS_FILE).is_file():
+                found.add(entry.name)
+        return sorted(n for n in found if LORA_NAME.match(n))
+
+    def path(self, name: str, field: str = "lora.name") -> Path:
+        if self.folder is None:
+            raise InvalidInput(field, "LoRA adapters are not enabled on this server (no lora_dir configured)")
+        if not isinstance(name, str) or not LORA_NAME.match(name) or ".." in name:
+            raise InvalidInput(field, f"invalid LoRA name {name!r}: letters, digits, '.', '_' and '-' only")
+        for candidate in (self.folder / f"{name}.safetensors", self.folder / name / WEIGHTS_FILE):
+            resolved = candidate.resolve()
+            if resolved.is_file() and self.folder in resolved.parents:
+                return resolved
+        available = self.names()
+        listing = ", ".join(available) if available else "none"
+        raise InvalidInput(field, f"unknown LoRA {name!r}; available: {listing}")
+
+    def normalise(self, entries: list[Any]) -> AdapterSet:
+        """Validate the request's ``lora`` list (objects with name and weight) into a sorted AdapterSet."""
+        seen: dict[str, float] = {}
+        for i, entry in enumerate(entries):
+            name, weight = entry.name, float(entry.weight)
+            self.path(name, field=f"lora.{i}.name")
+            if name in seen:
+                raise InvalidInput(f"lora.{i}.name", f"LoRA {name!r} is given twice")
+            seen[name] = weight
+        return tuple(sorted((n, w) for n, w in seen.items() if w != 0.0))
+
+
+class LoraControl:
+    """Adapter state of one model; every method runs on the device worker thread only."""
+
+    def __init__(self, model: DiffusionModel, library: LoraLibrary, max_loaded: int = 8):
+        self.model = model
+        self.library = library
+        self.max_loaded = max_loaded
+        self._pipe = None
+        self._loaded: collections.OrderedDict[str, str] = collections.OrderedDict()  # name -> adapter name
+        self._ids = itertools.count()
+        self.active: AdapterSet = ()
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = self.model.to_pipeline()
+        return self._pipe
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def _ensure_loaded(self, name: str, keep: set[str]) -> str:
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return self._loaded[name]
+        path = self.library.path(name)
+        adapter = f"lora{next(self._ids)}"
+        try:
+            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        except Exception as e:  # diffusers/peft raise many types for bad files
+            raise InvalidInput("lora.name", f"cannot load LoRA {name!r}: {type(e).__name__}: {e}") from None
+        self._loaded[name] = adapter
+        log.info("loaded LoRA %s as %s on %s", name, adapter, self.model.name)
+        while len(self._loaded) > self.max_loaded:
+            victim = next((n for n in self._loaded if n not in keep), None)
+            if victim is None:
+                break
+            self.pipe.delete_adapters(self._loaded.pop(victim))
+            log.info("unloaded LoRA %s", victim)
+        return adapter
+
+    def activate(self, adapters: AdapterSet) -> None:
+        if not adapters:
+            if self._loaded:
+                self.pipe.disable_lora()
+            self.active = ()
+            return
+        keep = {n for n, _ in adapters}
+        names = [self._ensure_loaded(n, keep) for n, _ in adapters]
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=[w for _, w in adapters])
+        self.active = adapters

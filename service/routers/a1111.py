@@ -1,0 +1,261 @@
+"""AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img`` and the listings its clients read.
+
+Request fields used: ``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale``, ``seed`` (-1: random),
+``width``, ``height``, ``batch_size`` x ``n_iter`` images, ``sampler_name`` (or ``sampler_index``) and
+``scheduler`` (A1111 1.9+: ``automatic`` or ``karras``), ``eta``, ``override_settings.sd_model_checkpoint``
+(a model of this server). Extensions: ``policy`` (when its ``scale`` is not given, ``cfg_scale`` fills it),
+``lora``. Fields A1111 clients send with defaults are accepted and ignored; features this server does not
+have (hires fix, face restoration, tiling, variation seeds, styles, scripts) are refused with 422 when asked
+for. Response: ``{"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}`` with
+``seed``/``all_seeds``/``infotexts`` like A1111.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from guidance.errors import InvalidInput
+from guidance.images import a1111_parameters
+from guidance.registry import parse_spec_string, policy_class
+from service.deps import get_engine, require_api_key
+from service.engine import Engine
+from service.errors import describe_validation
+from service.routers.common import CLIENT_CLOSED, ClientGone, run_plan
+from service.schemas import GenerateRequest, LoraRef
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)])
+
+# A1111 sampler name (lower case) -> our scheduler
+SAMPLERS = {
+    "euler a": "euler_a",
+    "euler": "euler",
+    "ddim": "ddim",
+    "ddpm": "ddpm",
+    "dpm++ 2m": "dpmpp_2m",
+    "dpm++ 2m karras": "dpmpp_2m_karras",
+    "heun": "heun",
+    "lms": "lms",
+    "plms": "pndm",
+    "unipc": "unipc",
+    "lcm": "lcm",
+}
+SAMPLER_LABELS = {"euler a": "Euler a", "euler": "Euler", "ddim": "DDIM", "ddpm": "DDPM", "dpm++ 2m": "DPM++ 2M",
+                  "dpm++ 2m karras": "DPM++ 2M Karras", "heun": "Heun", "lms": "LMS", "plms": "PLMS", "unipc": "UniPC",
+                  "lcm": "LCM"}
+A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
+
+
+class Txt2ImgRequest(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch_size: int = pydantic.Field(1, ge=1)
+    n_iter: int = pydantic.Field(1, ge=1)
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    eta: float | None = None
+    override_settings: dict[str, Any] | None = None
+    # features this server does not have: refused when asked for
+    enable_hr: bool | None = False
+    restore_faces: bool | None = False
+    tiling: bool | None = False
+    subseed_strength: float | None = 0.0
+    styles: list[str] | None = None
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    # extensions
+    policy: str | dict[str, Any] | None = None
+    lora: list[LoraRef] | None = None
+    model: str | None = None
+
+
+def resolve_sampler(name: str | None, scheduler: str | None) -> str:
+    if name is None or not name.strip():
+        base = "default"
+    else:
+        key = name.strip().lower()
+        if key not in SAMPLERS:
+            accepted = ", ".join(SAMPLER_LABELS.values())
+            raise InvalidInput("sampler_name", f"unknown sampler {name!r}; accepted values: {accepted}")
+        base = SAMPLERS[key]
+    kind = (scheduler or "automatic").strip().lower()
+    if kind not in A1111_SCHEDULERS:
+        raise InvalidInput("scheduler", f"unsupported scheduler {scheduler!r}; accepted values: Automatic, Karras")
+    if kind == "karras" and base != "dpmpp_2m_karras":
+        if base != "dpmpp_2m":
+            raise InvalidInput("scheduler", f"Karras sigmas are available with 'DPM++ 2M' only, not {name!r}")
+        base = "dpmpp_2m_karras"
+    return base
+
+
+def resolve_policy(policy: str | dict[str, Any] | None, cfg_scale: float) -> Any:
+    """The request's policy, with ``cfg_scale`` as its ``scale`` when the policy has one and leaves it unset."""
+    if policy is None:
+        return {"name": "cfg", "scale": cfg_scale}
+    if isinstance(policy, str):
+        text = policy.strip()
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                return policy  # parse_policy reports it with the field named
+        else:
+            data = parse_spec_string(text)
+    else:
+        data = dict(policy)
+    if not isinstance(data, dict):
+        return policy
+    name = data.get("name")
+    try:
+        fields = policy_class(name).Params.model_fields if isinstance(name, str) else {}
+    except InvalidInput:
+        return data  # unknown name: reported by the validation
+    if "scale" in fields and "scale" not in data:
+        data["scale"] = cfg_scale
+    return data
+
+
+def unsupported(body: Txt2ImgRequest) -> None:
+    checks = [
+        ("enable_hr", bool(body.enable_hr), "hires fix is not supported"),
+        ("restore_faces", bool(body.restore_faces), "face restoration is not supported"),
+        ("tiling", bool(body.tiling), "tiling is not supported"),
+        ("subseed_strength", bool(body.subseed_strength), "variation seeds are not supported"),
+        ("styles", bool(body.styles), "styles are not supported; put the text into the prompt"),
+        ("script_name", bool(body.script_name), "scripts are not supported"),
+        ("alwayson_scripts", bool(body.alwayson_scripts), "extensions (alwayson_scripts) are not supported"),
+    ]
+    for field, asked, message in checks:
+        if asked:
+            raise InvalidInput(field, message)
+
+
+def to_generate_request(body: Txt2ImgRequest) -> GenerateRequest:
+    unsupported(body)
+    model = body.model or (body.override_settings or {}).get("sd_model_checkpoint")
+    data: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt or None,
+        "steps": body.steps,
+        "scheduler": resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        "seed": None if body.seed < 0 else body.seed,
+        "width": body.width,
+        "height": body.height,
+        "num_images": body.batch_size * body.n_iter,
+        "policy": resolve_policy(body.policy, body.cfg_scale),
+        "model": model,
+        "lora": body.lora or [],
+        "output_format": "png",
+    }
+    if body.eta is not None:
+        data["eta"] = body.eta
+    return GenerateRequest.model_validate(data)
+
+
+FIELD_NAMES = {"num_images": "batch_size", "scheduler": "sampler_name"}
+
+
+def a1111_field(field: str) -> str:
+    head, dot, rest = field.partition(".")
+    return FIELD_NAMES.get(head, head) + dot + rest
+
+
+@router.post("/txt2img", summary="AUTOMATIC1111-compatible text to image")
+async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depends(get_engine)) -> Response:
+    try:
+        plan = await run_in_threadpool(engine.plan, to_generate_request(body))
+    except pydantic.ValidationError as e:
+        field, message, _ = describe_validation(e.errors())
+        raise InvalidInput(a1111_field(field), message) from None
+    except InvalidInput as e:
+        raise InvalidInput(a1111_field(e.field), e.reason) from None
+    try:
+        outcome = await run_plan(request, engine, plan)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    r = outcome.result
+    sampler = body.sampler_name or body.sampler_index or "Automatic"
+    prompts = r.params.prompts
+    info = {
+        "prompt": body.prompt,
+        "all_prompts": prompts,
+        "negative_prompt": body.negative_prompt or "",
+        "all_negative_prompts": [body.negative_prompt or ""] * len(prompts),
+        "seed": r.seeds[0],
+        "all_seeds": r.seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(r.seeds),
+        "subseed_strength": 0,
+        "width": r.images[0].width,
+        "height": r.images[0].height,
+        "sampler_name": sampler,
+        "scheduler": body.scheduler or "automatic",
+        "cfg_scale": body.cfg_scale,
+        "steps": r.params.steps,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "restore_faces": False,
+        "sd_model_name": r.model,
+        "sd_model_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "index_of_first_image": 0,
+        "infotexts": [a1111_parameters(m) for m in outcome.metadata],
+        "version": "diffsteer",
+        "policy": r.params.policy.spec(),
+        "nfe": r.nfe,
+    }
+    parameters = body.model_dump(mode="json")
+    parameters["seed"] = r.seeds[0]
+    return JSONResponse({
+        "images": [base64.b64encode(b).decode("ascii") for b in outcome.encoded],
+        "parameters": parameters,
+        "info": json.dumps(info),
+    })
+
+
+@router.get("/samplers", summary="A1111 sampler names this server maps")
+async def samplers() -> JSONResponse:
+    return JSONResponse([{"name": label, "aliases": [SAMPLERS[key]], "options": {}} for key, label in SAMPLER_LABELS.items()])
+
+
+@router.get("/schedulers", summary="A1111 noise schedules this server maps")
+async def schedulers() -> JSONResponse:
+    return JSONResponse([{"name": key, "label": label, "aliases": None, "default_rho": None, "need_inner_model": False}
+                         for key, label in A1111_SCHEDULERS.items()])
+
+
+@router.get("/sd-models", summary="The models, as A1111 lists checkpoints")
+async def sd_models(engine: Engine = Depends(get_engine)) -> JSONResponse:
+    return JSONResponse([{"title": m["name"], "model_name": m["name"], "hash": None, "sha256": None,
+                          "filename": m["name"], "config": None} for m in engine.describe_models()])
+
+
+@router.get("/scripts", summary="No scripts or extensions")
+async def scripts() -> JSONResponse:
+    return JSONResponse({"txt2img": [], "img2img": []})
+
+
+@router.get("/options", summary="The few A1111 options that apply")
+async def options(engine: Engine = Depends(get_engine)) -> JSONResponse:
+    return JSONResponse({"sd_model_checkpoint": engine.default_model})

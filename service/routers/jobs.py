@@ -1,0 +1,134 @@
+"""Jobs: ``POST /jobs`` (an id at once), ``GET /jobs/{id}``, ``GET /jobs/{id}/events`` (SSE), ``DELETE /jobs/{id}``.
+
+Event stream: ``queued``, ``started``, ``step`` (``{"step", "total", "nfe", "elapsed_s"}``, plus with
+``?preview=true`` a ``preview`` list of base64 PNGs, one per image: a linear latent->RGB approximation of the
+current latents x_t at latent resolution, see :mod:`service.preview`), then one of ``succeeded`` /
+``failed`` / ``cancelled``, after which the stream ends. Events carry ids; ``Last-Event-ID`` resumes.
+A comment line is sent every 15 s of silence to keep proxies from closing the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import get_engine, get_jobs, planned, require_api_key
+from service.engine import Engine, Plan
+from service.errors import ServiceError
+from service.jobs import Job, JobStore
+from service.routers.common import enqueue
+from service.routers.generate import ERRORS
+from service.schemas import JobStatus
+
+log = logging.getLogger("service.jobs")
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+KEEPALIVE_S = 15.0
+
+
+def _job(jobs: JobStore, job_id: str) -> Job:
+    job = jobs.get(job_id)
+    if job is None:
+        raise ServiceError(404, f"no job {job_id!r} (unknown, or finished and purged)", field="job_id", code="not_found")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobStatus, responses=ERRORS, summary="Start a generation job")
+async def create_job(plan: Plan = Depends(planned), engine: Engine = Depends(get_engine),
+                     jobs: JobStore = Depends(get_jobs)) -> JSONResponse:
+    ticket = engine.ticket(plan)
+    job = jobs.create(ticket)
+    try:
+        enqueue(engine, ticket)
+    except ServiceError:
+        jobs.remove(job.id)
+        raise
+    return JSONResponse(job.status_body(jobs.ttl_s), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+@router.get("/{job_id}", response_model=JobStatus, summary="A job's status, and its results once finished")
+async def get_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JSONResponse:
+    job = _job(jobs, job_id)
+    return JSONResponse(job.status_body(jobs.ttl_s))
+
+
+@router.delete("/{job_id}", response_model=JobStatus,
+               summary="Cancel a job (it stops within one denoising step); a finished job is deleted")
+async def delete_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JSONResponse:
+    job = _job(jobs, job_id)
+    ticket = job.ticket
+    if job.finished or ticket is None:
+        jobs.remove(job_id)
+        return JSONResponse(job.status_body(jobs.ttl_s))
+    ticket.cancel("cancelled by DELETE /jobs")
+    return JSONResponse(job.status_body(jobs.ttl_s), status_code=202)
+
+
+def _sse(event: dict) -> str:
+    data = json.dumps(event["data"], separators=(",", ":"))
+    return f"id: {event['id']}\nevent: {event['event']}\ndata: {data}\n\n"
+
+
+@router.get("/{job_id}/events", summary="Progress as server-sent events",
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(
+    job_id: str,
+    request: Request,
+    preview: bool = Query(False, description="Attach low-res previews (latent->RGB approximation) to step events."),
+    last_event_id: str | None = Header(None, description="Resume after this event id."),
+    jobs: JobStore = Depends(get_jobs),
+    engine: Engine = Depends(get_engine),
+) -> Response:
+    job = _job(jobs, job_id)
+    try:
+        start = max(0, int(last_event_id)) if last_event_id else 0
+    except ValueError:
+        raise ServiceError(422, f"must be an event id (an integer), got {last_event_id!r}", field="Last-Event-ID") from None
+    want_preview = preview and engine.settings.preview != "none"
+
+    async def stream():
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        job.subscribe(loop, wake)
+        last = start
+        try:
+            yield "retry: 2000\n\n"
+            while True:
+                wake.clear()
+                for event in job.events_after(last):
+                    last = event["id"]
+                    if want_preview and event["event"] == "step":
+                        event = await _with_preview(engine, job, event)
+                    yield _sse(event)
+                if job.finished and not job.events_after(last):
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+        finally:
+            job.unsubscribe(loop, wake)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _with_preview(engine: Engine, job: Job, event: dict) -> dict:
+    """Attach a preview to the freshest step only (a slow reader never gets stale previews computed)."""
+    latest, model = job.latest_latents, job.model
+    if latest is None or model is None or latest[0] != event["data"]["step"]:
+        return event
+    try:
+        pngs = await run_in_threadpool(engine.preview, model, latest[1])
+    except Exception:  # a preview must never break the stream
+        log.exception("preview failed")
+        return event
+    data = {**event["data"], "preview": [base64.b64encode(p).decode("ascii") for p in pngs],
+            "preview_kind": "latent-rgb-approximation"}
+    return {**event, "data": data}

@@ -1,0 +1,171 @@
+"""Typed settings of the HTTP service.
+
+Sources, lowest to highest priority: defaults < a YAML/JSON config file (``diffsteer serve --config FILE``)
+< environment variables ``DIFFSTEER_<FIELD>`` (e.g. ``DIFFSTEER_API_KEYS=key1,key2``,
+``DIFFSTEER_MAX_STEPS=50``) < explicit command-line options. Unknown keys in a config file are refused, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from guidance.errors import InvalidInput, from_pydantic
+from guidance.request import Limits
+
+
+def _split_list(value: Any) -> Any:
+    """Lists from the environment: a JSON list, or comma-separated text."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class ServiceSettings(BaseSettings):
+    """Everything ``diffsteer serve`` can be configured with (see the module docstring for sources)."""
+
+    model_config = SettingsConfigDict(env_prefix="DIFFSTEER_", extra="forbid", validate_default=True)
+
+    # --- server ---------------------------------------------------------------------------------------
+    host: str = pydantic.Field("127.0.0.1", description="Interface to listen on (0.0.0.0: all).")
+    port: int = pydantic.Field(8000, ge=0, le=65535, description="TCP port.")
+
+    # --- models ---------------------------------------------------------------------------------------
+    model: str | None = pydantic.Field(
+        None, description="Default model: diffusers folder, .safetensors file, hub id or builtin:NAME (None: built-in default)."
+    )
+    models: Annotated[list[str], NoDecode] = pydantic.Field(
+        default_factory=list, description="Further models a request may name in its `model` field (loaded on first use)."
+    )
+    model_config_dir: str | None = pydantic.Field(None, description="diffusers config folder for single-file checkpoints.")
+    device: str | None = pydantic.Field(None, description="cpu, cuda, cuda:1 (default: cuda when available).")
+    dtype: str | None = pydantic.Field(None, description="auto, fp32, fp16, bf16.")
+    preload: bool = pydantic.Field(True, description="Load the default model at startup (/readyz is 503 until it is loaded).")
+    torch_threads: int | None = pydantic.Field(None, ge=1, description="torch intra-op threads (default: torch's own choice).")
+    lora_dir: Path | None = pydantic.Field(
+        None, description="Folder of LoRA adapters in diffusers format: NAME.safetensors or NAME/pytorch_lora_weights.safetensors."
+    )
+    rewards: dict[str, dict[str, Any]] = pydantic.Field(
+        default_factory=dict,
+        description="Where reward-driven policies (reno, dynamic_cfg) find each reward's weights: name -> reward "
+        "config fields (guidance.reward_models.configure_rewards). Requests name rewards, never paths.",
+    )
+    max_loaded_loras: int = pydantic.Field(8, ge=1, description="LoRA adapters kept loaded per model (least recently used evicted).")
+
+    # --- scheduling -----------------------------------------------------------------------------------
+    max_concurrent: int | None = pydantic.Field(
+        None,
+        ge=1,
+        description="Generations whose sampler loops run at once (their UNet calls all go through the one device "
+        "worker). Default: max_batch_requests with batching, 1 without.",
+    )
+    queue_size: int = pydantic.Field(16, ge=0, description="Requests that may wait for a free slot; beyond that: 429.")
+    request_timeout_s: float = pydantic.Field(
+        300.0, gt=0, description="Longest time from submission to result; then 504 (/generate) or a failed job."
+    )
+    job_ttl_s: float = pydantic.Field(600.0, gt=0, description="How long finished jobs (and their images) are kept.")
+    max_stored_jobs: int = pydantic.Field(
+        64, ge=1, description="Finished jobs kept at most, with their encoded images (oldest dropped first)."
+    )
+    batching: bool = pydantic.Field(True, description="Denoise concurrent compatible requests in shared UNet calls.")
+    max_batch_rows: int = pydantic.Field(16, ge=1, description="Most latent rows in one shared UNet call.")
+    max_batch_requests: int = pydantic.Field(8, ge=1, description="Default max_concurrent when batching is on.")
+    batch_window_ms: float = pydantic.Field(
+        5.0, ge=0, description="How long the device worker waits for other requests' UNet calls before running a batch."
+    )
+
+    # --- limits ---------------------------------------------------------------------------------------
+    max_width: int = pydantic.Field(2048, ge=8)
+    max_height: int = pydantic.Field(2048, ge=8)
+    max_steps: int = pydantic.Field(200, ge=1)
+    max_num_images: int = pydantic.Field(16, ge=1)
+    max_prompt_chars: int = pydantic.Field(4000, ge=1)
+    max_body_bytes: int = pydantic.Field(1_000_000, ge=1024, description="Largest accepted request body; beyond that: 413.")
+
+    # --- security -------------------------------------------------------------------------------------
+    api_keys: Annotated[list[pydantic.SecretStr], NoDecode] = pydantic.Field(
+        default_factory=list,
+        description="Accepted API keys (Authorization: Bearer KEY, X-API-Key: KEY, or HTTP Basic with the key as "
+        "password). Empty: no authentication.",
+    )
+    metrics_require_key: bool = pydantic.Field(False, description="Ask for an API key on /metrics too.")
+    cors_origins: Annotated[list[str], NoDecode] = pydantic.Field(
+        default_factory=list, description="Origins allowed by CORS; empty: no CORS headers at all."
+    )
+
+    # --- misc -----------------------------------------------------------------------------------------
+    preview: Literal["latent", "none"] = pydantic.Field(
+        "latent", description="Previews in job events: a linear latent->RGB approximation fitted per model, or none."
+    )
+    log_level: str = pydantic.Field("info")
+
+    @pydantic.field_validator("models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @property
+    def concurrency(self) -> int:
+        if self.max_concurrent is not None:
+            return self.max_concurrent
+        return self.max_batch_requests if self.batching else 1
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_width=self.max_width,
+            max_height=self.max_height,
+            max_steps=self.max_steps,
+            max_num_images=self.max_num_images,
+            max_prompt_chars=self.max_prompt_chars,
+        )
+
+    @property
+    def default_model(self) -> str:
+        return self.model or "default"
+
+    def allowed_models(self) -> list[str]:
+        return list(dict.fromkeys([self.default_model, *self.models]))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a YAML (.yaml/.yml) or JSON file, as a mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InvalidInput("--config", f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml and json raise their own types
+        raise InvalidInput("--config", f"cannot parse {str(path)!r}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInput("--config", f"{str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Settings from ``config`` (file), then the environment, then ``overrides`` (None values are ignored)."""
+    file_values = read_config_file(config) if config is not None else {}
+    try:
+        from_env = ServiceSettings()
+        env_values = {k: getattr(from_env, k) for k in from_env.model_fields_set}
+        merged = {**file_values, **env_values, **{k: v for k, v in overrides.items() if v is not None}}
+        return ServiceSettings(**merged)
+    except pydantic.ValidationError as e:
+        raise from_pydantic(e, prefix="settings.") from None
