@@ -16,7 +16,7 @@ import numpy as np
 
 from guidance.models import DiffusionModel
 from guidance.request import Limits
-from guidance.sampler import generate
+from guidance.sampler import StepCallback, generate
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class ImageRecord:
     image: np.ndarray  # uint8 [H, W, 3]
     nfe: int
     seconds: float
+    metadata: dict[str, Any] | None = None  # the generation parameters (for PNG text chunks)
 
 
 def run_arm(
@@ -45,8 +46,13 @@ def run_arm(
     batch_size: int = 16,
     extra: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    callback: StepCallback | None = None,
 ) -> list[ImageRecord]:
-    """Generate every item under one guidance policy; returns one record per item, in order."""
+    """Generate every item under one guidance policy; returns one record per item, in order.
+
+    ``progress(n)`` is called after each batch with its number of images; ``callback`` is the sampler's step
+    callback (progress per denoising step; raising ``GenerationCancelled`` there stops the run).
+    """
     records: list[ImageRecord] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -62,11 +68,12 @@ def run_arm(
                 **(extra or {}),
             },
             limits=Limits(max_num_images=max(batch_size, Limits.max_num_images)),
+            callback=callback,
         )
         per_image = (time.perf_counter() - t0) / len(chunk)
         pixels = (result.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        for it, img, nfe in zip(chunk, pixels, result.nfe):
-            records.append(ImageRecord(it, img, int(nfe), per_image))
+        for k, (it, img, nfe) in enumerate(zip(chunk, pixels, result.nfe)):
+            records.append(ImageRecord(it, img, int(nfe), per_image, result.metadata(k)))
         if progress is not None:
             progress(len(chunk))
     return records

@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default=None, help="default model: diffusers folder, .safetensors file, hub id, or builtin:NAME")
     srv.add_argument("--config", default=None, help="YAML or JSON settings file (environment DIFFSTEER_* overrides it)")
     srv.set_defaults(func=cmd_serve)
+
+    from evaluation.cli import add_ab_parser  # `diffsteer ab`: A/B evaluation (evaluation/ab.py)
+
+    add_ab_parser(sub)
     return parser
 
 
