@@ -124,7 +124,7 @@ class GenerationParams(pydantic.BaseModel):
             ("num_images", self.num_images, limits.max_num_images),
             ("width", self.width, limits.max_width),
             ("height", self.height, limits.max_height),
-            ("prompt", max(len(p) for p in self.prompts), limits.max_prompt_chars),
+            ("prompt", max(len(p) for p in self.prompt) if isinstance(self.prompt, list) else len(self.prompt), limits.max_prompt_chars),
             ("negative_prompt", len(self.negative_prompt or ""), limits.max_prompt_chars),
         ]
         for name, value, maximum in checks:

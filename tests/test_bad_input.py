@@ -608,3 +608,10 @@ def test_console_script_prints_no_traceback(console_script_run):
         assert name in lines[0]
     assert stdout == ""
     assert not list(tmp.iterdir()), "no image may be written"
+
+
+def test_huge_num_images_is_refused_before_anything_is_allocated():
+    """Found by the service fuzz: the limit check must not build one prompt per requested image first."""
+    with pytest.raises(InvalidInput) as info:
+        GenerationParams.parse({"prompt": "x", "num_images": 133_919_408_339})
+    assert info.value.field == "num_images"
