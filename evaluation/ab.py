@@ -202,9 +202,9 @@ class ABConfig(pydantic.BaseModel):
     @pydantic.field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
-        if v is not None and v % 8:
-            raise ValueError(f"must be a multiple of 8, got {v}")
-        return v
+        from guidance.request import check_multiple_of_8
+
+        return check_multiple_of_8(v)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ABConfig:

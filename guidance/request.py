@@ -26,6 +26,13 @@ class Limits:
     max_prompt_chars: int = 4000
 
 
+def check_multiple_of_8(size: int | None) -> int | None:
+    """Image sizes are multiples of 8 (the VAE's downsampling), as in diffusers."""
+    if size is not None and size % 8:
+        raise ValueError(f"must be a multiple of 8, got {size}")
+    return size
+
+
 def _policy(value: Any) -> PolicyParams:
     return parse_policy(value)
 
@@ -79,9 +86,7 @@ class GenerationParams(pydantic.BaseModel):
     @pydantic.field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
-        if v is not None and v % 8:
-            raise ValueError(f"must be a multiple of 8, got {v}")
-        return v
+        return check_multiple_of_8(v)
 
     @pydantic.model_validator(mode="after")
     def _batch(self) -> GenerationParams:
