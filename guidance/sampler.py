@@ -15,7 +15,7 @@ import inspect
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -119,6 +119,22 @@ def scheduler_step_kwargs(scheduler: Any, eta: float, generators: list[torch.Gen
     return kwargs
 
 
+GradAtStep = Callable[[int], "bool | torch.Tensor"]
+
+
+def step_recording(grad_at_step: GradAtStep | None, i: int) -> tuple[bool, torch.Tensor | None]:
+    """Whether autograd records step ``i``, and the per-image mask of outputs to keep attached (None: all)."""
+    if grad_at_step is None:
+        return torch.is_grad_enabled(), None
+    wanted = grad_at_step(i)
+    if not isinstance(wanted, torch.Tensor):
+        return bool(wanted), None
+    wanted = wanted.to(torch.bool)
+    if bool(wanted.all()) or not bool(wanted.any()):
+        return bool(wanted.any()), None
+    return True, wanted
+
+
 def denoise(
     latents: torch.Tensor,
     scheduler: Any,
@@ -129,26 +145,31 @@ def denoise(
     *,
     step_kwargs: dict[str, Any] | None = None,
     callback: StepCallback | None = None,
-    grad_at_step: Callable[[int], bool] | None = None,
+    grad_at_step: GradAtStep | None = None,
     step_times: list[float] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``latents`` (already scaled by ``init_noise_sigma``).
 
     ``grad_at_step(i)`` decides, per step, whether autograd records it (default: the ambient grad mode), so a
     trainer can backpropagate through the last K steps only. A step's input is detached where the step before
-    it did not record gradients, which makes the truncation explicit.
+    it did not record gradients, which makes the truncation explicit. It may also return a bool tensor [B]
+    (one truncation per image): the step is recorded when any image asks for it, and the output of every image
+    that did not ask is detached, so no gradient reaches an image's steps before its own window. (State a
+    policy carries between steps, such as APG's momentum, is not cut for those images.)
     """
     alpha_bars = step_alpha_bars(scheduler, timesteps)
     prediction_type = denoiser.prediction_type
     start = time.perf_counter()
     for i, t in enumerate(timesteps):
         t0 = time.perf_counter()
-        record = torch.is_grad_enabled() if grad_at_step is None else grad_at_step(i)
+        record, keep = step_recording(grad_at_step, i)
         with torch.set_grad_enabled(record):
             x_in = scheduler.scale_model_input(latents, t)
             info = StepInfo(i, len(timesteps), t, alpha_bars[i], prediction_type)
             guided = policy.step(state, x_in, info, denoiser)
             latents = scheduler.step(guided, t, latents, **(step_kwargs or {}), return_dict=False)[0]
+            if keep is not None:
+                latents = torch.where(keep.to(latents.device).view(-1, 1, 1, 1), latents, latents.detach())
         if latents.device.type == "cuda":
             torch.cuda.synchronize(latents.device)
         if step_times is not None:
@@ -242,7 +263,7 @@ class PreparedGeneration:
         noise: torch.Tensor | None = None,
         *,
         callback: StepCallback | None = None,
-        grad_at_step: Callable[[int], bool] | None = None,
+        grad_at_step: GradAtStep | None = None,
     ) -> Trajectory:
         """Denoise from ``noise`` (unit Gaussian; default: the seeds' noise) to clean latents."""
         scheduler, timesteps = make_scheduler(self.model, self.params)

@@ -29,32 +29,47 @@ class ClipRewardConfig(OpenClipSourceConfig):
     )
 
 
-class ClipReward(Reward):
-    """open_clip CLIP score; see the module docstring."""
+class OpenClipSimilarityReward(Reward):
+    """Cosine similarity of an open_clip model's image and text embeddings (CLIP, HPS): subclasses set the
+    architecture they require (None: any) and whether the cosine is scaled by ``logit_scale``."""
 
-    name = "clip"
     differentiable = True
     uses_prompts = True
+    architecture: str | None = None
 
-    def __init__(self, config: ClipRewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, config: OpenClipSourceConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__(config)
-        self.config: ClipRewardConfig = config
-        loaded = load_open_clip(config, self.name, None, device, dtype)
-        self.model = loaded.model
-        self._loaded = loaded
-        self.preprocess_cfg = loaded.preprocess
+        self.config = config
+        self._loaded = load_open_clip(config, self.name, self.architecture, device, dtype)
+        self.model = self._loaded.model
+        self.preprocess_cfg = self._loaded.preprocess
         self.text_cache = TextEmbeddingCache(config.text_cache_size)
 
     @property
+    def scaled(self) -> bool:
+        return False
+
+    @property
     def default_offset(self) -> float:
-        return 100.0 if self.config.scale_by_logit_scale else 1.0
+        return 100.0 if self.scaled else 1.0
 
     def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        return open_clip_similarity(self._loaded, self.text_cache, images, prompts, self.config.scale_by_logit_scale)
+        return open_clip_similarity(self._loaded, self.text_cache, images, prompts, self.scaled)
 
     def _apply(self, fn, *args, **kwargs):
         self.text_cache.clear()
         return super()._apply(fn, *args, **kwargs)
+
+
+class ClipReward(OpenClipSimilarityReward):
+    """open_clip CLIP score; see the module docstring."""
+
+    name = "clip"
+    config: ClipRewardConfig
+
+    @property
+    def scaled(self) -> bool:
+        return self.config.scale_by_logit_scale
 
 
 def open_clip_similarity(

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
-from .base import Reward, TextEmbeddingCache
-from .clip import open_clip_similarity
-from .open_clip_loader import OpenClipSourceConfig, load_open_clip
+from .clip import OpenClipSimilarityReward
+from .open_clip_loader import OpenClipSourceConfig
 
 HPS_ARCHITECTURE = "ViT-H-14"
 
@@ -38,29 +35,9 @@ class HpsRewardConfig(OpenClipSourceConfig):
     )
 
 
-class HpsReward(Reward):
-    """HPSv2 score; see the module docstring."""
+class HpsReward(OpenClipSimilarityReward):
+    """HPSv2 score (unscaled cosine, offset 1); see the module docstring."""
 
     name = "hps"
-    differentiable = True
-    uses_prompts = True
-
-    def __init__(self, config: HpsRewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        super().__init__(config)
-        self.config: HpsRewardConfig = config
-        loaded = load_open_clip(config, self.name, HPS_ARCHITECTURE, device, dtype)
-        self.model = loaded.model
-        self._loaded = loaded
-        self.preprocess_cfg = loaded.preprocess
-        self.text_cache = TextEmbeddingCache(config.text_cache_size)
-
-    @property
-    def default_offset(self) -> float:
-        return 1.0
-
-    def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        return open_clip_similarity(self._loaded, self.text_cache, images, prompts, scale=False)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.text_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
+    architecture = HPS_ARCHITECTURE
+    config: HpsRewardConfig

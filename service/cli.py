@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from guidance.errors import InvalidInput
 
@@ -154,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluation.cli import add_ab_parser  # `diffsteer ab`: A/B evaluation (evaluation/ab.py)
 
     add_ab_parser(sub)
+    from training.cli import add_train_parser  # `diffsteer train METHOD`: the one dispatch into training/
+
+    add_train_parser(sub)
     return parser
 
 

@@ -51,7 +51,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -647,37 +647,12 @@ def sample_negatives(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def main(argv: list[str] | None = None) -> None:
+    from training.config_io import add_config_arguments, config_from_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = ProvingGroundClipConfig()
-    for f in fields(ProvingGroundClipConfig):
-        if f.name == "category_weights":
-            continue
-        value = getattr(defaults, f.name)
-        kind = type(value[0]) if isinstance(value, tuple) else type(value)
-        kind = _parse_bool if kind is bool else kind
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=value, nargs="+" if isinstance(value, tuple) else None,
-            help=f.metadata.get("help", ""),
-        )
-    parser.add_argument(
-        "--category-weights", type=json.loads, default=None,
-        help="JSON object of category weights (default: " + json.dumps(defaults.category_weights) + ").",
-    )
-    args = vars(parser.parse_args(argv))
-    weights = args.pop("category_weights")
-    cfg = ProvingGroundClipConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    if weights is not None:
-        cfg = replace(cfg, category_weights=weights)
-    print(train(cfg))
+    add_config_arguments(parser, ProvingGroundClipConfig)
+    print(train(config_from_arguments(ProvingGroundClipConfig, parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""``diffsteer train METHOD``: run a training method from a YAML config.
+
+    diffsteer train alignprop --config alignprop.yaml [--resume] [--set key=value ...]
+    diffsteer train alignprop --print-config            # every field with its default and help, as YAML
+
+The same entry point runs under ``accelerate launch`` (``accelerate launch -m training.alignprop --config ...``).
+Each method is a module with a config dataclass and a trainer class (the trl pairing); adding one is an entry in
+:data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from guidance.errors import InvalidInput
+
+# method -> (module, config class, trainer class)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
+}
+
+
+def add_train_parser(subparsers) -> None:
+    train = subparsers.add_parser("train", help="fine-tune a model (AlignProp, ...) from a YAML config")
+    train.add_argument("method", choices=sorted(METHODS), help="training method")
+    add_method_arguments(train)
+    train.set_defaults(func=lambda args: run_parsed(args.method, args))
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config file (fields: see --print-config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable), e.g. --set max_steps=200")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in output_dir/checkpoints (exactly as if never stopped)")
+    parser.add_argument("--print-config", action="store_true", help="print the config (defaults + file + --set) as YAML and exit")
+
+
+def run_parsed(method: str, args: argparse.Namespace) -> int:
+    from training.alignprop import TrainingInterrupted  # one interruption type for every trainer
+    from training.config_io import load_config, render_yaml
+
+    module_name, config_name, trainer_name = METHODS[method]
+    module = importlib.import_module(module_name)
+    config = load_config(getattr(module, config_name), args.config, args.overrides)
+    if args.print_config:
+        print(render_yaml(config), end="")
+        return 0
+    trainer = getattr(module, trainer_name)(config)
+    try:
+        summary = trainer.train(resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"diffsteer: {e}", file=sys.stderr)
+        return 130
+    if summary.get("adapter"):
+        print(summary["adapter"])
+    return 0
+
+
+def run_method(method: str, argv: list[str] | None = None) -> int:
+    """``python -m training.<method> ...``: the method's options without the ``train METHOD`` prefix."""
+    parser = argparse.ArgumentParser(prog=f"python -m training.{method}", description=f"diffsteer train {method}")
+    add_method_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_parsed(method, args)
+    except InvalidInput as e:
+        print(f"diffsteer: error: {e}", file=sys.stderr)
+        return 2
