@@ -64,12 +64,16 @@ def test_training_log_documents_the_run():
     assert log["denoiser_mse_last_200"] < log["denoiser_mse_first_200"]
 
 
-def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path):
-    from training.proving_ground_model import ProvingGroundModelConfig, train
+def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path, capsys):
+    from training.proving_ground_model import main
 
-    cfg = ProvingGroundModelConfig(output=str(tmp_path / "m"), num_scenes=64, vae_steps=2, vae_batch=4,
-                                   unet_steps=2, unet_batch=4)
-    out = train(cfg)
+    main(["--output", str(tmp_path / "m"), "--num-scenes", "64", "--vae-steps", "2", "--vae-batch", "4",
+          "--vae-whole-steps", "2", "--vae-whole-batch", "2", "--vae-eval-images", "4", "--unet-steps", "2",
+          "--unet-batch", "4", "--unet-channels", "32", "32", "--category-weights", '{"single": 1.0}'])
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["config"]["unet_channels"] == [32, 32] and log["config"]["category_weights"] == {"single": 1.0}
+    assert set(log["vae_roundtrip_heldout"]) == {"mae_255", "colour_correct", "shape_correct", "passed"}
     model = load_model(str(out), device="cpu")
     result = generate(model, {"prompt": "a red circle", "seed": 1, "steps": 2})
     assert result.images[0].size == (64, 64)

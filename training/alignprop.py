@@ -274,7 +274,7 @@ class AlignPropTrainer:
         for micro in range(c.gradient_accumulation_steps):
             loss, metrics = self.rollout_loss(*self.draw_batch(self.step, micro))
             self.scaler.scale(loss / c.gradient_accumulation_steps).backward()
-            metrics["loss"] = float(loss)
+            metrics["loss"] = float(loss.detach())
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / c.gradient_accumulation_steps
         self.scaler.unscale_(self.optimizer)

@@ -26,7 +26,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +52,15 @@ class ProvingGroundModelConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads."})
     # autoencoder
     vae_channels: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "VAE block widths (3 → ×4 down)."})
-    vae_steps: int = field(default=1500, metadata={"help": "VAE optimisation steps."})
-    vae_crop: int = field(default=32, metadata={"help": "Random crop size for VAE training (it is convolutional)."})
-    vae_batch: int = field(default=16, metadata={"help": "VAE batch size."})
+    vae_steps: int = field(default=1500, metadata={"help": "VAE optimisation steps on random crops."})
+    vae_crop: int = field(default=32, metadata={"help": "Crop size of the first VAE stage."})
+    vae_batch: int = field(default=16, metadata={"help": "VAE batch size on crops."})
+    vae_whole_steps: int = field(default=300, metadata={"help": "VAE steps on whole 64×64 images after the crops."})
+    vae_whole_batch: int = field(default=8, metadata={"help": "VAE batch size on whole images."})
+    vae_whole_lr: float = field(default=3e-4, metadata={"help": "VAE learning rate on whole images (constant)."})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE peak learning rate (cosine decay)."})
+    vae_eval_images: int = field(default=200, metadata={
+        "help": "Held-out single-object scenes reconstructed and verified after VAE training (logged)."})
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the KL term."})
     # text encoder
     text_width: int = field(default=64, metadata={"help": "Text encoder width (= cross-attention dim)."})
@@ -63,7 +68,7 @@ class ProvingGroundModelConfig:
     max_length: int = field(default=16, metadata={"help": "Tokenizer max length (captions are ≤ 12 tokens)."})
     # denoiser
     unet_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={"help": "UNet block widths."})
-    unet_steps: int = field(default=3000, metadata={"help": "Denoiser optimisation steps."})
+    unet_steps: int = field(default=6000, metadata={"help": "Denoiser optimisation steps."})
     unet_batch: int = field(default=32, metadata={"help": "Denoiser batch size."})
     unet_lr: float = field(default=5e-4, metadata={"help": "Denoiser peak learning rate (warm-up, cosine decay)."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty caption."})
@@ -105,23 +110,31 @@ def build_vae(cfg: ProvingGroundModelConfig):
         layers_per_block=1,
         norm_num_groups=16,
         sample_size=64,
-        # Fully convolutional (no mid-block attention), so training on crops transfers to whole images:
-        # an attention block trained on 8×8 latent crops misreads 16×16 ones (tripled reconstruction error).
-        mid_block_add_attention=False,
+        mid_block_add_attention=False,  # flat-colour scenes need no global mixing
     )
 
 
 def train_vae(cfg: ProvingGroundModelConfig, pixels: torch.Tensor, log: dict) -> torch.nn.Module:
+    """Crops first (four times cheaper per image), then whole images: GroupNorm normalises over the whole
+    feature map, so a VAE trained on crops alone reconstructs whole scenes with five times its error on crops
+    (13.4/255 against 2.5/255, and the verifier's shape accuracy on its reconstructions fell to 0.83); a few
+    hundred whole-image steps close the gap."""
     vae = build_vae(cfg).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=True)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
-    for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=10):
+    total = cfg.vae_steps + cfg.vae_whole_steps
+    for step in tqdm(range(total), desc="vae", mininterval=10):
+        idx = torch.randint(0, len(pixels), (cfg.vae_batch if step < cfg.vae_steps else cfg.vae_whole_batch,), generator=g)
+        if step < cfg.vae_steps:
+            lr = cfg.vae_lr * _schedule(step, cfg.vae_steps, 100)
+            top, left = torch.randint(0, pixels.shape[-1] - cfg.vae_crop + 1, (2,), generator=g).tolist()
+            x = to_unit(pixels[idx, :, top : top + cfg.vae_crop, left : left + cfg.vae_crop])
+        else:
+            lr = cfg.vae_whole_lr
+            x = to_unit(pixels[idx])
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * _schedule(step, cfg.vae_steps, 100)
-        idx = torch.randint(0, len(pixels), (cfg.vae_batch,), generator=g)
-        top, left = torch.randint(0, pixels.shape[-1] - cfg.vae_crop + 1, (2,), generator=g).tolist()
-        x = to_unit(pixels[idx, :, top : top + cfg.vae_crop, left : left + cfg.vae_crop])
+            group["lr"] = lr
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
@@ -133,6 +146,26 @@ def train_vae(cfg: ProvingGroundModelConfig, pixels: torch.Tensor, log: dict) ->
     log["vae_loss_first_100"] = float(np.mean(losses[:100]))
     log["vae_loss_last_100"] = float(np.mean(losses[-100:]))
     return vae.eval()
+
+
+@torch.no_grad()
+def vae_roundtrip_report(vae, n: int = 200) -> dict[str, float]:
+    """Reconstruct held-out single-object scenes through the VAE and score them with the verifier: the ceiling
+    that the autoencoder puts on any denoiser trained in its latent space."""
+    from proving_ground.prompts import heldout_suite
+    from proving_ground.render import render_prompt
+    from proving_ground.verifier import summarise, verify
+
+    items = heldout_suite("single", n)
+    scenes = np.stack([render_prompt(item.spec, item.seed)[0] for item in items])
+    x = to_unit(torch.from_numpy(scenes).permute(0, 3, 1, 2))
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    recon_u8 = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    scores = summarise(verify(image, item.spec) for image, item in zip(recon_u8, items))["all"]
+    return {
+        "mae_255": float(np.abs(recon_u8.astype(np.float64) - scenes).mean()),
+        **{k: scores[k] for k in ("colour_correct", "shape_correct", "passed")},
+    }
 
 
 @torch.no_grad()
@@ -250,7 +283,7 @@ def train_denoiser(cfg, latent_mean, latent_std, scaling, captions, tokenizer, l
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text, decay)
-        losses.append(float(per_sample.mean()))
+        losses.append(float(per_sample.detach().mean()))
         if step % 200 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
     log["denoiser_mse_first_200"] = float(np.mean(losses[:200]))
@@ -274,6 +307,8 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
 
     t1 = time.perf_counter()
     vae = train_vae(cfg, pixels, log)
+    log["vae_roundtrip_heldout"] = vae_roundtrip_report(vae, cfg.vae_eval_images)
+    print("VAE round trip on held-out scenes:", log["vae_roundtrip_heldout"])
     mean, std = encode_latents(vae, pixels)
     scaling = float(1.0 / (mean + std * torch.randn_like(mean)).std())
     vae.register_to_config(scaling_factor=scaling)
@@ -303,20 +338,11 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from training.config_io import add_config_arguments, config_from_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = ProvingGroundModelConfig()
-    for f in fields(ProvingGroundModelConfig):
-        if f.name == "category_weights":
-            continue
-        value = getattr(defaults, f.name)
-        kind = type(value[0]) if isinstance(value, tuple) else type(value)
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=value, nargs="+" if isinstance(value, tuple) else None,
-            help=f.metadata.get("help", ""),
-        )
-    args = vars(parser.parse_args(argv))
-    cfg = ProvingGroundModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    print(train(cfg))
+    add_config_arguments(parser, ProvingGroundModelConfig)
+    print(train(config_from_arguments(ProvingGroundModelConfig, parser.parse_args(argv))))
 
 
 if __name__ == "__main__":
