@@ -65,7 +65,7 @@ from evaluation.metrics import (
     parse_metric_list,
 )
 from evaluation.prompts import PromptSet, load_prompts
-from evaluation.runner import Item, run_arm
+from evaluation.runner import GenerateFn, Item, run_arm
 from evaluation.stats import cluster_bootstrap_ci, compare
 from guidance.errors import InvalidInput, from_pydantic
 from guidance.request import Limits
@@ -158,8 +158,9 @@ class ABConfig(pydantic.BaseModel):
     arms: list[Annotated[ArmConfig, pydantic.BeforeValidator(parse_arm)]] = pydantic.Field(
         description="Two or more arms: 'NAME=POLICY[@MODEL]' strings or {name, policy, model} objects."
     )
-    prompts: str = pydantic.Field(
-        description="Prompt source: pg:all, pg:CATEGORY[,...], or a text / GenEval JSONL / PartiPrompts TSV file."
+    prompts: str | list[str] = pydantic.Field(
+        description="Prompt source: pg:all, pg:CATEGORY[,...], a text / GenEval JSONL / PartiPrompts TSV file, "
+        "or a list of prompts."
     )
     output_dir: str = pydantic.Field(description="Folder for results.json, images/, plots/ and report.html.")
     seeds: int = pydantic.Field(1, ge=1, le=10_000, description="Seeds (images) per prompt.")
@@ -217,7 +218,7 @@ class ABConfig(pydantic.BaseModel):
         if self.baseline is not None and self.baseline not in names:
             raise InvalidInput("baseline", f"{self.baseline!r} is not an arm; arms: {', '.join(names)}")
         if self.metrics is None:
-            pg = self.prompts.strip().startswith("pg:")
+            pg = isinstance(self.prompts, str) and self.prompts.strip().startswith("pg:")
             self.metrics = (["verifier"] if pg else []) + list(DEFAULT_METRICS)
         check_metric_names(self.metrics)
         columns_for(self.metrics, self.directions)  # validates directions
@@ -432,26 +433,29 @@ def _reusable(rec: dict[str, Any] | None, arm: ArmPlan, item: Item, out: Path) -
 
 
 def run_ab(
-    config: ABConfig | Mapping[str, Any],
+    config: ABConfig | Mapping[str, Any] | ABPlan,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
     *,
     model_loader: ModelLoader | None = None,
+    generate_fn: GenerateFn | None = None,
 ) -> dict[str, Any]:
     """Run an A/B evaluation (module docstring) and return the results (also written to ``results.json``).
 
     ``progress(ABProgress)`` is called as images finish and at every denoising step; ``cancel()`` is polled at
     every step and between batches, and a true value stops the run with :class:`ABCancelled` (a callback may
     also raise ``GenerationCancelled`` itself). ``model_loader(spec)`` returns a loaded model (e.g. a service's
-    model cache); by default models are loaded once per run. Bad input raises InvalidInput before any image is
-    generated.
+    model cache); by default models are loaded once per run. ``generate_fn`` replaces
+    :func:`guidance.sampler.generate` for each batch (e.g. a server's generation through its device worker).
+    ``config`` may be the plan of :func:`prepare_ab` (validated earlier, e.g. before queueing the run). Bad input
+    raises InvalidInput before any image is generated.
     """
     from PIL import Image
 
     from guidance.images import encode_image
 
     t_start = time.perf_counter()
-    plan = prepare_ab(config, model_loader)
+    plan = config if isinstance(config, ABPlan) else prepare_ab(config, model_loader)
     config, out, items = plan.config, plan.output_dir, plan.items
     out.mkdir(parents=True, exist_ok=True)
     store = RecordStore(out / "records.jsonl")
@@ -491,6 +495,7 @@ def run_ab(
             records = run_arm(
                 arm.model, [items[i] for i in todo], arm.config.policy, steps=config.steps, scheduler=config.scheduler,
                 batch_size=len(todo), extra={"width": arm.width, "height": arm.height}, callback=on_step,
+                generate_fn=generate_fn,
             )
             values = plan.scorer.score([r.image for r in records], [r.item.prompt for r in records],
                                        [r.item.meta.spec for r in records])

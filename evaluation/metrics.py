@@ -74,6 +74,8 @@ class Column:
 
 def parse_metric_list(text: str | Sequence[str]) -> list[str]:
     """Split a comma-separated list (or the items of a list) into metric names (see the module docstring)."""
+    if not isinstance(text, str | list | tuple):
+        raise InvalidInput(FIELD, f"expected a comma-separated string or a list of names, got {type(text).__name__}")
     pieces = [text] if isinstance(text, str) else list(text)
     out: list[str] = []
     for piece in pieces:

@@ -7,6 +7,8 @@ A source is one string (the CLI's ``--prompts``):
   its :class:`~proving_ground.PromptSpec`, so the exact verifier applies. Seeds are the suite's own held-out
   instance seeds (:func:`proving_ground.heldout_suite`, suite seed = the run's ``seed``): with ``K`` seeds per
   prompt, the suite of ``K x n_specs`` instances of a category holds every held-out spec exactly ``K`` times.
+* a list of prompts (a JSON list in ``ABConfig``, e.g. what the HTTP service accepts), one prompt per item;
+  blank items are skipped, like blank lines of a text file.
 * a file, its format detected from its content (or forced with a ``text:``, ``geneval:`` or ``parti:``
   prefix):
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,14 +87,18 @@ class PromptSet:
                 "seeds_per_prompt": self.seeds_per_prompt, "duplicates_dropped": self.duplicates_dropped}
 
 
-def load_prompts(source: str, seeds: int = 1, seed: int = 0, max_prompts: int | None = None) -> PromptSet:
+def load_prompts(
+    source: str | Sequence[str], seeds: int = 1, seed: int = 0, max_prompts: int | None = None
+) -> PromptSet:
     """Read a prompt source (module docstring) into prompts and (prompt, seed) items."""
-    if not isinstance(source, str) or not source.strip():
-        raise InvalidInput(FIELD, f"empty; accepted: {ACCEPTED}")
     if seeds < 1:
         raise InvalidInput("seeds", f"must be at least 1, got {seeds}")
     if max_prompts is not None and max_prompts < 1:
         raise InvalidInput("max_prompts", f"must be at least 1, got {max_prompts}")
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        return _inline(source, seeds, seed, max_prompts)
+    if not isinstance(source, str) or not source.strip():
+        raise InvalidInput(FIELD, f"empty; accepted: {ACCEPTED}")
     source = source.strip()
     if source.startswith("pg:"):
         return _proving_ground(source, seeds, seed, max_prompts)
@@ -115,7 +122,16 @@ def load_prompts(source: str, seeds: int = 1, seed: int = 0, max_prompts: int | 
         entries = _parti(lines, path)
     else:
         entries = [(lineno, line.strip(), None, {}) for lineno, line in enumerate(lines, 1) if line.strip()]
-    return _file_prompt_set(fmt, source, entries, path, seeds, seed, max_prompts)
+    return _file_prompt_set(fmt, source, entries, str(path), seeds, seed, max_prompts)
+
+
+def _inline(texts: Sequence[str], seeds: int, seed: int, max_prompts: int | None) -> PromptSet:
+    """A list of prompts, read like a text file whose lines are the items (``line`` is the 1-based position)."""
+    for k, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInput(f"{FIELD}.{k}", f"expected a string, got {type(text).__name__}")
+    entries = [(k, text.strip(), None, {}) for k, text in enumerate(texts, 1) if text.strip()]
+    return _file_prompt_set("text", "inline list", entries, "the prompt list", seeds, seed, max_prompts)
 
 
 def detect_format(lines: list[str]) -> str:
@@ -188,13 +204,13 @@ def _file_prompt_set(
     fmt: str,
     source: str,
     entries: list[tuple[int, str, str | None, dict[str, Any]]],
-    path: Path,
+    where: str,
     seeds: int,
     seed: int,
     max_prompts: int | None,
 ) -> PromptSet:
     if not entries:
-        raise InvalidInput(FIELD, f"{path}: no prompts found (format: {fmt})")
+        raise InvalidInput(FIELD, f"{where}: no prompts found (format: {fmt})")
     seen: set[str] = set()
     prompts: list[PromptEntry] = []
     dropped = 0

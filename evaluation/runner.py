@@ -16,7 +16,9 @@ import numpy as np
 
 from guidance.models import DiffusionModel
 from guidance.request import Limits
-from guidance.sampler import StepCallback, generate
+from guidance.sampler import GenerationResult, StepCallback, generate
+
+GenerateFn = Callable[..., GenerationResult]  # called as guidance.sampler.generate(model, params, limits=, callback=)
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,21 @@ def run_arm(
     extra: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     callback: StepCallback | None = None,
+    generate_fn: GenerateFn | None = None,
 ) -> list[ImageRecord]:
     """Generate every item under one guidance policy; returns one record per item, in order.
 
     ``progress(n)`` is called after each batch with its number of images; ``callback`` is the sampler's step
     callback (progress per denoising step; raising ``GenerationCancelled`` there stops the run).
+    ``generate_fn`` replaces :func:`guidance.sampler.generate` (same call), e.g. with a server's generation
+    through its device worker.
     """
+    generate_batch = generate_fn or generate
     records: list[ImageRecord] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         t0 = time.perf_counter()
-        result = generate(
+        result = generate_batch(
             model,
             {
                 "prompt": [it.prompt for it in chunk],

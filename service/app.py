@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings)``; ``diffsteer serve`` runs it under uvicorn.
 
-Routers per concern (``service/routers``): native generation and jobs, listings and operations, and the
-OpenAI and A1111 compatible APIs. Dependencies (``service/deps.py``) do authentication and validation
-against the configured limits; the engine (``service/engine.py``) owns models, queue and device worker.
+Routers per concern (``service/routers``): native generation and jobs, A/B evaluations, listings and
+operations, and the OpenAI and A1111 compatible APIs. Dependencies (``service/deps.py``) do authentication
+and validation against the configured limits; the engine (``service/engine.py``) owns models, queues and
+device worker.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from service.errors import install_error_handlers
 from service.jobs import JobStore
 from service.metrics import MetricsMiddleware
 from service.middleware import BodySizeLimit
-from service.routers import a1111, generate, info, jobs, openai_images
+from service.routers import a1111, ab, generate, info, jobs, openai_images
 from service.settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -59,7 +60,9 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     app.state.jobs = job_store
     app.state.settings = settings
     install_error_handlers(app)
-    for router in (generate.router, jobs.router, info.listings, info.operations, openai_images.router, a1111.router):
+    routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
+               a1111.router)
+    for router in routers:
         app.include_router(router)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -19,6 +19,7 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,17 @@ from guidance.images import encode_image
 from guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, canonical_spec
 from guidance.registry import build_policy
 from guidance.request import GenerationParams
-from guidance.sampler import GenerationResult, StepEvent, decode, make_scheduler, prepare, sampling_context, to_pil
+from guidance.sampler import (
+    GenerationResult,
+    PreparedGeneration,
+    StepCallback,
+    StepEvent,
+    decode,
+    make_scheduler,
+    prepare,
+    sampling_context,
+    to_pil,
+)
 from service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceWorker
 from service.lora import LoraControl, LoraLibrary
 from service.metrics import Metrics
@@ -91,17 +102,33 @@ class Outcome:
             "metadata": self.metadata,
         }
 
+    def summary(self) -> dict[str, Any]:
+        return {"seeds": self.result.seeds, "nfe": self.result.nfe}
 
-def optimise_noise(prepared: Any, callback: Any) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """A policy's outer loop over whole trajectories (ReNO), run as one task on the device worker.
+    def final_progress(self) -> dict[str, Any]:
+        return {"nfe": sum(self.result.nfe)}
 
-    It backpropagates through the sampler, so it evaluates the UNet directly (with autograd, on the worker
-    thread, where the request's LoRA adapters are active) instead of through the batching ``unet_fn``; its
-    callback still reports progress and stops it on cancellation.
+
+def optimise_noise(
+    prepared: PreparedGeneration, callback: StepCallback | None, run_on_device: Callable[[Callable[[], Any]], Any]
+) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """A policy's outer loop over whole trajectories (ReNO), each iteration one task on the device worker.
+
+    An iteration backpropagates through the sampler, so it evaluates the UNet directly (with autograd, on the
+    worker thread, where the request's LoRA adapters are active) instead of through the batching ``unet_fn``.
+    The loop itself runs on the request's own thread, so between iterations the worker runs other requests'
+    work; the callback (progress, cancellation) runs inside each iteration's task, before its backward pass.
     """
     direct = dataclasses.replace(prepared, unet_fn=None)
-    with torch.enable_grad():
-        noise, trace, nfe = prepared.policy.optimise_noise(direct, callback)
+
+    def with_grad(fn: Callable[[], Any]) -> Any:
+        def task() -> Any:
+            with torch.enable_grad():  # grad mode is per thread, and the worker's is off
+                return fn()
+
+        return run_on_device(task)
+
+    noise, trace, nfe = prepared.policy.optimise_noise(direct, callback, with_grad)
     return noise.detach(), trace, nfe
 
 
@@ -136,6 +163,7 @@ class Engine:
         self._controls_lock = threading.Lock()
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
+        self.ab_queue: WorkQueue | None = None  # A/B runs (service.ab), apart so they never take a generation slot
         self.load_error: str | None = None
         self._preloaded = threading.Event()
         self.closing = False
@@ -152,6 +180,9 @@ class Engine:
         self.device = DeviceWorker(batching=s.batching, max_rows=s.max_batch_rows, window_s=s.batch_window_ms / 1000,
                                    on_batch=self.metrics.observe_batch)
         self.queue = WorkQueue(s.concurrency, s.queue_size)
+        if s.ab_dir is not None:
+            s.ab_dir.expanduser().mkdir(parents=True, exist_ok=True)  # an unusable ab_dir fails the start, not a run
+            self.ab_queue = WorkQueue(s.ab_concurrent, s.ab_queue_size, name="diffsteer-ab")
         if s.preload:
             threading.Thread(target=self._preload, name="diffsteer-preload", daemon=True).start()
         else:
@@ -173,8 +204,9 @@ class Engine:
 
     def close(self) -> None:
         self.closing = True
-        if self.queue is not None:
-            self.queue.close()
+        for queue in (self.queue, self.ab_queue):
+            if queue is not None:
+                queue.close()
         if self.device is not None:
             self.device.close()
 
@@ -182,7 +214,7 @@ class Engine:
         """Periodic housekeeping: time out overdue tickets, refresh gauges."""
         if self.queue is None:
             return
-        expired = self.queue.expire_overdue()
+        expired = self.queue.expire_overdue() + (self.ab_queue.expire_overdue() if self.ab_queue is not None else 0)
         if expired:
             log.warning("%d request(s) timed out", expired)
         self.metrics.queue_depth.set(self.queue.depth)
@@ -201,9 +233,7 @@ class Engine:
         """Validate a request fully (limits, model, LoRA; policy and steps against the model when it is loaded)."""
         params = request.generation_params()
         params.check_limits(self.limits)
-        model = self.default_model if request.model in (None, "", "default") else canonical_model(request.model)
-        if model not in self.allowed_models:
-            raise unknown_choice("model", request.model, ["default", *self.allowed_models])
+        model = self.resolve_model(request.model)
         adapters = self.loras.normalise(request.lora)
         if params.seed is None and params.seeds is None:
             params = params.model_copy(update={"seed": secrets.randbelow(2**32)})
@@ -211,6 +241,13 @@ class Engine:
         if loaded is not None:
             self._preflight(loaded, params)
         return Plan(params, model, adapters, request.output_format, label)
+
+    def resolve_model(self, spec: str | None, field: str = "model") -> str:
+        """The canonical name of a model this server offers (None, "" and "default": the default model)."""
+        model = self.default_model if spec in (None, "", "default") else canonical_model(spec)
+        if model not in self.allowed_models:
+            raise unknown_choice(field, spec, ["default", *self.allowed_models])
+        return model
 
     @staticmethod
     def _preflight(model: DiffusionModel, params: GenerationParams) -> None:
@@ -226,14 +263,17 @@ class Engine:
         ticket.listeners.append(self._observe)
         return ticket
 
-    def enqueue(self, ticket: Ticket) -> Ticket:
-        """Queue ``ticket``; QueueFull (429) when the queue is full, ShuttingDown (503) when closing."""
-        if self.queue is None or self.closing:
+    def enqueue(self, ticket: Ticket, queue: WorkQueue | None = None) -> Ticket:
+        """Queue ``ticket`` (on ``queue``, default the generation queue); QueueFull (429) when the queue is full,
+        ShuttingDown (503) when closing."""
+        queue = queue or self.queue
+        if queue is None or self.closing:
             raise ShuttingDown("the server is not running")
         try:
-            return self.queue.submit(ticket)
+            return queue.submit(ticket)
         except QueueFull:
-            self.metrics.generations.labels("rejected").inc()
+            if queue is self.queue:
+                self.metrics.generations.labels("rejected").inc()
             raise
 
     def submit(self, plan: Plan) -> Ticket:
@@ -271,36 +311,73 @@ class Engine:
 
     # -- the work, on a queue worker thread ----------------------------------------------------------------
     def _run(self, plan: Plan, ticket: Ticket) -> Outcome:
-        assert self.device is not None
-        device = self.device
         t_start = time.perf_counter()
         queued_s = time.monotonic() - ticket.submitted
         self.metrics.queue_wait_seconds.observe(queued_s)
         model = self.get_model(plan.model)
         t_loaded = time.perf_counter()
         ticket.check()
-        control = self.control_for(model)
-        unet_fn = device.unet_fn(control, plan.adapters)
-        prepared = device.run_task(lambda: prepare(model, plan.params, limits=self.limits, unet_fn=unet_fn),
-                                   control, plan.adapters)
-        t_prepared = time.perf_counter()
-        ticket.check()
-        ticket.emit("prepared", (model, prepared))
 
         def on_step(event: StepEvent) -> None:
             ticket.emit("step", event)
             ticket.check()
 
+        result, phases = self.sample(
+            model, plan.params, adapters=plan.adapters, callback=on_step, check=ticket.check,
+            on_prepared=lambda prepared: ticket.emit("prepared", (model, prepared)),
+        )
+        metadata = []
+        for k in range(len(result.images)):
+            meta = result.metadata(k)
+            if plan.adapters:
+                meta["lora"] = ",".join(f"{n}:{w:g}" for n, w in plan.adapters)
+            metadata.append(jsonable(meta))
+        encoded = [encode_image(img, plan.output_format, meta) for img, meta in zip(result.images, metadata)]
+        timings = {
+            "queued_s": queued_s,
+            "load_s": t_loaded - t_start,
+            **phases,
+            "total_s": time.monotonic() - ticket.submitted,
+            "steps_s": result.step_times,
+        }
+        self.metrics.generation_seconds.labels(model.name).observe(time.perf_counter() - t_start)
+        return Outcome(result, encoded, plan.output_format, plan.adapters, timings, metadata)
+
+    def sample(
+        self,
+        model: DiffusionModel,
+        params: GenerationParams | dict[str, Any],
+        *,
+        adapters: AdapterSet = (),
+        callback: StepCallback | None = None,
+        check: Callable[[], None] | None = None,
+        on_prepared: Callable[[PreparedGeneration], None] | None = None,
+    ) -> tuple[GenerationResult, dict[str, float]]:
+        """One generation with every use of the model's modules on the device worker (what
+        :func:`guidance.sampler.generate` does in one thread): prompt encoding and the VAE decode as tasks, each UNet
+        call through the batching ``unet_fn``, a policy's outer loop (ReNO) one iteration per task. ``check()``
+        runs between the phases (it raises to stop); returns the result and the phases' wall times."""
+        assert self.device is not None
+        device, check = self.device, check or (lambda: None)
+        t_start = time.perf_counter()
+        control = self.control_for(model)
+        unet_fn = device.unet_fn(control, adapters)
+        prepared = device.run_task(lambda: prepare(model, params, limits=self.limits, unet_fn=unet_fn),
+                                   control, adapters)
+        t_prepared = time.perf_counter()
+        check()
+        if on_prepared is not None:
+            on_prepared(prepared)
         noise, outer_trace, outer_nfe = None, {}, 0
         if hasattr(prepared.policy, "optimise_noise"):
-            noise, outer_trace, outer_nfe = device.run_task(
-                lambda: optimise_noise(prepared, on_step), control, plan.adapters
+            noise, outer_trace, outer_nfe = optimise_noise(
+                prepared, callback, lambda fn: device.run_task(fn, control, adapters)
             )
         t_optimised = time.perf_counter()
-        with torch.no_grad(), device.session(model.unet, plan.adapters, tuple(prepared.noise.shape[1:])):
-            run = prepared.run(noise, callback=on_step)
+        with torch.no_grad(), device.session(model.unet, adapters, tuple(prepared.noise.shape[1:])):
+            run = prepared.run(noise, callback=callback)
         t_denoised = time.perf_counter()
-        ticket.check()
+        check()
         pixels = device.run_task(lambda: decode(model, run.latents).cpu())
         t_decoded = time.perf_counter()
         result = GenerationResult(
@@ -315,27 +392,15 @@ class Engine:
             params=prepared.params,
             model=model.name,
         )
-        metadata = []
-        for k in range(len(result.images)):
-            meta = result.metadata(k)
-            if plan.adapters:
-                meta["lora"] = ",".join(f"{n}:{w:g}" for n, w in plan.adapters)
-            metadata.append(jsonable(meta))
-        encoded = [encode_image(img, plan.output_format, meta) for img, meta in zip(result.images, metadata)]
-        timings = {
-            "queued_s": queued_s,
-            "load_s": t_loaded - t_start,
-            "encode_s": t_prepared - t_loaded,
+        self.metrics.images.labels(model.name).inc(len(result.images))
+        self.metrics.nfe.labels(model.name).inc(sum(result.nfe))
+        phases = {
+            "encode_s": t_prepared - t_start,
             "optimise_s": t_optimised - t_prepared,
             "denoise_s": t_denoised - t_optimised,
             "decode_s": t_decoded - t_denoised,
-            "total_s": time.monotonic() - ticket.submitted,
-            "steps_s": run.step_times,
         }
-        self.metrics.generation_seconds.labels(model.name).observe(time.perf_counter() - t_start)
-        self.metrics.images.labels(model.name).inc(len(result.images))
-        self.metrics.nfe.labels(model.name).inc(sum(result.nfe))
-        return Outcome(result, encoded, plan.output_format, plan.adapters, timings, metadata)
+        return result, phases
 
     # -- previews ----------------------------------------------------------------------------------------
     def preview(self, model: DiffusionModel, latents: torch.Tensor) -> list[bytes]:

@@ -5,6 +5,10 @@ A job wraps a queue :class:`~service.queue.Ticket`. The ticket's worker thread a
 wakes the event streams waiting on it (``loop.call_soon_threadsafe``); every event has a sequence number, so a
 stream can resume after ``Last-Event-ID``. Finished jobs are kept ``ttl_s`` seconds (and at most
 ``max_finished``, oldest dropped first), then purged with their images.
+
+Jobs have a kind (``generation``: ``/jobs``; ``ab``: ``/ab``, whose progress events are ``progress`` with the
+A/B run's stage and counts) and an owner: the fingerprint of the API key that created them (None without
+keys). A lookup names both, and a job of another kind or owner is not found, so ids never leak across keys.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from guidance.errors import InvalidInput
 from guidance.sampler import StepEvent
-from service.engine import ModelUnavailable, Outcome
+from service.engine import ModelUnavailable
 from service.queue import Cancelled, Ticket, TimedOut
 
 log = logging.getLogger("service.jobs")
@@ -41,19 +45,35 @@ def describe_error(error: BaseException) -> tuple[str, dict[str, Any]]:
                       "code": "internal"}
 
 
+class JobOutcome(Protocol):
+    """What a job's ticket ends with (:class:`service.engine.Outcome`, :class:`service.ab.ABOutcome`)."""
+
+    def response(self) -> dict[str, Any]:
+        """The job's result body."""
+
+    def summary(self) -> dict[str, Any]:
+        """The data of the final ``succeeded`` event."""
+
+    def final_progress(self) -> dict[str, Any]:
+        """Updates to the progress body once finished."""
+
+
+def generation_progress() -> dict[str, Any]:
+    return {"step": 0, "total": None, "nfe": 0, "phase": "denoise"}
+
+
 @dataclass
 class Job:
     id: str
     ticket: Ticket | None
+    kind: str = "generation"  # or "ab"
+    owner: str | None = None  # fingerprint of the creating API key
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
     finished_mono: float | None = None
     status: str = "queued"
-    step: int = 0
-    total: int | None = None
-    phase: str = "denoise"
-    nfe: int = 0
+    progress: dict[str, Any] = field(default_factory=generation_progress)
     result_body: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -85,19 +105,21 @@ class Job:
         elif kind == "step":
             event: StepEvent = data
             phase = getattr(event, "phase", "denoise")
-            self.step, self.total, self.nfe = event.step, event.total, event.nfe
-            self.phase = phase
+            self.progress = {"step": event.step, "total": event.total, "nfe": event.nfe, "phase": phase}
             self.latest_latents = (event.step, event.latents) if event.latents is not None else None
             self._add("step", {"step": event.step, "total": event.total, "nfe": event.nfe,
                                "elapsed_s": round(event.elapsed, 4), "phase": phase})
+        elif kind == "progress":  # an A/B run's progress, already JSON-ready
+            self.progress = data
+            self._add("progress", data)
         elif kind == "finished":
             error = data.exception()
             if error is None:
-                outcome: Outcome = data.result()
+                outcome: JobOutcome = data.result()
                 self.result_body = outcome.response()  # what GET returns; the pixels and PIL images are dropped
                 self.status = "succeeded"
-                self.nfe = sum(outcome.result.nfe)
-                final = {"status": "succeeded", "seeds": outcome.result.seeds, "nfe": outcome.result.nfe}
+                self.progress = {**self.progress, **outcome.final_progress()}
+                final = {"status": "succeeded", **outcome.summary()}
             else:
                 self.status, self.error = describe_error(error)
                 if self.error["code"] == "internal":
@@ -134,7 +156,7 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "expires_at": self.finished_at + ttl_s if self.finished_at is not None else None,
-            "progress": {"step": self.step, "total": self.total, "nfe": self.nfe, "phase": self.phase},
+            "progress": self.progress,
             "result": self.result_body,
             "error": {"field": self.error["field"], "message": self.error["message"]} if self.error else None,
         }
@@ -147,8 +169,14 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def create(self, ticket: Ticket) -> Job:
-        job = Job(secrets.token_urlsafe(16), ticket)
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_urlsafe(16)
+
+    def create(self, ticket: Ticket, *, kind: str = "generation", owner: str | None = None, job_id: str | None = None,
+               progress: dict[str, Any] | None = None) -> Job:
+        """A job for ``ticket`` (attach before queueing it); ``progress``: the initial progress body."""
+        job = Job(job_id or self.new_id(), ticket, kind, owner, progress=progress or generation_progress())
         job._add("queued", {"status": "queued"})
         ticket.listeners.append(job.on_ticket)
         with self._lock:
@@ -157,9 +185,13 @@ class JobStore:
             job.on_ticket("finished", ticket.future)
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, *, kind: str, owner: str | None) -> Job | None:
+        """The job if it exists, is of ``kind`` and belongs to ``owner``; else None."""
         with self._lock:
-            return self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
+        if job is None or job.kind != kind or job.owner != owner:
+            return None
+        return job
 
     def remove(self, job_id: str) -> Job | None:
         with self._lock:

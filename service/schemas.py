@@ -1,7 +1,8 @@
-"""Request and response bodies of the native API (``/generate``, ``/jobs``).
+"""Request and response bodies of the native API (``/generate``, ``/jobs``, ``/ab``).
 
-The request is :class:`guidance.request.GenerationParams` (the schema the CLI and the Python API validate
-with) plus what only the service has: the output format, a model name and LoRA adapters.
+The generation request is :class:`guidance.request.GenerationParams` (the schema the CLI and the Python API
+validate with) plus what only the service has: the output format, a model name and LoRA adapters. The A/B
+request is :class:`evaluation.ab.ABConfig` less what the server decides (output folder, device, dtype).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any, Literal
 
 import pydantic
 
+from evaluation.ab import ABConfig, ABProgress
+from guidance.errors import InvalidInput
 from guidance.request import GenerationParams
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -74,13 +77,94 @@ class Progress(pydantic.BaseModel):
     phase: str = pydantic.Field("denoise", description="'denoise', or a policy's outer loop such as 'reno'.")
 
 
-class JobStatus(pydantic.BaseModel):
+class JobStatusBase(pydantic.BaseModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
     expires_at: float | None = pydantic.Field(None, description="When a finished job is purged (unix time).")
+    error: ErrorBody | None = None
+
+
+class JobStatus(JobStatusBase):
     progress: Progress
     result: GenerateResponse | None = None
-    error: ErrorBody | None = None
+
+
+# --- A/B evaluations ----------------------------------------------------------------------------------------
+
+# ABConfig fields that are the server's choice, never the client's: why, for the 422
+SERVER_SIDE_AB_FIELDS = {
+    "output_dir": "the server puts each run in a folder of its own under its ab_dir; leave it out",
+    "device": "the server's models decide it; leave it out",
+    "dtype": "the server's models decide it; leave it out",
+}
+
+def _refuse_server_side(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, why in SERVER_SIDE_AB_FIELDS.items():
+            if name in data:
+                raise InvalidInput(name, why)
+    return data
+
+
+def _ab_request_model() -> type[pydantic.BaseModel]:
+    """ABConfig's fields (types, bounds, descriptions), less the server-side ones; ABConfig's own validators
+    run when the service builds the run's config from it (InvalidInput names the field)."""
+    fields: dict[str, Any] = {
+        name: (info.annotation, info)
+        for name, info in ABConfig.model_fields.items()
+        if name not in SERVER_SIDE_AB_FIELDS
+    }
+    arms_type, arms_info = fields["arms"]
+    fields.update(
+        arms=(arms_type, pydantic.Field(min_length=2, max_length=16, description=arms_info.description)),
+        prompts=(str | list[str], pydantic.Field(
+            description="pg:all or pg:CATEGORY[,...] (the proving ground's held-out suite), or a list of prompts "
+            "(no files: the server reads none on a client's behalf).")),
+        model=(str | None, pydantic.Field(
+            None, description="A model the server offers (GET /models), for arms that name none; default: the "
+            "server's default.")),
+    )
+    return pydantic.create_model(
+        "ABRequest",
+        __config__=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False),
+        __doc__="An A/B evaluation: ABConfig's fields; the server picks the output folder, device and dtype.",
+        __validators__={"_server_side": pydantic.model_validator(mode="before")(_refuse_server_side)},
+        **fields,
+    )
+
+
+ABRequest = _ab_request_model()
+
+
+class ABFiles(pydantic.BaseModel):
+    report: str | None = pydantic.Field(description="URL of report.html (None with report=false).")
+    results: str = pydantic.Field(description="URL of results.json.")
+    base: str = pydantic.Field(description="URL the images' relative paths (images/ARM/...png) resolve against.")
+
+
+class ABResult(pydantic.BaseModel):
+    """results.json of the run (see evaluation.ab), with the URLs of its files."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+
+    version: int
+    config: dict[str, Any] = pydantic.Field(description="The run's configuration (output_dir: the job's URL).")
+    arms: list[dict[str, Any]]
+    prompts: dict[str, Any]
+    items: list[dict[str, Any]]
+    metrics: list[dict[str, Any]] = pydantic.Field(description="Columns with their direction.")
+    images: list[dict[str, Any]] = pydantic.Field(description="Every image: arm, item, prompt, seed, path, metrics.")
+    summary: dict[str, Any] = pydantic.Field(description="Per arm and column: mean, n and a bootstrap CI.")
+    statistics: list[dict[str, Any]] = pydantic.Field(
+        description="Per pair of arms and column: paired differences, tests.")
+    run: dict[str, Any]
+    files: ABFiles
+
+
+class ABJobStatus(JobStatusBase):
+    progress: ABProgress = pydantic.Field(description="Stage ('queued', 'generate', 'score', 'statistics', 'report', "
+                                          "'done') and images done of total.")
+    result: ABResult | None = None

@@ -82,6 +82,21 @@ class ServiceSettings(BaseSettings):
         5.0, ge=0, description="How long the device worker waits for other requests' UNet calls before running a batch."
     )
 
+    # --- A/B evaluations (POST /ab) -------------------------------------------------------------------
+    ab_dir: Path | None = pydantic.Field(
+        None,
+        description="Folder of A/B runs, one sub-folder per job (results, images, report). None: POST /ab is "
+        "disabled. In the Docker image e.g. /output/ab.",
+    )
+    ab_concurrent: int = pydantic.Field(
+        1, ge=1, description="A/B runs at once (their batches share the device worker with generation requests)."
+    )
+    ab_queue_size: int = pydantic.Field(4, ge=0, description="A/B runs that may wait for a slot; beyond that: 429.")
+    ab_timeout_s: float = pydantic.Field(86_400.0, gt=0, description="Longest time from submission to an A/B result.")
+    ab_max_images: int = pydantic.Field(
+        2_000, ge=2, description="Most images in one A/B run (arms x prompts x seeds)."
+    )
+
     # --- limits ---------------------------------------------------------------------------------------
     max_width: int = pydantic.Field(2048, ge=8)
     max_height: int = pydantic.Field(2048, ge=8)

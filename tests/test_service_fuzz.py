@@ -18,10 +18,11 @@ EXAMPLES = 300
 
 
 @pytest.fixture(scope="module")
-def server(one_thread):  # noqa: F811
-    # tiny limits keep the valid generations cheap; a short queue makes 429s part of the run
+def server(one_thread, tmp_path_factory):  # noqa: F811
+    # tiny limits keep the valid generations (and A/B runs) cheap; a short queue makes 429s part of the run
     with live_server(max_steps=3, max_width=32, max_height=32, max_num_images=2, queue_size=2, max_concurrent=1,
-                     batching=False, request_timeout_s=20.0, job_ttl_s=5.0) as s:
+                     batching=False, request_timeout_s=20.0, job_ttl_s=5.0, ab_dir=str(tmp_path_factory.mktemp("ab")),
+                     ab_max_images=8, ab_queue_size=1) as s:
         yield s
 
 

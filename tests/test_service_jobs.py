@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from test_service_support import (  # noqa: F401
     decode_image,
     engine_of,
     one_thread,
+    read_events,
     wait_idle,
     wait_until,
 )
@@ -41,21 +41,6 @@ def wait_job(client, job_id: str, timeout: float = 30.0) -> dict:
             return body
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} did not finish")
-
-
-def read_events(response) -> list[tuple[int, str, dict]]:
-    events, current = [], {}
-    for line in response.iter_lines():
-        if not line:
-            if "event" in current:
-                events.append((int(current["id"]), current["event"], json.loads(current["data"])))
-            current = {}
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(": ")
-        current[key] = value
-    return events
 
 
 def test_job_lifecycle_matches_generate(client):

@@ -1,5 +1,6 @@
 """Every registered policy through the service gives what the library gives, including the reward-driven
-ones: ReNO's outer loop (autograd through the sampler) runs on the device worker and reports its phase;
+ones: ReNO's outer loop (autograd through the sampler) runs on the device worker, one iteration per task so
+other requests interleave, and reports its phase;
 dynamic CFG scores candidates inside its steps while its UNet calls go through the batcher."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from test_service_support import (  # noqa: F401
     one_thread,
     pixels,
     wait_idle,
+    wait_until,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,6 +90,21 @@ def test_reno_can_be_cancelled_during_its_outer_loop(client):
         assert gate.calls <= 3 + 4
     assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
     assert client.post("/generate", json={**BODY, "policy": "cfg"}).status_code == 200
+
+
+def test_other_requests_run_between_reno_iterations(client):
+    """Each ReNO iteration is its own device task: a /generate submitted meanwhile is answered while the
+    optimisation goes on, instead of after all of its iterations."""
+    engine = engine_of(client)
+    body = {**BODY, "policy": {"name": "reno", "reward": REWARD, "iterations": 1000}}
+    job = client.post("/jobs", json=body).json()
+    wait_until(lambda: client.get(f"/jobs/{job['id']}").json()["progress"]["phase"] == "reno")
+    assert client.post("/generate", json={**BODY, "policy": "cfg", "steps": 2}).status_code == 200
+    status = client.get(f"/jobs/{job['id']}").json()
+    assert status["status"] == "running" and status["progress"]["phase"] == "reno", status
+    assert status["progress"]["step"] < 1001
+    assert client.delete(f"/jobs/{job['id']}").status_code == 202
+    wait_idle(engine)
 
 
 def test_reward_policies_refuse_unknown_rewards(client):

@@ -174,6 +174,22 @@ def live_server(**overrides) -> Iterator[LiveServer]:
         yield server
 
 
+def read_events(response) -> list[tuple[int, str, dict]]:
+    """(id, event, data) of a server-sent event stream, until it ends."""
+    events, current = [], {}
+    for line in response.iter_lines():
+        if not line:
+            if "event" in current:
+                events.append((int(current["id"]), current["event"], json.loads(current["data"])))
+            current = {}
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(": ")
+        current[key] = value
+    return events
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,9 @@ with gradient checkpointing.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pydantic
@@ -60,13 +62,21 @@ class ReNO(GuidancePolicy):
     def step(self, state: PolicyState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
         return self._inner.step(state, x, info, denoiser)
 
-    def optimise_noise(self, prepared: Any, callback=None) -> tuple[torch.Tensor, dict[str, Any], int]:
-        """Run the optimisation; returns (best noise per image, trace, UNet evaluations per image spent)."""
+    def optimise_noise(
+        self, prepared: Any, callback=None, run_on_device: Callable[[Callable[[], Any]], Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """Run the optimisation; returns (best noise per image, trace, UNet evaluations per image spent).
+
+        Each iteration (sample, decode, score, callback, and unless it is the last: backward and SGD step) is one
+        call of ``run_on_device(fn)`` (default: ``fn()``), so a server can run other requests' work between
+        iterations.
+        """
         from guidance.reward_models import get_reward
         from guidance.sampler import StepEvent, decode
 
         p: ReNOParams = self.params
         model = prepared.model
+        run_on_device = run_on_device or (lambda fn: fn())
         reward = get_reward(p.reward, model.device, torch.float32)
         prompts = list(prepared.params.prompts)
         prepared.gradient_checkpointing = True
@@ -80,7 +90,10 @@ class ReNO(GuidancePolicy):
         nfe = 0
         start = time.perf_counter()
         iteration = 0
-        for iteration in range(p.iterations + 1):  # the last pass only scores the final iterate
+
+        def iterate(iteration: int) -> bool:
+            """One iteration; True when it was the last."""
+            nonlocal best_score, nfe
             run = prepared.run(noise)
             nfe += int(run.denoiser.evaluations.max())
             images = decode(model, run.latents, checkpoint=True)
@@ -96,12 +109,17 @@ class ReNO(GuidancePolicy):
             if callback is not None:
                 callback(StepEvent(iteration + 1, p.iterations + 1, nfe * batch, time.perf_counter() - start, None, "reno"))
             if iteration == p.iterations or out_of_time:
-                break
+                return True
             loss = result.loss_per_sample.sum() + p.reg_weight * noise_norm_penalty(noise).sum()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             clip_per_image(noise.grad, p.grad_clip)
             optimiser.step()
+            return False
+
+        for iteration in range(p.iterations + 1):  # the last pass only scores the final iterate
+            if run_on_device(functools.partial(iterate, iteration)):
+                break
         trace = {
             "reno": {
                 "iterations": iteration,

@@ -12,7 +12,7 @@ from guidance.errors import InvalidInput
 from service.device import WorkerClosed
 from service.engine import Engine, ModelUnavailable, Outcome, Plan
 from service.errors import ServiceError
-from service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut
+from service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
 
 log = logging.getLogger("service")
 
@@ -23,9 +23,9 @@ class ClientGone(Exception):
     pass
 
 
-def enqueue(engine: Engine, ticket: Ticket) -> Ticket:
+def enqueue(engine: Engine, ticket: Ticket, queue: WorkQueue | None = None) -> Ticket:
     try:
-        return engine.enqueue(ticket)
+        return engine.enqueue(ticket, queue)
     except QueueFull as e:
         raise ServiceError(429, f"too many requests: {e}", headers={"Retry-After": str(e.retry_after)},
                            code="queue_full") from None

@@ -5,6 +5,9 @@ Event stream: ``queued``, ``started``, ``step`` (``{"step", "total", "nfe", "ela
 current latents x_t at latent resolution, see :mod:`service.preview`), then one of ``succeeded`` /
 ``failed`` / ``cancelled``, after which the stream ends. Events carry ids; ``Last-Event-ID`` resumes.
 A comment line is sent every 15 s of silence to keep proxies from closing the stream.
+
+With API keys configured, a job is visible only with the key that created it (404 otherwise, as for an
+unknown id). The lookup, event stream and cancel/delete helpers here serve ``/ab`` too.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import asyncio
 import base64
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import get_engine, get_jobs, planned, require_api_key
+from service.deps import get_engine, get_jobs, job_owner, planned, require_api_key
 from service.engine import Engine, Plan
 from service.errors import ServiceError
 from service.jobs import Job, JobStore
@@ -32,8 +36,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_
 KEEPALIVE_S = 15.0
 
 
-def _job(jobs: JobStore, job_id: str) -> Job:
-    job = jobs.get(job_id)
+def find_job(jobs: JobStore, job_id: str, kind: str, owner: str | None) -> Job:
+    """The job, or 404 (also for another API key's job: the same answer as for an unknown id)."""
+    job = jobs.get(job_id, kind=kind, owner=owner)
     if job is None:
         raise ServiceError(404, f"no job {job_id!r} (unknown, or finished and purged)", field="job_id", code="not_found")
     return job
@@ -41,9 +46,9 @@ def _job(jobs: JobStore, job_id: str) -> Job:
 
 @router.post("", status_code=202, response_model=JobStatus, responses=ERRORS, summary="Start a generation job")
 async def create_job(plan: Plan = Depends(planned), engine: Engine = Depends(get_engine),
-                     jobs: JobStore = Depends(get_jobs)) -> JSONResponse:
+                     jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)) -> JSONResponse:
     ticket = engine.ticket(plan)
-    job = jobs.create(ticket)
+    job = jobs.create(ticket, owner=owner)
     try:
         enqueue(engine, ticket)
     except ServiceError:
@@ -53,20 +58,26 @@ async def create_job(plan: Plan = Depends(planned), engine: Engine = Depends(get
 
 
 @router.get("/{job_id}", response_model=JobStatus, summary="A job's status, and its results once finished")
-async def get_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JSONResponse:
-    job = _job(jobs, job_id)
+async def get_job(job_id: str, jobs: JobStore = Depends(get_jobs),
+                  owner: str | None = Depends(job_owner)) -> JSONResponse:
+    job = find_job(jobs, job_id, "generation", owner)
     return JSONResponse(job.status_body(jobs.ttl_s))
 
 
 @router.delete("/{job_id}", response_model=JobStatus,
                summary="Cancel a job (it stops within one denoising step); a finished job is deleted")
-async def delete_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JSONResponse:
-    job = _job(jobs, job_id)
+async def delete_job(job_id: str, jobs: JobStore = Depends(get_jobs),
+                     owner: str | None = Depends(job_owner)) -> JSONResponse:
+    return cancel_or_delete(jobs, find_job(jobs, job_id, "generation", owner), "cancelled by DELETE /jobs")
+
+
+def cancel_or_delete(jobs: JobStore, job: Job, reason: str) -> JSONResponse:
+    """Cancel a running or queued job (202); forget a finished one (200)."""
     ticket = job.ticket
     if job.finished or ticket is None:
-        jobs.remove(job_id)
+        jobs.remove(job.id)
         return JSONResponse(job.status_body(jobs.ttl_s))
-    ticket.cancel("cancelled by DELETE /jobs")
+    ticket.cancel(reason)
     return JSONResponse(job.status_body(jobs.ttl_s), status_code=202)
 
 
@@ -75,22 +86,18 @@ def _sse(event: dict) -> str:
     return f"id: {event['id']}\nevent: {event['event']}\ndata: {data}\n\n"
 
 
-@router.get("/{job_id}/events", summary="Progress as server-sent events",
-            responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(
-    job_id: str,
-    request: Request,
-    preview: bool = Query(False, description="Attach low-res previews (latent->RGB approximation) to step events."),
-    last_event_id: str | None = Header(None, description="Resume after this event id."),
-    jobs: JobStore = Depends(get_jobs),
-    engine: Engine = Depends(get_engine),
-) -> Response:
-    job = _job(jobs, job_id)
+def resume_point(last_event_id: str | None) -> int:
     try:
-        start = max(0, int(last_event_id)) if last_event_id else 0
+        return max(0, int(last_event_id)) if last_event_id else 0
     except ValueError:
         raise ServiceError(422, f"must be an event id (an integer), got {last_event_id!r}", field="Last-Event-ID") from None
-    want_preview = preview and engine.settings.preview != "none"
+
+
+EventTransform = Callable[[dict], Awaitable[dict]]
+
+
+def event_stream(job: Job, start: int, transform: EventTransform | None = None) -> StreamingResponse:
+    """The job's events after ``start`` as server-sent events, until its final event."""
 
     async def stream():
         loop = asyncio.get_running_loop()
@@ -103,8 +110,8 @@ async def job_events(
                 wake.clear()
                 for event in job.events_after(last):
                     last = event["id"]
-                    if want_preview and event["event"] == "step":
-                        event = await _with_preview(engine, job, event)
+                    if transform is not None:
+                        event = await transform(event)
                     yield _sse(event)
                 if job.finished and not job.events_after(last):
                     return
@@ -117,6 +124,27 @@ async def job_events(
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{job_id}/events", summary="Progress as server-sent events",
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(
+    job_id: str,
+    preview: bool = Query(False, description="Attach low-res previews (latent->RGB approximation) to step events."),
+    last_event_id: str | None = Header(None, description="Resume after this event id."),
+    jobs: JobStore = Depends(get_jobs),
+    engine: Engine = Depends(get_engine),
+    owner: str | None = Depends(job_owner),
+) -> Response:
+    job = find_job(jobs, job_id, "generation", owner)
+    start = resume_point(last_event_id)
+    if not preview or engine.settings.preview == "none":
+        return event_stream(job, start)
+
+    async def with_preview(event: dict) -> dict:
+        return await _with_preview(engine, job, event) if event["event"] == "step" else event
+
+    return event_stream(job, start, with_preview)
 
 
 async def _with_preview(engine: Engine, job: Job, event: dict) -> dict:
