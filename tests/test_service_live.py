@@ -105,7 +105,10 @@ def test_burst_beyond_the_queue_gets_200_or_429_and_nothing_hangs(one_thread):  
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
                 assert r.json()["error"]["message"].startswith("too many requests")
-        assert outcome_count(engine, "rejected") == 6 and outcome_count(engine, "succeeded") == 3
+        assert outcome_count(engine, "rejected") == 6
+        # a ticket's listeners (the outcome counter) run just after its future resolves, so the response of
+        # the last request may be on the wire before its count is
+        wait_until(lambda: outcome_count(engine, "succeeded") == 3, timeout=10)
 
 
 def test_api_keys_and_no_key_in_logs(one_thread, caplog):  # noqa: F811
