@@ -30,21 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import ab_progress_printer  # noqa: E402
 from evaluation.ab import run_ab  # noqa: E402
 from guidance.errors import InvalidInput  # noqa: E402
-
-
-def progress_printer(label: str):
-    last = {"t": 0.0}
-
-    def progress(event) -> None:
-        now = time.monotonic()
-        if event.stage != "generate" or now - last["t"] > 10 or (event.step is None and event.done == event.total):
-            last["t"] = now
-            print(f"[{label}] {event.stage} {event.done}/{event.total} images"
-                  + (f" ({event.arm} step {event.step}/{event.steps})" if event.step else ""), file=sys.stderr)
-
-    return progress
 
 
 def pair(results: dict[str, Any], a: str, b: str) -> dict[str, Any]:
@@ -93,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 **common, "arms": [f"s{scale_text(s)}=cfg:scale={s}" for s in scales], "prompts": pg, "seed": 1,
                 "seeds": 1, "max_prompts": args.tune_prompts, "metrics": ["verifier", "nfe"],
                 "output_dir": str(out / "tune_cfg_scale"), "report": True,
-            }, progress=progress_printer("tune"))
+            }, progress=ab_progress_printer("tune"))
             rates = {s: tuning["summary"][f"s{scale_text(s)}"]["verifier.passed"]["mean"] for s in scales}
             best = max(scales, key=lambda s: (rates[s], -s))  # ties: the smaller scale
             summary["tuning"] = {"pass_rate_by_scale": {scale_text(s): rates[s] for s in scales}, "best_scale": best}
@@ -104,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             "prompts": pg, "seed": 0, "seeds": args.seeds, "max_prompts": args.prompts_per_category,
             "metrics": ["verifier", "nfe", "latency", "saturation", "oversaturation"],
             "output_dir": str(out / "guidance_and_ag"),
-        }, progress=progress_printer("cfg/ag"))
+        }, progress=ab_progress_printer("cfg/ag"))
         high = args.high_scale
         apg_run = run_ab({
             **common, "arms": [f"cfg_high=cfg:scale={high}", f"apg_high=apg:scale={high}"],
             "prompts": pg, "seed": 0, "seeds": args.seeds, "max_prompts": args.prompts_per_category,
             "metrics": ["saturation", "oversaturation", "verifier", "nfe"],
             "output_dir": str(out / "apg_high_scale"),
-        }, progress=progress_printer("apg"))
+        }, progress=ab_progress_printer("apg"))
     except InvalidInput as e:
         print(f"ab_proving_ground: error: {e}", file=sys.stderr)
         return 2

@@ -71,3 +71,20 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ab_progress_printer(label: str, interval_s: float = 15.0):
+    """An A/B ``progress`` callback printing to stderr: every stage change, and generation at most every
+    ``interval_s`` seconds."""
+    import sys
+
+    last = {"t": 0.0}
+
+    def progress(event) -> None:
+        now = time.monotonic()
+        if event.stage != "generate" or now - last["t"] > interval_s or (event.step is None and event.done == event.total):
+            last["t"] = now
+            print(f"[{label}] {event.stage} {event.done}/{event.total} images"
+                  + (f" ({event.arm} step {event.step}/{event.steps})" if event.step else ""), file=sys.stderr, flush=True)
+
+    return progress
