@@ -121,3 +121,19 @@ def test_dynamic_cfg_picks_the_candidate_a_direct_computation_picks(sd_model):
                 scores.append(reward.score(decode(sd_model, x0), [params["prompt"][b]]).item())
             expected.append(candidates[int(np.argmax(scores))])
     assert chosen_first_step == expected
+
+
+def test_dynamic_cfg_combines_on_the_model_device():
+    """Its per-image scales live on the CPU; the combination must follow the predictions' device. ``meta``
+    stands in for a GPU (the same rule: a CPU tensor with elements cannot meet another device's tensor)."""
+    from guidance.policies.dynamic import DynamicCFG, DynamicCFGParams, DynamicCFGState
+
+    class Info:  # a step outside the evaluation window, so no decode or reward is involved
+        fraction, index, num_steps = 0.0, 0, 4
+
+    def denoiser(x, info, conditions):
+        return {"cond": torch.ones_like(x), "uncond": torch.zeros_like(x)}
+
+    policy = DynamicCFG(DynamicCFGParams(start=1.0))
+    out = policy.step(DynamicCFGState(current=torch.full((2,), 4.5)), torch.zeros(2, 4, 8, 8, device="meta"), Info, denoiser)
+    assert out.device.type == "meta" and out.shape == (2, 4, 8, 8)

@@ -82,7 +82,7 @@ class DynamicCFG(GuidancePolicy):
             state.current = self._choose(state, cond, uncond, x, info)
         state.schedule.append(state.current.tolist())
         state.trace["scale_schedule"] = state.schedule
-        w = state.current.to(cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
+        w = state.current.to(device=cond.device, dtype=cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
         return uncond + w * (cond - uncond)
 
     @torch.no_grad()
