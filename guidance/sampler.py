@@ -341,6 +341,19 @@ def generate(
     with torch.no_grad():
         run = prepared.run(noise, callback=callback)
         pixels = decode(model, run.latents).cpu()
+    return generation_result(prepared, run, pixels, time.perf_counter() - t_start, outer_nfe, outer_trace)
+
+
+def generation_result(
+    prepared: PreparedGeneration,
+    run: Trajectory,
+    pixels: torch.Tensor,
+    total_time: float,
+    outer_nfe: int = 0,
+    outer_trace: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """The result of a final run and its decoded pixels; ``outer_nfe``/``outer_trace`` come from a noise
+    optimisation before it (ReNO), whose evaluations count towards every image."""
     return GenerationResult(
         images=to_pil(pixels),
         pixels=pixels,
@@ -348,8 +361,8 @@ def generate(
         nfe=[n + outer_nfe for n in run.denoiser.evaluations.tolist()],
         unet_calls=run.denoiser.unet_calls,
         step_times=run.step_times,
-        total_time=time.perf_counter() - t_start,
-        trace={**prepared.policy.finish(run.state), **outer_trace},
+        total_time=total_time,
+        trace={**prepared.policy.finish(run.state), **(outer_trace or {})},
         params=prepared.params,
-        model=model.name,
+        model=prepared.model.name,
     )

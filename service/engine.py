@@ -37,10 +37,10 @@ from guidance.sampler import (
     StepCallback,
     StepEvent,
     decode,
+    generation_result,
     make_scheduler,
     prepare,
     sampling_context,
-    to_pil,
 )
 from service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceWorker
 from service.lora import LoraControl, LoraLibrary
@@ -380,18 +380,7 @@ class Engine:
         check()
         pixels = device.run_task(lambda: decode(model, run.latents).cpu())
         t_decoded = time.perf_counter()
-        result = GenerationResult(
-            images=to_pil(pixels),
-            pixels=pixels,
-            seeds=prepared.seeds,
-            nfe=[n + outer_nfe for n in run.denoiser.evaluations.tolist()],
-            unet_calls=run.denoiser.unet_calls,
-            step_times=run.step_times,
-            total_time=t_decoded - t_start,
-            trace={**prepared.policy.finish(run.state), **outer_trace},
-            params=prepared.params,
-            model=model.name,
-        )
+        result = generation_result(prepared, run, pixels, t_decoded - t_start, outer_nfe, outer_trace)
         self.metrics.images.labels(model.name).inc(len(result.images))
         self.metrics.nfe.labels(model.name).inc(sum(result.nfe))
         phases = {
