@@ -20,15 +20,13 @@ from typing import Any
 import pydantic
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from guidance.errors import InvalidInput
 from guidance.images import a1111_parameters
 from guidance.registry import parse_spec_string, policy_class
 from service.deps import get_engine, require_api_key
 from service.engine import Engine
-from service.errors import describe_validation
-from service.routers.common import CLIENT_CLOSED, ClientGone, run_plan
+from service.routers.common import CLIENT_CLOSED, run_translated
 from service.schemas import GenerateRequest, LoraRef
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)])
@@ -177,16 +175,8 @@ def a1111_field(field: str) -> str:
 
 @router.post("/txt2img", summary="AUTOMATIC1111-compatible text to image")
 async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depends(get_engine)) -> Response:
-    try:
-        plan = await run_in_threadpool(engine.plan, to_generate_request(body))
-    except pydantic.ValidationError as e:
-        field, message, _ = describe_validation(e.errors())
-        raise InvalidInput(a1111_field(field), message) from None
-    except InvalidInput as e:
-        raise InvalidInput(a1111_field(e.field), e.reason) from None
-    try:
-        outcome = await run_plan(request, engine, plan)
-    except ClientGone:
+    outcome = await run_translated(request, engine, lambda: to_generate_request(body), a1111_field)
+    if outcome is None:
         return Response(status_code=CLIENT_CLOSED)
     r = outcome.result
     sampler = body.sampler_name or body.sampler_index or "Automatic"

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
+import pydantic
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from guidance.errors import InvalidInput
 from service.device import WorkerClosed
 from service.engine import Engine, ModelUnavailable, Outcome, Plan
-from service.errors import ServiceError
+from service.errors import ServiceError, describe_validation
 from service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
 
 log = logging.getLogger("service")
@@ -69,6 +73,25 @@ async def run_plan(request: Request, engine: Engine, plan: Plan) -> Outcome:
         raise ClientGone()
     ticket.expire()
     return outcome_or_raise(ticket)
+
+
+async def run_translated(
+    request: Request, engine: Engine, build: Callable[[], Any], rename: Callable[[str], str]
+) -> Outcome | None:
+    """A compatibility route's generation: ``build()`` makes the GenerateRequest, which is planned and run like
+    ``/generate``; bad input is re-raised under the client API's own field names (``rename``). None when the
+    client went away."""
+    try:
+        plan = await run_in_threadpool(engine.plan, build())
+    except pydantic.ValidationError as e:
+        field, message, _ = describe_validation(e.errors())
+        raise InvalidInput(rename(field), message) from None
+    except InvalidInput as e:
+        raise InvalidInput(rename(e.field), e.reason) from None
+    try:
+        return await run_plan(request, engine, plan)
+    except ClientGone:
+        return None
 
 
 def outcome_or_raise(ticket: Ticket) -> Outcome:

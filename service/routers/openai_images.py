@@ -18,13 +18,11 @@ from typing import Any, Literal
 import pydantic
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from guidance.errors import InvalidInput
 from service.deps import get_engine, require_api_key
 from service.engine import Engine
-from service.errors import describe_validation
-from service.routers.common import CLIENT_CLOSED, ClientGone, run_plan
+from service.routers.common import CLIENT_CLOSED, run_translated
 from service.schemas import GenerateRequest, LoraRef
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -97,16 +95,8 @@ def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateReq
 
 @router.post("/images/generations", summary="OpenAI-compatible image generation")
 async def images_generations(request: Request, body: OpenAIImageRequest, engine: Engine = Depends(get_engine)) -> Response:
-    try:
-        plan = await run_in_threadpool(engine.plan, to_generate_request(body, engine))
-    except pydantic.ValidationError as e:
-        field, message, _ = describe_validation(e.errors())
-        raise InvalidInput(openai_field(field), message) from None
-    except InvalidInput as e:
-        raise InvalidInput(openai_field(e.field), e.reason) from None
-    try:
-        outcome = await run_plan(request, engine, plan)
-    except ClientGone:
+    outcome = await run_translated(request, engine, lambda: to_generate_request(body, engine), openai_field)
+    if outcome is None:
         return Response(status_code=CLIENT_CLOSED)
     r = outcome.result
     return JSONResponse({
