@@ -418,19 +418,17 @@ class AlignPropTrainer:
                     raise TrainingInterrupted(f"stopped by {stop.requested} after step {self.step}; resume with --resume")
                 self.accelerator.wait_for_everyone()
             bar.close()
+            summary: dict[str, Any] = {"steps": self.step}
+            if main:
+                adapter = save_lora_weights(self.model, self.out / "adapters" / c.adapter_name)
+                log.plot(self.out / "reward_curve.png", eval_metrics=eval_names)
+                evals = {m: dict(zip(*map(list, log.series("eval", m)))) for m in eval_names}
+                summary.update(adapter=str(adapter), eval={m: {str(k): v for k, v in s.items()} for m, s in evals.items() if s})
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         finally:
             stop.restore()
             if log is not None:
                 log.close()
-        summary: dict[str, Any] = {"steps": self.step}
-        if main:
-            adapter = save_lora_weights(self.model, self.out / "adapters" / c.adapter_name)
-            log = TrainingLog(self.out, resume_step=self.step, tensorboard=False)
-            log.plot(self.out / "reward_curve.png", eval_metrics=eval_names)
-            evals = {m: dict(zip(*map(list, log.series("eval", m)))) for m in ("reward", "verifier.passed")}
-            log.close()
-            summary.update(adapter=str(adapter), eval={m: {str(k): v for k, v in s.items()} for m, s in evals.items() if s})
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def _evaluate_and_log(self, log) -> None:
