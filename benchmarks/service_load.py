@@ -7,8 +7,8 @@ until ``--requests`` answers per client count or ``--seconds`` per client count,
 Reports throughput (images/s), p50/p99 latency, the server's RSS before and after, rows per UNet call (from
 /metrics), and the ratio batched/unbatched throughput at the highest client count, all from one run; JSON.
 
-    python benchmarks/service_load.py                                  # tiny model, CPU, quick
-    python benchmarks/service_load.py --requests 8 --seconds 20        # a short smoke run
+    python benchmarks/service_load.py                                  # the default (proving-ground) model, CPU
+    python benchmarks/service_load.py --model builtin:tiny --requests 8 --seconds 20   # a short smoke run
     python benchmarks/service_load.py --model PATH --device cuda --size 512 --steps 20 --requests 64
 """
 
@@ -39,16 +39,18 @@ def free_port() -> int:
 
 
 def rss_bytes(pid: int) -> int | None:
+    status = Path(f"/proc/{pid}/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
     try:
         import psutil
-
+    except ImportError:
+        return None
+    try:
         return psutil.Process(pid).memory_info().rss
-    except Exception:
-        status = Path(f"/proc/{pid}/status")
-        if status.exists():
-            for line in status.read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+    except psutil.Error:
         return None
 
 
@@ -64,7 +66,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def metric_sum(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -179,16 +181,16 @@ def run_mode(args, batching: bool, body: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--model", default="default", help="model spec (default: the shipped proving-ground model)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     ap.add_argument("--requests", type=int, default=24, help="answers per client count (bound)")
     ap.add_argument("--seconds", type=float, default=60.0, help="time per client count (bound)")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=None, help="width = height (default: the model's native size)")
-    ap.add_argument("--policy", default="cfg:scale=5")
+    ap.add_argument("--policy", default="cfg:scale=3")
     ap.add_argument("--scheduler", default="euler")
     ap.add_argument("--modes", default="on,off", help="batching modes to run: on, off or on,off")
     ap.add_argument("--ready-timeout", type=float, default=900.0)
@@ -219,6 +221,22 @@ def main() -> None:
             report[f"ratio_batched_over_unbatched_throughput_at_{top}_clients"] = round(
                 on["throughput_images_per_s"] / off["throughput_images_per_s"], 3)
     print(json.dumps(report, indent=2))
+    print(markdown_table(results), file=sys.stderr)
+
+
+def markdown_table(results: dict) -> str:
+    """The runs as a BENCHMARKS.md table: one row per (batching mode, clients), ratios against batching off."""
+    off = {r["clients"]: r for r in results.get("off", {}).get("runs", [])}
+    lines = ["| batching | clients | images/s | × off | p50 s | p99 s | rows/UNet call | RSS before → after MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for mode, result in results.items():
+        mb = [round(b / 2**20) if b else "?" for b in (result["rss_before_bytes"], result["rss_after_bytes"])]
+        for r in result["runs"]:
+            base = off.get(r["clients"], {}).get("throughput_images_per_s")
+            ratio = f"{r['throughput_images_per_s'] / base:.2f}" if base and r["throughput_images_per_s"] else "—"
+            lines.append(f"| {mode} | {r['clients']} | {r['throughput_images_per_s']} | {ratio} | {r['latency_p50_s']} | "
+                         f"{r['latency_p99_s']} | {r['rows_per_unet_call']} | {mb[0]} → {mb[1]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
