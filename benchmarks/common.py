@@ -42,6 +42,14 @@ def sd15_components(seed: int = 0) -> dict:
     }
 
 
+def save_sd15_random(path: str) -> str:
+    """Write the random-weight SD-1.5 architecture as a diffusers folder (for tools that take a model path)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(**sd15_components(), requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
 def load_arch(arch: str, device: str, dtype: str | None):
     """``tiny`` (the built-in model), ``default`` (the shipped default) or ``sd15`` (random weights)."""
     from guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype

@@ -9,7 +9,7 @@ Reports throughput (images/s), p50/p99 latency, the server's RSS before and afte
 
     python benchmarks/service_load.py                                  # the default (proving-ground) model, CPU
     python benchmarks/service_load.py --model builtin:tiny --requests 8 --seconds 20   # a short smoke run
-    python benchmarks/service_load.py --model PATH --device cuda --size 512 --steps 20 --requests 64
+    python benchmarks/service_load.py --model sd15-random --device cuda --dtype fp16 --steps 20 --requests 64
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -181,7 +182,9 @@ def run_mode(args, batching: bool, body: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help="model spec (default: the shipped proving-ground model)")
+    ap.add_argument("--model", default="default",
+                    help="model spec (default: the shipped proving-ground model); sd15-random: the SD-1.5 "
+                         "architecture with random weights, written to a temporary folder first")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server")
@@ -196,6 +199,11 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=900.0)
     args = ap.parse_args()
 
+    if args.model == "sd15-random":
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.common import save_sd15_random
+
+        args.model = save_sd15_random(tempfile.mkdtemp(prefix="sd15-random-"))
     body = {"prompt": "a red circle to the left of a blue square", "steps": args.steps, "policy": args.policy,
             "scheduler": args.scheduler}
     if args.size:
