@@ -13,6 +13,11 @@ only decoding and scoring the K candidate clean images. To keep that cheap, eval
 and the candidate latents can be average-pooled by ``eval_downsample`` before the VAE decode. The evaluators
 are rewards/ models with weights (``reward``: alignment, aesthetics, anything differentiable or not, since no
 gradient is needed). The chosen schedule per image is returned in the trace.
+
+At the first, noisiest steps the predicted clean images are blurry averages that evaluators score poorly, and
+a greedy choice there tends to take the largest scale. On the proving ground that choice erases objects.
+``start=0.2, initial_scale=1`` (no guidance before the evaluators take over; compare the guidance interval of
+Kynkäänniemi et al. 2024) is what reaches the best fixed scale there; see BENCHMARKS.md.
 """
 
 from __future__ import annotations
