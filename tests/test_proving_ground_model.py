@@ -48,14 +48,14 @@ def test_loads_in_stable_diffusion_pipeline_and_matches_our_sampler(pg_model):
 
 
 def test_the_model_draws_the_requested_colours(pg_model):
-    """A loose bar on held-out seeds (the full evaluation is benchmarks/proving_ground_eval.py)."""
+    """A loose bar at the best scale, 1.5, on held-out seeds (the full evaluation is benchmarks/proving_ground_eval.py)."""
     from proving_ground import heldout_suite, verify
 
     items = heldout_suite("single", 12, seed=0)
     result = generate(pg_model, {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items],
-                                 "steps": 20, "scheduler": "ddim", "policy": "cfg:scale=3"})
+                                 "steps": 20, "scheduler": "ddim", "policy": "cfg:scale=1.5"})
     reports = [verify(np.asarray(img), item.spec) for img, item in zip(result.images, items)]
-    assert sum(r.colour_correct for r in reports) >= 8
+    assert sum(r.colour_correct for r in reports) >= 9  # 11 of 12 when written; 0.87 over 216 items
 
 
 def test_training_log_documents_the_run():
