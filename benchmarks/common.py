@@ -52,13 +52,7 @@ def save_sd15_random(path: str) -> str:
 
 def load_arch(arch: str, device: str, dtype: str | None):
     """``tiny`` (the built-in model), ``default`` (the shipped default) or ``sd15`` (random weights)."""
-    from guidance.models import (
-        _place,
-        configure_attention,
-        from_components,
-        load_model,
-        resolve_dtype,
-    )
+    from guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype
 
     if arch == "sd15":
         model = from_components("sd15-random", sd15_components())

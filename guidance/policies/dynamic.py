@@ -30,12 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance.denoiser import Denoiser, StepInfo, to_x0
-from guidance.policies.base import (
-    GuidancePolicy,
-    PolicyParams,
-    PolicyState,
-    SamplingContext,
-)
+from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
 from guidance.policies.cfg import cfg_combine
 
 CandidateScale = pydantic.confloat(ge=0.0, le=100.0)
