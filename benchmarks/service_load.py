@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -199,11 +200,22 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=900.0)
     args = ap.parse_args()
 
+    random_model_dir = None
     if args.model == "sd15-random":
         sys.path.insert(0, str(ROOT))
         from benchmarks.common import save_sd15_random
 
-        args.model = save_sd15_random(tempfile.mkdtemp(prefix="sd15-random-"))
+        random_model_dir = args.model = save_sd15_random(tempfile.mkdtemp(prefix="sd15-random-"))
+    try:
+        report = run_benchmark(args)
+    finally:
+        if random_model_dir:
+            shutil.rmtree(random_model_dir, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    print(markdown_table(report["results"]), file=sys.stderr)
+
+
+def run_benchmark(args) -> dict:
     body = {"prompt": "a red circle to the left of a blue square", "steps": args.steps, "policy": args.policy,
             "scheduler": args.scheduler}
     if args.size:
@@ -228,8 +240,7 @@ def main() -> None:
         if on["throughput_images_per_s"] and off["throughput_images_per_s"]:
             report[f"ratio_batched_over_unbatched_throughput_at_{top}_clients"] = round(
                 on["throughput_images_per_s"] / off["throughput_images_per_s"], 3)
-    print(json.dumps(report, indent=2))
-    print(markdown_table(results), file=sys.stderr)
+    return report
 
 
 def markdown_table(results: dict) -> str:
