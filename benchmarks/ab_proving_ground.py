@@ -30,22 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ab_progress_printer  # noqa: E402
+from benchmarks.common import ab_pair, ab_progress_printer, ci_text, scale_text  # noqa: E402
 from evaluation.ab import run_ab  # noqa: E402
 from guidance.errors import InvalidInput  # noqa: E402
-
-
-def pair(results: dict[str, Any], a: str, b: str) -> dict[str, Any]:
-    return next(p["metrics"] for p in results["statistics"] if (p["arm_a"], p["arm_b"]) == (a, b))
-
-
-def ci(m: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
-    return (f"{scale * m['mean_diff']:+.{digits}f} [{scale * m['ci_low']:+.{digits}f}, {scale * m['ci_high']:+.{digits}f}]"
-            f" (W/T/L {m['wins']}/{m['ties']}/{m['losses']}, sign p={m['sign_test_p']:.2g}, Wilcoxon p={m['wilcoxon_p']:.2g})")
-
-
-def scale_text(x: float) -> str:
-    return f"{x:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ab_proving_ground: error: {e}", file=sys.stderr)
         return 2
 
-    d1 = pair(main_run, "off", "cfg")["verifier.passed"]
-    cfg_ag = pair(main_run, "cfg", "ag")
+    d1 = ab_pair(main_run, "off", "cfg")["verifier.passed"]
+    cfg_ag = ab_pair(main_run, "cfg", "ag")
     nfe, ver2 = cfg_ag["nfe"], cfg_ag["verifier.passed"]
     saving = -nfe["mean_diff"] / nfe["mean_a"]
-    apg = pair(apg_run, "cfg_high", "apg_high")
+    apg = ab_pair(apg_run, "cfg_high", "apg_high")
     sat, over, ver3 = apg["saturation"], apg["oversaturation"], apg["verifier.passed"]
     n = main_run["prompts"]
     shown = {
@@ -129,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
     unit = f"{n['n_prompts']} held-out prompts x {n['seeds_per_prompt']} seeds, {args.steps} {args.scheduler} steps, {args.model}"
     print(f"### A/B on the proving ground ({unit}); differences B - A with 95% prompt-bootstrap CIs\n")
-    print(f"1. cfg:scale={best:g} vs cfg:scale=1, verifier pass rate: {ci(d1)} "
+    print(f"1. cfg:scale={best:g} vs cfg:scale=1, verifier pass rate: {ci_text(d1)} "
           f"[{'shown' if shown['1_guidance_improves_verifier'] else 'NOT shown'}]")
     print(f"2. ag:scale={best:g},gamma_bar={args.ag_gamma:g} vs cfg:scale={best:g}: NFE {nfe['mean_a']:.1f} -> "
-          f"{nfe['mean_b']:.1f} ({100 * saving:.1f}% fewer), diff {ci(nfe, digits=2)}; verifier pass rate {ci(ver2)} "
+          f"{nfe['mean_b']:.1f} ({100 * saving:.1f}% fewer), diff {ci_text(nfe, digits=2)}; verifier pass rate {ci_text(ver2)} "
           f"[{'shown' if shown['2_ag_saves_nfe'] and shown['2_ag_no_measurable_loss'] else 'NOT shown'}]")
-    print(f"3. apg:scale={high:g} vs cfg:scale={high:g}: saturation {sat['mean_a']:.3f} -> {sat['mean_b']:.3f}, {ci(sat)}; "
-          f"clipped-pixel fraction {over['mean_a']:.3f} -> {over['mean_b']:.3f}, {ci(over)}; verifier pass rate {ci(ver3)} "
+    print(f"3. apg:scale={high:g} vs cfg:scale={high:g}: saturation {sat['mean_a']:.3f} -> {sat['mean_b']:.3f}, {ci_text(sat)}; "
+          f"clipped-pixel fraction {over['mean_a']:.3f} -> {over['mean_b']:.3f}, {ci_text(over)}; verifier pass rate {ci_text(ver3)} "
           f"[{'shown' if shown['3_apg_lower_saturation'] and shown['3_apg_lower_oversaturation'] else 'NOT shown'}]")
     print(f"\nreports: {out / 'guidance_and_ag' / 'report.html'}, {out / 'apg_high_scale' / 'report.html'}"
           + ("" if args.best_scale is not None else f", {out / 'tune_cfg_scale' / 'report.html'}"))

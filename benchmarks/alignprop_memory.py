@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -26,16 +25,11 @@ from pathlib import Path
 ROWS = [(1, True), (10, True), (0, True), (1, False), (10, False), (0, False)]  # K = 0: full backpropagation
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.common import load_arch
+    from benchmarks.common import load_arch, proc_memory_bytes
     from training.alignprop import AlignPropConfig, AlignPropTrainer
 
     torch.set_num_threads(args.threads)
@@ -56,7 +50,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
     else:
-        start = rss_bytes()
+        start = proc_memory_bytes()["VmRSS"]
     times = []
     for i in range(args.repeats + 1):
         t0 = time.perf_counter()

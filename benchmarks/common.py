@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +65,21 @@ def load_arch(arch: str, device: str, dtype: str | None):
     return load_model("builtin:tiny" if arch == "tiny" else None, device=device, dtype=dtype)
 
 
+def proc_memory_bytes(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident set size now (``VmRSS``) and its peak (``VmHWM``), in bytes, from /proc (Linux);
+    {} where /proc has no such process."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024  # the file gives kB
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,3 +113,25 @@ def ab_progress_printer(label: str, interval_s: float = 15.0):
                   + (f" ({event.arm} step {event.step}/{event.steps})" if event.step else ""), file=sys.stderr, flush=True)
 
     return progress
+
+
+def scale_text(x: float) -> str:
+    """A guidance scale as arm names and tables write it (3, 4.5)."""
+    return f"{x:g}"
+
+
+def ab_pair(results: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """The per-metric statistics of arms (a, b) in an A/B run's results."""
+    for p in results["statistics"]:
+        if (p["arm_a"], p["arm_b"]) == (a, b):
+            return p["metrics"]
+    raise KeyError(f"no statistics for the pair ({a}, {b})")
+
+
+def ci_text(m: dict[str, Any], digits: int = 3, tests: bool = True) -> str:
+    """A paired difference with its 95% CI (and the prompt-level win/tie/loss counts and tests)."""
+    text = f"{m['mean_diff']:+.{digits}f} [{m['ci_low']:+.{digits}f}, {m['ci_high']:+.{digits}f}]"
+    if tests:
+        text += (f" (prompts W/T/L {m['wins']}/{m['ties']}/{m['losses']}, sign p={m['sign_test_p']:.2g}, "
+                 f"Wilcoxon p={m['wilcoxon_p']:.2g})")
+    return text

@@ -72,7 +72,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -84,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import ab_progress_printer
+from benchmarks.common import ab_pair, ab_progress_printer, ci_text, proc_memory_bytes, scale_text
 from evaluation.ab import run_ab
 from guidance.errors import InvalidInput
 
@@ -95,10 +94,6 @@ RENO_BAR_PASS = 0.10
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def scale_text(x: float) -> str:
-    return f"{x:g}"
 
 
 def parse_floats(text: str) -> list[float]:
@@ -114,21 +109,6 @@ def parse_extra(text: str, what: str) -> dict[str, Any]:
     data = parse_spec_string(f"x:{text}", what)
     data.pop("name")
     return data
-
-
-def pair(results: dict[str, Any], a: str, b: str) -> dict[str, Any]:
-    for p in results["statistics"]:
-        if (p["arm_a"], p["arm_b"]) == (a, b):
-            return p["metrics"]
-    raise KeyError(f"no statistics for the pair ({a}, {b})")
-
-
-def ci_text(m: dict[str, Any], digits: int = 3, tests: bool = True) -> str:
-    text = f"{m['mean_diff']:+.{digits}f} [{m['ci_low']:+.{digits}f}, {m['ci_high']:+.{digits}f}]"
-    if tests:
-        text += (f" (prompts W/T/L {m['wins']}/{m['ties']}/{m['losses']}, sign p={m['sign_test_p']:.2g}, "
-                 f"Wilcoxon p={m['wilcoxon_p']:.2g})")
-    return text
 
 
 def per_item(results: dict[str, Any], arm: str, column: str) -> np.ndarray:
@@ -218,11 +198,6 @@ def shared_model_loader(device: str | None, dtype: str | None):
 # ----------------------------------------------------------------------------- cost probe (child process)
 
 
-def _rss_kib() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", text).group(1)) for k in ("VmRSS", "VmHWM")}
-
-
 def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs in a fresh interpreter. Memory: load the model and the reward, reset the peak, one generation of
     ``cfg["mode"]`` (``plain`` or ``reno``), read the peak. Time (``reno`` only, after that): ``repeats`` rounds
@@ -268,7 +243,7 @@ def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
         start = torch.cuda.memory_allocated(model.device)
         how = "torch.cuda.max_memory_allocated - memory_allocated at the start"
     else:
-        start = _rss_kib()["VmRSS"] * 1024
+        start = proc_memory_bytes()["VmRSS"]
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
             how = "peak RSS (VmHWM, reset through /proc/self/clear_refs at the start) - RSS at the start"
@@ -281,7 +256,7 @@ def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         peak = torch.cuda.max_memory_allocated(model.device)
     elif how.startswith("peak RSS"):
-        peak = _rss_kib()["VmHWM"] * 1024
+        peak = proc_memory_bytes()["VmHWM"]
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out: dict[str, Any] = {"mode": cfg["mode"], "peak_above_start_mb": max(0, peak - start) / 2**20,
@@ -440,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             lowered = int((rr < rb).sum())
             n_pairs = len(raised)
             frac, frac_lo, frac_hi = mean_ci(raised, pids, args.bootstrap)
-            st = pair(res, "plain", "reno")
+            st = ab_pair(res, "plain", "reno")
             dpass, drew = st["verifier.passed"], st[rm]
             lat_b, lat_r = per_item(res, "plain", "latency").mean(), per_item(res, "reno", "latency").mean()
             nfe_b, nfe_r = per_item(res, "plain", "nfe").mean(), per_item(res, "reno", "nfe").mean()
@@ -522,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             rates = {x: res["summary"][f"cfg{scale_text(x)}"]["verifier.passed"]["mean"] for x in scales}
             best = max(scales, key=lambda x: (rates[x], -x))
             best_arm = f"cfg{scale_text(best)}"
-            st = pair(res, best_arm, "dynamic")
+            st = ab_pair(res, best_arm, "dynamic")
             dpass, drew = st["verifier.passed"], st[rm]
             same_cost = [x for x in scales if x != 1.0] or scales
             cfg_lat = np.mean([per_item(res, f"cfg{scale_text(x)}", "latency") for x in same_cost], axis=0)

@@ -32,6 +32,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import proc_memory_bytes  # noqa: E402
 
 
 def free_port() -> int:
@@ -41,11 +44,9 @@ def free_port() -> int:
 
 
 def rss_bytes(pid: int) -> int | None:
-    status = Path(f"/proc/{pid}/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+    rss = proc_memory_bytes(pid).get("VmRSS")
+    if rss is not None:
+        return rss
     try:
         import psutil
     except ImportError:
@@ -202,7 +203,6 @@ def main() -> None:
 
     random_model_dir = None
     if args.model == "sd15-random":
-        sys.path.insert(0, str(ROOT))
         from benchmarks.common import save_sd15_random
 
         random_model_dir = args.model = save_sd15_random(tempfile.mkdtemp(prefix="sd15-random-"))
