@@ -22,17 +22,11 @@ from service.deps import get_engine, get_jobs, job_owner, require_api_key
 from service.engine import Engine
 from service.errors import ServiceError
 from service.jobs import JobStore
-from service.routers.common import enqueue
+from service.routers.common import QUEUED_REQUEST_ERRORS, enqueue
 from service.routers.jobs import cancel_or_delete, event_stream, find_job, resume_point
 from service.schemas import ABJobStatus, ABRequest
 
-ERRORS = {
-    401: {"description": "Missing or invalid API key"},
-    403: {"description": "A/B runs are not enabled on this server (no ab_dir)"},
-    413: {"description": "Request body too large"},
-    422: {"description": "Invalid input: the body names the field"},
-    429: {"description": "Queue full; see Retry-After"},
-}
+ERRORS = {**QUEUED_REQUEST_ERRORS, 403: {"description": "A/B runs are not enabled on this server (no ab_dir)"}}
 # report.html is generated from request data (prompts, arm names): escaped by the report, and fenced in anyway
 REPORT_HEADERS = {
     "Content-Security-Policy":

@@ -20,6 +20,14 @@ from service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, 
 
 log = logging.getLogger("service")
 
+# OpenAPI responses of every route that queues work (merged with each route's own)
+QUEUED_REQUEST_ERRORS = {
+    401: {"description": "Missing or invalid API key"},
+    413: {"description": "Request body too large"},
+    422: {"description": "Invalid input: the body names the field"},
+    429: {"description": "Queue full; see Retry-After"},
+}
+
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; only ever seen in metrics
 
 

@@ -8,17 +8,14 @@ from fastapi.responses import JSONResponse
 from service.deps import get_engine, planned, require_api_key
 from service.engine import Engine, Plan
 from service.errors import ServiceError
-from service.routers.common import CLIENT_CLOSED, ClientGone, negotiate, run_plan
+from service.routers.common import CLIENT_CLOSED, QUEUED_REQUEST_ERRORS, ClientGone, negotiate, run_plan
 from service.schemas import GenerateResponse
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
 
 ERRORS = {
-    401: {"description": "Missing or invalid API key"},
+    **QUEUED_REQUEST_ERRORS,
     406: {"description": "Raw image bytes asked for more than one image"},
-    413: {"description": "Request body too large"},
-    422: {"description": "Invalid input: the body names the field"},
-    429: {"description": "Queue full; see Retry-After"},
     504: {"description": "The generation did not finish within the request timeout"},
 }
 
