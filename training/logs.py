@@ -63,11 +63,11 @@ class TrainingLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [("train", reward_metric)] + [("eval", m) for m in eval_metrics]
-        panels = [p for p in panels if len(self.series(*p)[0])]
+        wanted = [("train", reward_metric)] + [("eval", m) for m in eval_metrics]
+        panels = [(phase, metric, *self.series(phase, metric)) for phase, metric in wanted]
+        panels = [p for p in panels if len(p[2])]
         fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(7, 2.6 * max(1, len(panels))), squeeze=False)
-        for ax, (phase, metric) in zip(axes[:, 0], panels):
-            steps, values = self.series(phase, metric)
+        for ax, (phase, metric, steps, values) in zip(axes[:, 0], panels):
             if phase == "train":
                 ax.plot(steps, values, alpha=0.3, lw=0.8, label="per step")
                 window = max(1, len(values) // 20)
