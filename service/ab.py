@@ -146,7 +146,7 @@ def run_job(engine: Engine, plan: ABPlan, job_id: str, ticket: Ticket) -> ABOutc
 
     def generate_batch(model: Any, params: Any, *, callback: Any = None, limits: Any = None) -> GenerationResult:
         # the server's limits apply (checked up front), not the runner's
-        return engine.sample(model, params, callback=callback)[0]
+        return engine.sample(model, params, callback=callback, stopped=lambda: ticket.stop_reason is not None)
 
     try:
         results = run_ab(plan, progress=progress, cancel=lambda: ticket.stop_reason is not None,
