@@ -352,7 +352,7 @@ def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader |
                     "scheduler": config.scheduler, "width": width, "height": height}
         signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         arms.append(ArmPlan(arm, model, canonical_spec(spec), width, height, signature))
-    scorer = MetricScorer(metrics, device=arms[0].model.device)
+    scorer = MetricScorer(metrics, device=arms[0].model.device, model=arms[0].model)
     return ABPlan(config, prompts, arms, config.columns, scorer, out)
 
 

@@ -20,6 +20,7 @@ from guidance.errors import InvalidInput
 # method -> (module, config class, trainer class)
 METHODS: dict[str, tuple[str, str, str]] = {
     "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
+    "latent-evaluator": ("training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
 }
 
 
@@ -58,7 +59,7 @@ def run_parsed(method: str, args: argparse.Namespace) -> int:
         return 130
     finally:
         trainer.close()
-    for key in ("adapter", "pipeline"):
+    for key in ("adapter", "pipeline", "latent_evaluators"):
         if summary.get(key):
             print(summary[key])
     return 0

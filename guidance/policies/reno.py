@@ -36,7 +36,8 @@ class ReNOParams(PolicyParams):
     name: Literal["reno"] = "reno"
     scale: float = pydantic.Field(1.0, ge=0.0, le=100.0, description="CFG scale of the inner sampler (≤ 1: off).")
     reward: str = pydantic.Field(
-        "clip:1", description="Weighted rewards, 'name:weight[:offset],...', e.g. 'hps:5,pickscore:0.05,clip:0.01'."
+        "clip:1", description="Weighted rewards, 'name:weight[:offset],...', e.g. 'hps:5,pickscore:0.05,clip:0.01'; "
+                              "or 'latent[:alignment:1,...]', the model's latent evaluators on the clean latents."
     )
     iterations: int = pydantic.Field(50, ge=0, le=1000, description="Optimisation iterations (0: plain sampling).")
     time_budget_s: float | None = pydantic.Field(None, gt=0.0, description="Stop after this many seconds.")
@@ -57,8 +58,12 @@ class ReNO(OuterLoopPolicy):
         self._inner = CFG(CFGParams(scale=self.params.scale))
 
     def start(self, ctx: SamplingContext) -> PolicyState:
-        if ctx.model is not None and ctx.rewards is not None:
-            ctx.rewards.get(self.params.reward, ctx.model.device)  # load (and validate) before any work
+        from guidance.latent_evaluators import is_latent_spec, latent_reward
+
+        if ctx.model is not None and is_latent_spec(self.params.reward):
+            latent_reward(ctx.model, self.params.reward)  # load (and validate) before any work
+        elif ctx.model is not None and ctx.rewards is not None:
+            ctx.rewards.get(self.params.reward, ctx.model.device)
         return self._inner.start(ctx)
 
     def step(self, state: PolicyState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
@@ -81,10 +86,21 @@ class ReNO(OuterLoopPolicy):
         """
         from guidance.sampler import StepEvent
 
+        from guidance.latent_evaluators import is_latent_spec, latent_reward
+
         p: ReNOParams = self.params
         model, executor = prepared.model, prepared.executor
-        reward = prepared.rewards.get(p.reward, model.device, torch.float32)
         prompts = list(prepared.params.prompts)
+        if is_latent_spec(p.reward):  # the model's latent evaluators score the clean latents: no VAE decode
+            scorer, text = latent_reward(model, p.reward), prepared.conditions["cond"].hidden_states
+
+            def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return scorer.score_and_gradient(latents, text)
+        else:
+            reward = prepared.rewards.get(p.reward, model.device, torch.float32)
+
+            def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return reward_and_gradient(model, reward, latents, prompts)
         noise = prepared.noise.detach().clone().float().requires_grad_(True)
         optimiser = torch.optim.SGD([noise], lr=p.lr, momentum=p.momentum, nesterov=True)
         batch = noise.shape[0]
@@ -100,7 +116,7 @@ class ReNO(OuterLoopPolicy):
                 run = prepared.run(noise, gradient_checkpointing=True)
             nfe += int(run.denoiser.evaluations.max())
             latents = run.latents.detach()
-            score, loss_grad = run_with_grad(executor, lambda: reward_and_gradient(model, reward, latents, prompts))
+            score, loss_grad = run_with_grad(executor, lambda: score_and_gradient(latents))
             improved = score > best_score
             best_score = torch.where(improved, score, best_score)
             best_noise[improved] = noise.detach()[improved]
