@@ -257,7 +257,8 @@ class LatentEvaluatorTrainer(Trainer):
 
     name = "latent-evaluator"
     config: LatentEvaluatorConfig
-    resumable_changes = frozenset({"export_dir"})
+    # where the export goes and what the held-out agreement is measured on do not change the training
+    resumable_changes = frozenset({"export_dir", "eval_prompts", "eval_max_prompts", "eval_seeds"})
     eval_summary_metrics = ("alignment.rank_corr_within", "alignment.rank_corr", "fidelity.accuracy")
 
     def build(self) -> None:
