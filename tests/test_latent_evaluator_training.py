@@ -51,11 +51,11 @@ def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", kinds=("alignment",), batch_reuse=2))
+    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2))
     straight.train()
-    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), batch_reuse=2, max_steps=1))
+    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, max_steps=1))
     first.train()
-    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), batch_reuse=2))
+    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2))
     resumed.train(resume=True)
     for (name, a), (_, b) in zip(straight.evaluators.state_dict().items(), resumed.evaluators.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -143,7 +143,8 @@ class DynamicCFG(GuidancePolicy):
         return 2.0 + evaluated * len(p.candidates) * per_candidate
 
     def _choose_latent(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
-        """The best candidate per image by the latent evaluators: all K × B candidates in one call (one unit)."""
+        """The best candidate per image by the latent evaluators: all K × B candidates in one executor unit, batched
+        (LATENT_CHUNK native-size candidates per evaluator call, so memory stays near cfg's for 32 candidates)."""
         from guidance.latent_evaluators import text_states
 
         p = self.params
@@ -152,8 +153,10 @@ class DynamicCFG(GuidancePolicy):
             x0 = candidate_x0(cond, uncond, x, info, p.candidates)
         text = text_states(denoiser).repeat(len(p.candidates), 1, 1)
         cost = LATENT_SCORE_COST * x0.shape[0] * x0.shape[-2] * x0.shape[-1] / native_latent_area(state.model)
+        chunk = max(1, LATENT_CHUNK * native_latent_area(state.model) // (x0.shape[-2] * x0.shape[-1]))
         scores = denoiser.executor.run(
-            functools.partial(latent_scores, state.latent, x0, info.alpha_bar, text, state.latent_weights), cost=cost
+            functools.partial(latent_scores, state.latent, x0, info.alpha_bar, text, state.latent_weights, chunk),
+            cost=cost,
         ).view(len(p.candidates), batch)
         return torch.tensor(p.candidates, dtype=torch.float32)[scores.argmax(dim=0)]
 
@@ -183,6 +186,7 @@ class DynamicCFG(GuidancePolicy):
 
 SCORE_CHUNK = 16  # candidate images of the model's native size decoded and scored at once
 SCORE_COST = 1.0  # a decode and a score of one image, in UNet evaluations (a rough figure; see BENCHMARKS.md)
+LATENT_CHUNK = 64  # candidates of the native size scored per evaluator call, within the step's one executor unit
 LATENT_SCORE_COST = 0.1  # the latent evaluators on one candidate, in UNet evaluations (proving ground; BENCHMARKS.md)
 
 
@@ -195,9 +199,12 @@ def candidate_x0(cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, info
 
 @torch.no_grad()
 def latent_scores(evaluators: Any, x0: torch.Tensor, alpha_bar: float, text: torch.Tensor,
-                  weights: dict[str, float]) -> torch.Tensor:
-    """Σ_j λ_j·E_j of every row of ``x0`` (one batched call per evaluator), float32 on the CPU."""
-    return evaluators.score(x0.float(), alpha_bar, text, weights).total.float().cpu()
+                  weights: dict[str, float], chunk: int | None = None) -> torch.Tensor:
+    """Σ_j λ_j·E_j of every row of ``x0``, float32 on the CPU: batched calls of at most ``chunk`` rows (None: all
+    in one), so that the evaluators' activations stay small beside the UNet's (memory ∝ rows × latent area)."""
+    chunk = chunk or x0.shape[0]
+    return torch.cat([evaluators.score(x0[i:i + chunk].float(), alpha_bar, text[i:i + chunk], weights).total.float().cpu()
+                      for i in range(0, x0.shape[0], chunk)])
 
 
 def native_latent_area(model: Any) -> int:
