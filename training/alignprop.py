@@ -146,10 +146,6 @@ class AlignPropTrainer(Trainer):
         metrics["k_mean"] = float(np.mean(ks))
         return result.loss, metrics
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step (``gradient_accumulation_steps`` rollouts); returns its metrics."""
-        return self.training_step()
-
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.alignprop`` (and ``torchrun ... -m training.alignprop``): the same as

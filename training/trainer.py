@@ -390,6 +390,7 @@ class Trainer:
         names = names or tuple(self.optimizers)
         for name in names:
             slot = self.optimizers[name]
+            lr = slot.optimizer.param_groups[0]["lr"]  # the rate this step uses (warm-up included)
             self.processes.average_gradients_(slot.params)
             slot.scaler.unscale_(slot.optimizer)
             limit = slot.max_grad_norm if slot.max_grad_norm > 0 else math.inf
@@ -400,8 +401,17 @@ class Trainer:
             slot.optimizer.zero_grad(set_to_none=True)
             suffix = "" if len(self.optimizers) == 1 else f".{name}"
             metrics[f"grad_norm{suffix}"] = float(norm)
-            metrics[f"lr{suffix}"] = slot.schedule.get_last_lr()[0]
+            metrics[f"lr{suffix}"] = lr
         return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """:meth:`training_step`, then the step counter advances; the metrics (with ``step_s``) averaged over the
+        processes, as logged."""
+        t0 = time.perf_counter()
+        metrics = self.training_step()
+        self.step += 1
+        metrics["step_s"] = time.perf_counter() - t0
+        return self.processes.mean_metrics(metrics)
 
     # ------------------------------------------------------------------ deterministic data
 
@@ -618,11 +628,7 @@ class Trainer:
             bar = tqdm(total=c.max_steps, initial=self.step, desc=self.name, disable=not (c.progress and main),
                        dynamic_ncols=True)
             while self.step < c.max_steps:
-                t0 = time.perf_counter()
-                metrics = self.training_step()
-                self.step += 1
-                metrics["step_s"] = time.perf_counter() - t0
-                metrics = self.processes.mean_metrics(metrics)
+                metrics = self.train_step()
                 bar.update(1)
                 bar.set_postfix(self.progress_postfix(metrics))
                 if main and self.step % c.log_every == 0:
