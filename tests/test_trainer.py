@@ -176,8 +176,7 @@ def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffuser
     from diffusers import StableDiffusionPipeline
 
     from guidance.models import load_model
-    from guidance.sampler import generate
-    from test_service_support import app_client, decode_image, pixels
+    from test_service_support import assert_lora_served_like
 
     config = AlignPropConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 2, "lora_rank": 4,
                                 "lora_alpha": 8.0, "export": "both"})
@@ -205,14 +204,7 @@ def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffuser
     as_model = load_model(summary["pipeline"], device="cpu")
     torch.testing.assert_close(unet_out(as_model.unet), trained, rtol=1e-4, atol=1e-5)
 
-    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "model": "builtin:tiny"}
-    with torch.no_grad():
-        ours = generate(trainer.model, {k: v for k, v in body.items() if k != "model"}).pixels[0]
-    with app_client(lora_dir=str(folder.parent)) as client:
-        r = client.post("/generate", json={**body, "lora": [{"name": "alignprop", "weight": 1.0}]})
-        assert r.status_code == 200, r.text
-        served = pixels(decode_image(r.json()["images"][0]))
-    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
+    assert_lora_served_like(trainer.model, folder.parent, "alignprop")
 
 
 # ----------------------------------------------------------------------------- several modules, one checkpoint

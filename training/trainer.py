@@ -4,7 +4,8 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
 
 * ``<Method>Config(TrainerConfig)``: its own fields, each with ``metadata={"help": ...}``; its ``__post_init__``
   calls ``super().__post_init__()`` and checks its fields (InvalidInput naming the field). A method may
-  redefine a base field to change its default (a distiller: ``export = "pipeline"``).
+  give a base field another default, keeping its help, with :func:`with_default`
+  (a distiller: ``export: str = with_default("export", "pipeline")``).
 * ``<Method>Trainer(Trainer)`` with ``name = "<method>"`` and these hooks:
 
   ``build()``            create what trains, and register it (default: a LoRA on ``self.model.unet``, or the
@@ -170,6 +171,12 @@ class TrainerConfig:
             raise InvalidInput("threads", f"must be at least 1 or null, got {self.threads}")
         if self.trainable == "full" and self.export in ("lora", "both"):
             raise InvalidInput("export", "trainable: full has no LoRA to export; use export: pipeline")
+
+
+def with_default(name: str, default: Any) -> Any:
+    """A :class:`TrainerConfig` field with another default and the same help, for a method's config:
+    ``output_dir: str = with_default("output_dir", "runs/mymethod")``."""
+    return field(default=default, metadata=TrainerConfig.__dataclass_fields__[name].metadata)
 
 
 @dataclass
