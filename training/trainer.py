@@ -548,6 +548,9 @@ class Trainer:
         from training.config_io import to_plain
 
         state = load_checkpoint(path)
+        if "modules" not in state:
+            raise InvalidInput("--resume", f"{path} was written before the shared trainer (no named modules); "
+                                           "it cannot be resumed: start a new run in another output_dir")
         saved, current = json.loads(state["config"]), to_plain(self.config)
         resumable = RESUMABLE_CHANGES | self.resumable_changes
         changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
