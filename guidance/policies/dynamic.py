@@ -128,7 +128,7 @@ class DynamicCFG(GuidancePolicy):
 
 
 SCORE_CHUNK = 16  # candidate images of the model's native size decoded and scored at once
-SCORE_COST = 1.0  # a decode and a score of one image, in UNet evaluations (a rough figure; see BENCHMARKS.md)
+SCORE_COST = 1.0  # a decode and a score of one image, in UNet evaluations (a rough estimate, not measured per model)
 
 
 def native_latent_area(model: Any) -> int:
