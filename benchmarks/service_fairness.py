@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--baseline-root", type=Path, default=None, help="another checkout to compare with")
+    ap.add_argument("--baseline-first", action="store_true", help="run the baseline server first (to alternate runs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--light-steps", type=int, default=10)
     ap.add_argument("--light-timeout", type=float, default=60.0)
@@ -151,10 +152,10 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=900.0)
     args = ap.parse_args()
 
-    results = []
     roots = [(ROOT, "this checkout")] + ([(args.baseline_root.resolve(), "baseline")] if args.baseline_root else [])
-    for root, label in roots:
-        results.append(run_server(args, root, label))
+    order = roots[::-1] if args.baseline_first else roots
+    by_label = {label: run_server(args, root, label) for root, label in order}
+    results = [by_label[label] for _, label in roots]
     report: dict = {"benchmark": "service_fairness", "model": args.model,
                     "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if len(results) == 2:
