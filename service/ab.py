@@ -66,7 +66,8 @@ def plan_run(engine: Engine, request: Any, folder: Path) -> ABPlan:
     check_image_count(engine, len(data["arms"]), data["seeds"], "seeds")  # before reading prompts: at least one
     config = ABConfig.parse({**data, "output_dir": str(folder)})
     try:
-        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)))
+        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)),
+                          rewards=engine.rewards)
         check_limits(engine, plan)
     except InvalidInput as e:  # a generation's field names, as an A/B request names them
         raise InvalidInput(LIMIT_FIELDS.get(e.field, e.field), e.reason) from None
