@@ -180,6 +180,15 @@ def agreement(model, args) -> dict[str, Any]:
     return out
 
 
+def with_evaluators(model, folder: str | None):
+    """The model, pointed at the evaluator folder ``folder`` where one is given."""
+    import dataclasses
+
+    if not folder:
+        return model
+    return dataclasses.replace(model, extra={**model.extra, "latent_evaluators": str(Path(folder).resolve())})
+
+
 def memory_child(cfg: dict[str, Any]) -> dict[str, Any]:
     import gc
 
@@ -191,7 +200,7 @@ def memory_child(cfg: dict[str, Any]) -> dict[str, Any]:
     from guidance.sampler import generate
 
     torch.set_num_threads(cfg["threads"])
-    model = load_model(None, device="cpu")
+    model = with_evaluators(load_model(None, device="cpu"), cfg.get("evaluators"))
     evaluators_for(model)  # the evaluators' weights are the model's, loaded before the start like the UNet
     n = cfg["images"]
     params = {"prompt": ["a red circle"] * n, "seed": 0, "steps": cfg["steps"], "policy": cfg["policy"]}
@@ -216,7 +225,8 @@ def memory(args) -> dict[str, Any]:
         key = f"{size or 'native'}"
         out[key] = {}
         for name, policy in policies.items():
-            cfg = {"images": 16, "steps": args.memory_steps, "policy": policy, "threads": args.threads, "size": size}
+            cfg = {"images": 16, "steps": args.memory_steps, "policy": policy, "threads": args.threads, "size": size,
+                   "evaluators": args.evaluators}
             proc = subprocess.run([sys.executable, __file__, "--_memory", json.dumps(cfg)], capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
             if proc.returncode != 0 or not lines:
@@ -240,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-steps", type=int, default=4)
     ap.add_argument("--memory-sizes", default="", help="extra image sizes for the memory probe, e.g. 128")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: pass, agreement, memory")
+    ap.add_argument("--evaluators", default=None,
+                    help="latent evaluator folder (default: the one in the proving-ground model's folder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the JSON report here too")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -253,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from guidance.models import load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(None, device="cpu")
+    model = with_evaluators(load_model(None, device="cpu"), args.evaluators)
     skip = set(args.skip.split(","))
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     t0 = time.perf_counter()
