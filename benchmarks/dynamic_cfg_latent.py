@@ -16,7 +16,7 @@ Four measurements in one run:
 4. **Memory** of a 16-image × 32-candidate request against cfg, each in a fresh child process: peak RSS above the
    RSS after loading (VmHWM reset through /proc/self/clear_refs).
 
-    python benchmarks/dynamic_cfg_latent.py --items 12 --steps 20 --threads 2
+    python benchmarks/dynamic_cfg_latent.py --items 8 --steps 20 --batch 4 --records 2 --threads 2
 """
 
 from __future__ import annotations
@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-steps", type=int, default=4)
     ap.add_argument("--memory-sizes", default="", help="extra image sizes for the memory probe, e.g. 128")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: pass, agreement, memory")
-    ap.add_argument("--evaluators", default=None,
-                    help="latent evaluator folder (default: the one in the proving-ground model's folder)")
+    ap.add_argument("--evaluators", default=str(Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "latent_evaluators"),
+                    help="latent evaluator folder ('': the one in the model's folder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the JSON report here too")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
