@@ -224,3 +224,24 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
     print(f"\nreconstruction MSE after inverting to t=500 (4 steps): DDIM inversion {errors[0]:.5f}, "
           f"ReNoise (1 iteration) {errors[1]:.5f}")
     assert errors[1] < 0.75 * errors[0]
+
+
+@pytest.mark.parametrize("method", ["dpo", "smpo"])
+def test_print_config_round_trips_and_the_cli_names_bad_fields(tmp_path, capsys, method):
+    import dataclasses
+
+    from training.cli import METHODS, run_method
+    from training.config_io import load_config, render_yaml
+
+    cls = {"dpo": DPOConfig, "smpo": SmPOConfig}[method]
+    assert METHODS[method][1] == cls.__name__
+    assert all(f.metadata.get("help") for f in dataclasses.fields(cls))
+    assert run_method(method, ["--print-config", "--set", "data=pairs.parquet"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(cls, tmp_path / "c.yaml") == cls(data="pairs.parquet")
+    assert render_yaml(cls(data="pairs.parquet")) == text
+    assert run_method(method, ["--set", "beta=-1", "--set", "data=x.parquet"]) == 2
+    assert "beta" in capsys.readouterr().err
+    shipped = Path(__file__).resolve().parents[1] / "training" / "configs" / f"{method}-proving-ground.yaml"
+    assert load_config(cls, shipped).model == "builtin:proving-ground"
