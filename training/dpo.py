@@ -115,13 +115,9 @@ def adapters_disabled(unet: torch.nn.Module):
 
 def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] to the UNet's latent space (posterior mean; the inverse of ``guidance.sampler.decode``)."""
-    z = vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float()
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        return (z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor / torch.tensor(std).view(shape).to(z)
-    return z * cfg.scaling_factor
+    from guidance.sampler import to_sampler_latents
+
+    return to_sampler_latents(vae, vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float())
 
 
 def training_target(noise: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
