@@ -141,33 +141,19 @@ def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
 
 
 def test_lora_loads_with_load_lora_weights_and_in_the_service(tmp_path, pairs_file):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from guidance.models import load_model
-    from guidance.sampler import generate
-    from test_service_support import app_client, decode_image, pixels
+    from test_service_support import assert_lora_served_like
 
     trainer = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "lora", lora_rank=4, lora_alpha=8.0,
                                  inversion_steps=2, learning_rate=0.05))
     folder = Path(trainer.train()["adapter"]).parent
-    base = load_model("builtin:proving-ground", device="cpu")
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
-                                   unet=base.unet, scheduler=DDIMScheduler.from_config(base.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    plain = probe(base.unet)
+    pipe = load_model("builtin:proving-ground", device="cpu").to_pipeline()
+    plain = probe(pipe.unet)
     pipe.load_lora_weights(str(folder))
     trained = probe(trainer.model.unet)
     torch.testing.assert_close(probe(pipe.unet), trained, rtol=1e-4, atol=1e-5)
     assert (trained - plain).abs().max() > 1e-4
-
-    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim"}
-    with torch.no_grad():
-        ours = generate(trainer.model, body).pixels[0]
-    with app_client(lora_dir=str(folder.parent), model="builtin:proving-ground") as client:
-        r = client.post("/generate", json={**body, "lora": [{"name": "smpo", "weight": 1.0}]})
-        assert r.status_code == 200, r.text
-        served = pixels(decode_image(r.json()["images"][0]))
-    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
+    assert_lora_served_like(trainer.model, folder.parent, "smpo", spec="builtin:proving-ground")
 
 
 @pytest.mark.parametrize("cls, overrides, field", [

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance.errors import InvalidInput
-from training.trainer import Trainer, TrainerConfig
+from training.trainer import Trainer, TrainerConfig, with_default
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,20 +68,17 @@ def implicit_accuracy(margin: torch.Tensor, preference: torch.Tensor) -> torch.T
 class DPOConfig(TrainerConfig):
     """Diffusion-DPO: preference fine-tuning on image pairs (training/dpo.py)."""
 
-    output_dir: str = field(default="runs/dpo", metadata={
-        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, adapters/<adapter_name>/, pipeline/."})
-    adapter_name: str = field(default="dpo", metadata={
-        "help": "Name of the exported LoRA (adapters/<name>/pytorch_lora_weights.safetensors; serve with "
-                "--lora-dir <output_dir>/adapters and lora name <name>)."})
+    output_dir: str = with_default("output_dir", "runs/dpo")
+    adapter_name: str = with_default("adapter_name", "dpo")
     data: str = field(default="", metadata={
         "help": "Preference pairs: a Pick-a-Pic-layout .parquet or .jsonl file, or a folder of them "
                 "(make one with `diffsteer data pairs`)."})
     score_fields: tuple[str, ...] = field(default=("score_0", "score_1"), metadata={
         "help": "The two per-image reward-score columns (SmPO's preprocessed Pick-a-Pic: ps_score_0, ps_score_1)."})
     beta: float = field(default=5000.0, metadata={
-        "help": "DPO temperature beta (KL strength): the loss is -log sigmoid(-beta/2 * margin). The paper's SD1.5 "
-                "run used 5000 (SDXL 5000)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (after warm-up)."})
+        "help": "DPO temperature beta (KL strength): the loss is -log sigmoid(-beta/2 * margin); 5000 is the "
+                "public Diffusion-DPO code's default."})
+    learning_rate: float = with_default("learning_rate", 1e-4)
 
     def __post_init__(self) -> None:
         super().__post_init__()

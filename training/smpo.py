@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from guidance.errors import InvalidInput
 from training.dpo import DPOConfig, DPOTrainer, preference_margin
+from training.trainer import with_default
 
 # SmPO's normalisation bounds for PickScore (the raw cosine of its CLIP-H embeddings, as its preprocessing
 # computes them): the public code's constants, with temperature 1.
@@ -70,11 +71,8 @@ def smpo_loss(model_err_0: torch.Tensor, model_err_1: torch.Tensor, ref_err_0: t
 class SmPOConfig(DPOConfig):
     """SmPO: smoothed preferences and ReNoise inversion (training/smpo.py); Diffusion-DPO's fields and these."""
 
-    output_dir: str = field(default="runs/smpo", metadata={
-        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, adapters/<adapter_name>/, pipeline/."})
-    adapter_name: str = field(default="smpo", metadata={
-        "help": "Name of the exported LoRA (adapters/<name>/pytorch_lora_weights.safetensors; serve with "
-                "--lora-dir <output_dir>/adapters and lora name <name>)."})
+    output_dir: str = with_default("output_dir", "runs/smpo")
+    adapter_name: str = with_default("adapter_name", "smpo")
     beta: float = field(default=20000.0, metadata={
         "help": "beta of the loss -log sigmoid(-beta/2 (2p - 1) margin), in Diffusion-DPO's convention: the public "
                 "SmPO code's --beta_dpo B is beta = 10 B here (its SD1.5 example, B = 2000, is 20000)."})
