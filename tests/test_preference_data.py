@@ -101,6 +101,16 @@ def test_unreadable_files_are_named(tmp_path):
         load_preference_pairs(tmp_path / "empty.jsonl")
 
 
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pg_model():
     from guidance.models import load_model
@@ -108,7 +118,7 @@ def pg_model():
     return load_model("builtin:proving-ground", device="cpu")
 
 
-def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_model):
+def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_model, one_thread):
     from training.pairs import PairsConfig, build_pairs
     from training.preference_data import write_preference_pairs
 
