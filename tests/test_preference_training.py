@@ -203,6 +203,11 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
 
     grid = inversion_grid(torch.tensor([500, 500]), 4)
     assert grid.tolist() == [[125, 250, 375, 500]] * 2
+    assert inversion_grid(torch.tensor([0, 3]), 4).tolist() == [[0, 0, 0, 0], [1, 2, 2, 3]]
+    small = torch.tensor([0, 3])
+    z = renoise_invert(eps, x0, inversion_grid(small, 4), alpha_bars, 1)
+    one_step = renoise_invert(eps, x0, inversion_grid(small, 1), alpha_bars, 1)
+    assert z.shape == x0.shape and torch.isfinite(z).all() and (z - one_step).abs().max() < 0.05
     errors = {}
     for r in (0, 1):
         z = renoise_invert(eps, x0, grid, alpha_bars, r)

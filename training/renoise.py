@@ -46,9 +46,10 @@ def noise_from_inverted(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar_t: torch.
 
 
 def inversion_grid(t: torch.Tensor, steps: int) -> torch.Tensor:
-    """[B, K] timesteps t_k = round(k·t/K), k = 1..K, per sample: K inverse steps ending exactly at t (≥ 1)."""
+    """[B, K] timesteps t_k = round(k·t/K), k = 1..K, per sample: K inverse steps ending exactly at t. For t < K
+    some steps repeat a timestep; a DDIM move between equal noise levels is the identity, so they cost only time."""
     fractions = torch.arange(1, steps + 1, device=t.device, dtype=torch.float64) / steps
-    return (t[:, None].double() * fractions[None]).round().long().clamp(min=1)
+    return (t[:, None].double() * fractions[None]).round().long()
 
 
 def _per_sample(alpha_bars: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
