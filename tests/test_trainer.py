@@ -128,6 +128,9 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     # B ("lora.up") starts at zero, so its values are the update of the 3 steps
     update = max(float(v.abs().max()) for k, v in runs["batched"].items() if ".lora.up." in k)
     error = max(float((distributed[k] - runs["batched"][k]).abs().max()) for k in distributed)
+    accumulated_error = max(float((distributed[k] - runs["accumulated"][k]).abs().max()) for k in distributed)
+    print(f"2 processes x batch 1 vs 1 x batch 1 x accumulation 2: max |dw| {accumulated_error:.3g}; vs 1 x batch 2: "
+          f"{error:.3g} (largest update {update:.3g})")
     assert update > 1e-3 and error <= 0.02 * update, (error, update)
     # one row per step and metric (only rank 0 writes), the metrics averaged over the two processes
     rows = _train_rows(tmp_path / "two")
@@ -151,6 +154,32 @@ def test_devices_that_disagree_are_refused_naming_each_rank():
     with pytest.raises(InvalidInput, match=r"rank 0: cuda:0, rank 1: cpu") as info:
         check_devices_agree(["cuda:0", "cpu"])
     assert info.value.field == "device"
+
+
+RANK_SCRIPT = """
+import sys, torch
+import training.distributed as d
+from guidance.errors import InvalidInput
+if d._env_int("RANK", 0) == 1:  # this rank resolves 'auto' to a GPU, as on a machine with one GPU for two ranks
+    d.resolve_device = lambda requested, local_rank, world_size: torch.device("cuda", 0)
+try:
+    d.init_processes("auto")
+except InvalidInput as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def test_two_processes_that_resolve_different_devices_both_refuse(tmp_path):
+    from test_service_support import free_port
+
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-2000:]
+        assert "device: the processes disagree on the device (rank 0: cpu, rank 1: cuda:0)" in out
 
 
 def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
