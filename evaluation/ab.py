@@ -314,7 +314,8 @@ def default_model_loader(config: ABConfig) -> ModelLoader:
     return load
 
 
-def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None) -> ABPlan:
+def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None,
+               rewards: Any = None) -> ABPlan:
     """Validate everything that can be checked before generating; InvalidInput names the field."""
     from guidance.models import canonical_spec
 
@@ -347,27 +348,23 @@ def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader |
             raise InvalidInput("arms" if arm.model else "model", f"arm {arm.name!r}: {e.reason}") from None
         width = config.width or model.default_size
         height = config.height or model.default_size
-        _preflight(arm, model, config, width, height, prompts.items[0].prompt)
+        _preflight(arm, model, config, width, height, prompts.items[0].prompt, rewards)
         settings = {"policy": arm.policy_spec, "model": canonical_spec(spec), "steps": config.steps,
                     "scheduler": config.scheduler, "width": width, "height": height}
         signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         arms.append(ArmPlan(arm, model, canonical_spec(spec), width, height, signature))
-    scorer = MetricScorer(metrics, device=arms[0].model.device)
+    scorer = MetricScorer(metrics, device=arms[0].model.device, rewards=rewards)
     return ABPlan(config, prompts, arms, config.columns, scorer, out)
 
 
-def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str) -> None:
+def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str,
+               rewards: Any = None) -> None:
     """What the sampler checks before work starts (policy vs. steps and scheduler), without running the model."""
-    from guidance.registry import build_policy
-    from guidance.request import GenerationParams
-    from guidance.sampler import make_scheduler, sampling_context
+    from guidance.sampler import check_request
 
     try:
-        params = GenerationParams.parse({"prompt": prompt, "policy": arm.policy, "steps": config.steps,
-                                         "scheduler": config.scheduler, "width": width, "height": height, "seed": 0})
-        policy = build_policy(params.policy)
-        _, timesteps = make_scheduler(model, params)
-        policy.start(sampling_context(model, params, timesteps))
+        check_request(model, {"prompt": prompt, "policy": arm.policy, "steps": config.steps, "scheduler": config.scheduler,
+                              "width": width, "height": height, "seed": 0}, rewards=rewards)
     except InvalidInput as e:
         field = "arms" if e.field.startswith("policy") else e.field
         raise InvalidInput(field, f"arm {arm.name!r}: {e}" if field == "arms" else e.reason) from None

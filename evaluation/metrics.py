@@ -167,14 +167,17 @@ def verifier_values(image: np.ndarray, spec: Any) -> dict[str, float | None]:
 class MetricScorer:
     """Computes the image metrics of a run (everything except ``nfe`` and ``latency``).
 
-    Reward models are built once here (``get_reward``), so a bad spec or missing weights fail before any
+    Reward models are built once here, from ``rewards`` (a :class:`guidance.reward_models.RewardModels`, e.g.
+    the service's; default: the configuration-free one), so a bad spec or missing weights fail before any
     image is generated.
     """
 
-    def __init__(self, names: Sequence[str], device: Any = "cpu"):
+    def __init__(self, names: Sequence[str], device: Any = "cpu", rewards: Any = None):
         import torch
 
-        from guidance.reward_models import get_reward
+        from guidance.reward_models import DEFAULT_REWARDS
+
+        rewards = rewards or DEFAULT_REWARDS
 
         self.names = [n for n in names if n not in RECORDED]
         self.device = torch.device(device)
@@ -183,7 +186,7 @@ class MetricScorer:
             if name.startswith("reward:"):
                 spec = name[len("reward:"):]
                 try:
-                    self.rewards[name] = get_reward(spec, self.device, torch.float32, field=FIELD)
+                    self.rewards[name] = rewards.get(spec, self.device, torch.float32, field=FIELD)
                 except InvalidInput as e:
                     raise InvalidInput(FIELD, f"{name}: {e.reason}") from None
                 except (OSError, RuntimeError, ImportError) as e:

@@ -66,7 +66,8 @@ def plan_run(engine: Engine, request: Any, folder: Path) -> ABPlan:
     check_image_count(engine, len(data["arms"]), data["seeds"], "seeds")  # before reading prompts: at least one
     config = ABConfig.parse({**data, "output_dir": str(folder)})
     try:
-        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)))
+        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)),
+                          rewards=engine.rewards)
         check_limits(engine, plan)
     except InvalidInput as e:  # a generation's field names, as an A/B request names them
         raise InvalidInput(LIMIT_FIELDS.get(e.field, e.field), e.reason) from None
@@ -146,7 +147,7 @@ def run_job(engine: Engine, plan: ABPlan, job_id: str, ticket: Ticket) -> ABOutc
 
     def generate_batch(model: Any, params: Any, *, callback: Any = None, limits: Any = None) -> GenerationResult:
         # the server's limits apply (checked up front), not the runner's
-        return engine.sample(model, params, callback=callback)[0]
+        return engine.sample(model, params, callback=callback, stopped=lambda: ticket.stop_reason is not None)
 
     try:
         results = run_ab(plan, progress=progress, cancel=lambda: ticket.stop_reason is not None,

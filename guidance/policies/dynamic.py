@@ -22,6 +22,7 @@ Kynkäänniemi et al. 2024) is what reaches the best fixed scale there; see BENC
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +58,7 @@ class DynamicCFGParams(PolicyParams):
 @dataclass
 class DynamicCFGState(PolicyState):
     model: Any = None
+    rewards: Any = None  # the RewardModels passed down (guidance.reward_models)
     prompts: list[str] = field(default_factory=list)
     current: torch.Tensor | None = None  # the scale in force per image
     schedule: list[list[float]] = field(default_factory=list)
@@ -66,14 +68,17 @@ class DynamicCFG(GuidancePolicy):
     name = "dynamic_cfg"
     Params = DynamicCFGParams
     summary = "Dynamic CFG: per step and image, pick the candidate scale whose predicted image scores best."
+    cost_field = "candidates"
 
     def start(self, ctx: SamplingContext) -> DynamicCFGState:
-        from guidance.reward_models import get_reward
+        from guidance.reward_models import DEFAULT_REWARDS
 
+        rewards = ctx.rewards or DEFAULT_REWARDS
         if ctx.model is not None:
-            get_reward(self.params.reward, ctx.model.device)  # load (and validate) before sampling starts
+            rewards.get(self.params.reward, ctx.model.device)  # load (and validate) before sampling starts
         return DynamicCFGState(
             model=ctx.model,
+            rewards=rewards,
             prompts=list(ctx.prompts),
             current=torch.full((ctx.batch_size,), float(self.params.initial_scale)),
         )
@@ -84,29 +89,64 @@ class DynamicCFG(GuidancePolicy):
         cond, uncond = out["cond"], out["uncond"]
         evaluating = p.start <= info.fraction < p.end and (info.index - _first_index(p, info)) % p.evaluate_every == 0
         if evaluating:
-            state.current = self._choose(state, cond, uncond, x, info)
+            state.current = self._choose(state, cond, uncond, x, info, denoiser.executor)
         state.schedule.append(state.current.tolist())
         state.trace["scale_schedule"] = state.schedule
         w = state.current.to(device=cond.device, dtype=cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
         return uncond + w * (cond - uncond)
 
-    @torch.no_grad()
-    def _choose(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo) -> torch.Tensor:
-        from guidance.reward_models import get_reward
-        from guidance.sampler import decode
+    def cost_per_step(self) -> float:
+        """Two UNet rows, plus decoding and scoring the candidates at the steps that evaluate (a decode and a
+        score of an image counted as SCORE_COST evaluations, at ``eval_downsample``'s reduced size)."""
+        p = self.params
+        evaluated = max(0.0, p.end - p.start) / p.evaluate_every
+        return 2.0 + evaluated * len(p.candidates) * SCORE_COST / p.eval_downsample**2
 
+    def _choose(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, executor) -> torch.Tensor:
+        """The best candidate per image. The K × B candidate images are decoded and scored in chunks of at most
+        SCORE_CHUNK native-size images, each chunk one unit of ``executor`` (the device worker in the service),
+        so memory stays bounded and other requests' UNet calls interleave with the scoring."""
         p = self.params
         batch = cond.shape[0]
-        x0 = torch.cat(
-            [to_x0(cfg_combine(cond, uncond, w), x, info.alpha_bar, info.prediction_type) for w in p.candidates]
-        )
-        if p.eval_downsample > 1:
-            x0 = F.avg_pool2d(x0, p.eval_downsample)
-        images = decode(state.model, x0)
-        reward = get_reward(p.reward, images.device)
-        scores = reward.evaluate(images, state.prompts * len(p.candidates)).total_score.float().view(len(p.candidates), batch)
-        best = scores.argmax(dim=0).cpu()
+        with torch.no_grad():
+            x0 = torch.cat(
+                [to_x0(cfg_combine(cond, uncond, w), x, info.alpha_bar, info.prediction_type) for w in p.candidates]
+            )
+            if p.eval_downsample > 1:
+                x0 = F.avg_pool2d(x0, p.eval_downsample)
+        reward = state.rewards.get(p.reward, x0.device)
+        prompts = state.prompts * len(p.candidates)
+        chunk = score_chunk(state.model, x0.shape[-2] * x0.shape[-1])
+        cost = SCORE_COST * x0.shape[-2] * x0.shape[-1] / native_latent_area(state.model)
+        scores = torch.cat([
+            executor.run(functools.partial(score_images, state.model, reward, x0[i:i + chunk], prompts[i:i + chunk]),
+                         cost=cost * len(prompts[i:i + chunk]))
+            for i in range(0, x0.shape[0], chunk)
+        ]).view(len(p.candidates), batch)
+        best = scores.argmax(dim=0)
         return torch.tensor(p.candidates, dtype=torch.float32)[best]
+
+
+SCORE_CHUNK = 16  # candidate images of the model's native size decoded and scored at once
+SCORE_COST = 1.0  # a decode and a score of one image, in UNet evaluations (a rough estimate, not measured per model)
+
+
+def native_latent_area(model: Any) -> int:
+    size = int(model.unet.config.sample_size)
+    return size * size
+
+
+def score_chunk(model: Any, latent_area: int) -> int:
+    """Images per scoring unit: SCORE_CHUNK at the native size, fewer for larger latents (memory ∝ pixels)."""
+    return max(1, int(SCORE_CHUNK * native_latent_area(model) / latent_area))
+
+
+@torch.no_grad()
+def score_images(model: Any, reward: Any, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Reward of the decoded clean-latent predictions ``x0``, as float32 on the CPU."""
+    from guidance.sampler import decode
+
+    return reward.evaluate(decode(model, x0), prompts).total_score.float().cpu()
 
 
 def _first_index(p: DynamicCFGParams, info: StepInfo) -> int:
