@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from training.cli import add_train_parser  # `diffsteer train METHOD`: the one dispatch into training/
 
     add_train_parser(sub)
+    from training.pairs import add_data_parser  # `diffsteer data pairs`: preference data for train dpo/smpo
+
+    add_data_parser(sub)
     return parser
 
 
