@@ -112,6 +112,31 @@ def run_server(args, root: Path, label: str) -> dict:
         server.stop()
 
 
+def interleaved_throughput(args) -> dict:
+    """Both servers up at once (an idle one costs no CPU), throughput runs alternating between them."""
+    roots = [(ROOT, "this checkout"), (args.baseline_root.resolve(), "baseline")]
+    body = {"prompt": PROMPT, "steps": 20, "policy": "cfg:scale=3", "scheduler": "euler"}
+    servers = {label: Server(argparse.Namespace(**{**vars(args), "clients": [args.clients]}), batching=True, root=root)
+               for root, label in roots}
+    runs: dict[str, list[float]] = {label: [] for _, label in roots}
+    try:
+        for server in servers.values():
+            server.wait_ready(args.ready_timeout)
+            for _ in range(2):
+                httpx.post(f"{server.url}/generate", json=body, timeout=600).raise_for_status()
+        for k in range(args.throughput_rounds):
+            for label, server in (servers.items() if k % 2 == 0 else reversed(servers.items())):
+                row = drive(server.url, body, args.clients, args.requests, args.seconds)
+                runs[label].append(row["throughput_images_per_s"])
+                print(json.dumps({"round": k, "server": label, **row}), file=sys.stderr)
+    finally:
+        for server in servers.values():
+            server.stop()
+    mine, base = (statistics.median(runs[label]) for _, label in roots)
+    return {"benchmark": "service_fairness throughput", "clients": args.clients, "images_per_s": runs,
+            "median_ratio_candidate_over_baseline": round(mine / base, 3)}
+
+
 def markdown_table(results: list[dict]) -> str:
     lines = ["| server | light alone s | with ReNO s (× alone) | after ReNO cancel s | with large s (× alone) | "
              "after large cancel s | images/s at N clients |",
@@ -150,7 +175,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--ready-timeout", type=float, default=900.0)
+    ap.add_argument("--throughput-rounds", type=int, default=0,
+                    help="instead of the phases: start both servers and alternate throughput runs this many rounds")
     args = ap.parse_args()
+    if args.throughput_rounds:
+        report = interleaved_throughput(args)
+        print(json.dumps(report, indent=2))
+        return
 
     roots = [(ROOT, "this checkout")] + ([(args.baseline_root.resolve(), "baseline")] if args.baseline_root else [])
     order = roots[::-1] if args.baseline_first else roots

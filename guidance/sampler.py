@@ -203,6 +203,16 @@ def decode(model: DiffusionModel, latents: torch.Tensor, *, checkpoint: bool = F
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def to_sampler_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """VAE posterior means -> the latent space the sampler works in (inverse of :func:`decode`'s scaling)."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        return (z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor / torch.tensor(std).view(shape).to(z)
+    return z * cfg.scaling_factor
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     array = (pixels.detach().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]

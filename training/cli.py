@@ -20,6 +20,8 @@ from guidance.errors import InvalidInput
 # method -> (module, config class, trainer class)
 METHODS: dict[str, tuple[str, str, str]] = {
     "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
+    "dpo": ("training.dpo", "DPOConfig", "DPOTrainer"),
+    "smpo": ("training.smpo", "SmPOConfig", "SmPOTrainer"),
     "latent-evaluator": ("training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
 }
 

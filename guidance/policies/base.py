@@ -54,7 +54,6 @@ class SamplingContext:
     requested_steps: int | None = None  # the request's `steps`
     prompts: tuple[str, ...] = ()  # one per image
     model: Any = None  # the DiffusionModel, for policies that decode or score (dynamic CFG)
-    executor: Any = None  # guidance.executor.Executor: where model work other than UNet calls runs (None: here)
     rewards: Any = None  # guidance.reward_models.RewardModels the caller passed down (None: the defaults)
 
 
