@@ -88,13 +88,13 @@ def parse_arm(value: Any) -> Any:
         return value
     text = value.strip()
     if text.startswith("{"):
+        from guidance.registry import parse_json_object
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InvalidInput("arms", f"invalid JSON in {text!r}: {e.msg} at position {e.pos}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput("arms", f"expected a JSON object with name, policy, model; got {text!r}")
-        return data
+            return parse_json_object(text, "arms")
+        except InvalidInput as e:
+            raise InvalidInput("arms", f"{e.reason} in {text[:200]!r}; expected a JSON object with name, policy, "
+                               "model") from None
     name, eq, rest = text.partition("=")
     if not eq or not name.strip() or not rest.strip():
         raise InvalidInput("arms", f"expected NAME=POLICY or NAME=POLICY@MODEL (e.g. base=cfg:scale=1), got {text!r}")
@@ -209,8 +209,15 @@ class ABConfig(pydantic.BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ABConfig:
+        from guidance.request import check_text
+
         if len(self.arms) < 2:
             raise InvalidInput("arms", f"need at least two arms to compare, got {len(self.arms)}")
+        if isinstance(self.prompts, str):
+            check_text(self.prompts, "prompts")
+        else:
+            for i, text in enumerate(self.prompts):
+                check_text(text, f"prompts.{i}")
         names = [a.name for a in self.arms]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:

@@ -37,15 +37,31 @@ def _policy(value: Any) -> PolicyParams:
     return parse_policy(value)
 
 
+def check_text(value: str, field: str) -> str:
+    """``value`` if it is valid Unicode text; a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer or
+    UTF-8 encoder accepts, is refused naming ``field``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(field, f"contains a lone surrogate ({value[e.start]!r} at position {e.start}); "
+                           "text must be valid Unicode") from None
+    return value
+
+
 def _prompt(value: Any) -> str | list[str]:
     if isinstance(value, str):
-        return value
+        return check_text(value, "prompt")
     if isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise InvalidInput(f"prompt.{i}", f"expected a string, got {type(item).__name__}")
+            check_text(item, f"prompt.{i}")
         return value
     raise InvalidInput("prompt", f"expected a string or a list of strings, got {type(value).__name__}")
+
+
+def _negative_prompt(value: Any) -> Any:
+    return check_text(value, "negative_prompt") if isinstance(value, str) else value
 
 
 class GenerationParams(pydantic.BaseModel):
@@ -56,7 +72,7 @@ class GenerationParams(pydantic.BaseModel):
     prompt: Annotated[str | list[str], pydantic.BeforeValidator(_prompt)] = pydantic.Field(
         description="The text prompt, or one prompt per image (then num_images is the list's length)."
     )
-    negative_prompt: str | None = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
+    negative_prompt: Annotated[str | None, pydantic.AfterValidator(_negative_prompt)] = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
     policy: Annotated[pydantic.SerializeAsAny[PolicyParams], pydantic.BeforeValidator(_policy)] = pydantic.Field(
         default_factory=lambda: parse_policy(None),
         description=f"Guidance policy: a spec string like 'apg:scale=10' or an object with 'name' "

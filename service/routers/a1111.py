@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from guidance.errors import InvalidInput
 from guidance.images import a1111_parameters
-from guidance.registry import parse_spec_string, policy_class
+from guidance.registry import parse_json_object, parse_spec_string, policy_class
 from service.deps import get_engine, require_api_key
 from service.engine import Engine
 from service.routers.common import CLIENT_CLOSED, run_translated
@@ -107,13 +107,7 @@ def resolve_policy(policy: str | dict[str, Any] | None, cfg_scale: float) -> Any
         return {"name": "cfg", "scale": cfg_scale}
     if isinstance(policy, str):
         text = policy.strip()
-        if text.startswith("{"):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                return policy  # parse_policy reports it with the field named
-        else:
-            data = parse_spec_string(text)
+        data = parse_json_object(text) if text.startswith("{") else parse_spec_string(text)
     else:
         data = dict(policy)
     if not isinstance(data, dict):

@@ -69,8 +69,8 @@ def openai_field(field: str) -> str:
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
-    parts = size.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    parts = [p.strip() for p in size.lower().split("x")]
+    if len(parts) != 2 or not all(p.isascii() and p.isdecimal() for p in parts):  # not "²" nor "٦٤"
         raise InvalidInput("size", f'expected "WxH" like "512x512" or "auto", got {size!r}')
     return int(parts[0]), int(parts[1])
 
