@@ -119,3 +119,42 @@ def test_a_5mb_body_always_gets_a_readable_413(one_thread):  # noqa: F811
                 body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
                 assert body["error"]["field"] == "body" and "larger than" in body["error"]["message"]
         assert _raw_post(server.port, False, expect_continue=True).startswith(b"HTTP/1.1 413")
+
+
+# --- metrics: junk requests add no series ------------------------------------------------------------------
+
+
+def _series(client) -> set[tuple]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_junk_requests_add_no_metric_series(client):
+    import random
+
+    rng = random.Random(0)
+
+    def junk(i: int):
+        method = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(rng.randint(3, 10)))
+        path = "/" + "/".join(f"x{rng.randrange(10**9)}" for _ in range(rng.randint(1, 3)))
+        choice = i % 4
+        if choice == 0:
+            return client.request(method, path)
+        if choice == 1:
+            return client.request(method, "/generate")
+        if choice == 2:
+            return client.get(path)
+        return client.request(method, f"/jobs/{rng.randrange(10**9)}")
+
+    for i in range(8):  # one of each kind first, so every bounded label value already exists
+        junk(i)
+    _series(client)  # the scrape's own series
+    before = _series(client)
+    for i in range(100):
+        junk(i)
+    after = _series(client)
+    assert after == before, sorted(after - before)[:10]
+    labels = {dict(k).get("method") for _, k in after} - {None}
+    assert labels <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
