@@ -80,7 +80,8 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
                 f"{field}.{key}", f"unknown parameter of policy {name!r}; accepted parameters: {', '.join(accepted)}"
             )
     try:
-        return cls.Params(name=name, **data)
+        # strict: a JSON string "7" is not a number, 1 is not a boolean (spec-string values are parsed as JSON)
+        return cls.Params.model_validate({"name": name, **data}, strict=True)
     except pydantic.ValidationError as e:
         raise from_pydantic(e, prefix=f"{field}.") from None
     except TypeError as e:  # e.g. a non-string key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -24,6 +25,14 @@ class Limits:
     max_steps: int = 200
     max_num_images: int = 16
     max_prompt_chars: int = 4000
+
+
+    def for_model(self, defaults: Any) -> Limits:
+        """These limits, tightened by a model's ``max_size`` (:class:`guidance.models.ModelDefaults`)."""
+        size = getattr(defaults, "max_size", None)
+        if size is None:
+            return self
+        return dataclasses.replace(self, max_width=min(self.max_width, size), max_height=min(self.max_height, size))
 
 
 def check_multiple_of_8(size: int | None) -> int | None:
@@ -138,6 +147,18 @@ class GenerationParams(pydantic.BaseModel):
                 raise from_pydantic(e) from None
         params.check_limits(limits or Limits())
         return params
+
+    def with_model_defaults(self, defaults: Any, given: set[str], limits: Limits | None = None) -> GenerationParams:
+        """Fill what the request did not name (``given``: its fields set) from a model's recommendations
+        (:class:`guidance.models.ModelDefaults`): ``policy`` and ``steps``; a default ``steps`` is never above
+        ``limits.max_steps`` (a default must not make a request invalid)."""
+        update: dict[str, Any] = {}
+        if "policy" not in given and getattr(defaults, "policy", None) is not None:
+            update["policy"] = parse_policy(defaults.policy)
+        if "steps" not in given:
+            steps = getattr(defaults, "steps", None) or self.steps
+            update["steps"] = min(steps, limits.max_steps) if limits is not None else steps
+        return self.model_copy(update=update) if update else self
 
     def check_limits(self, limits: Limits) -> None:
         checks = [

@@ -30,7 +30,7 @@ from guidance.models import DiffusionModel
 from guidance.policies.base import GuidancePolicy, PolicyState, SamplingContext
 from guidance.registry import build_policy
 from guidance.request import GenerationParams, Limits
-from guidance.schedulers import build_scheduler
+from guidance.schedulers import a1111_sampler, build_scheduler
 
 
 class GenerationCancelled(Exception):
@@ -64,6 +64,7 @@ class GenerationResult:
     trace: dict[str, Any]
     params: GenerationParams
     model: str
+    sampler: tuple[str, str | None] = ("", None)  # A1111's sampler name and schedule type (infotexts)
 
     def metadata(self, index: int) -> dict[str, Any]:
         """Generation parameters of image ``index`` (for PNG text chunks and API responses)."""
@@ -76,6 +77,8 @@ class GenerationResult:
             "cfg_scale": getattr(p.policy, "scale", None),
             "steps": p.steps,
             "scheduler": p.scheduler,
+            "sampler": self.sampler[0] or a1111_sampler(p.scheduler)[0],
+            "schedule_type": self.sampler[1] if self.sampler[0] else a1111_sampler(p.scheduler)[1],
             "width": self.images[index].width,
             "height": self.images[index].height,
             "eta": p.eta,
@@ -365,4 +368,5 @@ def generation_result(
         trace={**prepared.policy.finish(run.state), **(outer_trace or {})},
         params=prepared.params,
         model=prepared.model.name,
+        sampler=a1111_sampler(prepared.params.scheduler, prepared.model.scheduler_config),
     )

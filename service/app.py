@@ -22,6 +22,7 @@ from service.errors import install_error_handlers
 from service.jobs import JobStore
 from service.metrics import MetricsMiddleware
 from service.middleware import BodySizeLimit
+from service.openapi import install_openapi
 from service.routers import a1111, ab, generate, info, jobs, openai_images
 from service.settings import ServiceSettings
 
@@ -60,6 +61,7 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     app.state.jobs = job_store
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app, settings, engine.loras.names, lambda: engine.allowed_models)
     routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
                a1111.router)
     for router in routers:

@@ -89,6 +89,21 @@ def error_response(request: Request, status: int, message: str, field: str | Non
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of ``app`` answers at the request's path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if route_methods and match != Match.NONE:
+            methods |= set(route_methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,7 +126,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(request, exc.status_code, str(exc.detail), None, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        field = "body" if exc.status_code == 400 else None
+        if exc.status_code == 405:  # Starlette's Allow names the first matching route's methods only
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+        return error_response(request, exc.status_code, str(exc.detail), field, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
