@@ -61,7 +61,8 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     app.state.jobs = job_store
     app.state.settings = settings
     install_error_handlers(app)
-    install_openapi(app, settings, engine.loras.names, lambda: engine.allowed_models)
+    install_openapi(app, settings, engine.loras.names, lambda: engine.allowed_models,
+                    lambda: engine.model_defaults(engine.default_model).max_size)
     routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
                a1111.router)
     for router in routers:

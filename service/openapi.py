@@ -81,7 +81,9 @@ STATUS_TEXT = {
 }
 
 
-def build_openapi(app: FastAPI, settings: ServiceSettings, lora_names: list[str], models: list[str]) -> dict[str, Any]:
+def build_openapi(app: FastAPI, settings: ServiceSettings, lora_names: list[str], models: list[str],
+                  max_size: int | None = None) -> dict[str, Any]:
+    """The schema of ``app`` (see the module docstring); ``max_size``: the default model's own size limit."""
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes,
                          description=__doc__.split("\n\n")[0])
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -89,7 +91,7 @@ def build_openapi(app: FastAPI, settings: ServiceSettings, lora_names: list[str]
         components.pop(name, None)
     components["ErrorResponse"] = ERROR_SCHEMA
     _add_policy_schemas(components)
-    limits = _limits(settings, lora_names, models)
+    limits = _limits(settings, lora_names, models, max_size)
     schema["info"]["x-diffsteer-limits"] = limits
     _bound_generate(components["GenerateRequest"], limits)
     _bound_openai(components["OpenAIImageRequest"], limits)
@@ -109,12 +111,13 @@ def build_openapi(app: FastAPI, settings: ServiceSettings, lora_names: list[str]
     return schema
 
 
-def install_openapi(app: FastAPI, settings: ServiceSettings, lora_names, models) -> None:
-    """Serve :func:`build_openapi` at /openapi.json (built on first use, then cached)."""
+def install_openapi(app: FastAPI, settings: ServiceSettings, lora_names, models, max_size) -> None:
+    """Serve :func:`build_openapi` at /openapi.json (built on first use, then cached); the arguments after
+    ``settings`` are callables, asked when the schema is built."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, settings, lora_names(), models())
+            app.openapi_schema = build_openapi(app, settings, lora_names(), models(), max_size())
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -164,11 +167,12 @@ def _policy(nullable: bool) -> dict[str, Any]:
 # --- limits -------------------------------------------------------------------------------------------------
 
 
-def _limits(settings: ServiceSettings, lora_names: list[str], models: list[str]) -> dict[str, Any]:
+def _limits(settings: ServiceSettings, lora_names: list[str], models: list[str], max_size: int | None
+            ) -> dict[str, Any]:
     return {
         "max_steps": settings.max_steps,
-        "max_width": settings.max_width,
-        "max_height": settings.max_height,
+        "max_width": min(settings.max_width, max_size or settings.max_width),
+        "max_height": min(settings.max_height, max_size or settings.max_height),
         "max_num_images": settings.max_num_images,
         "max_prompt_chars": settings.max_prompt_chars,
         "max_body_bytes": settings.max_body_bytes,

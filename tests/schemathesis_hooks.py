@@ -44,3 +44,8 @@ def _expensive(value) -> bool:
 @schemathesis.hook
 def filter_body(ctx, body) -> bool:
     return not _expensive(body)
+
+
+@schemathesis.hook
+def filter_case(ctx, case) -> bool:  # the coverage phase's cases too
+    return not _expensive(case.body)

@@ -162,6 +162,8 @@ def unsupported(body: Txt2ImgRequest) -> None:
 
 def to_generate_request(body: Txt2ImgRequest) -> GenerateRequest:
     unsupported(body)
+    if body.seed < -1:
+        raise InvalidInput("seed", f"{body.seed}: -1 (a random seed) or a seed ≥ 0")
     checkpoint = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
     model = body.model if body.model is not None else checkpoint
     data: dict[str, Any] = {
