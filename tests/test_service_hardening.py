@@ -158,3 +158,124 @@ def test_junk_requests_add_no_metric_series(client):
     assert after == before, sorted(after - before)[:10]
     labels = {dict(k).get("method") for _, k in after} - {None}
     assert labels <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+
+
+# --- small things: 500s logged once, previews once per job, stored jobs capped by bytes, model defaults --------
+
+
+def test_a_500_is_logged_once_and_answered_as_json(one_thread, caplog, monkeypatch):  # noqa: F811
+    from service.app import create_app
+
+    app = create_app(settings(preload=False))
+    with TestClient(app) as c:  # raise_server_exceptions: a re-raised exception would fail this test
+        def boom(*a, **k):
+            raise RuntimeError("boom-7d1")
+
+        monkeypatch.setattr(app.state.engine, "plan", boom)
+        with caplog.at_level("DEBUG"):
+            r = c.post("/generate", json={"prompt": "x"})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error (RuntimeError); see the server log"
+    logged = [rec for rec in caplog.records if rec.exc_info and "boom-7d1" in str(rec.exc_info[1])]
+    assert len(logged) == 1, [(rec.name, rec.getMessage()) for rec in logged]
+
+
+def test_previews_are_rendered_once_per_step_whatever_the_subscribers():
+    import asyncio
+
+    import torch
+
+    from service.jobs import Job
+    from service.routers.jobs import _with_preview
+
+    class Engine:
+        calls = 0
+
+        def preview(self, model, latents):
+            Engine.calls += 1
+            return [b"png-%d" % i for i in range(latents.shape[0])]
+
+    job = Job("j", None)
+    job.model, job.latest_latents = object(), (3, torch.zeros(2, 4, 2, 2))
+    event = {"id": 5, "event": "step", "data": {"step": 3, "total": 9}}
+
+    async def readers():
+        return await asyncio.gather(*[_with_preview(Engine(), job, event) for _ in range(5)])
+
+    results = asyncio.run(readers())
+    assert Engine.calls == 1 and all(len(r["data"]["preview"]) == 2 for r in results)
+
+
+def test_stored_jobs_are_capped_by_bytes():
+    from service.jobs import Job, JobStore, body_bytes
+
+    store = JobStore(ttl_s=1e9, max_finished=100, max_bytes=1000)
+    for k in range(6):
+        job = Job(f"j{k}", None, status="succeeded", finished_mono=float(k))
+        job.result_body = {"images": ["x" * 300]}
+        job.size_bytes = body_bytes(job.result_body)
+        store._jobs[job.id] = job
+    assert store.purge(now=10.0) == 3  # 6 x ~300 bytes: the three oldest go
+    assert {j for j in store._jobs} == {"j3", "j4", "j5"}
+
+
+def test_requests_naming_no_policy_get_the_models_recommendation(one_thread):  # noqa: F811
+    from service.app import create_app
+    from service.routers import a1111, openai_images
+    from service.schemas import GenerateRequest
+
+    app = create_app(settings(model="builtin:proving-ground", preload=False, max_width=2048, max_height=2048))
+    engine = app.state.engine
+    plan = engine.plan(GenerateRequest(prompt="x"))
+    assert plan.params.policy.spec() == "cfg:scale=1.5" and plan.params.steps == 30  # proving_ground/.../diffsteer.json
+    plan = engine.plan(GenerateRequest(prompt="x", policy=None, steps=None))  # null: the same as absent
+    assert plan.params.policy.spec() == "cfg:scale=1.5"
+    assert engine.plan(GenerateRequest(prompt="x", policy="cfg", steps=7)).params.policy.spec() == "cfg"
+    with pytest.raises(Exception) as e:  # the model's max_size (256) caps the server's 2048
+        engine.plan(GenerateRequest(prompt="x", width=512))
+    assert e.value.field == "width"
+    via_a1111 = engine.plan(a1111.to_generate_request(a1111.Txt2ImgRequest(prompt="x")))
+    assert via_a1111.params.policy.spec() == "cfg:scale=1.5" and via_a1111.params.steps == 30
+    assert via_a1111.params.width is None  # the native size
+    with_scale = engine.plan(a1111.to_generate_request(a1111.Txt2ImgRequest(prompt="x", cfg_scale=4.0)))
+    assert with_scale.params.policy.spec() == "cfg:scale=4.0"
+    via_openai = engine.plan(openai_images.to_generate_request(openai_images.OpenAIImageRequest(prompt="x"), engine))
+    assert via_openai.params.policy.spec() == "cfg:scale=1.5"
+    # a default never makes a request invalid: steps above max_steps are clamped
+    small = create_app(settings(model="builtin:proving-ground", preload=False, max_steps=4)).state.engine
+    assert small.plan(GenerateRequest(prompt="x")).params.steps == 4
+
+
+def test_cli_generate_uses_the_models_recommendation(monkeypatch):
+    import guidance.models
+    import guidance.sampler
+    from service.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_generate(model, params, **kw):
+        seen["params"] = params
+        raise Stop()
+
+    monkeypatch.setattr(guidance.models, "load_model", lambda *a, **k: object())
+    monkeypatch.setattr(guidance.sampler, "generate", fake_generate)
+    with pytest.raises(Stop):
+        main(["generate", "a red circle", "-q"])
+    assert seen["params"].policy.spec() == "cfg:scale=1.5" and seen["params"].steps == 30
+    with pytest.raises(Stop):
+        main(["generate", "a red circle", "-q", "--policy", "apg:scale=6", "--steps", "5"])
+    assert seen["params"].policy.spec() == "apg:scale=6.0" and seen["params"].steps == 5
+    assert main(["generate", "x", "--size", "512x512", "-q"]) == 2  # above the model's max_size
+
+
+def test_serve_takes_a_lora_dir(monkeypatch, tmp_path):
+    import uvicorn
+
+    from service.cli import main
+
+    captured = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.setdefault("app", app))
+    assert main(["serve", "--lora-dir", str(tmp_path), "--model", "builtin:tiny"]) == 0
+    assert captured["app"].state.settings.lora_dir == tmp_path
