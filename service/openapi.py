@@ -41,10 +41,9 @@ ARM_FORMAT = "diffsteer-arm"
 
 # Fields whose 422 can come from a constraint between fields (see the module docstring), by operation.
 CROSS_FIELD = {
-    "policy.scales", "policy.interval_start", "policy.interval_end", "policy.sigma_low", "policy.sigma_high",
-    "policy.reward", "policy", "policy.zero_init_steps", "policy.warmup_steps", "policy.period", "policy.start",
-    "policy.end", "num_images", "seeds", "prompt", "batch_size", "n", "scheduler", "arms", "prompts", "metrics",
-    "directions", "baseline", "size",
+    "policy.scales", "policy.interval_end", "policy.sigma_high", "policy.reward", "policy.zero_init_steps",
+    "policy.warmup_steps", "policy.period", "policy.end", "num_images", "seeds", "batch_size", "n",
+    "scheduler", "arms", "prompts", "metrics", "directions", "baseline",
 }
 
 ERROR_SCHEMA = {

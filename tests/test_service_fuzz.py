@@ -11,6 +11,8 @@ that JSON Schema cannot state (``service.openapi.CROSS_FIELD``); such a refusal 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ from schemathesis.core.failures import FailureGroup  # noqa: E402
 
 from service.openapi import CROSS_FIELD  # noqa: E402
 
-EXAMPLES = 250
+EXAMPLES = int(os.environ.get("DIFFSTEER_FUZZ_EXAMPLES", "150"))  # per server; by hand: more
 KEY = "fuzz-key-1"
 LIMITS = dict(max_steps=3, max_width=32, max_height=32, max_num_images=2, queue_size=2, max_concurrent=1,
               batching=False, request_timeout_s=20.0, job_ttl_s=5.0, ab_max_images=8, ab_queue_size=1)
