@@ -1,13 +1,15 @@
 """AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img`` and the listings its clients read.
 
 Request fields used: ``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale``, ``seed`` (-1: random),
-``width``, ``height``, ``batch_size`` x ``n_iter`` images, ``sampler_name`` (or ``sampler_index``) and
+``width``, ``height`` (default: the model's native size), ``batch_size`` x ``n_iter`` images, ``sampler_name`` (or ``sampler_index``) and
 ``scheduler`` (A1111 1.9+: ``automatic`` or ``karras``), ``eta``, ``override_settings.sd_model_checkpoint``
 (a model of this server). Extensions: ``policy`` (when its ``scale`` is not given, ``cfg_scale`` fills it),
-``lora``. Fields A1111 clients send with defaults are accepted and ignored; features this server does not
+``lora``. Without ``policy`` and ``cfg_scale`` the model's recommended policy is used, without ``steps`` its
+recommended steps (``guidance.models.ModelDefaults``). Fields A1111 clients send with defaults are accepted and ignored; features this server does not
 have (hires fix, face restoration, tiling, variation seeds, styles, scripts) are refused with 422 when asked
 for. Response: ``{"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}`` with
-``seed``/``all_seeds``/``infotexts`` like A1111.
+``seed``/``all_seeds``/``infotexts`` like A1111; ``sampler_name``, ``scheduler`` (schedule type) and
+``cfg_scale`` in ``info`` are those the PNGs' infotexts carry (A1111's names: ``DPM++ 2M`` + ``Karras``).
 """
 
 from __future__ import annotations
