@@ -60,9 +60,13 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
         return policy_class(DEFAULT_POLICY).Params()
     if isinstance(spec, PolicyParams):
         return spec
+    # JSON objects are validated strictly (the string "7" is not a number, 1 not a boolean), as the published
+    # schema says; a spec string's values are text, so "scale=nan" is read as a (non-finite) number
+    strict = True
     if isinstance(spec, str):
         spec = spec.strip()
-        data = parse_json_object(spec, field) if spec.startswith("{") else parse_spec_string(spec, field)
+        strict = spec.startswith("{")
+        data = parse_json_object(spec, field) if strict else parse_spec_string(spec, field)
     elif isinstance(spec, Mapping):
         data = dict(spec)
     else:
@@ -80,8 +84,7 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
                 f"{field}.{key}", f"unknown parameter of policy {name!r}; accepted parameters: {', '.join(accepted)}"
             )
     try:
-        # strict: a JSON string "7" is not a number, 1 is not a boolean (spec-string values are parsed as JSON)
-        return cls.Params.model_validate({"name": name, **data}, strict=True)
+        return cls.Params.model_validate({"name": name, **data}, strict=strict)
     except pydantic.ValidationError as e:
         raise from_pydantic(e, prefix=f"{field}.") from None
     except TypeError as e:  # e.g. a non-string key

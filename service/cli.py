@@ -50,14 +50,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.size is not None:
         width, height = parse_size(args.size)
     defaults = model_defaults(args.model)  # the model folder's diffsteer.json, read without loading the model
-    max_size = args.max_size or defaults.max_size or 2048
+    max_size = args.max_size if args.max_size is not None else (defaults.max_size or 2048)
     limits = Limits(max_width=max_size, max_height=max_size)
     params = GenerationParams.parse(
         {
             "prompt": args.prompt,
             "negative_prompt": args.negative,
             "policy": args.policy if args.policy is not None else defaults.policy,
-            "steps": args.steps or defaults.steps or GenerationParams.model_fields["steps"].default,
+            "steps": args.steps if args.steps is not None else (
+                defaults.steps or GenerationParams.model_fields["steps"].default),
             "scheduler": args.scheduler,
             "seed": args.seed,
             "num_images": args.num_images,
