@@ -23,7 +23,7 @@ from service.jobs import JobStore
 from service.metrics import MetricsMiddleware
 from service.middleware import BodySizeLimit
 from service.openapi import install_openapi
-from service.routers import a1111, ab, generate, info, jobs, openai_images
+from service.routers import a1111, ab, generate, info, jobs, openai_images, playground
 from service.settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -64,9 +64,10 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     install_openapi(app, settings, engine.loras.names, lambda: engine.allowed_models,
                     lambda: engine.model_defaults(engine.default_model).max_size)
     routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
-               a1111.router)
+               a1111.router, playground.router)
     for router in routers:
         app.include_router(router)
+    app.mount(playground.ASSETS_PATH, playground.assets(), name="playground")
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
