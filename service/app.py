@@ -35,7 +35,7 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     """The app for ``settings`` (default: from the environment). ``models``: a shared model cache (tests)."""
     settings = settings or ServiceSettings()
     engine = Engine(settings, models)
-    job_store = JobStore(settings.job_ttl_s, settings.max_stored_jobs, settings.max_stored_job_bytes)
+    job_store = JobStore(settings.job_ttl_s, settings.max_stored_jobs, max_bytes=settings.max_stored_job_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
