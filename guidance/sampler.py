@@ -33,7 +33,7 @@ from guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState,
 from guidance.registry import build_policy
 from guidance.request import GenerationParams, Limits
 from guidance.reward_models import DEFAULT_REWARDS, RewardModels
-from guidance.schedulers import build_scheduler
+from guidance.schedulers import a1111_sampler, build_scheduler
 
 
 class GenerationCancelled(Exception):
@@ -67,6 +67,7 @@ class GenerationResult:
     trace: dict[str, Any]
     params: GenerationParams
     model: str
+    sampler: tuple[str, str | None] = ("", None)  # A1111's sampler name and schedule type (infotexts)
     phases: dict[str, float] = field(default_factory=dict)  # wall time of encode, optimise, denoise, decode
 
     def metadata(self, index: int) -> dict[str, Any]:
@@ -80,6 +81,8 @@ class GenerationResult:
             "cfg_scale": getattr(p.policy, "scale", None),
             "steps": p.steps,
             "scheduler": p.scheduler,
+            "sampler": self.sampler[0] or a1111_sampler(p.scheduler)[0],
+            "schedule_type": self.sampler[1] if self.sampler[0] else a1111_sampler(p.scheduler)[1],
             "width": self.images[index].width,
             "height": self.images[index].height,
             "eta": p.eta,
@@ -271,8 +274,8 @@ def check_request(
     limits = limits or Limits()
     params = GenerationParams.parse(params, limits)
     policy = build_policy(params.policy)
-    cost = generation_cost(params, policy, model.default_size)
-    check_cost(cost, model.default_size, limits.max_cost, limits.max_area_factor)
+    cost = generation_cost(params, policy, model.native_size)
+    check_cost(cost, model.native_size, limits.max_cost, limits.max_area_factor)
     scheduler, timesteps = make_scheduler(model, params)
     rewards = rewards or DEFAULT_REWARDS
     state = policy.start(sampling_context(model, params, timesteps, rewards))
@@ -451,4 +454,5 @@ def generation_result(
         trace={**prepared.policy.finish(run.state), **(outer_trace or {})},
         params=prepared.params,
         model=prepared.model.name,
+        sampler=a1111_sampler(prepared.params.scheduler, prepared.model.scheduler_config),
     )

@@ -58,6 +58,10 @@ def plan_run(engine: Engine, request: Any, folder: Path) -> ABPlan:
     """The request (a ``schemas.ABRequest``) validated in full, writing to ``folder``; InvalidInput names the field.
     Loads the models it names (through the engine's cache) and builds its reward models."""
     data = request.model_dump()
+    if "batch_size" not in request.model_fields_set:  # a default must not make the request invalid
+        data["batch_size"] = min(data["batch_size"], engine.limits.max_num_images)
+    if "steps" not in request.model_fields_set:
+        data["steps"] = min(data["steps"], engine.limits.max_steps)
     prompts = data["prompts"]
     if isinstance(prompts, str) and not prompts.strip().startswith("pg:"):
         raise InvalidInput("prompts", "send pg:all, pg:CATEGORY[,...] or a list of prompts; the server reads no files "

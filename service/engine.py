@@ -31,7 +31,7 @@ import torch
 
 from guidance.errors import unknown_choice
 from guidance.images import encode_image
-from guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, canonical_spec
+from guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, ModelDefaults, canonical_spec, model_defaults
 from guidance.request import GenerationParams
 from guidance.reward_models import DEFAULT_REWARDS, RewardModels
 from guidance.sampler import CheckedRequest, GenerationResult, StepCallback, StepEvent, check_request, generate
@@ -133,6 +133,7 @@ class Engine:
         self.allowed_models = list(dict.fromkeys([self.default_model, *(canonical_model(m) for m in settings.models)]))
         self._controls: dict[int, AdapterControl] = {}
         self._controls_lock = threading.Lock()
+        self._defaults: dict[str, ModelDefaults] = {}
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
         self.ab_queue: WorkQueue | None = None  # A/B runs (service.ab), apart so they never take a generation slot
@@ -199,22 +200,34 @@ class Engine:
 
     def plan(self, request: GenerateRequest, label: str = "") -> Plan:
         """Validate a request fully (limits, model, LoRA; policy, steps and cost against the model when it is
-        loaded, else when the queue thread has loaded it)."""
-        params = request.generation_params()
+        loaded, else when the queue thread has loaded it), with the model's recommended defaults filled in."""
         model = self.resolve_model(request.model)
+        defaults = self.model_defaults(model)
+        limits = self.limits.for_model(defaults)
+        params = request.generation_params().with_model_defaults(defaults, request.model_fields_set, limits)
+        params.check_limits(limits)
         adapters = self.loras.normalise(request.lora)
         if params.seed is None and params.seeds is None:
             params = params.model_copy(update={"seed": secrets.randbelow(2**32)})
         loaded = self.loaded_model(model)
         if loaded is None:
-            params.check_limits(self.limits)
             return Plan(params, model, adapters, request.output_format, label)
-        checked = check_request(loaded, params, limits=self.limits, rewards=self.rewards)
+        checked = check_request(loaded, params, limits=limits, rewards=self.rewards)
         return Plan(checked.params, model, adapters, request.output_format, label, checked)
 
+    def model_defaults(self, spec: str) -> ModelDefaults:
+        """The recommendations of an offered model (read once, without loading the model)."""
+        with self._controls_lock:
+            found = self._defaults.get(spec)
+        if found is None:
+            found = model_defaults(spec)
+            with self._controls_lock:
+                self._defaults[spec] = found
+        return found
+
     def resolve_model(self, spec: str | None, field: str = "model") -> str:
-        """The canonical name of a model this server offers (None, "" and "default": the default model)."""
-        model = self.default_model if spec in (None, "", "default") else canonical_model(spec)
+        """The canonical name of a model this server offers (None and "default": the default model)."""
+        model = self.default_model if spec in (None, "default") else canonical_model(spec) if spec else ""
         if model not in self.allowed_models:
             raise unknown_choice(field, spec, ["default", *self.allowed_models])
         return model
@@ -288,7 +301,7 @@ class Engine:
 
         checked = plan.checked
         if checked is None:  # the model was not loaded when the request was planned
-            checked = check_request(model, plan.params, limits=self.limits, rewards=self.rewards)
+            checked = check_request(model, plan.params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
             ticket.cost = checked.cost.total
         ticket.emit("prepared", (model, None))
         result = self.sample(model, checked, adapters=plan.adapters, callback=on_step,
@@ -328,7 +341,7 @@ class Engine:
         worker, in a flow of its own weighted by its cost; ``stopped()`` True fails its waiting units (cancel)."""
         assert self.device is not None
         checked = params if isinstance(params, CheckedRequest) else check_request(
-            model, params, limits=self.limits, rewards=self.rewards)
+            model, params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
         flow = self.device.flow(self.lane_weight(checked.cost.total), stopped=stopped, on_cost=on_cost)
         size = int(model.unet.config.sample_size)
         executor = DeviceExecutor(self.device, flow, control=self.control_for(model), adapters=adapters,
@@ -353,7 +366,10 @@ class Engine:
             model = self.loaded_model(spec)
             row: dict[str, Any] = {"name": spec, "default": spec == self.default_model, "loaded": model is not None}
             if model is not None:
-                row.update(family=model.family, native_size=model.default_size, prediction_type=model.prediction_type,
+                row.update(family=model.family, native_size=model.native_size, prediction_type=model.prediction_type,
                            scheduler=model.scheduler_config.get("_class_name"))
+            defaults = self.model_defaults(spec)
+            row["defaults"] = {**defaults.model_dump(), "native_size": model.native_size if model is not None
+                               else defaults.native_size}
             rows.append(row)
         return rows

@@ -124,6 +124,10 @@ class ServiceSettings(BaseSettings):
     max_stored_jobs: int = pydantic.Field(
         64, ge=1, description="Finished jobs kept at most, with their encoded images (oldest dropped first)."
     )
+    max_stored_job_bytes: int = pydantic.Field(
+        256 * 2**20, ge=1, description="Bytes of results (base64 images) finished jobs may hold in all (oldest "
+        "dropped first); a single job above it is dropped at the next purge."
+    )
     batching: bool = pydantic.Field(True, description="Denoise concurrent compatible requests in shared UNet calls.")
     max_batch_rows: int = pydantic.Field(16, ge=1, description="Most latent rows in one shared UNet call.")
     max_batch_requests: int = pydantic.Field(8, ge=1, description="Default max_concurrent when batching is on.")
