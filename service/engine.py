@@ -154,7 +154,8 @@ class Engine:
         self.settings = settings
         self.limits = settings.limits
         self.metrics = Metrics()
-        self.models = models or ModelCache(device=settings.device, dtype=settings.dtype, config=settings.model_config_dir)
+        self.models = models or ModelCache(device=settings.device, dtype=settings.dtype, config=settings.model_config_dir,
+                                         fast_paths=settings.fast_paths)
         self.loras = LoraLibrary(settings.lora_dir)
         self.previewer = LatentPreviewer()
         self.default_model = canonical_model(settings.model)
