@@ -92,8 +92,9 @@ def main() -> None:
                 generate(compiled, request)
             notes["generate+compile"] = f"first call (compilation) {time.perf_counter() - t0:.0f} s"
             fns["generate+compile"] = lambda: generate(compiled, request)
-        except TimeoutError as e:
-            notes["generate+compile"] = f"dropped: compilation {e}"
+        except Exception as e:  # noqa: BLE001 - the alarm surfaces as TimeoutError or wrapped in inductor's own error
+            notes["generate+compile"] = (f"dropped: no first call within {args.compile_timeout:.0f} s "
+                                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     server = None
     if "service" in arms:
         import httpx

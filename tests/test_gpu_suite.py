@@ -14,7 +14,7 @@ from benchmarks import gpu_suite  # noqa: E402
 
 
 def test_smoke_run_measures_every_row(tmp_path):
-    assert gpu_suite.main(["--smoke", "--out", str(tmp_path), "--budget-s", "900"]) == 0
+    assert gpu_suite.main(["--smoke", "--out", str(tmp_path), "--budget-s", "1800"]) == 0
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     by_row = {r["row"]: r for r in report["rows"]}
     assert list(by_row) == list(gpu_suite.ROWS)
