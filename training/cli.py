@@ -3,7 +3,8 @@
     diffsteer train alignprop --config alignprop.yaml [--resume] [--set key=value ...]
     diffsteer train alignprop --print-config            # every field with its default and help, as YAML
 
-The same entry point runs under ``accelerate launch`` (``accelerate launch -m training.alignprop --config ...``).
+The same entry point runs in several processes: ``torchrun --nproc_per_node N -m training.alignprop --config ...``
+(or ``accelerate launch --multi_gpu --num_processes N -m training.alignprop ...``); see :mod:`training.trainer`.
 Each method is a module with a config dataclass and a trainer class (the trl pairing); adding one is an entry in
 :data:`METHODS`.
 """
@@ -39,8 +40,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_parsed(method: str, args: argparse.Namespace) -> int:
-    from training.alignprop import TrainingInterrupted  # one interruption type for every trainer
     from training.config_io import load_config, render_yaml
+    from training.trainer import TrainingInterrupted
 
     module_name, config_name, trainer_name = METHODS[method]
     module = importlib.import_module(module_name)
@@ -52,10 +53,14 @@ def run_parsed(method: str, args: argparse.Namespace) -> int:
     try:
         summary = trainer.train(resume=args.resume)
     except TrainingInterrupted as e:
-        print(f"diffsteer: {e}", file=sys.stderr)
+        if trainer.processes.is_main:
+            print(f"diffsteer: {e}", file=sys.stderr)
         return 130
-    if summary.get("adapter"):
-        print(summary["adapter"])
+    finally:
+        trainer.close()
+    for key in ("adapter", "pipeline"):
+        if summary.get(key):
+            print(summary[key])
     return 0
 
 

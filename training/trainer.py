@@ -1,0 +1,715 @@
+"""The shared trainer: one loop, one base config, and the hooks a training method fills in.
+
+A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_config`` and ``<method>_trainer``):
+
+* ``<Method>Config(TrainerConfig)``: its own fields, each with ``metadata={"help": ...}``; its ``__post_init__``
+  calls ``super().__post_init__()`` and checks its fields (InvalidInput naming the field). A method may
+  give a base field another default, keeping its help, with :func:`with_default`
+  (a distiller: ``export: str = with_default("export", "pipeline")``).
+* ``<Method>Trainer(Trainer)`` with ``name = "<method>"`` and these hooks:
+
+  ``build()``            create what trains, and register it (default: a LoRA on ``self.model.unet``, or the
+                         whole UNet with ``trainable: full``, as module ``"unet"`` with optimiser ``"unet"``):
+                           ``self.register_module(name, module, state="trainable" | "full")``
+                           ``self.register_optimizer(name, params, lr=..., **adamw)``  (AdamW + linear warm-up,
+                             its own loss scaler; several, at different learning rates, are fine)
+                           ``self.register_ema(name, module, decay)``  (an EMA copy, updated by
+                             ``self.update_ema(name)``)
+                         Everything registered is checkpointed, resumed exactly and (trainable parameters)
+                         broadcast from rank 0 at start. Check rollout/data settings here too: it runs
+                         before any training work.
+  ``draw_batch(step, micro)``  this process's share of micro-batch ``micro`` of optimizer step ``step``. Draw the
+                         global batch from ``self.step_rng(step)`` and keep ``self.shard(micro)`` of it, or use
+                         ``self.epoch_indices(step, micro, n)`` for a dataset; per-sample noise from per-sample
+                         seeds. Then N processes with batch B draw exactly what one process with batch N·B does.
+  ``compute_loss(batch)`` -> ``(loss, metrics)``: the scalar loss of this process's batch (a mean over it) and
+                         float metrics (averaged over micro-batches and processes before logging). It runs
+                         outside autocast: wrap the model calls in ``with self.autocast():``.
+  ``training_step()``    one optimizer step; the default accumulates ``compute_loss`` over
+                         ``gradient_accumulation_steps`` micro-batches into every optimiser. Methods with several
+                         losses (a generator and a critic at different rates) override it with the building
+                         blocks ``self.backward(loss, optimizer)`` and ``self.optimizer_step(optimizer)``
+                         (gradients averaged over processes, unscaled, clipped, stepped, scheduled, zeroed).
+  ``eval_model()``       the DiffusionModel the held-out evaluation samples from (default ``self.model``).
+  ``eval_reward()``      reward spec scored on evaluation images besides the verifier (default ``eval_reward``).
+  ``export_unet()``      the UNet written by a pipeline export (default: ``self.model.unet``; a distiller
+                         returns its EMA student).
+  ``extra_state()`` / ``load_extra_state(state)``  anything else a resumed run needs (tensors, numbers, strings).
+  ``progress_postfix(metrics)`` what the progress bar shows.
+
+* An entry in :data:`training.cli.METHODS` (``diffsteer train <method>``) and a ``main()`` calling
+  ``training.cli.run_method("<method>", argv)`` (``python -m training.<method>``, ``torchrun ... -m training.<method>``).
+
+How the export is chosen: ``config.export`` is ``lora`` (the UNet adapter in diffusers format with its α,
+``adapters/<adapter_name>/``), ``pipeline`` (a whole diffusers pipeline folder, ``pipeline/``, the LoRA merged
+into the weights: loads with ``StableDiffusionPipeline.from_pretrained`` and as a ``diffsteer`` model) or
+``both``; :meth:`Trainer.export` may be overridden.
+
+What the loop owns: device and precision (base weights in fp16/bf16 on GPU under autocast, trained parameters
+fp32, fp16 loss scaling), seeding (``torch``/numpy/``random`` global generators from ``seed`` before
+``build``, so even library initialisers repeat), accumulation, clipping, atomic checkpoints of every registered
+module, optimiser, schedule, scaler and EMA with the config (resume refuses a config that changes the
+experiment), SIGINT/SIGTERM (stop after the current step with a checkpoint, agreed by all processes),
+held-out evaluation with the verifier on ``pg:`` prompts, ``metrics.csv``/TensorBoard/``reward_curve.png``,
+and several processes (``torchrun --nproc_per_node N -m training.<method> --config ...``): the parameters
+broadcast from rank 0, gradients and metrics averaged, only rank 0 writes files (see
+:mod:`training.distributed`). One log row per step and metric whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from guidance.errors import InvalidInput
+
+# Fields a resumed run may change; any other difference between the checkpoint's config and the new one is an
+# error, since it would silently make the resumed run a different experiment. A method adds its own with
+# ``Trainer.resumable_changes``.
+RESUMABLE_CHANGES = frozenset({
+    "max_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "log_every",
+    "tensorboard", "progress", "output_dir", "threads", "sample_grid_images", "export", "adapter_name",
+})
+
+
+@dataclass
+class TrainerConfig:
+    """Fields every training method shares (training/trainer.py); a method's config extends this."""
+
+    # --- model and run folder
+    model: str = field(default="builtin:proving-ground", metadata={
+        "help": "Model to fine-tune: a diffusers folder, a .safetensors file, a hub id, or builtin:NAME."})
+    output_dir: str = field(default="runs/train", metadata={
+        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, adapters/<adapter_name>/, pipeline/."})
+    adapter_name: str = field(default="adapter", metadata={
+        "help": "Name of the exported LoRA (adapters/<name>/pytorch_lora_weights.safetensors; serve with "
+                "--lora-dir <output_dir>/adapters and lora name <name>)."})
+    export: Literal["lora", "pipeline", "both"] = field(default="lora", metadata={
+        "help": "What the run writes at the end: lora (adapters/<adapter_name>/, diffusers format with its alpha), "
+                "pipeline (pipeline/: a whole diffusers pipeline with the trained UNet, LoRA merged), or both."})
+    # --- held-out evaluation (and the sampling of methods that sample while training)
+    eval_prompts: str = field(default="pg:all", metadata={
+        "help": "Held-out evaluation prompts (pg:... adds the exact verifier), or a prompt file; '' disables."})
+    eval_seeds: int = field(default=2, metadata={"help": "Seeds per evaluation prompt (fixed across the run)."})
+    eval_max_prompts: int | None = field(default=6, metadata={
+        "help": "Evaluation prompts kept (per category for pg:); null keeps all."})
+    eval_reward: str = field(default="", metadata={
+        "help": "Reward scored on the evaluation images besides the verifier, 'name:weight,...' "
+                "('': the method's own reward where it has one, else none)."})
+    policy: str = field(default="cfg:scale=3", metadata={
+        "help": "Guidance policy of the evaluation samples (and of a method's rollouts), e.g. 'cfg:scale=7.5'."})
+    scheduler: str = field(default="ddim", metadata={"help": "Sampler of the evaluation (see `diffsteer generate --help`)."})
+    steps: int = field(default=20, metadata={"help": "Denoising steps per sample."})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic; 1: DDPM-like noise)."})
+    height: int | None = field(default=None, metadata={"help": "Image height (null: the model's native size)."})
+    width: int | None = field(default=None, metadata={"help": "Image width (null: the model's native size)."})
+    # --- what trains (the default build)
+    trainable: Literal["lora", "full"] = field(default="lora", metadata={
+        "help": "lora: a LoRA adapter on the UNet (lora_* fields); full: every UNet weight (kept in fp32)."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_targets: tuple[str, ...] = field(default=("to_q", "to_k", "to_v", "to_out.0"), metadata={
+        "help": "UNet module names that get adapters (attention projections by default)."})
+    # --- optimisation
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (after warm-up)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in optimizer steps."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW decoupled weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0: no clipping)."})
+    batch_size: int = field(default=4, metadata={
+        "help": "Samples per micro-batch per process (the global batch is batch_size x processes x accumulation)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps of the run."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={
+        "help": "no (fp32), fp16 (with loss scaling) or bf16: base weights and autocast in that dtype on GPU; "
+                "trained parameters stay fp32."})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda:LOCAL_RANK where that GPU exists, else cpu), cpu, cuda (cuda:LOCAL_RANK), cuda:N "
+                "(one process only). All processes must agree."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (null: torch's default)."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of every random draw: the adapter's initialisation, the data, the noise."})
+    # --- checkpoints, evaluation, logs
+    checkpoint_every: int = field(default=25, metadata={"help": "Write an atomic checkpoint every N optimizer steps."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept (0: all)."})
+    eval_every: int = field(default=25, metadata={
+        "help": "Evaluate on the held-out prompts every N steps (and always before the first and after the last)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Images per evaluation batch."})
+    sample_grid_images: int = field(default=16, metadata={"help": "Evaluation images saved as a grid in samples/."})
+    log_every: int = field(default=1, metadata={"help": "Write training metrics every N steps."})
+    tensorboard: bool = field(default=True, metadata={"help": "Also write TensorBoard events."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "lora_rank", "batch_size", "gradient_accumulation_steps", "max_steps",
+                    "checkpoint_every", "eval_every", "eval_batch_size", "log_every", "eval_seeds")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InvalidInput(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("keep_checkpoints", "warmup_steps", "sample_grid_images", "max_grad_norm", "weight_decay", "eta"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(name, f"must be non-negative, got {getattr(self, name)}")
+        if not 0 < self.learning_rate < 1:
+            raise InvalidInput("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        if self.lora_alpha <= 0:
+            raise InvalidInput("lora_alpha", f"must be positive, got {self.lora_alpha}")
+        if not self.lora_targets:
+            raise InvalidInput("lora_targets", "at least one module name is required")
+        if not self.adapter_name or "/" in self.adapter_name or self.adapter_name.startswith("."):
+            raise InvalidInput("adapter_name", f"must be a plain file name, got {self.adapter_name!r}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidInput("threads", f"must be at least 1 or null, got {self.threads}")
+        if self.trainable == "full" and self.export in ("lora", "both"):
+            raise InvalidInput("export", "trainable: full has no LoRA to export; use export: pipeline")
+
+
+def with_default(name: str, default: Any) -> Any:
+    """A :class:`TrainerConfig` field with another default and the same help, for a method's config:
+    ``output_dir: str = with_default("output_dir", "runs/mymethod")``."""
+    return field(default=default, metadata=TrainerConfig.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class EvalResult:
+    step: int
+    metrics: dict[str, float]
+    images: list[np.ndarray]
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; the trainer wrote a checkpoint of the last complete step before raising this."""
+
+
+@dataclass
+class RegisteredModule:
+    module: torch.nn.Module
+    state: Literal["trainable", "full"]  # what a checkpoint holds: trainable parameters, or the whole state_dict
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from training.lora import trainable_state
+
+        if self.state == "trainable":
+            return trainable_state(self.module)
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from training.lora import load_trainable_state
+
+        if self.state == "trainable":
+            load_trainable_state(self.module, state)
+        else:
+            self.module.load_state_dict(state)
+
+    def synced_tensors(self) -> list[torch.Tensor]:
+        """What rank 0 broadcasts at start."""
+        if self.state == "trainable":
+            return [p for _, p in sorted(self.module.named_parameters()) if p.requires_grad]
+        return [t for _, t in sorted(self.module.state_dict(keep_vars=True).items())]
+
+
+@dataclass
+class RegisteredOptimizer:
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    params: list[torch.nn.Parameter]
+    max_grad_norm: float
+
+
+@dataclass
+class RegisteredEMA:
+    source: torch.nn.Module
+    average: torch.nn.Module
+    decay: float
+
+
+class Trainer:
+    """Runs one training job; subclasses fill in the hooks listed in the module docstring."""
+
+    name = "train"
+    resumable_changes: frozenset[str] = frozenset()
+    eval_summary_metrics: tuple[str, ...] = ("reward", "verifier.passed")
+
+    def __init__(self, config: TrainerConfig, model: Any = None):
+        """``model``: an already loaded :class:`~guidance.models.DiffusionModel` to train in place of
+        ``config.model`` (benchmarks, notebooks); it must be on the device the config asks for."""
+        from guidance.models import load_model
+        from training.distributed import init_processes
+
+        self.config = c = config
+        self.out = Path(c.output_dir)
+        if c.threads is not None:
+            torch.set_num_threads(c.threads)
+        self.processes = init_processes(c.device)
+        self.device = device = self.processes.device
+        on_gpu = device.type == "cuda"
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32) if on_gpu else torch.float32
+        self.autocast_dtype = self.weight_dtype if on_gpu and c.mixed_precision != "no" else None
+        seed_everything(c.seed)
+        if model is None:
+            model = load_model(c.model, device=device, dtype=self.weight_dtype)
+        self.model = model
+        for module in (self.model.vae, *self.model.text_encoders, self.model.unet):
+            module.requires_grad_(False)
+        self.modules: dict[str, RegisteredModule] = {}
+        self.optimizers: dict[str, RegisteredOptimizer] = {}
+        self.emas: dict[str, RegisteredEMA] = {}
+        self.step = 0
+        self.eval_items = self._load_eval_items()
+        self.build()
+        if not self.optimizers:
+            raise TypeError(f"{type(self).__name__}.build registered no optimizer")
+        if (c.export in ("lora", "both") and type(self).export is Trainer.export
+                and not getattr(self.model.unet, "peft_config", None)):
+            raise InvalidInput("export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline")
+        self.processes.broadcast_([t for m in self.modules.values() for t in m.synced_tensors()])
+        for ema in self.emas.values():
+            ema.average.load_state_dict(ema.source.state_dict())
+
+    # ------------------------------------------------------------------ registration (called from build)
+
+    def register_module(self, name: str, module: torch.nn.Module, state: Literal["trainable", "full"] = "trainable") -> None:
+        """Checkpoint ``module`` under ``name``: its trainable parameters (``trainable``) or its whole state."""
+        if name in self.modules:
+            raise ValueError(f"module {name!r} is registered twice")
+        self.modules[name] = RegisteredModule(module, state)
+
+    def register_optimizer(self, name: str, params: list[torch.nn.Parameter], *, lr: float | None = None,
+                           warmup_steps: int | None = None, max_grad_norm: float | None = None,
+                           betas: tuple[float, float] | None = None, weight_decay: float | None = None) -> None:
+        """An AdamW over ``params`` with a linear warm-up and its own fp16 loss scaler; unset arguments take
+        the config's values."""
+        c = self.config
+        if name in self.optimizers:
+            raise ValueError(f"optimizer {name!r} is registered twice")
+        params = list(params)
+        if not params:
+            raise ValueError(f"optimizer {name!r} has no parameters")
+        warmup = c.warmup_steps if warmup_steps is None else warmup_steps
+        optimizer = torch.optim.AdamW(
+            params, lr=c.learning_rate if lr is None else lr, betas=betas or (c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon, weight_decay=c.weight_decay if weight_decay is None else weight_decay,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.optimizers[name] = RegisteredOptimizer(optimizer, schedule, scaler, params,
+                                                    c.max_grad_norm if max_grad_norm is None else max_grad_norm)
+
+    def register_ema(self, name: str, module: torch.nn.Module, decay: float) -> torch.nn.Module:
+        """An exponential moving average of ``module``'s weights (a frozen copy, returned); ``update_ema(name)``
+        moves it: ema ← decay·ema + (1 − decay)·weights."""
+        if not 0 <= decay < 1:
+            raise InvalidInput("ema_decay", f"must be in [0, 1), got {decay}")
+        average = copy.deepcopy(module).requires_grad_(False).eval()
+        self.emas[name] = RegisteredEMA(module, average, decay)
+        return average
+
+    @torch.no_grad()
+    def update_ema(self, name: str) -> None:
+        ema = self.emas[name]
+        source = dict(ema.source.named_parameters())
+        for key, avg in ema.average.named_parameters():
+            avg.lerp_(source[key].to(avg.dtype), 1 - ema.decay)
+        for (_, avg), (_, buf) in zip(ema.average.named_buffers(), ema.source.named_buffers()):
+            avg.copy_(buf)
+
+    # ------------------------------------------------------------------ hooks
+
+    def build(self) -> None:
+        """Default: train ``self.model.unet`` (a LoRA, or every weight with ``trainable: full``) with one AdamW."""
+        c = self.config
+        unet = self.model.unet
+        if c.trainable == "lora":
+            from training.lora import add_lora
+
+            try:
+                params = add_lora(unet, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed)
+            except ValueError as e:
+                raise InvalidInput("lora_targets", str(e)) from None
+            self.register_module("unet", unet, "trainable")
+        else:
+            unet.float().requires_grad_(True)
+            params = list(unet.parameters())
+            self.register_module("unet", unet, "full")
+        self.register_optimizer("unet", params)
+
+    def draw_batch(self, step: int, micro: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement draw_batch(step, micro)")
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(batch)")
+
+    def training_step(self) -> dict[str, float]:
+        """One optimizer step of every optimiser over ``gradient_accumulation_steps`` micro-batches."""
+        c = self.config
+        totals: dict[str, float] = {}
+        for micro in range(c.gradient_accumulation_steps):
+            loss, metrics = self.compute_loss(self.draw_batch(self.step, micro))
+            self.backward(loss / c.gradient_accumulation_steps)
+            metrics["loss"] = float(loss.detach())
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / c.gradient_accumulation_steps
+        totals.update(self.optimizer_step())
+        return totals
+
+    def eval_model(self):
+        return self.model
+
+    def eval_reward(self) -> str:
+        return self.config.eval_reward
+
+    def export_unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics.get('loss', float('nan')):.4g}"}
+
+    # ------------------------------------------------------------------ building blocks of a step
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor, optimizer: str | None = None) -> None:
+        """``loss.backward()`` through the loss scaler of ``optimizer`` (None: the first registered)."""
+        name = optimizer or next(iter(self.optimizers))
+        self.optimizers[name].scaler.scale(loss).backward()
+
+    def optimizer_step(self, *names: str) -> dict[str, float]:
+        """Step the named optimisers (none named: all): average the gradients over processes, unscale, clip,
+        step, advance the warm-up, zero the gradients. Returns ``grad_norm`` and ``lr`` (suffixed ``.<name>``
+        when there are several optimisers)."""
+        metrics: dict[str, float] = {}
+        names = names or tuple(self.optimizers)
+        for name in names:
+            slot = self.optimizers[name]
+            lr = slot.optimizer.param_groups[0]["lr"]  # the rate this step uses (warm-up included)
+            self.processes.average_gradients_(slot.params)
+            slot.scaler.unscale_(slot.optimizer)
+            limit = slot.max_grad_norm if slot.max_grad_norm > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(slot.params, limit)
+            slot.scaler.step(slot.optimizer)
+            slot.scaler.update()
+            slot.schedule.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+            suffix = "" if len(self.optimizers) == 1 else f".{name}"
+            metrics[f"grad_norm{suffix}"] = float(norm)
+            metrics[f"lr{suffix}"] = lr
+        return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """:meth:`training_step`, then the step counter advances; the metrics (with ``step_s``) averaged over the
+        processes, as logged."""
+        t0 = time.perf_counter()
+        metrics = self.training_step()
+        self.step += 1
+        metrics["step_s"] = time.perf_counter() - t0
+        return self.processes.mean_metrics(metrics)
+
+    # ------------------------------------------------------------------ deterministic data
+
+    @property
+    def global_batch_size(self) -> int:
+        c = self.config
+        return c.batch_size * self.processes.world_size * c.gradient_accumulation_steps
+
+    def step_rng(self, step: int) -> np.random.Generator:
+        """The generator of optimizer step ``step``'s global batch (the same in every process)."""
+        return np.random.default_rng([self.config.seed, step])
+
+    def shard(self, micro: int) -> slice:
+        """This process's positions in the global batch for micro-batch ``micro``: the global batch is laid out
+        micro-batch by micro-batch, process by process, ``batch_size`` each."""
+        b = self.config.batch_size
+        start = (micro * self.processes.world_size + self.processes.rank) * b
+        return slice(start, start + b)
+
+    def epoch_indices(self, step: int, micro: int, n: int) -> np.ndarray:
+        """Dataset indices of this process's share of a micro-batch, walking each epoch's permutation of
+        ``range(n)`` (seeded by ``seed`` and the epoch) in global-batch order: every sample once per epoch."""
+        positions = step * self.global_batch_size + np.arange(self.global_batch_size)[self.shard(micro)]
+        out = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(positions // n):
+            mask = positions // n == epoch
+            out[mask] = np.random.default_rng([self.config.seed, int(epoch), 1]).permutation(n)[positions[mask] % n]
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _load_eval_items(self) -> list[Any]:
+        c = self.config
+        if not c.eval_prompts:
+            return []
+        from evaluation.prompts import load_prompts
+
+        try:
+            return load_prompts(c.eval_prompts, seeds=c.eval_seeds, seed=0, max_prompts=c.eval_max_prompts).items
+        except InvalidInput as e:
+            raise InvalidInput("eval_prompts", e.reason) from None
+
+    def generation_params(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+        """Sampling parameters of the evaluation (and of a method's rollouts) for ``prompts`` at ``seeds``."""
+        c = self.config
+        params = {"prompt": prompts, "seeds": seeds, "steps": c.steps, "scheduler": c.scheduler, "eta": c.eta,
+                  "policy": c.policy}
+        params.update({k: v for k, v in (("height", c.height), ("width", c.width)) if v is not None})
+        return params
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        """The held-out prompts at fixed seeds under the current weights: the verifier's rates on ``pg:`` prompts
+        and the mean of :meth:`eval_reward` (metric ``reward``)."""
+        from evaluation.metrics import MetricScorer
+        from evaluation.runner import run_arm
+
+        c = self.config
+        if not self.eval_items:
+            return EvalResult(self.step, {}, [])
+        model = self.eval_model()
+        extra = {k: v for k, v in self.generation_params([], []).items() if k in ("eta", "height", "width")}
+        with self.autocast():
+            records = run_arm(model, self.eval_items, c.policy, steps=c.steps, scheduler=c.scheduler,
+                              batch_size=c.eval_batch_size, extra=extra)
+        specs = [r.item.meta.spec for r in records]  # meta: the prompt's PromptEntry; spec: pg: prompts only
+        reward = self.eval_reward()
+        names = ([f"reward:{reward}"] if reward else []) + (["verifier"] if all(s is not None for s in specs) else [])
+        metrics: dict[str, float] = {}
+        if names:
+            rows = MetricScorer(names, device=model.device).score(
+                [r.image for r in records], [r.item.prompt for r in records], specs
+            )
+            if reward:
+                metrics["reward"] = float(np.mean([row[f"reward:{reward}"] for row in rows]))
+            for key in ("verifier.passed", "verifier.colour_correct", "verifier.shape_correct", "verifier.count_correct"):
+                values = [row[key] for row in rows if row.get(key) is not None]
+                if values:
+                    metrics[key] = float(np.mean(values))
+        return EvalResult(self.step, metrics, [r.image for r in records])
+
+    def save_grid(self, result: EvalResult) -> Path | None:
+        from PIL import Image
+
+        images = result.images[: self.config.sample_grid_images]
+        if not images:
+            return None
+        columns = self.config.eval_seeds if len(images) % self.config.eval_seeds == 0 else min(4, len(images))
+        columns = max(columns, math.ceil(math.sqrt(len(images))))
+        rows = math.ceil(len(images) / columns)
+        h, w = images[0].shape[:2]
+        grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+        for i, image in enumerate(images):
+            grid.paste(Image.fromarray(image), ((i % columns) * w, (i // columns) * h))
+        path = self.out / "samples" / f"step-{result.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        return path
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        from training.config_io import to_plain
+
+        return {
+            "step": self.step,
+            "config": json.dumps(to_plain(self.config)),
+            "modules": {n: m.state_dict() for n, m in self.modules.items()},
+            "optimizers": {n: {"optimizer": o.optimizer.state_dict(), "schedule": o.schedule.state_dict(),
+                               "scaler": o.scaler.state_dict()} for n, o in self.optimizers.items()},
+            "ema": {n: {k: v.detach().cpu().clone() for k, v in e.average.state_dict().items()} for n, e in self.emas.items()},
+            "extra": self.extra_state(),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint of the current step atomically (the others wait for it)."""
+        from training.checkpoints import save_checkpoint
+
+        path = None
+        if self.processes.is_main:
+            path = save_checkpoint(self.out / "checkpoints", self.step, self.checkpoint_state(), self.config.keep_checkpoints)
+        self.processes.barrier()
+        return path
+
+    def restore(self, path: Path) -> None:
+        from training.checkpoints import load_checkpoint
+        from training.config_io import to_plain
+
+        state = load_checkpoint(path)
+        if "modules" not in state:
+            raise InvalidInput("--resume", f"{path} was written before the shared trainer (no named modules); "
+                                           "it cannot be resumed: start a new run in another output_dir")
+        saved, current = json.loads(state["config"]), to_plain(self.config)
+        resumable = RESUMABLE_CHANGES | self.resumable_changes
+        changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise InvalidInput("--resume", f"the config differs from the checkpoint's in fields that change the run: {details}")
+        for kind, mine, theirs in (("modules", self.modules, state["modules"]), ("optimizers", self.optimizers, state["optimizers"]),
+                                   ("ema", self.emas, state["ema"])):
+            if set(mine) != set(theirs):
+                raise InvalidInput("--resume", f"the checkpoint holds {kind} {sorted(theirs)}, this run has {sorted(mine)}")
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        for name, slot in self.optimizers.items():
+            slot.optimizer.load_state_dict(state["optimizers"][name]["optimizer"])
+            slot.schedule.load_state_dict(state["optimizers"][name]["schedule"])
+            slot.scaler.load_state_dict(state["optimizers"][name]["scaler"])
+        for name, ema in self.emas.items():
+            ema.average.load_state_dict(state["ema"][name])
+        self.load_extra_state(state["extra"])
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------ export
+
+    def export(self) -> dict[str, str]:
+        """Write what ``config.export`` asks for (rank 0 only); returns {"adapter": path, "pipeline": path}."""
+        written: dict[str, str] = {}
+        if self.config.export in ("lora", "both"):
+            written["adapter"] = str(self.export_lora(self.out / "adapters" / self.config.adapter_name))
+        if self.config.export in ("pipeline", "both"):
+            written["pipeline"] = str(self.export_pipeline(self.out / "pipeline"))
+        return written
+
+    def export_lora(self, directory: Path) -> Path:
+        from training.lora import save_lora_weights
+
+        if not getattr(self.model.unet, "peft_config", None):
+            raise InvalidInput("export", "the trained UNet has no LoRA adapter; use export: pipeline")
+        return save_lora_weights(self.model, directory)
+
+    def export_pipeline(self, directory: Path) -> Path:
+        """A whole diffusers pipeline (``save_pretrained``, safetensors) whose UNet is :meth:`export_unet` with any
+        LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
+        import dataclasses
+        import shutil
+        import tempfile
+
+        from training.lora import merged_unet
+
+        unet = merged_unet(self.export_unet())
+        pipe = dataclasses.replace(self.model, unet=unet).to_pipeline()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    # ------------------------------------------------------------------ the run
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) the job to ``max_steps``; returns the summary also written to ``summary.json``."""
+        from tqdm import tqdm
+
+        from training.checkpoints import latest_checkpoint
+        from training.logs import TrainingLog
+
+        c = self.config
+        main = self.processes.is_main
+        latest = latest_checkpoint(self.out / "checkpoints") if resume else None
+        if latest is not None:
+            self.restore(latest)
+        elif not resume and (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
+            raise InvalidInput("output_dir", f"{self.out} already holds checkpoints; pass --resume or choose another folder")
+        self.processes.barrier()  # every process has checked the folder before rank 0 writes to it
+        log = TrainingLog(self.out, resume_step=self.step if latest is not None else None, tensorboard=c.tensorboard) if main else None
+        stop = _StopSignals()
+        try:
+            if self.step == 0:
+                self._evaluate_and_log(log)
+            bar = tqdm(total=c.max_steps, initial=self.step, desc=self.name, disable=not (c.progress and main),
+                       dynamic_ncols=True)
+            while self.step < c.max_steps:
+                metrics = self.train_step()
+                bar.update(1)
+                bar.set_postfix(self.progress_postfix(metrics))
+                if main and self.step % c.log_every == 0:
+                    log.log(self.step, "train", metrics)
+                last = self.step == c.max_steps
+                if self.step % c.eval_every == 0 or last:
+                    self._evaluate_and_log(log)
+                stopping = self.processes.any(stop.requested is not None)
+                if self.step % c.checkpoint_every == 0 or last or stopping:
+                    self.save_checkpoint()
+                if stopping:
+                    raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal to another process'} after "
+                                              f"step {self.step}; resume with --resume")
+            bar.close()
+            summary: dict[str, Any] = {"steps": self.step}
+            if main:
+                summary.update(self.export())
+                log.plot(self.out / "reward_curve.png", eval_metrics=self.eval_summary_metrics)
+                evals = {m: dict(zip(*map(list, log.series("eval", m)))) for m in self.eval_summary_metrics}
+                summary["eval"] = {m: {str(k): v for k, v in s.items()} for m, s in evals.items() if s}
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.processes.barrier()
+        finally:
+            stop.restore()
+            if log is not None:
+                log.close()
+        return summary
+
+    def _evaluate_and_log(self, log) -> None:
+        """Rank 0 evaluates and logs; the others wait."""
+        if self.processes.is_main:
+            result = self.evaluate()
+            if result.metrics:
+                log.log(self.step, "eval", result.metrics)
+                self.save_grid(result)
+        self.processes.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (if this trainer joined one)."""
+        self.processes.close()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators (torch on every device, numpy, random) that library code draws from."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (with a checkpoint), in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
