@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -536,11 +537,17 @@ def run_row(name: str, args, paths: dict[str, str], timeout: float) -> dict[str,
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     record: dict[str, Any] = {"row": name, "timeout_s": round(timeout, 1)}
+    # its own session, so that a timeout ends the row's children too (the serving row's servers hold the device)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                             start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    except subprocess.TimeoutExpired as e:
-        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        record.update(status="timeout", error=f"over {timeout:.0f} s", stderr_tail=stderr[-1500:])
+        stdout, stderr = child.communicate(timeout=timeout)
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        _, stderr = child.communicate()
+        record.update(status="timeout", error=f"over {timeout:.0f} s", stderr_tail=(stderr or "")[-1500:])
     else:
         if proc.returncode == 0:
             try:
