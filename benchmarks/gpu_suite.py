@@ -284,7 +284,7 @@ def _mfu(s: Setup, unet, rows: int, label: str, row: str) -> list[dict]:
     name = device_name(s.device)
     peak = bf16_peak_tflops(name) if s.device.type == "cuda" else None
     mfu = achieved / peak if peak else None
-    return [line(row, f"{label}, {rows} rows, {str(dtype).removeprefix('torch.')}: {flops / 1e12:.2f} TFLOP per call, {seconds * 1e3:.1f} ms",
+    return [line(row, f"{label}, {rows} rows, {str(dtype).removeprefix('torch.')}: {flops / 1e9:.4g} GFLOP per call, {seconds * 1e3:.1f} ms",
                  round(achieved, 2), "TFLOPS", baseline=f"dense bf16 peak of {name}" if peak else "no known peak for this device",
                  baseline_value=peak, ratio=mfu, goal="MFU ≥ 40%", met=None if mfu is None else mfu >= 0.40,
                  flops_per_call=flops, seconds_per_call=seconds)]
@@ -329,13 +329,14 @@ def _variants_row(s: Setup, row: str, variants: dict[str, Callable[[Any], Any]],
     import torch
 
     base = s.model().unet
+    base_label = f"eager SDPA {s.dtype}"
     built: dict[str, Any] = {"eager SDPA": base}
     out: list[dict] = []
     for name, make in variants.items():
         try:
             built[name] = make(copy.deepcopy(base))
         except Exception as e:  # noqa: BLE001 - an unavailable variant is a recorded result
-            out.append(line(row, name, None, "s", baseline="eager SDPA", error=f"{type(e).__name__}: {e}"[:300]))
+            out.append(line(row, name, None, "s", baseline=base_label, error=f"{type(e).__name__}: {e}"[:300]))
     for rows in rows_list:
         inputs = {}
         for name, unet in built.items():
@@ -354,7 +355,7 @@ def _variants_row(s: Setup, row: str, variants: dict[str, Callable[[Any], Any]],
         for name in fns:
             if name == "eager SDPA":
                 continue
-            out.append(line(row, f"{name}, UNet call, {rows} rows", seconds[name], "s", baseline="eager SDPA fp16",
+            out.append(line(row, f"{name}, UNet call, {rows} rows", seconds[name], "s", baseline=base_label,
                             baseline_value=seconds["eager SDPA"], goal="< 1 to be worth a default",
                             met=seconds[name] < seconds["eager SDPA"], max_abs_diff=diffs[name]))
     return out
