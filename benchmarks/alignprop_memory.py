@@ -67,9 +67,10 @@ def measure(args: argparse.Namespace) -> dict:
             "step_s": statistics.median(times), "start_mb": start / 2**20}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="proving-ground", choices=["proving-ground", "tiny", "sd15"])
+    parser.add_argument("--arch", default="proving-ground",
+                        help="proving-ground, tiny, sd15 (random weights) or a diffusers folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="fp16 / bf16 on GPU (mixed precision, LoRA in fp32)")
     parser.add_argument("--size", type=int, default=None)
@@ -77,21 +78,38 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default=None, help="K:checkpointing pairs, e.g. 1:1,0:1 (K = 0: full); default: all six")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (last line) instead of a table")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per row (a row past it is recorded as failed)")
     parser.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a child process
     parser.add_argument("--checkpointing", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.checkpointing = bool(args.checkpointing)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.k is not None:
-        args.checkpointing = bool(args.checkpointing)
         print(json.dumps(measure(args)))
         return
+    wanted = ROWS if args.rows is None else [(int(k), bool(int(c))) for k, c in (p.split(":") for p in args.rows.split(","))]
     rows = []
-    for k, ckpt in ROWS:
+    for k, ckpt in wanted:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--k", str(k), "--checkpointing", str(int(ckpt))]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"k": k, "checkpointing": ckpt, "error": f"timed out after {args.timeout} s"})
+            continue
         if out.returncode != 0:
-            rows.append({"k": k, "checkpointing": ckpt, "error": out.stderr.strip().splitlines()[-1]})
+            lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
+            rows.append({"k": k, "checkpointing": ckpt, "error": lines[-1]})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(rows))
+        return
     base = next(r for r in rows if r["k"] == 1 and r["checkpointing"] and "error" not in r)
     print(f"arch={args.arch} device={args.device} dtype={args.dtype} steps={args.steps} batch={args.batch}")
     print("| K | checkpointing | peak memory (MB) | × K=1+ckpt | step (s) | × K=1+ckpt |")

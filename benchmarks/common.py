@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -44,16 +46,57 @@ def sd15_components(seed: int = 0) -> dict:
     }
 
 
-def save_sd15_random(path: str) -> str:
-    """Write the random-weight SD-1.5 architecture as a diffusers folder (for tools that take a model path)."""
+def sd_turbo_components(seed: int = 0) -> dict:
+    """SD-Turbo architecture (= SD 2.1: UNet 865M with linear projections and 1024-wide cross-attention, SD VAE,
+    OpenCLIP ViT-H/14 text tower as a 23-layer CLIP text model), random weights, a one-step trailing scheduler."""
+    from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from guidance.tiny import tiny_scheduler_config
+
+    parts = sd15_components(seed)
+    torch.manual_seed(seed)
+    parts["unet"] = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                         use_linear_projection=True).eval()
+    parts["text_encoder"] = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                       num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+    ).eval()
+    parts["scheduler"] = EulerAncestralDiscreteScheduler.from_config(
+        {**tiny_scheduler_config(), "timestep_spacing": "trailing"})
+    return parts
+
+
+def sdxl_unet(seed: int = 0):
+    """The SDXL base UNet (2.6B: 3 levels, 1/2/10 transformer layers, 2048-wide cross-attention, text_time
+    added conditioning), random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ).eval()
+
+
+def save_sd15_random(path: str, dtype: torch.dtype | None = None) -> str:
+    """Write the random-weight SD-1.5 architecture as a diffusers folder (for tools that take a model path);
+    ``dtype`` (e.g. fp16) halves what is written."""
     from diffusers import StableDiffusionPipeline
 
-    StableDiffusionPipeline(**sd15_components(), requires_safety_checker=False).save_pretrained(path)
+    pipe = StableDiffusionPipeline(**sd15_components(), requires_safety_checker=False)
+    if dtype is not None:
+        pipe.to(dtype)
+    pipe.save_pretrained(path)
     return path
 
 
 def load_arch(arch: str, device: str, dtype: str | None):
-    """``tiny`` (the built-in model), ``default`` (the shipped default) or ``sd15`` (random weights)."""
+    """``tiny`` (the built-in model), ``default`` (the shipped default), ``sd15`` (random weights) or a
+    diffusers folder."""
     from guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype
 
     if arch == "sd15":
@@ -62,7 +105,25 @@ def load_arch(arch: str, device: str, dtype: str | None):
         _place(model, dev, resolve_dtype(dtype, dev))
         configure_attention(model.unet, dev, "sdpa")
         return model
+    if arch not in ("tiny", "default"):
+        return load_model(arch, device=device, dtype=dtype, attention="sdpa")
     return load_model("builtin:tiny" if arch == "tiny" else None, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the main thread after ``seconds`` (SIGALRM; Unix, main thread only)."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"over {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def proc_memory_bytes(pid: int | str = "self") -> dict[str, int]:

@@ -84,6 +84,7 @@ class Server:
                "DIFFSTEER_BATCHING": "true" if batching else "false",
                "DIFFSTEER_QUEUE_SIZE": str(max(args.clients) * 2),
                "DIFFSTEER_MAX_BATCH_REQUESTS": str(max(args.clients)),
+               "DIFFSTEER_MAX_BATCH_ROWS": str(max(16, 2 * max(args.clients))),  # room for every client's cfg pair
                "DIFFSTEER_REQUEST_TIMEOUT_S": "600", "DIFFSTEER_LOG_LEVEL": "warning",
                "DIFFSTEER_MAX_WIDTH": "4096", "DIFFSTEER_MAX_HEIGHT": "4096"}
         if args.device:
@@ -166,24 +167,29 @@ def run_mode(args, batching: bool, body: dict) -> dict:
     server = Server(args, batching)
     try:
         server.wait_ready(args.ready_timeout)
-        for _ in range(2):  # warm-up: first-call costs (kernels, allocator) stay out of the numbers
-            httpx.post(f"{server.url}/generate", json=body, timeout=600).raise_for_status()
-        rss_before = rss_bytes(server.proc.pid)
-        rows = []
-        for clients in args.clients:
-            metrics_before = httpx.get(f"{server.url}/metrics", timeout=30).text
-            row = drive(server.url, body, clients, args.requests, args.seconds)
-            metrics_after = httpx.get(f"{server.url}/metrics", timeout=30).text
-            calls = metric_sum(metrics_after, "diffsteer_unet_batch_rows_count") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_count")
-            rows_total = metric_sum(metrics_after, "diffsteer_unet_batch_rows_sum") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_sum")
-            row["unet_calls"] = int(calls)
-            row["rows_per_unet_call"] = round(rows_total / calls, 3) if calls else None
-            rows.append(row)
-            print(json.dumps({"batching": batching, **row}), file=sys.stderr)
-        rss_after = rss_bytes(server.proc.pid)
-        return {"batching": batching, "rss_before_bytes": rss_before, "rss_after_bytes": rss_after, "runs": rows}
+        return measure_server(server, args, batching, body)
     finally:
         server.stop()
+
+
+def measure_server(server: Server, args, batching: bool, body: dict) -> dict:
+    """Warm a ready server up, then drive it at each of ``args.clients``."""
+    for _ in range(2):  # warm-up: first-call costs (kernels, allocator) stay out of the numbers
+        httpx.post(f"{server.url}/generate", json=body, timeout=600).raise_for_status()
+    rss_before = rss_bytes(server.proc.pid)
+    rows = []
+    for clients in args.clients:
+        metrics_before = httpx.get(f"{server.url}/metrics", timeout=30).text
+        row = drive(server.url, body, clients, args.requests, args.seconds)
+        metrics_after = httpx.get(f"{server.url}/metrics", timeout=30).text
+        calls = metric_sum(metrics_after, "diffsteer_unet_batch_rows_count") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_count")
+        rows_total = metric_sum(metrics_after, "diffsteer_unet_batch_rows_sum") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_sum")
+        row["unet_calls"] = int(calls)
+        row["rows_per_unet_call"] = round(rows_total / calls, 3) if calls else None
+        rows.append(row)
+        print(json.dumps({"batching": batching, **row}), file=sys.stderr)
+    rss_after = rss_bytes(server.proc.pid)
+    return {"batching": batching, "rss_before_bytes": rss_before, "rss_after_bytes": rss_after, "runs": rows}
 
 
 def main() -> None:

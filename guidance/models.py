@@ -233,9 +233,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     config: str | None = None,
     attention: str = "auto",
+    fast_paths: Any = None,
 ) -> DiffusionModel:
     """Load a model (see the module docstring for ``spec``); ``config`` is the diffusers config folder or hub id
-    for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``."""
+    for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``;
+    ``fast_paths``: a :class:`guidance.fast_paths.FastPaths` or its spec string (default: none)."""
+    from guidance.fast_paths import FastPaths, apply_fast_paths
+
+    paths = FastPaths.parse(fast_paths)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = DEFAULT_MODEL if spec in (None, "", "default") else spec
@@ -260,6 +265,8 @@ def load_model(
     model.defaults = model_defaults(spec)
     _place(model, device, dtype)
     configure_attention(model.unet, device, attention)
+    if paths.any:
+        model.extra["fast_paths"] = apply_fast_paths(model.unet, paths)
     return model
 
 

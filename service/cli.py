@@ -69,7 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         limits,
     )
     paths = output_paths(args.output, params.num_images)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, config=args.model_config)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, config=args.model_config,
+                       fast_paths=args.fast_paths)
     with tqdm(total=params.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
 
         def progress(event) -> None:
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
+    gen.add_argument("--fast-paths", default=None,
+                     help="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (see BENCHMARKS.md)")
     gen.add_argument("--max-size", type=int, default=None,
                      help="largest accepted width/height (default: the model's max_size, else 2048)")
     gen.add_argument("-o", "--output", default="diffsteer.png", help="output PNG (several images: NAME-k.png)")

@@ -125,7 +125,8 @@ class Engine:
         self.settings = settings
         self.limits = settings.limits
         self.metrics = Metrics()
-        self.models = models or ModelCache(device=settings.device, dtype=settings.dtype, config=settings.model_config_dir)
+        self.models = models or ModelCache(device=settings.device, dtype=settings.dtype, config=settings.model_config_dir,
+                                         fast_paths=settings.fast_paths)
         self.loras = LoraLibrary(settings.lora_dir)
         self.rewards = RewardModels(settings.rewards) if settings.rewards else DEFAULT_REWARDS
         self.previewer = LatentPreviewer()

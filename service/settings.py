@@ -99,6 +99,11 @@ class ServiceSettings(BaseSettings):
     dtype: str | None = pydantic.Field(None, description="auto, fp32, fp16, bf16.")
     preload: bool = pydantic.Field(True, description="Load the default model at startup (/readyz is 503 until it is loaded).")
     torch_threads: int | None = pydantic.Field(None, ge=1, description="torch intra-op threads (default: torch's own choice).")
+    fast_paths: str = pydantic.Field(
+        "none",
+        description="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (compile_mode=..., "
+        "max_graphs=N); see guidance/fast_paths.py and BENCHMARKS.md for what each is measured to gain.",
+    )
     lora_dir: Path | None = pydantic.Field(
         None, description="Folder of LoRA adapters in diffusers format: NAME.safetensors or NAME/pytorch_lora_weights.safetensors."
     )
@@ -201,6 +206,13 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @pydantic.field_validator("fast_paths")
+    @classmethod
+    def _fast_paths(cls, value: str) -> str:
+        from guidance.fast_paths import FastPaths
+
+        return FastPaths.parse(value, field="fast_paths").spec()
 
     @property
     def concurrency(self) -> int:

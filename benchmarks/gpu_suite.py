@@ -1,0 +1,672 @@
+"""The GPU suite of issue 14: every performance row on whatever CUDA device is here, each against a baseline
+measured in the same run, in one command that fits 8 minutes on one H100/H200.
+
+    python benchmarks/gpu_suite.py --out gpu-results                 # on a CUDA machine (≈ 7 min)
+    python benchmarks/gpu_suite.py --smoke --out /tmp/smoke          # tiny models on CPU: the same code end to end
+
+First the random-weight models the rows need are written to a temporary folder (nothing downloads): the SD-1.5
+architecture as a diffusers folder (fp16), the SDXL base UNet, and a ViT-H/14 open_clip state dict. Then each
+row runs in its own process, with its own timeout, inside a total budget; a row that fails or times out is
+recorded with its error and the next row runs. Results: ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` (a
+table: row, measure, value, baseline, ratio, goal).
+
+Rows (``--rows`` picks some; order = priority when the budget runs short):
+
+- ``sampler``: ``generate`` (cfg 7.5, DDIM) / diffusers ``StableDiffusionPipeline`` over the same modules,
+  SD-1.5 size, 512², fp16, 30 steps, batch 1 and 8 — goal ≤ 1.02;
+- ``serving``: a real ``diffsteer serve`` on loopback, images/s at 1, 4, 8, 16 concurrent clients with cross-request
+  batching against the same server one request at a time (batching off) — goal ≥ 2 at 8 clients;
+- ``mfu``: the batched SD-1.5 UNet (16 rows: 8 cfg requests) in bf16: FLOPs per call from
+  ``torch.utils.flop_counter`` over wall time, against the device's dense bf16 peak (:data:`BF16_PEAK_TFLOPS`)
+  — goal ≥ 40%;
+- ``adaptive``: Adaptive Guidance (``ag``) against cfg at the same 30 steps: wall time and NFE ratios;
+- ``kernels``: the UNet call at 2 and 16 rows: SDPA fp16 (baseline) against xformers (where it imports), bf16,
+  channels-last and CUDA graphs (guidance/fast_paths.py), with each output's largest difference from the baseline;
+- ``reno``: ReNO, 50 iterations, SD-Turbo-size UNet (one step) + ViT-H/14 open_clip reward: seconds and peak
+  memory against one plain one-step generation — goals < 10 s and < 15 GB;
+- ``alignprop``: one AlignProp step (LoRA, 512², batch 1, 20 DDIM steps) at K = 1 and full backpropagation,
+  gradient checkpointing on and off: step time and peak memory against K = 1 with checkpointing — goal < 12 GB
+  at K = 1;
+- ``mfu_sdxl``: as ``mfu``, the SDXL base UNet at 1024², 8 rows;
+- ``compile``: ``torch.compile`` of the UNet (default mode), alone and with CUDA graphs, against eager (16 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from the vendors' data sheets; matched by substring of
+# torch.cuda.get_device_name, first match wins (so the more specific names come first).
+BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM and NVL
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),  # the AWS part: 70 TFLOPS dense bf16 with fp32 accumulate
+    ("A10", 125.0),
+    ("RTX 4090", 165.2),
+    ("RTX 6000 Ada", 364.2),
+]
+
+# Per-row time caps (seconds) on an H100/H200, and the order rows run in. The sum is above the default total
+# budget on purpose: caps are limits, not estimates; the total budget is what keeps the run under 8 minutes.
+ROWS: dict[str, float] = {
+    "sampler": 80, "serving": 130, "mfu": 40, "adaptive": 40, "kernels": 60, "reno": 75, "alignprop": 130,
+    "mfu_sdxl": 60, "compile": 150,
+}
+SMOKE_ROW_CAP = 600  # CPU, tiny models; generous because a shared machine can be 10x slower than idle
+PROMPT = "a red circle to the left of a blue square"
+
+
+# -- model files ----------------------------------------------------------------------------------------------
+
+def write_models(folder: Path, device: str, smoke: bool) -> dict[str, str]:
+    """The random-weight models every row reads, written once (built on the device for speed, saved in fp16)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks.common import sd15_components, sdxl_unet
+    from guidance.tiny import tiny_sd_components, tiny_unet
+
+    paths = {"sd15": str(folder / "sd15"), "sdxl_unet": str(folder / "sdxl-unet"), "vit_h": str(folder / "vit-h-14.safetensors")}
+    with torch.device(device):
+        parts = tiny_sd_components() if smoke else sd15_components()
+        pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+        if not smoke:
+            pipe.to(torch.float16)
+        pipe.save_pretrained(paths["sd15"])
+        del pipe, parts
+        unet = tiny_unet(cross_dim=64, sdxl_pooled_dim=32) if smoke else sdxl_unet().to(torch.float16)
+        unet.save_pretrained(paths["sdxl_unet"])
+        del unet
+        if not smoke:  # the smoke run scores with the shipped proving-ground open_clip model instead
+            import open_clip
+            from safetensors.torch import save_file
+
+            clip = open_clip.create_model("ViT-H-14", device=device)
+            save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()}, paths["vit_h"])
+            del clip
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return paths
+
+
+# -- measurement helpers --------------------------------------------------------------------------------------
+
+def line(row: str, measure: str, value: float | None, unit: str, *, baseline: str = "", baseline_value: float | None = None,
+         ratio: float | None = None, goal: str = "", met: bool | None = None, **extra: Any) -> dict[str, Any]:
+    if ratio is None and value is not None and baseline_value:
+        ratio = value / baseline_value
+    return {"row": row, "measure": measure, "value": value, "unit": unit, "baseline": baseline,
+            "baseline_value": baseline_value, "ratio": None if ratio is None else round(ratio, 4), "goal": goal,
+            "met": met, **extra}
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads visible)"
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+@contextlib.contextmanager
+def peak_memory(device, out: dict[str, float]):
+    """Peak bytes allocated on a CUDA device inside the block (total, not above the start), in ``out``."""
+    import torch
+
+    from benchmarks.common import proc_memory_bytes
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            out["peak_bytes"] = float(torch.cuda.max_memory_allocated(device))
+        else:
+            out["peak_bytes"] = float(proc_memory_bytes().get("VmHWM", 0))  # process peak RSS: an upper bound
+
+
+def blocks(fns: dict[str, Callable[[], Any]], device, *, calls: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in blocks of ``calls`` calls, interleaved."""
+    from benchmarks.common import interleaved_medians
+
+    def block(fn):
+        return lambda: [fn() for _ in range(calls)]
+
+    for fn in fns.values():
+        fn()  # warm-up
+    medians = interleaved_medians({k: block(f) for k, f in fns.items()}, repeats, device)
+    return {k: v / calls for k, v in medians.items()}
+
+
+class Setup:
+    """What a row gets: the device, dtype, sizes for this mode and the model paths."""
+
+    def __init__(self, args):
+        import torch
+
+        self.smoke = args.smoke
+        self.device = torch.device(args.device)
+        self.paths = json.loads(args.paths)
+        self.dtype = "fp16" if self.device.type == "cuda" else "fp32"
+        self.size = 32 if self.smoke else 512  # pixels; the tiny models are 32×32 natively
+        self.steps = 2 if self.smoke else 30
+        self.repeats = 1 if self.smoke else 3
+
+    def model(self, dtype: str | None = None, attention: str = "sdpa"):
+        from guidance.models import load_model
+
+        return load_model(self.paths["sd15"], device=self.device, dtype=dtype or self.dtype, attention=attention)
+
+    def unet_inputs(self, unet, rows: int, dtype):
+        """Random UNet inputs for ``rows`` rows at the model's native latent size (SDXL: with added inputs)."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        cfg = unet.config
+        h = cfg.sample_size
+        x = torch.randn(rows, cfg.in_channels, h, h, generator=g).to(self.device, dtype)
+        t = torch.full((rows,), 500.0, device=self.device)
+        c = torch.randn(rows, 77, cfg.cross_attention_dim, generator=g).to(self.device, dtype)
+        added = None
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(rows, pooled, generator=g).to(self.device, dtype),
+                     "time_ids": torch.tensor([[h * 8, h * 8, 0, 0, h * 8, h * 8]] * rows, dtype=dtype, device=self.device)}
+        return x, t, c, added
+
+
+def call(unet, x, t, c, added):
+    return unet(x, t, encoder_hidden_states=c, added_cond_kwargs=added, return_dict=False)[0]
+
+
+# -- rows -----------------------------------------------------------------------------------------------------
+
+def row_sampler(s: Setup) -> list[dict]:
+    from benchmarks.sampler_overhead import time_against_diffusers
+
+    model = s.model()
+    out = []
+    for batch in ((1, 2) if s.smoke else (1, 8)):
+        m = time_against_diffusers(model, steps=s.steps, batch=batch, size=s.size, scheduler="ddim", repeats=s.repeats)
+        ratio = m["diffsteer"] / m["diffusers"]
+        out.append(line("sampler", f"generate, cfg, {s.steps} steps, batch {batch}, {s.size}²", m["diffsteer"], "s",
+                        baseline="diffusers StableDiffusionPipeline", baseline_value=m["diffusers"], goal="≤ 1.02",
+                        met=ratio <= 1.02))
+    return out
+
+
+def row_serving(s: Setup) -> list[dict]:
+    """Two real servers (batching off, batching on) started together, then driven one after the other."""
+    from benchmarks.service_load import Server, measure_server
+
+    clients = [1, 2] if s.smoke else [1, 4, 8, 16]
+    common = dict(model=s.paths["sd15"], device=str(s.device), dtype=s.dtype, threads=torch_threads() if s.smoke else None,
+                  ready_timeout=300.0)
+    body = {"prompt": PROMPT, "steps": 2 if s.smoke else 20, "policy": "cfg:scale=7.5", "scheduler": "euler",
+            "width": s.size, "height": s.size}
+    bound = dict(requests=2, seconds=20.0) if s.smoke else dict(requests=32, seconds=12.0)
+    off_args = argparse.Namespace(**common, **bound, clients=[1])
+    on_args = argparse.Namespace(**common, **bound, clients=clients)
+    servers = [Server(off_args, False), Server(on_args, True)]
+    try:
+        for server in servers:
+            server.wait_ready(common["ready_timeout"])
+        off = measure_server(servers[0], off_args, False, body)["runs"][0]
+        on = measure_server(servers[1], on_args, True, body)["runs"]
+    finally:
+        for server in servers:
+            server.stop()
+    base = off["throughput_images_per_s"]
+    out = [line("serving", "one request at a time (batching off), 1 client", base, "images/s",
+                p50_s=off["latency_p50_s"])]
+    goal_at = 2 if s.smoke else 8
+    for r in on:
+        ratio = r["throughput_images_per_s"] / base if base and r["throughput_images_per_s"] else None
+        out.append(line("serving", f"batching on, {r['clients']} clients ({body['steps']} steps, {s.size}²)",
+                        r["throughput_images_per_s"], "images/s", baseline="batching off", baseline_value=base,
+                        ratio=ratio, goal="≥ 2 at 8 clients" if r["clients"] == goal_at else "",
+                        met=(ratio is not None and ratio >= 2) if r["clients"] == goal_at else None,
+                        p50_s=r["latency_p50_s"], p99_s=r["latency_p99_s"], rows_per_unet_call=r["rows_per_unet_call"],
+                        statuses=r["statuses"]))
+    return out
+
+
+def _mfu(s: Setup, unet, rows: int, label: str, row: str) -> list[dict]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32  # bf16 is slow on most CPUs
+    unet.to(dtype)
+    x, t, c, added = s.unet_inputs(unet, rows, dtype)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            call(unet, x, t, c, added)
+        flops = counter.get_total_flops()
+        seconds = blocks({"unet": lambda: call(unet, x, t, c, added)}, s.device, calls=2 if s.smoke else 10,
+                         repeats=s.repeats)["unet"]
+    achieved = flops / seconds / 1e12
+    name = device_name(s.device)
+    peak = bf16_peak_tflops(name) if s.device.type == "cuda" else None
+    mfu = achieved / peak if peak else None
+    return [line(row, f"{label}, {rows} rows, {str(dtype).removeprefix('torch.')}: {flops / 1e9:.4g} GFLOP per call, {seconds * 1e3:.1f} ms",
+                 round(achieved, 2), "TFLOPS", baseline=f"dense bf16 peak of {name}" if peak else "no known peak for this device",
+                 baseline_value=peak, ratio=mfu, goal="MFU ≥ 40%", met=None if mfu is None else mfu >= 0.40,
+                 flops_per_call=flops, seconds_per_call=seconds)]
+
+
+def row_mfu(s: Setup) -> list[dict]:
+    label = "tiny UNet, 32²" if s.smoke else "SD-1.5 UNet, 512²"
+    return _mfu(s, s.model(dtype="bf16" if s.device.type == "cuda" else "fp32").unet, 16, label, "mfu")
+
+
+def row_mfu_sdxl(s: Setup) -> list[dict]:
+    from diffusers import UNet2DConditionModel
+
+    import torch
+
+    dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(s.paths["sdxl_unet"], torch_dtype=dtype)
+    unet = unet.to(s.device).eval().requires_grad_(False)
+    return _mfu(s, unet, 8, "tiny SDXL UNet" if s.smoke else "SDXL UNet, 1024²", "mfu_sdxl")
+
+
+def row_adaptive(s: Setup) -> list[dict]:
+    from benchmarks.common import interleaved_medians
+    from guidance.sampler import generate
+
+    model = s.model()
+    request = {"prompt": PROMPT, "steps": s.steps, "seed": 1, "width": s.size, "height": s.size, "scheduler": "ddim"}
+    specs = {"cfg": "cfg:scale=7.5", "ag": "ag:scale=7.5"}
+    nfe = {name: generate(model, {**request, "policy": spec}).nfe[0] for name, spec in specs.items()}  # also warm-up
+    fns = {name: (lambda spec=spec: generate(model, {**request, "policy": spec})) for name, spec in specs.items()}
+    m = interleaved_medians(fns, s.repeats, s.device)
+    time_ratio, nfe_ratio = m["ag"] / m["cfg"], nfe["ag"] / nfe["cfg"]
+    return [line("adaptive", f"ag:scale=7.5 (γ̄ default), {s.steps} steps, batch 1 — NFE {nfe['ag']} vs {nfe['cfg']} "
+                 f"(NFE ratio {nfe_ratio:.3f})", m["ag"], "s", baseline="cfg:scale=7.5, same steps", baseline_value=m["cfg"],
+                 goal="time ratio ≈ NFE ratio", met=time_ratio <= nfe_ratio + 0.05, nfe_ratio=nfe_ratio,
+                 time_saving_over_nfe_saving=(1 - time_ratio) / (1 - nfe_ratio) if nfe_ratio < 1 else None)]
+
+
+def _variants_row(s: Setup, row: str, variants: dict[str, Callable[[Any], Any]], rows_list: tuple[int, ...]) -> list[dict]:
+    """Time the UNet call of each variant (a function turning a copy of the fp16 UNet into that variant, or
+    raising to say why it is unavailable) against the eager SDPA UNet, interleaved; largest output difference."""
+    import torch
+
+    base = s.model().unet
+    base_label = f"eager SDPA {s.dtype}"
+    built: dict[str, Any] = {"eager SDPA": base}
+    out: list[dict] = []
+    for name, make in variants.items():
+        try:
+            built[name] = make(copy.deepcopy(base))
+        except Exception as e:  # noqa: BLE001 - an unavailable variant is a recorded result
+            out.append(line(row, name, None, "s", baseline=base_label, error=f"{type(e).__name__}: {e}"[:300]))
+    for rows in rows_list:
+        inputs = {}
+        for name, unet in built.items():
+            dtype = next(unet.parameters()).dtype
+            inputs[name] = s.unet_inputs(unet, rows, dtype)
+        with torch.no_grad():
+            reference = call(base, *inputs["eager SDPA"]).float()
+            diffs = {}
+            for name, unet in built.items():
+                try:
+                    diffs[name] = float((call(unet, *inputs[name]).float() - reference).abs().max())
+                except Exception as e:  # noqa: BLE001
+                    out.append(line(row, f"{name}, {rows} rows", None, "s", error=f"{type(e).__name__}: {e}"[:300]))
+            fns = {n: (lambda u=u, i=inputs[n]: call(u, *i)) for n, u in built.items() if n in diffs}
+            seconds = blocks(fns, s.device, calls=2 if s.smoke else 10, repeats=s.repeats)
+        for name in fns:
+            if name == "eager SDPA":
+                continue
+            out.append(line(row, f"{name}, UNet call, {rows} rows", seconds[name], "s", baseline=base_label,
+                            baseline_value=seconds["eager SDPA"], goal="< 1 to be worth a default",
+                            met=seconds[name] < seconds["eager SDPA"], max_abs_diff=diffs[name]))
+    return out
+
+
+def _with_paths(spec: str):
+    def make(unet):
+        from guidance.fast_paths import apply_fast_paths
+
+        apply_fast_paths(unet, spec)
+        return unet
+
+    return make
+
+
+def _xformers(unet):
+    from guidance.models import configure_attention
+
+    configure_attention(unet, next(unet.parameters()).device, "xformers")
+    return unet
+
+
+def row_kernels(s: Setup) -> list[dict]:
+    import torch
+
+    variants = {
+        "xformers": _xformers,
+        "bf16" if s.device.type == "cuda" else "bf16 (CPU)": lambda u: u.to(torch.bfloat16),
+        "channels_last": _with_paths("channels_last"),
+        "cuda_graphs": _with_paths("cuda_graphs"),
+    }
+    return _variants_row(s, "kernels", variants, (2,) if s.smoke else (2, 16))
+
+
+def row_compile(s: Setup) -> list[dict]:
+    # in the smoke run the CPU would spend minutes in inductor's C++ code generation: trace with dynamo only
+    backend = ",compile_backend=eager" if s.smoke else ""
+    variants = {"compile": _with_paths("compile" + backend)}
+    if s.device.type == "cuda":
+        variants["compile + cuda_graphs"] = _with_paths("compile,cuda_graphs")
+    return _variants_row(s, "compile", variants, (2,) if s.smoke else (16,))  # each shape compiles again: one
+
+
+def row_reno(s: Setup) -> list[dict]:
+    import torch
+
+    from benchmarks.common import interleaved_medians, sd_turbo_components
+    from guidance.models import _place, configure_attention, from_components, resolve_dtype
+    from guidance.reward_models import configure_rewards
+    from guidance.sampler import generate
+    from guidance.tiny import tiny_sd_components
+
+    with torch.device(s.device):
+        parts = tiny_sd_components() if s.smoke else sd_turbo_components()
+    model = from_components("sd-turbo-random", parts)
+    _place(model, s.device, resolve_dtype(s.dtype, s.device))
+    configure_attention(model.unet, s.device, "sdpa")
+    if not s.smoke:
+        configure_rewards({"clip": {"model": "ViT-H-14", "checkpoint": s.paths["vit_h"]}})
+    iterations = 3 if s.smoke else 50
+    request = {"prompt": PROMPT, "steps": 1, "seed": 7, "scheduler": "euler_a", "width": s.size, "height": s.size}
+    reno = {**request, "policy": f"reno:iterations={iterations},reward=clip:1"}
+    generate(model, request)  # warm-up of the one-step sampler
+    generate(model, {**reno, "policy": "reno:iterations=1,reward=clip:1"})  # warm-up: reward load, backward kernels
+    plain = interleaved_medians({"plain": lambda: generate(model, request)}, 3, s.device)["plain"]
+    memory: dict[str, float] = {}
+    with peak_memory(s.device, memory):
+        t0 = time.perf_counter()
+        result = generate(model, reno)
+        seconds = time.perf_counter() - t0
+    peak_gb = memory["peak_bytes"] / 1e9
+    trace = result.trace.get("reno", {})
+    return [
+        line("reno", f"ReNO {iterations} iterations, SD-Turbo-size UNet 1 step + "
+             f"{'ViT-H/14' if not s.smoke else 'proving-ground'} open_clip reward, {s.size}²", seconds, "s",
+             baseline="one plain one-step generation", baseline_value=plain, goal="< 10 s", met=seconds < 10,
+             iterations_run=trace.get("iterations")),
+        line("reno", "ReNO peak memory" + (" (CUDA, allocated)" if s.device.type == "cuda" else " (process peak RSS)"),
+             round(peak_gb, 3), "GB", baseline="goal 15 GB", baseline_value=15.0, goal="< 15 GB", met=peak_gb < 15),
+    ]
+
+
+def row_alignprop(s: Setup, remaining: float) -> list[dict]:
+    """benchmarks/alignprop_memory.py's four configurations: each in its own process on a device (so one's peak
+    cannot hide another's, and an out-of-memory one fails alone); in the smoke run in this process."""
+    from benchmarks import alignprop_memory
+
+    steps, repeats = ("2", "1") if s.smoke else ("20", "1")  # one warm-up step, one timed (full backprop: seconds)
+    dtype = ["--dtype", s.dtype] if s.device.type == "cuda" else []
+    options = ["--arch", s.paths["sd15"], "--device", str(s.device), *dtype, "--size", str(s.size), "--steps", steps,
+               "--batch", "1", "--repeats", repeats, "--threads", str(torch_threads())]
+    pairs = [(1, 1), (0, 1), (1, 0), (0, 0)]
+    if s.smoke:
+        rows = [alignprop_memory.measure(alignprop_memory.parse_args([*options, "--k", str(k), "--checkpointing", str(c)]))
+                for k, c in pairs]
+    else:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "alignprop_memory.py"), *options,
+               "--rows", ",".join(f"{k}:{c}" for k, c in pairs), "--json", "--timeout", str(max(10.0, remaining / 4 - 5))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"alignprop_memory.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = next((r for r in rows if r["k"] == 1 and r["checkpointing"] and "error" not in r), None)
+    out = []
+    for r in rows:
+        label = f"K = {'full' if r['k'] == 0 else r['k']}, checkpointing {'on' if r['checkpointing'] else 'off'}"
+        if "error" in r:
+            out.append(line("alignprop", label, None, "s", error=r["error"]))
+            continue
+        total_gb = (r["peak_mb"] + r["start_mb"]) / 1024
+        base_gb = (base["peak_mb"] + base["start_mb"]) / 1024 if base else None
+        k1 = r["k"] == 1
+        out.append(line("alignprop", f"{label}: step time (LoRA, {s.size}², batch 1)", r["step_s"], "s",
+                        baseline="K = 1, checkpointing on", baseline_value=base["step_s"] if base else None))
+        out.append(line("alignprop", f"{label}: peak memory", round(total_gb, 3), "GB",
+                        baseline="K = 1, checkpointing on", baseline_value=base_gb,
+                        goal="< 12 GB" if k1 else "", met=(total_gb < 12) if k1 else None))
+    return out
+
+
+ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
+    "sampler": row_sampler, "serving": row_serving, "mfu": row_mfu, "adaptive": row_adaptive,
+    "kernels": row_kernels, "reno": row_reno, "alignprop": row_alignprop, "compile": row_compile,
+    "mfu_sdxl": row_mfu_sdxl,
+}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_row_here(args) -> None:
+    """Child process: one row, its lines as JSON on the last stdout line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = Setup(args)
+    fn = ROW_FUNCTIONS[args.row]
+    lines = fn(s, args.remaining) if args.row == "alignprop" else fn(s)
+    print(json.dumps(lines, default=float))
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+
+def run_row_in_process(name: str, args, paths: dict[str, str], timeout: float) -> dict[str, Any]:
+    """A row in this process (the smoke run: saves a Python start per row), stopped by SIGALRM at ``timeout``."""
+    import traceback
+
+    from benchmarks.common import time_limit
+
+    child = argparse.Namespace(**{**vars(args), "paths": json.dumps(paths), "remaining": timeout})
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"row": name, "timeout_s": round(timeout, 1)}
+    try:
+        with time_limit(timeout):
+            s = Setup(child)
+            fn = ROW_FUNCTIONS[name]
+            record.update(status="ok", lines=json.loads(json.dumps(fn(s, timeout) if name == "alignprop" else fn(s), default=float)))
+    except TimeoutError as e:
+        record.update(status="timeout", error=str(e))
+    except Exception as e:  # noqa: BLE001 - one row's failure is recorded, the suite goes on
+        record.update(status="failed", error=f"{type(e).__name__}: {e}"[:500], stderr_tail=traceback.format_exc()[-1500:])
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[gpu_suite] {name}: {record['status']} in {record['seconds']} s"
+          + (f" ({record.get('error')})" if record["status"] != "ok" else ""), file=sys.stderr, flush=True)
+    return record
+
+
+def run_row(name: str, args, paths: dict[str, str], timeout: float) -> dict[str, Any]:
+    """A row in its own process, killed at ``timeout``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--device", args.device,
+           "--paths", json.dumps(paths), "--remaining", str(timeout)]
+    if args.smoke:
+        cmd.append("--smoke")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"row": name, "timeout_s": round(timeout, 1)}
+    # its own session, so that a timeout ends the row's children too (the serving row's servers hold the device)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        _, stderr = child.communicate()
+        record.update(status="timeout", error=f"over {timeout:.0f} s", stderr_tail=(stderr or "")[-1500:])
+    else:
+        if proc.returncode == 0:
+            try:
+                record.update(status="ok", lines=json.loads(proc.stdout.strip().splitlines()[-1]))
+            except (json.JSONDecodeError, IndexError):
+                record.update(status="failed", error="no result line", stderr_tail=proc.stderr[-1500:])
+        else:
+            tail = proc.stderr.strip().splitlines()
+            record.update(status="failed", error=tail[-1] if tail else f"exit {proc.returncode}",
+                          stderr_tail=proc.stderr[-1500:])
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[gpu_suite] {name}: {record['status']} in {record['seconds']} s"
+          + (f" ({record.get('error')})" if record["status"] != "ok" else ""), file=sys.stderr, flush=True)
+    return record
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    out = [f"GPU suite — device: {report['device']}, torch {report['torch']}, {report['date']}, "
+           f"{'smoke (tiny models)' if report['smoke'] else 'full sizes'}, total {report['seconds']} s",
+           f"command: `{report['command']}`", "",
+           "| row | measure | value | baseline | baseline value | ratio | goal | met |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for record in report["rows"]:
+        if record["status"] != "ok":
+            out.append(f"| {record['row']} | {record['status']}: {record.get('error', '')} | | | | | | |")
+            continue
+        for ln in record["lines"]:
+            value = f"{fmt(ln['value'])} {ln['unit']}" if ln["value"] is not None else f"error: {ln.get('error', '?')}"
+            met = {True: "yes", False: "no", None: ""}[ln["met"]]
+            extra = f" (max abs diff {ln['max_abs_diff']:.2g})" if ln.get("max_abs_diff") is not None else ""
+            out.append(f"| {ln['row']} | {ln['measure']}{extra} | {value} | {ln['baseline']} | {fmt(ln['baseline_value'])} | "
+                       f"{fmt(ln['ratio'], 3)} | {ln['goal']} | {met} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="gpu-suite-results", help="folder for gpu_suite.json and gpu_suite.md")
+    ap.add_argument("--smoke", action="store_true", help="tiny models, few steps: the whole suite on CPU in a minute or two")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu (--smoke only)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    ap.add_argument("--budget-s", type=float, default=None, help="total seconds for the whole run (default 450; smoke 1800)")
+    ap.add_argument("--min-row-s", type=float, default=20.0, help="a row is skipped when less than this is left")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads in each row's process (default: torch's own; 1 with --smoke)")
+    ap.add_argument("--keep-models", action="store_true", help="leave the temporary model folder in place")
+    ap.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
+                    help="each row in its own process (auto: yes on a device, no for --smoke)")
+    # internal: one row in a child process
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--paths", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--remaining", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads is None and args.smoke:
+        args.threads = 1  # tiny models gain nothing from threads, and a shared CI machine loses a lot to them
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.row is not None:
+        run_row_here(args)
+        return 0
+    if torch.device(args.device).type != "cuda" and not args.smoke:
+        print("gpu_suite: no CUDA device here; the full-size suite needs one (use --smoke for the CPU check)", file=sys.stderr)
+        return 2
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        print(f"gpu_suite: --rows: unknown {unknown}; accepted: {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    budget = args.budget_s or (1800.0 if args.smoke else 450.0)
+    start = time.perf_counter()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(tempfile.mkdtemp(prefix="diffsteer-gpu-suite-"))
+    records = []
+    try:
+        t0 = time.perf_counter()
+        paths = write_models(model_dir, args.device, args.smoke)
+        print(f"[gpu_suite] models written in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        for name in rows:
+            remaining = budget - (time.perf_counter() - start)
+            cap = SMOKE_ROW_CAP if args.smoke else ROWS[name]
+            if remaining < args.min_row_s:
+                records.append({"row": name, "status": "skipped", "error": f"total budget spent ({remaining:.0f} s left)"})
+                continue
+            isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.smoke)
+            records.append((run_row if isolate else run_row_in_process)(name, args, paths, min(cap, remaining)))
+    finally:
+        if not args.keep_models:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    report = {
+        "benchmark": "gpu_suite",
+        "device": device_name(torch.device(args.device)),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "smoke": args.smoke,
+        "command": " ".join(["python", "benchmarks/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
+        "seconds": round(time.perf_counter() - start, 1),
+        "budget_s": budget,
+        "rows": records,
+    }
+    (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=float))
+    (out_dir / "gpu_suite.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
