@@ -20,11 +20,12 @@ from guidance.errors import InvalidInput
 # method -> (module, config class, trainer class)
 METHODS: dict[str, tuple[str, str, str]] = {
     "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
+    "fdistill": ("training.fdistill", "FDistillConfig", "FDistillTrainer"),
 }
 
 
 def add_train_parser(subparsers) -> None:
-    train = subparsers.add_parser("train", help="fine-tune a model (AlignProp, ...) from a YAML config")
+    train = subparsers.add_parser("train", help="fine-tune or distil a model (AlignProp, f-distill, ...) from a YAML config")
     train.add_argument("method", choices=sorted(METHODS), help="training method")
     add_method_arguments(train)
     train.set_defaults(func=lambda args: run_parsed(args.method, args))
