@@ -263,3 +263,19 @@ def test_reno_runs_on_the_exported_student(exported):
     result = generate(model, {"prompt": "a red circle", "seed": 1, "steps": 1, "scheduler": "default",
                               "policy": {"name": "reno", "reward": "saturation:1", "iterations": 2}})
     assert result.images and result.nfe[0] >= 2
+
+
+def test_the_service_serves_the_exported_student(exported):
+    """``diffsteer serve --model OUT``: the service's one-step image is our sampler's."""
+    from guidance.models import load_model
+    from guidance.sampler import generate
+    from test_service_support import app_client, decode_image, pixels
+
+    _, folder = exported
+    body = {"prompt": "a red circle", "steps": 1, "seed": 7, "scheduler": "default", "policy": "cfg:scale=1"}
+    ours = generate(load_model(str(folder), device="cpu"), body).pixels[0]
+    with app_client(model=str(folder)) as client:
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        served = pixels(decode_image(r.json()["images"][0]))
+    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
