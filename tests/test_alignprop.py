@@ -126,8 +126,7 @@ def test_lora_export_loads_in_diffusers_and_in_the_service(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from guidance.models import load_model
-    from guidance.sampler import generate
-    from test_service_support import app_client, decode_image, pixels
+    from test_service_support import assert_lora_served_like
 
     trainer = AlignPropTrainer(tiny_config(tmp_path, max_steps=2, checkpoint_every=2))
     trainer.train()
@@ -147,14 +146,7 @@ def test_lora_export_loads_in_diffusers_and_in_the_service(tmp_path):
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
     assert (trained - plain).abs().max() > 1e-4  # the adapter changed something
 
-    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "model": "builtin:tiny"}
-    with torch.no_grad():
-        ours = generate(trainer.model, {k: v for k, v in body.items() if k != "model"}).pixels[0]
-    with app_client(lora_dir=str(folder.parent)) as client:
-        r = client.post("/generate", json={**body, "lora": [{"name": "alignprop", "weight": 1.0}]})
-        assert r.status_code == 200, r.text
-        served = pixels(decode_image(r.json()["images"][0]))
-    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
+    assert_lora_served_like(trainer.model, folder.parent, "alignprop")
 
 
 def _ddim(model):

@@ -116,6 +116,21 @@ class UNetGate:
         self.close()
 
 
+def assert_lora_served_like(model, lora_dir, name: str) -> None:
+    """The service, given ``lora_dir``, generates with LoRA ``name`` what ``model`` (the trained builtin:tiny, its
+    adapter active) generates directly (within PNG rounding)."""
+    from guidance.sampler import generate
+
+    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "model": "builtin:tiny"}
+    with torch.no_grad():
+        ours = generate(model, {k: v for k, v in body.items() if k != "model"}).pixels[0]
+    with app_client(lora_dir=str(lora_dir)) as client:
+        r = client.post("/generate", json={**body, "lora": [{"name": name, "weight": 1.0}]})
+        assert r.status_code == 200, r.text
+        served = pixels(decode_image(r.json()["images"][0]))
+    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from guidance.errors import InvalidInput
-from training.trainer import EvalResult, Trainer, TrainerConfig, TrainingInterrupted  # noqa: F401 (re-exported)
+from training.trainer import EvalResult, Trainer, TrainerConfig, TrainingInterrupted, with_default  # noqa: F401 (re-exported)
 from training.truncation import STRATEGIES, TruncationStrategy, draw_truncation, window_mask
 
 
@@ -42,11 +42,8 @@ from training.truncation import STRATEGIES, TruncationStrategy, draw_truncation,
 class AlignPropConfig(TrainerConfig):
     """AlignProp: LoRA fine-tuning by reward backpropagation through the sampler (training/alignprop.py)."""
 
-    output_dir: str = field(default="runs/alignprop", metadata={
-        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, adapters/<adapter_name>/."})
-    adapter_name: str = field(default="alignprop", metadata={
-        "help": "Name of the exported LoRA (adapters/<name>/pytorch_lora_weights.safetensors; serve with "
-                "--lora-dir <output_dir>/adapters and lora name <name>)."})
+    output_dir: str = with_default("output_dir", "runs/alignprop")
+    adapter_name: str = with_default("adapter_name", "alignprop")
     # --- data and objective
     prompts: str = field(default="pg-train:all", metadata={
         "help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."})
@@ -145,10 +142,6 @@ class AlignPropTrainer(Trainer):
             metrics.update({f"reward.{n}": float(s.detach().mean()) for n, s in result.scores.items()})
         metrics["k_mean"] = float(np.mean(ks))
         return result.loss, metrics
-
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step (``gradient_accumulation_steps`` rollouts); returns its metrics."""
-        return self.training_step()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,8 +77,10 @@ def save_lora_weights(model: DiffusionModel, directory: str | Path) -> Path:
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     pipeline_cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
     directory = Path(directory)
+    metadata = model.unet.peft_config["default"].to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: sorted, so the file repeats byte for byte
     pipeline_cls.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
-                                   unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict())
+                                   unet_lora_adapter_metadata=metadata)
     return directory / WEIGHTS_NAME
 
 

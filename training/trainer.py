@@ -4,7 +4,8 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
 
 * ``<Method>Config(TrainerConfig)``: its own fields, each with ``metadata={"help": ...}``; its ``__post_init__``
   calls ``super().__post_init__()`` and checks its fields (InvalidInput naming the field). A method may
-  redefine a base field to change its default (a distiller: ``export = "pipeline"``).
+  give a base field another default, keeping its help, with :func:`with_default`
+  (a distiller: ``export: str = with_default("export", "pipeline")``).
 * ``<Method>Trainer(Trainer)`` with ``name = "<method>"`` and these hooks:
 
   ``build()``            create what trains, and register it (default: a LoRA on ``self.model.unet``, or the
@@ -170,6 +171,12 @@ class TrainerConfig:
             raise InvalidInput("threads", f"must be at least 1 or null, got {self.threads}")
         if self.trainable == "full" and self.export in ("lora", "both"):
             raise InvalidInput("export", "trainable: full has no LoRA to export; use export: pipeline")
+
+
+def with_default(name: str, default: Any) -> Any:
+    """A :class:`TrainerConfig` field with another default and the same help, for a method's config:
+    ``output_dir: str = with_default("output_dir", "runs/mymethod")``."""
+    return field(default=default, metadata=TrainerConfig.__dataclass_fields__[name].metadata)
 
 
 @dataclass
@@ -390,6 +397,7 @@ class Trainer:
         names = names or tuple(self.optimizers)
         for name in names:
             slot = self.optimizers[name]
+            lr = slot.optimizer.param_groups[0]["lr"]  # the rate this step uses (warm-up included)
             self.processes.average_gradients_(slot.params)
             slot.scaler.unscale_(slot.optimizer)
             limit = slot.max_grad_norm if slot.max_grad_norm > 0 else math.inf
@@ -400,8 +408,17 @@ class Trainer:
             slot.optimizer.zero_grad(set_to_none=True)
             suffix = "" if len(self.optimizers) == 1 else f".{name}"
             metrics[f"grad_norm{suffix}"] = float(norm)
-            metrics[f"lr{suffix}"] = slot.schedule.get_last_lr()[0]
+            metrics[f"lr{suffix}"] = lr
         return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """:meth:`training_step`, then the step counter advances; the metrics (with ``step_s``) averaged over the
+        processes, as logged."""
+        t0 = time.perf_counter()
+        metrics = self.training_step()
+        self.step += 1
+        metrics["step_s"] = time.perf_counter() - t0
+        return self.processes.mean_metrics(metrics)
 
     # ------------------------------------------------------------------ deterministic data
 
@@ -531,6 +548,9 @@ class Trainer:
         from training.config_io import to_plain
 
         state = load_checkpoint(path)
+        if "modules" not in state:
+            raise InvalidInput("--resume", f"{path} was written before the shared trainer (no named modules); "
+                                           "it cannot be resumed: start a new run in another output_dir")
         saved, current = json.loads(state["config"]), to_plain(self.config)
         resumable = RESUMABLE_CHANGES | self.resumable_changes
         changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
@@ -618,11 +638,7 @@ class Trainer:
             bar = tqdm(total=c.max_steps, initial=self.step, desc=self.name, disable=not (c.progress and main),
                        dynamic_ncols=True)
             while self.step < c.max_steps:
-                t0 = time.perf_counter()
-                metrics = self.training_step()
-                self.step += 1
-                metrics["step_s"] = time.perf_counter() - t0
-                metrics = self.processes.mean_metrics(metrics)
+                metrics = self.train_step()
                 bar.update(1)
                 bar.set_postfix(self.progress_postfix(metrics))
                 if main and self.step % c.log_every == 0:
