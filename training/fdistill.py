@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance.errors import InvalidInput
-from training.trainer import Trainer, TrainerConfig
+from training.trainer import Trainer, TrainerConfig, with_default
 
 # ----------------------------------------------------------------------------- the f's and their weightings
 
@@ -271,9 +271,8 @@ class FDistillConfig(TrainerConfig):
     """f-distill: a one-step student distilled from the model by f-divergence distribution matching
     (training/fdistill.py)."""
 
-    output_dir: str = field(default="runs/fdistill", metadata={
-        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, pipeline/ (the student)."})
-    adapter_name: str = field(default="fdistill", metadata={"help": "Name of the exported LoRA (trainable: lora)."})
+    output_dir: str = with_default("output_dir", "runs/fdistill")
+    adapter_name: str = with_default("adapter_name", "fdistill")
     export: Literal["lora", "pipeline", "both"] = field(default="pipeline", metadata={
         "help": "pipeline (pipeline/: the student as a whole diffusers pipeline, one step by default), lora "
                 "(the student's adapter, trainable: lora), or both."})
