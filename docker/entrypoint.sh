@@ -10,8 +10,11 @@
 #       (default /output) is a writable directory, creating it if missing. No arguments means `train`.
 #   entrypoint.sh serve [ARGS...]
 #       diffsteer serve ARGS..., or `serve --host 0.0.0.0 --port 8000` when ARGS is empty.
-#   entrypoint.sh SUBCOMMAND [ARGS...]
-#       diffsteer SUBCOMMAND ARGS... unchanged.
+#   entrypoint.sh generate|policies|ab|-OPTION [ARGS...]
+#       diffsteer's other subcommands (and options such as --help) unchanged.
+#   entrypoint.sh METHOD [CONFIG] [ARGS...]
+#       anything else is a training method: the same as `train METHOD [CONFIG] [ARGS...]` (the README's
+#       `docker run ... diffsteer:train alignprop alignprop.yaml --resume`).
 #
 # Exit codes of its own (sysexits.h): 64 usage, 66 config missing, 73 output not writable,
 # 127 no diffsteer on PATH. Otherwise the exit code is diffsteer's.
@@ -88,8 +91,11 @@ case $1 in
         require_diffsteer
         exec diffsteer serve "$@"
         ;;
-    *)
+    generate | policies | ab | -*)
         require_diffsteer
         exec diffsteer "$@"
+        ;;
+    *)
+        run_train "$@"
         ;;
 esac

@@ -39,7 +39,7 @@ from service.engine import Engine, ModelUnavailable
 from service.errors import ServiceError
 from service.queue import Ticket
 
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+JOB_ID = re.compile(r"^([a-z0-9]{1,32}\.)?[A-Za-z0-9_-]{1,64}$")  # optional "REPLICA." prefix (Ray Serve)
 OWNER_FILE = "job.json"
 SERVED = re.compile(r"^(report\.html|results\.json|(images|plots)/[A-Za-z0-9_./-]+\.png)$")
 # GenerationParams' limit fields as an A/B request names them

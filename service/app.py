@@ -22,7 +22,7 @@ from service.errors import install_error_handlers
 from service.jobs import JobStore
 from service.metrics import MetricsMiddleware
 from service.middleware import BodySizeLimit
-from service.routers import a1111, ab, generate, info, jobs, openai_images
+from service.routers import a1111, ab, generate, info, jobs, openai_images, playground
 from service.settings import ServiceSettings
 
 log = logging.getLogger("service")
@@ -61,9 +61,10 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     app.state.settings = settings
     install_error_handlers(app)
     routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
-               a1111.router)
+               a1111.router, playground.router)
     for router in routers:
         app.include_router(router)
+    app.mount(playground.ASSETS_PATH, playground.assets(), name="playground")
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:

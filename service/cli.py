@@ -108,6 +108,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, host=args.host, port=args.port, model=args.model)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ray:
+        from service.ray_serve import run
+
+        run(settings)
+        return 0
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=30)
@@ -148,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     srv.add_argument("--model", default=None, help="default model: diffusers folder, .safetensors file, hub id, or builtin:NAME")
     srv.add_argument("--config", default=None, help="YAML or JSON settings file (environment DIFFSTEER_* overrides it)")
+    srv.add_argument("--ray", action="store_true",
+                     help="serve replicas of the app on Ray Serve (settings' `ray` section: replicas, GPUs, autoscaling)")
     srv.set_defaults(func=cmd_serve)
 
     from evaluation.cli import add_ab_parser  # `diffsteer ab`: A/B evaluation (evaluation/ab.py)

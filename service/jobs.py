@@ -163,15 +163,17 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, ttl_s: float, max_finished: int):
+    def __init__(self, ttl_s: float, max_finished: int, id_prefix: str = ""):
         self.ttl_s = ttl_s
         self.max_finished = max_finished
+        # Under Ray Serve, "REPLICA." (token_urlsafe has no dots): the request router sends a job's routes to the
+        # replica that holds it (service/ray_serve.py).
+        self.id_prefix = id_prefix
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def new_id() -> str:
-        return secrets.token_urlsafe(16)
+    def new_id(self) -> str:
+        return self.id_prefix + secrets.token_urlsafe(16)
 
     def create(self, ticket: Ticket, *, kind: str = "generation", owner: str | None = None, job_id: str | None = None,
                progress: dict[str, Any] | None = None) -> Job:

@@ -29,6 +29,55 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+class RaySettings(pydantic.BaseModel):
+    """How ``diffsteer serve --ray`` (and ``serve run service.ray_serve:build_app``) deploys the app on Ray Serve:
+    replicas of the whole app, each with its own engine, model cache and device worker."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    address: str | None = pydantic.Field(
+        None, description="Ray cluster to join (ray.init address: 'auto', 'ray://head:10001'); None: start a local one."
+    )
+    num_cpus: int | None = pydantic.Field(
+        None, ge=1, description="CPUs of the local cluster started when address is None (default: all)."
+    )
+    num_replicas: int | None = pydantic.Field(
+        1, ge=1, description="Fixed number of replicas; None: autoscale between min_replicas and max_replicas."
+    )
+    min_replicas: int = pydantic.Field(1, ge=0, description="Autoscaling: fewest replicas (num_replicas None).")
+    max_replicas: int = pydantic.Field(4, ge=1, description="Autoscaling: most replicas (num_replicas None).")
+    target_ongoing_requests: float | None = pydantic.Field(
+        None, gt=0, description="Autoscaling: requests per replica to aim for (default: the replica's concurrency)."
+    )
+    stream_slots: int = pydantic.Field(
+        32, ge=0, description="Requests a replica holds besides queued generations (event streams, listings); "
+        "max_ongoing_requests is concurrency + queue_size + stream_slots, so a full replica answers our 429."
+    )
+    max_queued_requests: int = pydantic.Field(
+        -1, ge=-1, description="Requests Ray's router holds when every replica is at max_ongoing_requests (-1: no "
+        "limit); beyond that Ray answers 429 with Retry-After (a plain-text body, not our JSON)."
+    )
+    num_gpus_per_replica: float | None = pydantic.Field(
+        None, ge=0, description="GPUs per replica (Ray sets CUDA_VISIBLE_DEVICES); None: 1 where CUDA is available "
+        "to the process deploying, else 0 (CPU replicas)."
+    )
+    num_cpus_per_replica: float = pydantic.Field(
+        1.0, gt=0, description="CPUs reserved per replica; CPU replicas also use this many torch threads "
+        "unless torch_threads is set."
+    )
+    route_prefix: str = pydantic.Field("/", description="Where the app is mounted on Ray's HTTP proxy.")
+
+    @pydantic.model_validator(mode="after")
+    def _replica_range(self) -> RaySettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.num_replicas is None
+
+
 class ServiceSettings(BaseSettings):
     """Everything ``diffsteer serve`` can be configured with (see the module docstring for sources)."""
 
@@ -121,6 +170,9 @@ class ServiceSettings(BaseSettings):
         "latent", description="Previews in job events: a linear latent->RGB approximation fitted per model, or none."
     )
     log_level: str = pydantic.Field("info")
+    ray: RaySettings = pydantic.Field(
+        default_factory=RaySettings, description="Ray Serve deployment (diffsteer serve --ray); see RaySettings."
+    )
 
     @pydantic.field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -227,3 +227,11 @@ def test_missing_diffsteer_executable(box):
     _, rc, err = box.run("serve")
     assert rc == 127
     assert "no 'diffsteer' executable on PATH" in err
+
+
+def test_a_method_without_train_is_a_training_job(box):
+    """The README's `docker run ... diffsteer:train alignprop alignprop.yaml --resume`."""
+    (box.config / "alignprop.yaml").write_text("lr: 1e-4\n")
+    _, rc, _ = box.run("alignprop", "alignprop.yaml", "--resume")
+    assert rc == 0
+    assert box.argv() == ["train", "alignprop", "--config", f"{box.config}/alignprop.yaml", "--resume"]

@@ -28,7 +28,6 @@ uninterrupted one exactly and N processes with ``batch_size`` B train as one pro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch

@@ -120,14 +120,19 @@ class Processes:
                     t.copy_(buffer)
 
     def average_gradients_(self, params: list[torch.nn.Parameter]) -> None:
-        """Replace each gradient by its mean over the processes (a missing gradient counts as zero)."""
+        """Replace each gradient by its mean over the processes. A parameter without a gradient in one process
+        counts as zero there; one without a gradient in every process keeps none (as in a single process, where
+        the optimiser then skips it)."""
         if not self.distributed:
             return
-        for p in params:
+        has_grad = torch.tensor([int(p.grad is not None) for p in params])
+        torch.distributed.all_reduce(has_grad, op=torch.distributed.ReduceOp.MAX)
+        used = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+        for p in used:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
+        for p in used:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():
             bucket: list[torch.Tensor] = []

@@ -37,6 +37,9 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
   ``extra_state()`` / ``load_extra_state(state)``  anything else a resumed run needs (tensors, numbers, strings).
   ``progress_postfix(metrics)`` what the progress bar shows.
 
+* An entry in :data:`training.cli.METHODS` (``diffsteer train <method>``) and a ``main()`` calling
+  ``training.cli.run_method("<method>", argv)`` (``python -m training.<method>``, ``torchrun ... -m training.<method>``).
+
 How the export is chosen: ``config.export`` is ``lora`` (the UNet adapter in diffusers format with its α,
 ``adapters/<adapter_name>/``), ``pipeline`` (a whole diffusers pipeline folder, ``pipeline/``, the LoRA merged
 into the weights: loads with ``StableDiffusionPipeline.from_pretrained`` and as a ``diffsteer`` model) or
@@ -269,6 +272,9 @@ class Trainer:
         self.build()
         if not self.optimizers:
             raise TypeError(f"{type(self).__name__}.build registered no optimizer")
+        if (c.export in ("lora", "both") and type(self).export is Trainer.export
+                and not getattr(self.model.unet, "peft_config", None)):
+            raise InvalidInput("export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline")
         self.processes.broadcast_([t for m in self.modules.values() for t in m.synced_tensors()])
         for ema in self.emas.values():
             ema.average.load_state_dict(ema.source.state_dict())

@@ -1,0 +1,285 @@
+// The playground: a form over POST /jobs with live progress (GET /jobs/{id}/events?preview=true), cancel
+// (DELETE /jobs/{id}), side-by-side runs of two policies on one seed, a gallery, and A/B runs (POST /ab).
+import { apiKey, call, events, setApiKey } from "./api.js";
+import { buildPolicyForm, policyLabel } from "./schema-form.js";
+
+const $ = (id) => document.getElementById(id);
+const MAX_SEED = 2 ** 31 - 1;
+const AB_RUNS = "diffsteer.abRuns";
+
+const state = {
+  policies: [],          // rows of GET /policies: {name, summary, parameters, schema}
+  loras: [],
+  readers: {},           // slot -> () => policy object
+  active: new Map(),     // job id -> AbortController of its event stream
+};
+
+function setStatus(text, isError = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function element(tag, props = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") el.className = v;
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el[k] = v;
+  }
+  el.append(...children);
+  return el;
+}
+
+// --- set-up from /models and /policies -----------------------------------------------------------------
+
+async function load() {
+  try {
+    const [models, policies] = await Promise.all([call("GET", "/models"), call("GET", "/policies")]);
+    state.loras = models.loras;
+    $("model").replaceChildren(...models.models.map((m) => new Option(m.name + (m.default ? " (default)" : ""), m.name, m.default, m.default)));
+    $("scheduler").replaceChildren(...policies.schedulers.map((s) => new Option(s, s)));
+    state.policies = policies.policies;
+    for (const fieldset of document.querySelectorAll("fieldset.policy")) setUpPolicy(fieldset);
+    $("add-lora").disabled = state.loras.length === 0;
+    $("lora-none").textContent = state.loras.length ? "" : "none on this server (lora_dir)";
+    $("generate").disabled = false;
+    setStatus("");
+  } catch (error) {
+    $("generate").disabled = true;
+    setStatus(error.status === 401 ? "This server needs an API key (top right)." : String(error.message), true);
+  }
+}
+
+function setUpPolicy(fieldset) {
+  const slot = fieldset.dataset.slot;
+  const select = fieldset.querySelector(".policy-name");
+  const previous = select.value;
+  select.replaceChildren(...state.policies.map((p) => new Option(p.name, p.name)));
+  select.value = state.policies.some((p) => p.name === previous) ? previous : (slot === "B" && state.policies.some((p) => p.name === "apg") ? "apg" : "cfg");
+  const render = () => {
+    const row = state.policies.find((p) => p.name === select.value);
+    fieldset.querySelector(".policy-summary").textContent = row.summary;
+    state.readers[slot] = buildPolicyForm(fieldset.querySelector(".policy-params"), row.schema, `policy-${slot}`);
+  };
+  select.onchange = render;
+  render();
+}
+
+function addLoraRow() {
+  const names = state.loras.map((n) => new Option(n, n));
+  const row = element("div", { class: "lora-row" },
+    element("select", { class: "lora-name" }, ...names),
+    element("input", { class: "lora-weight", type: "number", step: "0.05", value: "1", title: "weight" }),
+    element("button", { type: "button", textContent: "×", title: "remove", onclick: () => row.remove() }));
+  $("lora-rows").append(row);
+}
+
+// --- requests ------------------------------------------------------------------------------------------
+
+function optionalInt(id) {
+  const text = $(id).value.trim();
+  return text === "" ? null : Number.parseInt(text, 10);
+}
+
+function baseRequest() {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative").value.trim() || null,
+    model: $("model").value || null,
+    scheduler: $("scheduler").value,
+    steps: optionalInt("steps") ?? 20,
+    num_images: optionalInt("num-images") ?? 1,
+    width: optionalInt("width"),
+    height: optionalInt("height"),
+    lora: [...document.querySelectorAll(".lora-row")].map((row) => ({
+      name: row.querySelector(".lora-name").value, weight: Number(row.querySelector(".lora-weight").value),
+    })),
+  };
+  // one seed for every run of this submission, so side-by-side images differ by their policy only
+  body.seed = optionalInt("seed") ?? Math.floor(Math.random() * MAX_SEED);
+  return body;
+}
+
+function sideBySide() {
+  return $("side-by-side").checked;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  const base = baseRequest();
+  const slots = sideBySide() ? ["A", "B"] : ["A"];
+  const group = element("div", { class: "run-group" });
+  $("runs").prepend(group);
+  setStatus(`seed ${base.seed}`);
+  const runs = slots.map((slot) => runJob({ ...base, policy: state.readers[slot]() }, slot, group));
+  const results = await Promise.all(runs);
+  const done = results.filter(Boolean);
+  if (done.length) addToGallery(done);
+}
+
+async function runJob(body, slot, group) {
+  const label = `${slot}: ${policyLabel(body.policy)}`;
+  const bar = element("progress", { max: body.steps, value: 0 });
+  const stateText = element("span", { class: "run-state", textContent: "queued" });
+  const previews = element("div", { class: "previews" });
+  const card = element("div", { class: "run", dataset: { slot } },
+    element("div", { class: "run-label", textContent: label }), bar, stateText, previews);
+  group.append(card);
+  let job;
+  try {
+    job = await call("POST", "/jobs", body);
+  } catch (error) {
+    stateText.textContent = "refused";
+    card.classList.add("failed");
+    setStatus(error.message, true);
+    return null;
+  }
+  card.dataset.job = job.id;
+  const controller = new AbortController();
+  state.active.set(job.id, controller);
+  $("cancel").disabled = false;
+  let outcome = "ended";
+  try {
+    for await (const e of events(`/jobs/${encodeURIComponent(job.id)}/events?preview=true`, controller.signal)) {
+      if (e.event === "started") stateText.textContent = "running";
+      else if (e.event === "step") {
+        if (e.data.total) bar.max = e.data.total;
+        bar.value = e.data.step;
+        stateText.textContent = `step ${e.data.step}/${e.data.total ?? "?"} · ${e.data.nfe} NFE`;
+        if (e.data.preview) {
+          previews.replaceChildren(...e.data.preview.map((b64) => element("img", { src: `data:image/png;base64,${b64}`, alt: "preview" })));
+        }
+      } else if (["succeeded", "failed", "cancelled"].includes(e.event)) {
+        outcome = e.event;
+        if (e.event === "failed") setStatus(`${label}: ${e.data.error?.message ?? "failed"}`, true);
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") setStatus(error.message, true);
+  } finally {
+    state.active.delete(job.id);
+    $("cancel").disabled = state.active.size === 0;
+  }
+  stateText.textContent = outcome;
+  card.classList.add(outcome);
+  if (outcome !== "succeeded") return null;
+  const finished = await call("GET", `/jobs/${encodeURIComponent(job.id)}`);
+  bar.value = bar.max;
+  card.remove();
+  if (!group.children.length) group.remove();
+  return { slot, label, result: finished.result };
+}
+
+async function cancelAll() {
+  const ids = [...state.active.keys()];
+  await Promise.all(ids.map((id) => call("DELETE", `/jobs/${encodeURIComponent(id)}`).catch((e) => setStatus(e.message, true))));
+}
+
+// --- gallery -------------------------------------------------------------------------------------------
+
+function pngBlobUrl(b64, format) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return URL.createObjectURL(new Blob([bytes], { type: `image/${format}` }));
+}
+
+function imageCard(run, k) {
+  const r = run.result;
+  const meta = r.metadata[k] || {};
+  const url = pngBlobUrl(r.images[k], r.format);
+  const name = `diffsteer-${meta.seed ?? r.seeds[k]}-${r.policy.replace(/[^A-Za-z0-9_.=-]+/g, "_")}.${r.format}`;
+  const params = element("dl", {}, ...Object.entries(meta).flatMap(([key, value]) =>
+    [element("dt", { textContent: key }), element("dd", { textContent: typeof value === "object" ? JSON.stringify(value) : String(value) })]));
+  const json = URL.createObjectURL(new Blob([JSON.stringify(meta, null, 2)], { type: "application/json" }));
+  return element("figure", { class: "image-card", dataset: { slot: run.slot, seed: String(r.seeds[k]), policy: r.policy } },
+    element("img", { src: url, alt: `${r.policy} seed ${r.seeds[k]}` }),
+    element("figcaption", {},
+      element("div", { class: "run-label", textContent: `${run.slot}: ${r.policy}` }),
+      element("details", {}, element("summary", { textContent: `seed ${r.seeds[k]} · ${r.steps} steps · ${r.nfe[k]} NFE · ${r.model}` }), params),
+      element("a", { href: url, download: name, class: "download", textContent: `download ${r.format} (parameters inside)` }),
+      " · ",
+      element("a", { href: json, download: name.replace(/\.\w+$/, ".json"), textContent: "parameters.json" })));
+}
+
+function addToGallery(runs) {
+  const entry = element("div", { class: runs.length > 1 ? "gallery-entry comparison" : "gallery-entry" });
+  for (const run of runs) {
+    for (let k = 0; k < run.result.images.length; k++) entry.append(imageCard(run, k));
+  }
+  $("gallery").prepend(entry);
+}
+
+// --- A/B runs ------------------------------------------------------------------------------------------
+
+function abRuns() {
+  try { return JSON.parse(sessionStorage.getItem(AB_RUNS) || "[]"); } catch { return []; }
+}
+
+function renderAbRun(run) {
+  let item = document.querySelector(`li[data-ab="${CSS.escape(run.id)}"]`);
+  if (!item) {
+    item = element("li", { dataset: { ab: run.id } });
+    $("ab-runs").prepend(item);
+  }
+  const link = run.report ? element("a", { href: run.report, target: "_blank", rel: "noopener", textContent: "report" }) : "";
+  item.replaceChildren(`${run.label} — ${run.status} `, link);
+}
+
+function saveAbRun(run) {
+  const runs = abRuns().filter((r) => r.id !== run.id);
+  runs.unshift(run);
+  sessionStorage.setItem(AB_RUNS, JSON.stringify(runs.slice(0, 20)));
+  renderAbRun(run);
+}
+
+async function runAb() {
+  const base = baseRequest();
+  const arms = ["A", "B"].map((slot) => ({ name: slot, policy: state.readers[slot]() }));
+  const body = { arms, prompts: [base.prompt], seeds: 4, batch_size: 4, seed: base.seed, steps: base.steps,
+                 scheduler: base.scheduler, model: base.model, width: base.width, height: base.height };
+  const label = `A/B ${policyLabel(arms[0].policy)} vs ${policyLabel(arms[1].policy)}`;
+  let job;
+  try {
+    job = await call("POST", "/ab", body);
+  } catch (error) {
+    setStatus(error.status === 403 ? "A/B runs are not enabled on this server (set ab_dir)." : error.message, true);
+    return;
+  }
+  const run = { id: job.id, label, status: "queued", report: null };
+  saveAbRun(run);
+  try {
+    for await (const e of events(`/ab/${encodeURIComponent(job.id)}/events`)) {
+      if (e.event === "progress") run.status = `${e.data.stage} ${e.data.done ?? ""}/${e.data.total ?? ""}`;
+      else if (["succeeded", "failed", "cancelled"].includes(e.event)) run.status = e.event;
+      if (e.event === "succeeded") run.report = `/ab/${encodeURIComponent(job.id)}/report.html`;
+      saveAbRun(run);
+    }
+  } catch (error) {
+    setStatus(error.message, true);
+  }
+}
+
+// --- wiring --------------------------------------------------------------------------------------------
+
+function main() {
+  $("api-key").value = apiKey();
+  $("key-state").textContent = apiKey() ? "key set for this tab" : "";
+  $("key-form").onsubmit = (event) => {
+    event.preventDefault();
+    setApiKey($("api-key").value.trim());
+    $("key-state").textContent = apiKey() ? "key set for this tab" : "no key";
+    load();
+  };
+  $("side-by-side").onchange = () => {
+    document.querySelector('fieldset.policy[data-slot="B"]').hidden = !sideBySide();
+    $("run-ab").hidden = !sideBySide();
+  };
+  $("add-lora").onclick = addLoraRow;
+  $("gen-form").onsubmit = generate;
+  $("cancel").onclick = cancelAll;
+  $("run-ab").onclick = runAb;
+  for (const run of abRuns().reverse()) renderAbRun(run);
+  load();
+}
+
+main();
