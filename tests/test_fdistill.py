@@ -180,6 +180,20 @@ def test_reverse_kl_without_gan_has_no_discriminator_and_lora_student(tmp_path):
     assert Path(summary["adapter"]).is_file() and (Path(summary["pipeline"]) / "model_index.json").is_file()
 
 
+def test_teacher_samples_as_real_data(tmp_path):
+    """real_data: teacher draws the discriminator's real samples from the teacher under teacher_policy."""
+    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, real_data="teacher", prompts="pg-train:single",
+                                          teacher_steps=2, divergence="forward_kl", fake_updates_per_step=1))
+    batch = trainer.draw_batch(0, 0, 0)
+    assert batch.real_images is None and all(p in trainer.train_prompts for p in batch.prompts)
+    conditions, _ = trainer._encode(batch.prompts)
+    from guidance.sampler import prepare
+
+    expected = prepare(trainer.model, trainer._teacher_params(batch.prompts, batch.real_seeds)).run().latents
+    torch.testing.assert_close(trainer.real_latents(batch, conditions), expected.float())
+    assert trainer.train()["steps"] == 1
+
+
 @pytest.mark.parametrize("field,value", [
     ("divergence", "pearson"), ("ratio_min", 0.0), ("ratio_min", 50.0), ("gan_weight", -1.0),
     ("fake_updates_per_step", 0), ("ratio_ema", 1.0), ("ema_decay", 1.0), ("timestep_min", 990),

@@ -4,7 +4,7 @@ Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution
 which generalises variational score distillation (DMD, Yin et al. 2024, arXiv:2311.18828; DMD2, Yin et al.
 2024, arXiv:2405.14867) from the reverse KL to any f-divergence D_f(p‖q) = E_q[f(p/q)], p the teacher's
 distribution, q the student's, r = p/q the density ratio. For a generator x = G_θ(z) the gradient is (their
-Theorem 1; derived in :func:`h_reverse_kl`'s neighbours' tests by quadrature):
+Theorem 1; checked by quadrature in tests/test_fdistill.py):
 
     ∇_θ D_f(p‖q_θ) = E_z[ h(r(x)) · (s_q(x) − s_p(x)) · ∂x/∂θ ],      h(r) = f''(r) · r²          (eq. 7)
 
@@ -452,8 +452,6 @@ class FDistillTrainer(Trainer):
             prepare(self.model, self._teacher_params(self.train_prompts[:1], [0]))
 
     def _teacher_params(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
-        from guidance.request import Limits  # noqa: F401 (the default limit is 16 images per request)
-
         c = self.config
         return {"prompt": prompts, "seeds": seeds, "steps": c.teacher_steps, "scheduler": "ddim",
                 "policy": c.teacher_policy}
