@@ -75,7 +75,9 @@ def metric_sum(text: str, name: str) -> float:
 
 
 class Server:
-    def __init__(self, args, batching: bool):
+    """``diffsteer serve`` in a subprocess from the code at ``root`` (default: this checkout)."""
+
+    def __init__(self, args, batching: bool, root: Path = ROOT, env_overrides: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -90,8 +92,10 @@ class Server:
             env["DIFFSTEER_DTYPE"] = args.dtype
         if args.threads:
             env["DIFFSTEER_TORCH_THREADS"] = str(args.threads)
+        env.update(env_overrides or {})
+        env["PYTHONPATH"] = str(root)
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--model", args.model]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float) -> None:
         end = time.monotonic() + timeout

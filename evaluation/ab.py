@@ -88,13 +88,13 @@ def parse_arm(value: Any) -> Any:
         return value
     text = value.strip()
     if text.startswith("{"):
+        from guidance.registry import parse_json_object
+
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InvalidInput("arms", f"invalid JSON in {text!r}: {e.msg} at position {e.pos}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput("arms", f"expected a JSON object with name, policy, model; got {text!r}")
-        return data
+            return parse_json_object(text, "arms")
+        except InvalidInput as e:
+            raise InvalidInput("arms", f"{e.reason} in {text[:200]!r}; expected a JSON object with name, policy, "
+                               "model") from None
     name, eq, rest = text.partition("=")
     if not eq or not name.strip() or not rest.strip():
         raise InvalidInput("arms", f"expected NAME=POLICY or NAME=POLICY@MODEL (e.g. base=cfg:scale=1), got {text!r}")
@@ -209,8 +209,15 @@ class ABConfig(pydantic.BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ABConfig:
+        from guidance.request import check_text
+
         if len(self.arms) < 2:
             raise InvalidInput("arms", f"need at least two arms to compare, got {len(self.arms)}")
+        if isinstance(self.prompts, str):
+            check_text(self.prompts, "prompts")
+        else:
+            for i, text in enumerate(self.prompts):
+                check_text(text, f"prompts.{i}")
         names = [a.name for a in self.arms]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -314,7 +321,8 @@ def default_model_loader(config: ABConfig) -> ModelLoader:
     return load
 
 
-def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None) -> ABPlan:
+def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None,
+               rewards: Any = None) -> ABPlan:
     """Validate everything that can be checked before generating; InvalidInput names the field."""
     from guidance.models import canonical_spec
 
@@ -347,27 +355,23 @@ def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader |
             raise InvalidInput("arms" if arm.model else "model", f"arm {arm.name!r}: {e.reason}") from None
         width = config.width or model.default_size
         height = config.height or model.default_size
-        _preflight(arm, model, config, width, height, prompts.items[0].prompt)
+        _preflight(arm, model, config, width, height, prompts.items[0].prompt, rewards)
         settings = {"policy": arm.policy_spec, "model": canonical_spec(spec), "steps": config.steps,
                     "scheduler": config.scheduler, "width": width, "height": height}
         signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         arms.append(ArmPlan(arm, model, canonical_spec(spec), width, height, signature))
-    scorer = MetricScorer(metrics, device=arms[0].model.device)
+    scorer = MetricScorer(metrics, device=arms[0].model.device, rewards=rewards, model=arms[0].model)
     return ABPlan(config, prompts, arms, config.columns, scorer, out)
 
 
-def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str) -> None:
+def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str,
+               rewards: Any = None) -> None:
     """What the sampler checks before work starts (policy vs. steps and scheduler), without running the model."""
-    from guidance.registry import build_policy
-    from guidance.request import GenerationParams
-    from guidance.sampler import make_scheduler, sampling_context
+    from guidance.sampler import check_request
 
     try:
-        params = GenerationParams.parse({"prompt": prompt, "policy": arm.policy, "steps": config.steps,
-                                         "scheduler": config.scheduler, "width": width, "height": height, "seed": 0})
-        policy = build_policy(params.policy)
-        _, timesteps = make_scheduler(model, params)
-        policy.start(sampling_context(model, params, timesteps))
+        check_request(model, {"prompt": prompt, "policy": arm.policy, "steps": config.steps, "scheduler": config.scheduler,
+                              "width": width, "height": height, "seed": 0}, rewards=rewards)
     except InvalidInput as e:
         field = "arms" if e.field.startswith("policy") else e.field
         raise InvalidInput(field, f"arm {arm.name!r}: {e}" if field == "arms" else e.reason) from None
@@ -589,12 +593,16 @@ def paired_statistics(
     n_resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    per_batch: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Compare every pair of arms on every column with :func:`evaluation.stats.compare`.
 
     ``values[arm][column]`` holds one value per item (NaN: undefined); for each pair and column only the
     items defined in both arms enter. Pairs are ``(baseline, other)`` or every ``(earlier, later)``; the
-    difference is ``B - A``. ``verdict`` says which arm is better when the CI excludes 0.
+    difference is ``B - A``. ``verdict`` says which arm is better when the CI excludes 0, and only with a real
+    interval: at least :data:`MIN_VERDICT_N` units (prompts, or images with ``unit="image"``) and a CI of
+    non-zero width; otherwise it says why there is none. Columns in ``per_batch`` (``latency`` measured per
+    batch of several images: every image of a batch gets the same value) get no paired test at all.
     """
     arms = list(values)
     pairs = [(baseline, a) for a in arms if a != baseline] if baseline else [
@@ -605,6 +613,8 @@ def paired_statistics(
     for a, b in pairs:
         metrics: dict[str, Any] = {}
         for col, direction in directions.items():
+            if col in per_batch:
+                continue
             va, vb = values[a][col], values[b][col]
             mask = np.isfinite(va) & np.isfinite(vb)
             if not mask.any():
@@ -618,10 +628,23 @@ def paired_statistics(
             improvement_low, improvement_high = (
                 (cmp.ci_low, cmp.ci_high) if direction == "higher" else (-cmp.ci_high, -cmp.ci_low)
             )
-            row["verdict"] = b if improvement_low > 0 else a if improvement_high < 0 else "no clear difference"
+            row["verdict"] = verdict(a, b, improvement_low, improvement_high,
+                                     cmp.n_prompts if unit == "prompt" else cmp.n_images)
             metrics[col] = row
         out.append({"arm_a": a, "arm_b": b, "metrics": metrics})
     return out
+
+
+MIN_VERDICT_N = 5  # below this many units a bootstrap interval is too coarse to call a winner
+
+
+def verdict(a: str, b: str, improvement_low: float, improvement_high: float, n: int) -> str:
+    """Which arm is better (the CI of the improvement of B over A excludes 0), or why no verdict is given."""
+    if n < MIN_VERDICT_N:
+        return f"too few to tell (n = {n} < {MIN_VERDICT_N})"
+    if not improvement_high > improvement_low:
+        return "no interval (every paired difference is the same)"
+    return b if improvement_low > 0 else a if improvement_high < 0 else "no clear difference"
 
 
 def arm_summaries(
@@ -682,6 +705,7 @@ def build_results(
         "statistics": paired_statistics(
             values, prompt_ids, directions, baseline=config.baseline, unit=config.unit,
             n_resamples=config.n_resamples, confidence=config.confidence,
+            per_batch=() if config.batch_size == 1 else ("latency",),
         ),
         "run": {"generated": generated, "skipped": skipped, "total": len(images), "seconds": round(seconds, 3)},
     }

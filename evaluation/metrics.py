@@ -23,10 +23,15 @@ latency        seconds per image: the wall time of the batch's ``generate`` call
 reward:SPEC    a reward model's score, via :func:`guidance.reward_models.get_reward`        higher
                (``reward:clip``, ``reward:saturation``, ``reward:hps:5,pickscore:0.05``;
                weights and paths from the server-side reward configs).
+latent         the model's latent evaluators (:mod:`guidance.latent_evaluators`) on the   higher
+               VAE-encoded image as a clean latent: their combined score with the saved
+               weights, or ``latent:alignment:1,fidelity:0.5``. Cheap (a VAE encode and
+               two small networks, no CLIP); needs a model with latent evaluators (the
+               first arm's model is used).
 ============== ========================================================================== =========
 
-In a comma-separated list a piece that is neither a metric name nor starts with ``reward:`` continues
-the reward spec before it, so ``reward:hps:5,pickscore:0.05,nfe`` is the composite ``hps:5,pickscore:0.05``
+In a comma-separated list a piece that is neither a metric name nor starts with ``reward:`` or ``latent:``
+continues the reward (or latent) spec before it, so ``reward:hps:5,pickscore:0.05,nfe`` is the composite ``hps:5,pickscore:0.05``
 and ``nfe``. The image metrics (everything but ``nfe`` and ``latency``) are computed from the 8-bit image,
 which is exactly what is saved as PNG, so they can be recomputed from the files (resume does that for
 metrics added later).
@@ -58,6 +63,7 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "nfe": ("lower", "UNet evaluations per image"),
     "latency": ("lower", "seconds per image: the batch's generate() wall time / its number of images"),
 }
+SPEC_PREFIXES = ("reward:", "latent:")
 RECORDED = ("nfe", "latency")  # measured while generating, not computable from the image
 DEFAULT_METRICS = ("saturation", "oversaturation", "nfe", "latency")
 
@@ -84,7 +90,7 @@ def parse_metric_list(text: str | Sequence[str]) -> list[str]:
         for part in (p.strip() for p in piece.split(",")):
             if not part:
                 continue
-            if part in BUILTIN or part.startswith("reward:") or not out or not out[-1].startswith("reward:"):
+            if part in BUILTIN or part.startswith(SPEC_PREFIXES) or not out or not out[-1].startswith(SPEC_PREFIXES):
                 out.append(part)
             else:
                 out[-1] = f"{out[-1]},{part}"
@@ -98,9 +104,10 @@ def check_metric_names(names: Sequence[str]) -> list[str]:
         if name.startswith("reward:"):
             if not name[len("reward:"):].strip():
                 raise InvalidInput(FIELD, "reward: needs a reward spec, e.g. reward:clip or reward:saturation")
-        elif name not in BUILTIN:
+        elif name != "latent" and not name.startswith("latent:") and name not in BUILTIN:
             raise InvalidInput(
-                FIELD, f"unknown metric {name!r}; accepted: {', '.join(BUILTIN)}, reward:SPEC (e.g. reward:clip)"
+                FIELD, f"unknown metric {name!r}; accepted: {', '.join(BUILTIN)}, reward:SPEC (e.g. reward:clip), "
+                       "latent[:WEIGHTS]"
             )
         if name in seen:
             raise InvalidInput(FIELD, f"{name!r} is listed twice")
@@ -119,6 +126,8 @@ def columns_for(names: Sequence[str], directions: Mapping[str, str] | None = Non
             cols += [Column(c, name, "higher", BUILTIN[name][1]) for c in VERIFIER_COLUMNS]
         elif name.startswith("reward:"):
             cols.append(Column(name, name, "higher", f"reward model score {name[len('reward:'):]} (higher is better)"))
+        elif name == "latent" or name.startswith("latent:"):
+            cols.append(Column(name, name, "higher", "the model's latent evaluators on the encoded image (higher is better)"))
         else:
             cols.append(Column(name, name, *BUILTIN[name]))
     known = {c.name for c in cols} | {c.metric for c in cols}
@@ -167,23 +176,33 @@ def verifier_values(image: np.ndarray, spec: Any) -> dict[str, float | None]:
 class MetricScorer:
     """Computes the image metrics of a run (everything except ``nfe`` and ``latency``).
 
-    Reward models are built once here (``get_reward``), so a bad spec or missing weights fail before any
+    Reward models are built once here, from ``rewards`` (a :class:`guidance.reward_models.RewardModels`, e.g.
+    the service's; default: the configuration-free one), so a bad spec or missing weights fail before any
     image is generated.
     """
 
-    def __init__(self, names: Sequence[str], device: Any = "cpu"):
+    def __init__(self, names: Sequence[str], device: Any = "cpu", rewards: Any = None, model: Any = None):
         import torch
 
-        from guidance.reward_models import get_reward
+        from guidance.reward_models import DEFAULT_REWARDS
+
+        rewards = rewards or DEFAULT_REWARDS
 
         self.names = [n for n in names if n not in RECORDED]
         self.device = torch.device(device)
+        self.model = model
         self.rewards: dict[str, Any] = {}
         for name in self.names:
+            if name == "latent" or name.startswith("latent:"):
+                from guidance.latent_evaluators import latent_reward
+
+                if model is None:
+                    raise InvalidInput(FIELD, f"{name}: needs a model (the latent evaluators are the model's)")
+                self.rewards[name] = latent_reward(model, name, field=FIELD)
             if name.startswith("reward:"):
                 spec = name[len("reward:"):]
                 try:
-                    self.rewards[name] = get_reward(spec, self.device, torch.float32, field=FIELD)
+                    self.rewards[name] = rewards.get(spec, self.device, torch.float32, field=FIELD)
                 except InvalidInput as e:
                     raise InvalidInput(FIELD, f"{name}: {e.reason}") from None
                 except (OSError, RuntimeError, ImportError) as e:
@@ -214,6 +233,11 @@ class MetricScorer:
                     if spec is None:
                         raise InvalidInput(FIELD, "verifier needs proving-ground prompts (pg:... or captions of that world)")
                     row.update(verifier_values(img, spec))
+            elif name == "latent" or name.startswith("latent:"):
+                batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(self.model.device)
+                scores = self.rewards[name].score_images(self.model, batch, list(prompts)).numpy()
+                for row, s in zip(out, scores):
+                    row[name] = float(s)
             elif name.startswith("reward:"):
                 batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
                 with torch.no_grad():

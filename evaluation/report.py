@@ -241,7 +241,9 @@ def render_html(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) ->
         w("</table>")
     w(f"<p class='muted'>Win/tie/loss and the tests count {_e(cfg['unit'])}s "
       f"({'mean difference over each prompt' if cfg['unit'] == 'prompt' else 'single images'}); a win is "
-      f"the later arm being better in the metric's direction. Verdict: the CI of Δ excludes 0.</p>")
+      f"the later arm being better in the metric's direction. Verdict: the CI of Δ excludes 0 (given only with "
+      f"at least 5 units and a CI of non-zero width). A per-batch figure (latency with batch_size > 1: every "
+      f"image of a batch gets the batch's time) has means only, no paired test.</p>")
 
     if plots:
         w("<h2>Plots</h2>")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from guidance.executor import DIRECT, Executor
+
 PredictionType = str  # "epsilon" | "v_prediction" | "sample"
 UNetFn = Callable[..., torch.Tensor]
 
@@ -94,7 +96,10 @@ class Denoiser:
         prediction_type: the model's output space.
         gradient_checkpointing: recompute each UNet call in the backward pass instead of storing its
             activations (for the differentiable sampler).
-        unet_fn: how a batch is evaluated; the service swaps in a cross-request batcher here.
+        unet_fn: how a batch is evaluated (default: the executor's).
+        executor: where the generation's model work runs (:mod:`guidance.executor`; default: this thread). Its
+            ``unet_fn`` evaluates the UNet (the service's batches calls across requests), and policies run
+            other model work through ``denoiser.executor.run`` (dynamic CFG's candidate scoring).
     """
 
     def __init__(
@@ -106,13 +111,15 @@ class Denoiser:
         aliases: Mapping[str, str] | None = None,
         gradient_checkpointing: bool = False,
         unet_fn: UNetFn | None = None,
+        executor: Executor | None = None,
     ):
         self.unet = unet
         self.conditions = dict(conditions)
         self.aliases = dict(aliases or {})
         self.prediction_type = prediction_type
         self.gradient_checkpointing = gradient_checkpointing
-        self.unet_fn = unet_fn or call_unet
+        self.executor = executor or DIRECT
+        self.unet_fn = unet_fn or self.executor.unet_fn or call_unet
         self.batch_size = next(iter(self.conditions.values())).hidden_states.shape[0]
         self.evaluations = torch.zeros(self.batch_size, dtype=torch.long)  # per image (NFE)
         self.unet_calls = 0

@@ -11,23 +11,36 @@ from PIL import Image, PngImagePlugin
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
+def a1111_quote(value: Any) -> str:
+    """A value as A1111's infotext writes it: JSON-quoted when it holds a comma, colon or newline (which would
+    end or split the ``key: value`` pair), as is otherwise (A1111's ``infotext_utils.quote``)."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 def a1111_parameters(meta: dict[str, Any]) -> str:
-    """The ``parameters`` text A1111 writes, which many tools (civitai, image browsers) read back."""
+    """The ``parameters`` text A1111 writes, which many tools (civitai, image browsers, A1111's own "PNG info")
+    read back: the prompt, ``Negative prompt: ...``, then one line of ``key: value`` pairs with A1111's sampler
+    names (``Sampler: DPM++ 2M, Schedule type: Karras``) and values quoted where needed."""
     lines = [str(meta.get("prompt", ""))]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    scale = meta.get("cfg_scale")
     fields = [
         ("Steps", meta.get("steps")),
-        ("Sampler", meta.get("scheduler")),
-        ("CFG scale", scale),
+        ("Sampler", meta.get("sampler") or meta.get("scheduler")),
+        ("Schedule type", meta.get("schedule_type")),
+        ("CFG scale", meta.get("cfg_scale")),
         ("Seed", meta.get("seed")),
         ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta else None),
         ("Model", meta.get("model")),
         ("Policy", meta.get("policy")),
+        ("Lora", meta.get("lora")),
+        ("Eta", meta.get("eta") or None),
         ("NFE", meta.get("nfe")),
     ]
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
+    lines.append(", ".join(f"{k}: {a1111_quote(v)}" for k, v in fields if v is not None))
     return "\n".join(lines)
 
 

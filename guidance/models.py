@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 
 from guidance.errors import InvalidInput
@@ -33,6 +34,59 @@ log = logging.getLogger(__name__)
 PROVING_GROUND_MODEL = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "model"
 BUILTIN_MODELS = ("builtin:proving-ground", "builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
 DEFAULT_MODEL = "builtin:proving-ground"
+
+
+DEFAULTS_FILE = "diffsteer.json"
+
+
+class ModelDefaults(pydantic.BaseModel):
+    """A model's recommendations, read from ``diffsteer.json`` in its diffusers folder (all keys optional)::
+
+        {"policy": "cfg:scale=1.5", "steps": 30, "native_size": 64, "max_size": 256}
+
+    Used when a request names no policy or steps (CLI, service, OpenAI and A1111 routes), and as the model's
+    size limit. ``native_size`` defaults to the UNet's sample size × the VAE factor; ``max_size`` (largest width
+    or height) to no limit beyond the server's own.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    policy: str | None = pydantic.Field(None, description="Policy spec string used when a request names none.")
+    steps: int | None = pydantic.Field(None, ge=1, le=1000, description="Steps used when a request names none.")
+    native_size: int | None = pydantic.Field(None, ge=8, description="The size the model was trained at (pixels).")
+    max_size: int | None = pydantic.Field(None, ge=8, description="Largest width/height recommended for the model.")
+
+    @pydantic.field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is not None:
+            from guidance.registry import parse_policy
+
+            parse_policy(v)
+        return v
+
+
+def read_model_defaults(folder: str | Path) -> ModelDefaults:
+    """The ``diffsteer.json`` of a diffusers folder; no file: no recommendations. A bad file raises
+    InvalidInput naming it."""
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return ModelDefaults()
+    try:
+        return ModelDefaults.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, pydantic.ValidationError) as e:
+        raise InvalidInput("model", f"{path}: invalid model defaults: {e}") from None
+
+
+def model_defaults(spec: str | None) -> ModelDefaults:
+    """The recommendations of the model ``spec`` names, without loading it (folders and the built-in default
+    carry a ``diffsteer.json``; tiny models, single files and hub ids have none)."""
+    spec = canonical_spec(spec)
+    if spec == "builtin:proving-ground":
+        return read_model_defaults(PROVING_GROUND_MODEL)
+    if not spec.startswith("builtin:") and Path(spec).is_dir():
+        return read_model_defaults(spec)
+    return ModelDefaults()
 
 
 @dataclass
@@ -48,6 +102,7 @@ class DiffusionModel:
     scheduler_config: dict[str, Any]
     force_zeros_for_empty_prompt: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +119,11 @@ class DiffusionModel:
     @property
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def native_size(self) -> int:
+        """The size the model was trained at: its ``diffsteer.json``'s, else :attr:`default_size`."""
+        return self.defaults.native_size or self.default_size
 
     @property
     def prediction_type(self) -> str:
@@ -197,6 +257,7 @@ def load_model(
         else:
             model = _load_diffusers_folder(spec, spec)
     model.name = name
+    model.defaults = model_defaults(spec)
     _place(model, device, dtype)
     configure_attention(model.unet, device, attention)
     return model

@@ -60,9 +60,13 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
         return policy_class(DEFAULT_POLICY).Params()
     if isinstance(spec, PolicyParams):
         return spec
+    # JSON objects are validated strictly (the string "7" is not a number, 1 not a boolean), as the published
+    # schema says; a spec string's values are text, so "scale=nan" is read as a (non-finite) number
+    strict = True
     if isinstance(spec, str):
         spec = spec.strip()
-        data = _parse_json_object(spec, field) if spec.startswith("{") else parse_spec_string(spec, field)
+        strict = spec.startswith("{")
+        data = parse_json_object(spec, field) if strict else parse_spec_string(spec, field)
     elif isinstance(spec, Mapping):
         data = dict(spec)
     else:
@@ -80,7 +84,7 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
                 f"{field}.{key}", f"unknown parameter of policy {name!r}; accepted parameters: {', '.join(accepted)}"
             )
     try:
-        return cls.Params(name=name, **data)
+        return cls.Params.model_validate({"name": name, **data}, strict=strict)
     except pydantic.ValidationError as e:
         raise from_pydantic(e, prefix=f"{field}.") from None
     except TypeError as e:  # e.g. a non-string key
@@ -103,7 +107,7 @@ def parse_spec_string(spec: str, field: str = "policy") -> dict[str, Any]:
             raise InvalidInput(field, f"malformed parameter {item!r}; write key=value, e.g. cfg:scale=7.5")
         if key in data:
             raise InvalidInput(f"{field}.{key}", "given twice")
-        data[key] = _parse_value(raw.strip())
+        data[key] = _parse_value(raw.strip(), f"{field}.{key}")
     return data
 
 
@@ -123,14 +127,35 @@ def _split_top_level(body: str) -> list[str]:
     return [i for i in (s.strip() for s in items) if i]
 
 
-def _parse_value(raw: str) -> Any:
+MAX_NESTING = 32  # a policy's values are numbers and flat lists; deeper nesting is never a valid policy
+
+
+def _parse_value(raw: str, field: str = "policy") -> Any:
+    check_nesting(raw, field)
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
 
 
-def _parse_json_object(text: str, field: str) -> dict[str, Any]:
+def check_nesting(text: str, field: str = "policy") -> None:
+    """Refuse text whose brackets nest deeper than MAX_NESTING before any JSON parser recurses into it
+    (``json.loads("[" * 100000)`` raises RecursionError)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                raise InvalidInput(field, f"nested more than {MAX_NESTING} levels deep; a policy's values are "
+                                   "numbers, strings and flat lists")
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+
+
+def parse_json_object(text: str, field: str = "policy") -> dict[str, Any]:
+    """A JSON object from text, or InvalidInput naming ``field`` (also for nesting deeper than MAX_NESTING)."""
+    check_nesting(text, field)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -24,6 +25,16 @@ class Limits:
     max_steps: int = 200
     max_num_images: int = 16
     max_prompt_chars: int = 4000
+    max_cost: float | None = None  # UNet evaluations at the model's native size (guidance.cost); None: no limit
+    max_area_factor: float | None = None  # image area / the model's native area; None: no limit
+
+
+    def for_model(self, defaults: Any) -> Limits:
+        """These limits, tightened by a model's ``max_size`` (:class:`guidance.models.ModelDefaults`)."""
+        size = getattr(defaults, "max_size", None)
+        if size is None:
+            return self
+        return dataclasses.replace(self, max_width=min(self.max_width, size), max_height=min(self.max_height, size))
 
 
 def check_multiple_of_8(size: int | None) -> int | None:
@@ -37,15 +48,31 @@ def _policy(value: Any) -> PolicyParams:
     return parse_policy(value)
 
 
+def check_text(value: str, field: str) -> str:
+    """``value`` if it is valid Unicode text; a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer or
+    UTF-8 encoder accepts, is refused naming ``field``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(field, f"contains a lone surrogate ({value[e.start]!r} at position {e.start}); "
+                           "text must be valid Unicode") from None
+    return value
+
+
 def _prompt(value: Any) -> str | list[str]:
     if isinstance(value, str):
-        return value
+        return check_text(value, "prompt")
     if isinstance(value, list):
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise InvalidInput(f"prompt.{i}", f"expected a string, got {type(item).__name__}")
+            check_text(item, f"prompt.{i}")
         return value
     raise InvalidInput("prompt", f"expected a string or a list of strings, got {type(value).__name__}")
+
+
+def _negative_prompt(value: Any) -> Any:
+    return check_text(value, "negative_prompt") if isinstance(value, str) else value
 
 
 class GenerationParams(pydantic.BaseModel):
@@ -56,7 +83,7 @@ class GenerationParams(pydantic.BaseModel):
     prompt: Annotated[str | list[str], pydantic.BeforeValidator(_prompt)] = pydantic.Field(
         description="The text prompt, or one prompt per image (then num_images is the list's length)."
     )
-    negative_prompt: str | None = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
+    negative_prompt: Annotated[str | None, pydantic.AfterValidator(_negative_prompt)] = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
     policy: Annotated[pydantic.SerializeAsAny[PolicyParams], pydantic.BeforeValidator(_policy)] = pydantic.Field(
         default_factory=lambda: parse_policy(None),
         description=f"Guidance policy: a spec string like 'apg:scale=10' or an object with 'name' "
@@ -122,6 +149,18 @@ class GenerationParams(pydantic.BaseModel):
                 raise from_pydantic(e) from None
         params.check_limits(limits or Limits())
         return params
+
+    def with_model_defaults(self, defaults: Any, given: set[str], limits: Limits | None = None) -> GenerationParams:
+        """Fill what the request did not name (``given``: its fields set) from a model's recommendations
+        (:class:`guidance.models.ModelDefaults`): ``policy`` and ``steps``; a default ``steps`` is never above
+        ``limits.max_steps`` (a default must not make a request invalid)."""
+        update: dict[str, Any] = {}
+        if "policy" not in given and getattr(defaults, "policy", None) is not None:
+            update["policy"] = parse_policy(defaults.policy)
+        if "steps" not in given:
+            steps = getattr(defaults, "steps", None) or self.steps
+            update["steps"] = min(steps, limits.max_steps) if limits is not None else steps
+        return self.model_copy(update=update) if update else self
 
     def check_limits(self, limits: Limits) -> None:
         checks = [

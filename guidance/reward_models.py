@@ -1,9 +1,11 @@
-"""Reward models for reward-driven policies (ReNO, dynamic CFG): process-wide configuration and a cache.
+"""Reward models for reward-driven policies (ReNO, dynamic CFG): a library of built rewards, passed down.
 
 Requests name rewards by spec (``"clip:1"``, ``"hps:5,pickscore:0.05"``); where each reward's weights live
-is server configuration (:func:`configure_rewards`, e.g. from the CLI's ``--reward-config`` or the service
-config), not request data. Built composites are cached per (spec, device, dtype) and shared: reward models
-are frozen and only read during scoring, so concurrent requests can use one instance.
+is the caller's configuration (the service's ``rewards`` setting, a trainer's config), given to a
+:class:`RewardModels` that the caller passes down to :func:`guidance.sampler.generate` (and through it to the
+policies), never set process-wide. Built composites are cached per (spec, device, dtype) in the library and
+shared: reward models are frozen and only read during scoring, so concurrent requests can use one instance.
+:data:`DEFAULT_REWARDS` needs no configuration: the built-in rewards and the proving ground's CLIP.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from guidance.errors import InvalidInput
 
 PROVING_GROUND_CLIP = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "clip"
 
-_lock = threading.Lock()
-_configs: dict[str, dict[str, Any]] = {}
-_cache: dict[tuple[str, str, str], Any] = {}
-
 
 def default_reward_configs() -> dict[str, dict[str, Any]]:
     """Configurations that need no setup: ``clip`` is the proving ground's own open_clip model when shipped."""
@@ -32,29 +30,34 @@ def default_reward_configs() -> dict[str, dict[str, Any]]:
     return configs
 
 
-def configure_rewards(configs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Set where each reward's weights come from (name -> reward config fields); clears the cache."""
-    with _lock:
-        _configs.clear()
-        _configs.update({k: dict(v) for k, v in configs.items()})
-        _cache.clear()
+class RewardModels:
+    """Rewards by spec, built from ``configs`` (name -> reward config fields, over the defaults) once, then shared."""
+
+    def __init__(self, configs: Mapping[str, Mapping[str, Any]] | None = None):
+        self.configs = {**default_reward_configs(), **{k: dict(v) for k, v in (configs or {}).items()}}
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str, str], Any] = {}
+
+    def get(self, spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+            field: str = "policy.reward"):
+        """The CompositeReward for ``spec`` on ``device``; InvalidInput naming ``field`` for a bad spec."""
+        from rewards import build_composite
+
+        key = (spec, str(device), str(dtype))
+        with self._lock:
+            reward = self._cache.get(key)
+            if reward is None:
+                try:
+                    reward = build_composite(spec, device, dtype, configs=self.configs)
+                except ValueError as e:
+                    raise InvalidInput(field, str(e)) from None
+                self._cache[key] = reward
+        return reward
 
 
-def reward_configs() -> dict[str, dict[str, Any]]:
-    return {**default_reward_configs(), **_configs}
+DEFAULT_REWARDS = RewardModels()
 
 
 def get_reward(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32, field: str = "policy.reward"):
-    """The CompositeReward for ``spec`` on ``device`` (built once, then shared)."""
-    from rewards import build_composite
-
-    key = (spec, str(device), str(dtype))
-    with _lock:
-        reward = _cache.get(key)
-        if reward is None:
-            try:
-                reward = build_composite(spec, device, dtype, configs=reward_configs())
-            except ValueError as e:
-                raise InvalidInput(field, str(e)) from None
-            _cache[key] = reward
-    return reward
+    """The default library's reward for ``spec`` (:data:`DEFAULT_REWARDS`)."""
+    return DEFAULT_REWARDS.get(spec, device, dtype, field)

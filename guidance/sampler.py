@@ -15,7 +15,7 @@ import inspect
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,13 +24,16 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from guidance.conditioning import encode_conditions
-from guidance.denoiser import Denoiser, StepInfo, UNetFn
+from guidance.cost import GenerationCost, check_cost, generation_cost
+from guidance.denoiser import Denoiser, StepInfo
 from guidance.errors import InvalidInput
+from guidance.executor import DIRECT, Executor
 from guidance.models import DiffusionModel
-from guidance.policies.base import GuidancePolicy, PolicyState, SamplingContext
+from guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState, SamplingContext
 from guidance.registry import build_policy
 from guidance.request import GenerationParams, Limits
-from guidance.schedulers import build_scheduler
+from guidance.reward_models import DEFAULT_REWARDS, RewardModels
+from guidance.schedulers import a1111_sampler, build_scheduler
 
 
 class GenerationCancelled(Exception):
@@ -64,6 +67,8 @@ class GenerationResult:
     trace: dict[str, Any]
     params: GenerationParams
     model: str
+    sampler: tuple[str, str | None] = ("", None)  # A1111's sampler name and schedule type (infotexts)
+    phases: dict[str, float] = field(default_factory=dict)  # wall time of encode, optimise, denoise, decode
 
     def metadata(self, index: int) -> dict[str, Any]:
         """Generation parameters of image ``index`` (for PNG text chunks and API responses)."""
@@ -76,6 +81,8 @@ class GenerationResult:
             "cfg_scale": getattr(p.policy, "scale", None),
             "steps": p.steps,
             "scheduler": p.scheduler,
+            "sampler": self.sampler[0] or a1111_sampler(p.scheduler)[0],
+            "schedule_type": self.sampler[1] if self.sampler[0] else a1111_sampler(p.scheduler)[1],
             "width": self.images[index].width,
             "height": self.images[index].height,
             "eta": p.eta,
@@ -199,6 +206,16 @@ def decode(model: DiffusionModel, latents: torch.Tensor, *, checkpoint: bool = F
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def to_sampler_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """VAE posterior means -> the latent space the sampler works in (inverse of :func:`decode`'s scaling)."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        return (z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor / torch.tensor(std).view(shape).to(z)
+    return z * cfg.scaling_factor
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     array = (pixels.detach().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]
@@ -216,7 +233,8 @@ def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any
     return scheduler, scheduler.timesteps
 
 
-def sampling_context(model: DiffusionModel, params: GenerationParams, timesteps: torch.Tensor) -> SamplingContext:
+def sampling_context(model: DiffusionModel, params: GenerationParams, timesteps: torch.Tensor,
+                     rewards: RewardModels | None = None) -> SamplingContext:
     return SamplingContext(
         num_steps=len(timesteps),
         batch_size=params.num_images,
@@ -225,7 +243,43 @@ def sampling_context(model: DiffusionModel, params: GenerationParams, timesteps:
         requested_steps=params.steps,
         prompts=tuple(params.prompts),
         model=model,
+        rewards=rewards or DEFAULT_REWARDS,
     )
+
+
+@dataclass
+class CheckedRequest:
+    """A request validated against a model: parameters within the limits, its policy built, and the scheduler
+    and policy state of its first run already made (``policy.start`` is where step-dependent parameters are
+    validated), so that nothing is parsed, validated or built twice on the way to the UNet."""
+
+    params: GenerationParams
+    policy: GuidancePolicy
+    scheduler: Any
+    timesteps: torch.Tensor
+    state: PolicyState
+    rewards: RewardModels
+    cost: GenerationCost
+
+
+def check_request(
+    model: DiffusionModel,
+    params: GenerationParams | dict[str, Any],
+    *,
+    limits: Limits | None = None,
+    rewards: RewardModels | None = None,
+) -> CheckedRequest:
+    """Validate ``params`` against ``limits`` and ``model`` (InvalidInput names the field; the cost limits are
+    relative to the model's native size, :mod:`guidance.cost`), running no module."""
+    limits = limits or Limits()
+    params = GenerationParams.parse(params, limits)
+    policy = build_policy(params.policy)
+    cost = generation_cost(params, policy, model.native_size)
+    check_cost(cost, model.native_size, limits.max_cost, limits.max_area_factor)
+    scheduler, timesteps = make_scheduler(model, params)
+    rewards = rewards or DEFAULT_REWARDS
+    state = policy.start(sampling_context(model, params, timesteps, rewards))
+    return CheckedRequest(params, policy, scheduler, timesteps, state, rewards, cost)
 
 
 @dataclass
@@ -242,8 +296,9 @@ class Trajectory:
 class PreparedGeneration:
     """A validated request with its prompts encoded and its noise drawn, ready to run once or many times.
 
-    Each :meth:`run` builds its own scheduler, policy state and denoiser counters, so runs (e.g. the
-    iterations of ReNO, or a trainer's rollouts) never share mutable state.
+    Each :meth:`run` has its own scheduler, policy state and denoiser counters (the first run takes those the
+    validation made), so runs (e.g. the iterations of ReNO, or a trainer's rollouts) never share mutable state.
+    Every UNet call and every other unit of model work goes through ``executor``.
     """
 
     model: DiffusionModel
@@ -255,8 +310,17 @@ class PreparedGeneration:
     noise: torch.Tensor  # the seeds' unit Gaussian noise; each run draws it (and its generators) afresh
     height: int
     width: int
-    unet_fn: UNetFn | None = None
+    executor: Executor = DIRECT
     gradient_checkpointing: bool = False
+    rewards: RewardModels = DEFAULT_REWARDS
+    first_run: tuple[Any, torch.Tensor, PolicyState] | None = None  # (scheduler, timesteps, state) of the check
+
+    def scheduler_and_state(self) -> tuple[Any, torch.Tensor, PolicyState]:
+        if self.first_run is not None:
+            made, self.first_run = self.first_run, None
+            return made
+        scheduler, timesteps = make_scheduler(self.model, self.params)
+        return scheduler, timesteps, self.policy.start(sampling_context(self.model, self.params, timesteps, self.rewards))
 
     def run(
         self,
@@ -264,84 +328,109 @@ class PreparedGeneration:
         *,
         callback: StepCallback | None = None,
         grad_at_step: GradAtStep | None = None,
+        gradient_checkpointing: bool | None = None,
     ) -> Trajectory:
-        """Denoise from ``noise`` (unit Gaussian; default: the seeds' noise) to clean latents."""
-        scheduler, timesteps = make_scheduler(self.model, self.params)
-        state = self.policy.start(
-            sampling_context(self.model, self.params, timesteps)
-        )
+        """Denoise from ``noise`` (unit Gaussian; default: the seeds' noise) to clean latents.
+        ``gradient_checkpointing`` overrides the prepared setting for this run."""
+        scheduler, timesteps, state = self.scheduler_and_state()
+        checkpointing = self.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         denoiser = Denoiser(
             self.model.unet,
             self.conditions,
             self.model.prediction_type,
             aliases=self.aliases,
-            gradient_checkpointing=self.gradient_checkpointing,
-            unet_fn=self.unet_fn,
+            gradient_checkpointing=checkpointing and not self.executor.differentiable_unet,
+            executor=self.executor,
         )
         fresh_noise, generators = initial_noise(self.seeds, tuple(self.noise.shape[1:]), self.noise.device)
         noise = fresh_noise if noise is None else noise
         step_times: list[float] = []
-        latents = denoise(
-            noise * scheduler.init_noise_sigma,
-            scheduler,
-            timesteps,
-            denoiser,
-            self.policy,
-            state,
-            step_kwargs=scheduler_step_kwargs(scheduler, self.params.eta, generators),
-            callback=callback,
-            grad_at_step=grad_at_step,
-            step_times=step_times,
-        )
+        with self.executor.session(self.model.unet, tuple(self.noise.shape[1:])):
+            latents = denoise(
+                noise * scheduler.init_noise_sigma,
+                scheduler,
+                timesteps,
+                denoiser,
+                self.policy,
+                state,
+                step_kwargs=scheduler_step_kwargs(scheduler, self.params.eta, generators),
+                callback=callback,
+                grad_at_step=grad_at_step,
+                step_times=step_times,
+            )
         return Trajectory(latents, denoiser, state, step_times)
 
 
 def prepare(
     model: DiffusionModel,
-    params: GenerationParams | dict[str, Any],
+    params: GenerationParams | dict[str, Any] | CheckedRequest,
     *,
     limits: Limits | None = None,
-    unet_fn: UNetFn | None = None,
+    executor: Executor | None = None,
+    rewards: RewardModels | None = None,
     gradient_checkpointing: bool = False,
 ) -> PreparedGeneration:
-    """Validate ``params`` (InvalidInput names the field), encode the prompts and draw the seeds' noise."""
-    params = GenerationParams.parse(params, limits)
-    policy = build_policy(params.policy)
-    _, timesteps = make_scheduler(model, params)
-    policy.start(sampling_context(model, params, timesteps))  # validates step-dependent parameters before any work is done
+    """Validate ``params`` (InvalidInput names the field; a :class:`CheckedRequest` is already validated), encode
+    the prompts (one unit on ``executor``) and draw the seeds' noise."""
+    executor = executor or DIRECT
+    checked = params if isinstance(params, CheckedRequest) else check_request(model, params, limits=limits, rewards=rewards)
+    params, policy = checked.params, checked.policy
     height = params.height or model.default_size
     width = params.width or model.default_size
-    conditions, aliases = encode_conditions(
+    conditions, aliases = executor.run(lambda: encode_conditions(
         model, params.prompts, params.negative_prompt, policy.conditions, height=height, width=width
-    )
+    ))
     seeds = list(params.seeds) if params.seeds is not None else resolve_seeds(params.seed, params.num_images)
     shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     noise, _ = initial_noise(seeds, shape, model.device)
-    prepared = PreparedGeneration(
-        model, params, policy, conditions, aliases, seeds, noise, height, width, unet_fn, gradient_checkpointing
+    return PreparedGeneration(
+        model, params, policy, conditions, aliases, seeds, noise, height, width, executor, gradient_checkpointing,
+        checked.rewards, (checked.scheduler, checked.timesteps, checked.state),
     )
-    return prepared
+
+
+@torch.no_grad()
+def decode_pixels(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """The final images in [0, 1], on the CPU."""
+    return decode(model, latents).cpu()
 
 
 def generate(
     model: DiffusionModel,
-    params: GenerationParams | dict[str, Any],
+    params: GenerationParams | dict[str, Any] | CheckedRequest,
     *,
     callback: StepCallback | None = None,
     limits: Limits | None = None,
-    unet_fn: UNetFn | None = None,
+    executor: Executor | None = None,
+    rewards: RewardModels | None = None,
 ) -> GenerationResult:
-    """Text-to-image sampling with the request's guidance policy. Raises InvalidInput for bad parameters and
-    lets a callback's GenerationCancelled propagate."""
+    """Text-to-image sampling with the request's guidance policy: encode, an outer loop for policies that have
+    one (:class:`OuterLoopPolicy`, e.g. ReNO), the denoising loop, decode; all model work through ``executor``
+    (default: this thread). Raises InvalidInput for bad parameters and lets a callback's GenerationCancelled
+    propagate. The result's ``phases`` holds each phase's wall time."""
+    executor = executor or DIRECT
     t_start = time.perf_counter()
-    prepared = prepare(model, params, limits=limits, unet_fn=unet_fn)
-    noise, outer_trace, outer_nfe = None, {}, 0
-    if hasattr(prepared.policy, "optimise_noise"):  # e.g. ReNO: an outer loop over whole trajectories
-        noise, outer_trace, outer_nfe = prepared.policy.optimise_noise(prepared, callback)
+    prepared = prepare(model, params, limits=limits, executor=executor, rewards=rewards)
+    t_prepared = time.perf_counter()
+    outer = None
+    if isinstance(prepared.policy, OuterLoopPolicy):
+        outer = prepared.policy.optimise_noise(prepared, callback)
+    t_optimised = time.perf_counter()
     with torch.no_grad():
-        run = prepared.run(noise, callback=callback)
-        pixels = decode(model, run.latents).cpu()
-    return generation_result(prepared, run, pixels, time.perf_counter() - t_start, outer_nfe, outer_trace)
+        run = prepared.run(None if outer is None else outer.noise.detach(), callback=callback)
+    t_denoised = time.perf_counter()
+    pixels = executor.run(lambda: decode_pixels(model, run.latents))
+    t_decoded = time.perf_counter()
+    phases = {
+        "encode_s": t_prepared - t_start,
+        "optimise_s": t_optimised - t_prepared,
+        "denoise_s": t_denoised - t_optimised,
+        "decode_s": t_decoded - t_denoised,
+    }
+    result = generation_result(prepared, run, pixels, t_decoded - t_start, outer.nfe if outer else 0,
+                               outer.trace if outer else None)
+    result.phases = phases
+    return result
 
 
 def generation_result(
@@ -365,4 +454,5 @@ def generation_result(
         trace={**prepared.policy.finish(run.state), **(outer_trace or {})},
         params=prepared.params,
         model=prepared.model.name,
+        sampler=a1111_sampler(prepared.params.scheduler, prepared.model.scheduler_config),
     )

@@ -51,3 +51,40 @@ def build_scheduler(name: str, base_config: dict[str, Any]) -> Any:
         return cls.from_config(base_config)
     class_name, overrides = SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(base_config, **overrides)
+
+
+# Our scheduler -> (A1111's sampler name, its "Schedule type" when not the sampler's own), as A1111 writes
+# them into infotexts (``Sampler: DPM++ 2M, Schedule type: Karras``).
+A1111_SAMPLERS: dict[str, tuple[str, str | None]] = {
+    "ddim": ("DDIM", None),
+    "ddpm": ("DDPM", None),
+    "pndm": ("PLMS", None),
+    "lms": ("LMS", None),
+    "euler": ("Euler", None),
+    "euler_a": ("Euler a", None),
+    "heun": ("Heun", None),
+    "dpmpp_2m": ("DPM++ 2M", None),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "unipc": ("UniPC", None),
+    "lcm": ("LCM", None),
+}
+
+
+def resolve_scheduler_name(name: str, base_config: dict[str, Any] | None) -> str:
+    """``default`` -> the name of the checkpoint's own scheduler class (``ddim``...); others unchanged. A class
+    without a name here stays ``default``."""
+    if name != DEFAULT_SCHEDULER or not base_config:
+        return name
+    class_name = base_config.get("_class_name")
+    if class_name == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if base_config.get("use_karras_sigmas") else "dpmpp_2m"
+    for candidate, (cls, _) in SCHEDULERS.items():
+        if cls == class_name:
+            return candidate
+    return name
+
+
+def a1111_sampler(name: str, base_config: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """A1111's (sampler name, schedule type) for our scheduler ``name`` (``default`` resolved through the
+    checkpoint's ``base_config``); an unknown one keeps its own name."""
+    return A1111_SAMPLERS.get(resolve_scheduler_name(name, base_config), (name, None))

@@ -58,6 +58,10 @@ def plan_run(engine: Engine, request: Any, folder: Path) -> ABPlan:
     """The request (a ``schemas.ABRequest``) validated in full, writing to ``folder``; InvalidInput names the field.
     Loads the models it names (through the engine's cache) and builds its reward models."""
     data = request.model_dump()
+    if "batch_size" not in request.model_fields_set:  # a default must not make the request invalid
+        data["batch_size"] = min(data["batch_size"], engine.limits.max_num_images)
+    if "steps" not in request.model_fields_set:
+        data["steps"] = min(data["steps"], engine.limits.max_steps)
     prompts = data["prompts"]
     if isinstance(prompts, str) and not prompts.strip().startswith("pg:"):
         raise InvalidInput("prompts", "send pg:all, pg:CATEGORY[,...] or a list of prompts; the server reads no files "
@@ -66,7 +70,8 @@ def plan_run(engine: Engine, request: Any, folder: Path) -> ABPlan:
     check_image_count(engine, len(data["arms"]), data["seeds"], "seeds")  # before reading prompts: at least one
     config = ABConfig.parse({**data, "output_dir": str(folder)})
     try:
-        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)))
+        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)),
+                          rewards=engine.rewards)
         check_limits(engine, plan)
     except InvalidInput as e:  # a generation's field names, as an A/B request names them
         raise InvalidInput(LIMIT_FIELDS.get(e.field, e.field), e.reason) from None
@@ -146,7 +151,7 @@ def run_job(engine: Engine, plan: ABPlan, job_id: str, ticket: Ticket) -> ABOutc
 
     def generate_batch(model: Any, params: Any, *, callback: Any = None, limits: Any = None) -> GenerationResult:
         # the server's limits apply (checked up front), not the runner's
-        return engine.sample(model, params, callback=callback)[0]
+        return engine.sample(model, params, callback=callback, stopped=lambda: ticket.stop_reason is not None)
 
     try:
         results = run_ab(plan, progress=progress, cancel=lambda: ticket.stop_reason is not None,

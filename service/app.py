@@ -22,6 +22,7 @@ from service.errors import install_error_handlers
 from service.jobs import JobStore
 from service.metrics import MetricsMiddleware
 from service.middleware import BodySizeLimit
+from service.openapi import install_openapi
 from service.routers import a1111, ab, generate, info, jobs, openai_images, playground
 from service.settings import ServiceSettings
 
@@ -34,7 +35,7 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     """The app for ``settings`` (default: from the environment). ``models``: a shared model cache (tests)."""
     settings = settings or ServiceSettings()
     engine = Engine(settings, models)
-    job_store = JobStore(settings.job_ttl_s, settings.max_stored_jobs)
+    job_store = JobStore(settings.job_ttl_s, settings.max_stored_jobs, max_bytes=settings.max_stored_job_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +61,8 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     app.state.jobs = job_store
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app, settings, engine.loras.names, lambda: engine.allowed_models,
+                    lambda: engine.model_defaults(engine.default_model).max_size)
     routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
                a1111.router, playground.router)
     for router in routers:

@@ -42,20 +42,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from guidance.images import encode_image
-    from guidance.models import load_model
+    from guidance.models import load_model, model_defaults
     from guidance.request import GenerationParams, Limits
     from guidance.sampler import generate
 
     width = height = None
     if args.size is not None:
         width, height = parse_size(args.size)
-    limits = Limits(max_width=args.max_size, max_height=args.max_size)
+    defaults = model_defaults(args.model)  # the model folder's diffsteer.json, read without loading the model
+    max_size = args.max_size if args.max_size is not None else (defaults.max_size or 2048)
+    limits = Limits(max_width=max_size, max_height=max_size)
     params = GenerationParams.parse(
         {
             "prompt": args.prompt,
             "negative_prompt": args.negative,
-            "policy": args.policy,
-            "steps": args.steps,
+            "policy": args.policy if args.policy is not None else defaults.policy,
+            "steps": args.steps if args.steps is not None else (
+                defaults.steps or GenerationParams.model_fields["steps"].default),
             "scheduler": args.scheduler,
             "seed": args.seed,
             "num_images": args.num_images,
@@ -106,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.settings import load_settings
 
-    settings = load_settings(args.config, host=args.host, port=args.port, model=args.model)
+    settings = load_settings(args.config, host=args.host, port=args.port, model=args.model, lora_dir=args.lora_dir)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray:
         from service.ray_serve import run
@@ -128,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--policy", default=None, help="guidance policy spec, e.g. 'apg:scale=10,eta=0' (see `diffsteer policies`)")
-    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--policy", default=None, help="guidance policy spec, e.g. 'apg:scale=10,eta=0' (see `diffsteer "
+                     "policies`); default: the model's recommended policy (its diffsteer.json), else cfg")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's recommended, "
+                     "else 30)")
     gen.add_argument("--scheduler", default="default", help=f"one of: {', '.join(scheduler_names())}")
     gen.add_argument("--seed", type=int, default=None, help="seed of the first image (random when absent)")
     gen.add_argument("--num-images", type=int, default=1)
@@ -139,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
-    gen.add_argument("--max-size", type=int, default=2048, help="largest accepted width/height")
+    gen.add_argument("--max-size", type=int, default=None,
+                     help="largest accepted width/height (default: the model's max_size, else 2048)")
     gen.add_argument("-o", "--output", default="diffsteer.png", help="output PNG (several images: NAME-k.png)")
     gen.add_argument("--trace", action="store_true", help="print the policy's trace as JSON")
     gen.add_argument("-q", "--quiet", action="store_true")
@@ -152,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     srv.add_argument("--model", default=None, help="default model: diffusers folder, .safetensors file, hub id, or builtin:NAME")
+    srv.add_argument("--lora-dir", default=None, help="folder of LoRA adapters a request may name (setting lora_dir)")
     srv.add_argument("--config", default=None, help="YAML or JSON settings file (environment DIFFSTEER_* overrides it)")
     srv.add_argument("--ray", action="store_true",
                      help="serve replicas of the app on Ray Serve (settings' `ray` section: replicas, GPUs, autoscaling)")
@@ -163,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from training.cli import add_train_parser  # `diffsteer train METHOD`: the one dispatch into training/
 
     add_train_parser(sub)
+    from training.pairs import add_data_parser  # `diffsteer data pairs`: preference data for train dpo/smpo
+
+    add_data_parser(sub)
     return parser
 
 

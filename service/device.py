@@ -12,17 +12,30 @@ the same values batched as alone, up to floating-point reassociation in the kern
 of one call passes its arguments through untouched: unbatched results are bit-identical to the library's.
 
 Gathering stops at the first of: every sampler loop of that (model, LoRA set, shape) has a call waiting,
-the batch holds ``max_rows`` rows, or ``window_s`` has passed since the oldest call arrived. Sampler loops
+the batch holds ``max_rows`` rows, or ``window_s`` has passed since the call arrived. Sampler loops
 announce themselves with :meth:`session`, which is what makes the first condition (and so low latency at
-full batches) possible. Work is taken oldest first, so other groups and tasks wait at most one window
-and one batch.
+full batches) possible.
+
+Fair scheduling by cost. Every unit of work (a UNet call, forward or backward; an encode, decode or scoring
+task) belongs to a :class:`Flow`, one per request, with a weight. The worker runs the unit of the flow with
+the least virtual time, and charges each flow the device time its units took divided by its weight (start-time
+fair queuing, Goyal, Vin & Cheng 1996, with measured service as in Linux's CFS): a flow that was idle starts at
+the current virtual clock, so it neither banks credit nor waits behind the others' backlog. A heavy request
+(the engine puts it in the heavy lane: a smaller weight) therefore cannot hold the device for more than its
+share, one unit at a time, and a light request's calls go between its units. A sampler loop submits its next
+call a moment after the previous one returns, so after a flow's unit the worker waits up to
+``anticipate_s`` (at most the unit's own duration) for that flow's next unit when it would be chosen next
+(anticipatory scheduling, Iyer & Druschel 2001) instead of starting another flow's longer unit. Units of a
+flow whose request was cancelled fail with GenerationCancelled instead of running, so a cancel frees the
+worker within the unit in flight. Work submitted without a flow shares one default flow (first come, first served).
 
 The worker also runs, one at a time with the UNet calls, every other use of modules that a LoRA adapter
 changes (text encoding) and the VAE decode, through :meth:`run_task`. Since nothing else touches those
 modules, the worker can switch the active LoRA adapters before each batch (batches never mix LoRA sets)
 without any request seeing another's adapters.
 
-Outputs are computed under ``torch.no_grad()``: this ``unet_fn`` is for inference, not for backpropagation.
+Outputs are computed under ``torch.no_grad()``; :class:`DeviceExecutor` makes a UNet call differentiable by
+running its backward pass as a unit of its own (ReNO).
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ from typing import Any, Protocol
 import torch
 
 from guidance.denoiser import Condition, call_unet, concat_conditions
+from guidance.executor import BACKWARD_COST
+from guidance.sampler import GenerationCancelled
 
 log = logging.getLogger("service.device")
 
@@ -65,10 +80,33 @@ class WorkerClosed(RuntimeError):
 
 
 @dataclass(eq=False)
+class Flow:
+    """One request's stream of units on the worker: its share (``weight``) and its virtual time.
+
+    ``stopped()`` says the request is over (cancelled, timed out): its waiting units then fail with
+    GenerationCancelled instead of running. ``on_cost(cost)`` is told the cost of each unit done.
+    """
+
+    weight: float = 1.0
+    stopped: Callable[[], bool] | None = None
+    on_cost: Callable[[float], None] | None = None
+    name: str = ""
+    vtime: float = 0.0  # device seconds received / weight, from the virtual clock when it started
+    closed: bool = False  # the request will submit nothing more (no anticipation)
+    started: bool = False
+    pending: int = 0
+
+    def is_stopped(self) -> bool:
+        return self.stopped is not None and self.stopped()
+
+
+@dataclass(eq=False)
 class _Work:
     kind: str  # "unet" | "task"
     control: AdapterControl
     adapters: AdapterSet | None  # None: the task does not care which adapters are active
+    flow: Flow | None = None
+    cost: float = 0.0  # UNet evaluations at the model's native size this unit stands for
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
     group: tuple | None = None
@@ -89,21 +127,38 @@ BatchObserver = Callable[[int, int, float], None]  # (rows, requests, seconds)
 
 class DeviceWorker:
     def __init__(self, *, batching: bool = True, max_rows: int = 16, window_s: float = 0.005,
-                 on_batch: BatchObserver | None = None, name: str = "diffsteer-device"):
+                 on_batch: BatchObserver | None = None, name: str = "diffsteer-device", anticipate_s: float = 0.01):
         self.batching = batching
         self.max_rows = max_rows
         self.window_s = window_s
+        self.anticipate_s = anticipate_s
         self.on_batch = on_batch
         self._cv = threading.Condition()
         self._pending: collections.deque[_Work] = collections.deque()
         self._sessions: collections.Counter[tuple] = collections.Counter()
         self._current: dict[int, AdapterSet] = {}
         self._closed = False
+        self._default_flow = Flow(name="default")
+        self._vclock = 0.0  # virtual time of the last unit started: the least of the waiting flows' (never decreases)
+        self._last: tuple[Flow, float, float] | None = None  # (flow, finished at, seconds) of the last lone unit
+        self._served: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)  # (cost, seconds)
         self.batches = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     # -- request side ------------------------------------------------------------------------------------
+    def flow(self, weight: float = 1.0, *, stopped: Callable[[], bool] | None = None,
+             on_cost: Callable[[float], None] | None = None, name: str = "") -> Flow:
+        """A new flow (one per request); :meth:`close_flow` it when the request ends."""
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        return Flow(weight, stopped, on_cost, name)
+
+    def close_flow(self, flow: Flow) -> None:
+        with self._cv:
+            flow.closed = True
+            self._cv.notify_all()  # an anticipation wait for it is over
+
     @staticmethod
     def session_key(unet: torch.nn.Module, adapters: AdapterSet, latent_shape: tuple[int, ...]) -> tuple:
         return (id(unet), adapters, tuple(latent_shape))
@@ -123,32 +178,45 @@ class DeviceWorker:
                     del self._sessions[key]
                 self._cv.notify_all()  # a gathering batch may now be complete
 
-    def unet_fn(self, control: AdapterControl = NO_ADAPTERS, adapters: AdapterSet = ()) -> Callable[..., torch.Tensor]:
-        """A ``Denoiser`` ``unet_fn`` that evaluates through this worker with ``adapters`` active."""
+    def unet_fn(self, control: AdapterControl = NO_ADAPTERS, adapters: AdapterSet = (), flow: Flow | None = None,
+                native_area: int | None = None) -> Callable[..., torch.Tensor]:
+        """A ``Denoiser`` ``unet_fn`` that evaluates through this worker with ``adapters`` active, in ``flow``;
+        each call costs rows × latent area / ``native_area`` (None: the call's own area)."""
 
         def fn(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-            work = _Work(
-                "unet", control, adapters, unet=unet, x=x, t=t, condition=condition,
-                group=(
-                    id(unet), adapters, tuple(x.shape[1:]), x.dtype, x.device,
-                    tuple(condition.hidden_states.shape[1:]),
-                    tuple(sorted((k, tuple(v.shape[1:])) for k, v in condition.added.items())),
-                ),
-                session=self.session_key(unet, adapters, tuple(x.shape[1:])),
-            )
-            return self._submit(work).result()
+            return self.submit_unet(unet, x, t, condition, control, adapters, flow,
+                                    unet_call_cost(x, native_area)).result()
 
         return fn
 
+    def submit_unet(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition,
+                    control: AdapterControl, adapters: AdapterSet, flow: Flow | None, cost: float
+                    ) -> concurrent.futures.Future:
+        work = _Work(
+            "unet", control, adapters, flow, cost, unet=unet, x=x, t=t, condition=condition,
+            group=(
+                id(unet), adapters, tuple(x.shape[1:]), x.dtype, x.device,
+                tuple(condition.hidden_states.shape[1:]),
+                tuple(sorted((k, tuple(v.shape[1:])) for k, v in condition.added.items())),
+            ),
+            session=self.session_key(unet, adapters, tuple(x.shape[1:])),
+        )
+        return self._submit(work)
+
     def run_task(self, fn: Callable[[], Any], control: AdapterControl = NO_ADAPTERS,
-                 adapters: AdapterSet | None = None) -> Any:
-        """Run ``fn()`` on the worker thread, alone, with ``adapters`` active (None: whichever are)."""
-        return self._submit(_Work("task", control, adapters, fn=fn)).result()
+                 adapters: AdapterSet | None = None, flow: Flow | None = None, cost: float = 0.0) -> Any:
+        """Run ``fn()`` on the worker thread, alone, with ``adapters`` active (None: whichever are), in ``flow``."""
+        return self._submit(_Work("task", control, adapters, flow, cost, fn=fn)).result()
 
     def _submit(self, work: _Work) -> concurrent.futures.Future:
+        flow = work.flow = work.flow or self._default_flow
         with self._cv:
             if self._closed:
                 raise WorkerClosed("the device worker is shut down")
+            if not flow.started:  # a new request starts at the clock: no credit for the time before it came
+                flow.vtime = max(flow.vtime, self._vclock)
+                flow.started = True
+            flow.pending += 1
             self._pending.append(work)
             self._cv.notify_all()
         return work.future
@@ -157,6 +225,13 @@ class DeviceWorker:
     def pending(self) -> int:
         with self._cv:
             return len(self._pending)
+
+    def throughput(self) -> float | None:
+        """Cost units done per second of device time over the recent units (None before any costed unit)."""
+        with self._cv:
+            cost = sum(c for c, _ in self._served)
+            seconds = sum(s for _, s in self._served)
+        return cost / seconds if cost > 0 and seconds > 0 else None
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:
@@ -169,6 +244,37 @@ class DeviceWorker:
         self._thread.join(timeout)
 
     # -- worker side -------------------------------------------------------------------------------------
+    def _remove(self, works: list[_Work]) -> None:
+        chosen = set(map(id, works))
+        self._pending = collections.deque(w for w in self._pending if id(w) not in chosen)
+        for work in works:
+            work.flow.pending -= 1
+
+    def _drop_stopped(self) -> None:
+        """Fail the waiting units of requests that are over, without running them."""
+        stopped = [w for w in self._pending if w.flow.is_stopped()]
+        if stopped:
+            self._remove(stopped)
+            for work in stopped:
+                work.future.set_exception(GenerationCancelled("the request was stopped"))
+
+    def _pick(self) -> _Work:
+        """The oldest unit of the flow with the least virtual time."""
+        best: _Work | None = None
+        for work in self._pending:
+            if best is None or work.flow.vtime < best.flow.vtime:
+                best = work
+        return best
+
+    def _anticipation_left(self, first: _Work) -> float:
+        """Seconds to wait for the flow whose lone unit just ran, when it would be chosen before ``first``."""
+        if self._last is None:
+            return 0.0
+        flow, finished, seconds = self._last
+        if flow is first.flow or flow.closed or flow.pending or flow.vtime > first.flow.vtime:
+            return 0.0
+        return finished + min(self.anticipate_s, seconds) - time.monotonic()
+
     def _gather(self, first: _Work) -> tuple[list[_Work], bool]:
         """Compatible calls in arrival order within the row budget; True when the batch cannot grow."""
         batch, rows, full = [first], first.rows, first.rows >= self.max_rows
@@ -184,13 +290,25 @@ class DeviceWorker:
 
     def _next_batch(self) -> list[_Work] | None:
         with self._cv:
-            while not self._pending and not self._closed:
-                self._cv.wait()
-            if not self._pending:
-                return None
-            first = self._pending[0]
+            while True:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return None
+                self._drop_stopped()
+                if not self._pending:
+                    continue
+                first = self._pick()
+                wait = self._anticipation_left(first)
+                if wait > 0 and not self._closed:
+                    self._cv.wait(wait)
+                    continue
+                self._last = None
+                break
+            self._vclock = max(self._vclock, first.flow.vtime)
             if first.kind != "unet" or not self.batching:
-                return [self._pending.popleft()]
+                self._remove([first])
+                return [first]
             deadline = first.enqueued + self.window_s
             while True:
                 batch, full = self._gather(first)
@@ -199,8 +317,7 @@ class DeviceWorker:
                 if full or len(batch) >= expected or remaining <= 0 or self._closed:
                     break
                 self._cv.wait(remaining)
-            chosen = set(map(id, batch))
-            self._pending = collections.deque(w for w in self._pending if id(w) not in chosen)
+            self._remove(batch)
             return batch
 
     def _loop(self) -> None:
@@ -209,12 +326,32 @@ class DeviceWorker:
                 batch = self._next_batch()
                 if batch is None:
                     return
+                start = time.perf_counter()
                 try:
                     self._execute(batch)
                 except BaseException as e:  # noqa: BLE001 - the callers get it
                     for work in batch:
                         if not work.future.done():
                             work.future.set_exception(e)
+                self._charge(batch, time.perf_counter() - start)
+
+    def _charge(self, batch: list[_Work], seconds: float) -> None:
+        """Each unit's flow pays its share of the device time (by rows; a task alone pays it all) / its weight."""
+        rows = sum(w.rows for w in batch)
+        with self._cv:
+            for work in batch:
+                share = seconds * (work.rows / rows if rows else 1.0 / len(batch))
+                work.flow.vtime += share / work.flow.weight
+            self._served.append((sum(w.cost for w in batch), seconds))
+            flows = {id(w.flow) for w in batch}
+            self._last = (batch[0].flow, time.monotonic(), seconds) if len(flows) == 1 else None
+            self._cv.notify_all()
+        for work in batch:
+            if work.flow.on_cost is not None and work.cost:
+                try:
+                    work.flow.on_cost(work.cost)
+                except Exception:  # accounting must never break the worker
+                    log.exception("cost callback failed")
 
     def _activate(self, work: _Work) -> None:
         if work.adapters is None:
@@ -254,6 +391,69 @@ class DeviceWorker:
             work.future.set_result(chunk)
         if self.on_batch is not None:
             self.on_batch(sum(w.rows for w in batch), len(batch), elapsed)
+
+
+def unet_call_cost(x: torch.Tensor, native_area: int | None) -> float:
+    """Rows × latent area relative to the model's native latent area: UNet evaluations at native size."""
+    area = int(x.shape[-2]) * int(x.shape[-1])
+    return int(x.shape[0]) * area / (native_area or area)
+
+
+class DeviceExecutor:
+    """A :class:`guidance.executor.Executor` for one request: every unit on ``worker``, in the request's flow,
+    with its LoRA ``adapters`` active. Inference UNet calls are batched with other requests'; with autograd on
+    (ReNO), a UNet call is differentiable by itself: its forward is an ordinary (batchable) call, and its
+    backward is one unit that recomputes the call with autograd and returns the gradient in its input (the
+    model's parameters and the prompt conditions get none: nothing served trains them)."""
+
+    differentiable_unet = True
+
+    def __init__(self, worker: DeviceWorker, flow: Flow, *, control: AdapterControl = NO_ADAPTERS,
+                 adapters: AdapterSet = (), native_area: int | None = None):
+        self.worker = worker
+        self.flow = flow
+        self.control = control
+        self.adapters = adapters
+        self.native_area = native_area
+
+    def run(self, fn: Callable[[], Any], *, cost: float = 0.0) -> Any:
+        return self.worker.run_task(fn, self.control, self.adapters, flow=self.flow, cost=cost)
+
+    def session(self, unet: torch.nn.Module, latent_shape: tuple[int, ...]) -> contextlib.AbstractContextManager:
+        return self.worker.session(unet, self.adapters, latent_shape)
+
+    def unet_fn(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _UNetOnWorker.apply(x, self, unet, t, condition)
+        return self._forward(unet, x, t, condition)
+
+    def _forward(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        cost = unet_call_cost(x, self.native_area)
+        return self.worker.submit_unet(unet, x, t, condition, self.control, self.adapters, self.flow, cost).result()
+
+
+class _UNetOnWorker(torch.autograd.Function):
+    """A UNet call through the worker whose backward pass is another unit there (recompute, then the VJP)."""
+
+    @staticmethod
+    def forward(ctx, x, executor, unet, t, condition):  # noqa: ANN001 - autograd's signature
+        ctx.executor, ctx.unet, ctx.t, ctx.condition = executor, unet, t, condition
+        ctx.save_for_backward(x)
+        return executor._forward(unet, x.detach(), t, condition)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        executor, unet, t, condition = ctx.executor, ctx.unet, ctx.t, ctx.condition
+
+        def vjp() -> torch.Tensor:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                out = call_unet(unet, leaf, t, condition)
+                return torch.autograd.grad(out, leaf, grad)[0]
+
+        cost = BACKWARD_COST * unet_call_cost(x, executor.native_area)
+        return executor.run(vjp, cost=cost), None, None, None, None
 
 
 def _row_timesteps(t: torch.Tensor | float | int, rows: int) -> torch.Tensor:

@@ -2,18 +2,21 @@
 
 One request, from route to pixels::
 
-    route -> Engine.plan(request)           validate (GenerationParams + limits + model + LoRA), resolve seed
-          -> Engine.submit(plan)            a Ticket in the bounded WorkQueue (429 when full)
-          -> worker thread: Engine._run     model from the cache; on the device worker: encode prompts,
-                                            then each UNet call (batched with other requests), then decode;
-                                            the step callback reports progress and stops on cancel/timeout
+    route -> Engine.plan(request)           validate once: GenerationParams, limits and cost against the model
+                                            (sampler.check_request), LoRA; resolve the seed
+          -> Engine.submit(plan)            a Ticket in the bounded WorkQueue (429 + Retry-After from the
+                                            queued cost when full)
+          -> queue thread: Engine._run      sampler.generate(model, checked, executor=DeviceExecutor(flow)):
+                                            every unit (encode, each UNet call, ReNO's backward passes, dynamic
+                                            CFG's scoring, decode) on the device worker, in the request's flow,
+                                            which schedules flows fairly by cost and batches UNet calls; the step
+                                            callback reports progress, and a cancelled flow's units stop
           -> Outcome                        encoded images + metadata, on the ticket's future
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
 import math
 import secrets
@@ -28,21 +31,11 @@ import torch
 
 from guidance.errors import unknown_choice
 from guidance.images import encode_image
-from guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, canonical_spec
-from guidance.registry import build_policy
+from guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, ModelDefaults, canonical_spec, model_defaults
 from guidance.request import GenerationParams
-from guidance.sampler import (
-    GenerationResult,
-    PreparedGeneration,
-    StepCallback,
-    StepEvent,
-    decode,
-    generation_result,
-    make_scheduler,
-    prepare,
-    sampling_context,
-)
-from service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceWorker
+from guidance.reward_models import DEFAULT_REWARDS, RewardModels
+from guidance.sampler import CheckedRequest, GenerationResult, StepCallback, StepEvent, check_request, generate
+from service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceExecutor, DeviceWorker
 from service.lora import LoraControl, LoraLibrary
 from service.metrics import Metrics
 from service.preview import LatentPreviewer
@@ -70,6 +63,7 @@ class Plan:
     adapters: AdapterSet
     output_format: str
     label: str = ""
+    checked: CheckedRequest | None = None  # validated against the model (when it was loaded at plan time)
 
 
 @dataclass
@@ -109,29 +103,6 @@ class Outcome:
         return {"nfe": sum(self.result.nfe)}
 
 
-def optimise_noise(
-    prepared: PreparedGeneration, callback: StepCallback | None, run_on_device: Callable[[Callable[[], Any]], Any]
-) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """A policy's outer loop over whole trajectories (ReNO), each iteration one task on the device worker.
-
-    An iteration backpropagates through the sampler, so it evaluates the UNet directly (with autograd, on the
-    worker thread, where the request's LoRA adapters are active) instead of through the batching ``unet_fn``.
-    The loop itself runs on the request's own thread, so between iterations the worker runs other requests'
-    work; the callback (progress, cancellation) runs inside each iteration's task, before its backward pass.
-    """
-    direct = dataclasses.replace(prepared, unet_fn=None)
-
-    def with_grad(fn: Callable[[], Any]) -> Any:
-        def task() -> Any:
-            with torch.enable_grad():  # grad mode is per thread, and the worker's is off
-                return fn()
-
-        return run_on_device(task)
-
-    noise, trace, nfe = prepared.policy.optimise_noise(direct, callback, with_grad)
-    return noise.detach(), trace, nfe
-
-
 def jsonable(value: Any) -> Any:
     """Tensors, arrays, tuples and non-finite floats made JSON-safe (NaN/inf -> None)."""
     if isinstance(value, torch.Tensor):
@@ -156,11 +127,13 @@ class Engine:
         self.metrics = Metrics()
         self.models = models or ModelCache(device=settings.device, dtype=settings.dtype, config=settings.model_config_dir)
         self.loras = LoraLibrary(settings.lora_dir)
+        self.rewards = RewardModels(settings.rewards) if settings.rewards else DEFAULT_REWARDS
         self.previewer = LatentPreviewer()
         self.default_model = canonical_model(settings.model)
         self.allowed_models = list(dict.fromkeys([self.default_model, *(canonical_model(m) for m in settings.models)]))
         self._controls: dict[int, AdapterControl] = {}
         self._controls_lock = threading.Lock()
+        self._defaults: dict[str, ModelDefaults] = {}
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
         self.ab_queue: WorkQueue | None = None  # A/B runs (service.ab), apart so they never take a generation slot
@@ -173,13 +146,9 @@ class Engine:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        if s.rewards:
-            from guidance.reward_models import configure_rewards
-
-            configure_rewards(s.rewards)
         self.device = DeviceWorker(batching=s.batching, max_rows=s.max_batch_rows, window_s=s.batch_window_ms / 1000,
-                                   on_batch=self.metrics.observe_batch)
-        self.queue = WorkQueue(s.concurrency, s.queue_size)
+                                   on_batch=self.metrics.observe_batch, anticipate_s=s.anticipate_ms / 1000)
+        self.queue = WorkQueue(s.concurrency, s.queue_size, throughput=self.device.throughput)
         if s.ab_dir is not None:
             s.ab_dir.expanduser().mkdir(parents=True, exist_ok=True)  # an unusable ab_dir fails the start, not a run
             self.ab_queue = WorkQueue(s.ab_concurrent, s.ab_queue_size, name="diffsteer-ab")
@@ -230,36 +199,44 @@ class Engine:
         return None
 
     def plan(self, request: GenerateRequest, label: str = "") -> Plan:
-        """Validate a request fully (limits, model, LoRA; policy and steps against the model when it is loaded)."""
-        params = request.generation_params()
-        params.check_limits(self.limits)
+        """Validate a request fully (limits, model, LoRA; policy, steps and cost against the model when it is
+        loaded, else when the queue thread has loaded it), with the model's recommended defaults filled in."""
         model = self.resolve_model(request.model)
+        defaults = self.model_defaults(model)
+        limits = self.limits.for_model(defaults)
+        params = request.generation_params().with_model_defaults(defaults, request.model_fields_set, limits)
+        params.check_limits(limits)
         adapters = self.loras.normalise(request.lora)
         if params.seed is None and params.seeds is None:
             params = params.model_copy(update={"seed": secrets.randbelow(2**32)})
         loaded = self.loaded_model(model)
-        if loaded is not None:
-            self._preflight(loaded, params)
-        return Plan(params, model, adapters, request.output_format, label)
+        if loaded is None:
+            return Plan(params, model, adapters, request.output_format, label)
+        checked = check_request(loaded, params, limits=limits, rewards=self.rewards)
+        return Plan(checked.params, model, adapters, request.output_format, label, checked)
+
+    def model_defaults(self, spec: str) -> ModelDefaults:
+        """The recommendations of an offered model (read once, without loading the model)."""
+        with self._controls_lock:
+            found = self._defaults.get(spec)
+        if found is None:
+            found = model_defaults(spec)
+            with self._controls_lock:
+                self._defaults[spec] = found
+        return found
 
     def resolve_model(self, spec: str | None, field: str = "model") -> str:
-        """The canonical name of a model this server offers (None, "" and "default": the default model)."""
-        model = self.default_model if spec in (None, "", "default") else canonical_model(spec)
+        """The canonical name of a model this server offers (None and "default": the default model)."""
+        model = self.default_model if spec in (None, "default") else canonical_model(spec) if spec else ""
         if model not in self.allowed_models:
             raise unknown_choice(field, spec, ["default", *self.allowed_models])
         return model
-
-    @staticmethod
-    def _preflight(model: DiffusionModel, params: GenerationParams) -> None:
-        """What ``prepare`` checks before work starts, without encoding anything (no UNet or encoder runs)."""
-        policy = build_policy(params.policy)
-        _, timesteps = make_scheduler(model, params)
-        policy.start(sampling_context(model, params, timesteps))
 
     # -- submission --------------------------------------------------------------------------------------
     def ticket(self, plan: Plan) -> Ticket:
         """A ticket for ``plan``, not yet queued (attach listeners, then :meth:`enqueue`)."""
         ticket = Ticket(lambda t: self._run(plan, t), self.settings.request_timeout_s, plan.label)
+        ticket.cost = plan.checked.cost.total if plan.checked is not None else 0.0
         ticket.listeners.append(self._observe)
         return ticket
 
@@ -322,10 +299,13 @@ class Engine:
             ticket.emit("step", event)
             ticket.check()
 
-        result, phases = self.sample(
-            model, plan.params, adapters=plan.adapters, callback=on_step, check=ticket.check,
-            on_prepared=lambda prepared: ticket.emit("prepared", (model, prepared)),
-        )
+        checked = plan.checked
+        if checked is None:  # the model was not loaded when the request was planned
+            checked = check_request(model, plan.params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
+            ticket.cost = checked.cost.total
+        ticket.emit("prepared", (model, None))
+        result = self.sample(model, checked, adapters=plan.adapters, callback=on_step,
+                             stopped=lambda: ticket.stop_reason is not None, on_cost=ticket.add_cost_done)
         metadata = []
         for k in range(len(result.images)):
             meta = result.metadata(k)
@@ -336,60 +316,43 @@ class Engine:
         timings = {
             "queued_s": queued_s,
             "load_s": t_loaded - t_start,
-            **phases,
+            **result.phases,
             "total_s": time.monotonic() - ticket.submitted,
             "steps_s": result.step_times,
         }
         self.metrics.generation_seconds.labels(model.name).observe(time.perf_counter() - t_start)
         return Outcome(result, encoded, plan.output_format, plan.adapters, timings, metadata)
 
+    def lane_weight(self, cost: float) -> float:
+        """A request's share of the device worker: 1 in the light lane, ``heavy_weight`` above ``heavy_cost``."""
+        return 1.0 if cost <= self.settings.heavy_cost else self.settings.heavy_weight
+
     def sample(
         self,
         model: DiffusionModel,
-        params: GenerationParams | dict[str, Any],
+        params: GenerationParams | dict[str, Any] | CheckedRequest,
         *,
         adapters: AdapterSet = (),
         callback: StepCallback | None = None,
-        check: Callable[[], None] | None = None,
-        on_prepared: Callable[[PreparedGeneration], None] | None = None,
-    ) -> tuple[GenerationResult, dict[str, float]]:
-        """One generation with every use of the model's modules on the device worker (what
-        :func:`guidance.sampler.generate` does in one thread): prompt encoding and the VAE decode as tasks, each UNet
-        call through the batching ``unet_fn``, a policy's outer loop (ReNO) one iteration per task. ``check()``
-        runs between the phases (it raises to stop); returns the result and the phases' wall times."""
+        stopped: Callable[[], bool] | None = None,
+        on_cost: Callable[[float], None] | None = None,
+    ) -> GenerationResult:
+        """One generation through :func:`guidance.sampler.generate` with every unit of model work on the device
+        worker, in a flow of its own weighted by its cost; ``stopped()`` True fails its waiting units (cancel)."""
         assert self.device is not None
-        device, check = self.device, check or (lambda: None)
-        t_start = time.perf_counter()
-        control = self.control_for(model)
-        unet_fn = device.unet_fn(control, adapters)
-        prepared = device.run_task(lambda: prepare(model, params, limits=self.limits, unet_fn=unet_fn),
-                                   control, adapters)
-        t_prepared = time.perf_counter()
-        check()
-        if on_prepared is not None:
-            on_prepared(prepared)
-        noise, outer_trace, outer_nfe = None, {}, 0
-        if hasattr(prepared.policy, "optimise_noise"):
-            noise, outer_trace, outer_nfe = optimise_noise(
-                prepared, callback, lambda fn: device.run_task(fn, control, adapters)
-            )
-        t_optimised = time.perf_counter()
-        with torch.no_grad(), device.session(model.unet, adapters, tuple(prepared.noise.shape[1:])):
-            run = prepared.run(noise, callback=callback)
-        t_denoised = time.perf_counter()
-        check()
-        pixels = device.run_task(lambda: decode(model, run.latents).cpu())
-        t_decoded = time.perf_counter()
-        result = generation_result(prepared, run, pixels, t_decoded - t_start, outer_nfe, outer_trace)
+        checked = params if isinstance(params, CheckedRequest) else check_request(
+            model, params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
+        flow = self.device.flow(self.lane_weight(checked.cost.total), stopped=stopped, on_cost=on_cost)
+        size = int(model.unet.config.sample_size)
+        executor = DeviceExecutor(self.device, flow, control=self.control_for(model), adapters=adapters,
+                                  native_area=size * size)
+        try:
+            result = generate(model, checked, callback=callback, executor=executor, rewards=self.rewards)
+        finally:
+            self.device.close_flow(flow)
         self.metrics.images.labels(model.name).inc(len(result.images))
         self.metrics.nfe.labels(model.name).inc(sum(result.nfe))
-        phases = {
-            "encode_s": t_prepared - t_start,
-            "optimise_s": t_optimised - t_prepared,
-            "denoise_s": t_denoised - t_optimised,
-            "decode_s": t_decoded - t_denoised,
-        }
-        return result, phases
+        return result
 
     # -- previews ----------------------------------------------------------------------------------------
     def preview(self, model: DiffusionModel, latents: torch.Tensor) -> list[bytes]:
@@ -403,7 +366,10 @@ class Engine:
             model = self.loaded_model(spec)
             row: dict[str, Any] = {"name": spec, "default": spec == self.default_model, "loaded": model is not None}
             if model is not None:
-                row.update(family=model.family, native_size=model.default_size, prediction_type=model.prediction_type,
+                row.update(family=model.family, native_size=model.native_size, prediction_type=model.prediction_type,
                            scheduler=model.scheduler_config.get("_class_name"))
+            defaults = self.model_defaults(spec)
+            row["defaults"] = {**defaults.model_dump(), "native_size": model.native_size if model is not None
+                               else defaults.native_size}
             rows.append(row)
         return rows

@@ -89,6 +89,21 @@ def error_response(request: Request, status: int, message: str, field: str | Non
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of ``app`` answers at the request's path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if route_methods and match != Match.NONE:
+            methods |= set(route_methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,9 +126,44 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(request, exc.status_code, str(exc.detail), None, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        field = "body" if exc.status_code == 400 else None
+        if exc.status_code == 405:  # Starlette's Allow names the first matching route's methods only
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+        return error_response(request, exc.status_code, str(exc.detail), field, headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, f"internal error ({type(exc).__name__}); see the server log")
+    app.add_middleware(UnexpectedErrors)
+
+
+class UnexpectedErrors:
+    """Any other exception: logged once (with its traceback) and answered 500 with the JSON error body.
+
+    Not an ``exception_handler(Exception)``: Starlette runs that one in ServerErrorMiddleware and then re-raises,
+    so the server logs every 500 a second time. Added first, this middleware sits innermost among the user
+    middlewares, just outside the routes' own exception handlers.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # too late for an error response; the connection is closed
+                return
+            request = Request(scope)
+            response = error_response(request, 500, f"internal error ({type(exc).__name__}); see the server log")
+            await response(scope, receive, send)

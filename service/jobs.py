@@ -4,7 +4,8 @@ A job wraps a queue :class:`~service.queue.Ticket`. The ticket's worker thread a
 ``started``, one ``step`` per denoising step, then ``succeeded`` / ``failed`` / ``cancelled``) to the job and
 wakes the event streams waiting on it (``loop.call_soon_threadsafe``); every event has a sequence number, so a
 stream can resume after ``Last-Event-ID``. Finished jobs are kept ``ttl_s`` seconds (and at most
-``max_finished``, oldest dropped first), then purged with their images.
+``max_finished`` of them holding at most ``max_bytes`` of results, oldest dropped first), then purged with
+their images.
 
 Jobs have a kind (``generation``: ``/jobs``; ``ab``: ``/ab``, whose progress events are ``progress`` with the
 A/B run's stage and counts) and an owner: the fingerprint of the API key that created them (None without
@@ -79,6 +80,8 @@ class Job:
     events: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None
     latest_latents: tuple[int, Any] | None = None
+    preview: tuple[int, Any] | None = None  # (step, task rendering its previews), shared by every event stream
+    size_bytes: int = 0  # what the finished job holds in memory (its result body), for the store's byte cap
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
 
@@ -128,6 +131,8 @@ class Job:
             self.finished_at = time.time()
             self.finished_mono = time.monotonic()
             self.latest_latents = None
+            self.preview = None
+            self.size_bytes = body_bytes(self.result_body)
             self.ticket = None  # its future holds the full outcome (pixels, PIL images): let it go
             self._add(self.status, final)
 
@@ -162,10 +167,23 @@ class Job:
         }
 
 
+def body_bytes(value: Any) -> int:
+    """Approximate memory of a JSON-like body: the length of its strings (base64 images dominate) plus a few
+    bytes per other value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + body_bytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(body_bytes(v) for v in value)
+    return 8
+
+
 class JobStore:
-    def __init__(self, ttl_s: float, max_finished: int, id_prefix: str = ""):
+    def __init__(self, ttl_s: float, max_finished: int, id_prefix: str = "", max_bytes: int | None = None):
         self.ttl_s = ttl_s
         self.max_finished = max_finished
+        self.max_bytes = max_bytes
         # Under Ray Serve, "REPLICA." (token_urlsafe has no dots): the request router sends a job's routes to the
         # replica that holds it (service/ray_serve.py).
         self.id_prefix = id_prefix
@@ -211,6 +229,14 @@ class JobStore:
             drop = [j for j in finished if now - j.finished_mono > self.ttl_s]
             keep = [j for j in finished if j not in drop]
             drop += keep[: max(0, len(keep) - self.max_finished)]
+            keep = keep[max(0, len(keep) - self.max_finished):]
+            if self.max_bytes is not None:
+                total = sum(j.size_bytes for j in keep)
+                for job in keep:  # oldest first
+                    if total <= self.max_bytes:
+                        break
+                    drop.append(job)
+                    total -= job.size_bytes
             for job in drop:
                 self._jobs.pop(job.id, None)
         return len(drop)

@@ -1,7 +1,9 @@
 """Prometheus metrics (``prometheus_client``), one registry per app so several apps can live in one process.
 
-HTTP requests are labelled by route *template* (``/jobs/{job_id}``), never by raw path, so job ids cannot
-blow up the label space. Unmatched paths count under ``route="unmatched"``.
+Every label value comes from a known, bounded set, whatever a client sends: HTTP requests are labelled by
+route *template* (``/jobs/{job_id}``, never the raw path; unmatched paths count under ``route="unmatched"``),
+by method (the standard ones, anything else ``other``) and by status (the codes this service answers, anything
+else its class, e.g. ``5xx``); models by the names the server was configured with.
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STATUSES = frozenset({200, 202, 204, 304, 400, 401, 403, 404, 405, 406, 413, 415, 422, 429, 499, 500, 503, 504})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in STATUSES else f"{status // 100}xx"
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by route template, method and status, and times it (pure ASGI)."""
 
@@ -104,5 +118,6 @@ class MetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             metrics = self.metrics()
             code = scope.get("diffsteer.status_override", status["code"])
-            metrics.requests.labels(template, scope["method"], str(code)).inc()
-            metrics.latency.labels(template, scope["method"]).observe(time.perf_counter() - start)
+            method = method_label(scope["method"])
+            metrics.requests.labels(template, method, status_label(code)).inc()
+            metrics.latency.labels(template, method).observe(time.perf_counter() - start)

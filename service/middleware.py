@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -10,14 +11,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class BodySizeLimit:
     """Answer 413 to a body above ``max_bytes``.
 
-    A declared Content-Length above the limit is refused before anything is read; otherwise the body is read
-    (up to the limit, so chunked bodies are covered too) before the app runs, and replayed to it. Later
-    ``receive`` calls (disconnect notices) pass through.
+    A declared Content-Length above the limit is refused before the app runs; otherwise the body is read (up to
+    the limit, so chunked bodies are covered too) before the app runs, and replayed to it. Later ``receive``
+    calls (disconnect notices) pass through.
+
+    Before answering 413 the rest of the body is read and discarded (up to ``drain_bytes``, within
+    ``drain_s``): a server that closes a connection with unread data in its receive buffer makes the kernel
+    send a TCP reset, and a client still writing its body (curl, requests, most HTTP/1.1 clients) then sees
+    "connection reset" instead of the 413. Clients that sent ``Expect: 100-continue`` get the 413 at once
+    (they have not sent the body). Bodies above ``drain_bytes`` are cut off as before.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int = 64 * 2**20, drain_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = drain_bytes
+        self.drain_s = drain_s
+
+    async def _drain(self, receive: Receive, already: int, more_body: bool) -> None:
+        async def read_rest() -> None:
+            total, more = already, more_body
+            while more and total <= self.drain_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                total += len(message.get("body", b""))
+                more = message.get("more_body", False)
+
+        try:
+            await asyncio.wait_for(read_rest(), self.drain_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         scope["diffsteer.status_override"] = 413
@@ -34,15 +58,16 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await self._reject(scope, send)
-                    return
+        headers = dict(scope.get("headers", ()))
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_bytes:
+            if headers.get(b"expect", b"").lower() != b"100-continue" and declared <= self.drain_bytes:
+                await self._drain(receive, 0, True)
+            await self._reject(scope, send)
+            return
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -52,6 +77,7 @@ class BodySizeLimit:
             body = message.get("body", b"")
             total += len(body)
             if total > self.max_bytes:
+                await self._drain(receive, total, message.get("more_body", False))
                 await self._reject(scope, send)
                 return
             chunks.append(body)

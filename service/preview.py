@@ -18,16 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from guidance.models import DiffusionModel
-
-
-def to_sampler_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """VAE posterior means -> the latent space the sampler works in (inverse of ``sampler.decode``'s scaling)."""
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        return (z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor / torch.tensor(std).view(shape).to(z)
-    return z * cfg.scaling_factor
+from guidance.sampler import to_sampler_latents
 
 
 def colour_fields(count: int, size: int, seed: int = 0) -> torch.Tensor:

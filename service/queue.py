@@ -2,7 +2,8 @@
 
 Every submitted ticket ends exactly once, with a result or an exception, on its ``future``: done, failed,
 cancelled (client gone, ``DELETE /jobs/{id}``, server shutdown) or timed out. A full queue refuses at once
-(:class:`QueueFull`, with a Retry-After estimate) instead of dropping or blocking. Cancelling a running
+(:class:`QueueFull`, with a Retry-After estimate: the cost of the work ahead, queued and the rest of what
+runs, over the device's measured throughput) instead of dropping or blocking. Cancelling a running
 ticket resolves its future immediately; the worker notices at the next denoising step (the step callback
 raises :class:`~guidance.sampler.GenerationCancelled`) and its late result is discarded.
 """
@@ -22,6 +23,8 @@ from typing import Any
 from guidance.sampler import GenerationCancelled
 
 log = logging.getLogger("service.queue")
+
+MAX_RETRY_AFTER_S = 3600
 
 
 class QueueFull(Exception):
@@ -67,6 +70,15 @@ class Ticket:
         self._lock = threading.Lock()
         self._stop: BaseException | None = None
         self.listeners: list[Callable[[str, Any], None]] = []
+        self.cost = 0.0  # estimated, in UNet evaluations at native size (guidance.cost); 0: unknown
+        self.cost_done = 0.0  # of it, the units the device worker has finished
+
+    def add_cost_done(self, cost: float) -> None:
+        self.cost_done += cost
+
+    @property
+    def cost_left(self) -> float:
+        return max(0.0, self.cost - self.cost_done)
 
     # -- called from any thread --------------------------------------------------------------------------
     def cancel(self, reason: str) -> bool:
@@ -119,8 +131,11 @@ class Ticket:
 class WorkQueue:
     """``workers`` threads pulling tickets FIFO; at most ``max_waiting`` tickets wait for a thread."""
 
-    def __init__(self, workers: int, max_waiting: int, name: str = "diffsteer-worker"):
+    def __init__(self, workers: int, max_waiting: int, name: str = "diffsteer-worker",
+                 throughput: Callable[[], float | None] | None = None):
+        """``throughput()``: cost units the device does per second (None while unmeasured), for Retry-After."""
         self.workers = workers
+        self.throughput = throughput
         self.max_waiting = max_waiting
         self._cv = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -150,7 +165,8 @@ class WorkQueue:
             return [*self._running, *self._waiting]
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the recent mean duration times the work ahead per worker."""
+        """Seconds until the work ahead is done: its cost left over the measured throughput; before any
+        throughput is measured, the recent mean duration times the tickets ahead per worker."""
         with self._cv:
             return self._retry_after_locked()
 
@@ -166,10 +182,21 @@ class WorkQueue:
             self._cv.notify()
         return ticket
 
+    def cost_ahead(self) -> float:
+        with self._cv:
+            return self._cost_ahead_locked()
+
+    def _cost_ahead_locked(self) -> float:
+        return sum(t.cost_left for t in (*self._waiting, *self._running) if not t.future.done())
+
     def _retry_after_locked(self) -> int:
+        rate = self.throughput() if self.throughput is not None else None
+        cost = self._cost_ahead_locked()
+        if rate and cost > 0:
+            return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(cost / rate))))
         mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
         ahead = len(self._waiting) + len(self._running)
-        return int(min(300, max(1, math.ceil(mean * ahead / self.workers))))
+        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(mean * ahead / self.workers))))
 
     def _prune(self) -> None:
         """Drop waiting tickets that ended while queued (cancelled or timed out)."""

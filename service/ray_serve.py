@@ -80,9 +80,8 @@ class JobAffinityRouter(RequestRouter):
                 if replica.replica_id.unique_id == owner:
                     return [[replica]]  # wait for it even when busy: no other replica knows the job
             # the replica is gone, and its jobs with it: any replica answers the 404
-        if len(candidate_replicas) <= 2:
-            return [list(candidate_replicas)]
-        return [random.sample(candidate_replicas, 2)]
+        # in random order: the base class keeps the first of equally loaded replicas
+        return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
 
 class ReplicaHeader:

@@ -18,8 +18,33 @@ from guidance.request import GenerationParams
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+# Request bodies are validated strictly: "5" is not an integer nor 1 a boolean, as the published schema says.
+STRICT = pydantic.ConfigDict(strict=True)
+
+
+def integral_floats_to_int(data: Any) -> Any:
+    """JSON Schema's ``integer`` includes ``16.0``; strict validation does not: integral floats become ints
+    (float fields accept ints), everywhere in a request body."""
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    if isinstance(data, dict):
+        return {k: integral_floats_to_int(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [integral_floats_to_int(v) for v in data]
+    return data
+
+
+def json_body(data: Any, nullable_defaults: tuple[str, ...] = ()) -> Any:
+    """A request body as strict validation wants it: integral floats as ints, and ``null`` for the fields in
+    ``nullable_defaults`` the same as leaving them out (their default, e.g. the model's recommended policy)."""
+    data = integral_floats_to_int(data)
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if not (k in nullable_defaults and v is None)}
+    return data
+
+
 class LoraRef(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     name: str = pydantic.Field(max_length=128, description="Adapter name: a file NAME.safetensors (or folder NAME) in the server's lora_dir.")
     weight: float = pydantic.Field(1.0, ge=-10.0, le=10.0, description="Adapter weight (0: not applied).")
@@ -27,6 +52,13 @@ class LoraRef(pydantic.BaseModel):
 
 class GenerateRequest(GenerationParams):
     """A generation: GenerationParams' fields plus output format, model and LoRA adapters."""
+
+    model_config = STRICT
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _json(cls, data: Any) -> Any:
+        return json_body(data, ("policy", "steps"))
 
     output_format: OutputFormat = pydantic.Field("png", description="Image encoding; PNGs carry the parameters as text chunks.")
     model: str | None = pydantic.Field(None, description="A model the server offers (GET /models); default: the server's default.")
@@ -129,9 +161,10 @@ def _ab_request_model() -> type[pydantic.BaseModel]:
     )
     return pydantic.create_model(
         "ABRequest",
-        __config__=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False),
+        __config__=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, strict=True),
         __doc__="An A/B evaluation: ABConfig's fields; the server picks the output folder, device and dtype.",
-        __validators__={"_server_side": pydantic.model_validator(mode="before")(_refuse_server_side)},
+        __validators__={"_server_side": pydantic.model_validator(mode="before")(_refuse_server_side),
+                        "_json": pydantic.model_validator(mode="before")(lambda cls, data: json_body(data))},
         **fields,
     )
 
@@ -168,3 +201,128 @@ class ABJobStatus(JobStatusBase):
     progress: ABProgress = pydantic.Field(description="Stage ('queued', 'generate', 'score', 'statistics', 'report', "
                                           "'done') and images done of total.")
     result: ABResult | None = None
+
+
+# --- listings and compatibility responses -------------------------------------------------------------------
+
+
+class PolicyParameter(pydantic.BaseModel):
+    name: str
+    default: Any = pydantic.Field(description="The default value (JSON).")
+    help: str
+
+
+class PolicyInfo(pydantic.BaseModel):
+    name: str
+    summary: str
+    parameters: list[PolicyParameter]
+    schema_: dict[str, Any] = pydantic.Field(alias="schema", description="The policy's parameters as JSON schema.")
+
+
+class PoliciesResponse(pydantic.BaseModel):
+    policies: list[PolicyInfo]
+    schedulers: list[str]
+
+
+class ModelDefaultsBody(pydantic.BaseModel):
+    policy: str | None = pydantic.Field(description="Recommended policy (spec string) when a request names none.")
+    steps: int | None = pydantic.Field(description="Recommended steps when a request names none.")
+    native_size: int | None = pydantic.Field(description="The size the model was trained at (pixels).")
+    max_size: int | None = pydantic.Field(description="Largest width/height the model is recommended for.")
+
+
+class ModelInfo(pydantic.BaseModel):
+    name: str
+    default: bool
+    loaded: bool
+    family: str | None = None
+    native_size: int | None = None
+    prediction_type: str | None = None
+    scheduler: str | None = None
+    defaults: ModelDefaultsBody | None = pydantic.Field(None, description="The model's recommendations (loaded models).")
+
+
+class ModelsResponse(pydantic.BaseModel):
+    default: str
+    models: list[ModelInfo]
+    loras: list[str]
+
+
+class HealthResponse(pydantic.BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(pydantic.BaseModel):
+    status: Literal["ready"]
+    model: str
+
+
+class OpenAIImage(pydantic.BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIDiffsteerInfo(pydantic.BaseModel):
+    seeds: list[int]
+    nfe: list[int]
+    policy: str
+    model: str
+    steps: int
+    scheduler: str
+
+
+class OpenAIImagesResponse(pydantic.BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: OutputFormat
+    diffsteer: OpenAIDiffsteerInfo
+
+
+class OpenAIModel(pydantic.BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(pydantic.BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class Txt2ImgResponse(pydantic.BaseModel):
+    images: list[str] = pydantic.Field(description="Base64 PNGs.")
+    parameters: dict[str, Any] = pydantic.Field(description="The request as understood, with the seed used.")
+    info: str = pydantic.Field(description="JSON text: seeds, prompts, sampler, infotexts (A1111's `info`).")
+
+
+class A1111Sampler(pydantic.BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class A1111Scheduler(pydantic.BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None
+    default_rho: float | None
+    need_inner_model: bool
+
+
+class A1111Model(pydantic.BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None
+
+
+class A1111Scripts(pydantic.BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class A1111Options(pydantic.BaseModel):
+    sd_model_checkpoint: str

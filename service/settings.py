@@ -105,7 +105,7 @@ class ServiceSettings(BaseSettings):
     rewards: dict[str, dict[str, Any]] = pydantic.Field(
         default_factory=dict,
         description="Where reward-driven policies (reno, dynamic_cfg) find each reward's weights: name -> reward "
-        "config fields (guidance.reward_models.configure_rewards). Requests name rewards, never paths.",
+        "config fields (a guidance.reward_models.RewardModels the engine passes down). Requests name rewards, never paths.",
     )
     max_loaded_loras: int = pydantic.Field(8, ge=1, description="LoRA adapters kept loaded per model (least recently used evicted).")
 
@@ -123,6 +123,10 @@ class ServiceSettings(BaseSettings):
     job_ttl_s: float = pydantic.Field(600.0, gt=0, description="How long finished jobs (and their images) are kept.")
     max_stored_jobs: int = pydantic.Field(
         64, ge=1, description="Finished jobs kept at most, with their encoded images (oldest dropped first)."
+    )
+    max_stored_job_bytes: int = pydantic.Field(
+        256 * 2**20, ge=1, description="Bytes of results (base64 images) finished jobs may hold in all (oldest "
+        "dropped first); a single job above it is dropped at the next purge."
     )
     batching: bool = pydantic.Field(True, description="Denoise concurrent compatible requests in shared UNet calls.")
     max_batch_rows: int = pydantic.Field(16, ge=1, description="Most latent rows in one shared UNet call.")
@@ -153,6 +157,25 @@ class ServiceSettings(BaseSettings):
     max_num_images: int = pydantic.Field(16, ge=1)
     max_prompt_chars: int = pydantic.Field(4000, ge=1)
     max_body_bytes: int = pydantic.Field(1_000_000, ge=1024, description="Largest accepted request body; beyond that: 413.")
+    max_cost: float = pydantic.Field(
+        32_768.0, gt=0, description="Most work one request may ask for, in UNet evaluations of one image at the model's "
+        "native size: images x area/native area x steps x the policy's evaluations per step x its passes (ReNO's "
+        "iterations); beyond that: 422 naming the field that contributes most (guidance.cost).",
+    )
+    max_area_factor: float = pydantic.Field(
+        16.0, gt=0, description="Largest image area relative to the model's native area (16: 4x its width and height).",
+    )
+
+    # --- fair scheduling of the device worker (service.device) ----------------------------------------
+    heavy_cost: float = pydantic.Field(
+        240.0, gt=0, description="Requests costing more than this (4 native-size 30-step CFG images) run in the heavy "
+        "lane: their units get heavy_weight's share of the device against a light request's 1.",
+    )
+    heavy_weight: float = pydantic.Field(0.25, gt=0, le=1, description="Device share of a heavy request (light: 1).")
+    anticipate_ms: float = pydantic.Field(
+        10.0, ge=0, description="How long the device worker waits for the next call of the sampler loop it just served "
+        "before starting another request's (longer) unit; at most the duration of the unit it served.",
+    )
 
     # --- security -------------------------------------------------------------------------------------
     api_keys: Annotated[list[pydantic.SecretStr], NoDecode] = pydantic.Field(
@@ -193,6 +216,8 @@ class ServiceSettings(BaseSettings):
             max_steps=self.max_steps,
             max_num_images=self.max_num_images,
             max_prompt_chars=self.max_prompt_chars,
+            max_cost=self.max_cost,
+            max_area_factor=self.max_area_factor,
         )
 
     @property

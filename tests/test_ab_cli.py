@@ -98,13 +98,16 @@ def test_text_file_end_to_end(text_run):
         mine = [i["metrics"]["saturation"] for i in images if i["arm"] == arm]
         assert r["summary"][arm]["saturation"]["mean"] == pytest.approx(np.mean(mine))
     [pair] = r["statistics"]
-    assert (pair["arm_a"], pair["arm_b"]) == ("base", "apg") and list(pair["metrics"]) == columns
+    # latency is a per-batch figure here (batch_size > 1): means only, no paired test
+    assert (pair["arm_a"], pair["arm_b"]) == ("base", "apg")
+    assert list(pair["metrics"]) == [c for c in columns if c != "latency"]
     for m in pair["metrics"].values():
         assert STAT_KEYS <= set(m) and m["unit"] == "prompt" and (m["n_prompts"], m["n_images"]) == (3, 6)
         assert m["ci_low"] - 1e-9 <= m["mean_diff"] <= m["ci_high"] + 1e-9 and m["wins"] + m["ties"] + m["losses"] == 3
     nfe = pair["metrics"]["nfe"]
     assert (nfe["mean_diff"], nfe["ci_low"], nfe["ci_high"]) == (2.0, 2.0, 2.0)
-    assert (nfe["wins"], nfe["ties"], nfe["losses"], nfe["verdict"]) == (0, 0, 3, "base")
+    # every prompt's difference is the same (a zero-width CI) and there are 3 prompts: no verdict either way
+    assert (nfe["wins"], nfe["ties"], nfe["losses"]) == (0, 0, 3) and nfe["verdict"].startswith("too few")
     assert len((out / "records.jsonl").read_text().splitlines()) == 12
     assert (out / "report.html").is_file() and (out / "plots" / "distributions.png").is_file()
 
@@ -169,7 +172,7 @@ def test_geneval_file_three_arms_share_noise(tmp_path):
     same = r["statistics"][0]["metrics"]
     for m in same.values():
         assert (m["mean_diff"], m["wins"], m["ties"], m["losses"]) == (0.0, 0, 2, 0)
-        assert m["verdict"] == "no clear difference"
+        assert m["verdict"].startswith("too few")  # 2 prompts
     assert not (out / "report.html").exists()
 
 
@@ -190,7 +193,8 @@ def test_parti_file(tmp_path, capsys):
         ("Basic", "Simple Detail"), ("Artifacts", "Perspective")]
     [pair] = r["statistics"]
     assert (pair["arm_a"], pair["arm_b"]) == ("b", "a") and pair["metrics"]["nfe"]["unit"] == "image"
-    assert pair["metrics"]["nfe"]["mean_diff"] == -2.0 and pair["metrics"]["nfe"]["verdict"] == "a"
+    assert pair["metrics"]["nfe"]["mean_diff"] == -2.0
+    assert pair["metrics"]["nfe"]["verdict"] == "too few to tell (n = 2 < 5)"
 
 
 def test_proving_ground_prompts_with_verifier(tmp_path):

@@ -72,8 +72,7 @@ def test_cluster_ci_and_verdict_hand_computed():
     assert (m["wins"], m["ties"], m["losses"]) == (2, 0, 0)  # prompt means 1 and 4
     assert m["wilcoxon_method"] == "exact" and m["wilcoxon_p"] == 0.5  # T+ = 3 of ranks {1, 2}: 2 * 1/4
     assert m["sign_test_p"] == 0.5
-    assert m["verdict"] == "B"  # the CI excludes 0 on B's side
-    assert _stats("prompt", direction="lower", a=a, b=b, pids=pids)[0]["metrics"]["q"]["verdict"] == "A"
+    assert m["verdict"] == "too few to tell (n = 2 < 5)"  # the CI excludes 0, but from two prompts
     s = arm_summaries({"A": {"q": b - a}}, pids, n_resamples=2000)["A"]["q"]
     assert s == {"mean": pytest.approx(2.0), "n": 3, "ci_low": 1.0, "ci_high": 4.0}
 
@@ -82,7 +81,27 @@ def test_ties_everywhere_give_no_verdict():
     m = _stats("prompt", b=A.copy())[0]["metrics"]["q"]
     assert (m["wins"], m["ties"], m["losses"]) == (0, 5, 0)
     assert m["sign_test_p"] == 1.0 and m["wilcoxon_p"] == 1.0
-    assert (m["ci_low"], m["ci_high"]) == (0.0, 0.0) and m["verdict"] == "no clear difference"
+    assert (m["ci_low"], m["ci_high"]) == (0.0, 0.0)
+    assert m["verdict"] == "no interval (every paired difference is the same)"
+
+
+def test_verdict_needs_enough_units_and_a_real_interval():
+    d = np.array([1, 2, 1, 3, 1, 2, 2, 1, 1, 2], dtype=float)  # every prompt's mean difference > 0
+    assert _stats("prompt", b=A + d)[0]["metrics"]["q"]["verdict"] == "B"
+    assert _stats("prompt", direction="lower", b=A + d)[0]["metrics"]["q"]["verdict"] == "A"
+    # a constant shift (what a per-batch figure gives every image of a batch): a zero-width CI, no verdict
+    m = _stats("prompt", b=A + 1.0)[0]["metrics"]["q"]
+    assert m["ci_low"] == m["ci_high"] == pytest.approx(1.0) and m["verdict"].startswith("no interval")
+    # three prompts: too few, whatever the interval
+    m = _stats("prompt", a=A[:6], b=A[:6] + d[:6], pids=PIDS[:6])[0]["metrics"]["q"]
+    assert m["n_prompts"] == 3 and m["verdict"] == "too few to tell (n = 3 < 5)"
+
+
+def test_per_batch_columns_get_no_paired_test():
+    values = {"A": {"q": A, "latency": np.full(10, 0.5)}, "B": {"q": A + 1, "latency": np.full(10, 0.7)}}
+    [pair] = paired_statistics(values, PIDS, {"q": "higher", "latency": "lower"}, n_resamples=500,
+                               per_batch=("latency",))
+    assert set(pair["metrics"]) == {"q"}
 
 
 def test_undefined_values_are_left_out_per_metric():

@@ -266,8 +266,11 @@ def test_model_cache_does_not_cache_failures():
 
 
 def parse_a1111(text: str) -> tuple[list[str], dict[str, str]]:
+    """Head lines and the last line's fields, by A1111's rules (tests/test_infotext.py)."""
+    from test_infotext import RE_PARAM, unquote
+
     lines = text.split("\n")
-    fields = dict(item.split(": ", 1) for item in lines[-1].split(", "))
+    fields = {k: unquote(v) for k, v in RE_PARAM.findall(lines[-1])}
     return lines[:-1], fields
 
 
@@ -311,7 +314,7 @@ def test_cli_generate_writes_png_with_metadata(tmp_path, capsys, sd_model):
     head, fields = parse_a1111(image.text["parameters"])
     assert head == ["a red cat", "Negative prompt: blurry"]
     assert fields["Steps"] == "2"
-    assert fields["Sampler"] == "euler"
+    assert fields["Sampler"] == "Euler"  # A1111's name
     assert fields["Seed"] == "42"
     assert fields["Model"] == "builtin:tiny"
     assert fields["Policy"] == "apg:scale=5.0,eta=0.5"

@@ -64,6 +64,13 @@ def test_ray_settings_refuse_bad_values(tmp_path):
         ray_serve.build_app({"cfg": "x.yaml"})
 
 
+def test_serve_has_a_ray_switch():
+    from service.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--ray", "--config", "serve.yaml"]).ray is True
+    assert build_parser().parse_args(["serve"]).ray is False
+
+
 def test_job_paths_name_their_replica():
     assert ray_serve.replica_of_path("/jobs/ab12cd34.AbC-d_e") == "ab12cd34"
     assert ray_serve.replica_of_path("/jobs/ab12cd34.AbC-d_e/events") == "ab12cd34"

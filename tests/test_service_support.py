@@ -116,15 +116,15 @@ class UNetGate:
         self.close()
 
 
-def assert_lora_served_like(model, lora_dir, name: str) -> None:
-    """The service, given ``lora_dir``, generates with LoRA ``name`` what ``model`` (the trained builtin:tiny, its
+def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tiny") -> None:
+    """The service, given ``lora_dir``, generates with LoRA ``name`` what ``model`` (the trained ``spec``, its
     adapter active) generates directly (within PNG rounding)."""
     from guidance.sampler import generate
 
-    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "model": "builtin:tiny"}
+    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "model": spec}
     with torch.no_grad():
         ours = generate(model, {k: v for k, v in body.items() if k != "model"}).pixels[0]
-    with app_client(lora_dir=str(lora_dir)) as client:
+    with app_client(lora_dir=str(lora_dir), model=spec) as client:
         r = client.post("/generate", json={**body, "lora": [{"name": name, "weight": 1.0}]})
         assert r.status_code == 200, r.text
         served = pixels(decode_image(r.json()["images"][0]))

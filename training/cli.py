@@ -21,6 +21,9 @@ from guidance.errors import InvalidInput
 METHODS: dict[str, tuple[str, str, str]] = {
     "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
     "fdistill": ("training.fdistill", "FDistillConfig", "FDistillTrainer"),
+    "dpo": ("training.dpo", "DPOConfig", "DPOTrainer"),
+    "smpo": ("training.smpo", "SmPOConfig", "SmPOTrainer"),
+    "latent-evaluator": ("training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
 }
 
 
@@ -59,7 +62,7 @@ def run_parsed(method: str, args: argparse.Namespace) -> int:
         return 130
     finally:
         trainer.close()
-    for key in ("adapter", "pipeline"):
+    for key in ("adapter", "pipeline", "latent_evaluators"):
         if summary.get(key):
             print(summary[key])
     return 0

@@ -54,6 +54,7 @@ class SamplingContext:
     requested_steps: int | None = None  # the request's `steps`
     prompts: tuple[str, ...] = ()  # one per image
     model: Any = None  # the DiffusionModel, for policies that decode or score (dynamic CFG)
+    rewards: Any = None  # guidance.reward_models.RewardModels the caller passed down (None: the defaults)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class GuidancePolicy(ABC):
     Params: ClassVar[type[PolicyParams]]
     conditions: ClassVar[tuple[str, ...]] = ("cond", "uncond")
     summary: ClassVar[str] = ""
+    cost_field: ClassVar[str] = ""  # the parameter that drives its cost beyond cost_per_step (named when refused)
 
     def __init__(self, params: PolicyParams | None = None):
         self.params = params if params is not None else self.Params()
@@ -85,3 +87,35 @@ class GuidancePolicy(ABC):
     def finish(self, state: PolicyState) -> dict[str, Any]:
         """The trace reported with the result (JSON-serialisable)."""
         return state.trace
+
+    def cost_per_step(self) -> float:
+        """Estimated UNet evaluations per image and step (the conditions it asks for; 2 for CFG), for cost limits."""
+        return float(len(self.conditions))
+
+    def cost_multiplier(self) -> float:
+        """Estimated work of a whole generation relative to one sampling pass (an outer loop's passes, etc.)."""
+        return 1.0
+
+
+@dataclass
+class NoiseOptimisation:
+    """What an outer loop returns: the initial noise of the final run, its trace and the evaluations it spent
+    (per image, counted towards every image's NFE)."""
+
+    noise: torch.Tensor
+    trace: dict[str, Any]
+    nfe: int
+
+
+class OuterLoopPolicy(GuidancePolicy):
+    """A policy with a loop over whole trajectories before the final run (ReNO optimises the initial noise).
+
+    :func:`guidance.sampler.generate` calls :meth:`optimise_noise` once, then samples from the noise it returns
+    with :meth:`step`. The loop runs its model work through ``prepared.executor``, one UNet call (forward, or
+    backward with recomputation) per unit, so a server can interleave other requests between them.
+    """
+
+    @abstractmethod
+    def optimise_noise(self, prepared: Any, callback: Any = None) -> NoiseOptimisation:
+        """Run the outer loop for ``prepared`` (a PreparedGeneration); ``callback`` gets its progress and may raise
+        GenerationCancelled to stop."""

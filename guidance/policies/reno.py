@@ -14,22 +14,21 @@ returns the best iterate by reward (Sec. 4.1). K is computed in float32: in fp16
 summed and the gradient is clipped per image, so an image's result does not depend on its batch.
 
 The inner sampler is the request's own (scheduler, steps) with plain CFG at ``scale`` (≤ 1: conditional only,
-as SD-Turbo and SDXL-Turbo are sampled). Backpropagation goes through every UNet call and the VAE decoder
-with gradient checkpointing.
+as SD-Turbo and SDXL-Turbo are sampled). Backpropagation goes through every UNet call (recomputed in the
+backward pass, as gradient checkpointing does) and the VAE decoder.
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 import pydantic
 import torch
 
 from guidance.denoiser import Denoiser, StepInfo
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
+from guidance.executor import BACKWARD_COST, run_with_grad
+from guidance.policies.base import NoiseOptimisation, OuterLoopPolicy, PolicyParams, PolicyState, SamplingContext
 from guidance.policies.cfg import CFG, CFGParams
 
 
@@ -37,7 +36,8 @@ class ReNOParams(PolicyParams):
     name: Literal["reno"] = "reno"
     scale: float = pydantic.Field(1.0, ge=0.0, le=100.0, description="CFG scale of the inner sampler (≤ 1: off).")
     reward: str = pydantic.Field(
-        "clip:1", description="Weighted rewards, 'name:weight[:offset],...', e.g. 'hps:5,pickscore:0.05,clip:0.01'."
+        "clip:1", description="Weighted rewards, 'name:weight[:offset],...', e.g. 'hps:5,pickscore:0.05,clip:0.01'; "
+                              "or 'latent[:alignment:1,...]', the model's latent evaluators on the clean latents."
     )
     iterations: int = pydantic.Field(50, ge=0, le=1000, description="Optimisation iterations (0: plain sampling).")
     time_budget_s: float | None = pydantic.Field(None, gt=0.0, description="Stop after this many seconds.")
@@ -47,39 +47,60 @@ class ReNOParams(PolicyParams):
     reg_weight: float = pydantic.Field(0.01, ge=0.0, description="λ of the noise-norm regulariser K(ε).")
 
 
-class ReNO(GuidancePolicy):
+class ReNO(OuterLoopPolicy):
     name = "reno"
     Params = ReNOParams
     summary = "ReNO: optimise the initial noise of a few-step model against differentiable rewards."
+    cost_field = "iterations"
 
     def __init__(self, params: ReNOParams | None = None):
         super().__init__(params)
         self._inner = CFG(CFGParams(scale=self.params.scale))
 
-    def start(self, ctx) -> PolicyState:
+    def start(self, ctx: SamplingContext) -> PolicyState:
+        from guidance.latent_evaluators import is_latent_spec, latent_reward
+
+        if ctx.model is not None and is_latent_spec(self.params.reward):
+            latent_reward(ctx.model, self.params.reward)  # load (and validate) before any work
+        elif ctx.model is not None and ctx.rewards is not None:
+            ctx.rewards.get(self.params.reward, ctx.model.device)
         return self._inner.start(ctx)
 
     def step(self, state: PolicyState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
         return self._inner.step(state, x, info, denoiser)
 
-    def optimise_noise(
-        self, prepared: Any, callback=None, run_on_device: Callable[[Callable[[], Any]], Any] | None = None
-    ) -> tuple[torch.Tensor, dict[str, Any], int]:
-        """Run the optimisation; returns (best noise per image, trace, UNet evaluations per image spent).
+    def cost_per_step(self) -> float:
+        return 1.0 if self.params.scale <= 1.0 else 2.0
 
-        Each iteration (sample, decode, score, callback, and unless it is the last: backward and SGD step) is one
-        call of ``run_on_device(fn)`` (default: ``fn()``), so a server can run other requests' work between
-        iterations.
+    def cost_multiplier(self) -> float:
+        """Every iteration samples (1) and, but the last, backpropagates through each UNet call (BACKWARD_COST)."""
+        return 1.0 + self.params.iterations * (1.0 + BACKWARD_COST)
+
+    def optimise_noise(self, prepared: Any, callback=None) -> NoiseOptimisation:
+        """Run the optimisation; returns the best noise per image, the trace and the UNet evaluations per image.
+
+        An iteration is: the sampling pass with autograd on (each UNet call one unit of ``prepared.executor``),
+        the decode and reward with the gradient of the loss in the final latents (one unit), the callback, and
+        unless it is the last, the backward pass through the sampler (each UNet call's recomputation and
+        backward one unit) and the SGD step. So a server interleaves other requests' UNet calls with these.
         """
-        from guidance.reward_models import get_reward
-        from guidance.sampler import StepEvent, decode
+        from guidance.sampler import StepEvent
+
+        from guidance.latent_evaluators import is_latent_spec, latent_reward
 
         p: ReNOParams = self.params
-        model = prepared.model
-        run_on_device = run_on_device or (lambda fn: fn())
-        reward = get_reward(p.reward, model.device, torch.float32)
+        model, executor = prepared.model, prepared.executor
         prompts = list(prepared.params.prompts)
-        prepared.gradient_checkpointing = True
+        if is_latent_spec(p.reward):  # the model's latent evaluators score the clean latents: no VAE decode
+            scorer, text = latent_reward(model, p.reward), prepared.conditions["cond"].hidden_states
+
+            def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return scorer.score_and_gradient(latents, text)
+        else:
+            reward = prepared.rewards.get(p.reward, model.device, torch.float32)
+
+            def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return reward_and_gradient(model, reward, latents, prompts)
         noise = prepared.noise.detach().clone().float().requires_grad_(True)
         optimiser = torch.optim.SGD([noise], lr=p.lr, momentum=p.momentum, nesterov=True)
         batch = noise.shape[0]
@@ -90,15 +111,12 @@ class ReNO(GuidancePolicy):
         nfe = 0
         start = time.perf_counter()
         iteration = 0
-
-        def iterate(iteration: int) -> bool:
-            """One iteration; True when it was the last."""
-            nonlocal best_score, nfe
-            run = prepared.run(noise)
+        for iteration in range(p.iterations + 1):  # the last pass only scores the final iterate
+            with torch.enable_grad():
+                run = prepared.run(noise, gradient_checkpointing=True)
             nfe += int(run.denoiser.evaluations.max())
-            images = decode(model, run.latents, checkpoint=True)
-            result = reward.evaluate(images, prompts)
-            score = result.total_score.detach().float().cpu()
+            latents = run.latents.detach()
+            score, loss_grad = run_with_grad(executor, lambda: score_and_gradient(latents))
             improved = score > best_score
             best_score = torch.where(improved, score, best_score)
             best_noise[improved] = noise.detach()[improved]
@@ -109,17 +127,15 @@ class ReNO(GuidancePolicy):
             if callback is not None:
                 callback(StepEvent(iteration + 1, p.iterations + 1, nfe * batch, time.perf_counter() - start, None, "reno"))
             if iteration == p.iterations or out_of_time:
-                return True
-            loss = result.loss_per_sample.sum() + p.reg_weight * noise_norm_penalty(noise).sum()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+                break
+            with torch.enable_grad():
+                # d(reward loss)/d(noise) = ∂L/∂latents · ∂latents/∂noise: the first factor is loss_grad (computed
+                # with the decode), the second is the backward pass through the sampler
+                surrogate = (run.latents * loss_grad.to(run.latents)).sum() + p.reg_weight * noise_norm_penalty(noise).sum()
+                optimiser.zero_grad(set_to_none=True)
+                surrogate.backward()
             clip_per_image(noise.grad, p.grad_clip)
             optimiser.step()
-            return False
-
-        for iteration in range(p.iterations + 1):  # the last pass only scores the final iterate
-            if run_on_device(functools.partial(iterate, iteration)):
-                break
         trace = {
             "reno": {
                 "iterations": iteration,
@@ -130,7 +146,18 @@ class ReNO(GuidancePolicy):
                 "seconds": round(time.perf_counter() - start, 3),
             }
         }
-        return best_noise.to(prepared.noise.dtype), trace, nfe
+        return NoiseOptimisation(best_noise.to(prepared.noise.dtype), trace, nfe)
+
+
+def reward_and_gradient(model: Any, reward: Any, latents: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score per image on the CPU, gradient of the summed reward loss in ``latents``): decode and score with
+    autograd on, then backpropagate to the latents only (the decoder's activations are freed on return)."""
+    from guidance.sampler import decode
+
+    leaf = latents.detach().requires_grad_(True)
+    result = reward.evaluate(decode(model, leaf), prompts)
+    (grad,) = torch.autograd.grad(result.loss_per_sample.sum(), leaf)
+    return result.total_score.detach().float().cpu(), grad
 
 
 def noise_norm_penalty(noise: torch.Tensor) -> torch.Tensor:

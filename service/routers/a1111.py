@@ -1,13 +1,15 @@
 """AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img`` and the listings its clients read.
 
 Request fields used: ``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale``, ``seed`` (-1: random),
-``width``, ``height``, ``batch_size`` x ``n_iter`` images, ``sampler_name`` (or ``sampler_index``) and
+``width``, ``height`` (default: the model's native size), ``batch_size`` x ``n_iter`` images, ``sampler_name`` (or ``sampler_index``) and
 ``scheduler`` (A1111 1.9+: ``automatic`` or ``karras``), ``eta``, ``override_settings.sd_model_checkpoint``
 (a model of this server). Extensions: ``policy`` (when its ``scale`` is not given, ``cfg_scale`` fills it),
-``lora``. Fields A1111 clients send with defaults are accepted and ignored; features this server does not
+``lora``. Without ``policy`` and ``cfg_scale`` the model's recommended policy is used, without ``steps`` its
+recommended steps (``guidance.models.ModelDefaults``). Fields A1111 clients send with defaults are accepted and ignored; features this server does not
 have (hires fix, face restoration, tiling, variation seeds, styles, scripts) are refused with 422 when asked
 for. Response: ``{"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}`` with
-``seed``/``all_seeds``/``infotexts`` like A1111.
+``seed``/``all_seeds``/``infotexts`` like A1111; ``sampler_name``, ``scheduler`` (schedule type) and
+``cfg_scale`` in ``info`` are those the PNGs' infotexts carry (A1111's names: ``DPM++ 2M`` + ``Karras``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,21 @@ from fastapi.responses import JSONResponse
 
 from guidance.errors import InvalidInput
 from guidance.images import a1111_parameters
-from guidance.registry import parse_spec_string, policy_class
+from guidance.registry import parse_json_object, parse_spec_string, policy_class
 from service.deps import get_engine, require_api_key
 from service.engine import Engine
 from service.routers.common import CLIENT_CLOSED, run_translated
-from service.schemas import GenerateRequest, LoraRef
+from service.schemas import (
+    A1111Model,
+    A1111Options,
+    A1111Sampler,
+    A1111Scheduler,
+    A1111Scripts,
+    GenerateRequest,
+    LoraRef,
+    json_body,
+    Txt2ImgResponse,
+)
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)])
 
@@ -51,23 +63,31 @@ SAMPLER_LABELS = {"euler a": "Euler a", "euler": "Euler", "ddim": "DDIM", "ddpm"
 A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
 
 
+class A1111Overrides(pydantic.BaseModel):
+    """``override_settings``: only the checkpoint applies; other A1111 options are accepted and ignored."""
+
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+
+    sd_model_checkpoint: str | None = None
+
+
 class Txt2ImgRequest(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = pydantic.ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     prompt: str = ""
     negative_prompt: str | None = ""
     steps: int = 20
     cfg_scale: float = 7.0
     seed: int = -1
-    width: int = 512
-    height: int = 512
+    width: int | None = pydantic.Field(None, description="Default: the model's native size.")
+    height: int | None = pydantic.Field(None, description="Default: the model's native size.")
     batch_size: int = pydantic.Field(1, ge=1)
     n_iter: int = pydantic.Field(1, ge=1)
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
     eta: float | None = None
-    override_settings: dict[str, Any] | None = None
+    override_settings: A1111Overrides | None = None
     # features this server does not have: refused when asked for
     enable_hr: bool | None = False
     restore_faces: bool | None = False
@@ -80,6 +100,11 @@ class Txt2ImgRequest(pydantic.BaseModel):
     policy: str | dict[str, Any] | None = None
     lora: list[LoraRef] | None = None
     model: str | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _json(cls, data: Any) -> Any:
+        return json_body(data)
 
 
 def resolve_sampler(name: str | None, scheduler: str | None) -> str:
@@ -107,13 +132,7 @@ def resolve_policy(policy: str | dict[str, Any] | None, cfg_scale: float) -> Any
         return {"name": "cfg", "scale": cfg_scale}
     if isinstance(policy, str):
         text = policy.strip()
-        if text.startswith("{"):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                return policy  # parse_policy reports it with the field named
-        else:
-            data = parse_spec_string(text)
+        data = parse_json_object(text) if text.startswith("{") else parse_spec_string(text)
     else:
         data = dict(policy)
     if not isinstance(data, dict):
@@ -145,21 +164,27 @@ def unsupported(body: Txt2ImgRequest) -> None:
 
 def to_generate_request(body: Txt2ImgRequest) -> GenerateRequest:
     unsupported(body)
-    model = body.model or (body.override_settings or {}).get("sd_model_checkpoint")
+    if body.seed < -1:
+        raise InvalidInput("seed", f"{body.seed}: -1 (a random seed) or a seed ≥ 0")
+    checkpoint = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
+    model = body.model if body.model is not None else checkpoint
     data: dict[str, Any] = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt or None,
-        "steps": body.steps,
         "scheduler": resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
         "seed": None if body.seed < 0 else body.seed,
         "width": body.width,
         "height": body.height,
         "num_images": body.batch_size * body.n_iter,
-        "policy": resolve_policy(body.policy, body.cfg_scale),
         "model": model,
         "lora": body.lora or [],
         "output_format": "png",
     }
+    given = body.model_fields_set
+    if "steps" in given:
+        data["steps"] = body.steps
+    if body.policy is not None or "cfg_scale" in given:  # else the model's recommended policy
+        data["policy"] = resolve_policy(body.policy, body.cfg_scale)
     if body.eta is not None:
         data["eta"] = body.eta
     return GenerateRequest.model_validate(data)
@@ -173,13 +198,13 @@ def a1111_field(field: str) -> str:
     return FIELD_NAMES.get(head, head) + dot + rest
 
 
-@router.post("/txt2img", summary="AUTOMATIC1111-compatible text to image")
+@router.post("/txt2img", response_model=Txt2ImgResponse, summary="AUTOMATIC1111-compatible text to image")
 async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depends(get_engine)) -> Response:
     outcome = await run_translated(request, engine, lambda: to_generate_request(body), a1111_field)
     if outcome is None:
         return Response(status_code=CLIENT_CLOSED)
     r = outcome.result
-    sampler = body.sampler_name or body.sampler_index or "Automatic"
+    meta = outcome.metadata[0]  # the infotexts' fields, so that info and the PNGs agree
     prompts = r.params.prompts
     info = {
         "prompt": body.prompt,
@@ -193,9 +218,9 @@ async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depen
         "subseed_strength": 0,
         "width": r.images[0].width,
         "height": r.images[0].height,
-        "sampler_name": sampler,
-        "scheduler": body.scheduler or "automatic",
-        "cfg_scale": body.cfg_scale,
+        "sampler_name": meta.get("sampler"),
+        "scheduler": meta.get("schedule_type") or "Automatic",
+        "cfg_scale": meta.get("cfg_scale"),
         "steps": r.params.steps,
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
@@ -224,28 +249,28 @@ async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depen
     })
 
 
-@router.get("/samplers", summary="A1111 sampler names this server maps")
+@router.get("/samplers", response_model=list[A1111Sampler], summary="A1111 sampler names this server maps")
 async def samplers() -> JSONResponse:
     return JSONResponse([{"name": label, "aliases": [SAMPLERS[key]], "options": {}} for key, label in SAMPLER_LABELS.items()])
 
 
-@router.get("/schedulers", summary="A1111 noise schedules this server maps")
+@router.get("/schedulers", response_model=list[A1111Scheduler], summary="A1111 noise schedules this server maps")
 async def schedulers() -> JSONResponse:
     return JSONResponse([{"name": key, "label": label, "aliases": None, "default_rho": None, "need_inner_model": False}
                          for key, label in A1111_SCHEDULERS.items()])
 
 
-@router.get("/sd-models", summary="The models, as A1111 lists checkpoints")
+@router.get("/sd-models", response_model=list[A1111Model], summary="The models, as A1111 lists checkpoints")
 async def sd_models(engine: Engine = Depends(get_engine)) -> JSONResponse:
     return JSONResponse([{"title": m["name"], "model_name": m["name"], "hash": None, "sha256": None,
                           "filename": m["name"], "config": None} for m in engine.describe_models()])
 
 
-@router.get("/scripts", summary="No scripts or extensions")
+@router.get("/scripts", response_model=A1111Scripts, summary="No scripts or extensions")
 async def scripts() -> JSONResponse:
     return JSONResponse({"txt2img": [], "img2img": []})
 
 
-@router.get("/options", summary="The few A1111 options that apply")
+@router.get("/options", response_model=A1111Options, summary="The few A1111 options that apply")
 async def options(engine: Engine = Depends(get_engine)) -> JSONResponse:
     return JSONResponse({"sd_model_checkpoint": engine.default_model})

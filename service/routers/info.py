@@ -10,29 +10,30 @@ from guidance.schedulers import scheduler_names
 from service.deps import get_engine, get_jobs, require_api_key, require_api_key_for_metrics
 from service.engine import Engine, jsonable
 from service.jobs import JobStore
+from service.schemas import HealthResponse, ModelsResponse, PoliciesResponse, ReadyResponse
 
 listings = APIRouter(tags=["info"], dependencies=[Depends(require_api_key)])
 operations = APIRouter(tags=["operations"])
 
 
-@listings.get("/policies", summary="Every guidance policy with its parameters and JSON schema")
+@listings.get("/policies", response_model=PoliciesResponse, summary="Every guidance policy with its parameters and JSON schema")
 async def policies() -> JSONResponse:
     schemas = policy_schemas()
     rows = [{**row, "schema": schemas[row["name"]]} for row in describe_policies()]
     return JSONResponse(jsonable({"policies": rows, "schedulers": scheduler_names()}))
 
 
-@listings.get("/models", summary="The models a request may name, and the LoRA adapters available")
+@listings.get("/models", response_model=ModelsResponse, summary="The models a request may name, and the LoRA adapters available")
 async def models(engine: Engine = Depends(get_engine)) -> JSONResponse:
     return JSONResponse({"default": engine.default_model, "models": engine.describe_models(), "loras": engine.loras.names()})
 
 
-@operations.get("/healthz", summary="Liveness: the process answers")
+@operations.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@operations.get("/readyz", summary="Readiness: the default model is loaded and the workers run")
+@operations.get("/readyz", response_model=ReadyResponse, summary="Readiness: the default model is loaded and the workers run")
 async def readyz(engine: Engine = Depends(get_engine)) -> JSONResponse:
     if engine.ready:
         return JSONResponse({"status": "ready", "model": engine.default_model})

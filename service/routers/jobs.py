@@ -148,15 +148,27 @@ async def job_events(
 
 
 async def _with_preview(engine: Engine, job: Job, event: dict) -> dict:
-    """Attach a preview to the freshest step only (a slow reader never gets stale previews computed)."""
+    """Attach a preview to the freshest step only (a slow reader never gets stale previews computed). A step's
+    preview is rendered once per job, however many streams read it (``job.preview``: step and its task)."""
     latest, model = job.latest_latents, job.model
-    if latest is None or model is None or latest[0] != event["data"]["step"]:
+    step = event["data"]["step"]
+    if latest is None or model is None or latest[0] != step:
         return event
+    cached = job.preview
+    if cached is None or cached[0] != step:  # no await between the check and the store: one task per step
+        task = asyncio.ensure_future(_render_preview(engine, model, latest[1]))
+        job.preview = cached = (step, task)
+    previews = await asyncio.shield(cached[1])
+    if previews is None:
+        return event
+    data = {**event["data"], "preview": previews, "preview_kind": "latent-rgb-approximation"}
+    return {**event, "data": data}
+
+
+async def _render_preview(engine: Engine, model, latents) -> list[str] | None:
     try:
-        pngs = await run_in_threadpool(engine.preview, model, latest[1])
+        pngs = await run_in_threadpool(engine.preview, model, latents)
     except Exception:  # a preview must never break the stream
         log.exception("preview failed")
-        return event
-    data = {**event["data"], "preview": [base64.b64encode(p).decode("ascii") for p in pngs],
-            "preview_kind": "latent-rgb-approximation"}
-    return {**event, "data": data}
+        return None
+    return [base64.b64encode(p).decode("ascii") for p in pngs]

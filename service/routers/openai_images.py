@@ -23,7 +23,7 @@ from guidance.errors import InvalidInput
 from service.deps import get_engine, require_api_key
 from service.engine import Engine
 from service.routers.common import CLIENT_CLOSED, run_translated
-from service.schemas import GenerateRequest, LoraRef
+from service.schemas import GenerateRequest, json_body, LoraRef, OpenAIImagesResponse, OpenAIModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -31,7 +31,7 @@ OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image")
 
 
 class OpenAIImageRequest(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     prompt: str = pydantic.Field(description="The text prompt.")
     n: int | None = pydantic.Field(1, ge=1, description="Number of images.")
@@ -46,7 +46,12 @@ class OpenAIImageRequest(pydantic.BaseModel):
     moderation: str | None = None
     background: Literal["auto", "opaque"] | None = None
     output_compression: int | None = pydantic.Field(None, ge=0, le=100)
-    stream: Literal[False] | None = None
+    stream: bool | None = pydantic.Field(None, description="Streaming is not supported: false or null.")
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _json(cls, data: Any) -> Any:
+        return json_body(data)
     # guidance extensions
     negative_prompt: str | None = None
     policy: str | dict[str, Any] | None = None
@@ -69,13 +74,15 @@ def openai_field(field: str) -> str:
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
-    parts = size.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    parts = [p.strip() for p in size.lower().split("x")]
+    if len(parts) != 2 or not all(p.isascii() and p.isdecimal() for p in parts):  # not "²" nor "٦٤"
         raise InvalidInput("size", f'expected "WxH" like "512x512" or "auto", got {size!r}')
     return int(parts[0]), int(parts[1])
 
 
 def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateRequest:
+    if body.stream:
+        raise InvalidInput("stream", "streaming is not supported; leave it out or false")
     if body.response_format == "url":
         raise InvalidInput("response_format", "'url' is not supported by this server (it keeps no image store); use 'b64_json'")
     model = body.model
@@ -93,7 +100,7 @@ def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateReq
     return GenerateRequest.model_validate(data)
 
 
-@router.post("/images/generations", summary="OpenAI-compatible image generation")
+@router.post("/images/generations", response_model=OpenAIImagesResponse, summary="OpenAI-compatible image generation")
 async def images_generations(request: Request, body: OpenAIImageRequest, engine: Engine = Depends(get_engine)) -> Response:
     outcome = await run_translated(request, engine, lambda: to_generate_request(body, engine), openai_field)
     if outcome is None:
@@ -108,7 +115,7 @@ async def images_generations(request: Request, body: OpenAIImageRequest, engine:
     })
 
 
-@router.get("/models", summary="OpenAI-compatible model list")
+@router.get("/models", response_model=OpenAIModelList, summary="OpenAI-compatible model list")
 async def list_models(engine: Engine = Depends(get_engine)) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [
         {"id": m["name"], "object": "model", "created": 0, "owned_by": "diffsteer"} for m in engine.describe_models()

@@ -1,0 +1,120 @@
+"""`diffsteer train latent-evaluator`: a few steps on the shipped model, exact resume, the export a model loads,
+the ranking loss against a hand-worked case, and bad configs naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from guidance.errors import InvalidInput
+from training.latent_evaluator import LatentEvaluatorConfig, LatentEvaluatorTrainer, ranknet_loss
+
+SMALL = dict(model="builtin:proving-ground", prompts="pg-train:single", eval_prompts="", batch_size=2, steps=3,
+             records_per_image=1, candidates=(1.0, 4.0), calibration_batches=1, reward="saturation:1",
+             width_channels=8, stages=1, threads=1, progress=False, tensorboard=False, learning_rate=1e-2,
+             checkpoint_every=1, max_steps=2)
+
+
+def small_config(tmp_path, **overrides) -> LatentEvaluatorConfig:
+    return LatentEvaluatorConfig(**{**SMALL, "output_dir": str(tmp_path / "run"), **overrides})
+
+
+def test_ranknet_loss_hand_worked():
+    pred = torch.tensor([[2.0, 0.0, 1.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0]])  # pairs with t_i > t_j: (0, 1) and (0, 2)
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2
+    assert ranknet_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
+    assert ranknet_loss(pred, torch.zeros(1, 3)).item() == 0.0  # ties only: no pair
+
+
+def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
+    from guidance.latent_evaluators import evaluators_for
+    from guidance.models import load_model
+    from guidance.sampler import generate
+
+    trainer = LatentEvaluatorTrainer(small_config(tmp_path, eval_prompts="pg:single", eval_max_prompts=1))
+    summary = trainer.train()
+    folder = tmp_path / "run" / "latent_evaluators"
+    assert summary["latent_evaluators"] == str(folder)
+    rows = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "alignment.rank" in rows and "fidelity.bce" in rows and "eval,alignment.rank_corr" in rows
+    model = dataclasses.replace(load_model("builtin:proving-ground"), extra={"latent_evaluators": str(folder)})
+    evaluators = evaluators_for(model)
+    assert evaluators.kinds == ["alignment", "fidelity"] and evaluators.specs["alignment"].target == "saturation:1"
+    result = generate(model, {"prompt": "a red circle", "seed": 0, "steps": 3,
+                              "policy": "dynamic_cfg:candidates=[1,4],evaluator=latent"})
+    assert len(result.trace["scale_schedule"]) == 3
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
+    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2))
+    straight.train()
+    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, max_steps=1))
+    first.train()
+    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2))
+    resumed.train(resume=True)
+    for (name, a), (_, b) in zip(straight.evaluators.state_dict().items(), resumed.evaluators.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert resumed.evaluators.specs == straight.evaluators.specs  # the same calibration
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"kinds": ("alignment", "beauty")}, "kinds"),
+    ({"candidates": (2.0,)}, "candidates"),
+    ({"records_per_image": 9}, "records_per_image"),
+    ({"width_channels": 12}, "width_channels"),
+    ({"default_weights": {"fidelity": 1.0}, "kinds": ("alignment",)}, "default_weights"),
+    ({"real_images": ""}, "real_images"),
+])
+def test_bad_config_names_the_field(tmp_path, overrides, field):
+    with pytest.raises(InvalidInput) as e:
+        small_config(tmp_path, **overrides)
+    assert e.value.field == field
+
+
+def test_cli_reports_a_bad_field_and_a_missing_image_folder(tmp_path, capsys):
+    from training.cli import run_method
+
+    assert run_method("latent-evaluator", ["--set", "kinds=alignment,beauty"]) == 2
+    assert "kinds" in capsys.readouterr().err
+    config = small_config(tmp_path, real_images=str(tmp_path / "nothing"))
+    with pytest.raises(InvalidInput) as e:
+        LatentEvaluatorTrainer(config)
+    assert e.value.field == "real_images"
+
+
+def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
+    """The recorded x̂0 of candidate w equals the direct formula at that step (an independent recomputation)."""
+    from guidance.denoiser import Denoiser, StepInfo, to_x0
+    from guidance.models import load_model
+    from guidance.sampler import make_scheduler, prepare, step_alpha_bars
+    from training.latent_evaluator import record_candidate_groups
+
+    model = load_model("builtin:proving-ground")
+    params = {"prompt": ["a red circle"], "seeds": [7], "steps": 3, "scheduler": "ddim", "policy": "cfg:scale=1"}
+    rng = np.random.default_rng(0)
+    groups = record_candidate_groups(model, params["prompt"], params["seeds"], np.random.default_rng(0), params,
+                                     (1.0, 4.0), 1)
+    scale = (1.0, 4.0)[rng.integers(0, 2, 1)[0]]
+    step = int(np.sort(rng.choice(3, 1, replace=False))[0])
+    prepared = prepare(model, params)
+    scheduler, timesteps = make_scheduler(model, prepared.params)
+    bars = step_alpha_bars(scheduler, timesteps)
+    denoiser = Denoiser(model.unet, prepared.conditions, model.prediction_type, aliases=prepared.aliases)
+    latents = prepared.noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            x = scheduler.scale_model_input(latents, t)
+            out = denoiser(x, StepInfo(i, 3, t, bars[i], model.prediction_type), ["uncond", "cond"])
+            if i == step:
+                for k, w in enumerate((1.0, 4.0)):
+                    expected = to_x0(out["uncond"] + w * (out["cond"] - out["uncond"]), x, bars[i], model.prediction_type)
+                    torch.testing.assert_close(groups.x0[0, k], expected[0], atol=1e-5, rtol=1e-5)
+                assert float(groups.alpha_bar[0]) == pytest.approx(bars[i])
+                break
+            guided = out["uncond"] + scale * (out["cond"] - out["uncond"])
+            latents = scheduler.step(guided, t, latents, return_dict=False)[0]

@@ -1,0 +1,165 @@
+"""Pick-a-Pic v2-layout preference files (training/preference_data.py) and `diffsteer data pairs` (training/pairs.py)."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from guidance.errors import InvalidInput
+from training.preference_data import load_preference_pairs
+
+
+def jpeg(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def pickapic_rows():
+    """Rows as Pick-a-Pic v2 has them (its columns, JPEG bytes, extra columns the loader ignores)."""
+    return [
+        {"are_different": True, "best_image_uid": "b", "caption": "a red circle", "created_at": "2023-04-01",
+         "has_label": True, "image_0_uid": "a", "image_0_url": "http://x/a.jpg", "image_1_uid": "b",
+         "image_1_url": "http://x/b.jpg", "jpg_0": jpeg((255, 0, 0)), "jpg_1": jpeg((0, 0, 255)), "label_0": 0.0,
+         "label_1": 1.0, "model_0": "sd-1.5", "model_1": "sdxl", "ranking_id": 7, "user_id": 3, "num_example_per_prompt": 1},
+        {"are_different": True, "best_image_uid": "", "caption": "two green squares", "created_at": "2023-04-01",
+         "has_label": True, "image_0_uid": "c", "image_0_url": "http://x/c.jpg", "image_1_uid": "d",
+         "image_1_url": "http://x/d.jpg", "jpg_0": jpeg((0, 255, 0)), "jpg_1": jpeg((0, 128, 0)), "label_0": 0.5,
+         "label_1": 0.5, "model_0": "sd-1.5", "model_1": "sd-1.5", "ranking_id": 8, "user_id": 4, "num_example_per_prompt": 1},
+    ]
+
+
+def test_parquet_in_the_pickapic_v2_schema_loads(tmp_path):
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(pickapic_rows()), path)
+    data = load_preference_pairs(path)
+    assert len(data) == 2 and not data.has_scores
+    first, second = data.pairs
+    assert (first.caption, first.label_0, second.label_0) == ("a red circle", 0.0, 0.5)
+    a, b = first.images()
+    assert a.size == (16, 16) and a.getpixel((8, 8))[0] > 200 and b.getpixel((8, 8))[2] > 200
+    # a folder of shards loads every file
+    pq.write_table(pa.Table.from_pylist(pickapic_rows()[:1]), tmp_path / "train-00001-of-00001.parquet")
+    assert len(load_preference_pairs(tmp_path)) == 3
+
+
+def test_jsonl_with_paths_and_scores_loads(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name, colour in (("0.png", (255, 0, 0)), ("1.png", (0, 0, 255))):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "img" / name)
+    row = {"caption": "a red circle", "jpg_0": "img/0.png", "jpg_1": str(tmp_path / "img" / "1.png"), "label_0": 1,
+           "label_1": 0, "ps_score_0": 0.21, "ps_score_1": 0.19, "seed_0": 5, "seed_1": 6}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n\n")
+    data = load_preference_pairs(tmp_path / "pairs.jsonl", score_fields=("ps_score_0", "ps_score_1"))
+    pair = data.pairs[0]
+    assert (pair.label_0, pair.score_0, pair.score_1, pair.seed_0, pair.seed_1) == (1.0, 0.21, 0.19, 5, 6)
+    assert data.score_range() == (0.19, 0.21)
+    assert pair.images()[0].getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"caption": None}, "row 1: caption"),
+    ({"jpg_1": None}, "row 1: jpg_1"),
+    ({"label_0": 0.3, "label_1": 0.7}, "row 1: label_0"),
+    ({"label_0": 1.0, "label_1": 1.0}, "row 1: label_1"),
+    ({"label_0": "yes"}, "row 1: label_0"),
+    ({"jpg_0": "missing.png"}, "row 1: jpg_0"),
+    ({"jpg_0": 17}, "row 1: jpg_0"),
+    ({"score_0": 0.2}, "row 1: score_1"),
+    ({"score_0": float("nan"), "score_1": 0.1}, "row 1: score_0"),
+    ({"seed_0": -1}, "row 1: seed_0"),
+])
+def test_malformed_rows_name_the_row_and_the_field(tmp_path, change, field):
+    good = {"caption": "a", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1, "label_1": 0}
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    bad = {**good, **change}
+    lines = [json.dumps(good), json.dumps(bad).replace("NaN", "NaN")]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidInput) as e:
+        load_preference_pairs(tmp_path / "p.jsonl")
+    assert field in str(e.value) and "p.jsonl" in str(e.value)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"caption": "a"}\nnot json\n')
+    with pytest.raises(InvalidInput, match="line 2"):
+        load_preference_pairs(tmp_path / "p.jsonl")
+    (tmp_path / "p.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InvalidInput, match="parquet"):
+        load_preference_pairs(tmp_path / "p.parquet")
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_preference_pairs(tmp_path / "nothing.parquet")
+    (tmp_path / "p.csv").write_text("")
+    with pytest.raises(InvalidInput, match="parquet or .jsonl"):
+        load_preference_pairs(tmp_path / "p.csv")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(InvalidInput, match="no rows"):
+        load_preference_pairs(tmp_path / "empty.jsonl")
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pg_model():
+    from guidance.models import load_model
+
+    return load_model("builtin:proving-ground", device="cpu")
+
+
+def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_model, one_thread):
+    from training.pairs import PairsConfig, build_pairs
+    from training.preference_data import write_preference_pairs
+
+    config = PairsConfig(output="", prompts="pg-train:single", max_prompts=2, images_per_prompt=3, steps=2, batch_size=6)
+    rows = build_pairs(config, model=pg_model, progress=False)
+    assert len(rows) == 2 * 3  # 3 pairs per prompt
+    for row in rows:
+        assert row["label_0"] == (1.0 if row["score_0"] > row["score_1"] else 0.0 if row["score_0"] < row["score_1"] else 0.5)
+        assert row["label_0"] + row["label_1"] == 1.0 and row["seed_0"] != row["seed_1"]
+    # the recorded seed reproduces the image, and the score is the clip reward's on it
+    import torch
+
+    from guidance.reward_models import get_reward
+    from guidance.sampler import generate
+
+    row = rows[0]
+    result = generate(pg_model, {"prompt": row["caption"], "seeds": [row["seed_0"]], "steps": 2, "scheduler": "ddim",
+                                 "policy": config.policy})
+    pixels = (result.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)[0]
+    assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(row["jpg_0"])).convert("RGB")))
+    with torch.no_grad():
+        score = get_reward("clip", "cpu").evaluate(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255,
+                                                   [row["caption"]]).total_score
+    assert float(score) == pytest.approx(row["score_0"], rel=1e-5)
+    # same seed, same rows; written files load back with both scores
+    again = build_pairs(config, model=pg_model, progress=False)
+    assert [(r["seed_0"], r["score_0"]) for r in again] == [(r["seed_0"], r["score_0"]) for r in rows]
+    for suffix in (".parquet", ".jsonl"):
+        data = load_preference_pairs(write_preference_pairs(tmp_path / f"pairs{suffix}", rows))
+        assert data.has_scores and [p.score_1 for p in data.pairs] == [r["score_1"] for r in rows]
+        assert np.array_equal(np.asarray(data.pairs[0].images()[0]), pixels)
+    best = build_pairs(PairsConfig(**{**config.__dict__, "pairing": "best-worst"}), model=pg_model, progress=False)
+    assert len(best) == 2 and all(r["label_0"] == 1.0 for r in best)
+
+
+def test_data_pairs_cli_rejects_bad_options(capsys):
+    from service.cli import main
+
+    assert main(["data", "pairs", "-o", "x.parquet", "--images-per-prompt", "1"]) == 2
+    assert "--images-per-prompt" in capsys.readouterr().err
+    assert main(["data", "pairs", "-o", "x.csv"]) == 2
+    assert "--output" in capsys.readouterr().err
+    assert main(["data", "pairs", "-o", "x.parquet", "--pairing", "some"]) == 2
+    assert "--pairing" in capsys.readouterr().err

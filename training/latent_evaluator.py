@@ -1,0 +1,461 @@
+"""Training the latent evaluators of :mod:`guidance.latent_evaluators` for one model, on the shared trainer.
+
+Papalampidi et al. 2025 (arXiv:2509.16131) score guidance candidates with small evaluators that read latents;
+they publish no training recipe we can follow, so this is ours. Every optimizer step makes its own data from the
+model, the way dynamic CFG will meet it:
+
+1. B training prompts and seeds; each image's trajectory is sampled (``steps``, ``scheduler``) under CFG at a
+   scale drawn from ``candidates``, and at ``records_per_image`` of its steps (drawn uniformly) the K candidate
+   clean-latent predictions are recorded, ẑ0_k = x0(ε_u + w_k·(ε_c − ε_u)) for every w_k in ``candidates``: one
+   group of K that share x_t, ᾱ and the prompt (exactly what the policy ranks).
+2. **Alignment** targets: the pixel reward ``reward`` of :mod:`rewards` on the decoded candidates, R(D(ẑ0_k), c).
+   Loss: mean squared error to the standardised target (mean and standard deviation of a calibration batch drawn
+   at build time, kept as the evaluator's output map) plus ``rank_weight`` times a RankNet loss over the pairs of
+   each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with t_i > t_j), since the policy only uses
+   the order within a group.
+3. **Fidelity**: real-data latents (``real_images``: rendered proving-ground scenes, or a folder of images) encoded
+   by the VAE, noised to each group's ᾱ, x_t = √ᾱ·z + √(1−ᾱ)·ε, and denoised by the model with their own caption:
+   x0(ε_c(x_t)) is "real"; the model's own candidates ẑ0_k at that ᾱ are "model". Loss: class-balanced logistic
+   loss of the discriminator's logit.
+
+Held-out evaluation (``eval_every``) scores a fixed batch made the same way from held-out prompts (``eval_prompts``)
+and logs the alignment evaluator's Spearman correlation with the reward within each group and overall, and the
+fidelity discriminator's accuracy. The export writes the evaluator folder (``export_dir``; the model points to
+``<model folder>/latent_evaluators`` by default).
+
+    diffsteer train latent-evaluator --config training/configs/latent-evaluator-proving-ground.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guidance.errors import InvalidInput
+from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
+from training.trainer import EvalResult, Trainer, TrainerConfig
+
+
+@dataclass
+class LatentEvaluatorConfig(TrainerConfig):
+    """Latent evaluators (alignment distilled from a pixel reward, fidelity discriminator) for one model."""
+
+    output_dir: str = field(default="runs/latent-evaluator", metadata={
+        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, latent_evaluators/ (unless export_dir is set)."})
+    export_dir: str = field(default="", metadata={
+        "help": "Where the trained evaluators are written ('': <output_dir>/latent_evaluators). A model uses them "
+                "when they sit in <model folder>/latent_evaluators."})
+    prompts: str = field(default="pg-train:all", metadata={
+        "help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."})
+    eval_prompts: str = field(default="pg:all", metadata={
+        "help": "Held-out prompts of the agreement evaluation (pg:... or a prompt file); '' disables it."})
+    eval_max_prompts: int | None = field(default=4, metadata={"help": "Evaluation prompts kept (per category for pg:)."})
+    eval_seeds: int = field(default=1, metadata={"help": "Seeds per evaluation prompt."})
+    reward: str = field(default="clip:1", metadata={
+        "help": "Pixel-space reward the alignment evaluator is distilled from, 'name:weight,...' (configured as for "
+                "the service; the proving-ground clip needs none). Need not be differentiable."})
+    kinds: tuple[str, ...] = field(default=("alignment", "fidelity"), metadata={
+        "help": "Evaluators to train: alignment, fidelity."})
+    real_images: str = field(default="pg-scenes", metadata={
+        "help": "Real data of the fidelity discriminator: pg-scenes (rendered proving-ground training scenes with "
+                "their captions) or a folder of images (captions from NAME.txt beside each image, else empty)."})
+    candidates: tuple[float, ...] = field(default=(1.0, 1.5, 2.0, 3.0, 4.5, 6.0), metadata={
+        "help": "Guidance scales of the recorded candidates (and of the trajectories)."})
+    records_per_image: int = field(default=3, metadata={"help": "Steps of each trajectory whose candidates are recorded."})
+    width_channels: int = field(default=32, metadata={"help": "Channels of each evaluator network."})
+    stages: int = field(default=2, metadata={"help": "Residual stages (each halves the resolution after the stem)."})
+    patch: int = field(default=2, metadata={"help": "Stem patch size (a patch x patch convolution of that stride)."})
+    batch_reuse: int = field(default=1, metadata={
+        "help": "Optimizer steps trained on each generated batch (decoding and scoring the candidates is the cost; "
+                "step s trains on the batch of step s - s mod batch_reuse)."})
+    rank_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment's within-group ranking loss."})
+    default_weights: dict[str, float] = field(default_factory=lambda: {"alignment": 1.0, "fidelity": 0.5}, metadata={
+        "help": "Weights of the evaluators' combined score saved with them (dynamic_cfg's default)."})
+    calibration_batches: int = field(default=2, metadata={
+        "help": "Batches drawn at build time to standardise the alignment target (mean and std of the reward)."})
+    batch_size: int = field(default=8, metadata={"help": "Trajectories (prompts x seeds) per optimizer step."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (after warm-up)."})
+    steps: int = field(default=20, metadata={"help": "Denoising steps of the trajectories."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps of the run."})
+    checkpoint_every: int = field(default=50, metadata={"help": "Write an atomic checkpoint every N optimizer steps."})
+    eval_every: int = field(default=50, metadata={"help": "Evaluate agreement on the held-out batch every N steps."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from guidance.latent_evaluators import KINDS
+
+        if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
+            raise InvalidInput("kinds", f"expected distinct names among {', '.join(KINDS)}, got {list(self.kinds)}")
+        if len(self.candidates) < 2 or any(not 0 <= w <= 100 for w in self.candidates):
+            raise InvalidInput("candidates", f"expected at least two scales in [0, 100], got {list(self.candidates)}")
+        for name in ("records_per_image", "width_channels", "stages", "calibration_batches", "patch", "batch_reuse"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.records_per_image > self.steps:
+            raise InvalidInput("records_per_image", f"must be at most steps ({self.steps}), got {self.records_per_image}")
+        if self.width_channels % 8:
+            raise InvalidInput("width_channels", f"must be a multiple of 8 (group norm), got {self.width_channels}")
+        if self.rank_weight < 0:
+            raise InvalidInput("rank_weight", f"must be non-negative, got {self.rank_weight}")
+        unknown = [k for k in self.default_weights if k not in self.kinds]
+        if unknown:
+            raise InvalidInput("default_weights", f"{unknown} not among the trained kinds {list(self.kinds)}")
+        if "fidelity" in self.kinds and not self.real_images:
+            raise InvalidInput("real_images", "the fidelity discriminator needs real images: pg-scenes or a folder")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class _RecordingCFG(GuidancePolicy):
+    """CFG at a per-image scale that records, at each image's chosen steps, the K candidate x̂0 (training only)."""
+
+    name = "recording_cfg"
+    Params = PolicyParams
+
+    def __init__(self, scales: torch.Tensor, record: np.ndarray, candidates: tuple[float, ...]):
+        super().__init__(PolicyParams())
+        self.scales, self.record, self.candidates = scales, record, candidates
+
+    def start(self, ctx: SamplingContext) -> PolicyState:
+        return PolicyState(trace={"groups": []})
+
+    def step(self, state: PolicyState, x: torch.Tensor, info, denoiser) -> torch.Tensor:
+        from guidance.denoiser import to_x0
+        from guidance.policies.cfg import cfg_combine
+
+        out = denoiser(x, info, ["uncond", "cond"])
+        cond, uncond = out["cond"], out["uncond"]
+        rows = np.nonzero((self.record == info.index).any(axis=1))[0]
+        if len(rows):
+            idx = torch.as_tensor(rows)
+            x0 = torch.stack([to_x0(cfg_combine(cond[idx], uncond[idx], w), x[idx], info.alpha_bar, info.prediction_type)
+                              for w in self.candidates], dim=1)  # [r, K, C, h, w]
+            state.trace["groups"].append((rows, info.alpha_bar, x0.float()))
+        w = self.scales.to(cond).view(-1, *([1] * (cond.ndim - 1)))
+        return uncond + w * (cond - uncond)
+
+
+@dataclass
+class Groups:
+    """Recorded candidate groups: G groups of K candidates."""
+
+    x0: torch.Tensor  # [G, K, C, h, w]
+    alpha_bar: torch.Tensor  # [G] float64
+    text: torch.Tensor  # [G, L, D] the prompt's cond states
+    prompts: list[str]
+    reward: torch.Tensor | None = None  # [G, K]
+    real_x0: torch.Tensor | None = None  # [G, C, h, w] the model's x̂0 from real latents at the same ᾱ
+
+
+def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
+    """The model's ``cond`` text states [B, L, D] of ``prompts`` (float32)."""
+    from guidance.conditioning import encode_conditions
+
+    size = model.default_size
+    conditions, _ = encode_conditions(model, prompts, None, ["cond"], height=size, width=size)
+    return conditions["cond"].hidden_states.float()
+
+
+@torch.no_grad()
+def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rng: np.random.Generator,
+                            params: dict[str, Any], candidates: tuple[float, ...], records_per_image: int,
+                            reward: Any = None, autocast: Any = None) -> Groups:
+    """Sample one trajectory per prompt (``params``: steps, scheduler, ...) under CFG at a scale drawn from
+    ``candidates``, record the K candidate x̂0 at ``records_per_image`` steps drawn per image, and score the decoded
+    candidates with ``reward`` (if given). Every draw from ``rng``."""
+    import contextlib
+
+    from guidance.request import Limits
+    from guidance.sampler import decode, prepare
+
+    autocast = autocast or contextlib.nullcontext
+    n, steps = len(prompts), int(params["steps"])
+    scales = torch.tensor(np.asarray(candidates)[rng.integers(0, len(candidates), n)], dtype=torch.float32)
+    record = np.stack([np.sort(rng.choice(steps, records_per_image, replace=False)) for _ in range(n)])
+    limits = Limits(max_num_images=max(n, Limits.max_num_images))
+    with autocast():
+        prepared = prepare(model, params, limits=limits)
+        prepared = dataclasses.replace(prepared, policy=_RecordingCFG(scales, record, tuple(candidates)), first_run=None)
+        trajectory = prepared.run()
+    rows, bars, x0 = [], [], []
+    for r, a, z in trajectory.state.trace["groups"]:
+        for i, row in enumerate(r):
+            rows.append(int(row))
+            bars.append(a)
+            x0.append(z[i])
+    order = np.argsort(rows, kind="stable")
+    rows = [rows[i] for i in order]
+    groups = Groups(
+        x0=torch.stack([x0[i] for i in order]),
+        alpha_bar=torch.tensor([bars[i] for i in order], dtype=torch.float64),
+        text=encode_prompts(model, prompts)[torch.as_tensor(rows)],
+        prompts=[prompts[r] for r in rows],
+    )
+    g, k = groups.x0.shape[:2]
+    if reward is not None:
+        flat = groups.x0.flatten(0, 1).to(model.device)
+        texts = [p for p in groups.prompts for _ in range(k)]
+        scores = []
+        for i in range(0, len(flat), 64):
+            with autocast():
+                images = decode(model, flat[i:i + 64])
+            scores.append(reward.evaluate(images.float(), texts[i:i + 64]).total_score.float().cpu())
+        groups.reward = torch.cat(scores).view(g, k)
+    return groups
+
+
+class RealImages:
+    """Real images with captions, by index: rendered proving-ground scenes or a folder."""
+
+    def __init__(self, source: str, seed: int, size: int):
+        self.size = size
+        self.files: list[Path] = []
+        self.scenes = None
+        if source == "pg-scenes":
+            from proving_ground import TrainingScenes
+
+            self.scenes = TrainingScenes(seed=seed, resolution=size)
+        else:
+            folder = Path(source).expanduser()
+            if not folder.is_dir():
+                raise InvalidInput("real_images", f"expected pg-scenes or a folder of images, got {source!r}")
+            self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            if not self.files:
+                raise InvalidInput("real_images", f"no .png/.jpg/.webp image in {str(folder)!r}")
+
+    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        """Images [n, 3, size, size] in [0, 1] and captions."""
+        from PIL import Image
+
+        arrays, captions = [], []
+        for i in indices:
+            if self.scenes is not None:
+                example = self.scenes[int(i)]
+                arrays.append(example.image)
+                captions.append(example.caption)
+            else:
+                path = self.files[int(i) % len(self.files)]
+                image = Image.open(path).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+                arrays.append(np.asarray(image))
+                text = path.with_suffix(".txt")
+                captions.append(text.read_text().strip() if text.is_file() else "")
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0, captions
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class LatentEvaluatorTrainer(Trainer):
+    """Runs one latent-evaluator job described by a :class:`LatentEvaluatorConfig` (see the module docstring)."""
+
+    name = "latent-evaluator"
+    config: LatentEvaluatorConfig
+    # where the export goes and what the held-out agreement is measured on do not change the training
+    resumable_changes = frozenset({"export_dir", "eval_prompts", "eval_max_prompts", "eval_seeds"})
+    eval_summary_metrics = ("alignment.rank_corr_within", "alignment.rank_corr", "fidelity.accuracy")
+
+    def build(self) -> None:
+        from guidance.latent_evaluators import EvaluatorSpec, LatentEvaluators
+        from guidance.reward_models import get_reward
+        from training.prompts import load_training_prompts
+
+        c = self.config
+        self.train_prompts = load_training_prompts(c.prompts)
+        self.reward = get_reward(c.reward, self.device, torch.float32, field="reward") if "alignment" in c.kinds else None
+        self.real = RealImages(c.real_images, c.seed, self.model.default_size) if "fidelity" in c.kinds else None
+        from guidance.sampler import make_scheduler
+        from guidance.request import GenerationParams
+
+        params = GenerationParams.parse(self.generation_params(self.train_prompts[:1], [0]))
+        scheduler, timesteps = make_scheduler(self.model, params)
+        from guidance.sampler import step_alpha_bars
+
+        bars = torch.tensor(step_alpha_bars(scheduler, timesteps), dtype=torch.float64)
+        lam = torch.log(bars) - torch.log1p(-bars)
+        bounds = (float(lam.min()) - 1.0, float(lam.max()) + 1.0)
+        text_dim = int(encode_prompts(self.model, ["x"]).shape[-1])
+        specs = {k: EvaluatorSpec(k, c.width_channels, c.stages, use_text=(k == "alignment"), patch=c.patch,
+                                  target=c.reward if k == "alignment" else c.real_images) for k in c.kinds}
+        if "alignment" in c.kinds:
+            rewards = torch.cat([self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False).reward.flatten()
+                                 for b in range(c.calibration_batches)])
+            specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=float(rewards.mean()),
+                                                     output_std=float(rewards.std().clamp_min(1e-6)))
+        weights = {k: w for k, w in c.default_weights.items() if k in c.kinds} or {k: 1.0 for k in c.kinds}
+        self.evaluators = LatentEvaluators(int(self.model.unet.config.in_channels), text_dim, specs, bounds, weights,
+                                           meta={"model": str(c.model), "steps": c.steps, "scheduler": c.scheduler,
+                                                 "candidates": list(c.candidates)}).to(self.device)
+        self.register_module("evaluators", self.evaluators, "full")
+        self.register_optimizer("evaluators", list(self.evaluators.parameters()))
+        self.eval_groups = self._make_eval_groups()
+
+    def _load_eval_items(self) -> list[Any]:
+        return []  # the base evaluation samples images; this method evaluates agreement instead (evaluate)
+
+    def _make_eval_groups(self) -> Groups | None:
+        c = self.config
+        if not c.eval_prompts:
+            return None
+        from evaluation.prompts import load_prompts
+
+        try:
+            items = load_prompts(c.eval_prompts, seeds=c.eval_seeds, seed=0, max_prompts=c.eval_max_prompts).items
+        except InvalidInput as e:
+            raise InvalidInput("eval_prompts", e.reason) from None
+        rng = np.random.default_rng([c.seed, 2**21])
+        return self.make_groups(rng, prompts=[i.prompt for i in items], seeds=[int(i.seed) for i in items])
+
+    @torch.no_grad()
+    def make_groups(self, rng: np.random.Generator, prompts: list[str] | None = None, seeds: list[int] | None = None,
+                    real: bool = True) -> Groups:
+        """Sample trajectories, record candidate groups, score them with the reward and pair them with real x̂0
+        (every draw from ``rng``)."""
+        from guidance.denoiser import to_x0
+        from guidance.latent_evaluators import encode_images
+
+        c = self.config
+        n = c.batch_size if prompts is None else len(prompts)
+        if prompts is None:
+            prompts = [self.train_prompts[i] for i in rng.integers(0, len(self.train_prompts), n)]
+        if seeds is None:
+            seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
+        groups = record_candidate_groups(self.model, prompts, seeds, rng, self.generation_params(prompts, seeds),
+                                         c.candidates, c.records_per_image, self.reward, self.autocast)
+        g = groups.x0.shape[0]
+        if real and self.real is not None:
+            pixels, captions = self.real.get(rng.integers(0, 2**31 - 1, g))
+            z = encode_images(self.model, pixels)
+            eps = torch.from_numpy(rng.standard_normal(z.shape)).to(z)
+            a = groups.alpha_bar.to(z).view(-1, 1, 1, 1)
+            x_t = a.sqrt() * z + (1 - a).sqrt() * eps
+            hidden = encode_prompts(self.model, captions).to(self.model.dtype)
+            t = torch.stack([self._timestep(float(a)) for a in groups.alpha_bar])  # one timestep per row
+            with self.autocast():
+                out = self.model.unet(x_t.to(self.model.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
+            groups.real_x0 = torch.cat([to_x0(out[i:i + 1].float(), x_t[i:i + 1], float(groups.alpha_bar[i]),
+                                              self.model.prediction_type) for i in range(g)])
+        return groups
+
+    def _timestep(self, alpha_bar: float) -> torch.Tensor:
+        """The training timestep whose ᾱ is nearest ``alpha_bar``."""
+        if not hasattr(self, "_acp"):
+            from guidance.schedulers import build_scheduler
+
+            self._acp = build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.double()
+        return torch.tensor(int((self._acp - alpha_bar).abs().argmin()), device=self.device)
+
+    # ------------------------------------------------------------------ hooks
+
+    def draw_batch(self, step: int, micro: int) -> Groups:
+        """The groups of step ``step - step mod batch_reuse`` (kept while they are reused; remade on resume)."""
+        key = (step - step % self.config.batch_reuse, micro)
+        cached = getattr(self, "_batch", None)
+        if cached is None or cached[0] != key:
+            rng = np.random.default_rng([self.config.seed, key[0], micro, self.processes.rank])
+            self._batch = cached = (key, self.make_groups(rng))
+        return cached[1]
+
+    def compute_loss(self, batch: Groups) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        ev = self.evaluators
+        g, k = batch.x0.shape[:2]
+        flat = batch.x0.flatten(0, 1).to(self.device)
+        bars = batch.alpha_bar.repeat_interleave(k)
+        loss = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
+        if "alignment" in c.kinds:
+            spec = ev.specs["alignment"]
+            text = batch.text.repeat_interleave(k, dim=0).to(self.device)
+            pred = ((ev.evaluate("alignment", flat, bars, text) - spec.output_mean) / spec.output_std).view(g, k)
+            target = ((batch.reward.to(self.device) - spec.output_mean) / spec.output_std)
+            mse = F.mse_loss(pred, target)
+            rank = ranknet_loss(pred, target)
+            loss = loss + mse + c.rank_weight * rank
+            metrics.update({"alignment.mse": float(mse.detach()), "alignment.rank": float(rank.detach())})
+        if "fidelity" in c.kinds:
+            fake = ev.evaluate("fidelity", flat, bars)
+            real = ev.evaluate("fidelity", batch.real_x0.to(self.device), batch.alpha_bar)
+            bce = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                         + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+            loss = loss + bce
+            metrics.update({"fidelity.bce": float(bce.detach()),
+                            "fidelity.accuracy": 0.5 * float((real > 0).float().mean() + (fake < 0).float().mean())})
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        """Agreement on the held-out groups: Spearman of the alignment evaluator with the reward (within groups,
+        averaged, and over all candidates), the fidelity discriminator's balanced accuracy."""
+        b = self.eval_groups
+        if b is None:
+            return EvalResult(self.step, {}, [])
+        metrics = agreement(self.evaluators, b)
+        return EvalResult(self.step, metrics, [])
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {k: f"{metrics[k]:.3g}" for k in ("loss", "alignment.rank", "fidelity.accuracy") if k in metrics}
+
+    def export(self) -> dict[str, str]:
+        c = self.config
+        target = Path(c.export_dir) if c.export_dir else self.out / "latent_evaluators"
+        self.evaluators.save(target, extra_meta={"trained_steps": self.step, "seed": c.seed})
+        return {"latent_evaluators": str(target)}
+
+
+def ranknet_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the ordered pairs (i, j) of each row with target_i > target_j of softplus(−(pred_i − pred_j)),
+    i.e. −log σ(pred_i − pred_j) (Burges et al. 2005); 0 where a row has no such pair."""
+    diff = pred[:, :, None] - pred[:, None, :]
+    better = (target[:, :, None] > target[:, None, :]).float()
+    count = better.sum()
+    if count == 0:
+        return pred.sum() * 0.0
+    return (F.softplus(-diff) * better).sum() / count
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan for fewer than 2 distinct values."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def agreement(evaluators: Any, groups: Groups) -> dict[str, float]:
+    g, k = groups.x0.shape[:2]
+    device = next(evaluators.parameters()).device
+    flat = groups.x0.flatten(0, 1).to(device)
+    bars = groups.alpha_bar.repeat_interleave(k)
+    metrics: dict[str, float] = {}
+    if "alignment" in evaluators.kinds and groups.reward is not None:
+        text = groups.text.repeat_interleave(k, dim=0).to(device)
+        pred = evaluators.evaluate("alignment", flat, bars, text).view(g, k).cpu().numpy()
+        target = groups.reward.numpy()
+        within = [spearman(pred[i], target[i]) for i in range(g)]
+        metrics["alignment.rank_corr_within"] = float(np.nanmean(within)) if not np.all(np.isnan(within)) else float("nan")
+        metrics["alignment.rank_corr"] = spearman(pred.ravel(), target.ravel())
+        metrics["alignment.top1_agreement"] = float(np.mean(pred.argmax(1) == target.argmax(1)))
+    if "fidelity" in evaluators.kinds and groups.real_x0 is not None:
+        fake = evaluators.evaluate("fidelity", flat, bars).cpu()
+        real = evaluators.evaluate("fidelity", groups.real_x0.to(device), groups.alpha_bar).cpu()
+        metrics["fidelity.accuracy"] = 0.5 * float((real > 0).float().mean() + (fake < 0).float().mean())
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.latent_evaluator``: the same as ``diffsteer train latent-evaluator``."""
+    from training.cli import run_method
+
+    return run_method("latent-evaluator", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
