@@ -245,6 +245,9 @@ def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(e
 
     trainer, folder = exported
     assert json.loads((folder / "diffsteer.json").read_text()) == {"policy": "cfg:scale=1", "steps": 1}
+    from guidance.models import model_defaults
+
+    assert (model_defaults(str(folder)).steps, model_defaults(str(folder)).policy) == (1, "cfg:scale=1")
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["timestep_spacing"], scheduler["set_alpha_to_one"]) == ("trailing", True)
 
