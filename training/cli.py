@@ -20,6 +20,7 @@ from guidance.errors import InvalidInput
 # method -> (module, config class, trainer class)
 METHODS: dict[str, tuple[str, str, str]] = {
     "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
+    "fdistill": ("training.fdistill", "FDistillConfig", "FDistillTrainer"),
     "dpo": ("training.dpo", "DPOConfig", "DPOTrainer"),
     "smpo": ("training.smpo", "SmPOConfig", "SmPOTrainer"),
     "latent-evaluator": ("training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
@@ -27,7 +28,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
 
 
 def add_train_parser(subparsers) -> None:
-    train = subparsers.add_parser("train", help="fine-tune a model (AlignProp, ...) from a YAML config")
+    train = subparsers.add_parser("train", help="fine-tune or distil a model (AlignProp, f-distill, ...) from a YAML config")
     train.add_argument("method", choices=sorted(METHODS), help="training method")
     add_method_arguments(train)
     train.set_defaults(func=lambda args: run_parsed(args.method, args))

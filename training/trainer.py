@@ -273,7 +273,7 @@ class Trainer:
         if not self.optimizers:
             raise TypeError(f"{type(self).__name__}.build registered no optimizer")
         if (c.export in ("lora", "both") and type(self).export is Trainer.export
-                and not getattr(self.model.unet, "peft_config", None)):
+                and not getattr(self.export_unet(), "peft_config", None)):
             raise InvalidInput("export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline")
         self.processes.broadcast_([t for m in self.modules.values() for t in m.synced_tensors()])
         for ema in self.emas.values():

@@ -1,0 +1,298 @@
+"""f-distill: the f's and their weightings against independent computations (finite differences, quadrature of
+the divergence itself, DMD's formula), the trainer (a few steps, exact resume, bad config), and the exported
+one-step student through our sampler and diffusers. Tiny models only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guidance.errors import InvalidInput
+from training.fdistill import (
+    DIVERGENCES,
+    FDistillConfig,
+    FDistillTrainer,
+    batch_normalised,
+    density_ratio,
+    distribution_matching_loss,
+    dmd_gradient,
+    normalise_by_time_bin,
+    student_scheduler_config,
+    student_timesteps,
+    time_bins,
+)
+
+RATIOS = torch.tensor([0.05, 0.3, 0.7, 1.0, 1.6, 4.0, 15.0], dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_h_is_f_second_derivative_times_r_squared(name):
+    """h(r) = f''(r)·r², with f'' from central second differences of f itself."""
+    f, h = DIVERGENCES[name]
+    d = 1e-4 * RATIOS
+    second = (f(RATIOS + d) - 2 * f(RATIOS) + f(RATIOS - d)) / d**2
+    torch.testing.assert_close(h(RATIOS), second * RATIOS**2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_each_f_is_an_f_divergence_generator(name):
+    """f(1) = 0 and f convex (h > 0), so D_f ≥ 0 with equality at p = q."""
+    f, h = DIVERGENCES[name]
+    assert abs(float(f(torch.tensor(1.0, dtype=torch.float64)))) < 1e-12
+    assert bool((h(RATIOS) > 0).all())
+
+
+def _gaussian(x, mean, std):
+    return torch.exp(-0.5 * ((x - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_weighted_score_difference_is_the_gradient_of_the_divergence(name):
+    """Xu et al. eq. 7 on a 1-D case: q_μ = N(μ, 1) (x = μ + z), p = N(0.3, 1.3²). d/dμ D_f(p‖q_μ) by finite
+    differences of the divergence (quadrature of ∫ q f(p/q)) equals E_z[h(r)(s_q − s_p)] (quadrature)."""
+    f, h = DIVERGENCES[name]
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    dx = x[1] - x[0]
+    p = _gaussian(x, 0.3, 1.3)
+
+    def divergence(mu):
+        q = _gaussian(x, mu, 1.0)
+        return float((q * f(p / q)).sum() * dx)
+
+    mu, d = 0.8, 1e-4
+    numeric = (divergence(mu + d) - divergence(mu - d)) / (2 * d)
+    q = _gaussian(x, mu, 1.0)
+    score_q, score_p = -(x - mu), -(x - 0.3) / 1.3**2
+    formula = float((q * h(p / q) * (score_q - score_p)).sum() * dx)
+    assert abs(numeric) > 1e-3
+    assert formula == pytest.approx(numeric, rel=1e-4)
+
+
+def test_reverse_kl_reproduces_the_dmd_gradient_on_a_hand_built_case():
+    """Two images of two pixels. DMD (Yin et al. 2024, eq. 8): ∇ = (x̂0_fake − x̂0_real) / mean|x − x̂0_real|; the
+    surrogate's gradient per element is that over the number of elements. Reverse KL's h ≡ 1 changes nothing."""
+    gen = torch.tensor([[1.0, -1.0], [0.5, 2.0]], requires_grad=True)
+    real = torch.tensor([[0.0, 0.0], [1.5, 1.0]])
+    fake = torch.tensor([[2.0, -3.0], [0.5, 4.0]])
+    # by hand: image 0: mean|x − real| = 1, fake − real = (2, −3); image 1: mean = 1, fake − real = (−1, 3)
+    expected = torch.tensor([[2.0, -3.0], [-1.0, 3.0]]) / 4
+    _, h = DIVERGENCES["reverse_kl"]
+    weights = batch_normalised(h(torch.tensor([0.2, 7.0])))
+    distribution_matching_loss(gen, dmd_gradient(gen, real, fake, weights)).backward()
+    torch.testing.assert_close(gen.grad, expected, rtol=1e-5, atol=1e-6)
+    # forward KL weights the images by r / mean(r)
+    gen.grad = None
+    _, h = DIVERGENCES["forward_kl"]
+    distribution_matching_loss(gen, dmd_gradient(gen, real, fake, batch_normalised(h(torch.tensor([1.0, 3.0]))))).backward()
+    torch.testing.assert_close(gen.grad, expected * torch.tensor([[0.5], [1.5]]), rtol=1e-5, atol=1e-6)
+
+
+def test_density_ratio_clamps_clips_and_averages_positions():
+    logits = torch.tensor([[0.0, 2.0], [50.0, 50.0], [-50.0, -50.0], [-1.0, -1.0]])
+    r = density_ratio(logits, 0.1, 20.0, logit_clamp=10.0)
+    torch.testing.assert_close(r, torch.tensor([math.e, 20.0, 0.1, math.exp(-1)]))
+    assert not r.requires_grad
+
+
+def test_time_bin_normalisation_by_hand():
+    t = torch.tensor([0, 99, 100, 999])
+    assert time_bins(t, 10, 1000).tolist() == [0, 0, 1, 9]
+    ratio = torch.tensor([1.0, 3.0, 4.0, 0.5], dtype=torch.float64)
+    running = torch.ones(10, dtype=torch.float64)
+    normalised, new = normalise_by_time_bin(ratio, time_bins(t, 10, 1000), running, rate=0.5)
+    # bin 0: 0.5·1 + 0.5·2 = 1.5; bin 1: 0.5 + 2 = 2.5; bin 9: 0.5 + 0.25 = 0.75; others untouched
+    assert new[[0, 1, 9]].tolist() == pytest.approx([1.5, 2.5, 0.75])
+    assert new[2:9].tolist() == [1.0] * 7
+    assert normalised.tolist() == pytest.approx([1 / 1.5, 3 / 1.5, 4 / 2.5, 0.5 / 0.75], rel=1e-5)
+    assert running.tolist() == [1.0] * 10  # not modified in place
+
+
+def test_student_schedule_starts_at_the_last_timestep_and_ends_at_x0():
+    from guidance.models import load_model
+
+    config = student_scheduler_config(load_model("builtin:tiny", device="cpu").scheduler_config)
+    assert student_timesteps(config, 1) == [999]
+    assert student_timesteps(config, 4) == [999, 749, 499, 249]
+    assert config["set_alpha_to_one"] is True
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+TINY = dict(model="builtin:tiny", eval_prompts="", batch_size=2, threads=1, progress=False, tensorboard=False,
+            fake_updates_per_step=2, learning_rate=1e-3, fake_learning_rate=1e-3, checkpoint_every=1, ema_decay=0.5)
+
+
+def tiny_config(tmp_path: Path, **overrides) -> FDistillConfig:
+    return FDistillConfig(**{**TINY, "output_dir": str(tmp_path / "run"), **overrides})
+
+
+def _states(trainer: FDistillTrainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, module in trainer.modules.items():
+        out.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    for name, ema in trainer.emas.items():
+        out.update({f"ema.{name}.{k}": v.clone() for k, v in ema.average.state_dict().items()})
+    for name, slot in trainer.optimizers.items():
+        for i, s in slot.optimizer.state_dict()["state"].items():
+            out.update({f"opt.{name}.{i}.{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
+    out["ratio_running"] = trainer.ratio_running.clone()
+    return out
+
+
+def test_training_moves_every_network_and_resumes_exactly(tmp_path):
+    """Four steps straight equal two steps, a new process-like trainer, and two more after --resume: the
+    student, fake score, discriminator, the EMA, all three optimisers and the ratio bins."""
+    straight = FDistillTrainer(tiny_config(tmp_path / "a", max_steps=4, divergence="js", steps=2))
+    before = _states(straight)
+    straight.train()
+    after = _states(straight)
+    for prefix in ("student.", "fake_score.", "discriminator.", "ema.student."):
+        keys = [k for k in after if k.startswith(prefix)]
+        assert keys and any((after[k] - before[k]).abs().max() > 0 for k in keys), prefix
+    assert (after["ratio_running"] != 1).any()
+
+    first = FDistillTrainer(tiny_config(tmp_path / "b", max_steps=2, divergence="js", steps=2))
+    first.train()
+    resumed = FDistillTrainer(tiny_config(tmp_path / "b", max_steps=4, divergence="js", steps=2))
+    resumed.train(resume=True)
+    again = _states(resumed)
+    assert set(again) == set(after)
+    for k in after:
+        torch.testing.assert_close(again[k], after[k], rtol=0, atol=0, msg=k)
+    rows = (Path(resumed.config.output_dir) / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("4,train,loss.matching,") for r in rows)
+    assert any(r.startswith("4,train,h_max,") for r in rows)
+
+
+def test_reverse_kl_without_gan_has_no_discriminator_and_lora_student(tmp_path):
+    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, divergence="reverse_kl", gan_weight=0.0,
+                                          trainable="lora", fake_trainable="lora", export="both", ema_decay=0.0))
+    assert set(trainer.optimizers) == {"student", "fake_score"} and trainer.discriminator is None
+    summary = trainer.train()
+    assert Path(summary["adapter"]).is_file() and (Path(summary["pipeline"]) / "model_index.json").is_file()
+
+
+def test_teacher_samples_as_real_data(tmp_path):
+    """real_data: teacher draws the discriminator's real samples from the teacher under teacher_policy."""
+    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, real_data="teacher", prompts="pg-train:single",
+                                          teacher_steps=2, divergence="forward_kl", fake_updates_per_step=1))
+    batch = trainer.draw_batch(0, 0, 0)
+    assert batch.real_images is None and all(p in trainer.train_prompts for p in batch.prompts)
+    conditions, _ = trainer._encode(batch.prompts)
+    from guidance.sampler import prepare
+
+    expected = prepare(trainer.model, trainer._teacher_params(batch.prompts, batch.real_seeds)).run().latents
+    torch.testing.assert_close(trainer.real_latents(batch, conditions), expected.float())
+    assert trainer.train()["steps"] == 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("divergence", "pearson"), ("ratio_min", 0.0), ("ratio_min", 50.0), ("gan_weight", -1.0),
+    ("fake_updates_per_step", 0), ("ratio_ema", 1.0), ("ema_decay", 1.0), ("timestep_min", 990),
+    ("fake_learning_rate", 0.0), ("eta", 0.5), ("ratio_bins", -1),
+])
+def test_bad_config_values_name_the_field(tmp_path, field, value):
+    with pytest.raises(InvalidInput, match=field):
+        tiny_config(tmp_path, **{field: value})
+
+
+def test_bad_teacher_policy_and_timestep_name_the_field(tmp_path):
+    with pytest.raises(InvalidInput, match="teacher_policy"):
+        FDistillTrainer(tiny_config(tmp_path, teacher_policy="cfg:scale=-3"))
+    with pytest.raises(InvalidInput, match="teacher_policy"):
+        FDistillTrainer(tiny_config(tmp_path, teacher_policy="reno"))
+    with pytest.raises(InvalidInput, match="timestep_max"):
+        FDistillTrainer(tiny_config(tmp_path, timestep_max=1000))
+
+
+def test_config_loads_from_the_cli_surface(tmp_path):
+    from training.config_io import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("divergence: forward_kl\nsteps: 2\n")
+    config = load_config(FDistillConfig, path, ["gan_weight=0.5"])
+    assert (config.divergence, config.steps, config.gan_weight, config.export) == ("forward_kl", 2, 0.5, "pipeline")
+    with pytest.raises(InvalidInput, match="divergence"):
+        load_config(FDistillConfig, None, ["divergence=tv"])
+
+
+# ----------------------------------------------------------------------------- the exported student
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fdistill-export")
+    trainer = FDistillTrainer(tiny_config(tmp, max_steps=1))
+    trainer.train()
+    return trainer, Path(trainer.config.output_dir) / "pipeline"
+
+
+def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(exported):
+    """The folder's scheduler makes one DDIM step from noise the student's x̂0; our sampler, diffusers'
+    StableDiffusionPipeline and the trainer's own generator give the same image."""
+    from diffusers import StableDiffusionPipeline
+
+    from guidance.models import load_model
+    from guidance.sampler import decode, generate, initial_noise
+
+    trainer, folder = exported
+    assert json.loads((folder / "diffsteer.json").read_text()) == {"policy": "cfg:scale=1", "steps": 1}
+    from guidance.models import model_defaults
+
+    assert (model_defaults(str(folder)).steps, model_defaults(str(folder)).policy) == (1, "cfg:scale=1")
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["timestep_spacing"], scheduler["set_alpha_to_one"]) == ("trailing", True)
+
+    model = load_model(str(folder), device="cpu")
+    ours = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [3, 4], "steps": 1,
+                            "policy": "cfg:scale=1", "scheduler": "default"})
+    assert ours.nfe == [1, 1]
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    latents, _ = initial_noise([3, 4], (4, model.unet.config.sample_size, model.unet.config.sample_size), torch.device("cpu"))
+    theirs = pipe(["a red circle", "two blue squares"], num_inference_steps=1, guidance_scale=0.0, latents=latents,
+                  output_type="np").images
+    torch.testing.assert_close(ours.pixels.permute(0, 2, 3, 1), torch.as_tensor(theirs), rtol=0, atol=2e-3)
+
+    from training.fdistill import DistillBatch
+
+    conditions, _ = trainer._encode(["a red circle", "two blue squares"])
+    batch = DistillBatch(["a red circle", "two blue squares"], [3, 4], torch.zeros(2, dtype=torch.long), [0, 0],
+                         torch.zeros(2, dtype=torch.long), [0, 0], None, 0)
+    with torch.no_grad():
+        own = decode(trainer.model, trainer.generate(batch, conditions["cond"], unet=trainer.export_unet()))
+    torch.testing.assert_close(ours.pixels, own, rtol=0, atol=2e-3)
+
+
+def test_reno_runs_on_the_exported_student(exported):
+    from guidance.models import load_model
+    from guidance.sampler import generate
+
+    _, folder = exported
+    model = load_model(str(folder), device="cpu")
+    result = generate(model, {"prompt": "a red circle", "seed": 1, "steps": 1, "scheduler": "default",
+                              "policy": {"name": "reno", "reward": "saturation:1", "iterations": 2}})
+    assert result.images and result.nfe[0] >= 2
+
+
+def test_the_service_serves_the_exported_student(exported):
+    """``diffsteer serve --model OUT``: the service's one-step image is our sampler's."""
+    from guidance.models import load_model
+    from guidance.sampler import generate
+    from test_service_support import app_client, decode_image, pixels
+
+    _, folder = exported
+    body = {"prompt": "a red circle", "steps": 1, "seed": 7, "scheduler": "default", "policy": "cfg:scale=1"}
+    ours = generate(load_model(str(folder), device="cpu"), body).pixels[0]
+    with app_client(model=str(folder)) as client:
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        served = pixels(decode_image(r.json()["images"][0]))
+    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255

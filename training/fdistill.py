@@ -1,0 +1,737 @@
+"""f-distill: one-step (or k-step) distillation of a diffusion model by f-divergence distribution matching.
+
+Xu, Nie & Vahdat 2025, "One-step Diffusion Models with f-Divergence Distribution Matching" (arXiv:2502.15681),
+which generalises variational score distillation (DMD, Yin et al. 2024, arXiv:2311.18828; DMD2, Yin et al.
+2024, arXiv:2405.14867) from the reverse KL to any f-divergence D_f(p‖q) = E_q[f(p/q)], p the teacher's
+distribution, q the student's, r = p/q the density ratio. For a generator x = G_θ(z) the gradient is (their
+Theorem 1; checked by quadrature in tests/test_fdistill.py):
+
+    ∇_θ D_f(p‖q_θ) = E_z[ h(r(x)) · (s_q(x) − s_p(x)) · ∂x/∂θ ],      h(r) = f''(r) · r²          (eq. 7)
+
+applied, as DMD does, at every noise level t: x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε, s_p the teacher's score (with
+classifier-free guidance: here any guidance policy of ``guidance/policies``), s_q the score of a "fake score"
+network trained by denoising score matching on the student's own samples (a two-time-scale update, DMD2
+Sec. 4.1). In x0-space s_q − s_p ∝ x̂0_fake − x̂0_teacher, normalised per image by 1/mean|x − x̂0_teacher| (DMD
+eq. 8). The ratio r is not known: a discriminator D trained with the logistic GAN loss has logit log(p/q) at
+its optimum, so r = exp(logit), clamped, clipped to [r_min, r_max], optionally divided by its running mean in
+its time bin, and h(r) is divided by its batch mean (Sec. 4.2). The generator also takes the non-saturating
+GAN loss at ``gan_weight``; reverse KL (h ≡ 1) with the GAN term is DMD2.
+
+The f's and their weightings (Table 1; constants kept, the batch-mean normalisation removes them):
+
+    reverse KL            f = −log r                               h = 1
+    forward KL            f = r log r                              h = r
+    Jensen–Shannon        f = r log r − (r+1) log((r+1)/2)          h = r / (r+1)
+    softened reverse KL   f = (r+1) log((r+1)/(2r))                 h = 1 / (r+1)
+    squared Hellinger     f = (√r − 1)²                             h = √r / 2
+    Jeffreys              f = (r−1) log r                           h = r + 1
+    Neyman χ²             f = 1/r − 2 + r   ((1−r)²/r)              h = 2 / r
+
+**Where the discriminator looks.** Its head (:class:`DiscriminatorHead`) reads the *teacher's* mid-block
+features at the noisy input x_t (the UNet run only up to its mid block), as FastGen does: the frozen teacher
+is a fixed, good feature extractor at every t, so the head alone learns and the fake-score network's denoising
+objective is left undisturbed (DMD2 instead shares the fake-score encoder, which couples the two losses); the
+generator's GAN gradient flows through the frozen teacher into x_t. Real samples are the proving ground's
+rendered training scenes (``real_data: pg-train``, encoded by the VAE) or the teacher's own samples under
+``teacher_policy`` (``real_data: teacher``; any model, at the cost of a full teacher sampling per batch).
+
+**The student.** A copy of the teacher UNet (every weight, or a LoRA on it), generating x = x̂0(G(z, T−1))
+from pure noise z at the last training timestep; with ``steps: k`` it runs its own k-step DDIM chain on the
+"trailing" timesteps (T−1, ...), the training sample being the x̂0 at a step drawn per batch after the
+earlier steps are simulated without gradients (DMD2's backward simulation). The export writes that schedule
+as the pipeline's scheduler config (DDIM, trailing, ᾱ_final = 1): one DDIM step from noise is exactly
+x̂0(G(z, T−1)), so ``diffsteer generate``, the service and ``StableDiffusionPipeline`` (with
+``num_inference_steps=1, guidance_scale=0``) reproduce the student, and ``diffsteer.json`` in the folder
+recommends ``steps: 1`` and no guidance.
+
+    diffsteer train fdistill --config training/configs/fdistill-proving-ground.yaml [--resume]
+    diffsteer train fdistill --print-config
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guidance.errors import InvalidInput
+from training.trainer import Trainer, TrainerConfig, with_default
+
+# ----------------------------------------------------------------------------- the f's and their weightings
+
+
+def f_reverse_kl(r: torch.Tensor) -> torch.Tensor:
+    return -torch.log(r)
+
+
+def f_forward_kl(r: torch.Tensor) -> torch.Tensor:
+    return r * torch.log(r)
+
+
+def f_jensen_shannon(r: torch.Tensor) -> torch.Tensor:
+    return r * torch.log(r) - (r + 1) * torch.log((r + 1) / 2)
+
+
+def f_softened_reverse_kl(r: torch.Tensor) -> torch.Tensor:
+    return (r + 1) * torch.log((r + 1) / (2 * r))
+
+
+def f_squared_hellinger(r: torch.Tensor) -> torch.Tensor:
+    return (torch.sqrt(r) - 1) ** 2
+
+
+def f_jeffreys(r: torch.Tensor) -> torch.Tensor:
+    return (r - 1) * torch.log(r)
+
+
+def f_neyman_chi2(r: torch.Tensor) -> torch.Tensor:
+    return 1 / r - 2 + r
+
+
+def h_reverse_kl(r: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(r)
+
+
+def h_forward_kl(r: torch.Tensor) -> torch.Tensor:
+    return r
+
+
+def h_jensen_shannon(r: torch.Tensor) -> torch.Tensor:
+    return r / (r + 1)
+
+
+def h_softened_reverse_kl(r: torch.Tensor) -> torch.Tensor:
+    return 1 / (r + 1)
+
+
+def h_squared_hellinger(r: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(r) / 2
+
+
+def h_jeffreys(r: torch.Tensor) -> torch.Tensor:
+    return r + 1
+
+
+def h_neyman_chi2(r: torch.Tensor) -> torch.Tensor:
+    return 2 / r
+
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+# name -> (f, h = f''·r²)
+DIVERGENCES: dict[str, tuple[Fn, Fn]] = {
+    "reverse_kl": (f_reverse_kl, h_reverse_kl),
+    "forward_kl": (f_forward_kl, h_forward_kl),
+    "js": (f_jensen_shannon, h_jensen_shannon),
+    "softened_reverse_kl": (f_softened_reverse_kl, h_softened_reverse_kl),
+    "squared_hellinger": (f_squared_hellinger, h_squared_hellinger),
+    "jeffreys": (f_jeffreys, h_jeffreys),
+    "neyman_chi2": (f_neyman_chi2, h_neyman_chi2),
+}
+Divergence = Literal["reverse_kl", "forward_kl", "js", "softened_reverse_kl", "squared_hellinger", "jeffreys",
+                     "neyman_chi2"]
+
+
+def density_ratio(logits: torch.Tensor, r_min: float, r_max: float, logit_clamp: float = 10.0) -> torch.Tensor:
+    """r = exp(logit) per image (logits [B, ...] averaged over the rest), the logit clamped to ±``logit_clamp``
+    against overflow, then r clipped to [r_min, r_max]; no gradient (h is a weight)."""
+    logit = logits.detach().float().reshape(logits.shape[0], -1).mean(dim=1)
+    return torch.exp(logit.clamp(-logit_clamp, logit_clamp)).clamp(r_min, r_max)
+
+
+def time_bins(t: torch.Tensor, num_bins: int, num_timesteps: int) -> torch.Tensor:
+    """Index of each timestep's bin among ``num_bins`` equal bins of [0, num_timesteps)."""
+    return (t.long() * num_bins // num_timesteps).clamp(0, num_bins - 1)
+
+
+def normalise_by_time_bin(ratio: torch.Tensor, bins: torch.Tensor, running: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide each r by the running mean of r in its time bin, after moving the running means of the bins seen
+    in this batch: m_b ← rate·m_b + (1 − rate)·mean(r in b) (rate 0: this batch's mean). Returns the normalised
+    ratios and the new running means."""
+    running = running.clone()
+    for b in torch.unique(bins).tolist():
+        in_bin = bins == b
+        running[b] = rate * running[b] + (1 - rate) * ratio[in_bin].mean()
+    return ratio / (running[bins] + 1e-6), running
+
+
+def batch_normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """h / mean(h): the weights average to one over the batch, whatever the divergence's constants."""
+    return h / (h.mean() + eps)
+
+
+def dmd_gradient(gen_x0: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-sample direction the generator moves against: (x̂0_fake − x̂0_teacher) / mean|x − x̂0_teacher| (DMD
+    eq. 8 in x0 space), times the f-divergence weight of each image."""
+    dims = tuple(range(1, gen_x0.ndim))
+    with torch.no_grad():
+        norm = (gen_x0.float() - teacher_x0.float()).abs().mean(dim=dims, keepdim=True) + 1e-6
+        grad = (fake_x0.float() - teacher_x0.float()) / norm
+        if weights is not None:
+            grad = grad * weights.float().view(-1, *([1] * (gen_x0.ndim - 1)))
+    return grad
+
+
+def distribution_matching_loss(gen_x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient with respect to ``gen_x0`` is ``grad`` / numel (the surrogate of DMD's Alg. 1)."""
+    target = (gen_x0.float() - grad).detach()
+    return 0.5 * F.mse_loss(gen_x0.float(), target, reduction="sum") / gen_x0.numel()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating GAN loss of the generator: softplus(−D(fake))."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Logistic loss of the discriminator: softplus(−D(real)) + softplus(D(fake)); at its optimum D = log(p/q)."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: float | torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) move to the next timestep: √ᾱ'·x̂0 + √(1−ᾱ')·ε̂ (Song et al. 2021, eq. 12)."""
+    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
+
+
+def student_scheduler_config(teacher_config: dict[str, Any]) -> dict[str, Any]:
+    """The student's scheduler: DDIM on 'trailing' timesteps (one step starts at T−1) with ᾱ_final = 1 (the
+    last step returns x̂0 itself)."""
+    config = {k: v for k, v in teacher_config.items() if not k.startswith("_") or k == "_class_name"}
+    config.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True,
+                  clip_sample=False, thresholding=False, steps_offset=1)
+    return config
+
+
+def student_timesteps(scheduler_config: dict[str, Any], steps: int) -> list[int]:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class DiscriminatorHead(torch.nn.Module):
+    """Logits from a UNet's mid-block features [B, C, h, w]: conv → GroupNorm → SiLU → 1×1 conv, one logit per
+    feature-map position ([B, h·w])."""
+
+    def __init__(self, channels: int, hidden: int = 64):
+        super().__init__()
+        groups = math.gcd(hidden, 8)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, hidden, 3, padding=1), torch.nn.GroupNorm(groups, hidden), torch.nn.SiLU(),
+            torch.nn.Conv2d(hidden, hidden, 3, padding=1), torch.nn.GroupNorm(groups, hidden), torch.nn.SiLU(),
+            torch.nn.Conv2d(hidden, 1, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).flatten(1)
+
+
+class _FeaturesReady(Exception):
+    pass
+
+
+def mid_block_features(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+    """The UNet's mid-block output at (x, t, condition), running the network only that far."""
+    from guidance.denoiser import call_unet
+
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        captured.append(output)
+        raise _FeaturesReady
+
+    handle = unet.mid_block.register_forward_hook(hook)
+    try:
+        call_unet(unet, x.to(next(unet.parameters()).dtype), t, condition)
+    except _FeaturesReady:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class FDistillConfig(TrainerConfig):
+    """f-distill: a one-step student distilled from the model by f-divergence distribution matching
+    (training/fdistill.py)."""
+
+    output_dir: str = with_default("output_dir", "runs/fdistill")
+    adapter_name: str = with_default("adapter_name", "fdistill")
+    export: Literal["lora", "pipeline", "both"] = field(default="pipeline", metadata={
+        "help": "pipeline (pipeline/: the student as a whole diffusers pipeline, one step by default), lora "
+                "(the student's adapter, trainable: lora), or both."})
+    steps: int = field(default=1, metadata={
+        "help": "The student's steps: 1 (from pure noise at the last timestep) or k (its own k-step DDIM chain on "
+                "trailing timesteps); the evaluation samples the student with as many."})
+    policy: str = field(default="cfg:scale=1", metadata={
+        "help": "Policy of the student's evaluation samples (unguided by default; the teacher's guidance is "
+                "teacher_policy)."})
+    scheduler: str = field(default="ddim", metadata={
+        "help": "Scheduler of the student's evaluation (its config is the student's: trailing, final ᾱ = 1)."})
+    trainable: Literal["lora", "full"] = field(default="full", metadata={
+        "help": "The student: full (every UNet weight, fp32) or lora (a LoRA on a copy of the teacher UNet)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "The student's AdamW learning rate."})
+    # --- data
+    prompts: str = field(default="pg-train:all", metadata={
+        "help": "Training prompts with real_data: teacher (pg-train:..., or a prompt file); with real_data: "
+                "pg-train the prompts are the rendered scenes' captions."})
+    real_data: Literal["pg-train", "teacher"] = field(default="pg-train", metadata={
+        "help": "Real samples of the discriminator: pg-train (the proving ground's rendered training scenes and "
+                "captions, VAE-encoded) or teacher (the teacher's samples under teacher_policy, teacher_steps)."})
+    teacher_steps: int = field(default=20, metadata={"help": "real_data: teacher: the teacher's sampling steps."})
+    # --- the teacher's target
+    teacher_policy: str = field(default="cfg:scale=1.5", metadata={
+        "help": "Guidance policy that defines the teacher's score (cfg, apg, an interval, ...)."})
+    timestep_min: int = field(default=20, metadata={"help": "Smallest diffusion timestep of the matching loss."})
+    timestep_max: int = field(default=980, metadata={"help": "Largest diffusion timestep of the matching loss."})
+    # --- the divergence
+    divergence: Divergence = field(default="js", metadata={
+        "help": f"The f-divergence: {', '.join(DIVERGENCES)} (reverse_kl with gan_weight > 0 is DMD2)."})
+    ratio_min: float = field(default=0.1, metadata={"help": "Lower clip of the density ratio r = exp(logit)."})
+    ratio_max: float = field(default=20.0, metadata={"help": "Upper clip of the density ratio."})
+    logit_clamp: float = field(default=10.0, metadata={"help": "Clamp of the logit before exp (overflow guard)."})
+    ratio_bins: int = field(default=10, metadata={
+        "help": "Time bins of the running-mean normalisation of r (0: no normalisation)."})
+    ratio_ema: float = field(default=0.9, metadata={
+        "help": "Running-mean rate of each bin (0: the current batch's mean in the bin, as FastGen at batch 2048; "
+                "small batches need a longer memory, or a lone sample in its bin is normalised to r = 1)."})
+    gan_weight: float = field(default=0.03, metadata={
+        "help": "Weight of the generator's GAN loss (0 with reverse_kl: DMD without the discriminator)."})
+    # --- the fake score and the discriminator
+    fake_trainable: Literal["lora", "full"] = field(default="full", metadata={
+        "help": "The fake-score network (a copy of the teacher): full or lora (lora_* fields)."})
+    fake_learning_rate: float = field(default=2e-5, metadata={"help": "The fake score's AdamW learning rate."})
+    fake_updates_per_step: int = field(default=4, metadata={
+        "help": "Fake-score (and discriminator) updates per student update (the two-time-scale rule)."})
+    discriminator_learning_rate: float = field(default=2e-4, metadata={"help": "The discriminator head's learning rate."})
+    discriminator_hidden: int = field(default=64, metadata={"help": "Width of the discriminator head."})
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA of the student's weights (0: no EMA); evaluated and exported."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.divergence not in DIVERGENCES:
+            raise InvalidInput("divergence", f"unknown value {self.divergence!r}; accepted values: {', '.join(DIVERGENCES)}")
+        if not 0 < self.ratio_min < self.ratio_max:
+            raise InvalidInput("ratio_min", f"need 0 < ratio_min < ratio_max, got {self.ratio_min} and {self.ratio_max}")
+        if self.logit_clamp <= 0:
+            raise InvalidInput("logit_clamp", f"must be positive, got {self.logit_clamp}")
+        if self.ratio_bins < 0:
+            raise InvalidInput("ratio_bins", f"must be non-negative, got {self.ratio_bins}")
+        if not 0 <= self.ratio_ema < 1:
+            raise InvalidInput("ratio_ema", f"must be in [0, 1), got {self.ratio_ema}")
+        if self.gan_weight < 0:
+            raise InvalidInput("gan_weight", f"must be non-negative, got {self.gan_weight}")
+        if self.fake_updates_per_step < 1:
+            raise InvalidInput("fake_updates_per_step", f"must be at least 1, got {self.fake_updates_per_step}")
+        for name in ("fake_learning_rate", "discriminator_learning_rate"):
+            if not 0 < getattr(self, name) < 1:
+                raise InvalidInput(name, f"must be in (0, 1), got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise InvalidInput("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.timestep_min <= self.timestep_max:
+            raise InvalidInput("timestep_min", f"need 0 ≤ timestep_min ≤ timestep_max, got {self.timestep_min} and {self.timestep_max}")
+        if self.teacher_steps < 1:
+            raise InvalidInput("teacher_steps", f"must be at least 1, got {self.teacher_steps}")
+        if self.discriminator_hidden < 1:
+            raise InvalidInput("discriminator_hidden", f"must be at least 1, got {self.discriminator_hidden}")
+        if self.eta != 0:
+            raise InvalidInput("eta", "the student's chain is deterministic DDIM; eta must be 0")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.gan_weight > 0 or self.divergence != "reverse_kl"
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class DistillBatch:
+    prompts: list[str]
+    noise_seeds: list[int]  # the student's input noise, per image
+    timesteps: torch.Tensor  # [B] long: the matching loss's t
+    forward_seeds: list[int]  # ε of the forward process at t, per image
+    real_t: torch.Tensor  # [B] long: the discriminator's t for the real samples
+    real_seeds: list[int]  # ε for the real samples (and the teacher's sampling noise with real_data: teacher)
+    real_images: np.ndarray | None  # [B, H, W, 3] uint8 with real_data: pg-train
+    student_step: int  # which of the student's k steps trains (0 for one step)
+
+
+class FDistillTrainer(Trainer):
+    """Runs one f-distill job described by an :class:`FDistillConfig` (see the module docstring)."""
+
+    name = "fdistill"
+    config: FDistillConfig
+    eval_summary_metrics = ("verifier.passed",)
+
+    def build(self) -> None:
+        from guidance.registry import build_policy
+
+        c = self.config
+        teacher = self.model.unet
+        T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
+        if c.timestep_max >= T:
+            raise InvalidInput("timestep_max", f"must be below the model's {T} training timesteps, got {c.timestep_max}")
+        if c.steps > T:
+            raise InvalidInput("steps", f"must be at most {T}, got {c.steps}")
+        self.num_timesteps = T
+        self.teacher_policy = build_policy(c.teacher_policy, field="teacher_policy")
+        if self.teacher_policy.name in ("reno", "dynamic"):
+            raise InvalidInput("teacher_policy", f"{self.teacher_policy.name!r} is not a per-step score; use cfg, apg, "
+                               "adaptive, linear_ag, cfg_zero_star or perp_neg")
+        self.student_config = student_scheduler_config(self.model.scheduler_config)
+        self.student_ts = student_timesteps(self.student_config, c.steps)
+        self.alphas_cumprod = self._alphas_cumprod()
+        self.student = self._trainable_copy(teacher, c.trainable, "student")
+        self.fake_score = self._trainable_copy(teacher, c.fake_trainable, "fake_score")
+        self.register_optimizer("student", [p for p in self.student.parameters() if p.requires_grad], lr=c.learning_rate)
+        self.register_optimizer("fake_score", [p for p in self.fake_score.parameters() if p.requires_grad],
+                                lr=c.fake_learning_rate)
+        self.discriminator = None
+        if c.uses_discriminator:
+            channels = teacher.config.block_out_channels[-1]
+            self.discriminator = DiscriminatorHead(channels, c.discriminator_hidden).to(self.device)
+            self.register_module("discriminator", self.discriminator, "full")
+            self.register_optimizer("discriminator", list(self.discriminator.parameters()), lr=c.discriminator_learning_rate,
+                                    betas=(0.0, 0.99), weight_decay=0.0)
+        self.student_ema = self.register_ema("student", self.student, c.ema_decay) if c.ema_decay > 0 else None
+        self.ratio_running = torch.ones(max(c.ratio_bins, 1), dtype=torch.float64)
+        if c.real_data == "pg-train":
+            from proving_ground.dataset import TrainingScenes
+
+            self.scenes = TrainingScenes(seed=c.seed, resolution=self.model.default_size)
+            self.train_prompts: list[str] = []
+        else:
+            from training.prompts import load_training_prompts
+
+            self.train_prompts = load_training_prompts(c.prompts)
+        self._check_sampling()
+
+    def _trainable_copy(self, unet: torch.nn.Module, trainable: str, name: str) -> torch.nn.Module:
+        c = self.config
+        copy_ = copy.deepcopy(unet).float()
+        if trainable == "lora":
+            from training.lora import add_lora
+
+            try:
+                add_lora(copy_, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed + (name == "fake_score"))
+            except ValueError as e:
+                raise InvalidInput("lora_targets", str(e)) from None
+            self.register_module(name, copy_, "trainable")
+        else:
+            copy_.requires_grad_(True)
+            self.register_module(name, copy_, "full")
+        return copy_.train()
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        from guidance.schedulers import build_scheduler
+
+        return build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.to(torch.float64)
+
+    def _check_sampling(self) -> None:
+        from guidance.sampler import prepare
+
+        prepare(self.eval_model(), self.generation_params(["a red circle"], [0]))
+        if self.config.real_data == "teacher":
+            prepare(self.model, self._teacher_params(self.train_prompts[:1], [0]))
+
+    def _teacher_params(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
+        c = self.config
+        return {"prompt": prompts, "seeds": seeds, "steps": c.teacher_steps, "scheduler": "ddim",
+                "policy": c.teacher_policy}
+
+    # ------------------------------------------------------------------ models the loop reads
+
+    def student_model(self, unet: torch.nn.Module | None = None):
+        """A DiffusionModel that samples the student (the EMA by default) with its own scheduler config."""
+        unet = unet if unet is not None else (self.student_ema if self.student_ema is not None else self.student)
+        return dataclasses.replace(self.model, unet=unet, scheduler_config=self.student_config)
+
+    def eval_model(self):
+        return self.student_model()
+
+    def export_unet(self) -> torch.nn.Module:
+        return self.student_ema if self.student_ema is not None else self.student
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ratio_running": self.ratio_running.clone()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ratio_running = state["ratio_running"].clone()
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        keys = ("loss.student", "loss.fake_score", "loss.discriminator")
+        return {k.split(".")[1]: f"{metrics[k]:.4g}" for k in keys if k in metrics}
+
+    # ------------------------------------------------------------------ data
+
+    def draw_batch(self, step: int, micro: int, phase: int = 0) -> DistillBatch:
+        """This process's share of micro-batch ``micro`` of update ``phase`` (0 .. fake_updates_per_step − 1: the
+        critics'; fake_updates_per_step: the student's) of optimizer step ``step``, drawn from (seed, step, phase)."""
+        c = self.config
+        rng = np.random.default_rng([c.seed, step, phase])
+        n, share = self.global_batch_size, self.shard(micro)
+        if c.real_data == "pg-train":
+            indices = rng.integers(0, 2**40, n)[share]
+            examples = [self.scenes[int(i)] for i in indices]
+            prompts = [e.caption for e in examples]
+            real_images = np.stack([e.image for e in examples])
+        else:
+            prompts = [self.train_prompts[i] for i in rng.integers(0, len(self.train_prompts), n)[share]]
+            real_images = None
+        seeds = rng.integers(0, 2**31 - 1, (3, n))[:, share]
+        timesteps = torch.as_tensor(rng.integers(c.timestep_min, c.timestep_max + 1, (2, n))[:, share])
+        student_step = int(rng.integers(0, c.steps))
+        return DistillBatch(prompts, [int(s) for s in seeds[0]], timesteps[0], [int(s) for s in seeds[1]],
+                            timesteps[1], [int(s) for s in seeds[2]], real_images, student_step)
+
+    def _gaussian(self, seeds: list[int]) -> torch.Tensor:
+        from guidance.sampler import initial_noise
+
+        unet = self.model.unet.config
+        size = self.model.default_size // self.model.vae_scale_factor
+        return initial_noise(seeds, (unet.in_channels, size, size), self.device)[0]
+
+    def _ab(self, t: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod[t.cpu()].to(self.device, torch.float32).view(-1, 1, 1, 1)
+
+    def _encode(self, prompts: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+        from guidance.conditioning import encode_conditions
+
+        size = self.model.default_size
+        names = dict.fromkeys(["cond", *self.teacher_policy.conditions])
+        with torch.no_grad():
+            return encode_conditions(self.model, prompts, None, names, height=size, width=size)
+
+    @torch.no_grad()
+    def real_latents(self, batch: DistillBatch, conditions) -> torch.Tensor:
+        """Clean latents of the real samples: the rendered scenes through the VAE, or the teacher's samples."""
+        model = self.model
+        if batch.real_images is not None:
+            pixels = torch.as_tensor(batch.real_images, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean
+            return latents.float() * model.vae.config.scaling_factor
+        from guidance.sampler import prepare
+
+        return prepare(model, self._teacher_params(batch.prompts, batch.real_seeds)).run().latents.float()
+
+    # ------------------------------------------------------------------ the networks' predictions
+
+    def _x0(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        from guidance.denoiser import call_unet, to_x0
+
+        out = call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
+        return to_x0(out, x, self._ab(t), self.model.prediction_type)
+
+    def generate(self, batch: DistillBatch, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """The student's clean latents: from noise through its first ``student_step`` steps without gradients,
+        then its x̂0 at that step (with gradients when enabled)."""
+        unet = unet if unet is not None else self.student
+        x = self._gaussian(batch.noise_seeds)
+        for i, t in enumerate(self.student_ts):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            if i == batch.student_step:
+                return self._x0(unet, x, tt, condition)
+            with torch.no_grad():
+                x0 = self._x0(unet, x, tt, condition)
+                eps = eps_from_x0(x0, x, self._ab(tt))
+                x = ddim_step(x0, eps, float(self.alphas_cumprod[self.student_ts[i + 1]]))
+        raise AssertionError("student_step is beyond the student's steps")
+
+    @torch.no_grad()
+    def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, conditions, aliases) -> torch.Tensor:
+        """x̂0 of the guided teacher at each image's (x_t, t), through ``teacher_policy`` (one policy step per
+        distinct t, its StepInfo placing t among the T training timesteps)."""
+        from guidance.denoiser import Denoiser, StepInfo, to_x0
+        from guidance.policies.base import SamplingContext
+
+        out = torch.empty_like(x)
+        T = self.num_timesteps
+        for value in torch.unique(t).tolist():
+            rows = (t == value).nonzero().flatten()
+            conds = {k: v.rows(rows.to(v.hidden_states.device)) for k, v in conditions.items()}
+            denoiser = Denoiser(self.model.unet, conds, self.model.prediction_type, aliases=aliases)
+            ab = float(self.alphas_cumprod[value])
+            info = StepInfo(T - 1 - value, T, torch.tensor(value, device=self.device), ab, self.model.prediction_type)
+            state = self.teacher_policy.start(SamplingContext(num_steps=T, batch_size=len(rows),
+                                                               prediction_type=self.model.prediction_type,
+                                                               has_negative_prompt=False, requested_steps=T,
+                                                               model=self.model))
+            guided = self.teacher_policy.step(state, x[rows], info, denoiser).float()
+            out[rows] = to_x0(guided, x[rows], ab, self.model.prediction_type)
+        return out
+
+    def _logits(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        features = mid_block_features(self.model.unet, x, t.to(self.device), condition)
+        return self.discriminator(features)
+
+    # ------------------------------------------------------------------ the updates
+
+    def critic_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Denoising score matching of the fake score on the student's samples, and the discriminator's loss
+        on real against student samples."""
+        from guidance.denoiser import from_x0
+
+        conditions, _ = self._encode(batch.prompts)
+        cond = conditions["cond"]
+        with self.autocast():
+            with torch.no_grad():
+                gen = self.generate(batch, cond).float()
+            ab = self._ab(batch.timesteps)
+            eps = self._gaussian(batch.forward_seeds)
+            x_t = ab.sqrt() * gen + (1 - ab).sqrt() * eps
+            target = from_x0(gen, x_t, ab, self.model.prediction_type)
+            out = self._unet_out(self.fake_score, x_t, batch.timesteps, cond)
+            fake_loss = F.mse_loss(out, target)
+            metrics = {"loss.fake_score": float(fake_loss.detach())}
+            disc_loss = None
+            if self.discriminator is not None:
+                real = self.real_latents(batch, conditions)
+                ab_r = self._ab(batch.real_t)
+                real_t = ab_r.sqrt() * real + (1 - ab_r).sqrt() * self._gaussian(batch.real_seeds)
+                with torch.no_grad():
+                    f_fake = mid_block_features(self.model.unet, x_t, batch.timesteps.to(self.device), cond)
+                    f_real = mid_block_features(self.model.unet, real_t, batch.real_t.to(self.device), cond)
+                fake_logits, real_logits = self.discriminator(f_fake), self.discriminator(f_real)
+                disc_loss = gan_discriminator_loss(real_logits, fake_logits)
+                metrics.update({"loss.discriminator": float(disc_loss.detach()),
+                                "d_real": float(torch.sigmoid(real_logits.detach()).mean()),
+                                "d_fake": float(torch.sigmoid(fake_logits.detach()).mean())})
+        return fake_loss, disc_loss, metrics
+
+    def _unet_out(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        from guidance.denoiser import call_unet
+
+        return call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
+
+    def generator_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The f-weighted distribution-matching loss (eq. 7) plus gan_weight × the generator's GAN loss."""
+        c = self.config
+        conditions, aliases = self._encode(batch.prompts)
+        cond = conditions["cond"]
+        with self.autocast():
+            gen = self.generate(batch, cond).float()
+            ab = self._ab(batch.timesteps)
+            x_t = ab.sqrt() * gen + (1 - ab).sqrt() * self._gaussian(batch.forward_seeds)
+            with torch.no_grad():
+                fake_x0 = self._x0(self.fake_score, x_t.detach(), batch.timesteps, cond)
+                real_x0 = self.teacher_x0(x_t.detach(), batch.timesteps, conditions, aliases)
+            metrics: dict[str, float] = {}
+            weights = None
+            gan = torch.zeros((), device=self.device)
+            if self.discriminator is not None:
+                logits = self._logits(x_t, batch.timesteps, cond)
+                gan = gan_generator_loss(logits)
+                if c.divergence != "reverse_kl":
+                    weights = self.f_weights(logits, batch.timesteps)
+                    metrics.update({"h_min": float(weights.min()), "h_max": float(weights.max())})
+            grad = dmd_gradient(gen, real_x0, fake_x0, weights)
+            dm = distribution_matching_loss(gen, grad)
+            loss = dm + c.gan_weight * gan
+        metrics.update({"loss.student": float(loss.detach()), "loss.matching": float(dm.detach()),
+                        "loss.gan": float(gan.detach())})
+        return loss, metrics
+
+    def f_weights(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """h(r) of the configured divergence, normalised per time bin (optional) and by the batch mean."""
+        c = self.config
+        ratio = density_ratio(logits, c.ratio_min, c.ratio_max, c.logit_clamp)
+        if c.ratio_bins > 0:
+            bins = time_bins(t, c.ratio_bins, self.num_timesteps).to(ratio.device)
+            ratio, running = normalise_by_time_bin(ratio.double(), bins, self.ratio_running.to(ratio.device), c.ratio_ema)
+            self.ratio_running = running.cpu()
+            ratio = ratio.float()
+        return batch_normalised(DIVERGENCES[c.divergence][1](ratio))
+
+    def training_step(self) -> dict[str, float]:
+        """fake_updates_per_step updates of the fake score (and discriminator), then one of the student."""
+        c = self.config
+        totals: dict[str, float] = {}
+
+        def add(metrics: dict[str, float], weight: float) -> None:
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * weight
+
+        critics = ("fake_score", "discriminator") if self.discriminator is not None else ("fake_score",)
+        accumulation = c.gradient_accumulation_steps
+        for phase in range(c.fake_updates_per_step):
+            for micro in range(accumulation):
+                fake_loss, disc_loss, metrics = self.critic_loss(self.draw_batch(self.step, micro, phase))
+                self.backward(fake_loss / accumulation, "fake_score")
+                if disc_loss is not None:
+                    self.backward(disc_loss / accumulation, "discriminator")
+                add(metrics, 1 / (accumulation * c.fake_updates_per_step))
+            add(self.optimizer_step(*critics), 1 / c.fake_updates_per_step)
+        critic_params = [p for name in critics for p in self.optimizers[name].params]
+        for p in critic_params:  # the generator's loss must leave no gradient on the critics
+            p.requires_grad_(False)
+        try:
+            for micro in range(accumulation):
+                loss, metrics = self.generator_loss(self.draw_batch(self.step, micro, c.fake_updates_per_step))
+                self.backward(loss / accumulation, "student")
+                add(metrics, 1 / accumulation)
+        finally:
+            for p in critic_params:
+                p.requires_grad_(True)
+        totals.update(self.optimizer_step("student"))
+        if self.student_ema is not None:
+            self.update_ema("student")
+        return totals
+
+    # ------------------------------------------------------------------ export
+
+    def export_lora(self, directory: Path) -> Path:
+        from training.lora import save_lora_weights
+
+        if not getattr(self.export_unet(), "peft_config", None):
+            raise InvalidInput("export", "the student has no LoRA adapter (trainable: full); use export: pipeline")
+        return save_lora_weights(self.student_model(self.export_unet()), directory)
+
+    def export_pipeline(self, directory: Path) -> Path:
+        """The student as a whole diffusers pipeline whose scheduler is the student's (one DDIM step from noise
+        is its sample), with ``diffsteer.json`` recommending its steps and no guidance."""
+        saved = self.model
+        self.model = self.student_model(saved.unet)
+        try:
+            path = super().export_pipeline(directory)
+        finally:
+            self.model = saved
+        write_model_defaults(path, self.config.steps)
+        return path
+
+
+def eps_from_x0(x0: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε̂ implied by x̂0 at x: (x − √ᾱ·x̂0) / √(1−ᾱ)."""
+    return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+def write_model_defaults(folder: Path, steps: int) -> None:
+    """``diffsteer.json``: the model-aware defaults a folder carries (steps, and no guidance: cfg at scale 1)."""
+    (Path(folder) / "diffsteer.json").write_text(json.dumps({"policy": "cfg:scale=1", "steps": steps}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.fdistill`` (and ``torchrun ... -m training.fdistill``): ``diffsteer train fdistill``."""
+    from training.cli import run_method
+
+    return run_method("fdistill", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
