@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "docs" / "playground.png"
+SCREENSHOT = ROOT / "docs" / "playground.png"  # rewritten only with DIFFSTEER_UPDATE_SCREENSHOT=1
 KEY = "playground-test-key"
 TIMEOUT_MS = 120_000
 
@@ -101,7 +102,7 @@ def test_a_generation_from_the_form(page, server):
     assert "download" in figure.inner_text() and figure.eval_on_selector("a.download", "a => a.download").endswith(".png")
 
 
-def test_side_by_side_runs_two_policies_on_one_seed(page):
+def test_side_by_side_runs_two_policies_on_one_seed(page, tmp_path):
     page.check("#side-by-side")
     page.fill("#seed", "2024")  # a fixed seed keeps docs/playground.png the same from run to run
     page.select_option('fieldset[data-slot="A"] .policy-name', "cfg")
@@ -117,8 +118,9 @@ def test_side_by_side_runs_two_policies_on_one_seed(page):
     assert seeds == {"2024"} and policies[0] != policies[1] and policies[1].startswith("apg:scale=5")
 
     page.evaluate("window.scrollTo(0, 0); document.getElementById('gen-form').scrollTop = 0")
-    page.screenshot(path=str(SCREENSHOT))
-    shot = np.asarray(Image.open(SCREENSHOT).convert("RGB")).astype(np.float32)
+    shot_path = SCREENSHOT if os.environ.get("DIFFSTEER_UPDATE_SCREENSHOT") == "1" else tmp_path / "playground.png"
+    page.screenshot(path=str(shot_path))
+    shot = np.asarray(Image.open(shot_path).convert("RGB")).astype(np.float32)
     assert shot.shape[:2] == (860, 1280)
     assert shot.std() > 20  # not a blank page
     colours = np.unique(shot.reshape(-1, 3)[::7], axis=0)
