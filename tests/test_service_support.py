@@ -121,7 +121,8 @@ def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tin
     adapter active) generates directly (within PNG rounding)."""
     from guidance.sampler import generate
 
-    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "model": spec}
+    # the policy is named: the service would otherwise use the model's recommended one, the library its own default
+    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "policy": "cfg:scale=3", "model": spec}
     with torch.no_grad():
         ours = generate(model, {k: v for k, v in body.items() if k != "model"}).pixels[0]
     with app_client(lora_dir=str(lora_dir), model=spec) as client:
