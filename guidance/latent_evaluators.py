@@ -203,15 +203,12 @@ class LatentEvaluators(nn.Module):
 
     def save(self, directory: Path | str, extra_meta: dict[str, Any] | None = None) -> Path:
         """Write the folder atomically (written beside it, then renamed into place)."""
-        import shutil
-        import tempfile
-
         from safetensors.torch import save_file
 
+        from guidance.files import atomic_directory
+
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             config = {
                 "format": 1,
                 "latent_channels": self.latent_channels,
@@ -225,12 +222,6 @@ class LatentEvaluators(nn.Module):
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             for kind, net in self.nets.items():
                 save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / f"{kind}.safetensors"))
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
@@ -253,14 +244,11 @@ class LatentEvaluators(nn.Module):
 
 def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latents (posterior mean, scaled as the sampler's) of images in [0, 1], the inverse of ``decode``."""
+    from guidance.sampler import to_sampler_latents
+
     vae = model.vae
     z = vae.encode((pixels * 2 - 1).to(device=model.device, dtype=vae.dtype)).latent_dist.mean.float()
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        return (z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor / torch.tensor(std).view(shape).to(z)
-    return z * cfg.scaling_factor
+    return to_sampler_latents(vae, z)
 
 
 def model_folder(model: Any) -> Path | None:

@@ -600,23 +600,14 @@ class Trainer:
         """A whole diffusers pipeline (``save_pretrained``, safetensors) whose UNet is :meth:`export_unet` with any
         LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
         import dataclasses
-        import shutil
-        import tempfile
 
+        from guidance.files import atomic_directory
         from training.lora import merged_unet
 
         unet = merged_unet(self.export_unet())
         pipe = dataclasses.replace(self.model, unet=unet).to_pipeline()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     # ------------------------------------------------------------------ the run
