@@ -404,7 +404,7 @@ def row_reno(s: Setup) -> list[dict]:
 
     from benchmarks.common import interleaved_medians, sd_turbo_components
     from guidance.models import _place, configure_attention, from_components, resolve_dtype
-    from guidance.reward_models import configure_rewards
+    from guidance.reward_models import DEFAULT_REWARDS, RewardModels
     from guidance.sampler import generate
     from guidance.tiny import tiny_sd_components
 
@@ -413,18 +413,17 @@ def row_reno(s: Setup) -> list[dict]:
     model = from_components("sd-turbo-random", parts)
     _place(model, s.device, resolve_dtype(s.dtype, s.device))
     configure_attention(model.unet, s.device, "sdpa")
-    if not s.smoke:
-        configure_rewards({"clip": {"model": "ViT-H-14", "checkpoint": s.paths["vit_h"]}})
+    rewards = DEFAULT_REWARDS if s.smoke else RewardModels({"clip": {"model": "ViT-H-14", "checkpoint": s.paths["vit_h"]}})
     iterations = 3 if s.smoke else 50
     request = {"prompt": PROMPT, "steps": 1, "seed": 7, "scheduler": "euler_a", "width": s.size, "height": s.size}
     reno = {**request, "policy": f"reno:iterations={iterations},reward=clip:1"}
     generate(model, request)  # warm-up of the one-step sampler
-    generate(model, {**reno, "policy": "reno:iterations=1,reward=clip:1"})  # warm-up: reward load, backward kernels
+    generate(model, {**reno, "policy": "reno:iterations=1,reward=clip:1"}, rewards=rewards)  # warm-up: reward, backward
     plain = interleaved_medians({"plain": lambda: generate(model, request)}, 3, s.device)["plain"]
     memory: dict[str, float] = {}
     with peak_memory(s.device, memory):
         t0 = time.perf_counter()
-        result = generate(model, reno)
+        result = generate(model, reno, rewards=rewards)
         seconds = time.perf_counter() - t0
     peak_gb = memory["peak_bytes"] / 1e9
     trace = result.trace.get("reno", {})

@@ -43,7 +43,7 @@ ARM_FORMAT = "diffsteer-arm"
 CROSS_FIELD = {
     "policy.scales", "policy.interval_end", "policy.sigma_high", "policy.reward", "policy.zero_init_steps",
     "policy.warmup_steps", "policy.period", "policy.end", "num_images", "seeds", "batch_size", "n",
-    "scheduler", "arms", "prompts", "metrics", "directions", "baseline",
+    "scheduler", "sampler_name", "arms", "prompts", "metrics", "directions", "baseline",
 }
 
 ERROR_SCHEMA = {

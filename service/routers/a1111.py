@@ -119,6 +119,8 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> str:
     kind = (scheduler or "automatic").strip().lower()
     if kind not in A1111_SCHEDULERS:
         raise InvalidInput("scheduler", f"unsupported scheduler {scheduler!r}; accepted values: Automatic, Karras")
+    if kind == "karras" and base == "default":
+        base = "dpmpp_2m"  # A1111's own default sampler, the one our Karras schedule exists for
     if kind == "karras" and base != "dpmpp_2m_karras":
         if base != "dpmpp_2m":
             raise InvalidInput("scheduler", f"Karras sigmas are available with 'DPM++ 2M' only, not {name!r}")
