@@ -113,8 +113,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, host=args.host, port=args.port, model=args.model, lora_dir=args.lora_dir)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray:
-        from service.ray_serve import run
-
+        try:
+            from service.ray_serve import run
+        except ImportError as e:
+            print(f"error: --ray needs Ray Serve ({e}); install it with: pip install 'diffsteer[ray]'", file=sys.stderr)
+            return 2
         run(settings)
         return 0
     app = create_app(settings)
