@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo, to_x0
 from guidance.errors import InvalidInput
 from guidance.executor import DirectExecutor
 from guidance.latent_evaluators import (
@@ -21,8 +20,8 @@ from guidance.latent_evaluators import (
     log_snr,
     parse_weights,
 )
-from guidance.policies.cfg import cfg_combine
-from guidance.sampler import generate, make_scheduler, prepare, step_alpha_bars
+from guidance.sampler import generate, prepare
+from test_reward_policies import first_step_candidate_x0
 
 WEIGHTS = {"alignment": 1.0, "fidelity": 0.5}
 
@@ -110,22 +109,13 @@ def test_dynamic_cfg_picks_the_argmax_of_the_combined_latent_score(model_with_ev
     chosen = result.trace["scale_schedule"]
 
     ev = evaluators_for(model)
-    prepared = prepare(model, params)
-    scheduler, timesteps = make_scheduler(model, prepared.params)
-    ab = step_alpha_bars(scheduler, timesteps)[0]
-    x = scheduler.scale_model_input(prepared.noise * scheduler.init_noise_sigma, timesteps[0])
-    denoiser = Denoiser(model.unet, prepared.conditions, model.prediction_type, aliases=prepared.aliases)
-    info = StepInfo(0, len(timesteps), timesteps[0], ab, model.prediction_type)
+    prepared, ab, x0s = first_step_candidate_x0(model, params, candidates)
     text = prepared.conditions["cond"].hidden_states
     expected = []
     with torch.no_grad():
-        out = denoiser(x, info, ["uncond", "cond"])
-        for b in range(2):
-            scores = []
-            for w in candidates:
-                x0 = to_x0(cfg_combine(out["cond"][b:b + 1], out["uncond"][b:b + 1], w), x[b:b + 1], ab, "epsilon")
-                scores.append(float(ev.evaluate("alignment", x0, ab, text[b:b + 1])
-                                    + 0.5 * ev.evaluate("fidelity", x0, ab)))
+        for b, per_candidate in enumerate(x0s):
+            scores = [float(ev.evaluate("alignment", x0, ab, text[b:b + 1]) + 0.5 * ev.evaluate("fidelity", x0, ab))
+                      for x0 in per_candidate]
             ordered = sorted(scores)
             assert ordered[-1] - ordered[-2] > 1e-3  # a clear winner, so float noise cannot flip it
             expected.append(candidates[int(np.argmax(scores))])

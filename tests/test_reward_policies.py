@@ -97,6 +97,22 @@ def test_dynamic_cfg_with_one_candidate_is_cfg(sd_model):
     assert dynamic.nfe == cfg.nfe  # choosing costs no UNet evaluation
 
 
+def first_step_candidate_x0(model, params: dict, candidates: list[float]):
+    """Computed directly, outside the policy: (prepared, ᾱ of step 0, per image the x̂0 of each candidate scale at
+    the first step), for checking which candidate dynamic CFG picks."""
+    prepared = prepare(model, params)
+    scheduler, timesteps = make_scheduler(model, prepared.params)
+    ab = step_alpha_bars(scheduler, timesteps)[0]
+    x = scheduler.scale_model_input(prepared.noise * scheduler.init_noise_sigma, timesteps[0])
+    denoiser = Denoiser(model.unet, prepared.conditions, model.prediction_type, aliases=prepared.aliases)
+    info = StepInfo(0, len(timesteps), timesteps[0], ab, model.prediction_type)
+    with torch.no_grad():
+        out = denoiser(x, info, ["uncond", "cond"])
+        x0s = [[to_x0(cfg_combine(out["cond"][b : b + 1], out["uncond"][b : b + 1], w), x[b : b + 1], ab, "epsilon")
+                for w in candidates] for b in range(x.shape[0])]
+    return prepared, ab, x0s
+
+
 def test_dynamic_cfg_picks_the_candidate_a_direct_computation_picks(sd_model):
     candidates = [1.0, 4.0, 12.0]
     params = {"prompt": ["a red circle", "a blue square"], "seeds": [5, 6], "steps": 3, "scheduler": "ddim",
@@ -104,21 +120,12 @@ def test_dynamic_cfg_picks_the_candidate_a_direct_computation_picks(sd_model):
     result = generate(sd_model, params)
     chosen_first_step = result.trace["scale_schedule"][0]
 
-    prepared = prepare(sd_model, params)
-    scheduler, timesteps = make_scheduler(sd_model, prepared.params)
-    ab = step_alpha_bars(scheduler, timesteps)[0]
-    x = scheduler.scale_model_input(prepared.noise * scheduler.init_noise_sigma, timesteps[0])
-    denoiser = Denoiser(sd_model.unet, prepared.conditions, sd_model.prediction_type, aliases=prepared.aliases)
-    info = StepInfo(0, len(timesteps), timesteps[0], ab, sd_model.prediction_type)
+    prepared, ab, x0s = first_step_candidate_x0(sd_model, params, candidates)
     reward = build_reward(REWARD)
     with torch.no_grad():
-        out = denoiser(x, info, ["uncond", "cond"])
         expected = []
-        for b in range(2):
-            scores = []
-            for w in candidates:
-                x0 = to_x0(cfg_combine(out["cond"][b : b + 1], out["uncond"][b : b + 1], w), x[b : b + 1], ab, "epsilon")
-                scores.append(reward.score(decode(sd_model, x0), [params["prompt"][b]]).item())
+        for b, per_candidate in enumerate(x0s):
+            scores = [reward.score(decode(sd_model, x0), [params["prompt"][b]]).item() for x0 in per_candidate]
             expected.append(candidates[int(np.argmax(scores))])
     assert chosen_first_step == expected
 
