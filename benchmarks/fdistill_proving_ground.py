@@ -9,7 +9,8 @@ of the verifier's pass with 95% prompt-bootstrap CIs (``evaluation.stats.compare
    1, 4 and 30 DDIM steps under its best guidance (``cfg:scale=1.5``, BENCHMARKS.md: 2 evaluations per step).
    Bars (issue 13): student > teacher@4 and student >= teacher@30 - 10 points.
 2. **Divergences at equal steps** (``--students js=DIR,reverse_kl=DIR,forward_kl=DIR``, students trained with
-   the same config and number of steps but the divergence): pass rate, and a diversity figure from what the
+   the same config and number of steps but the divergence; differences against the first listed): pass rate,
+   and a diversity figure from what the
    verifier reads: per prompt, the standard deviation over seeds of the detected objects' mean centroid (x and
    y, fractions of the image) and of their mean area (fraction of the image), averaged over prompts with at
    least two seeds that found an object. The paper's claim: JS and forward KL cover modes better (more
@@ -145,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                                   prompt_ids, "student", args.bootstrap)
     for arm, m in report["student_vs"].items():
         print(f"{arm} - student: {ci_text(m)}")
-    if len(models) > 1:
-        report["divergences"] = paired({k: passes[k] for k in models}, prompt_ids, "student", args.bootstrap)
+    compared = list(parse_students(args.students))
+    if len(compared) > 1:  # the divergences at equal steps, against the first one listed
+        report["divergences"] = paired({k: passes[k] for k in compared}, prompt_ids, compared[0], args.bootstrap)
         for arm, m in report["divergences"].items():
-            print(f"{arm} - student: {ci_text(m)}")
+            print(f"{arm} - {compared[0]}: {ci_text(m)}")
 
     if args.reno_iterations:
         reno = {"name": "reno", "scale": 1, "reward": "clip:1", "iterations": args.reno_iterations}

@@ -105,7 +105,7 @@ def evaluate(args, out: Path) -> dict[str, Any]:
     for category in args.eval_categories.split(","):
         trained = category in args.train_categories.split(",") or args.train_categories == "all"
         run = run_ab({
-            "model": "builtin:proving-ground", "arms": arms, "prompts": f"pg:{category}", "seed": 0,
+            "model": "builtin:proving-ground", "arms": arms, "prompts": f"pg:{category}", "seed": args.eval_seed,
             "seeds": args.eval_seeds, "max_prompts": args.eval_prompts if trained else args.other_eval_prompts,
             "steps": args.sample_steps, "scheduler": "ddim", "metrics": ["verifier"], "batch_size": args.batch_eval,
             "n_resamples": args.bootstrap, "output_dir": str(out / "eval" / category), "report": False,
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-prompts", type=int, default=18, help="held-out prompts per trained category")
     ap.add_argument("--other-eval-prompts", type=int, default=6, help="held-out prompts per other category")
     ap.add_argument("--eval-seeds", type=int, default=4, help="held-out seeds per prompt")
+    ap.add_argument("--eval-seed", type=int, default=0,
+                    help="which held-out instances (the suite's seed): a new value gives seeds no tuning has seen")
     ap.add_argument("--batch-eval", type=int, default=16)
     ap.add_argument("--bootstrap", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
