@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,9 +19,17 @@ def atomic_directory(directory: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
         yield tmp
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's folder is private (0700); the result is an ordinary folder
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it, then restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

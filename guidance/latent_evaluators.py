@@ -252,11 +252,11 @@ def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def model_folder(model: Any) -> Path | None:
-    """The folder a model was loaded from (the built-in proving-ground model's, or a local diffusers folder)."""
-    from guidance.models import PROVING_GROUND_MODEL
+    """The folder a model was loaded from (a built-in proving-ground model's, or a local diffusers folder)."""
+    from guidance.models import BUILTIN_FOLDERS, canonical_spec
 
-    if model.name in ("builtin:proving-ground", "default"):
-        return PROVING_GROUND_MODEL
+    if canonical_spec(model.name) in BUILTIN_FOLDERS:
+        return BUILTIN_FOLDERS[canonical_spec(model.name)]
     path = Path(str(model.name)).expanduser()
     return path if path.is_dir() else None
 

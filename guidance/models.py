@@ -4,6 +4,8 @@
 
 - ``None`` / ``"default"``: the built-in default, ``builtin:proving-ground``: the project's own small model of
   its synthetic shapes world (64×64, shipped in the package; see ``training/proving_ground_model.py``);
+- ``"builtin:proving-ground-1step"``: its one-step student, distilled by f-distill (``training/fdistill.py``;
+  one DDIM step, no guidance, by its ``diffsteer.json``);
 - ``"builtin:tiny"`` / ``"builtin:tiny-sdxl"`` / ``"builtin:tiny-v"``: tiny random-weight models built from config;
 - a local diffusers folder (``model_index.json``): SD 1.x, SD 2.x (ε or v-prediction), SDXL, SD-Turbo, SDXL-Turbo;
 - a single ``.safetensors`` / ``.ckpt`` file (needs the matching diffusers config, from ``config=`` or the hub);
@@ -32,7 +34,9 @@ from guidance.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 PROVING_GROUND_MODEL = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "model"
-BUILTIN_MODELS = ("builtin:proving-ground", "builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
+PROVING_GROUND_1STEP_MODEL = PROVING_GROUND_MODEL.with_name("model-1step")
+BUILTIN_FOLDERS = {"builtin:proving-ground": PROVING_GROUND_MODEL, "builtin:proving-ground-1step": PROVING_GROUND_1STEP_MODEL}
+BUILTIN_MODELS = (*BUILTIN_FOLDERS, "builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
 DEFAULT_MODEL = "builtin:proving-ground"
 
 
@@ -82,8 +86,8 @@ def model_defaults(spec: str | None) -> ModelDefaults:
     """The recommendations of the model ``spec`` names, without loading it (folders and the built-in default
     carry a ``diffsteer.json``; tiny models, single files and hub ids have none)."""
     spec = canonical_spec(spec)
-    if spec == "builtin:proving-ground":
-        return read_model_defaults(PROVING_GROUND_MODEL)
+    if spec in BUILTIN_FOLDERS:
+        return read_model_defaults(BUILTIN_FOLDERS[spec])
     if not spec.startswith("builtin:") and Path(spec).is_dir():
         return read_model_defaults(spec)
     return ModelDefaults()
@@ -281,10 +285,11 @@ def _looks_like_path(spec: str) -> bool:
 def _load_builtin(spec: str) -> DiffusionModel:
     from guidance import tiny
 
-    if spec == "builtin:proving-ground":
-        if not (PROVING_GROUND_MODEL / "model_index.json").is_file():
-            raise InvalidInput("model", f"the proving-ground model is missing from {PROVING_GROUND_MODEL}")
-        return _load_diffusers_folder(str(PROVING_GROUND_MODEL), spec)
+    if spec in BUILTIN_FOLDERS:
+        folder = BUILTIN_FOLDERS[spec]
+        if not (folder / "model_index.json").is_file():
+            raise InvalidInput("model", f"the built-in model {spec} is missing from {folder}")
+        return _load_diffusers_folder(str(folder), spec)
     if spec == "builtin:tiny":
         return from_components(spec, tiny.tiny_sd_components())
     if spec == "builtin:tiny-v":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.models import PROVING_GROUND_MODEL, load_model
+from guidance.models import PROVING_GROUND_1STEP_MODEL, PROVING_GROUND_MODEL, load_model
 from guidance.sampler import generate
 
 
@@ -22,14 +22,15 @@ def test_default_model_is_the_proving_ground(pg_model):
     assert model.default_size == 64 and model.family == "sd"
 
 
-def test_shipped_files_are_small_fp16_safetensors():
-    weights = list(PROVING_GROUND_MODEL.rglob("*.safetensors"))
+@pytest.mark.parametrize("folder", [PROVING_GROUND_MODEL, PROVING_GROUND_1STEP_MODEL], ids=["model", "model-1step"])
+def test_shipped_files_are_small_fp16_safetensors(folder):
+    weights = list(folder.rglob("*.safetensors"))
     assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
     assert sum(p.stat().st_size for p in weights) <= 25 * 2**20
     from safetensors import safe_open
 
     for part in ("unet", "vae"):
-        with safe_open(str(next((PROVING_GROUND_MODEL / part).glob("*.safetensors"))), "pt") as f:
+        with safe_open(str(next((folder / part).glob("*.safetensors"))), "pt") as f:
             assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
 
@@ -78,3 +79,56 @@ def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path, capsys):
     result = generate(model, {"prompt": "a red circle", "seed": 1, "steps": 2})
     assert result.images[0].size == (64, 64)
     assert Path(out, "training_log.json").is_file()
+
+
+# ----------------------------------------------------------------------------- builtin:proving-ground-1step
+
+
+def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
+    """The shipped f-distill student: its diffsteer.json makes one unguided step the default; our sampler with
+    those defaults and StableDiffusionPipeline at one step (the folder's trailing DDIM schedule) agree."""
+    from diffusers import StableDiffusionPipeline
+
+    from guidance.models import PROVING_GROUND_1STEP_MODEL, model_defaults
+    from guidance.sampler import initial_noise
+
+    defaults = model_defaults("builtin:proving-ground-1step")
+    assert (defaults.steps, defaults.policy) == (1, "cfg:scale=1")
+    model = load_model("builtin:proving-ground-1step", device="cpu")
+    prompts = ["a red circle", "two blue squares"]
+    ours = generate(model, {"prompt": prompts, "seeds": [3, 4], "steps": defaults.steps, "policy": defaults.policy,
+                            "scheduler": "default"})
+    assert ours.nfe == [1, 1]
+    pipe = StableDiffusionPipeline.from_pretrained(str(PROVING_GROUND_1STEP_MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    latents, _ = initial_noise([3, 4], (4, 16, 16), torch.device("cpu"))
+    theirs = pipe(prompts, num_inference_steps=1, guidance_scale=0.0, latents=latents, output_type="np").images
+    assert np.abs(ours.pixels.permute(0, 2, 3, 1).numpy() - theirs).max() <= 1e-4
+
+
+def test_one_step_student_draws_better_than_the_teacher_in_one_step():
+    """A loose bar on held-out seeds: the student's single step gets more colours right than the teacher's
+    (the full comparison, against the teacher at 1, 4 and 30 steps, is benchmarks/fdistill_proving_ground.py)."""
+    from proving_ground import heldout_suite, verify
+
+    items = heldout_suite("single", 12, seed=0)
+    request = {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items], "steps": 1, "scheduler": "default",
+               "policy": "cfg:scale=1"}
+    correct = {}
+    for spec in ("builtin:proving-ground", "builtin:proving-ground-1step"):
+        result = generate(load_model(spec, device="cpu"), request)
+        correct[spec] = sum(verify(np.asarray(img), item.spec).colour_correct for img, item in zip(result.images, items))
+    assert correct["builtin:proving-ground-1step"] >= correct["builtin:proving-ground"] + 3, correct
+
+
+def test_the_service_serves_the_one_step_student_with_its_defaults():
+    """``diffsteer serve --model builtin:proving-ground-1step``: a request naming no steps or policy gets one step."""
+    from test_service_support import app_client, decode_image, pixels
+
+    model = load_model("builtin:proving-ground-1step", device="cpu")
+    ours = generate(model, {"prompt": "a red circle", "seed": 7, "steps": 1, "policy": "cfg:scale=1"}).pixels[0]
+    with app_client(model="builtin:proving-ground-1step") as client:
+        r = client.post("/generate", json={"prompt": "a red circle", "seed": 7})
+        assert r.status_code == 200, r.text
+        served = pixels(decode_image(r.json()["images"][0]))
+    assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255

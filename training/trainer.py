@@ -79,7 +79,7 @@ from guidance.errors import InvalidInput
 # ``Trainer.resumable_changes``.
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "log_every",
-    "tensorboard", "progress", "output_dir", "threads", "sample_grid_images", "export", "adapter_name",
+    "tensorboard", "progress", "output_dir", "threads", "sample_grid_images", "export", "adapter_name", "export_dtype",
 })
 
 
@@ -98,6 +98,9 @@ class TrainerConfig:
     export: Literal["lora", "pipeline", "both"] = field(default="lora", metadata={
         "help": "What the run writes at the end: lora (adapters/<adapter_name>/, diffusers format with its alpha), "
                 "pipeline (pipeline/: a whole diffusers pipeline with the trained UNet, LoRA merged), or both."})
+    export_dtype: Literal["fp32", "fp16"] = field(default="fp32", metadata={
+        "help": "Weights of the exported pipeline's UNet and VAE: fp32, or fp16 (half the size, as the shipped "
+                "proving-ground models; the text encoder stays fp32, which keeps diffusers' latents fp32)."})
     # --- held-out evaluation (and the sampling of methods that sample while training)
     eval_prompts: str = field(default="pg:all", metadata={
         "help": "Held-out evaluation prompts (pg:... adds the exact verifier), or a prompt file; '' disables."})
@@ -604,8 +607,10 @@ class Trainer:
         from guidance.files import atomic_directory
         from training.lora import merged_unet
 
-        unet = merged_unet(self.export_unet())
-        pipe = dataclasses.replace(self.model, unet=unet).to_pipeline()
+        unet, vae = merged_unet(self.export_unet()), self.model.vae
+        if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
+            unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
+        pipe = dataclasses.replace(self.model, unet=unet, vae=vae).to_pipeline()
         with atomic_directory(directory) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return directory
