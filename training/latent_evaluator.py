@@ -9,10 +9,13 @@ model, the way dynamic CFG will meet it:
    clean-latent predictions are recorded, ẑ0_k = x0(ε_u + w_k·(ε_c − ε_u)) for every w_k in ``candidates``: one
    group of K that share x_t, ᾱ and the prompt (exactly what the policy ranks).
 2. **Alignment** targets: the pixel reward ``reward`` of :mod:`rewards` on the decoded candidates, R(D(ẑ0_k), c).
-   Loss: mean squared error to the standardised target (mean and standard deviation of a calibration batch drawn
-   at build time, kept as the evaluator's output map) plus ``rank_weight`` times a RankNet loss over the pairs of
-   each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with t_i > t_j), since the policy only uses
-   the order within a group.
+   Loss: ``level_weight`` times the mean squared error to the standardised target (mean and standard deviation of
+   a calibration batch drawn at build time, kept as the evaluator's output map), plus ``within_weight`` times the
+   squared error of the within-group deviations (prediction and target minus their group means, in units of the
+   reward's within-group standard deviation, also from the calibration batch), plus ``rank_weight`` times a
+   RankNet loss over the pairs of each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with
+   t_i > t_j). The policy only uses the order within a group, and the spread within a group is a fraction of the
+   spread between prompts, so the level term alone learns the prompt and not the candidates (BENCHMARKS.md).
 3. **Fidelity**: real-data latents (``real_images``: rendered proving-ground scenes, or a folder of images) encoded
    by the VAE, noised to each group's ᾱ, x_t = √ᾱ·z + √(1−ᾱ)·ε, and denoised by the model with their own caption:
    x0(ε_c(x_t)) is "real"; the model's own candidates ẑ0_k at that ᾱ are "model". Loss: class-balanced logistic
