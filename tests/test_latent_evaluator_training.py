@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guidance.errors import InvalidInput
-from training.latent_evaluator import LatentEvaluatorConfig, LatentEvaluatorTrainer, ranknet_loss
+from training.latent_evaluator import LatentEvaluatorConfig, LatentEvaluatorTrainer, ranknet_loss, within_group_mse
 
 SMALL = dict(model="builtin:proving-ground", prompts="pg-train:single", eval_prompts="", batch_size=2, steps=3,
              records_per_image=1, candidates=(1.0, 4.0), calibration_batches=1, reward="saturation:1",
@@ -31,17 +31,29 @@ def test_ranknet_loss_hand_worked():
     assert ranknet_loss(pred, torch.zeros(1, 3)).item() == 0.0  # ties only: no pair
 
 
+def test_within_group_mse_hand_worked_and_blind_to_each_groups_level():
+    pred = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    target = torch.tensor([[10.0, 11.0], [5.0, 7.0]])
+    # deviations: pred [[-1, 1], [0, 0]], target [[-0.5, 0.5], [-1, 1]]; squared errors 0.25, 0.25, 1, 1
+    assert within_group_mse(pred, target, 1.0).item() == pytest.approx(2.5 / 4)
+    assert within_group_mse(pred, target, 0.5).item() == pytest.approx(2.5 / 4 / 0.25)
+    shifted = pred + torch.tensor([[100.0], [-3.0]])  # a level per group changes nothing
+    assert within_group_mse(shifted, target, 1.0).item() == pytest.approx(2.5 / 4)
+
+
 def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
     from guidance.latent_evaluators import evaluators_for
     from guidance.models import load_model
     from guidance.sampler import generate
 
-    trainer = LatentEvaluatorTrainer(small_config(tmp_path, eval_prompts="pg:single", eval_max_prompts=1))
+    trainer = LatentEvaluatorTrainer(small_config(tmp_path, eval_prompts="pg:single", eval_max_prompts=1,
+                                                  within_weight=1.0, level_weight=0.1))
     summary = trainer.train()
     folder = tmp_path / "run" / "latent_evaluators"
     assert summary["latent_evaluators"] == str(folder)
     rows = (tmp_path / "run" / "metrics.csv").read_text()
-    assert "alignment.rank" in rows and "fidelity.bce" in rows and "eval,alignment.rank_corr" in rows
+    assert "alignment.rank" in rows and "alignment.within_mse" in rows and "fidelity.bce" in rows
+    assert "eval,alignment.rank_corr" in rows and "eval,alignment.rank_loss" in rows
     model = dataclasses.replace(load_model("builtin:proving-ground"), extra={"latent_evaluators": str(folder)})
     evaluators = evaluators_for(model)
     assert evaluators.kinds == ["alignment", "fidelity"] and evaluators.specs["alignment"].target == "saturation:1"
@@ -51,11 +63,11 @@ def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2))
+    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0))
     straight.train()
-    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, max_steps=1))
+    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0, max_steps=1))
     first.train()
-    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2))
+    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0))
     resumed.train(resume=True)
     for (name, a), (_, b) in zip(straight.evaluators.state_dict().items(), resumed.evaluators.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -69,6 +81,8 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     ({"width_channels": 12}, "width_channels"),
     ({"default_weights": {"fidelity": 1.0}, "kinds": ("alignment",)}, "default_weights"),
     ({"real_images": ""}, "real_images"),
+    ({"within_weight": -1.0}, "within_weight"),
+    ({"level_weight": -0.5}, "level_weight"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(InvalidInput) as e:

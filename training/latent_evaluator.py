@@ -9,10 +9,13 @@ model, the way dynamic CFG will meet it:
    clean-latent predictions are recorded, ẑ0_k = x0(ε_u + w_k·(ε_c − ε_u)) for every w_k in ``candidates``: one
    group of K that share x_t, ᾱ and the prompt (exactly what the policy ranks).
 2. **Alignment** targets: the pixel reward ``reward`` of :mod:`rewards` on the decoded candidates, R(D(ẑ0_k), c).
-   Loss: mean squared error to the standardised target (mean and standard deviation of a calibration batch drawn
-   at build time, kept as the evaluator's output map) plus ``rank_weight`` times a RankNet loss over the pairs of
-   each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with t_i > t_j), since the policy only uses
-   the order within a group.
+   Loss: ``level_weight`` times the mean squared error to the standardised target (mean and standard deviation of
+   a calibration batch drawn at build time, kept as the evaluator's output map), plus ``within_weight`` times the
+   squared error of the within-group deviations (prediction and target minus their group means, in units of the
+   reward's within-group standard deviation, also from the calibration batch), plus ``rank_weight`` times a
+   RankNet loss over the pairs of each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with
+   t_i > t_j). The policy only uses the order within a group, and the spread within a group is a fraction of the
+   spread between prompts, so the level term alone learns the prompt and not the candidates (BENCHMARKS.md).
 3. **Fidelity**: real-data latents (``real_images``: rendered proving-ground scenes, or a folder of images) encoded
    by the VAE, noised to each group's ᾱ, x_t = √ᾱ·z + √(1−ᾱ)·ε, and denoised by the model with their own caption:
    x0(ε_c(x_t)) is "real"; the model's own candidates ẑ0_k at that ᾱ are "model". Loss: class-balanced logistic
@@ -75,6 +78,14 @@ class LatentEvaluatorConfig(TrainerConfig):
         "help": "Optimizer steps trained on each generated batch (decoding and scoring the candidates is the cost; "
                 "step s trains on the batch of step s - s mod batch_reuse)."})
     rank_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment's within-group ranking loss."})
+    level_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the alignment's squared error to the reward itself (standardised over all candidates): "
+                "the level that ReNO and the A/B metric compare across images."})
+    within_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the squared error of the within-group deviations (prediction and reward minus their group "
+                "means, in units of the reward's within-group standard deviation): the differences between candidates "
+                "that dynamic CFG ranks, which the level term under-weights (they are a fraction of the spread "
+                "between prompts)."})
     default_weights: dict[str, float] = field(default_factory=lambda: {"alignment": 1.0, "fidelity": 0.5}, metadata={
         "help": "Weights of the evaluators' combined score saved with them (dynamic_cfg's default)."})
     calibration_batches: int = field(default=2, metadata={
@@ -101,8 +112,9 @@ class LatentEvaluatorConfig(TrainerConfig):
             raise InvalidInput("records_per_image", f"must be at most steps ({self.steps}), got {self.records_per_image}")
         if self.width_channels % 8:
             raise InvalidInput("width_channels", f"must be a multiple of 8 (group norm), got {self.width_channels}")
-        if self.rank_weight < 0:
-            raise InvalidInput("rank_weight", f"must be non-negative, got {self.rank_weight}")
+        for name in ("rank_weight", "level_weight", "within_weight"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(name, f"must be non-negative, got {getattr(self, name)}")
         unknown = [k for k in self.default_weights if k not in self.kinds]
         if unknown:
             raise InvalidInput("default_weights", f"{unknown} not among the trained kinds {list(self.kinds)}")
@@ -284,10 +296,13 @@ class LatentEvaluatorTrainer(Trainer):
         specs = {k: EvaluatorSpec(k, c.width_channels, c.stages, use_text=(k == "alignment"), patch=c.patch,
                                   target=c.reward if k == "alignment" else c.real_images) for k in c.kinds}
         if "alignment" in c.kinds:
-            rewards = torch.cat([self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False).reward.flatten()
+            rewards = torch.cat([self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False).reward
                                  for b in range(c.calibration_batches)])
             specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=float(rewards.mean()),
                                                      output_std=float(rewards.std().clamp_min(1e-6)))
+            # the reward's spread within a group, in units of output_std (the within-group term's scale)
+            deviations = rewards - rewards.mean(dim=1, keepdim=True)
+            self.within_std = float(deviations.std().clamp_min(1e-6)) / specs["alignment"].output_std
         weights = {k: w for k, w in c.default_weights.items() if k in c.kinds} or {k: 1.0 for k in c.kinds}
         self.evaluators = LatentEvaluators(int(self.model.unet.config.in_channels), text_dim, specs, bounds, weights,
                                            meta={"model": str(c.model), "steps": c.steps, "scheduler": c.scheduler,
@@ -376,9 +391,11 @@ class LatentEvaluatorTrainer(Trainer):
             pred = ((ev.evaluate("alignment", flat, bars, text) - spec.output_mean) / spec.output_std).view(g, k)
             target = ((batch.reward.to(self.device) - spec.output_mean) / spec.output_std)
             mse = F.mse_loss(pred, target)
+            within = within_group_mse(pred, target, self.within_std)
             rank = ranknet_loss(pred, target)
-            loss = loss + mse + c.rank_weight * rank
-            metrics.update({"alignment.mse": float(mse.detach()), "alignment.rank": float(rank.detach())})
+            loss = loss + c.level_weight * mse + c.within_weight * within + c.rank_weight * rank
+            metrics.update({"alignment.mse": float(mse.detach()), "alignment.within_mse": float(within.detach()),
+                            "alignment.rank": float(rank.detach())})
         if "fidelity" in c.kinds:
             fake = ev.evaluate("fidelity", flat, bars)
             real = ev.evaluate("fidelity", batch.real_x0.to(self.device), batch.alpha_bar)
@@ -420,6 +437,12 @@ def ranknet_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (F.softplus(-diff) * better).sum() / count
 
 
+def within_group_mse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean squared error between the within-group deviations of ``pred`` and ``target`` [G, K] (each minus its
+    row mean), divided by ``scale``²: blind to each group's level, only the differences between its candidates."""
+    return F.mse_loss(pred - pred.mean(dim=1, keepdim=True), target - target.mean(dim=1, keepdim=True)) / scale**2
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); nan for fewer than 2 distinct values."""
     from scipy.stats import spearmanr
@@ -443,6 +466,9 @@ def agreement(evaluators: Any, groups: Groups) -> dict[str, float]:
         metrics["alignment.rank_corr_within"] = float(np.nanmean(within)) if not np.all(np.isnan(within)) else float("nan")
         metrics["alignment.rank_corr"] = spearman(pred.ravel(), target.ravel())
         metrics["alignment.top1_agreement"] = float(np.mean(pred.argmax(1) == target.argmax(1)))
+        # the training loss's RankNet term on held-out groups (scores standardised as in training): ln 2 is chance
+        standardised = torch.from_numpy(pred) / evaluators.specs["alignment"].output_std
+        metrics["alignment.rank_loss"] = float(ranknet_loss(standardised, torch.from_numpy(target)))
     if "fidelity" in evaluators.kinds and groups.real_x0 is not None:
         fake = evaluators.evaluate("fidelity", flat, bars).cpu()
         real = evaluators.evaluate("fidelity", groups.real_x0.to(device), groups.alpha_bar).cpu()

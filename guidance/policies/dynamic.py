@@ -187,7 +187,9 @@ class DynamicCFG(GuidancePolicy):
 SCORE_CHUNK = 16  # candidate images of the model's native size decoded and scored at once
 SCORE_COST = 1.0  # a decode and a score of one image, in UNet evaluations (a rough estimate, not measured per model)
 LATENT_CHUNK = 64  # candidates of the native size scored per evaluator call, within the step's one executor unit
-LATENT_SCORE_COST = 0.1  # the latent evaluators on one candidate, in UNet evaluations (proving ground; BENCHMARKS.md)
+# the latent evaluators on one candidate, in UNet evaluations: the proving ground's two 4×4-patch evaluators take
+# 0.012× a UNet row's FLOPs and ~0.02× its CPU time (BENCHMARKS.md, issue 17)
+LATENT_SCORE_COST = 0.02
 
 
 def candidate_x0(cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, info: StepInfo,
