@@ -10,10 +10,9 @@ of the verifier's pass with 95% prompt-bootstrap CIs (``evaluation.stats.compare
    Bars (issue 13): student > teacher@4 and student >= teacher@30 - 10 points.
 2. **Divergences at equal steps** (``--students js=DIR,reverse_kl=DIR,forward_kl=DIR``, students trained with
    the same config and number of steps but the divergence; differences against the first listed): pass rate,
-   and a diversity figure from what the
-   verifier reads: per prompt, the standard deviation over seeds of the detected objects' mean centroid (x and
-   y, fractions of the image) and of their mean area (fraction of the image), averaged over prompts with at
-   least two seeds that found an object. The paper's claim: JS and forward KL cover modes better (more
+   and a diversity figure from what the verifier reads: per prompt, the standard deviation over seeds of the
+   detected objects' mean centroid (x and y, fractions of the image) and of their mean area (fraction of the
+   image), averaged over prompts with at least two seeds that found an object. The paper's claim: JS and forward KL cover modes better (more
    spread) than reverse KL.
 3. **ReNO** (``--reno-iterations N``, reward ``clip:1``, CFG off inside) on the student at 1 step against ReNO
    on the teacher at 4 steps: seconds per image and verifier pass, the two interleaved batch by batch.

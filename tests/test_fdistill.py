@@ -296,3 +296,25 @@ def test_the_service_serves_the_exported_student(exported):
         assert r.status_code == 200, r.text
         served = pixels(decode_image(r.json()["images"][0]))
     assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
+
+
+def test_fp16_export_halves_unet_and_vae_and_leaves_the_run_fp32(exported):
+    """``export_dtype: fp16`` (how the shipped students are stored): UNet and VAE weights fp16, the text encoder
+    fp32, the folder readable by others, and the trainer's own modules untouched."""
+    from safetensors import safe_open
+
+    trainer, _ = exported
+    folder = Path(trainer.config.output_dir) / "pipeline-fp16"
+    trainer.config.export_dtype = "fp16"
+    try:
+        trainer.export_pipeline(folder)
+    finally:
+        trainer.config.export_dtype = "fp32"
+    for part, dtype in (("unet", torch.float16), ("vae", torch.float16), ("text_encoder", torch.float32)):
+        with safe_open(str(next((folder / part).glob("*.safetensors"))), "pt") as f:
+            assert f.get_tensor(next(iter(f.keys()))).dtype == dtype, part
+    from guidance.files import current_umask
+
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's private 0700
+    assert next(trainer.model.vae.parameters()).dtype == torch.float32
+    assert next(trainer.export_unet().parameters()).dtype == torch.float32
