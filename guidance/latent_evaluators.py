@@ -255,8 +255,9 @@ def model_folder(model: Any) -> Path | None:
     """The folder a model was loaded from (a built-in proving-ground model's, or a local diffusers folder)."""
     from guidance.models import BUILTIN_FOLDERS, canonical_spec
 
-    if canonical_spec(model.name) in BUILTIN_FOLDERS:
-        return BUILTIN_FOLDERS[canonical_spec(model.name)]
+    builtin = BUILTIN_FOLDERS.get(canonical_spec(model.name))
+    if builtin is not None:
+        return builtin
     path = Path(str(model.name)).expanduser()
     return path if path.is_dir() else None
 

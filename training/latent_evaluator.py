@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from guidance.errors import InvalidInput
 from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
-from training.trainer import EvalResult, Trainer, TrainerConfig
+from training.trainer import EvalResult, Trainer, TrainerConfig, with_default
 
 
 @dataclass
@@ -58,8 +58,8 @@ class LatentEvaluatorConfig(TrainerConfig):
         "help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."})
     eval_prompts: str = field(default="pg:all", metadata={
         "help": "Held-out prompts of the agreement evaluation (pg:... or a prompt file); '' disables it."})
-    eval_max_prompts: int | None = field(default=4, metadata={"help": "Evaluation prompts kept (per category for pg:)."})
-    eval_seeds: int = field(default=1, metadata={"help": "Seeds per evaluation prompt."})
+    eval_max_prompts: int | None = with_default("eval_max_prompts", 4)
+    eval_seeds: int = with_default("eval_seeds", 1)
     reward: str = field(default="clip:1", metadata={
         "help": "Pixel-space reward the alignment evaluator is distilled from, 'name:weight,...' (configured as for "
                 "the service; the proving-ground clip needs none). Need not be differentiable."})
@@ -91,10 +91,10 @@ class LatentEvaluatorConfig(TrainerConfig):
     calibration_batches: int = field(default=2, metadata={
         "help": "Batches drawn at build time to standardise the alignment target (mean and std of the reward)."})
     batch_size: int = field(default=8, metadata={"help": "Trajectories (prompts x seeds) per optimizer step."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (after warm-up)."})
+    learning_rate: float = with_default("learning_rate", 3e-4)
     steps: int = field(default=20, metadata={"help": "Denoising steps of the trajectories."})
-    max_steps: int = field(default=200, metadata={"help": "Optimizer steps of the run."})
-    checkpoint_every: int = field(default=50, metadata={"help": "Write an atomic checkpoint every N optimizer steps."})
+    max_steps: int = with_default("max_steps", 200)
+    checkpoint_every: int = with_default("checkpoint_every", 50)
     eval_every: int = field(default=50, metadata={"help": "Evaluate agreement on the held-out batch every N steps."})
 
     def __post_init__(self) -> None:
