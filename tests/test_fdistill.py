@@ -22,6 +22,7 @@ from training.fdistill import (
     distribution_matching_loss,
     dmd_gradient,
     normalise_by_time_bin,
+    regression_loss,
     student_scheduler_config,
     student_timesteps,
     time_bins,
@@ -93,6 +94,16 @@ def test_reverse_kl_reproduces_the_dmd_gradient_on_a_hand_built_case():
     _, h = DIVERGENCES["forward_kl"]
     distribution_matching_loss(gen, dmd_gradient(gen, real, fake, batch_normalised(h(torch.tensor([1.0, 3.0]))))).backward()
     torch.testing.assert_close(gen.grad, expected * torch.tensor([[0.5], [1.5]]), rtol=1e-5, atol=1e-6)
+
+
+def test_regression_loss_by_hand():
+    """Mean over images of each image's mean squared latent difference: images off by 1 and by 2 → (1 + 4) / 2."""
+    gen = torch.zeros(2, 1, 2, 2, requires_grad=True)
+    target = torch.stack([torch.ones(1, 2, 2), torch.full((1, 2, 2), 2.0)])
+    loss = regression_loss(gen, target)
+    assert loss.item() == pytest.approx(2.5)
+    loss.backward()  # d/dgen = 2 (gen − target) / (pixels per image · images)
+    torch.testing.assert_close(gen.grad, -2 * target / 8)
 
 
 def test_density_ratio_clamps_clips_and_averages_positions():
@@ -194,8 +205,36 @@ def test_teacher_samples_as_real_data(tmp_path):
     assert trainer.train()["steps"] == 1
 
 
+def test_regression_pairs_are_the_teachers_samples_from_the_students_noise(tmp_path):
+    """With regression_weight > 0 the run samples fixed (prompt, seed) pairs from the teacher once; the student's
+    update adds the latent MSE between its one-step sample from that seed's noise and the teacher's sample."""
+    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, regression_weight=0.5, regression_pairs=5,
+                                          teacher_steps=2, fake_updates_per_step=1))
+    from guidance.sampler import prepare
+
+    prompts, seeds = trainer.pair_prompts, trainer.pair_seeds
+    assert len(prompts) == len(seeds) == 5 and len(set(seeds)) == 5
+    expected = prepare(trainer.model, trainer._teacher_params(prompts, seeds)).run().latents.float()
+    torch.testing.assert_close(trainer.pair_samples, expected)
+
+    batch = trainer.draw_batch(0, 0, trainer.config.fake_updates_per_step)
+    assert batch.pairs is not None and trainer.draw_batch(0, 0, 0).pairs is None
+    with torch.no_grad():
+        cond = trainer._encode([prompts[i] for i in batch.pairs])[0]["cond"]
+        student = trainer._x0(trainer.student, trainer._gaussian([seeds[i] for i in batch.pairs]),
+                              torch.full((len(batch.pairs),), trainer.student_ts[0]), cond)
+        by_hand = ((student - expected[batch.pairs]) ** 2).mean(dim=(1, 2, 3)).mean()
+        torch.testing.assert_close(trainer.pair_regression_loss(batch.pairs), by_hand)
+    trainer.train()
+    rows = (Path(trainer.config.output_dir) / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("1,train,loss.regression,") for r in rows)
+    again = FDistillTrainer(tiny_config(tmp_path / "again", max_steps=1, regression_weight=0.5, regression_pairs=5,
+                                        teacher_steps=2, fake_updates_per_step=1))
+    assert again.pair_seeds == seeds and torch.equal(again.pair_samples, trainer.pair_samples)
+
+
 @pytest.mark.parametrize("field,value", [
-    ("divergence", "pearson"), ("ratio_min", 0.0), ("ratio_min", 50.0), ("gan_weight", -1.0),
+    ("divergence", "pearson"), ("regression_weight", -0.1), ("ratio_min", 0.0), ("ratio_min", 50.0), ("gan_weight", -1.0),
     ("fake_updates_per_step", 0), ("ratio_ema", 1.0), ("ema_decay", 1.0), ("timestep_min", 990),
     ("fake_learning_rate", 0.0), ("eta", 0.5), ("ratio_bins", -1),
 ])
@@ -238,11 +277,6 @@ def exported(tmp_path_factory):
 def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(exported):
     """The folder's scheduler makes one DDIM step from noise the student's x̂0; our sampler, diffusers'
     StableDiffusionPipeline and the trainer's own generator give the same image."""
-    from diffusers import StableDiffusionPipeline
-
-    from guidance.models import load_model
-    from guidance.sampler import decode, generate, initial_noise
-
     trainer, folder = exported
     assert json.loads((folder / "diffsteer.json").read_text()) == {"policy": "cfg:scale=1", "steps": 1}
     from guidance.models import model_defaults
@@ -250,6 +284,17 @@ def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(e
     assert (model_defaults(str(folder)).steps, model_defaults(str(folder)).policy) == (1, "cfg:scale=1")
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert (scheduler["timestep_spacing"], scheduler["set_alpha_to_one"]) == ("trailing", True)
+
+    _assert_one_step_agreement(trainer, folder)
+
+
+def _assert_one_step_agreement(trainer: FDistillTrainer, folder: Path) -> None:
+    """Our sampler on the exported folder, diffusers' StableDiffusionPipeline at one step, and the trainer's own
+    generator give the same images."""
+    from diffusers import StableDiffusionPipeline
+
+    from guidance.models import load_model
+    from guidance.sampler import decode, generate, initial_noise
 
     model = load_model(str(folder), device="cpu")
     ours = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [3, 4], "steps": 1,
@@ -269,6 +314,24 @@ def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(e
     with torch.no_grad():
         own = decode(trainer.model, trainer.generate(batch, conditions["cond"], unet=trainer.export_unet()))
     torch.testing.assert_close(ours.pixels, own, rtol=0, atol=2e-3)
+
+
+def test_a_student_read_at_a_lower_timestep_exports_that_step(tmp_path):
+    """student_timestep: the one step is at that timestep in training and in the exported scheduler (a schedule cut
+    after it, every ᾱ the teacher's), so in our sampler and in diffusers; k steps trail below it."""
+    from diffusers import DDIMScheduler
+
+    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, student_timestep=399))
+    assert trainer.student_ts == [399]
+    trainer.train()
+    folder = Path(trainer.config.output_dir) / "pipeline"
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    teacher = DDIMScheduler.from_config(trainer.model.scheduler_config)
+    torch.testing.assert_close(scheduler.alphas_cumprod, teacher.alphas_cumprod[:400], rtol=0, atol=0)
+    _assert_one_step_agreement(trainer, folder)
+    assert FDistillTrainer(tiny_config(tmp_path / "two", student_timestep=399, steps=2)).student_ts == [399, 199]
+    with pytest.raises(InvalidInput, match="student_timestep"):
+        FDistillTrainer(tiny_config(tmp_path / "far", student_timestep=1000))
 
 
 def test_reno_runs_on_the_exported_student(exported):

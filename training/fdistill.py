@@ -35,14 +35,24 @@ generator's GAN gradient flows through the frozen teacher into x_t. Real samples
 rendered training scenes (``real_data: pg-train``, encoded by the VAE) or the teacher's own samples under
 ``teacher_policy`` (``real_data: teacher``; any model, at the cost of a full teacher sampling per batch).
 
-**The student.** A copy of the teacher UNet (every weight, or a LoRA on it), generating x = x̂0(G(z, T−1))
-from pure noise z at the last training timestep; with ``steps: k`` it runs its own k-step DDIM chain on the
-"trailing" timesteps (T−1, ...), the training sample being the x̂0 at a step drawn per batch after the
-earlier steps are simulated without gradients (DMD2's backward simulation). The export writes that schedule
-as the pipeline's scheduler config (DDIM, trailing, ᾱ_final = 1): one DDIM step from noise is exactly
-x̂0(G(z, T−1)), so ``diffsteer generate``, the service and ``StableDiffusionPipeline`` (with
+**The student.** A copy of the teacher UNet (every weight, or a LoRA on it), generating x = x̂0(G(z, t_s))
+from pure noise z read at timestep t_s: the last training timestep T−1 by default, or ``student_timestep``
+(DMD2's one-step SDXL generator reads its noise at 399). At T−1 the student starts from the teacher's own
+one-step image, but x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 on the proving
+ground), and on the proving ground that keeps a field of small specks that distribution matching removes only
+slowly; at 399 the factor is 1.2 and the specks are gone within a few hundred steps (BENCHMARKS.md). With
+``steps: k`` it runs its own k-step DDIM chain on the "trailing" timesteps (t_s, ...), the training sample
+being the x̂0 at a step drawn per batch after the earlier steps are simulated without gradients (DMD2's
+backward simulation). The export writes that schedule as the pipeline's scheduler config (DDIM, trailing,
+ᾱ_final = 1, and with ``student_timestep`` the noise schedule cut after t_s): one DDIM step from noise is
+exactly x̂0(G(z, t_s)), so ``diffsteer generate``, the service and ``StableDiffusionPipeline`` (with
 ``num_inference_steps=1, guidance_scale=0``) reproduce the student, and ``diffsteer.json`` in the folder
 recommends ``steps: 1`` and no guidance.
+
+**Regression** (optional, ``regression_weight``): DMD's (not DMD2's) paired loss, the latent MSE between the
+student's sample from z and the teacher's own ``teacher_steps``-step sample from the same z, over
+``regression_pairs`` pairs sampled once at the start of the run. It anchors the student to the teacher's
+sample for each noise while distribution matching sharpens it.
 
     diffsteer train fdistill --config training/configs/fdistill-proving-ground.yaml [--resume]
     diffsteer train fdistill --print-config
@@ -187,6 +197,14 @@ def distribution_matching_loss(gen_x0: torch.Tensor, grad: torch.Tensor) -> torc
     return 0.5 * F.mse_loss(gen_x0.float(), target, reduction="sum") / gen_x0.numel()
 
 
+def regression_loss(gen_x0: torch.Tensor, teacher_sample: torch.Tensor) -> torch.Tensor:
+    """DMD's regression loss (Yin et al. 2024, Sec. 3.3, eq. 9): the distance between the student's sample from a
+    noise z and the teacher's own multi-step sample from the same z. DMD measures it with LPIPS on pixels; here it
+    is the mean squared error of the latents (no LPIPS weights are downloaded), averaged over images."""
+    dims = tuple(range(1, gen_x0.ndim))
+    return (gen_x0.float() - teacher_sample.float()).pow(2).mean(dim=dims).mean()
+
+
 def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN loss of the generator: softplus(−D(fake))."""
     return F.softplus(-fake_logits.float()).mean()
@@ -202,12 +220,20 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: float | torch
     return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
 
 
-def student_scheduler_config(teacher_config: dict[str, Any]) -> dict[str, Any]:
+def student_scheduler_config(teacher_config: dict[str, Any], first_timestep: int | None = None) -> dict[str, Any]:
     """The student's scheduler: DDIM on 'trailing' timesteps (one step starts at T−1) with ᾱ_final = 1 (the
-    last step returns x̂0 itself)."""
+    last step returns x̂0 itself). With ``first_timestep`` the chain starts there instead: the noise schedule is
+    cut after that timestep (``trained_betas``, the teacher's first ``first_timestep`` + 1 betas, so every ᾱ_t is
+    the teacher's), which makes it the last "training" timestep that trailing spacing starts from, in every
+    scheduler and pipeline that reads the config (diffusers' StableDiffusionPipeline resets a ``steps_offset``)."""
+    from diffusers import DDIMScheduler
+
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") or k == "_class_name"}
     config.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True,
                   clip_sample=False, thresholding=False, steps_offset=1)
+    if first_timestep is not None:
+        betas = DDIMScheduler.from_config(teacher_config).betas[: int(first_timestep) + 1]
+        config.update(num_train_timesteps=len(betas), trained_betas=[float(b) for b in betas])
     return config
 
 
@@ -279,6 +305,13 @@ class FDistillConfig(TrainerConfig):
     steps: int = field(default=1, metadata={
         "help": "The student's steps: 1 (from pure noise at the last timestep) or k (its own k-step DDIM chain on "
                 "trailing timesteps); the evaluation samples the student with as many."})
+    student_timestep: int | None = field(default=None, metadata={
+        "help": "The timestep at which the student reads its pure-noise input (DMD2's one-step SDXL generator reads "
+                "it at 399; k-step students then take trailing steps below it). Default: the last training timestep T−1, where the student starts from "
+                "the teacher's own one-step x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ, which multiplies every error of ε̂ by "
+                "√(1−ᾱ)/√ᾱ (14.6 at T−1 on the proving ground); a lower timestep shrinks that factor but starts the "
+                "student further from the teacher. Exported as a noise schedule cut after that timestep, so one DDIM "
+                "step of the pipeline is still the student's sample."})
     policy: str = field(default="cfg:scale=1", metadata={
         "help": "Policy of the student's evaluation samples (unguided by default; the teacher's guidance is "
                 "teacher_policy)."})
@@ -294,7 +327,16 @@ class FDistillConfig(TrainerConfig):
     real_data: Literal["pg-train", "teacher"] = field(default="pg-train", metadata={
         "help": "Real samples of the discriminator: pg-train (the proving ground's rendered training scenes and "
                 "captions, VAE-encoded) or teacher (the teacher's samples under teacher_policy, teacher_steps)."})
-    teacher_steps: int = field(default=20, metadata={"help": "real_data: teacher: the teacher's sampling steps."})
+    teacher_steps: int = field(default=20, metadata={
+        "help": "The teacher's sampling steps, for real_data: teacher and for the regression pairs."})
+    regression_weight: float = field(default=0.0, metadata={
+        "help": "Weight of DMD's regression loss (Yin et al. 2024, Sec. 3.3): the latent mean squared error between "
+                "the student's sample from a noise z and the teacher's teacher_steps-step sample (teacher_policy) "
+                "from the same z, over regression_pairs fixed pairs sampled at the start of the run. 0: off (DMD2 "
+                "and f-distill train without it)."})
+    regression_pairs: int = field(default=1024, metadata={
+        "help": "Number of (noise, prompt, teacher sample) pairs of the regression loss, drawn from the seed; "
+                "sampled again, identically, on --resume."})
     # --- the teacher's target
     teacher_policy: str = field(default="cfg:scale=1.5", metadata={
         "help": "Guidance policy that defines the teacher's score (cfg, apg, an interval, ...)."})
@@ -346,6 +388,10 @@ class FDistillConfig(TrainerConfig):
             raise InvalidInput("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.timestep_min <= self.timestep_max:
             raise InvalidInput("timestep_min", f"need 0 ≤ timestep_min ≤ timestep_max, got {self.timestep_min} and {self.timestep_max}")
+        if self.regression_weight < 0:
+            raise InvalidInput("regression_weight", f"must be non-negative, got {self.regression_weight}")
+        if self.regression_weight > 0 and self.regression_pairs < 1:
+            raise InvalidInput("regression_pairs", f"must be at least 1 with regression_weight > 0, got {self.regression_pairs}")
         if self.teacher_steps < 1:
             raise InvalidInput("teacher_steps", f"must be at least 1, got {self.teacher_steps}")
         if self.discriminator_hidden < 1:
@@ -371,6 +417,7 @@ class DistillBatch:
     real_seeds: list[int]  # ε for the real samples (and the teacher's sampling noise with real_data: teacher)
     real_images: np.ndarray | None  # [B, H, W, 3] uint8 with real_data: pg-train
     student_step: int  # which of the student's k steps trains (0 for one step)
+    pairs: list[int] | None = None  # indices of the regression pairs (the student's update, regression_weight > 0)
 
 
 class FDistillTrainer(Trainer):
@@ -388,14 +435,16 @@ class FDistillTrainer(Trainer):
         T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
         if c.timestep_max >= T:
             raise InvalidInput("timestep_max", f"must be below the model's {T} training timesteps, got {c.timestep_max}")
-        if c.steps > T:
-            raise InvalidInput("steps", f"must be at most {T}, got {c.steps}")
+        if c.student_timestep is not None and not 0 <= c.student_timestep < T:
+            raise InvalidInput("student_timestep", f"must be in [0, {T - 1}], got {c.student_timestep}")
+        if c.steps > (T if c.student_timestep is None else c.student_timestep + 1):
+            raise InvalidInput("steps", f"must be at most the student's {T} timesteps, got {c.steps}")
         self.num_timesteps = T
         self.teacher_policy = build_policy(c.teacher_policy, field="teacher_policy")
         if self.teacher_policy.name in ("reno", "dynamic"):
             raise InvalidInput("teacher_policy", f"{self.teacher_policy.name!r} is not a per-step score; use cfg, apg, "
                                "adaptive, linear_ag, cfg_zero_star or perp_neg")
-        self.student_config = student_scheduler_config(self.model.scheduler_config)
+        self.student_config = student_scheduler_config(self.model.scheduler_config, c.student_timestep)
         self.student_ts = student_timesteps(self.student_config, c.steps)
         self.alphas_cumprod = self._alphas_cumprod()
         self.student = self._trainable_copy(teacher, c.trainable, "student")
@@ -422,6 +471,8 @@ class FDistillTrainer(Trainer):
 
             self.train_prompts = load_training_prompts(c.prompts)
         self._check_sampling()
+        if c.regression_weight > 0:
+            self.pair_prompts, self.pair_seeds, self.pair_samples = self.regression_pairs()
 
     def _trainable_copy(self, unet: torch.nn.Module, trainable: str, name: str) -> torch.nn.Module:
         c = self.config
@@ -455,6 +506,28 @@ class FDistillTrainer(Trainer):
         c = self.config
         return {"prompt": prompts, "seeds": seeds, "steps": c.teacher_steps, "scheduler": "ddim",
                 "policy": c.teacher_policy}
+
+    @torch.no_grad()
+    def regression_pairs(self, batch_size: int = 16) -> tuple[list[str], list[int], torch.Tensor]:
+        """The regression loss's fixed pairs: prompts (training captions or prompts) and noise seeds drawn from the
+        config's seed, and the teacher's ``teacher_steps``-step samples (``teacher_policy``) from that noise."""
+        from tqdm import tqdm
+
+        from guidance.sampler import prepare
+
+        c = self.config
+        rng = np.random.default_rng([c.seed, 0x7265_6772])  # a stream of its own: "regr"
+        if c.real_data == "pg-train":
+            prompts = [self.scenes[int(i)].caption for i in rng.integers(0, 2**40, c.regression_pairs)]
+        else:
+            prompts = [self.train_prompts[int(i)] for i in rng.integers(0, len(self.train_prompts), c.regression_pairs)]
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, c.regression_pairs)]
+        samples = []
+        starts = range(0, len(seeds), batch_size)
+        for start in tqdm(starts, desc="regression pairs", disable=not (c.progress and self.processes.is_main)):
+            chunk = slice(start, start + batch_size)
+            samples.append(prepare(self.model, self._teacher_params(prompts[chunk], seeds[chunk])).run().latents.float())
+        return prompts, seeds, torch.cat(samples)
 
     # ------------------------------------------------------------------ models the loop reads
 
@@ -498,8 +571,11 @@ class FDistillTrainer(Trainer):
         seeds = rng.integers(0, 2**31 - 1, (3, n))[:, share]
         timesteps = torch.as_tensor(rng.integers(c.timestep_min, c.timestep_max + 1, (2, n))[:, share])
         student_step = int(rng.integers(0, c.steps))
+        pairs = None
+        if c.regression_weight > 0 and phase == c.fake_updates_per_step:
+            pairs = [int(i) for i in rng.integers(0, c.regression_pairs, n)[share]]
         return DistillBatch(prompts, [int(s) for s in seeds[0]], timesteps[0], [int(s) for s in seeds[1]],
-                            timesteps[1], [int(s) for s in seeds[2]], real_images, student_step)
+                            timesteps[1], [int(s) for s in seeds[2]], real_images, student_step, pairs)
 
     def _gaussian(self, seeds: list[int]) -> torch.Tensor:
         from guidance.sampler import initial_noise
@@ -540,13 +616,16 @@ class FDistillTrainer(Trainer):
         return to_x0(out, x, self._ab(t), self.model.prediction_type)
 
     def generate(self, batch: DistillBatch, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
-        """The student's clean latents: from noise through its first ``student_step`` steps without gradients,
-        then its x̂0 at that step (with gradients when enabled)."""
+        """The student's clean latents from the batch's noise (see :meth:`generate_from`)."""
+        return self.generate_from(self._gaussian(batch.noise_seeds), batch.student_step, condition, unet)
+
+    def generate_from(self, x: torch.Tensor, student_step: int, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """The student's clean latents: from noise ``x`` through its first ``student_step`` steps without
+        gradients, then its x̂0 at that step (with gradients when enabled)."""
         unet = unet if unet is not None else self.student
-        x = self._gaussian(batch.noise_seeds)
         for i, t in enumerate(self.student_ts):
             tt = torch.full((x.shape[0],), t, dtype=torch.long)
-            if i == batch.student_step:
+            if i == student_step:
                 return self._x0(unet, x, tt, condition)
             with torch.no_grad():
                 x0 = self._x0(unet, x, tt, condition)
@@ -644,9 +723,20 @@ class FDistillTrainer(Trainer):
             grad = dmd_gradient(gen, real_x0, fake_x0, weights)
             dm = distribution_matching_loss(gen, grad)
             loss = dm + c.gan_weight * gan
+            if batch.pairs is not None:
+                regression = self.pair_regression_loss(batch.pairs)
+                loss = loss + c.regression_weight * regression
+                metrics["loss.regression"] = float(regression.detach())
         metrics.update({"loss.student": float(loss.detach()), "loss.matching": float(dm.detach()),
                         "loss.gan": float(gan.detach())})
         return loss, metrics
+
+    def pair_regression_loss(self, pairs: list[int]) -> torch.Tensor:
+        """:func:`regression_loss` of the student's full chain (gradient through its last step) on these pairs."""
+        conditions, _ = self._encode([self.pair_prompts[i] for i in pairs])
+        gen = self.generate_from(self._gaussian([self.pair_seeds[i] for i in pairs]), len(self.student_ts) - 1,
+                                 conditions["cond"]).float()
+        return regression_loss(gen, self.pair_samples[pairs].to(gen.device))
 
     def f_weights(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """h(r) of the configured divergence, normalised per time bin (optional) and by the batch mean."""
