@@ -46,12 +46,12 @@ def bootstrap(values_fn, n_units: int, n: int = 2000, seed: int = 0) -> tuple[fl
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-def split_items(categories: list[str], per_category: int):
+def split_items(categories: list[str], per_category: int, suite_seed: int = 0):
     from proving_ground import heldout_suite
 
     selection, test = [], []
     for category in categories:
-        for i, item in enumerate(heldout_suite(category, per_category, 0)):
+        for i, item in enumerate(heldout_suite(category, per_category, suite_seed)):
             (selection if i % 2 == 0 else test).append(item)
     return selection, test
 
@@ -77,7 +77,7 @@ def batches(items, size):
 
 def pass_comparison(model, args) -> dict[str, Any]:
     categories = args.categories.split(",")
-    selection, test = split_items(categories, args.items)
+    selection, test = split_items(categories, args.items, args.suite_seed)
     scales = [float(s) for s in args.scales.split(",")]
     cfg_arms = {f"cfg:scale={s:g}": f"cfg:scale={s:g}" for s in scales}
     print(f"[select] {len(selection)} items x {len(scales)} scales", file=sys.stderr, flush=True)
@@ -162,7 +162,7 @@ def agreement(model, args) -> dict[str, Any]:
     evaluators = evaluators_for(model)
     spec = evaluators.specs["alignment"]
     reward = get_reward(spec.target, model.device)
-    _, test = split_items(args.categories.split(","), args.items)
+    _, test = split_items(args.categories.split(","), args.items, args.suite_seed)
     candidates = tuple(evaluators.meta.get("candidates", [1.0, 1.5, 2.0, 3.0, 4.5, 6.0]))
     rng = np.random.default_rng(17)
     groups = []
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=12, help="held-out items per category (half select, half test)")
     ap.add_argument("--categories", default="single,two_objects,counting,colour_binding")
+    ap.add_argument("--suite-seed", type=int, default=0,
+                    help="held-out suite draw (0: the items of BENCHMARKS.md; others: fresh instances no tuning saw)")
     ap.add_argument("--scales", default="1.5,3,4.5", help="fixed cfg scales (the best is chosen on the selection half)")
     ap.add_argument("--policy", default=DEFAULT_POLICY,
                     help="the dynamic policy; several separated by ';' are tuned on the selection half (best pass rate)")
