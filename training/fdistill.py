@@ -303,15 +303,15 @@ class FDistillConfig(TrainerConfig):
         "help": "pipeline (pipeline/: the student as a whole diffusers pipeline, one step by default), lora "
                 "(the student's adapter, trainable: lora), or both."})
     steps: int = field(default=1, metadata={
-        "help": "The student's steps: 1 (from pure noise at the last timestep) or k (its own k-step DDIM chain on "
-                "trailing timesteps); the evaluation samples the student with as many."})
+        "help": "The student's steps: 1 (from pure noise at student_timestep, by default the last timestep) or k "
+                "(its own k-step DDIM chain on trailing timesteps); the evaluation samples the student with as many."})
     student_timestep: int | None = field(default=None, metadata={
         "help": "The timestep at which the student reads its pure-noise input (DMD2's one-step SDXL generator reads "
-                "it at 399; k-step students then take trailing steps below it). Default: the last training timestep T−1, where the student starts from "
-                "the teacher's own one-step x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ, which multiplies every error of ε̂ by "
-                "√(1−ᾱ)/√ᾱ (14.6 at T−1 on the proving ground); a lower timestep shrinks that factor but starts the "
-                "student further from the teacher. Exported as a noise schedule cut after that timestep, so one DDIM "
-                "step of the pipeline is still the student's sample."})
+                "it at 399; k-step students then take trailing steps below it). Default: the last training "
+                "timestep T−1, where the student starts from the teacher's own one-step x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ, "
+                "which multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 at T−1 on the proving ground); a lower "
+                "timestep shrinks that factor but starts the student further from the teacher. Exported as a noise "
+                "schedule cut after that timestep, so one DDIM step of the pipeline is still the student's sample."})
     policy: str = field(default="cfg:scale=1", metadata={
         "help": "Policy of the student's evaluation samples (unguided by default; the teacher's guidance is "
                 "teacher_policy)."})
@@ -437,8 +437,9 @@ class FDistillTrainer(Trainer):
             raise InvalidInput("timestep_max", f"must be below the model's {T} training timesteps, got {c.timestep_max}")
         if c.student_timestep is not None and not 0 <= c.student_timestep < T:
             raise InvalidInput("student_timestep", f"must be in [0, {T - 1}], got {c.student_timestep}")
-        if c.steps > (T if c.student_timestep is None else c.student_timestep + 1):
-            raise InvalidInput("steps", f"must be at most the student's {T} timesteps, got {c.steps}")
+        student_T = T if c.student_timestep is None else c.student_timestep + 1
+        if c.steps > student_T:
+            raise InvalidInput("steps", f"must be at most the student's {student_T} timesteps, got {c.steps}")
         self.num_timesteps = T
         self.teacher_policy = build_policy(c.teacher_policy, field="teacher_policy")
         if self.teacher_policy.name in ("reno", "dynamic"):
