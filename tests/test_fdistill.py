@@ -160,8 +160,10 @@ def _states(trainer: FDistillTrainer) -> dict[str, torch.Tensor]:
 
 def test_training_moves_every_network_and_resumes_exactly(tmp_path):
     """Four steps straight equal two steps, a new process-like trainer, and two more after --resume: the
-    student, fake score, discriminator, the EMA, all three optimisers and the ratio bins."""
-    straight = FDistillTrainer(tiny_config(tmp_path / "a", max_steps=4, divergence="js", steps=2))
+    student, fake score, discriminator, the EMA, all three optimisers and the ratio bins (with the regression
+    loss, whose pairs the resumed trainer samples again)."""
+    regression = dict(regression_weight=0.5, regression_pairs=3, teacher_steps=2)
+    straight = FDistillTrainer(tiny_config(tmp_path / "a", max_steps=4, divergence="js", steps=2, **regression))
     before = _states(straight)
     straight.train()
     after = _states(straight)
@@ -170,9 +172,9 @@ def test_training_moves_every_network_and_resumes_exactly(tmp_path):
         assert keys and any((after[k] - before[k]).abs().max() > 0 for k in keys), prefix
     assert (after["ratio_running"] != 1).any()
 
-    first = FDistillTrainer(tiny_config(tmp_path / "b", max_steps=2, divergence="js", steps=2))
+    first = FDistillTrainer(tiny_config(tmp_path / "b", max_steps=2, divergence="js", steps=2, **regression))
     first.train()
-    resumed = FDistillTrainer(tiny_config(tmp_path / "b", max_steps=4, divergence="js", steps=2))
+    resumed = FDistillTrainer(tiny_config(tmp_path / "b", max_steps=4, divergence="js", steps=2, **regression))
     resumed.train(resume=True)
     again = _states(resumed)
     assert set(again) == set(after)
@@ -181,6 +183,7 @@ def test_training_moves_every_network_and_resumes_exactly(tmp_path):
     rows = (Path(resumed.config.output_dir) / "metrics.csv").read_text().splitlines()
     assert any(r.startswith("4,train,loss.matching,") for r in rows)
     assert any(r.startswith("4,train,h_max,") for r in rows)
+    assert any(r.startswith("4,train,loss.regression,") for r in rows)
 
 
 def test_reverse_kl_without_gan_has_no_discriminator_and_lora_student(tmp_path):
