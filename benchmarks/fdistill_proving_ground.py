@@ -12,8 +12,8 @@ of the verifier's pass with 95% prompt-bootstrap CIs (``evaluation.stats.compare
    the same config and number of steps but the divergence; differences against the first listed): pass rate,
    and a diversity figure from what the verifier reads: per prompt, the standard deviation over seeds of the
    detected objects' mean centroid (x and y, fractions of the image) and of their mean area (fraction of the
-   image), averaged over prompts with at least two seeds that found an object. The paper's claim: JS and forward KL cover modes better (more
-   spread) than reverse KL.
+   image), averaged over prompts with at least two seeds that found an object. The paper's claim: JS and
+   forward KL cover modes better (more spread) than reverse KL.
 3. **ReNO** (``--reno-iterations N``, reward ``clip:1``, CFG off inside) on the student at 1 step against ReNO
    on the teacher at 4 steps: seconds per image and verifier pass, the two interleaved batch by batch.
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                   prompt_ids, "student", args.bootstrap)
     for arm, m in report["student_vs"].items():
         print(f"{arm} - student: {ci_text(m)}")
-    compared = list(parse_students(args.students))
+    compared = list(students)[1:]  # the --students, in their order
     if len(compared) > 1:  # the divergences at equal steps, against the first one listed
         report["divergences"] = paired({k: passes[k] for k in compared}, prompt_ids, compared[0], args.bootstrap)
         for arm, m in report["divergences"].items():

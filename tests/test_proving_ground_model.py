@@ -89,7 +89,7 @@ def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
     those defaults and StableDiffusionPipeline at one step (the folder's trailing DDIM schedule) agree."""
     from diffusers import StableDiffusionPipeline
 
-    from guidance.models import PROVING_GROUND_1STEP_MODEL, model_defaults
+    from guidance.models import model_defaults
     from guidance.sampler import initial_noise
 
     defaults = model_defaults("builtin:proving-ground-1step")
