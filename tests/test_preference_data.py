@@ -119,7 +119,7 @@ def pg_model():
 
 
 def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_model, one_thread):
-    from training.pairs import PairsConfig, build_pairs
+    from training.pairs import PairsConfig, build_pairs, image_seeds
     from training.preference_data import write_preference_pairs
 
     config = PairsConfig(output="", prompts="pg-train:single", max_prompts=2, images_per_prompt=3, steps=2, batch_size=6)
@@ -152,6 +152,15 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
         assert np.array_equal(np.asarray(data.pairs[0].images()[0]), pixels)
     best = build_pairs(PairsConfig(**{**config.__dict__, "pairing": "best-worst"}), model=pg_model, progress=False)
     assert len(best) == 2 and all(r["label_0"] == 1.0 for r in best)
+    rest = build_pairs(PairsConfig(**{**config.__dict__, "pairing": "best-rest"}), model=pg_model, progress=False)
+    n = config.images_per_prompt
+    assert len(rest) == len(best) * (n - 1)
+    for index, best_row in enumerate(best):  # the best image against each of the others of its prompt
+        prompt_rows = rest[index * (n - 1):(index + 1) * (n - 1)]
+        assert {r["seed_0"] for r in prompt_rows} == {best_row["seed_0"]}
+        others = set(image_seeds(config.seed, index, n)) - {best_row["seed_0"]}
+        assert {r["seed_1"] for r in prompt_rows} == others
+        assert all(r["score_0"] >= r["score_1"] and r["label_0"] == 1.0 for r in prompt_rows)
 
 
 def test_data_pairs_cli_rejects_bad_options(capsys):

@@ -3,7 +3,10 @@
 For every prompt, N images are sampled from the model (each with its own recorded seed, drawn from ``--seed``
 and the prompt's index), scored by any reward of :mod:`rewards`, and written as pairs with both scores and
 both seeds; the label prefers the higher-scored image (0.5/0.5 when the scores are equal). ``--pairing``
-chooses which pairs of a prompt's N images are written: ``all`` (N(N-1)/2 rows) or ``best-worst`` (one row).
+chooses which pairs of a prompt's N images are written: ``all`` (N(N-1)/2 rows), ``best-rest`` (the best-scored
+image against each of the others, N-1 rows) or ``best-worst`` (one row). ``best-rest`` keeps only the reward's
+most confident winners: on the proving ground the CLIP reward's best image of 12 passed the verifier on all 18
+training prompts while its pairwise order agreed with the verifier on 74% of the pairs whose pass differs.
 
     diffsteer data pairs -o pairs.parquet --prompts pg-train:single --images-per-prompt 4 --reward clip
 
@@ -24,7 +27,7 @@ import numpy as np
 
 from guidance.errors import InvalidInput
 
-PAIRINGS = ("all", "best-worst")
+PAIRINGS = ("all", "best-rest", "best-worst")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class PairsConfig:
     prompts: str = "pg-train:all"
     max_prompts: int | None = None
     images_per_prompt: int = 2
-    pairing: Literal["all", "best-worst"] = "all"
+    pairing: Literal["all", "best-rest", "best-worst"] = "all"
     reward: str = "clip"
     policy: str = "cfg:scale=1.5"
     scheduler: str = "ddim"
@@ -70,9 +73,12 @@ def choose_prompts(prompts: list[str], max_prompts: int | None, seed: int) -> li
 
 
 def pair_indices(scores: list[float], pairing: str) -> list[tuple[int, int]]:
-    """Which images of one prompt form rows: every unordered pair, or (best, worst)."""
+    """Which images of one prompt form rows: every unordered pair, (best, each other), or (best, worst)."""
+    best = int(np.argmax(scores))
     if pairing == "best-worst":
-        return [(int(np.argmax(scores)), int(np.argmin(scores)))]
+        return [(best, int(np.argmin(scores)))]
+    if pairing == "best-rest":
+        return [(best, i) for i in range(len(scores)) if i != best]
     return list(itertools.combinations(range(len(scores)), 2))
 
 
