@@ -3,12 +3,15 @@ by the verifier on held-out seeds with the A/B machinery.
 
 1. **Pairs.** ``diffsteer data pairs``' builder: ``--images-per-prompt`` images per training prompt of the
    ``--train-categories`` from the shipped model, scored by the proving-ground CLIP reward (never the verifier),
-   every pair of a prompt's images written with both scores (``pairs.parquet``; reused when present).
+   the pairs chosen by ``--pairing`` (every pair of a prompt's images, or its best image against each other one)
+   written with both scores (``pairs.parquet``; reused when present).
 2. **Training.** Diffusion-DPO and SmPO (LoRA, same data, seed, batch, learning rate and number of steps), their
    optimizer steps interleaved one by one so machine load hits both alike: the step-time ratio SmPO / DPO is the
    cost of the inversion. SmPO's β is set so that its mean effective strength over the data,
-   β_SmPO · mean|2p − 1|, equals Diffusion-DPO's β (``--smpo-beta`` overrides).
-3. **Evaluation.** ``evaluation.ab.run_ab`` per category: arms ``base``, ``dpo`` and ``smpo`` (the exported
+   β_SmPO · mean|2p − 1|, equals Diffusion-DPO's β (``--smpo-beta`` overrides). ``--smpo-inversion`` chooses the
+   SmPO arms: ``smpo`` (ReNoise inversion, the paper's method), ``smpo_noinv`` (its smoothed preference on
+   Diffusion-DPO's forward-noised latents), or both.
+3. **Evaluation.** ``evaluation.ab.run_ab`` per category: arms ``base``, ``dpo`` and the SmPO arms (the exported
    pipelines) at the same policy, on the held-out suite's prompts and seeds; verifier pass rates and the paired
    differences with 95% prompt-bootstrap CIs.
 
@@ -50,6 +53,12 @@ def make_pairs(args, out: Path) -> Path:
     return write_preference_pairs(path, build_pairs(config, progress=True))
 
 
+def smpo_arms(args) -> list[str]:
+    """The SmPO arms: ``smpo`` (ReNoise inversion, the paper's method) and/or ``smpo_noinv`` (its smoothed
+    preference alone, on Diffusion-DPO's forward-noised latents)."""
+    return {"on": ["smpo"], "off": ["smpo_noinv"], "both": ["smpo", "smpo_noinv"]}[args.smpo_inversion]
+
+
 def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
     from training.dpo import DPOConfig, DPOTrainer
     from training.preference_data import load_preference_pairs
@@ -65,12 +74,11 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
                             low, high, args.temperature)
     strength = float((2 * p - 1).abs().mean())
     smpo_beta = args.smpo_beta or args.beta / strength
-    trainers = {
-        "dpo": DPOTrainer(DPOConfig(**common, output_dir=str(out / "dpo"), beta=args.beta)),
-        "smpo": SmPOTrainer(SmPOConfig(**common, output_dir=str(out / "smpo"), beta=smpo_beta,
-                                       preference_temperature=args.temperature, inversion_steps=args.inversion_steps,
-                                       renoise_iterations=args.renoise_iterations)),
-    }
+    smpo_common = dict(common, beta=smpo_beta, preference_temperature=args.temperature,
+                       inversion_steps=args.inversion_steps, renoise_iterations=args.renoise_iterations)
+    trainers = {"dpo": DPOTrainer(DPOConfig(**common, output_dir=str(out / "dpo"), beta=args.beta))}
+    for arm in smpo_arms(args):
+        trainers[arm] = SmPOTrainer(SmPOConfig(**smpo_common, output_dir=str(out / arm), inversion=arm == "smpo"))
     times: dict[str, list[float]] = {k: [] for k in trainers}
     losses: dict[str, list[float]] = {k: [] for k in trainers}
     t_start = time.perf_counter()
@@ -90,7 +98,8 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
         "pairs": len(data), "ties": sum(q.label_0 == 0.5 for q in data.pairs), "score_range": [low, high],
         "mean_abs_2p_minus_1": strength, "dpo_beta": args.beta, "smpo_beta": smpo_beta,
         "step_s_median": {k: float(np.median(v)) for k, v in times.items()},
-        "step_time_ratio_smpo_over_dpo": float(np.median(np.array(times["smpo"]) / np.array(times["dpo"]))),
+        "step_time_ratio_over_dpo": {k: float(np.median(np.array(v) / np.array(times["dpo"])))
+                                     for k, v in times.items() if k != "dpo"},
         "final_loss": {k: float(np.mean(v[-10:])) for k, v in losses.items()},
         "exported": exported, "train_seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -99,23 +108,22 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
 def evaluate(args, out: Path) -> dict[str, Any]:
     from evaluation.ab import run_ab
 
-    arms = [f"base={args.policy}", f"dpo={args.policy}@{out / 'dpo' / 'pipeline'}",
-            f"smpo={args.policy}@{out / 'smpo' / 'pipeline'}"]
+    trained = ["dpo", *smpo_arms(args)]
+    arms = [f"base={args.policy}"] + [f"{arm}={args.policy}@{out / arm / 'pipeline'}" for arm in trained]
     results = {}
     for category in args.eval_categories.split(","):
-        trained = category in args.train_categories.split(",") or args.train_categories == "all"
+        in_training = category in args.train_categories.split(",") or args.train_categories == "all"
         run = run_ab({
             "model": "builtin:proving-ground", "arms": arms, "prompts": f"pg:{category}", "seed": args.eval_seed,
-            "seeds": args.eval_seeds, "max_prompts": args.eval_prompts if trained else args.other_eval_prompts,
+            "seeds": args.eval_seeds, "max_prompts": args.eval_prompts if in_training else args.other_eval_prompts,
             "steps": args.sample_steps, "scheduler": "ddim", "metrics": ["verifier"], "batch_size": args.batch_eval,
             "n_resamples": args.bootstrap, "output_dir": str(out / "eval" / category), "report": False,
         }, progress=ab_progress_printer(f"eval {category}"))
         results[category] = {
-            "trained": trained, "n": run["prompts"],
-            "pass": {arm: run["summary"][arm]["verifier.passed"]["mean"] for arm in ("base", "dpo", "smpo")},
-            "dpo_vs_base": ab_pair(run, "base", "dpo")["verifier.passed"],
-            "smpo_vs_base": ab_pair(run, "base", "smpo")["verifier.passed"],
-            "smpo_vs_dpo": ab_pair(run, "dpo", "smpo")["verifier.passed"],
+            "trained": in_training, "n": run["prompts"],
+            "pass": {arm: run["summary"][arm]["verifier.passed"]["mean"] for arm in ("base", *trained)},
+            **{f"{arm}_vs_base": ab_pair(run, "base", arm)["verifier.passed"] for arm in trained},
+            **{f"{arm}_vs_dpo": ab_pair(run, "dpo", arm)["verifier.passed"] for arm in trained if arm != "dpo"},
         }
     return results
 
@@ -135,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=5000.0, help="Diffusion-DPO's beta")
     ap.add_argument("--smpo-beta", type=float, default=None, help="SmPO's beta (default: matched strength, see above)")
     ap.add_argument("--temperature", type=float, default=1.0, help="SmPO's preference temperature")
+    ap.add_argument("--smpo-inversion", choices=("on", "off", "both"), default="on",
+                    help="SmPO arms: with ReNoise inversion (smpo), without (smpo_noinv: the smoothed preference alone), or both")
     ap.add_argument("--inversion-steps", type=int, default=5)
     ap.add_argument("--renoise-iterations", type=int, default=1)
     ap.add_argument("--eval-categories", default="single,two_objects,counting,position,colour_binding")
@@ -169,17 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"### Diffusion-DPO and SmPO on the proving ground ({tr['pairs']} pairs from "
           f"{args.train_categories} prompts, {args.train_steps} steps x {args.batch} pairs each, "
           f"{summary['seconds'] / 60:.1f} min)\n")
-    print(f"step time: DPO {tr['step_s_median']['dpo']:.2f} s, SmPO {tr['step_s_median']['smpo']:.2f} s, "
-          f"ratio SmPO/DPO {tr['step_time_ratio_smpo_over_dpo']:.2f} (median of interleaved steps); "
-          f"beta DPO {tr['dpo_beta']:g}, SmPO {tr['smpo_beta']:.4g} (mean |2p-1| {tr['mean_abs_2p_minus_1']:.3f})\n")
-    print("| category | trained | prompts x seeds | base | DPO | SmPO | DPO - base [95% CI] | SmPO - base [95% CI] | SmPO - DPO [95% CI] |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    smpo = smpo_arms(args)
+    print("step time (median of interleaved steps): DPO " + f"{tr['step_s_median']['dpo']:.2f} s, " + ", ".join(
+        f"{arm} {tr['step_s_median'][arm]:.2f} s (x{tr['step_time_ratio_over_dpo'][arm]:.2f} of DPO)" for arm in smpo)
+        + f"; beta DPO {tr['dpo_beta']:g}, SmPO {tr['smpo_beta']:.4g} (mean |2p-1| {tr['mean_abs_2p_minus_1']:.3f})\n")
+    columns = ["dpo - base"] + [f"{arm} - {ref}" for arm in smpo for ref in ("base", "dpo")]
+    print("| category | trained | prompts x seeds | base | dpo | " + " | ".join(smpo) + " | "
+          + " | ".join(f"{c} [95% CI]" for c in columns) + " |")
+    print("| --- " * (5 + len(smpo) + len(columns)) + "|")
     for category, r in evaluation.items():
         n = r["n"]
+        cells = [f"{r['pass'][arm]:.3f}" for arm in ("base", "dpo", *smpo)]
+        cells += [ci_text(r[c.replace(" - ", "_vs_")], tests=False) for c in columns]
         print(f"| {category} | {'yes' if r['trained'] else 'no'} | {n['n_prompts']} x {n['seeds_per_prompt']} | "
-              f"{r['pass']['base']:.3f} | {r['pass']['dpo']:.3f} | {r['pass']['smpo']:.3f} | "
-              f"{ci_text(r['dpo_vs_base'], tests=False)} | {ci_text(r['smpo_vs_base'], tests=False)} | "
-              f"{ci_text(r['smpo_vs_dpo'], tests=False)} |")
+              + " | ".join(cells) + " |")
     return 0
 
 

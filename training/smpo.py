@@ -28,6 +28,14 @@ is ``inversion_steps · (renoise_iterations + 1)`` extra UNet forwards (no backw
 
 With ``smoothed_preference: false`` and ``inversion: false`` it is Diffusion-DPO at the same β (on data
 without ties).
+
+Where the inversion hurts: on the proving ground (pairs sampled from the shipped model at ``cfg:scale=3``, the
+CLIP reward's best of 24 images against each of the others), training on the inverted latents made the objects
+shrink and vanish (held-out verifier pass 0.76 → 0.48 and 0.70 → 0.44 on two draws), with the trained or the
+frozen model inverting, at β 5000 or 9268; the same pairs on forward-noised latents (``inversion: false``)
+raised it, as Diffusion-DPO did. There the noise recovered from the inverted latents has a standard deviation
+of 0.4-0.7 instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS.md). Compare both
+settings on held-out prompts before relying on the inversion for a new model or data.
 """
 
 from __future__ import annotations
@@ -87,7 +95,8 @@ class SmPOConfig(DPOConfig):
     preference_temperature: float = field(default=1.0, metadata={
         "help": "Temperature tau of p = sigmoid((n0 - n1) / tau) (SmPO: 1; smaller is closer to the binary label)."})
     inversion: bool = field(default=True, metadata={
-        "help": "Carry the clean latents to t by ReNoise inversion (false: Diffusion-DPO's random forward noise)."})
+        "help": "Carry the clean latents to t by ReNoise inversion (false: Diffusion-DPO's random forward noise; "
+                "on the proving ground's self-generated pairs the inversion lowered the held-out pass rate, see the module docstring)."})
     inversion_steps: int = field(default=5, metadata={
         "help": "Inverse DDIM steps from the clean latent to t (SmPO's SD1.5 setting: 5; SDXL: 10)."})
     renoise_iterations: int = field(default=1, metadata={
