@@ -31,11 +31,12 @@ without ties).
 
 Where the inversion hurts: on the proving ground (pairs sampled from the shipped model at ``cfg:scale=3``, the
 CLIP reward's best of 24 images against each of the others), training on the inverted latents made the objects
-shrink and vanish (held-out verifier pass 0.76 → 0.48 and 0.70 → 0.44 on two draws), with the trained or the
-frozen model inverting, at β 5000 or 9268; the same pairs on forward-noised latents (``inversion: false``)
-raised it, as Diffusion-DPO did. There the noise recovered from the inverted latents has a standard deviation
-of 0.4-0.7 instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS.md). Compare both
-settings on held-out prompts before relying on the inversion for a new model or data.
+shrink and vanish: held-out verifier pass down 20-42 points on four draws (e.g. 0.76 → 0.48), with the model
+being trained inverting at β 5000, 9268 and 20000, and with the frozen base model inverting at 9268. The same
+pairs on forward-noised latents (``inversion: false``) raised it by 4-11 points at β 9268 and 20000, Diffusion-DPO by 7-15. There
+the noise recovered from the inverted latents has a standard deviation of 0.4-0.7 instead of 1, and the model's
+own error on them is already 0.02-0.04 (BENCHMARKS.md). Compare both settings on held-out prompts before relying
+on the inversion for a new model or data.
 """
 
 from __future__ import annotations
