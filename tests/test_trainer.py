@@ -182,6 +182,41 @@ def test_two_processes_that_resolve_different_devices_both_refuse(tmp_path):
         assert "device: the processes disagree on the device (rank 0: cpu, rank 1: cuda:0)" in out
 
 
+SHARE_SCRIPT = """
+import json, torch
+import training.distributed as d
+p = d.init_processes("cpu")
+done = []
+def compute(i):
+    done.append(i)
+    return {"item": i, "by": p.rank, "latents": torch.full((2, 3), float(i))}
+results = p.share_work(5, compute)
+print(json.dumps({"done": done, "items": [r["item"] for r in results], "by": [r["by"] for r in results],
+                  "values": [float(r["latents"].sum()) for r in results]}))
+p.close()
+"""
+
+
+def test_share_work_computes_each_item_once_and_gives_every_process_all_of_them(tmp_path):
+    import json
+
+    from test_service_support import free_port
+
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", SHARE_SCRIPT], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["done"] == [i for i in range(5) if i % 2 == rank]
+        assert seen["items"] == [0, 1, 2, 3, 4] and seen["by"] == [0, 1, 0, 1, 0]
+        assert seen["values"] == [6.0 * i for i in range(5)]
+    from training.distributed import Processes
+
+    assert Processes().share_work(3, lambda i: i * i) == [0, 1, 4]
+
+
 def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
     """`accelerate launch --num_processes 2 --cpu` starts one process: the trainer says so instead of training."""
     config = _write_config(tmp_path, "acc", max_steps=1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -164,6 +164,19 @@ class Processes:
         values = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64)
         torch.distributed.all_reduce(values)
         return {n: float(v) / self.world_size for n, v in zip(names, values.tolist())}
+
+    def share_work(self, n_items: int, compute: Callable[[int], Any]) -> list[Any]:
+        """``[compute(i) for i in range(n_items)]`` on every process, each item computed once, by process
+        ``i % world_size``, and sent from there to the others (over the default gloo group: keep results on the
+        CPU). The results equal one process's when ``compute(i)`` depends only on ``i``."""
+        if not self.distributed:
+            return [compute(i) for i in range(n_items)]
+        results: list[Any] = []
+        for i in range(n_items):
+            box = [compute(i) if i % self.world_size == self.rank else None]
+            torch.distributed.broadcast_object_list(box, src=i % self.world_size)
+            results.append(box[0])
+        return results
 
     def any(self, flag: bool) -> bool:
         """True on every process when it is True on any."""

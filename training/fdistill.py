@@ -511,7 +511,8 @@ class FDistillTrainer(Trainer):
     @torch.no_grad()
     def regression_pairs(self, batch_size: int = 16) -> tuple[list[str], list[int], torch.Tensor]:
         """The regression loss's fixed pairs: prompts (training captions or prompts) and noise seeds drawn from the
-        config's seed, and the teacher's ``teacher_steps``-step samples (``teacher_policy``) from that noise."""
+        config's seed, and the teacher's ``teacher_steps``-step samples (``teacher_policy``) from that noise, the
+        batches shared among the processes (every process ends with all of them, on the CPU)."""
         from tqdm import tqdm
 
         from guidance.sampler import prepare
@@ -523,11 +524,16 @@ class FDistillTrainer(Trainer):
         else:
             prompts = [self.train_prompts[int(i)] for i in rng.integers(0, len(self.train_prompts), c.regression_pairs)]
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, c.regression_pairs)]
-        samples = []
         starts = range(0, len(seeds), batch_size)
-        for start in tqdm(starts, desc="regression pairs", disable=not (c.progress and self.processes.is_main)):
-            chunk = slice(start, start + batch_size)
-            samples.append(prepare(self.model, self._teacher_params(prompts[chunk], seeds[chunk])).run().latents.float())
+        own = len(range(self.processes.rank, len(starts), self.processes.world_size))
+        with tqdm(total=own, desc="regression pairs", disable=not (c.progress and self.processes.is_main)) as bar:
+            def sample_chunk(index: int) -> torch.Tensor:  # each process samples every world_size-th chunk
+                chunk = slice(starts[index], starts[index] + batch_size)
+                latents = prepare(self.model, self._teacher_params(prompts[chunk], seeds[chunk])).run().latents
+                bar.update()
+                return latents.float().cpu()
+
+            samples = self.processes.share_work(len(starts), sample_chunk)
         return prompts, seeds, torch.cat(samples)
 
     # ------------------------------------------------------------------ models the loop reads
