@@ -48,7 +48,7 @@ def make_pairs(args, out: Path) -> Path:
     if path.is_file():
         return path
     config = PairsConfig(output=str(path), prompts=f"pg-train:{args.train_categories}", max_prompts=args.max_train_prompts,
-                         images_per_prompt=args.images_per_prompt, pairing=args.pairing, reward="clip", policy=args.policy,
+                         images_per_prompt=args.images_per_prompt, pairing=args.pairing, best_k=args.best_k, reward="clip", policy=args.policy,
                          scheduler="ddim", steps=args.sample_steps, seed=args.seed, batch_size=args.batch_eval)
     return write_preference_pairs(path, build_pairs(config, progress=True))
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-train-prompts", type=int, default=None, help="training prompts kept (default: all)")
     ap.add_argument("--images-per-prompt", type=int, default=6, help="images sampled per training prompt")
     ap.add_argument("--pairing", default="all", help="which pairs of a prompt's images (diffsteer data pairs --pairing)")
+    ap.add_argument("--best-k", type=int, default=1, help="with --pairing best-rest: how many best images per prompt")
     ap.add_argument("--policy", default="cfg:scale=1.5", help="guidance of the pair sampling and the evaluation")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sampling and the evaluation")
     ap.add_argument("--train-steps", type=int, default=100, help="optimizer steps of each method")

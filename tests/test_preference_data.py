@@ -155,12 +155,23 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
     rest = build_pairs(PairsConfig(**{**config.__dict__, "pairing": "best-rest"}), model=pg_model, progress=False)
     n = config.images_per_prompt
     assert len(rest) == len(best) * (n - 1)
-    for index, best_row in enumerate(best):  # the best image against each of the others of its prompt
+    for index, best_row in enumerate(best):  # the best image against each of the others of its prompt, in image order
         prompt_rows = rest[index * (n - 1):(index + 1) * (n - 1)]
         assert {r["seed_0"] for r in prompt_rows} == {best_row["seed_0"]}
-        others = set(image_seeds(config.seed, index, n)) - {best_row["seed_0"]}
-        assert {r["seed_1"] for r in prompt_rows} == others
+        others = [s for s in image_seeds(config.seed, index, n) if s != best_row["seed_0"]]
+        assert [r["seed_1"] for r in prompt_rows] == others
         assert all(r["score_0"] >= r["score_1"] and r["label_0"] == 1.0 for r in prompt_rows)
+
+
+def test_pair_indices_hand_worked():
+    from training.pairs import pair_indices
+
+    scores = [0.2, 0.9, 0.5, 0.1]  # ranked: image 1, 2, 0, 3
+    assert pair_indices(scores, "best-worst") == [(1, 3)]
+    assert pair_indices(scores, "best-rest") == [(1, 0), (1, 2), (1, 3)]
+    assert pair_indices(scores, "best-rest", 2) == [(1, 0), (1, 2), (1, 3), (2, 0), (2, 3)]
+    assert pair_indices(scores, "best-rest", 3) == [(1, 0), (1, 2), (1, 3), (2, 0), (2, 3), (0, 3)]
+    assert sorted(map(sorted, pair_indices(scores, "best-rest", 3))) == sorted(map(sorted, pair_indices(scores, "all")))
 
 
 def test_data_pairs_cli_rejects_bad_options(capsys):
@@ -172,3 +183,5 @@ def test_data_pairs_cli_rejects_bad_options(capsys):
     assert "--output" in capsys.readouterr().err
     assert main(["data", "pairs", "-o", "x.parquet", "--pairing", "some"]) == 2
     assert "--pairing" in capsys.readouterr().err
+    assert main(["data", "pairs", "-o", "x.parquet", "--pairing", "best-rest", "--best-k", "2"]) == 2
+    assert "--best-k: must be in [1, 1]" in capsys.readouterr().err

@@ -3,10 +3,11 @@
 For every prompt, N images are sampled from the model (each with its own recorded seed, drawn from ``--seed``
 and the prompt's index), scored by any reward of :mod:`rewards`, and written as pairs with both scores and
 both seeds; the label prefers the higher-scored image (0.5/0.5 when the scores are equal). ``--pairing``
-chooses which pairs of a prompt's N images are written: ``all`` (N(N-1)/2 rows), ``best-rest`` (the best-scored
-image against each of the others, N-1 rows) or ``best-worst`` (one row). ``best-rest`` keeps only the reward's
-most confident winners: on the proving ground the CLIP reward's best image of 12 passed the verifier on all 18
-training prompts while its pairwise order agreed with the verifier on 74% of the pairs whose pass differs.
+chooses which pairs of a prompt's N images are written: ``all`` (N(N-1)/2 rows), ``best-rest`` (each of the
+``--best-k`` best-scored images against every image ranked below it; k = 1: N-1 rows) or ``best-worst`` (one
+row). ``best-rest`` keeps only the reward's most confident winners: on the proving ground the CLIP reward's best
+image of 12 passed the verifier on all 18 training prompts (its best 3: 52 of 54 images) while its pairwise order
+agreed with the verifier on 74% of the pairs whose pass differs.
 
     diffsteer data pairs -o pairs.parquet --prompts pg-train:single --images-per-prompt 4 --reward clip
 
@@ -38,6 +39,7 @@ class PairsConfig:
     max_prompts: int | None = None
     images_per_prompt: int = 2
     pairing: Literal["all", "best-rest", "best-worst"] = "all"
+    best_k: int = 1
     reward: str = "clip"
     policy: str = "cfg:scale=1.5"
     scheduler: str = "ddim"
@@ -54,6 +56,9 @@ class PairsConfig:
                 raise InvalidInput(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(self, name)}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise InvalidInput("--max-prompts", f"must be at least 1, got {self.max_prompts}")
+        if self.best_k < 1 or self.best_k >= self.images_per_prompt:
+            raise InvalidInput("--best-k", f"must be in [1, {self.images_per_prompt - 1}] (below --images-per-prompt), "
+                                           f"got {self.best_k}")
         if self.pairing not in PAIRINGS:
             raise InvalidInput("--pairing", f"unknown value {self.pairing!r}; accepted values: {', '.join(PAIRINGS)}")
 
@@ -72,13 +77,15 @@ def choose_prompts(prompts: list[str], max_prompts: int | None, seed: int) -> li
     return [prompts[i] for i in sorted(keep)]
 
 
-def pair_indices(scores: list[float], pairing: str) -> list[tuple[int, int]]:
-    """Which images of one prompt form rows: every unordered pair, (best, each other), or (best, worst)."""
-    best = int(np.argmax(scores))
+def pair_indices(scores: list[float], pairing: str, best_k: int = 1) -> list[tuple[int, int]]:
+    """Which images of one prompt form rows: every unordered pair; each of the ``best_k`` best (best first)
+    against every image ranked below it (in image order); or (best, worst)."""
     if pairing == "best-worst":
-        return [(best, int(np.argmin(scores)))]
+        return [(int(np.argmax(scores)), int(np.argmin(scores)))]
     if pairing == "best-rest":
-        return [(best, i) for i in range(len(scores)) if i != best]
+        rank = np.argsort(-np.asarray(scores), kind="stable")
+        position = {int(i): r for r, i in enumerate(rank)}
+        return [(int(w), i) for w in rank[:best_k] for i in range(len(scores)) if position[i] > position[int(w)]]
     return list(itertools.combinations(range(len(scores)), 2))
 
 
@@ -121,7 +128,7 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
         own = records[i * n:(i + 1) * n]
         own_scores = scores[i * n:(i + 1) * n]
         encoded = [encode_image(Image.fromarray(r.image), "png", r.metadata) for r in own]
-        for a, b in pair_indices(own_scores, config.pairing):
+        for a, b in pair_indices(own_scores, config.pairing, config.best_k):
             label = preference_label(own_scores[a], own_scores[b])
             rows.append({
                 "caption": prompt, "jpg_0": encoded[a], "jpg_1": encoded[b], "label_0": label, "label_1": 1.0 - label,
@@ -137,7 +144,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
     config = PairsConfig(
         output=args.output, model=args.model, prompts=args.prompts, max_prompts=args.max_prompts,
-        images_per_prompt=args.images_per_prompt, pairing=args.pairing, reward=args.reward, policy=args.policy,
+        images_per_prompt=args.images_per_prompt, pairing=args.pairing, best_k=args.best_k, reward=args.reward, policy=args.policy,
         scheduler=args.scheduler, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
     )
     if not config.output.endswith((".parquet", ".jsonl")):
@@ -162,6 +169,8 @@ def add_data_parser(subparsers) -> None:
     p.add_argument("--max-prompts", type=int, default=None, help="a seeded sample of this many prompts (default: all)")
     p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, help="N images sampled per prompt")
     p.add_argument("--pairing", default=d.pairing, help=f"which pairs of a prompt's images: {', '.join(PAIRINGS)}")
+    p.add_argument("--best-k", type=int, default=d.best_k,
+                   help="with --pairing best-rest: how many of the best images each face every image ranked below them")
     p.add_argument("--reward", default=d.reward, help="reward of rewards/ that scores the images, e.g. clip, 'hps:1'")
     p.add_argument("--policy", default=d.policy, help="guidance policy of the sampling")
     p.add_argument("--scheduler", default=d.scheduler)
