@@ -185,3 +185,29 @@ def test_data_pairs_cli_rejects_bad_options(capsys):
     assert "--pairing" in capsys.readouterr().err
     assert main(["data", "pairs", "-o", "x.parquet", "--pairing", "best-rest", "--best-k", "2"]) == 2
     assert "--best-k: must be in [1, 1]" in capsys.readouterr().err
+
+
+def test_pooling_training_seeds_averages_runs_and_refuses_different_items(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.pool_preference_runs import main
+
+    def write_run(name, dpo, base=(1, 0, 0, 1)):
+        folder = tmp_path / name / "eval" / "single"
+        folder.mkdir(parents=True)
+        items = [("p0", 1), ("p0", 2), ("p1", 1), ("p1", 2)]
+        with open(folder / "records.jsonl", "w") as f:
+            for arm, values in (("base", base), ("dpo", dpo)):
+                for (pid, seed), v in zip(items, values):
+                    f.write(json.dumps({"arm": arm, "prompt_id": pid, "seed": seed, "metrics": {"verifier.passed": v}}) + "\n")
+        return str(tmp_path / name)
+
+    a, b = write_run("a", (1, 1, 0, 1)), write_run("b", (1, 1, 1, 1))
+    assert main([a, b, "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    # per run: dpo - base = +0.25 and +0.5; their mean +0.375, the pooled difference the same
+    assert "| dpo - base | +0.250, +0.500 | +0.375 [" in out and "| +0.375 [" in out.split("+0.375 [", 1)[1]
+    assert main([a, write_run("c", (1, 1, 1, 1), base=(0, 0, 0, 1))]) == 2
+    assert "do not share their evaluation items" in capsys.readouterr().err
