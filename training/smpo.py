@@ -33,10 +33,10 @@ Where the inversion hurts: on the proving ground (pairs sampled from the shipped
 CLIP reward's best of 24 images against each of the others), training on the inverted latents made the objects
 shrink and vanish: held-out verifier pass down 20-42 points on four draws (e.g. 0.76 → 0.48), with the model
 being trained inverting at β 5000, 9268 and 20000, and with the frozen base model inverting at 9268. The same
-pairs on forward-noised latents (``inversion: false``) raised it by 4-11 points at β 9268 and 20000, Diffusion-DPO by 7-15. There
-the noise recovered from the inverted latents has a standard deviation of 0.4-0.7 instead of 1, and the model's
-own error on them is already 0.02-0.04 (BENCHMARKS.md). Compare both settings on held-out prompts before relying
-on the inversion for a new model or data.
+pairs on forward-noised latents (``inversion: false``) raised it, by 5 points over five training seeds
+(Diffusion-DPO by 7). There the noise recovered from the inverted latents has a standard deviation of 0.4-0.7
+instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS.md). Compare both settings on
+held-out prompts before relying on the inversion for a new model or data.
 """
 
 from __future__ import annotations
