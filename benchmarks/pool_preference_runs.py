@@ -16,7 +16,6 @@ evaluation items (the base arm's images are identical; checked here), so their a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,16 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
+from evaluation.ab import RecordStore  # noqa: E402
 from evaluation.stats import compare  # noqa: E402
 
 
 def read_run(folder: Path, category: str) -> dict[str, dict[tuple[str, int], float]]:
-    """{arm: {(prompt_id, seed): verifier pass}} of one run's evaluation of ``category``."""
+    """{arm: {(prompt_id, seed): verifier pass}} of one run's evaluation of ``category`` (its A/B records)."""
     arms: dict[str, dict[tuple[str, int], float]] = {}
-    with open(folder / "eval" / category / "records.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            arms.setdefault(row["arm"], {})[(row["prompt_id"], row["seed"])] = float(row["metrics"]["verifier.passed"])
+    for (arm, prompt_id, seed), rec in RecordStore(folder / "eval" / category / "records.jsonl").records.items():
+        arms.setdefault(arm, {})[(prompt_id, seed)] = float(rec["metrics"]["verifier.passed"])
     return arms
 
 
