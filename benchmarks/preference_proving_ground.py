@@ -184,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     print("step time (median of interleaved steps): DPO " + f"{tr['step_s_median']['dpo']:.2f} s, " + ", ".join(
         f"{arm} {tr['step_s_median'][arm]:.2f} s (x{tr['step_time_ratio_over_dpo'][arm]:.2f} of DPO)" for arm in smpo)
         + f"; beta DPO {tr['dpo_beta']:g}, SmPO {tr['smpo_beta']:.4g} (mean |2p-1| {tr['mean_abs_2p_minus_1']:.3f})\n")
-    columns = ["dpo - base"] + [f"{arm} - {ref}" for arm in smpo for ref in ("base", "dpo")]
+    columns = [("dpo", "base")] + [(arm, ref) for arm in smpo for ref in ("base", "dpo")]
     print("| category | trained | prompts x seeds | base | dpo | " + " | ".join(smpo) + " | "
-          + " | ".join(f"{c} [95% CI]" for c in columns) + " |")
+          + " | ".join(f"{arm} - {ref} [95% CI]" for arm, ref in columns) + " |")
     print("| --- " * (5 + len(smpo) + len(columns)) + "|")
     for category, r in evaluation.items():
         n = r["n"]
         cells = [f"{r['pass'][arm]:.3f}" for arm in ("base", "dpo", *smpo)]
-        cells += [ci_text(r[c.replace(" - ", "_vs_")], tests=False) for c in columns]
+        cells += [ci_text(r[f"{arm}_vs_{ref}"], tests=False) for arm, ref in columns]
         print(f"| {category} | {'yes' if r['trained'] else 'no'} | {n['n_prompts']} x {n['seeds_per_prompt']} | "
               + " | ".join(cells) + " |")
     return 0
