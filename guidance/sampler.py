@@ -270,9 +270,12 @@ def check_request(
     rewards: RewardModels | None = None,
 ) -> CheckedRequest:
     """Validate ``params`` against ``limits`` and ``model`` (InvalidInput names the field; the cost limits are
-    relative to the model's native size, :mod:`guidance.cost`), running no module."""
+    relative to the model's native size, :mod:`guidance.cost`), running no module. The policy and steps a request
+    does not name come from the model's recommendations (``model.defaults``, its ``diffsteer.json``), as in the
+    service and the CLI: a one-step student given only a prompt samples in one step, unguided."""
     limits = limits or Limits()
     params = GenerationParams.parse(params, limits)
+    params = params.with_model_defaults(model.defaults, params.model_fields_set, limits)
     policy = build_policy(params.policy)
     cost = generation_cost(params, policy, model.native_size)
     check_cost(cost, model.native_size, limits.max_cost, limits.max_area_factor)
