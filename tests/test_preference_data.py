@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from guidance.errors import InvalidInput
@@ -211,3 +212,23 @@ def test_pooling_training_seeds_averages_runs_and_refuses_different_items(tmp_pa
     assert "| dpo - base | +0.250, +0.500 | +0.375 [" in out and "| +0.375 [" in out.split("+0.375 [", 1)[1]
     assert main([a, write_run("c", (1, 1, 1, 1), base=(0, 0, 0, 1))]) == 2
     assert "do not share their evaluation items" in capsys.readouterr().err
+
+
+def test_learned_guidance_reads_a_change_against_the_guidance_direction(capsys):
+    """benchmarks/learned_guidance.py: a hand-made change δ_c = 0.3 g + h (h ⟂ g), δ_u = 0.1 g gives
+    k = 0.2, cos = 0.3‖g‖/‖δ_c‖; the base model read against itself changes nothing."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.learned_guidance import guidance_alignment, main
+
+    g = torch.tensor([[3.0, 0.0, 4.0, 0.0]])
+    h = torch.tensor([[0.0, 2.0, 0.0, 0.0]])
+    r = guidance_alignment(0.3 * g + h, 0.1 * g, g)
+    assert r["k"] == pytest.approx(0.2)
+    assert r["cos"] == pytest.approx(1.5 / (1.5**2 + 2**2) ** 0.5)
+    assert r["relative_size"] == pytest.approx((1.5**2 + 2**2) ** 0.5 / 5)
+    assert main(["builtin:proving-ground", "--items", "2", "--steps", "3", "--record", "1,2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| builtin:proving-ground |")]
+    assert len(rows) == 2 and all("| +0.000 | 0.000 |" in row for row in rows), rows
