@@ -35,8 +35,12 @@ shrink and vanish: held-out verifier pass down 20-42 points on four draws (e.g. 
 being trained inverting at β 5000, 9268 and 20000, and with the frozen base model inverting at 9268. The same
 pairs on forward-noised latents (``inversion: false``) raised it, by 5 points over five training seeds
 (Diffusion-DPO by 7). There the noise recovered from the inverted latents has a standard deviation of 0.4-0.7
-instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS.md). Compare both settings on
-held-out prompts before relying on the inversion for a new model or data.
+instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS.md). The public code's inversion
+grid (a fixed grid through the points below t, the latent then treated as t's) lost 13-18 points as well. The
+damage grows with the guidance scale (object presence −5 points unguided, −22 at cfg 3), and the inversion-trained
+model lacks what the fine-tunes that gained have in common: about 0.1-0.18 of extra guidance scale along the base
+model's guidance direction mid-trajectory (``benchmarks/learned_guidance.py``). Compare both settings on held-out
+prompts before relying on the inversion for a new model or data.
 """
 
 from __future__ import annotations
