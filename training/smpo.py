@@ -39,7 +39,8 @@ instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS
 grid (a fixed grid through the points below t, the latent then treated as t's) lost 13-18 points as well. The
 damage grows with the guidance scale (object presence −5 points unguided, −22 at cfg 3), and the inversion-trained
 model lacks what the fine-tunes that gained have in common: about 0.1-0.18 of extra guidance scale along the base
-model's guidance direction mid-trajectory (``benchmarks/learned_guidance.py``). Compare both settings on held-out
+model's guidance direction mid-trajectory (``benchmarks/learned_guidance.py``; a guidance schedule adding the same
+does not reproduce their gain, so it marks them rather than explains them). Compare both settings on held-out
 prompts before relying on the inversion for a new model or data.
 """
 
