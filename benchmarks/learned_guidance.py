@@ -63,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     base = load_model(args.base, device="cpu")
     items = heldout_suite(args.category, args.items, seed=args.suite_seed)
     prompts = [i.prompt for i in items]
-    record = sorted(int(s) for s in args.record.split(","))
-    if record[-1] >= args.steps:
-        ap.error(f"--record: every step must be below --steps ({args.steps}): the next step's timestep is read")
+    try:
+        record = sorted(int(s) for s in args.record.split(","))
+    except ValueError:
+        ap.error(f"--record: comma-separated step numbers, got {args.record!r}")
+    if record[0] < 1 or record[-1] >= args.steps:
+        ap.error(f"--record: steps are 1 to {args.steps - 1} (below --steps: the next step's timestep is read)")
     states: dict[int, torch.Tensor] = {}
 
     def keep(event) -> None:
