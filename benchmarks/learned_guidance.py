@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        record = sorted(int(s) for s in args.record.split(","))
+    except ValueError:
+        ap.error(f"--record: comma-separated step numbers, got {args.record!r}")
+    if record[0] < 1 or record[-1] >= args.steps:
+        ap.error(f"--record: steps are 1 to {args.steps - 1} (below --steps: the next step's timestep is read)")
 
     from guidance.conditioning import encode_conditions
     from guidance.denoiser import call_unet
@@ -63,12 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     base = load_model(args.base, device="cpu")
     items = heldout_suite(args.category, args.items, seed=args.suite_seed)
     prompts = [i.prompt for i in items]
-    try:
-        record = sorted(int(s) for s in args.record.split(","))
-    except ValueError:
-        ap.error(f"--record: comma-separated step numbers, got {args.record!r}")
-    if record[0] < 1 or record[-1] >= args.steps:
-        ap.error(f"--record: steps are 1 to {args.steps - 1} (below --steps: the next step's timestep is read)")
     states: dict[int, torch.Tensor] = {}
 
     def keep(event) -> None:
