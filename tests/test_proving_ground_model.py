@@ -100,6 +100,9 @@ def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
     assert ours.nfe == [1, 1] and (ours.params.steps, ours.params.policy.spec()) == (1, "cfg:scale=1.0")
     named = generate(model, {"prompt": prompts[:1], "seeds": [3], "scheduler": "default", "steps": 2, "policy": "cfg:scale=2"})
     assert named.nfe == [4] and named.params.policy.spec() == "cfg:scale=2.0"  # what a request names wins
+    from guidance.request import GenerationParams
+
+    assert generate(model, GenerationParams(prompt="a red circle", seed=3)).nfe == [1]  # a params object alike
     pipe = StableDiffusionPipeline.from_pretrained(str(PROVING_GROUND_1STEP_MODEL))
     pipe.set_progress_bar_config(disable=True)
     latents, _ = initial_noise([3, 4], (4, 16, 16), torch.device("cpu"))
