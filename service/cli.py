@@ -52,13 +52,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     defaults = model_defaults(args.model)  # the model folder's diffsteer.json, read without loading the model
     max_size = args.max_size if args.max_size is not None else (defaults.max_size or 2048)
     limits = Limits(max_width=max_size, max_height=max_size)
+    named = {k: v for k, v in (("policy", args.policy), ("steps", args.steps)) if v is not None}
     params = GenerationParams.parse(
         {
             "prompt": args.prompt,
             "negative_prompt": args.negative,
-            "policy": args.policy if args.policy is not None else defaults.policy,
-            "steps": args.steps if args.steps is not None else (
-                defaults.steps or GenerationParams.model_fields["steps"].default),
+            **named,
             "scheduler": args.scheduler,
             "seed": args.seed,
             "num_images": args.num_images,
@@ -67,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "eta": args.eta,
         },
         limits,
-    )
+    ).with_model_defaults(defaults, set(named), limits)  # what generate() fills too; here before the model loads
     paths = output_paths(args.output, params.num_images)
     model = load_model(args.model, device=args.device, dtype=args.dtype, config=args.model_config,
                        fast_paths=args.fast_paths)

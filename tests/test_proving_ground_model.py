@@ -136,3 +136,14 @@ def test_the_service_serves_the_one_step_student_with_its_defaults():
         assert r.status_code == 200, r.text
         served = pixels(decode_image(r.json()["images"][0]))
     assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
+
+
+def test_the_cli_samples_the_one_step_student_with_its_defaults(tmp_path, capsys):
+    """``diffsteer generate --model builtin:proving-ground-1step``: one step unless the command names others."""
+    from service.cli import main
+
+    common = ["generate", "a red circle", "--model", "builtin:proving-ground-1step", "--device", "cpu", "--seed", "1"]
+    assert main([*common, "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--steps", "2", "--policy", "cfg:scale=2", "-o", str(tmp_path / "b.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].endswith("nfe=1") and lines[-1].endswith("nfe=4"), lines
