@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from proving_ground import CATEGORIES  # noqa: E402
+
 
 def guidance_alignment(delta_cond: torch.Tensor, delta_uncond: torch.Tensor, guidance: torch.Tensor) -> dict[str, float]:
     """cos(δ_c, g), k = ⟨δ_c − δ_u, g⟩/‖g‖² and ‖δ_c‖/‖g‖ per image ([B, ...] each), averaged over the batch."""
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pipelines", nargs="+", help="tuned diffusers folders (e.g. a preference run's */pipeline)")
     ap.add_argument("--base", default="builtin:proving-ground", help="the model they were tuned from")
-    ap.add_argument("--category", default="single", help="proving-ground category of the held-out items")
+    ap.add_argument("--category", default="single", choices=CATEGORIES, help="proving-ground category of the held-out items")
     ap.add_argument("--items", type=int, default=32)
     ap.add_argument("--suite-seed", type=int, default=4)
     ap.add_argument("--policy", default="cfg:scale=3", help="guidance of the base trajectories")
@@ -58,7 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--record: comma-separated step numbers, got {args.record!r}")
     if record[0] < 1 or record[-1] >= args.steps:
         ap.error(f"--record: steps are 1 to {args.steps - 1} (below --steps: the next step's timestep is read)")
+    from guidance.errors import InvalidInput
 
+    try:
+        report(args, record)
+    except InvalidInput as e:  # a missing pipeline folder, an unknown category or policy
+        ap.error(str(e))
+    return 0
+
+
+def report(args: argparse.Namespace, record: list[int]) -> None:
+    """Sample the base trajectories and print each pipeline's rows."""
     from guidance.conditioning import encode_conditions
     from guidance.denoiser import call_unet
     from guidance.models import load_model
@@ -97,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
                 r = guidance_alignment(n["cond"] - b["cond"], n["uncond"] - b["uncond"], b["cond"] - b["uncond"])
                 print(f"| {path} | {step} | {int(t[0])} | {r['cos']:+.3f} | {r['k']:+.3f} | {r['relative_size']:.3f} |",
                       flush=True)
-    return 0
 
 
 if __name__ == "__main__":
