@@ -232,3 +232,48 @@ def test_learned_guidance_reads_a_change_against_the_guidance_direction(capsys):
     assert main(["builtin:proving-ground", "--items", "2", "--steps", "3", "--record", "1,2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| builtin:proving-ground |")]
     assert len(rows) == 2 and all("| +0.000 | 0.000 |" in row for row in rows), rows
+
+
+def test_preference_calibration_hand_worked(tmp_path, capsys):
+    """benchmarks/preference_calibration.py on three hand-made pairs of rendered (verifier: pass) and blank
+    (fail) scenes: a confident right pair (v = +1), an unsure wrong one (v = −1), one with two passing images
+    (v = 0). With scores 0..10 and τ = 1: p = σ(n^0 − n^1), so |2p − 1| = tanh(Δn / 2)."""
+    import math
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.preference_calibration import main
+    from proving_ground.prompts import training_prompt_specs
+    from proving_ground.render import render_prompt
+    from proving_ground.verifier import verify
+    from proving_ground.world import caption
+    from training.preference_data import write_preference_pairs
+
+    spec = training_prompt_specs("single")[0]
+
+    def png(array) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    scene_a, scene_b = render_prompt(spec, 1)[0], render_prompt(spec, 2)[0]
+    blank = np.full_like(scene_a, scene_a[0, 0])
+    assert verify(scene_a, spec).passed and verify(scene_b, spec).passed and not verify(blank, spec).passed
+    text = caption(spec)
+    row = {"caption": text, "label_0": 1.0, "label_1": 0.0}
+    write_preference_pairs(tmp_path / "pairs.parquet", [
+        {**row, "jpg_0": png(scene_a), "jpg_1": png(blank), "score_0": 10.0, "score_1": 0.0, "seed_0": 1, "seed_1": 3},
+        {**row, "jpg_0": png(blank), "jpg_1": png(scene_b), "score_0": 6.0, "score_1": 5.0, "seed_0": 3, "seed_1": 2},
+        {**row, "jpg_0": png(scene_a), "jpg_1": png(scene_b), "score_0": 8.0, "score_1": 4.0, "seed_0": 1, "seed_1": 2},
+    ])
+    assert main([str(tmp_path / "pairs.parquet"), "--temperature", "1", "--bins", "3"]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.err.strip().splitlines()[-1])
+    c_right, c_wrong, c_both = math.tanh(0.5), math.tanh(0.05), math.tanh(0.2)
+    assert [r["mean_signal"] for r in report["by_confidence"]] == [-1.0, 0.0, 1.0]
+    assert [r["confidence"][0] for r in report["by_confidence"]] == pytest.approx([c_wrong, c_both, c_right])
+    assert report["signal_per_unit_push"]["dpo"] == pytest.approx(0.0)
+    assert report["signal_per_unit_push"]["smpo"] == pytest.approx((c_right - c_wrong) / (c_right + c_wrong + c_both))
+    assert main([str(tmp_path / "missing.parquet")]) == 2
+    assert "missing.parquet" in capsys.readouterr().err
