@@ -144,6 +144,9 @@ def pass_comparison(model, args) -> dict[str, Any]:
         "seconds": {k: float(np.sum(v)) for k, v in times.items()},
         "time_ratio": ratio(np.arange(len(cfg_mean))), "time_ratio_ci": [r_lo, r_hi],
         "mean_schedule_by_step": np.mean(schedules, axis=0).round(2).tolist() if schedules else [],
+        # per test item, so that draws can be pooled and other arms compared on the same items later
+        "test_item_list": [{"prompt": it.prompt, "seed": it.seed, "category": it.spec.category} for it in test],
+        "test_pass_per_item": {k: [int(x) for x in v] for k, v in passed.items()},
     }
 
 
