@@ -58,18 +58,19 @@ def weighted_signals(confidence: np.ndarray, signal: np.ndarray) -> dict[str, fl
 
 def verifier_signal(pairs, preference: np.ndarray) -> np.ndarray:
     """v per pair, oriented by the reward's preference p (image 0 wins where p ≥ ½); each image verified once."""
+    import hashlib
+
+    from guidance.errors import InvalidInput
     from proving_ground.verifier import verify
     from proving_ground.world import parse_caption
     from training.preference_data import read_image
 
-    from guidance.errors import InvalidInput
-
-    verdicts: dict[tuple[str, object], float] = {}
+    verdicts: dict[tuple[str, str], float] = {}
 
     def passed(pair, which: int) -> float:
         source = pair.image_0 if which == 0 else pair.image_1
-        seed = pair.seed_0 if which == 0 else pair.seed_1
-        key = (pair.caption, seed if seed is not None else (pair.row, which))
+        image_id = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else str(source)
+        key = (pair.caption, image_id)  # the same image in several pairs is verified once
         if key not in verdicts:
             try:
                 spec = parse_caption(pair.caption)
