@@ -94,20 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.bins < 1:
         ap.error(f"--bins: must be at least 1, got {args.bins}")
 
-    import torch
-
     from guidance.errors import InvalidInput
     from training.preference_data import load_preference_pairs
-    from training.smpo import smoothed_preference
+    from training.smpo import pairs_preference, preference_bounds
 
     try:
         data = load_preference_pairs(args.pairs, field="pairs")
-        low, high = data.score_range()
-        low = low if args.score_min is None else args.score_min
-        high = high if args.score_max is None else args.score_max
-        s0 = torch.tensor([p.score_0 for p in data.pairs], dtype=torch.float64)
-        s1 = torch.tensor([p.score_1 for p in data.pairs], dtype=torch.float64)
-        preference = smoothed_preference(s0, s1, low, high, args.temperature).numpy()
+        low, high = preference_bounds(data, args.score_min, args.score_max)
+        preference = pairs_preference(data.pairs, (low, high), args.temperature).numpy()
         signal = verifier_signal(data.pairs, preference)
     except (InvalidInput, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -74,6 +74,23 @@ def smoothed_preference(score_0: torch.Tensor, score_1: torch.Tensor, low: float
     return torch.sigmoid((n0 - n1) / temperature)
 
 
+def preference_bounds(dataset: Any, score_min: float | None = None, score_max: float | None = None) -> tuple[float, float]:
+    """SmPO's normalisation bounds (s_min, s_max) for ``dataset``: the given ones, else its own score range."""
+    low, high = dataset.score_range()
+    bounds = (score_min if score_min is not None else low, score_max if score_max is not None else high)
+    if not bounds[1] > bounds[0]:
+        raise InvalidInput("preference_score_max", f"must exceed preference_score_min, got the bounds {bounds} "
+                                                   "(from the data's score range where not given: every score equal?)")
+    return bounds
+
+
+def pairs_preference(pairs: list[Any], bounds: tuple[float, float], temperature: float) -> torch.Tensor:
+    """[N] float64: :func:`smoothed_preference` of image 0 over image 1 for each pair from its scores."""
+    s0 = torch.tensor([p.score_0 for p in pairs], dtype=torch.float64)
+    s1 = torch.tensor([p.score_1 for p in pairs], dtype=torch.float64)
+    return smoothed_preference(s0, s1, bounds[0], bounds[1], temperature)
+
+
 def smpo_loss(model_err_0: torch.Tensor, model_err_1: torch.Tensor, ref_err_0: torch.Tensor, ref_err_1: torch.Tensor,
               preference: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-pair SmPO loss −log σ(−½β(2p − 1)·margin) with p = ``preference`` (image 0 preferred), [B] -> [B]."""
@@ -133,20 +150,13 @@ class SmPOTrainer(DPOTrainer):
         if not dataset.has_scores:
             raise InvalidInput("data", f"{dataset.path}: rows without {c.score_fields[0]}/{c.score_fields[1]}; the "
                                        "smoothed preference needs per-image reward scores (diffsteer data pairs writes them)")
-        low, high = dataset.score_range()
-        self.score_bounds = (c.preference_score_min if c.preference_score_min is not None else low,
-                             c.preference_score_max if c.preference_score_max is not None else high)
-        if not self.score_bounds[1] > self.score_bounds[0]:
-            raise InvalidInput("preference_score_max", f"the bounds {self.score_bounds} are empty (every score equal?)")
+        self.score_bounds = preference_bounds(dataset, c.preference_score_min, c.preference_score_max)
         return list(dataset.pairs)  # ties stay: p = 1/2 gives them zero gradient
 
     def pair_preferences(self, pairs: list[Any]) -> torch.Tensor:
         if not self.config.smoothed_preference:
             return super().pair_preferences(pairs)
-        s0 = torch.tensor([p.score_0 for p in pairs], dtype=torch.float64)
-        s1 = torch.tensor([p.score_1 for p in pairs], dtype=torch.float64)
-        low, high = self.score_bounds
-        return smoothed_preference(s0, s1, low, high, self.config.preference_temperature).float()
+        return pairs_preference(pairs, self.score_bounds, self.config.preference_temperature).float()
 
     def noisy_latents(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
         """ReNoise inversion of ``x0`` to each sample's t with the model being trained; the noise target recovered
