@@ -33,8 +33,8 @@ Where the inversion hurts: on the proving ground (pairs sampled from the shipped
 CLIP reward's best of 24 images against each of the others), training on the inverted latents made the objects
 shrink and vanish: held-out verifier pass down 20-42 points on four draws (e.g. 0.76 → 0.48), with the model
 being trained inverting at β 5000, 9268 and 20000, and with the frozen base model inverting at 9268. The same
-pairs on forward-noised latents (``inversion: false``) raised it, by 5 points over five training seeds
-(Diffusion-DPO by 7). There the noise recovered from the inverted latents has a standard deviation of 0.4-0.7
+pairs on forward-noised latents (``inversion: false``) raised it, by 5.5 points over ten training seeds
+(Diffusion-DPO by 5.2, with a wider spread between seeds). There the noise recovered from the inverted latents has a standard deviation of 0.4-0.7
 instead of 1, and the model's own error on them is already 0.02-0.04 (BENCHMARKS.md). The public code's inversion
 grid (a fixed grid through the points below t, the latent then treated as t's) lost 13-18 points as well. The
 damage grows with the guidance scale (object presence −5 points unguided, −22 at cfg 3), and the inversion-trained
