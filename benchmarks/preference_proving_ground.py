@@ -5,9 +5,9 @@ by the verifier on held-out seeds with the A/B machinery.
    ``--train-categories`` from the shipped model, scored by the proving-ground CLIP reward (never the verifier),
    the pairs chosen by ``--pairing`` (every pair of a prompt's images, or its best image against each other one)
    written with both scores (``pairs.parquet``; reused when present).
-2. **Training.** Diffusion-DPO and SmPO (LoRA, same data, seed, batch, learning rate and number of steps), their
-   optimizer steps interleaved one by one so machine load hits both alike: the step-time ratio SmPO / DPO is the
-   cost of the inversion. SmPO's β is set so that its mean effective strength over the data,
+2. **Training.** Diffusion-DPO and SmPO (LoRA, same data, seed, batch, learning rate, number of steps and
+   ``--ema-decay``), their optimizer steps interleaved one by one so machine load hits both alike: the step-time
+   ratio SmPO / DPO is the cost of the inversion. SmPO's β is set so that its mean effective strength over the data,
    β_SmPO · mean|2p − 1|, equals Diffusion-DPO's β (``--smpo-beta`` overrides). ``--smpo-inversion`` chooses the
    SmPO arms: ``smpo`` (ReNoise inversion, the paper's method), ``smpo_noinv`` (its smoothed preference on
    Diffusion-DPO's forward-noised latents), or both.
@@ -67,7 +67,7 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
     common = dict(data=str(pairs), eval_prompts="", batch_size=args.batch, max_steps=args.train_steps,
                   learning_rate=args.lr, lora_rank=4, lora_alpha=4.0, seed=args.seed, threads=args.threads,
                   progress=False, tensorboard=False, export="both", checkpoint_every=10**6, policy=args.policy,
-                  steps=args.sample_steps)
+                  steps=args.sample_steps, ema_decay=args.ema_decay)
     data = load_preference_pairs(pairs)
     low, high = data.score_range()
     p = smoothed_preference(torch.tensor([q.score_0 for q in data.pairs]), torch.tensor([q.score_1 for q in data.pairs]),
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=100, help="optimizer steps of each method")
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ema-decay", type=float, default=0.0,
+                    help="EMA of each method's LoRA, evaluated and exported (the trainers' ema_decay; 0: none)")
     ap.add_argument("--beta", type=float, default=5000.0, help="Diffusion-DPO's beta")
     ap.add_argument("--smpo-beta", type=float, default=None, help="SmPO's beta (default: matched strength, see above)")
     ap.add_argument("--temperature", type=float, default=1.0, help="SmPO's preference temperature")

@@ -83,6 +83,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     ({"real_images": ""}, "real_images"),
     ({"within_weight": -1.0}, "within_weight"),
     ({"level_weight": -0.5}, "level_weight"),
+    ({"ema_decay": 0.9}, "ema_decay"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(InvalidInput) as e:

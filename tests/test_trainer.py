@@ -271,6 +271,59 @@ def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffuser
     assert_lora_served_like(trainer.model, folder.parent, "alignprop")
 
 
+def test_an_ema_of_the_lora_is_a_hand_computed_average_that_is_evaluated_exported_and_resumed_exactly(tmp_path):
+    """``ema_decay`` on the default build: an average of the adapter only (no second UNet), e_k = d·e_(k−1) +
+    (1 − d)·w_k from e_0 = w_0, swapped in for evaluation and export and back out for training."""
+    from diffusers import StableDiffusionPipeline
+
+    decay = 0.6
+    config = dict(TINY, max_steps=3, ema_decay=decay, export="both", checkpoint_every=1)
+    trainer = AlignPropTrainer(AlignPropConfig(**config, output_dir=str(tmp_path / "probe")))
+    unet = trainer.model.unet
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in unet.named_parameters() if p.requires_grad}
+
+    expected = weights()
+    for _ in range(3):
+        trainer.train_step()
+        expected = {k: decay * expected[k] + (1 - decay) * w for k, w in weights().items()}
+    ema = trainer.emas["unet"]
+    assert ema.average is None and set(ema.shadow) == set(expected) and all("lora" in k for k in expected)
+    for k in expected:
+        torch.testing.assert_close(ema.shadow[k], expected[k], rtol=1e-6, atol=1e-7)
+    live = weights()
+    assert max(float((live[k] - expected[k]).abs().max()) for k in live) > 1e-4  # the average is not the weights
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+
+    def unet_out(module):
+        with torch.no_grad():
+            return module(x, 500, encoder_hidden_states=text).sample
+
+    with trainer.averaged_weights():
+        assert all(torch.equal(p, ema.shadow[k]) for k, p in weights().items())
+        averaged = unet_out(unet)
+    assert all(torch.equal(p, live[k]) for k, p in weights().items())  # training goes on from its own weights
+    summary = trainer.export()
+    pipe = StableDiffusionPipeline.from_pretrained(summary["pipeline"])
+    torch.testing.assert_close(unet_out(pipe.unet), averaged, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(p, live[k]) for k, p in weights().items())
+
+    whole = AlignPropTrainer(AlignPropConfig(**config, output_dir=str(tmp_path / "whole")))
+    whole.train()
+    AlignPropTrainer(AlignPropConfig(**{**config, "max_steps": 2}, output_dir=str(tmp_path / "cut"))).train()
+    resumed = AlignPropTrainer(AlignPropConfig(**config, output_dir=str(tmp_path / "cut")))
+    resumed.train(resume=True)
+    a, b = whole.checkpoint_state()["ema"]["unet"], resumed.checkpoint_state()["ema"]["unet"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for k in expected:  # the same three steps as the probe
+        torch.testing.assert_close(a[k], expected[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(InvalidInput, match="ema_decay"):
+        TrainerConfig(ema_decay=1.0)
+
+
 # ----------------------------------------------------------------------------- several modules, one checkpoint
 
 

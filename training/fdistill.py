@@ -363,7 +363,7 @@ class FDistillConfig(TrainerConfig):
         "help": "Fake-score (and discriminator) updates per student update (the two-time-scale rule)."})
     discriminator_learning_rate: float = field(default=2e-4, metadata={"help": "The discriminator head's learning rate."})
     discriminator_hidden: int = field(default=64, metadata={"help": "Width of the discriminator head."})
-    ema_decay: float = field(default=0.99, metadata={"help": "EMA of the student's weights (0: no EMA); evaluated and exported."})
+    ema_decay: float = with_default("ema_decay", 0.99)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -384,8 +384,6 @@ class FDistillConfig(TrainerConfig):
         for name in ("fake_learning_rate", "discriminator_learning_rate"):
             if not 0 < getattr(self, name) < 1:
                 raise InvalidInput(name, f"must be in (0, 1), got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1:
-            raise InvalidInput("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.timestep_min <= self.timestep_max:
             raise InvalidInput("timestep_min", f"need 0 ≤ timestep_min ≤ timestep_max, got {self.timestep_min} and {self.timestep_max}")
         if self.regression_weight < 0:

@@ -118,6 +118,8 @@ class LatentEvaluatorConfig(TrainerConfig):
         unknown = [k for k in self.default_weights if k not in self.kinds]
         if unknown:
             raise InvalidInput("default_weights", f"{unknown} not among the trained kinds {list(self.kinds)}")
+        if self.ema_decay:
+            raise InvalidInput("ema_decay", f"the latent-evaluator trainer keeps no EMA; must be 0, got {self.ema_decay}")
         if "fidelity" in self.kinds and not self.real_images:
             raise InvalidInput("real_images", "the fidelity discriminator needs real images: pg-scenes or a folder")
 

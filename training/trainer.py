@@ -13,8 +13,11 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
                            ``self.register_module(name, module, state="trainable" | "full")``
                            ``self.register_optimizer(name, params, lr=..., **adamw)``  (AdamW + linear warm-up,
                              its own loss scaler; several, at different learning rates, are fine)
-                           ``self.register_ema(name, module, decay)``  (an EMA copy, updated by
-                             ``self.update_ema(name)``)
+                           ``self.register_ema(name, module, decay)``  (an EMA copy to sample from, or with
+                             ``trainable_only=True`` an average of the trainable parameters that is swapped
+                             into the module for evaluation and export; moved by ``self.update_ema(name)``,
+                             which the default ``training_step`` calls for every EMA after each step)
+                         The default build keeps such an average of the LoRA (or UNet) when ``ema_decay`` > 0.
                          Everything registered is checkpointed, resumed exactly and (trainable parameters)
                          broadcast from rank 0 at start. Check rollout/data settings here too: it runs
                          before any training work.
@@ -58,6 +61,7 @@ broadcast from rank 0, gradients and metrics averaged, only rank 0 writes files 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -132,6 +136,10 @@ class TrainerConfig:
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW decoupled weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0: no clipping)."})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "Exponential moving average of the trained weights, ema <- d * ema + (1 - d) * weights after every "
+                "optimizer step (0: none). With d > 0 the held-out evaluation and the export use the average; its "
+                "time constant is about 1 / (1 - d) steps (0.97: the last ~33 steps)."})
     batch_size: int = field(default=4, metadata={
         "help": "Samples per micro-batch per process (the global batch is batch_size x processes x accumulation)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
@@ -167,6 +175,8 @@ class TrainerConfig:
                 raise InvalidInput(name, f"must be non-negative, got {getattr(self, name)}")
         if not 0 < self.learning_rate < 1:
             raise InvalidInput("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise InvalidInput("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.lora_alpha <= 0:
             raise InvalidInput("lora_alpha", f"must be positive, got {self.lora_alpha}")
         if not self.lora_targets:
@@ -234,9 +244,64 @@ class RegisteredOptimizer:
 
 @dataclass
 class RegisteredEMA:
+    """ema <- decay * ema + (1 - decay) * weights: of a whole module (``average``, a frozen copy a method samples
+    from) or, where ``average`` is None, of the module's trainable parameters only (``shadow``, swapped into the
+    module by :meth:`swapped_in` for evaluation and export: a LoRA's average costs the adapter, not a second UNet)."""
+
     source: torch.nn.Module
-    average: torch.nn.Module
+    average: torch.nn.Module | None
     decay: float
+    shadow: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The average := the current weights."""
+        if self.average is None:
+            self.shadow = {k: p.detach().clone() for k, p in self.source.named_parameters() if p.requires_grad}
+        else:
+            self.average.load_state_dict(self.source.state_dict())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weights = dict(self.source.named_parameters())
+        averages = self.shadow.items() if self.average is None else self.average.named_parameters()
+        for key, avg in averages:
+            avg.lerp_(weights[key].detach().to(avg.dtype), 1 - self.decay)
+        if self.average is not None:
+            for (_, avg), (_, buf) in zip(self.average.named_buffers(), self.source.named_buffers()):
+                avg.copy_(buf)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        items = self.shadow.items() if self.average is None else self.average.state_dict().items()
+        return {k: v.detach().cpu().clone() for k, v in items}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.average is not None:
+            self.average.load_state_dict(state)
+            return
+        if set(state) != set(self.shadow):
+            raise ValueError(f"the averaged parameters differ: {sorted(set(state) ^ set(self.shadow))[:4]}")
+        for key, value in state.items():
+            self.shadow[key].copy_(value)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """For the duration, the module's trainable parameters hold their averages (nothing to do for a copy)."""
+        if self.average is not None:
+            yield
+            return
+        params = dict(self.source.named_parameters())
+        live = {k: params[k].detach().clone() for k in self.shadow}
+        with torch.no_grad():
+            for key, avg in self.shadow.items():
+                params[key].copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, value in live.items():
+                    params[key].copy_(value)
 
 
 class Trainer:
@@ -280,7 +345,7 @@ class Trainer:
             raise InvalidInput("export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline")
         self.processes.broadcast_([t for m in self.modules.values() for t in m.synced_tensors()])
         for ema in self.emas.values():
-            ema.average.load_state_dict(ema.source.state_dict())
+            ema.reset()
 
     # ------------------------------------------------------------------ registration (called from build)
 
@@ -311,23 +376,30 @@ class Trainer:
         self.optimizers[name] = RegisteredOptimizer(optimizer, schedule, scaler, params,
                                                     c.max_grad_norm if max_grad_norm is None else max_grad_norm)
 
-    def register_ema(self, name: str, module: torch.nn.Module, decay: float) -> torch.nn.Module:
-        """An exponential moving average of ``module``'s weights (a frozen copy, returned); ``update_ema(name)``
-        moves it: ema ← decay·ema + (1 − decay)·weights."""
+    def register_ema(self, name: str, module: torch.nn.Module, decay: float,
+                     trainable_only: bool = False) -> torch.nn.Module | None:
+        """An exponential moving average of ``module``'s weights, ema ← decay·ema + (1 − decay)·weights at each
+        ``update_ema(name)``: a frozen copy (returned), or with ``trainable_only`` an average of the parameters that
+        require grad (None returned), which :meth:`averaged_weights` swaps into ``module``."""
+        if name in self.emas:
+            raise ValueError(f"EMA {name!r} is registered twice")
         if not 0 <= decay < 1:
             raise InvalidInput("ema_decay", f"must be in [0, 1), got {decay}")
-        average = copy.deepcopy(module).requires_grad_(False).eval()
-        self.emas[name] = RegisteredEMA(module, average, decay)
+        average = None if trainable_only else copy.deepcopy(module).requires_grad_(False).eval()
+        self.emas[name] = ema = RegisteredEMA(module, average, decay)
+        ema.reset()
         return average
 
-    @torch.no_grad()
     def update_ema(self, name: str) -> None:
-        ema = self.emas[name]
-        source = dict(ema.source.named_parameters())
-        for key, avg in ema.average.named_parameters():
-            avg.lerp_(source[key].to(avg.dtype), 1 - ema.decay)
-        for (_, avg), (_, buf) in zip(ema.average.named_buffers(), ema.source.named_buffers()):
-            avg.copy_(buf)
+        self.emas[name].update()
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Every ``trainable_only`` EMA swapped into its module for the duration (evaluation and export)."""
+        with contextlib.ExitStack() as stack:
+            for ema in self.emas.values():
+                stack.enter_context(ema.swapped_in())
+            yield
 
     # ------------------------------------------------------------------ hooks
 
@@ -348,6 +420,8 @@ class Trainer:
             params = list(unet.parameters())
             self.register_module("unet", unet, "full")
         self.register_optimizer("unet", params)
+        if c.ema_decay > 0:
+            self.register_ema("unet", unet, c.ema_decay, trainable_only=True)
 
     def draw_batch(self, step: int, micro: int) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement draw_batch(step, micro)")
@@ -356,7 +430,8 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(batch)")
 
     def training_step(self) -> dict[str, float]:
-        """One optimizer step of every optimiser over ``gradient_accumulation_steps`` micro-batches."""
+        """One optimizer step of every optimiser over ``gradient_accumulation_steps`` micro-batches, then every
+        registered EMA moves."""
         c = self.config
         totals: dict[str, float] = {}
         for micro in range(c.gradient_accumulation_steps):
@@ -366,6 +441,8 @@ class Trainer:
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / c.gradient_accumulation_steps
         totals.update(self.optimizer_step())
+        for name in self.emas:
+            self.update_ema(name)
         return totals
 
     def eval_model(self):
@@ -538,7 +615,7 @@ class Trainer:
             "modules": {n: m.state_dict() for n, m in self.modules.items()},
             "optimizers": {n: {"optimizer": o.optimizer.state_dict(), "schedule": o.schedule.state_dict(),
                                "scaler": o.scaler.state_dict()} for n, o in self.optimizers.items()},
-            "ema": {n: {k: v.detach().cpu().clone() for k, v in e.average.state_dict().items()} for n, e in self.emas.items()},
+            "ema": {n: e.state_dict() for n, e in self.emas.items()},
             "extra": self.extra_state(),
         }
 
@@ -577,19 +654,21 @@ class Trainer:
             slot.schedule.load_state_dict(state["optimizers"][name]["schedule"])
             slot.scaler.load_state_dict(state["optimizers"][name]["scaler"])
         for name, ema in self.emas.items():
-            ema.average.load_state_dict(state["ema"][name])
+            ema.load_state_dict(state["ema"][name])
         self.load_extra_state(state["extra"])
         self.step = int(state["step"])
 
     # ------------------------------------------------------------------ export
 
     def export(self) -> dict[str, str]:
-        """Write what ``config.export`` asks for (rank 0 only); returns {"adapter": path, "pipeline": path}."""
+        """Write what ``config.export`` asks for (rank 0 only; the averaged weights where there is an EMA);
+        returns {"adapter": path, "pipeline": path}."""
         written: dict[str, str] = {}
-        if self.config.export in ("lora", "both"):
-            written["adapter"] = str(self.export_lora(self.out / "adapters" / self.config.adapter_name))
-        if self.config.export in ("pipeline", "both"):
-            written["pipeline"] = str(self.export_pipeline(self.out / "pipeline"))
+        with self.averaged_weights():
+            if self.config.export in ("lora", "both"):
+                written["adapter"] = str(self.export_lora(self.out / "adapters" / self.config.adapter_name))
+            if self.config.export in ("pipeline", "both"):
+                written["pipeline"] = str(self.export_pipeline(self.out / "pipeline"))
         return written
 
     def export_lora(self, directory: Path) -> Path:
@@ -672,7 +751,8 @@ class Trainer:
     def _evaluate_and_log(self, log) -> None:
         """Rank 0 evaluates and logs; the others wait."""
         if self.processes.is_main:
-            result = self.evaluate()
+            with self.averaged_weights():
+                result = self.evaluate()
             if result.metrics:
                 log.log(self.step, "eval", result.metrics)
                 self.save_grid(result)
