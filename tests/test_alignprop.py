@@ -3,6 +3,7 @@ export (diffusers' load_lora_weights and the service), and the config/CLI surfac
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -264,6 +265,17 @@ def test_resume_refuses_a_changed_experiment_and_fresh_runs_refuse_old_checkpoin
         AlignPropTrainer(tiny_config(tmp_path, max_steps=2)).train()
     with pytest.raises(InvalidInput, match="lora_rank"):
         AlignPropTrainer(tiny_config(tmp_path, max_steps=2, lora_rank=8)).train(resume=True)
+
+    # a checkpoint written before a field existed (here ema_decay) resumes as the field's default, and only so
+    from training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    path = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    state = load_checkpoint(path)
+    config = json.loads(state["config"])
+    del config["ema_decay"]
+    save_checkpoint(path.parent, state["step"], {**state, "config": json.dumps(config)})
+    with pytest.raises(InvalidInput, match="ema_decay: 0.0 -> 0.5"):
+        AlignPropTrainer(tiny_config(tmp_path, max_steps=2, ema_decay=0.5)).train(resume=True)
     assert AlignPropTrainer(tiny_config(tmp_path, max_steps=2)).train(resume=True)["steps"] == 2
 
 

@@ -168,16 +168,28 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     return config_from_mapping(cls, data, source=cls.__name__)
 
 
+def _plain(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def to_plain(config: Any) -> dict[str, Any]:
     """The config as plain YAML/JSON types (tuples become lists)."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+def plain_defaults(config: Any) -> dict[str, Any]:
+    """Each field's default as plain types (what a config written before the field existed meant)."""
+    defaults = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = _plain(f.default_factory())
+    return defaults
 
 
 def render_yaml(config: Any) -> str:

@@ -631,13 +631,14 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         from training.checkpoints import load_checkpoint
-        from training.config_io import to_plain
+        from training.config_io import plain_defaults, to_plain
 
         state = load_checkpoint(path)
         if "modules" not in state:
             raise InvalidInput("--resume", f"{path} was written before the shared trainer (no named modules); "
                                            "it cannot be resumed: start a new run in another output_dir")
-        saved, current = json.loads(state["config"]), to_plain(self.config)
+        # a field the checkpoint's version did not have yet (ema_decay, ...) is read at its default
+        saved, current = {**plain_defaults(self.config), **json.loads(state["config"])}, to_plain(self.config)
         resumable = RESUMABLE_CHANGES | self.resumable_changes
         changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
         if changed:
