@@ -386,8 +386,7 @@ class Trainer:
         if not 0 <= decay < 1:
             raise InvalidInput("ema_decay", f"must be in [0, 1), got {decay}")
         average = None if trainable_only else copy.deepcopy(module).requires_grad_(False).eval()
-        self.emas[name] = ema = RegisteredEMA(module, average, decay)
-        ema.reset()
+        self.emas[name] = RegisteredEMA(module, average, decay)  # set from the weights once they are broadcast
         return average
 
     def update_ema(self, name: str) -> None:
