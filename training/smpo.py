@@ -37,12 +37,13 @@ pairs on forward-noised latents (``inversion: false``) raised it, by 5.5 points 
 (Diffusion-DPO by 5.2, with a wider spread between seeds), and by 5.8 on a fresh draw when an average of the
 adapter's last steps is evaluated (``ema_decay: 0.97``; Diffusion-DPO 6.1). On the inverted latents the noise
 recovered has a standard deviation of 0.4-0.7 instead of 1, and the model's own error on them is already
-0.02-0.04 (BENCHMARKS.md). The public code's inversion grid (a fixed grid through the points below t, the latent then treated as t's) lost 13-18 points as well. The
-damage grows with the guidance scale (object presence −5 points unguided, −22 at cfg 3), and the inversion-trained
-model lacks what the fine-tunes that gained have in common: about 0.1-0.18 of extra guidance scale along the base
-model's guidance direction mid-trajectory (``benchmarks/learned_guidance.py``; a guidance schedule adding the same
-does not reproduce their gain, so it marks them rather than explains them). Compare both settings on held-out
-prompts before relying on the inversion for a new model or data.
+0.02-0.04 (BENCHMARKS.md). The public code's inversion grid (a fixed grid through the points below t, the
+latent then treated as t's) lost 13-18 points as well. The damage grows with the guidance scale (object presence
+−5 points unguided, −22 at cfg 3), and the inversion-trained model lacks what the fine-tunes that gained have in
+common: about 0.1-0.18 of extra guidance scale along the base model's guidance direction mid-trajectory
+(``benchmarks/learned_guidance.py``; a guidance schedule adding the same does not reproduce their gain, so it
+marks them rather than explains them). Compare both settings on held-out prompts before relying on the inversion
+for a new model or data.
 """
 
 from __future__ import annotations
