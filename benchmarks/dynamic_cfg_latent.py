@@ -160,7 +160,7 @@ def agreement(model, args) -> dict[str, Any]:
 
     from guidance.latent_evaluators import evaluators_for
     from guidance.reward_models import get_reward
-    from training.latent_evaluator import record_candidate_groups, spearman
+    from training.latent_evaluator import Groups, record_candidate_groups, spearman
 
     evaluators = evaluators_for(model)
     spec = evaluators.specs["alignment"]
@@ -173,15 +173,13 @@ def agreement(model, args) -> dict[str, Any]:
         params = {"prompt": [it.prompt for it in batch], "seeds": [it.seed for it in batch], "steps": args.steps,
                   "scheduler": args.scheduler, "policy": "cfg:scale=1"}
         groups.append(record_candidate_groups(model, params["prompt"], params["seeds"], rng, params, candidates,
-                                              args.records, reward))
-    x0 = torch.cat([g.x0 for g in groups])
-    bars = torch.cat([g.alpha_bar for g in groups])
-    text = torch.cat([g.text for g in groups])
-    target = torch.cat([g.reward for g in groups]).numpy()
+                                              args.records, reward, embeddings=spec.embedding_dim > 0))
+    recorded = Groups.concatenate(groups)
+    x0, bars, target = recorded.x0, recorded.alpha_bar, recorded.reward.numpy()
     k = x0.shape[1]
     with torch.no_grad():
         pred = evaluators.evaluate("alignment", x0.flatten(0, 1), bars.repeat_interleave(k),
-                                   text.repeat_interleave(k, dim=0)).view(-1, k).numpy()
+                                   recorded.prompt_inputs().repeat_interleave(k)).view(-1, k).numpy()
     lam = np.log(bars.numpy() / (1 - bars.numpy()))
     edges = np.quantile(lam, [0, 1 / 3, 2 / 3, 1])
     out = {"groups": int(len(lam)), "candidates": k, "reward": spec.target, "by_noise": []}
@@ -218,7 +216,9 @@ def memory_child(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(cfg["threads"])
     model = with_evaluators(load_model(None, device="cpu"), cfg.get("evaluators"))
-    evaluators_for(model)  # the evaluators' weights are the model's, loaded before the start like the UNet
+    evaluators = evaluators_for(model)  # the evaluators' weights are the model's, loaded before the start like the UNet
+    if evaluators is not None and evaluators.embedding_target is not None:
+        evaluators.text_tower()  # and so is the reward's text tower an embedding evaluator reads
     n = cfg["images"]
     params = {"prompt": ["a red circle"] * n, "seed": 0, "steps": cfg["steps"], "policy": cfg["policy"]}
     if cfg.get("size"):

@@ -25,9 +25,10 @@ reward:SPEC    a reward model's score, via :func:`guidance.reward_models.get_rew
                weights and paths from the server-side reward configs).
 latent         the model's latent evaluators (:mod:`guidance.latent_evaluators`) on the   higher
                VAE-encoded image as a clean latent: their combined score with the saved
-               weights, or ``latent:alignment:1,fidelity:0.5``. Cheap (a VAE encode and
-               two small networks, no CLIP); needs a model with latent evaluators (the
-               first arm's model is used).
+               weights, or ``latent:alignment:1,fidelity:0.5``. Cheap (a VAE encode, two
+               small networks and, for an embedding evaluator, the reward's text tower
+               once per prompt; no image tower); needs a model with latent evaluators
+               (the first arm's model is used).
 ============== ========================================================================== =========
 
 In a comma-separated list a piece that is neither a metric name nor starts with ``reward:`` or ``latent:``
@@ -198,7 +199,7 @@ class MetricScorer:
 
                 if model is None:
                     raise InvalidInput(FIELD, f"{name}: needs a model (the latent evaluators are the model's)")
-                self.rewards[name] = latent_reward(model, name, field=FIELD)
+                self.rewards[name] = latent_reward(model, name, field=FIELD, rewards=rewards)
             if name.startswith("reward:"):
                 spec = name[len("reward:"):]
                 try:

@@ -8,16 +8,22 @@ No code was published; this is our family, trained by ``diffsteer train latent-e
 
 * **alignment** ``A(ẑ0, λ, c)``: distilled to agree with a pixel-space reward of :mod:`rewards` (any composite a
   user configures, e.g. ``clip:1``) on the decoded clean-latent prediction, ``A(ẑ0, λ, c) ≈ R(D(ẑ0), prompt)``,
-  in the reward's units (the network's output times the target's standard deviation plus its mean, both fixed
-  at training time);
+  in the reward's units. Two forms (``embedding_dim`` of its spec):
+
+  - *score* (0): the network reads the prompt as the diffusion model's text-encoder states and outputs the
+    score (times the target's standard deviation plus its mean, both fixed at training time);
+  - *embedding* (D > 0), for a reward ``s·cos(f_img(image), f_txt(prompt))`` (CLIP score, HPS, PickScore): the
+    network is a latent image tower, ``g(ẑ0, λ) ≈ f_img(D(ẑ0))``, and the score is ``s·cos(g(ẑ0, λ), f_txt(prompt))``
+    with the reward's own text tower, run once per prompt. This is the paper's "CLIP-style" evaluator; it learns
+    D numbers per candidate instead of one and ranks candidates about twice as well (BENCHMARKS.md, issue 17);
 * **fidelity** ``F(ẑ0, λ)``: a discriminator's logit, log p(real)/p(model), between the model's own clean-latent
   predictions at log-SNR λ (under guidance) and its predictions from real-data latents noised to the same λ.
 
 Inputs: ``ẑ0`` a clean-latent prediction ``[N, C, h, w]`` (any h, w), the noise level as ᾱ of the step (the
 network reads λ = log(ᾱ/(1−ᾱ)), clamped to the range it was trained on, so a clean latent, ᾱ = 1, is read as the
-least noisy trained level), and the prompt as the diffusion model's own text-encoder states ``[N, L, D]`` (the
-``cond`` condition the sampler already encoded, so scoring needs no text encoder). One network call scores all
-candidates of all images.
+least noisy trained level), and the prompt as :class:`PromptInputs`: the diffusion model's own text-encoder states
+``[N, L, D]`` (the ``cond`` condition the sampler already encoded) and, for an embedding evaluator, the reward's text
+embedding ``[N, E]`` (:meth:`LatentEvaluators.prompt_inputs`). One network call scores all candidates of all images.
 
 On disk: a folder (by default ``latent_evaluators/`` inside the model's folder; ``model.extra
 ["latent_evaluators"]`` may point elsewhere) holding ``latent_evaluators.json`` (architecture, normalisation,
@@ -78,11 +84,13 @@ class _NoiseResBlock(nn.Module):
 class LatentEvaluatorNet(nn.Module):
     """One evaluator: a patchify stem (``patch``×``patch``, stride ``patch``), ``stages`` noise-conditioned residual blocks each followed
     by a stride-2 downsampling, mean-pooled spatial tokens and, with ``use_text``, cross-attention from the spatial
-    tokens to the projected text states; an MLP head gives one score per input."""
+    tokens to the projected text states; an MLP head gives one score per input (``out_dim`` 1, shape [N]) or an
+    embedding (``out_dim`` D, shape [N, D])."""
 
     def __init__(self, latent_channels: int, text_dim: int, width: int = 32, stages: int = 2, use_text: bool = True,
-                 patch: int = 2):
+                 patch: int = 2, out_dim: int = 1):
         super().__init__()
+        self.out_dim = out_dim
         self.use_text = use_text
         self.stem = nn.Conv2d(latent_channels, width, patch, stride=patch)
         self.noise_mlp = nn.Sequential(nn.Linear(NOISE_FEATURES, width), nn.SiLU(), nn.Linear(width, width))
@@ -93,7 +101,7 @@ class LatentEvaluatorNet(nn.Module):
             self.text_proj = nn.Linear(text_dim, width)
             self.attention = nn.MultiheadAttention(width, 4, batch_first=True)
             features = 3 * width
-        self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width), nn.SiLU(), nn.Linear(width, 1))
+        self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width), nn.SiLU(), nn.Linear(width, out_dim))
 
     def forward(self, latents: torch.Tensor, lam: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.noise_mlp(noise_features(lam))
@@ -108,7 +116,8 @@ class LatentEvaluatorNet(nn.Module):
             t = self.text_proj(text.to(tokens.dtype))
             attended, _ = self.attention(tokens, t, t, need_weights=False)
             pooled = torch.cat([pooled, attended.mean(dim=1), pooled * t.mean(dim=1)], dim=1)
-        return self.head(pooled).squeeze(-1)
+        out = self.head(pooled)
+        return out.squeeze(-1) if self.out_dim == 1 else out
 
 
 @dataclass(frozen=True)
@@ -120,12 +129,50 @@ class EvaluatorSpec:
     stages: int
     use_text: bool
     patch: int = 2
-    output_mean: float = 0.0  # score = output_mean + output_std · net(...)
+    output_mean: float = 0.0  # score = output_mean + output_std · net(...) (embedding: · cos(net(...), text embedding))
     output_std: float = 1.0
     target: str = ""  # alignment: the reward spec it was distilled from; fidelity: the real images
+    embedding_dim: int = 0  # 0: the network outputs the score; D: the reward's image embedding (module docstring)
 
     def build(self, latent_channels: int, text_dim: int) -> LatentEvaluatorNet:
-        return LatentEvaluatorNet(latent_channels, text_dim, self.width, self.stages, self.use_text, self.patch)
+        return LatentEvaluatorNet(latent_channels, text_dim, self.width, self.stages, self.use_text, self.patch,
+                                  out_dim=self.embedding_dim or 1)
+
+
+@dataclass
+class PromptInputs:
+    """What the evaluators read of the prompts, one row per scored latent: the diffusion model's text states
+    (score-form evaluators) and the alignment reward's unit-norm text embedding (embedding-form ones)."""
+
+    states: torch.Tensor | None = None  # [N, L, D]
+    embedding: torch.Tensor | None = None  # [N, E]
+
+    def repeat(self, times: int) -> "PromptInputs":
+        """Every row ``times`` times, block after block (candidate-major, as :func:`candidate_x0` lays rows out)."""
+        return PromptInputs(*(None if t is None else t.repeat(times, *([1] * (t.ndim - 1)))
+                              for t in (self.states, self.embedding)))
+
+    def repeat_interleave(self, times: int) -> "PromptInputs":
+        """Each row ``times`` times in a row (group-major)."""
+        return PromptInputs(*(None if t is None else t.repeat_interleave(times, dim=0) for t in (self.states, self.embedding)))
+
+    def rows(self, index: slice | torch.Tensor) -> "PromptInputs":
+        return PromptInputs(*(None if t is None else t[index] for t in (self.states, self.embedding)))
+
+    def to(self, device: torch.device | str) -> "PromptInputs":
+        return PromptInputs(*(None if t is None else t.to(device) for t in (self.states, self.embedding)))
+
+
+PROBE_PROMPT = "a photo of a red cube and a blue sphere"
+PROBE_AGREEMENT = 0.999  # cosine between the saved and the configured tower's probe embeddings
+
+
+def text_probe(tower: Any) -> dict[str, Any]:
+    """A reward text tower's fingerprint: its unit-norm embedding of :data:`PROBE_PROMPT` (saved with an
+    embedding-form evaluator, compared when the tower is configured at sampling time)."""
+    with torch.no_grad():
+        embedding = tower.text_embeddings([PROBE_PROMPT]).float().cpu()[0]
+    return {"prompt": PROBE_PROMPT, "embedding": [round(float(v), 6) for v in embedding]}
 
 
 @dataclass
@@ -169,29 +216,98 @@ class LatentEvaluators(nn.Module):
         self.log_snr_bounds = (float(log_snr_bounds[0]), float(log_snr_bounds[1]))
         self.default_weights = dict(default_weights)
         self.meta = dict(meta or {})
+        self._checked_towers: set[int] = set()  # reward towers whose probe embedding matched
 
     @property
     def kinds(self) -> list[str]:
         return list(self.nets)
 
+    @property
+    def embedding_target(self) -> str | None:
+        """The reward spec whose text tower an embedding-form evaluator needs, or None when none does."""
+        targets = {s.target for s in self.specs.values() if s.embedding_dim}
+        return next(iter(targets)) if targets else None
+
+    def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: Any = None) -> PromptInputs:
+        """What the evaluators read of ``prompts`` (one row each): the text ``states`` [N, L, D] and, where an
+        evaluator has the embedding form, its reward's text embeddings, from ``rewards`` (a
+        :class:`guidance.reward_models.RewardModels`; None: the default library). The reward must be the one the
+        evaluator was trained with: its text embedding of a probe prompt saved at training is checked once."""
+        target = self.embedding_target
+        if target is None:
+            return PromptInputs(states=states)
+        tower = self.text_tower(rewards)
+        with torch.no_grad():
+            embedding = tower.text_embeddings(list(prompts)).float()
+        return PromptInputs(states=states, embedding=embedding.to(self._device))
+
+    def text_tower(self, rewards: Any = None) -> Any:
+        """The embedding-similarity reward of :attr:`embedding_target` from ``rewards``, checked against the probe."""
+        from guidance.reward_models import DEFAULT_REWARDS
+
+        target = self.embedding_target
+        composite = (rewards or DEFAULT_REWARDS).get(target, self._device, field="latent_evaluators")
+        term = composite.similarity_term()
+        if term is None:
+            raise InvalidInput("latent_evaluators", f"the alignment evaluator learned the image tower of {target!r}, "
+                               "which is not one embedding-similarity reward (clip, hps, pickscore)")
+        tower = term[0]
+        if id(tower) not in self._checked_towers:
+            probe = self.meta.get("text_probe")
+            if probe:
+                found = torch.tensor(text_probe(tower)["embedding"])
+                saved = torch.tensor(probe["embedding"], dtype=torch.float32)
+                if found.shape != saved.shape or float(F.cosine_similarity(found, saved, dim=0)) < PROBE_AGREEMENT:
+                    raise InvalidInput("latent_evaluators", f"the configured reward {target!r} is not the one the "
+                                       "alignment evaluator was trained with (its text embedding of the probe prompt "
+                                       f"{probe['prompt']!r} differs); configure the same weights")
+            self._checked_towers.add(id(tower))
+        return tower
+
     def evaluate(self, kind: str, latents: torch.Tensor, alpha_bar: torch.Tensor | float,
-                 text: torch.Tensor | None = None) -> torch.Tensor:
-        """One evaluator's score [N] in its units (``output_mean + output_std · net``); differentiable."""
+                 prompts: PromptInputs | None = None) -> torch.Tensor:
+        """One evaluator's score [N] in its units (``output_mean + output_std · net``, or ``· cos(net, text
+        embedding)`` for the embedding form); differentiable."""
         net, spec = self.nets[kind], self.specs[kind]
         lam = self._log_snr(alpha_bar, latents)
         param = next(net.parameters())
-        out = net(latents.to(param.dtype), lam.to(param.device), text.to(param.dtype) if spec.use_text else None)
-        return spec.output_mean + spec.output_std * out.float()
+        states = None
+        if spec.use_text:
+            if prompts is None or prompts.states is None:
+                raise ValueError(f"the {kind} evaluator reads the prompt: text states are required")
+            states = prompts.states.to(param.dtype)
+        out = net(latents.to(param.dtype), lam.to(param.device), states).float()
+        if spec.embedding_dim:
+            if prompts is None or prompts.embedding is None:
+                raise ValueError(f"the {kind} evaluator scores against the reward's text embedding: it is required")
+            return self.embedding_score(kind, F.normalize(out, dim=-1), prompts.embedding)
+        return spec.output_mean + spec.output_std * out
 
-    def score(self, latents: torch.Tensor, alpha_bar: torch.Tensor | float, text: torch.Tensor | None,
+    def embed(self, kind: str, latents: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+        """An embedding-form evaluator's unit-norm image embedding [N, E] of ``latents`` (what it is trained on)."""
+        net = self.nets[kind]
+        param = next(net.parameters())
+        out = net(latents.to(param.dtype), self._log_snr(alpha_bar, latents).to(param.device)).float()
+        return F.normalize(out, dim=-1)
+
+    def embedding_score(self, kind: str, image_embedding: torch.Tensor, text_embedding: torch.Tensor) -> torch.Tensor:
+        """``output_mean + output_std · ⟨image, text⟩`` of unit-norm embeddings ``[..., E]`` (the reward's own form)."""
+        spec = self.specs[kind]
+        return spec.output_mean + spec.output_std * (image_embedding * text_embedding.to(image_embedding)).sum(dim=-1)
+
+    def score(self, latents: torch.Tensor, alpha_bar: torch.Tensor | float, prompts: PromptInputs | None,
               weights: dict[str, float] | None = None) -> LatentScores:
-        """Σ_j λ_j·E_j(latents, ᾱ, text) per row, and each E_j; ``weights`` default to the saved ones."""
+        """Σ_j λ_j·E_j(latents, ᾱ, prompts) per row, and each E_j; ``weights`` default to the saved ones."""
         weights = self.default_weights if weights is None else weights
-        parts = {k: self.evaluate(k, latents, alpha_bar, text) for k, w in weights.items() if w != 0}
+        parts = {k: self.evaluate(k, latents, alpha_bar, prompts) for k, w in weights.items() if w != 0}
         total = torch.zeros(latents.shape[0], dtype=torch.float32, device=latents.device)
         for k, value in parts.items():
             total = total + weights[k] * value
         return LatentScores(total, parts)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def _log_snr(self, alpha_bar: torch.Tensor | float, latents: torch.Tensor) -> torch.Tensor:
         a = torch.as_tensor(alpha_bar, dtype=torch.float64)
@@ -215,7 +331,8 @@ class LatentEvaluators(nn.Module):
                 "text_dim": self.text_dim,
                 "log_snr_bounds": list(self.log_snr_bounds),
                 "default_weights": self.default_weights,
-                "evaluators": {k: {f: getattr(s, f) for f in ("width", "stages", "use_text", "patch", "output_mean", "output_std", "target")}
+                "evaluators": {k: {f: getattr(s, f) for f in ("width", "stages", "use_text", "patch", "output_mean", "output_std", "target",
+                                                     "embedding_dim")}
                                for k, s in self.specs.items()},
                 "meta": {**self.meta, **(extra_meta or {})},
             }
@@ -311,13 +428,18 @@ def is_latent_spec(spec: str) -> bool:
 @dataclass
 class LatentReward:
     """The model's latent evaluators as a reward of clean latents (ᾱ = 1, read as the least noisy trained level):
-    Σ_j λ_j·E_j(z0, prompt states), differentiable in the latents (ReNO, the A/B metric)."""
+    Σ_j λ_j·E_j(z0, prompts), differentiable in the latents (ReNO, the A/B metric). ``rewards`` is the library
+    whose reward gives an embedding-form evaluator its text embeddings (None: the default library)."""
 
     evaluators: LatentEvaluators
     weights: dict[str, float]
+    rewards: Any = None
 
-    def score(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.evaluators.score(latents.float(), 1.0, text, self.weights).total
+    def prompt_inputs(self, states: torch.Tensor, prompts: list[str]) -> PromptInputs:
+        return self.evaluators.prompt_inputs(states, prompts, self.rewards)
+
+    def score(self, latents: torch.Tensor, prompts: PromptInputs) -> torch.Tensor:
+        return self.evaluators.score(latents.float(), 1.0, prompts, self.weights).total
 
     @torch.no_grad()
     def score_images(self, model: Any, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -327,24 +449,28 @@ class LatentReward:
 
         h, w = pixels.shape[-2:]
         conditions, _ = encode_conditions(model, list(prompts), None, ["cond"], height=h, width=w)
-        return self.score(encode_images(model, pixels), conditions["cond"].hidden_states).float().cpu()
+        inputs = self.prompt_inputs(conditions["cond"].hidden_states, list(prompts))
+        return self.score(encode_images(model, pixels), inputs).float().cpu()
 
-    def score_and_gradient(self, latents: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_and_gradient(self, latents: torch.Tensor, prompts: PromptInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(score per image on the CPU, gradient in ``latents`` of the loss −Σ score)."""
         leaf = latents.detach().float().requires_grad_(True)
         with torch.enable_grad():
-            score = self.score(leaf, text)
+            score = self.score(leaf, prompts)
             (grad,) = torch.autograd.grad(-score.sum(), leaf)
         return score.detach().cpu(), grad.to(latents.dtype)
 
 
-def latent_reward(model: Any, spec: str, field: str = "policy.reward") -> LatentReward:
+def latent_reward(model: Any, spec: str, field: str = "policy.reward", rewards: Any = None) -> LatentReward:
     """The :class:`LatentReward` of ``spec`` (``latent``: the saved weights; ``latent:alignment:1,fidelity:0.5``)
-    for ``model``; InvalidInput naming ``field`` where the model has none or a kind is unknown."""
+    for ``model``; InvalidInput naming ``field`` where the model has none or a kind is unknown. An embedding-form
+    evaluator's reward (its text tower) is loaded from ``rewards`` and checked here, before any work."""
     evaluators = evaluators_for(model)
     if evaluators is None:
         raise InvalidInput(field, f"{spec!r}: the model has no latent evaluators (train them with `diffsteer train "
                                   "latent-evaluator`)")
     rest = spec.strip()[len(LATENT_REWARD) + 1:]
     weights = parse_weights(rest, evaluators.kinds, field) if rest else dict(evaluators.default_weights)
-    return LatentReward(evaluators, weights)
+    if evaluators.embedding_target is not None and weights.get("alignment"):
+        evaluators.text_tower(rewards)
+    return LatentReward(evaluators, weights, rewards)

@@ -6,7 +6,7 @@ the images for every reward whose ``differentiable`` is True; composite objectiv
 model weights and no open_clip / transformers code.
 """
 
-from .base import NonDifferentiableRewardError, Reward, RewardConfig, TextEmbeddingCache
+from .base import EmbeddingSimilarityReward, NonDifferentiableRewardError, Reward, RewardConfig, TextEmbeddingCache
 from .composite import CompositeResult, CompositeReward, TermSpec, parse_reward_spec
 from .preprocess import ClipPreprocessConfig, ClipPreprocess, clip_preprocess
 from .registry import (
@@ -35,6 +35,7 @@ from .simple import (
 )
 
 __all__ = [
+    "EmbeddingSimilarityReward",
     "AestheticReward",
     "AestheticRewardConfig",
     "BrightnessReward",

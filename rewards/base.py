@@ -169,6 +169,32 @@ class Reward(nn.Module):
         return f"name={self.name!r}, differentiable={self.differentiable}"
 
 
+class EmbeddingSimilarityReward(Reward):
+    """A reward of the form ``s · cos(f_img(image), f_txt(prompt))`` (CLIP score, HPS, PickScore): it exposes its
+    two towers, so that a model can learn the image tower alone (the latent evaluators' ``embedding`` target) and
+    pair it with the exact text embedding. Subclasses implement the two embeddings and ``similarity_scale``."""
+
+    uses_prompts = True
+
+    @property
+    def similarity_scale(self) -> float:
+        """``s``: the factor on the cosine (``logit_scale.exp()`` where the score is scaled, else 1)."""
+        raise NotImplementedError
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """Unit-norm image embeddings ``[B, D]`` (float32) of images [B, 3, H, W] in [0, 1]; differentiable."""
+        raise NotImplementedError
+
+    def text_embeddings(self, prompts: list[str]) -> Tensor:
+        """Unit-norm text embeddings ``[B, D]`` (float32), without gradients (cached per prompt)."""
+        raise NotImplementedError
+
+    def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
+        assert prompts is not None
+        img = self.image_embeddings(images)
+        return self.similarity_scale * (img * self.text_embeddings(prompts).to(img.device)).sum(dim=-1)
+
+
 class TextEmbeddingCache:
     """Thread-safe LRU of per-prompt text embeddings (computed without gradients).
 

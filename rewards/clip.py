@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Reward, TextEmbeddingCache
+from .base import EmbeddingSimilarityReward, TextEmbeddingCache
 from .open_clip_loader import LoadedOpenClip, OpenClipSourceConfig, encode_text, load_open_clip
 from .preprocess import clip_preprocess
 
@@ -29,12 +29,11 @@ class ClipRewardConfig(OpenClipSourceConfig):
     )
 
 
-class OpenClipSimilarityReward(Reward):
+class OpenClipSimilarityReward(EmbeddingSimilarityReward):
     """Cosine similarity of an open_clip model's image and text embeddings (CLIP, HPS): subclasses set the
     architecture they require (None: any) and whether the cosine is scaled by ``logit_scale``."""
 
     differentiable = True
-    uses_prompts = True
     architecture: str | None = None
 
     def __init__(self, config: OpenClipSourceConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -53,8 +52,16 @@ class OpenClipSimilarityReward(Reward):
     def default_offset(self) -> float:
         return 100.0 if self.scaled else 1.0
 
-    def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        return open_clip_similarity(self._loaded, self.text_cache, images, prompts, self.scaled)
+    @property
+    def similarity_scale(self) -> float:
+        return float(self.model.logit_scale.exp().float()) if self.scaled else 1.0
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        pixels = clip_preprocess(images.to(self._loaded.device), self._loaded.preprocess).to(self._loaded.input_dtype)
+        return self.model.encode_image(pixels, normalize=True).float()
+
+    def text_embeddings(self, prompts: list[str]) -> Tensor:
+        return self.text_cache.get(prompts, lambda p: encode_text(self._loaded, p)).float()
 
     def _apply(self, fn, *args, **kwargs):
         self.text_cache.clear()
@@ -70,18 +77,3 @@ class ClipReward(OpenClipSimilarityReward):
     @property
     def scaled(self) -> bool:
         return self.config.scale_by_logit_scale
-
-
-def open_clip_similarity(
-    loaded: LoadedOpenClip, cache: TextEmbeddingCache, images: Tensor, prompts: list[str] | None, scale: bool
-) -> Tensor:
-    """cos(image, text) per pair (times logit_scale.exp() if ``scale``), differentiable in ``images``."""
-    assert prompts is not None
-    model = loaded.model
-    pixels = clip_preprocess(images.to(loaded.device), loaded.preprocess).to(loaded.input_dtype)
-    img = model.encode_image(pixels, normalize=True).float()
-    txt = cache.get(prompts, lambda p: encode_text(loaded, p)).float()
-    sim = (img * txt).sum(dim=-1)
-    if scale:
-        sim = sim * model.logit_scale.exp().float().reshape(())
-    return sim

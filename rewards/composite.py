@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import NonDifferentiableRewardError, Reward, check_images
+from .base import EmbeddingSimilarityReward, NonDifferentiableRewardError, Reward, check_images
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,16 @@ class CompositeReward(Reward):
 
     def score(self, images: Tensor, prompts: str | Sequence[str] | None = None) -> Tensor:
         return self.evaluate(images, prompts).total_score
+
+    def similarity_term(self) -> tuple[EmbeddingSimilarityReward, float] | None:
+        """``(reward, factor)`` when this composite is one embedding-similarity term (``clip:1``, ``hps:5``): its
+        total score is then ``factor · cos(f_img, f_txt)`` with ``factor = weight · similarity_scale``; else None."""
+        if len(self.rewards) != 1:
+            return None
+        (name, reward), = self.rewards.items()
+        if not isinstance(reward, EmbeddingSimilarityReward):
+            return None
+        return reward, self.weights[name] * reward.similarity_scale
 
     @property
     def spec(self) -> str:

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import LocalLoadConfig, Reward, TextEmbeddingCache, freeze
+from .base import EmbeddingSimilarityReward, LocalLoadConfig, TextEmbeddingCache, freeze
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocessConfig, clip_preprocess
 
 
@@ -63,12 +63,11 @@ def _features(output) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output
 
 
-class PickScoreReward(Reward):
+class PickScoreReward(EmbeddingSimilarityReward):
     """PickScore; see the module docstring."""
 
     name = "pickscore"
     differentiable = True
-    uses_prompts = True
 
     def __init__(
         self, config: PickScoreRewardConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -146,6 +145,10 @@ class PickScoreReward(Reward):
     def default_offset(self) -> float:
         return 30.0
 
+    @property
+    def similarity_scale(self) -> float:
+        return float(self.model.logit_scale.exp().float())
+
     def _encode_text(self, prompts: list[str]) -> Tensor:
         tokens = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
@@ -154,14 +157,14 @@ class PickScoreReward(Reward):
         feats = self.model.text_projection(_features(out))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
-    def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        assert prompts is not None
+    def text_embeddings(self, prompts: list[str]) -> Tensor:
+        return self.text_cache.get(prompts, self._encode_text).float()
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
         param = next(self.model.parameters())
         pixels = clip_preprocess(images.to(param.device), self.preprocess_cfg).to(param.dtype)
         img = self.model.visual_projection(_features(self.model.vision_model(pixel_values=pixels)))
-        img = torch.nn.functional.normalize(img.float(), dim=-1)
-        txt = self.text_cache.get(prompts, self._encode_text)
-        return self.model.logit_scale.exp().float() * (img * txt).sum(dim=-1)
+        return torch.nn.functional.normalize(img.float(), dim=-1)
 
     def _apply(self, fn, *args, **kwargs):
         self.text_cache.clear()

@@ -83,7 +83,10 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     ({"real_images": ""}, "real_images"),
     ({"within_weight": -1.0}, "within_weight"),
     ({"level_weight": -0.5}, "level_weight"),
-    ({"ema_decay": 0.9}, "ema_decay"),
+    ({"ema_decay": 1.0}, "ema_decay"),
+    ({"recorded_batches": -1}, "recorded_batches"),
+    ({"groups_per_step": 0}, "groups_per_step"),
+    ({"alignment_target": "pixels"}, "alignment_target"),
 ])
 def test_bad_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(InvalidInput) as e:
@@ -133,3 +136,73 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
                 break
             guided = out["uncond"] + scale * (out["cond"] - out["uncond"])
             latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------- embedding target, recorded batches
+
+EMBEDDING = dict(reward="clip:1", alignment_target="embedding", kinds=("alignment",), default_weights={"alignment": 1.0},
+                 recorded_batches=2, groups_per_step=2, max_steps=3, ema_decay=0.5)
+
+
+def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidates(tmp_path):
+    """The stored image and text embeddings give back the composite reward of each decoded candidate, and the export
+    is an embedding-form evaluator in the reward's units with the text tower's probe."""
+    from guidance.models import load_model
+    from guidance.reward_models import get_reward
+    from guidance.sampler import decode
+
+    trainer = LatentEvaluatorTrainer(small_config(tmp_path, **EMBEDDING))
+    pool = trainer.pool
+    assert pool.image_embedding.shape[:2] == pool.reward.shape and len(pool.alpha_bar) == 2 * 2  # 2 batches x 2 groups
+    model, reward = load_model("builtin:proving-ground"), get_reward("clip:1", "cpu")
+    g, k = pool.reward.shape
+    with torch.no_grad():
+        direct = reward.evaluate(decode(model, pool.x0.flatten(0, 1)).float(),
+                                 [p for p in pool.prompts for _ in range(k)]).total_score.view(g, k)
+    torch.testing.assert_close(pool.reward, direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pool.image_embedding.norm(dim=-1), torch.ones(g, k))
+    summary = trainer.train()
+    from guidance.latent_evaluators import LatentEvaluators
+
+    saved = LatentEvaluators.load(summary["latent_evaluators"])
+    spec = saved.specs["alignment"]
+    assert spec.embedding_dim == pool.image_embedding.shape[-1] and not spec.use_text
+    assert spec.output_std == pytest.approx(reward.similarity_term()[1]) and spec.output_mean == 0.0
+    assert saved.meta["text_probe"]["prompt"] and len(saved.meta["text_probe"]["embedding"]) == spec.embedding_dim
+
+
+def test_the_embedding_level_term_is_one_minus_the_cosine(tmp_path):
+    trainer = LatentEvaluatorTrainer(small_config(tmp_path, **EMBEDDING, level_weight=1.0, within_weight=0.0,
+                                                  rank_weight=0.0))
+    batch = trainer.draw_batch(0, 0)
+    loss, _ = trainer.compute_loss(batch)
+    g, k = batch.reward.shape
+    net = trainer.evaluators.nets["alignment"]
+    lam = trainer.evaluators._log_snr(batch.alpha_bar.repeat_interleave(k), batch.x0.flatten(0, 1))
+    with torch.no_grad():
+        raw = net(batch.x0.flatten(0, 1), lam).view(g, k, -1)
+    cos = torch.nn.functional.cosine_similarity(raw, batch.image_embedding, dim=-1)
+    assert float(loss.detach()) == pytest.approx(float((1 - cos).mean()), rel=1e-5)
+
+
+def test_recorded_batches_are_walked_once_per_pass_and_a_resume_reuses_them_exactly(tmp_path):
+    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", **EMBEDDING))
+    n = len(straight.pool.alpha_bar)
+    seen = np.concatenate([straight.epoch_indices(s, 0, n, 2) for s in range(2)])
+    assert sorted(seen.tolist()) == list(range(n))  # one pass: every group once
+    straight.train()
+    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", **{**EMBEDDING, "max_steps": 1}))
+    first.train()
+    files = sorted((tmp_path / "b" / "run" / "groups").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", **EMBEDDING))
+    resumed.train(resume=True)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # loaded, not recorded again
+    for (name, a), (_, b) in zip(straight.evaluators.state_dict().items(), resumed.evaluators.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_the_embedding_target_needs_a_similarity_reward(tmp_path):
+    with pytest.raises(InvalidInput) as e:
+        LatentEvaluatorTrainer(small_config(tmp_path, **{**EMBEDDING, "reward": "saturation:1"}))
+    assert e.value.field == "alignment_target" and "clip" in e.value.reason

@@ -15,6 +15,7 @@ from guidance.executor import DirectExecutor
 from guidance.latent_evaluators import (
     EvaluatorSpec,
     LatentEvaluators,
+    PromptInputs,
     evaluators_for,
     latent_reward,
     log_snr,
@@ -54,11 +55,11 @@ def test_one_batched_call_equals_per_candidate_calls():
     ev = random_evaluators()
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(12, 4, 16, 16, generator=g)
-    text = torch.randn(12, 7, 32, generator=g)
+    text = PromptInputs(states=torch.randn(12, 7, 32, generator=g))
     bars = torch.linspace(0.05, 0.99, 12)
     batched = ev.score(x0, bars, text)
     for i in range(12):
-        single = {k: ev.evaluate(k, x0[i:i + 1], bars[i:i + 1], text[i:i + 1]) for k in WEIGHTS}
+        single = {k: ev.evaluate(k, x0[i:i + 1], bars[i:i + 1], text.rows(slice(i, i + 1))) for k in WEIGHTS}
         expected = sum(WEIGHTS[k] * single[k] for k in WEIGHTS)
         torch.testing.assert_close(batched.total[i:i + 1], expected, atol=1e-5, rtol=1e-5)
         for k in WEIGHTS:
@@ -69,14 +70,14 @@ def test_outputs_use_the_saved_affine_map():
     ev = random_evaluators()
     x0, text = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 32)
     raw = ev.nets["alignment"](x0, log_snr(torch.full((3,), 0.5, dtype=torch.float64), ev.log_snr_bounds), text)
-    torch.testing.assert_close(ev.evaluate("alignment", x0, 0.5, text), 3.0 + 2.0 * raw)
+    torch.testing.assert_close(ev.evaluate("alignment", x0, 0.5, PromptInputs(states=text)), 3.0 + 2.0 * raw)
 
 
 def test_save_and_load_give_the_same_scores(tmp_path, sd_model):
     ev = random_evaluators()
     folder = ev.save(tmp_path / "latent_evaluators")
     loaded = LatentEvaluators.load(folder)
-    x0, text = torch.randn(4, 4, 16, 16), torch.randn(4, 7, 32)
+    x0, text = torch.randn(4, 4, 16, 16), PromptInputs(states=torch.randn(4, 7, 32))
     torch.testing.assert_close(loaded.score(x0, 0.3, text).total, ev.score(x0, 0.3, text).total)
     assert loaded.default_weights == WEIGHTS and loaded.specs["alignment"].target == "saturation:1"
     assert evaluators_for(sd_model) is None  # the tiny model has none
@@ -110,11 +111,11 @@ def test_dynamic_cfg_picks_the_argmax_of_the_combined_latent_score(model_with_ev
 
     ev = evaluators_for(model)
     prepared, ab, x0s = first_step_candidate_x0(model, params, candidates)
-    text = prepared.conditions["cond"].hidden_states
+    text = PromptInputs(states=prepared.conditions["cond"].hidden_states)
     expected = []
     with torch.no_grad():
         for b, per_candidate in enumerate(x0s):
-            scores = [float(ev.evaluate("alignment", x0, ab, text[b:b + 1]) + 0.5 * ev.evaluate("fidelity", x0, ab))
+            scores = [float(ev.evaluate("alignment", x0, ab, text.rows(slice(b, b + 1))) + 0.5 * ev.evaluate("fidelity", x0, ab))
                       for x0 in per_candidate]
             ordered = sorted(scores)
             assert ordered[-1] - ordered[-2] > 1e-3  # a clear winner, so float noise cannot flip it
@@ -180,7 +181,7 @@ def test_reno_with_the_latent_reward_scores_the_plain_latents_first(model_with_e
     prepared = prepare(model, {**params, "policy": "cfg:scale=1"})
     with torch.no_grad():
         plain = prepared.run().latents
-    expected = latent_reward(model, "latent").score(plain, prepared.conditions["cond"].hidden_states)
+    expected = latent_reward(model, "latent").score(plain, PromptInputs(states=prepared.conditions["cond"].hidden_states))
     np.testing.assert_allclose(trace["reward_initial"], expected.numpy(), rtol=1e-4, atol=1e-4)
     assert all(best >= initial for best, initial in zip(trace["reward_best"], trace["reward_initial"]))
     with pytest.raises(InvalidInput) as e:
@@ -193,7 +194,7 @@ def test_latent_reward_gradient_is_that_of_the_negated_score():
     from guidance.latent_evaluators import LatentReward
 
     reward = LatentReward(ev, WEIGHTS)
-    z, text = torch.randn(2, 4, 8, 8, dtype=torch.float64).float(), torch.randn(2, 5, 32)
+    z, text = torch.randn(2, 4, 8, 8, dtype=torch.float64).float(), PromptInputs(states=torch.randn(2, 5, 32))
     score, grad = reward.score_and_gradient(z, text)
     eps = 1e-2
     direction = torch.randn_like(z)
@@ -216,3 +217,76 @@ def test_ab_metric_latent_is_the_evaluators_on_the_encoded_image(model_with_eval
     np.testing.assert_allclose([r[names[0]] for r in rows], expected.numpy(), rtol=1e-5)
     with pytest.raises(InvalidInput, match="needs a model"):
         MetricScorer(["latent"])
+
+
+# ------------------------------------------------------------------------------------------- embedding form
+
+
+def embedding_evaluators(probe: dict | None) -> LatentEvaluators:
+    """A random embedding-form alignment evaluator of the proving-ground CLIP (128-d) and a fidelity one."""
+    from guidance.reward_models import get_reward
+
+    torch.manual_seed(3)
+    factor = get_reward("clip:1", "cpu").similarity_term()[1]
+    specs = {"alignment": EvaluatorSpec("alignment", 16, 2, False, output_std=factor, target="clip:1", embedding_dim=128),
+             "fidelity": EvaluatorSpec("fidelity", 16, 1, False)}
+    meta = {"text_probe": probe} if probe else {}
+    return LatentEvaluators(4, 32, specs, (-8.0, 8.0), WEIGHTS, meta).eval().requires_grad_(False)
+
+
+def test_embedding_form_scores_the_reward_formula_with_its_text_tower():
+    from guidance.latent_evaluators import text_probe
+    from guidance.reward_models import get_reward
+
+    tower, factor = get_reward("clip:1", "cpu").similarity_term()
+    ev = embedding_evaluators(text_probe(tower))
+    prompts = ["a red circle", "two blue squares"]
+    inputs = ev.prompt_inputs(None, prompts)
+    x0 = torch.randn(2, 4, 16, 16)
+    lam = log_snr(torch.full((2,), 0.4, dtype=torch.float64), ev.log_snr_bounds)
+    image = ev.nets["alignment"](x0, lam)
+    text = tower.text_embeddings(prompts)
+    expected = factor * torch.nn.functional.cosine_similarity(image, text, dim=-1)
+    torch.testing.assert_close(ev.evaluate("alignment", x0, 0.4, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_cfg_with_an_embedding_evaluator_picks_the_direct_argmax(sd_model, tmp_path):
+    from guidance.latent_evaluators import text_probe
+    from guidance.reward_models import get_reward
+
+    tower, factor = get_reward("clip:1", "cpu").similarity_term()
+    folder = embedding_evaluators(text_probe(tower)).save(tmp_path / "emb")
+    model = dataclasses.replace(sd_model, extra={**sd_model.extra, "latent_evaluators": str(folder)})
+    candidates = [1.0, 4.0, 12.0]
+    prompts = ["a red circle", "a blue square"]
+    params = {"prompt": prompts, "seeds": [5, 6], "steps": 3, "scheduler": "ddim",
+              "policy": {"name": "dynamic_cfg", "candidates": candidates, "evaluator": "latent",
+                         "latent_weights": "alignment:1"}}
+    chosen = generate(model, params).trace["scale_schedule"][0]
+    ev = evaluators_for(model)
+    _, ab, x0s = first_step_candidate_x0(model, params, candidates)
+    text = tower.text_embeddings(prompts)
+    expected = []
+    with torch.no_grad():
+        for b, per_candidate in enumerate(x0s):
+            lam = log_snr(torch.tensor([ab], dtype=torch.float64), ev.log_snr_bounds)
+            scores = [float(factor * torch.nn.functional.cosine_similarity(ev.nets["alignment"](x0, lam), text[b:b + 1]))
+                      for x0 in per_candidate]
+            ordered = sorted(scores)
+            assert ordered[-1] - ordered[-2] > 1e-3
+            expected.append(candidates[int(np.argmax(scores))])
+    assert chosen == expected
+
+
+def test_a_text_tower_that_is_not_the_trained_ones_is_refused_naming_the_field(sd_model, tmp_path):
+    wrong = {"prompt": "a photo of a red cube and a blue sphere", "embedding": [1.0] + [0.0] * 127}
+    folder = embedding_evaluators(wrong).save(tmp_path / "emb")
+    model = dataclasses.replace(sd_model, extra={**sd_model.extra, "latent_evaluators": str(folder)})
+    with pytest.raises(InvalidInput) as e:
+        generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
+                         "policy": {"name": "dynamic_cfg", "candidates": [1.0, 4.0], "evaluator": "latent"}})
+    assert e.value.field == "latent_evaluators" and "probe" in e.value.reason
+    with pytest.raises(InvalidInput) as e:
+        generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
+                         "policy": {"name": "reno", "reward": "latent", "iterations": 1}})
+    assert e.value.field == "latent_evaluators"

@@ -47,6 +47,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` into a temporary file beside ``path``, fsynced, then renamed over it: a reader sees the old
+    file or the whole new one, never part of it."""
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` as the checkpoint of ``step`` atomically; keep the newest ``keep`` (0: keep all)."""
     directory = Path(directory)
@@ -54,17 +71,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], kee
     for stale in directory.glob(f"{TMP_PREFIX}*"):
         stale.unlink(missing_ok=True)
     final = checkpoint_path(directory, step)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
+    atomic_torch_save(state, final)
     if keep > 0:
         for _, old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)

@@ -16,10 +16,24 @@ model, the way dynamic CFG will meet it:
    RankNet loss over the pairs of each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with
    t_i > t_j). The policy only uses the order within a group, and the spread within a group is a fraction of the
    spread between prompts, so the level term alone learns the prompt and not the candidates (BENCHMARKS.md).
+
+   ``alignment_target: embedding`` (for a reward s·cos(f_img, f_txt): clip, hps, pickscore) records the reward's
+   unit-norm image embedding e_k = f_img(D(ẑ0_k)) of every candidate and the prompt's text embedding u, and the
+   network learns the image tower: g(ẑ0_k, λ), normalised, scored as s·⟨g, u⟩ (the reward exactly, were g = e_k).
+   The level term is then 1 − ⟨g, e_k⟩, the within-group term also covers the embeddings' deviations from their
+   group mean (in units of their within-group standard deviation), and RankNet reads the scores in units of the
+   reward's within-group standard deviation. D targets per candidate instead of one, and the prompt enters through
+   the exact text embedding: on the proving ground this ranks candidates about twice as well (BENCHMARKS.md).
 3. **Fidelity**: real-data latents (``real_images``: rendered proving-ground scenes, or a folder of images) encoded
    by the VAE, noised to each group's ᾱ, x_t = √ᾱ·z + √(1−ᾱ)·ε, and denoised by the model with their own caption:
    x0(ε_c(x_t)) is "real"; the model's own candidates ẑ0_k at that ᾱ are "model". Loss: class-balanced logistic
    loss of the discriminator's logit.
+
+With ``recorded_batches`` the data is made once instead: that many batches, each from its own seed, saved under
+``<output_dir>/groups/`` (a resumed run loads them; several processes record their shares in parallel), then the
+steps walk shuffled passes over all recorded groups, ``groups_per_step`` per process. Decoding and scoring the
+candidates is the cost of a batch, so many passes over recorded data train far more steps per CPU-hour than
+fresh batches.
 
 Held-out evaluation (``eval_every``) scores a fixed batch made the same way from held-out prompts (``eval_prompts``)
 and logs the alignment evaluator's Spearman correlation with the reward within each group and overall, and the
@@ -27,6 +41,8 @@ fidelity discriminator's accuracy. The export writes the evaluator folder (``exp
 ``<model folder>/latent_evaluators`` by default).
 
     diffsteer train latent-evaluator --config training/configs/latent-evaluator-proving-ground.yaml
+    torchrun --standalone --nproc_per_node 2 -m training.latent_evaluator \
+        --config training/configs/latent-evaluator-embedding-proving-ground.yaml
 """
 
 from __future__ import annotations
@@ -34,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,6 +79,10 @@ class LatentEvaluatorConfig(TrainerConfig):
     reward: str = field(default="clip:1", metadata={
         "help": "Pixel-space reward the alignment evaluator is distilled from, 'name:weight,...' (configured as for "
                 "the service; the proving-ground clip needs none). Need not be differentiable."})
+    alignment_target: Literal["score", "embedding"] = field(default="score", metadata={
+        "help": "What the alignment evaluator learns: score (the reward itself, reading the diffusion text states) or "
+                "embedding (the image embedding of a reward s·cos(f_img, f_txt) — clip, hps, pickscore — scored "
+                "against the reward's own text embedding at sampling time; ranks candidates about twice as well)."})
     kinds: tuple[str, ...] = field(default=("alignment", "fidelity"), metadata={
         "help": "Evaluators to train: alignment, fidelity."})
     real_images: str = field(default="pg-scenes", metadata={
@@ -74,18 +94,26 @@ class LatentEvaluatorConfig(TrainerConfig):
     width_channels: int = field(default=32, metadata={"help": "Channels of each evaluator network."})
     stages: int = field(default=2, metadata={"help": "Residual stages (each halves the resolution after the stem)."})
     patch: int = field(default=2, metadata={"help": "Stem patch size (a patch x patch convolution of that stride)."})
+    recorded_batches: int = field(default=0, metadata={
+        "help": "0: train on freshly sampled batches (each reused batch_reuse steps). N > 0: sample N batches of "
+                "batch_size trajectories once, before training (saved in <output_dir>/groups/, reused on resume; "
+                "processes record their shares in parallel), then train on groups_per_step groups per step, drawn "
+                "from all of them and reshuffled every pass."})
+    groups_per_step: int = field(default=64, metadata={
+        "help": "Recorded groups per optimizer step and process (with recorded_batches)."})
     batch_reuse: int = field(default=1, metadata={
         "help": "Optimizer steps trained on each generated batch (decoding and scoring the candidates is the cost; "
                 "step s trains on the batch of step s - s mod batch_reuse)."})
     rank_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment's within-group ranking loss."})
     level_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the alignment's squared error to the reward itself (standardised over all candidates): "
-                "the level that ReNO and the A/B metric compare across images."})
+        "help": "Weight of the alignment's level term: the squared error to the reward itself (standardised over all "
+                "candidates), the level that ReNO and the A/B metric compare across images; with the embedding "
+                "target, 1 − cos between the predicted and the decoded candidate's image embedding."})
     within_weight: float = field(default=0.0, metadata={
         "help": "Weight of the squared error of the within-group deviations (prediction and reward minus their group "
                 "means, in units of the reward's within-group standard deviation): the differences between candidates "
                 "that dynamic CFG ranks, which the level term under-weights (they are a fraction of the spread "
-                "between prompts)."})
+                "between prompts). With the embedding target, plus the same for the embeddings."})
     default_weights: dict[str, float] = field(default_factory=lambda: {"alignment": 1.0, "fidelity": 0.5}, metadata={
         "help": "Weights of the evaluators' combined score saved with them (dynamic_cfg's default)."})
     calibration_batches: int = field(default=2, metadata={
@@ -105,7 +133,8 @@ class LatentEvaluatorConfig(TrainerConfig):
             raise InvalidInput("kinds", f"expected distinct names among {', '.join(KINDS)}, got {list(self.kinds)}")
         if len(self.candidates) < 2 or any(not 0 <= w <= 100 for w in self.candidates):
             raise InvalidInput("candidates", f"expected at least two scales in [0, 100], got {list(self.candidates)}")
-        for name in ("records_per_image", "width_channels", "stages", "calibration_batches", "patch", "batch_reuse"):
+        for name in ("records_per_image", "width_channels", "stages", "calibration_batches", "patch", "batch_reuse",
+                     "groups_per_step"):
             if getattr(self, name) < 1:
                 raise InvalidInput(name, f"must be at least 1, got {getattr(self, name)}")
         if self.records_per_image > self.steps:
@@ -118,8 +147,10 @@ class LatentEvaluatorConfig(TrainerConfig):
         unknown = [k for k in self.default_weights if k not in self.kinds]
         if unknown:
             raise InvalidInput("default_weights", f"{unknown} not among the trained kinds {list(self.kinds)}")
-        if self.ema_decay:
-            raise InvalidInput("ema_decay", f"the latent-evaluator trainer keeps no EMA; must be 0, got {self.ema_decay}")
+        if self.recorded_batches < 0:
+            raise InvalidInput("recorded_batches", f"must be 0 (fresh batches) or a number of batches, got {self.recorded_batches}")
+        if self.alignment_target not in ("score", "embedding"):
+            raise InvalidInput("alignment_target", f"expected score or embedding, got {self.alignment_target!r}")
         if "fidelity" in self.kinds and not self.real_images:
             raise InvalidInput("real_images", "the fidelity discriminator needs real images: pg-scenes or a folder")
 
@@ -166,6 +197,28 @@ class Groups:
     prompts: list[str]
     reward: torch.Tensor | None = None  # [G, K]
     real_x0: torch.Tensor | None = None  # [G, C, h, w] the model's x̂0 from real latents at the same ᾱ
+    image_embedding: torch.Tensor | None = None  # [G, K, E] the reward's unit-norm embeddings of the decoded candidates
+    text_embedding: torch.Tensor | None = None  # [G, E] the reward's unit-norm embedding of the prompt
+
+    def select(self, index: np.ndarray) -> "Groups":
+        """The groups at ``index``."""
+        i = torch.as_tensor(index, dtype=torch.long)
+        pick = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Groups(**{k: ([v[j] for j in index] if isinstance(v, list) else v if v is None else v[i])
+                         for k, v in pick.items()})
+
+    @staticmethod
+    def concatenate(parts: list["Groups"]) -> "Groups":
+        fields = [f.name for f in dataclasses.fields(Groups)]
+        return Groups(**{k: ([x for p in parts for x in getattr(p, k)] if k == "prompts"
+                             else None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts]))
+                         for k in fields})
+
+    def prompt_inputs(self) -> Any:
+        """What the evaluators read of each group's prompt (:class:`guidance.latent_evaluators.PromptInputs`)."""
+        from guidance.latent_evaluators import PromptInputs
+
+        return PromptInputs(states=self.text, embedding=self.text_embedding)
 
 
 def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
@@ -180,10 +233,11 @@ def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rng: np.random.Generator,
                             params: dict[str, Any], candidates: tuple[float, ...], records_per_image: int,
-                            reward: Any = None, autocast: Any = None) -> Groups:
+                            reward: Any = None, autocast: Any = None, embeddings: bool = False) -> Groups:
     """Sample one trajectory per prompt (``params``: steps, scheduler, ...) under CFG at a scale drawn from
     ``candidates``, record the K candidate x̂0 at ``records_per_image`` steps drawn per image, and score the decoded
-    candidates with ``reward`` (if given). Every draw from ``rng``."""
+    candidates with ``reward`` (if given; with ``embeddings``, a one-term embedding-similarity reward whose image
+    and text embeddings are kept too). Every draw from ``rng``."""
     import contextlib
 
     from guidance.request import Limits
@@ -216,12 +270,19 @@ def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rn
     if reward is not None:
         flat = groups.x0.flatten(0, 1).to(model.device)
         texts = [p for p in groups.prompts for _ in range(k)]
+        tower, factor = reward.similarity_term() if embeddings else (None, 1.0)
         scores = []
         for i in range(0, len(flat), 64):
             with autocast():
-                images = decode(model, flat[i:i + 64])
-            scores.append(reward.evaluate(images.float(), texts[i:i + 64]).total_score.float().cpu())
-        groups.reward = torch.cat(scores).view(g, k)
+                images = decode(model, flat[i:i + 64]).float()
+            scores.append(tower.image_embeddings(images).float().cpu() if embeddings
+                          else reward.evaluate(images, texts[i:i + 64]).total_score.float().cpu())
+        if embeddings:
+            groups.image_embedding = torch.cat(scores).view(g, k, -1)
+            groups.text_embedding = tower.text_embeddings(groups.prompts).float().cpu()
+            groups.reward = factor * (groups.image_embedding * groups.text_embedding[:, None]).sum(-1)
+        else:
+            groups.reward = torch.cat(scores).view(g, k)
     return groups
 
 
@@ -295,23 +356,60 @@ class LatentEvaluatorTrainer(Trainer):
         lam = torch.log(bars) - torch.log1p(-bars)
         bounds = (float(lam.min()) - 1.0, float(lam.max()) + 1.0)
         text_dim = int(encode_prompts(self.model, ["x"]).shape[-1])
-        specs = {k: EvaluatorSpec(k, c.width_channels, c.stages, use_text=(k == "alignment"), patch=c.patch,
-                                  target=c.reward if k == "alignment" else c.real_images) for k in c.kinds}
+        embedding = c.alignment_target == "embedding" and "alignment" in c.kinds
+        if embedding and self.reward.similarity_term() is None:
+            raise InvalidInput("alignment_target", f"embedding needs a reward of one embedding-similarity term (clip, "
+                               f"hps or pickscore with a weight), got reward {c.reward!r}")
+        self.pool = self._record_pool() if c.recorded_batches else None
+        specs = {k: EvaluatorSpec(k, c.width_channels, c.stages, use_text=(k == "alignment" and not embedding),
+                                  patch=c.patch, target=c.reward if k == "alignment" else c.real_images) for k in c.kinds}
         if "alignment" in c.kinds:
-            rewards = torch.cat([self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False).reward
-                                 for b in range(c.calibration_batches)])
-            specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=float(rewards.mean()),
-                                                     output_std=float(rewards.std().clamp_min(1e-6)))
-            # the reward's spread within a group, in units of output_std (the within-group term's scale)
-            deviations = rewards - rewards.mean(dim=1, keepdim=True)
-            self.within_std = float(deviations.std().clamp_min(1e-6)) / specs["alignment"].output_std
+            calibration = self.pool or Groups.concatenate([
+                self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False) for b in range(c.calibration_batches)])
+            rewards = calibration.reward
+            # the reward's spread within a group: the unit of the within-group terms (and of RankNet's for embeddings)
+            self.reward_within_std = float((rewards - rewards.mean(dim=1, keepdim=True)).std().clamp_min(1e-6))
+            if embedding:
+                tower, factor = self.reward.similarity_term()
+                dim = calibration.image_embedding.shape[-1]
+                specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=0.0, output_std=factor, embedding_dim=dim)
+                e = calibration.image_embedding
+                self.embedding_within_std = float((e - e.mean(dim=1, keepdim=True)).std().clamp_min(1e-6))
+                self.rank_unit = self.reward_within_std
+            else:
+                specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=float(rewards.mean()),
+                                                         output_std=float(rewards.std().clamp_min(1e-6)))
+                self.rank_unit = specs["alignment"].output_std
         weights = {k: w for k, w in c.default_weights.items() if k in c.kinds} or {k: 1.0 for k in c.kinds}
         self.evaluators = LatentEvaluators(int(self.model.unet.config.in_channels), text_dim, specs, bounds, weights,
                                            meta={"model": str(c.model), "steps": c.steps, "scheduler": c.scheduler,
                                                  "candidates": list(c.candidates)}).to(self.device)
         self.register_module("evaluators", self.evaluators, "full")
         self.register_optimizer("evaluators", list(self.evaluators.parameters()))
+        if c.ema_decay:
+            self.register_ema("evaluators", self.evaluators, c.ema_decay, trainable_only=True)
         self.eval_groups = self._make_eval_groups()
+
+    def _record_pool(self) -> Groups:
+        """The ``recorded_batches`` batches of groups, each sampled once from its own seed and saved in
+        ``<output_dir>/groups/`` (atomically), so that a resumed run loads them; each process records its share."""
+        from tqdm import tqdm
+
+        from training.checkpoints import atomic_torch_save
+
+        c = self.config
+        folder = self.out / "groups"
+        folder.mkdir(parents=True, exist_ok=True)
+        rank, world = self.processes.rank, self.processes.world_size
+        mine = [b for b in range(c.recorded_batches) if b % world == rank]
+        for b in tqdm(mine, desc="recording groups", disable=not c.progress, dynamic_ncols=True):
+            path = folder / f"batch-{b:05d}.pt"
+            if not path.is_file():
+                groups = self.make_groups(np.random.default_rng([c.seed, 2**22, b]))
+                atomic_torch_save(dataclasses.asdict(groups), path)
+        self.processes.barrier()
+        return Groups.concatenate([Groups(**torch.load(folder / f"batch-{b:05d}.pt", weights_only=True))
+                                   for b in range(c.recorded_batches)])
 
     def _load_eval_items(self) -> list[Any]:
         return []  # the base evaluation samples images; this method evaluates agreement instead (evaluate)
@@ -344,7 +442,8 @@ class LatentEvaluatorTrainer(Trainer):
         if seeds is None:
             seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
         groups = record_candidate_groups(self.model, prompts, seeds, rng, self.generation_params(prompts, seeds),
-                                         c.candidates, c.records_per_image, self.reward, self.autocast)
+                                         c.candidates, c.records_per_image, self.reward, self.autocast,
+                                         embeddings=c.alignment_target == "embedding")
         g = groups.x0.shape[0]
         if real and self.real is not None:
             pixels, captions = self.real.get(rng.integers(0, 2**31 - 1, g))
@@ -371,11 +470,15 @@ class LatentEvaluatorTrainer(Trainer):
     # ------------------------------------------------------------------ hooks
 
     def draw_batch(self, step: int, micro: int) -> Groups:
-        """The groups of step ``step - step mod batch_reuse`` (kept while they are reused; remade on resume)."""
-        key = (step - step % self.config.batch_reuse, micro)
+        """With recorded batches: ``groups_per_step`` groups of this pass's shuffle of all of them. Else the groups of
+        step ``step - step mod batch_reuse`` (kept while they are reused; remade on resume)."""
+        c = self.config
+        if self.pool is not None:
+            return self.pool.select(self.epoch_indices(step, micro, len(self.pool.alpha_bar), c.groups_per_step))
+        key = (step - step % c.batch_reuse, micro)
         cached = getattr(self, "_batch", None)
         if cached is None or cached[0] != key:
-            rng = np.random.default_rng([self.config.seed, key[0], micro, self.processes.rank])
+            rng = np.random.default_rng([c.seed, key[0], micro, self.processes.rank])
             self._batch = cached = (key, self.make_groups(rng))
         return cached[1]
 
@@ -389,14 +492,22 @@ class LatentEvaluatorTrainer(Trainer):
         metrics: dict[str, float] = {}
         if "alignment" in c.kinds:
             spec = ev.specs["alignment"]
-            text = batch.text.repeat_interleave(k, dim=0).to(self.device)
-            pred = ((ev.evaluate("alignment", flat, bars, text) - spec.output_mean) / spec.output_std).view(g, k)
-            target = ((batch.reward.to(self.device) - spec.output_mean) / spec.output_std)
-            mse = F.mse_loss(pred, target)
-            within = within_group_mse(pred, target, self.within_std)
-            rank = ranknet_loss(pred, target)
-            loss = loss + c.level_weight * mse + c.within_weight * within + c.rank_weight * rank
-            metrics.update({"alignment.mse": float(mse.detach()), "alignment.within_mse": float(within.detach()),
+            reward = batch.reward.to(self.device)
+            if spec.embedding_dim:
+                image = ev.embed("alignment", flat, bars).view(g, k, -1)
+                target = batch.image_embedding.to(self.device)
+                score = ev.embedding_score("alignment", image, batch.text_embedding.to(self.device)[:, None])
+                level = (1 - (image * target).sum(dim=-1)).mean()
+                within = within_group_mse(image, target, self.embedding_within_std)
+            else:
+                text = batch.prompt_inputs().repeat_interleave(k).to(self.device)
+                score = ev.evaluate("alignment", flat, bars, text).view(g, k)
+                level = F.mse_loss((score - spec.output_mean) / spec.output_std, (reward - spec.output_mean) / spec.output_std)
+                within = torch.zeros((), device=self.device)
+            within = within + within_group_mse(score, reward, self.reward_within_std)
+            rank = ranknet_loss(score / self.rank_unit, reward / self.rank_unit)
+            loss = loss + c.level_weight * level + c.within_weight * within + c.rank_weight * rank
+            metrics.update({"alignment.level": float(level.detach()), "alignment.within_mse": float(within.detach()),
                             "alignment.rank": float(rank.detach())})
         if "fidelity" in c.kinds:
             fake = ev.evaluate("fidelity", flat, bars)
@@ -422,9 +533,15 @@ class LatentEvaluatorTrainer(Trainer):
         return {k: f"{metrics[k]:.3g}" for k in ("loss", "alignment.rank", "fidelity.accuracy") if k in metrics}
 
     def export(self) -> dict[str, str]:
+        from guidance.latent_evaluators import text_probe
+
         c = self.config
         target = Path(c.export_dir) if c.export_dir else self.out / "latent_evaluators"
-        self.evaluators.save(target, extra_meta={"trained_steps": self.step, "seed": c.seed})
+        meta: dict[str, Any] = {"trained_steps": self.step, "seed": c.seed}
+        if self.evaluators.embedding_target is not None:
+            meta["text_probe"] = text_probe(self.reward.similarity_term()[0])
+        with self.averaged_weights():
+            self.evaluators.save(target, extra_meta=meta)
         return {"latent_evaluators": str(target)}
 
 
@@ -461,7 +578,7 @@ def agreement(evaluators: Any, groups: Groups) -> dict[str, float]:
     bars = groups.alpha_bar.repeat_interleave(k)
     metrics: dict[str, float] = {}
     if "alignment" in evaluators.kinds and groups.reward is not None:
-        text = groups.text.repeat_interleave(k, dim=0).to(device)
+        text = groups.prompt_inputs().repeat_interleave(k).to(device)
         pred = evaluators.evaluate("alignment", flat, bars, text).view(g, k).cpu().numpy()
         target = groups.reward.numpy()
         within = [spearman(pred[i], target[i]) for i in range(g)]

@@ -516,17 +516,19 @@ class Trainer:
         """The generator of optimizer step ``step``'s global batch (the same in every process)."""
         return np.random.default_rng([self.config.seed, step])
 
-    def shard(self, micro: int) -> slice:
+    def shard(self, micro: int, batch: int | None = None) -> slice:
         """This process's positions in the global batch for micro-batch ``micro``: the global batch is laid out
-        micro-batch by micro-batch, process by process, ``batch_size`` each."""
-        b = self.config.batch_size
+        micro-batch by micro-batch, process by process, ``batch`` (default ``batch_size``) each."""
+        b = batch or self.config.batch_size
         start = (micro * self.processes.world_size + self.processes.rank) * b
         return slice(start, start + b)
 
-    def epoch_indices(self, step: int, micro: int, n: int) -> np.ndarray:
-        """Dataset indices of this process's share of a micro-batch, walking each epoch's permutation of
-        ``range(n)`` (seeded by ``seed`` and the epoch) in global-batch order: every sample once per epoch."""
-        positions = step * self.global_batch_size + np.arange(self.global_batch_size)[self.shard(micro)]
+    def epoch_indices(self, step: int, micro: int, n: int, batch: int | None = None) -> np.ndarray:
+        """Dataset indices of this process's share of a micro-batch (``batch`` items, default ``batch_size``),
+        walking each epoch's permutation of ``range(n)`` (seeded by ``seed`` and the epoch) in global-batch order:
+        every sample once per epoch."""
+        per_step = (batch or self.config.batch_size) * self.processes.world_size * self.config.gradient_accumulation_steps
+        positions = step * per_step + np.arange(per_step)[self.shard(micro, batch)]
         out = np.empty(len(positions), dtype=np.int64)
         for epoch in np.unique(positions // n):
             mask = positions // n == epoch

@@ -11,9 +11,12 @@ The candidates are combinations of the same two predictions, so choosing costs n
 scoring the K candidates. Two kinds of evaluators (``evaluator``):
 
 * ``latent`` (the paper's design, and the default where the model has them: ``auto``): the model's small
-  latent-space evaluators (:mod:`guidance.latent_evaluators`) read ẑ0_k, the step's noise level and the prompt's
-  text-encoder states directly, without the VAE; all K × B candidates are scored in one batched call, one unit of
-  the executor (the device worker in the service). ``latent_weights`` are the λ_j ('': those saved with them).
+  latent-space evaluators (:mod:`guidance.latent_evaluators`) read ẑ0_k and the step's noise level directly,
+  without the VAE, and the prompt as the model's text-encoder states or, for an embedding-form alignment evaluator
+  (the paper's CLIP-style one: a latent image tower), as the reward's text embedding, computed once per generation
+  with the reward's text tower (from the caller's reward library). All K × B candidates are scored in one batched
+  call, one unit of the executor (the device worker in the service). ``latent_weights`` are the λ_j ('': those
+  saved with them).
 * ``pixel``: every candidate is decoded by the VAE and scored by rewards/ models with weights (``reward``); the
   K × B images go in chunks of at most SCORE_CHUNK native-size images, each one executor unit.
 
@@ -83,6 +86,7 @@ class DynamicCFGState(PolicyState):
     rewards: Any = None  # the RewardModels passed down (guidance.reward_models)
     latent: Any = None  # the model's LatentEvaluators when scoring in latent space
     latent_weights: dict[str, float] = field(default_factory=dict)
+    prompt_inputs: Any = None  # what the latent evaluators read of the prompts (PromptInputs), made at the first choice
     prompts: list[str] = field(default_factory=list)
     current: torch.Tensor | None = None  # the scale in force per image
     schedule: list[list[float]] = field(default_factory=list)
@@ -108,6 +112,8 @@ class DynamicCFG(GuidancePolicy):
                                    "train latent-evaluator`); accepted here: auto, pixel")
             if latent is not None:
                 weights = parse_weights(p.latent_weights, latent.kinds) if p.latent_weights else latent.default_weights
+                if latent.embedding_target is not None and weights.get("alignment"):
+                    latent.text_tower(rewards)  # load (and check) the reward's text tower before sampling starts
         if ctx.model is not None and latent is None:
             rewards.get(p.reward, ctx.model.device)  # load (and validate) before sampling starts
         return DynamicCFGState(
@@ -151,13 +157,16 @@ class DynamicCFG(GuidancePolicy):
         batch = cond.shape[0]
         with torch.no_grad():
             x0 = candidate_x0(cond, uncond, x, info, p.candidates)
-        text = text_states(denoiser).repeat(len(p.candidates), 1, 1)
         cost = LATENT_SCORE_COST * x0.shape[0] * x0.shape[-2] * x0.shape[-1] / native_latent_area(state.model)
         chunk = max(1, LATENT_CHUNK * native_latent_area(state.model) // (x0.shape[-2] * x0.shape[-1]))
-        scores = denoiser.executor.run(
-            functools.partial(latent_scores, state.latent, x0, info.alpha_bar, text, state.latent_weights, chunk),
-            cost=cost,
-        ).view(len(p.candidates), batch)
+
+        def score() -> torch.Tensor:
+            if state.prompt_inputs is None:  # once per generation: an embedding evaluator's text tower runs here
+                state.prompt_inputs = state.latent.prompt_inputs(text_states(denoiser), state.prompts, state.rewards)
+            inputs = state.prompt_inputs.repeat(len(p.candidates))
+            return latent_scores(state.latent, x0, info.alpha_bar, inputs, state.latent_weights, chunk)
+
+        scores = denoiser.executor.run(score, cost=cost).view(len(p.candidates), batch)
         return torch.tensor(p.candidates, dtype=torch.float32)[scores.argmax(dim=0)]
 
     def _choose(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
@@ -200,12 +209,12 @@ def candidate_x0(cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, info
 
 
 @torch.no_grad()
-def latent_scores(evaluators: Any, x0: torch.Tensor, alpha_bar: float, text: torch.Tensor,
+def latent_scores(evaluators: Any, x0: torch.Tensor, alpha_bar: float, prompts: Any,
                   weights: dict[str, float], chunk: int | None = None) -> torch.Tensor:
     """Σ_j λ_j·E_j of every row of ``x0``, float32 on the CPU: batched calls of at most ``chunk`` rows (None: all
     in one), so that the evaluators' activations stay small beside the UNet's (memory ∝ rows × latent area)."""
     chunk = chunk or x0.shape[0]
-    return torch.cat([evaluators.score(x0[i:i + chunk].float(), alpha_bar, text[i:i + chunk], weights).total.float().cpu()
+    return torch.cat([evaluators.score(x0[i:i + chunk].float(), alpha_bar, prompts.rows(slice(i, i + chunk)), weights).total.float().cpu()
                       for i in range(0, x0.shape[0], chunk)])
 
 

@@ -61,7 +61,7 @@ class ReNO(OuterLoopPolicy):
         from guidance.latent_evaluators import is_latent_spec, latent_reward
 
         if ctx.model is not None and is_latent_spec(self.params.reward):
-            latent_reward(ctx.model, self.params.reward)  # load (and validate) before any work
+            latent_reward(ctx.model, self.params.reward, rewards=ctx.rewards)  # load (and validate) before any work
         elif ctx.model is not None and ctx.rewards is not None:
             ctx.rewards.get(self.params.reward, ctx.model.device)
         return self._inner.start(ctx)
@@ -92,10 +92,13 @@ class ReNO(OuterLoopPolicy):
         model, executor = prepared.model, prepared.executor
         prompts = list(prepared.params.prompts)
         if is_latent_spec(p.reward):  # the model's latent evaluators score the clean latents: no VAE decode
-            scorer, text = latent_reward(model, p.reward), prepared.conditions["cond"].hidden_states
+            scorer, states = latent_reward(model, p.reward, rewards=prepared.rewards), prepared.conditions["cond"].hidden_states
+            inputs: list[Any] = []  # the prompts' inputs, made in the first scoring unit (on the executor)
 
             def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return scorer.score_and_gradient(latents, text)
+                if not inputs:
+                    inputs.append(scorer.prompt_inputs(states, prompts))
+                return scorer.score_and_gradient(latents, inputs[0])
         else:
             reward = prepared.rewards.get(p.reward, model.device, torch.float32)
 
