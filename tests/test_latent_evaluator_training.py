@@ -206,3 +206,14 @@ def test_the_embedding_target_needs_a_similarity_reward(tmp_path):
     with pytest.raises(InvalidInput) as e:
         LatentEvaluatorTrainer(small_config(tmp_path, **{**EMBEDDING, "reward": "saturation:1"}))
     assert e.value.field == "alignment_target" and "clip" in e.value.reason
+
+
+@pytest.mark.parametrize("name", ["latent-evaluator-proving-ground", "latent-evaluator-embedding-proving-ground"])
+def test_the_shipped_configs_load(name):
+    from pathlib import Path
+
+    from training.config_io import load_config
+
+    config = load_config(LatentEvaluatorConfig, Path(__file__).resolve().parents[1] / "training" / "configs" / f"{name}.yaml")
+    assert config.model == "builtin:proving-ground"
+    assert config.alignment_target == ("embedding" if "embedding" in name else "score")

@@ -290,3 +290,20 @@ def test_a_text_tower_that_is_not_the_trained_ones_is_refused_naming_the_field(s
         generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
                          "policy": {"name": "reno", "reward": "latent", "iterations": 1}})
     assert e.value.field == "latent_evaluators"
+
+
+def test_the_shipped_proving_ground_evaluators_load_and_score_with_their_reward():
+    """The folder shipped beside the proving-ground model loads, its text tower (if it reads one) is the shipped
+    CLIP's, and dynamic CFG runs with it on the shipped model."""
+    from pathlib import Path
+
+    from guidance.models import load_model
+
+    folder = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "latent_evaluators"
+    model = dataclasses.replace(load_model("builtin:proving-ground"), extra={"latent_evaluators": str(folder)})
+    evaluators = evaluators_for(model)
+    if evaluators.embedding_target is not None:
+        evaluators.text_tower()  # the probe saved at training matches the default library's reward
+    result = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [0, 1], "steps": 3,
+                              "policy": "dynamic_cfg:candidates=[2,3,4.5],evaluator=latent"})
+    assert len(result.trace["scale_schedule"]) == 3
