@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -332,8 +332,7 @@ class LatentEvaluators(nn.Module):
                 "text_dim": self.text_dim,
                 "log_snr_bounds": list(self.log_snr_bounds),
                 "default_weights": self.default_weights,
-                "evaluators": {k: {f: getattr(s, f) for f in ("width", "stages", "use_text", "patch", "output_mean", "output_std", "target",
-                                                     "embedding_dim")}
+                "evaluators": {k: {f.name: getattr(s, f.name) for f in fields(s) if f.name != "kind"}
                                for k, s in self.specs.items()},
                 "meta": {**self.meta, **(extra_meta or {})},
             }
