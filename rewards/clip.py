@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import EmbeddingSimilarityReward, TextEmbeddingCache
-from .open_clip_loader import LoadedOpenClip, OpenClipSourceConfig, encode_text, load_open_clip
+from .open_clip_loader import OpenClipSourceConfig, encode_text, load_open_clip
 from .preprocess import clip_preprocess
 
 

@@ -198,6 +198,9 @@ def test_recorded_batches_are_walked_once_per_pass_and_a_resume_reuses_them_exac
     resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", **EMBEDDING))
     resumed.train(resume=True)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # loaded, not recorded again
+    with pytest.raises(InvalidInput) as e:  # groups recorded under other settings are never reused
+        LatentEvaluatorTrainer(small_config(tmp_path / "b", **{**EMBEDDING, "candidates": (1.0, 3.0)}))
+    assert e.value.field == "output_dir" and "candidates" in e.value.reason
     for (name, a), (_, b) in zip(straight.evaluators.state_dict().items(), resumed.evaluators.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

@@ -49,6 +49,7 @@ fidelity discriminator's accuracy. The export writes the evaluator folder (``exp
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -328,6 +329,11 @@ class RealImages:
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+# the fields that decide what a recorded batch holds: recorded groups are reused only under the same ones
+RECORDING_FIELDS = ("model", "prompts", "reward", "alignment_target", "kinds", "real_images", "candidates",
+                    "records_per_image", "batch_size", "steps", "scheduler", "eta", "height", "width", "seed")
+
+
 class LatentEvaluatorTrainer(Trainer):
     """Runs one latent-evaluator job described by a :class:`LatentEvaluatorConfig` (see the module docstring)."""
 
@@ -365,13 +371,13 @@ class LatentEvaluatorTrainer(Trainer):
         specs = {k: EvaluatorSpec(k, c.width_channels, c.stages, use_text=(k == "alignment" and not embedding),
                                   patch=c.patch, target=c.reward if k == "alignment" else c.real_images) for k in c.kinds}
         if "alignment" in c.kinds:
-            calibration = self.pool or Groups.concatenate([
+            calibration = self.pool if self.pool is not None else Groups.concatenate([
                 self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False) for b in range(c.calibration_batches)])
             rewards = calibration.reward
             # the reward's spread within a group: the unit of the within-group terms (and of RankNet's for embeddings)
             self.reward_within_std = float((rewards - rewards.mean(dim=1, keepdim=True)).std().clamp_min(1e-6))
             if embedding:
-                tower, factor = self.reward.similarity_term()
+                factor = self.reward.similarity_term()[1]
                 dim = calibration.image_embedding.shape[-1]
                 specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=0.0, output_std=factor, embedding_dim=dim)
                 e = calibration.image_embedding
@@ -401,6 +407,19 @@ class LatentEvaluatorTrainer(Trainer):
         c = self.config
         folder = self.out / "groups"
         folder.mkdir(parents=True, exist_ok=True)
+        settings = {name: getattr(c, name) for name in RECORDING_FIELDS}
+        settings = json.loads(json.dumps(settings, default=list))  # tuples as lists, as they read back
+        record = folder / "recording.json"
+        self.processes.barrier()  # every process reads the folder before the main one writes its record
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+            if changed:
+                raise InvalidInput("output_dir", f"{folder} holds groups recorded with other settings ({'; '.join(changed)}); "
+                                   "remove it or choose another output_dir")
+        self.processes.barrier()
+        if self.processes.is_main and not record.is_file():
+            record.write_text(json.dumps(settings, indent=2))
         rank, world = self.processes.rank, self.processes.world_size
         mine = [b for b in range(c.recorded_batches) if b % world == rank]
         for b in tqdm(mine, desc="recording groups", disable=not c.progress, dynamic_ncols=True):
