@@ -304,6 +304,16 @@ def test_the_shipped_proving_ground_evaluators_load_and_score_with_their_reward(
     evaluators = evaluators_for(model)
     if evaluators.embedding_target is not None:
         evaluators.text_tower()  # the probe saved at training matches the default library's reward
-    result = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [0, 1], "steps": 3,
+    prompts = ["a red circle", "two blue squares"]
+    result = generate(model, {"prompt": prompts, "seeds": [0, 1], "steps": 3,
                               "policy": "dynamic_cfg:candidates=[2,3,4.5],evaluator=latent"})
     assert len(result.trace["scale_schedule"]) == 3
+    # ReNO and the A/B metric read them as a reward: Σ λ_j E_j on the clean latents, the formula worked out here
+    reno = generate(model, {"prompt": prompts, "seeds": [0, 1], "steps": 2,
+                            "policy": {"name": "reno", "reward": "latent:alignment:1", "iterations": 1}})
+    plain = prepare(model, {"prompt": prompts, "seeds": [0, 1], "steps": 2, "policy": "cfg:scale=1"})
+    with torch.no_grad():
+        latents = plain.run().latents
+        expected = evaluators.evaluate("alignment", latents, 1.0,
+                                       evaluators.prompt_inputs(plain.conditions["cond"].hidden_states, prompts))
+    np.testing.assert_allclose(reno.trace["reno"]["reward_initial"], expected.numpy(), rtol=1e-4, atol=1e-4)
