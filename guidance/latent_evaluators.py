@@ -229,13 +229,14 @@ class LatentEvaluators(nn.Module):
         targets = {s.target for s in self.specs.values() if s.embedding_dim}
         return next(iter(targets)) if targets else None
 
-    def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: Any = None) -> PromptInputs:
+    def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: Any = None,
+                      weights: dict[str, float] | None = None) -> PromptInputs:
         """What the evaluators read of ``prompts`` (one row each): the text ``states`` [N, L, D] and, where an
-        evaluator has the embedding form, its reward's text embeddings, from ``rewards`` (a
-        :class:`guidance.reward_models.RewardModels`; None: the default library). The reward must be the one the
-        evaluator was trained with: its text embedding of a probe prompt saved at training is checked once."""
-        target = self.embedding_target
-        if target is None:
+        evaluator of nonzero weight in ``weights`` (None: any) has the embedding form, its reward's text embeddings,
+        from ``rewards`` (a :class:`guidance.reward_models.RewardModels`; None: the default library). The reward must
+        be the one the evaluator was trained with: its text embedding of a probe prompt saved at training is checked
+        once."""
+        if not any(s.embedding_dim and (weights is None or weights.get(k)) for k, s in self.specs.items()):
             return PromptInputs(states=states)
         tower = self.text_tower(rewards)
         with torch.no_grad():
@@ -436,7 +437,7 @@ class LatentReward:
     rewards: Any = None
 
     def prompt_inputs(self, states: torch.Tensor, prompts: list[str]) -> PromptInputs:
-        return self.evaluators.prompt_inputs(states, prompts, self.rewards)
+        return self.evaluators.prompt_inputs(states, prompts, self.rewards, self.weights)
 
     def score(self, latents: torch.Tensor, prompts: PromptInputs) -> torch.Tensor:
         return self.evaluators.score(latents.float(), 1.0, prompts, self.weights).total

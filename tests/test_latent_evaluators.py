@@ -286,6 +286,10 @@ def test_a_text_tower_that_is_not_the_trained_ones_is_refused_naming_the_field(s
         generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
                          "policy": {"name": "dynamic_cfg", "candidates": [1.0, 4.0], "evaluator": "latent"}})
     assert e.value.field == "latent_evaluators" and "probe" in e.value.reason
+    # weights that leave the alignment evaluator out never need (or check) its reward's text tower
+    only_fidelity = generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2, "policy": {
+        "name": "dynamic_cfg", "candidates": [1.0, 4.0], "evaluator": "latent", "latent_weights": "fidelity:1"}})
+    assert len(only_fidelity.trace["scale_schedule"]) == 2
     with pytest.raises(InvalidInput) as e:
         generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
                          "policy": {"name": "reno", "reward": "latent", "iterations": 1}})

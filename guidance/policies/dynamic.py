@@ -162,7 +162,8 @@ class DynamicCFG(GuidancePolicy):
 
         def score() -> torch.Tensor:
             if state.prompt_inputs is None:  # once per generation: an embedding evaluator's text tower runs here
-                state.prompt_inputs = state.latent.prompt_inputs(text_states(denoiser), state.prompts, state.rewards)
+                state.prompt_inputs = state.latent.prompt_inputs(text_states(denoiser), state.prompts, state.rewards,
+                                                                 state.latent_weights)
             inputs = state.prompt_inputs.repeat(len(p.candidates))
             return latent_scores(state.latent, x0, info.alpha_bar, inputs, state.latent_weights, chunk)
 
