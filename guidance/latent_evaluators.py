@@ -229,6 +229,11 @@ class LatentEvaluators(nn.Module):
         targets = {s.target for s in self.specs.values() if s.embedding_dim}
         return next(iter(targets)) if targets else None
 
+    def reads_text_embedding(self, weights: dict[str, float] | None = None) -> bool:
+        """Whether an embedding-form evaluator of nonzero weight in ``weights`` (None: any) needs the reward's text
+        embedding, and so its text tower."""
+        return any(s.embedding_dim and (weights is None or weights.get(k)) for k, s in self.specs.items())
+
     def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: Any = None,
                       weights: dict[str, float] | None = None) -> PromptInputs:
         """What the evaluators read of ``prompts`` (one row each): the text ``states`` [N, L, D] and, where an
@@ -236,7 +241,7 @@ class LatentEvaluators(nn.Module):
         from ``rewards`` (a :class:`guidance.reward_models.RewardModels`; None: the default library). The reward must
         be the one the evaluator was trained with: its text embedding of a probe prompt saved at training is checked
         once."""
-        if not any(s.embedding_dim and (weights is None or weights.get(k)) for k, s in self.specs.items()):
+        if not self.reads_text_embedding(weights):
             return PromptInputs(states=states)
         tower = self.text_tower(rewards)
         with torch.no_grad():
@@ -271,18 +276,17 @@ class LatentEvaluators(nn.Module):
         """One evaluator's score [N] in its units (``output_mean + output_std · net``, or ``· cos(net, text
         embedding)`` for the embedding form); differentiable."""
         net, spec = self.nets[kind], self.specs[kind]
-        lam = self._log_snr(alpha_bar, latents)
+        if spec.embedding_dim:
+            if prompts is None or prompts.embedding is None:
+                raise ValueError(f"the {kind} evaluator scores against the reward's text embedding: it is required")
+            return self.embedding_score(kind, self.embed(kind, latents, alpha_bar), prompts.embedding)
         param = next(net.parameters())
         states = None
         if spec.use_text:
             if prompts is None or prompts.states is None:
                 raise ValueError(f"the {kind} evaluator reads the prompt: text states are required")
             states = prompts.states.to(param.dtype)
-        out = net(latents.to(param.dtype), lam.to(param.device), states).float()
-        if spec.embedding_dim:
-            if prompts is None or prompts.embedding is None:
-                raise ValueError(f"the {kind} evaluator scores against the reward's text embedding: it is required")
-            return self.embedding_score(kind, F.normalize(out, dim=-1), prompts.embedding)
+        out = net(latents.to(param.dtype), self._log_snr(alpha_bar, latents).to(param.device), states).float()
         return spec.output_mean + spec.output_std * out
 
     def embed(self, kind: str, latents: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
@@ -472,6 +476,6 @@ def latent_reward(model: Any, spec: str, field: str = "policy.reward", rewards: 
                                   "latent-evaluator`)")
     rest = spec.strip()[len(LATENT_REWARD) + 1:]
     weights = parse_weights(rest, evaluators.kinds, field) if rest else dict(evaluators.default_weights)
-    if evaluators.embedding_target is not None and weights.get("alignment"):
+    if evaluators.reads_text_embedding(weights):
         evaluators.text_tower(rewards)
     return LatentReward(evaluators, weights, rewards)

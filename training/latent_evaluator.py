@@ -403,12 +403,12 @@ class LatentEvaluatorTrainer(Trainer):
         from tqdm import tqdm
 
         from training.checkpoints import atomic_torch_save
+        from training.config_io import to_plain
 
         c = self.config
         folder = self.out / "groups"
         folder.mkdir(parents=True, exist_ok=True)
-        settings = {name: getattr(c, name) for name in RECORDING_FIELDS}
-        settings = json.loads(json.dumps(settings, default=list))  # tuples as lists, as they read back
+        settings = {name: value for name, value in to_plain(c).items() if name in RECORDING_FIELDS}
         record = folder / "recording.json"
         self.processes.barrier()  # every process reads the folder before the main one writes its record
         if record.is_file():

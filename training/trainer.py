@@ -509,8 +509,11 @@ class Trainer:
 
     @property
     def global_batch_size(self) -> int:
-        c = self.config
-        return c.batch_size * self.processes.world_size * c.gradient_accumulation_steps
+        return self.global_size(self.config.batch_size)
+
+    def global_size(self, per_process: int) -> int:
+        """Items of one optimizer step over all processes and micro-batches, ``per_process`` per micro-batch each."""
+        return per_process * self.processes.world_size * self.config.gradient_accumulation_steps
 
     def step_rng(self, step: int) -> np.random.Generator:
         """The generator of optimizer step ``step``'s global batch (the same in every process)."""
@@ -527,7 +530,7 @@ class Trainer:
         """Dataset indices of this process's share of a micro-batch (``batch`` items, default ``batch_size``),
         walking each epoch's permutation of ``range(n)`` (seeded by ``seed`` and the epoch) in global-batch order:
         every sample once per epoch."""
-        per_step = (batch or self.config.batch_size) * self.processes.world_size * self.config.gradient_accumulation_steps
+        per_step = self.global_size(batch or self.config.batch_size)
         positions = step * per_step + np.arange(per_step)[self.shard(micro, batch)]
         out = np.empty(len(positions), dtype=np.int64)
         for epoch in np.unique(positions // n):

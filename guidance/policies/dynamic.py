@@ -112,7 +112,7 @@ class DynamicCFG(GuidancePolicy):
                                    "train latent-evaluator`); accepted here: auto, pixel")
             if latent is not None:
                 weights = parse_weights(p.latent_weights, latent.kinds) if p.latent_weights else latent.default_weights
-                if latent.embedding_target is not None and weights.get("alignment"):
+                if latent.reads_text_embedding(weights):
                     latent.text_tower(rewards)  # load (and check) the reward's text tower before sampling starts
         if ctx.model is not None and latent is None:
             rewards.get(p.reward, ctx.model.device)  # load (and validate) before sampling starts
