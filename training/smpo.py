@@ -34,11 +34,13 @@ CLIP reward's best of 24 images against each of the others), training on the inv
 shrink and vanish: held-out verifier pass down 20-42 points on four draws (e.g. 0.76 → 0.48), with the model
 being trained inverting at β 5000, 9268 and 20000, and with the frozen base model inverting at 9268. The same
 pairs on forward-noised latents (``inversion: false``) raised it, by 5.5 points over ten training seeds
-(Diffusion-DPO by 5.2, with a wider spread between seeds), and by 5.8 on a fresh draw when an average of the
-adapter's last steps is evaluated (``ema_decay: 0.97``; Diffusion-DPO 6.1). On the inverted latents the noise
-recovered has a standard deviation of 0.4-0.7 instead of 1, and the model's own error on them is already
-0.02-0.04 (BENCHMARKS.md). The public code's inversion grid (a fixed grid through the points below t, the
-latent then treated as t's) lost 13-18 points as well. The damage grows with the guidance scale (object presence
+(Diffusion-DPO by 5.2, with a wider spread between seeds), by 5.8 on a fresh draw when an average of the
+adapter's last steps is evaluated (``ema_decay: 0.97``; Diffusion-DPO 6.1), and by 9.3 with 8 pairs a step, pairs
+from 48 images a prompt and a graded preference τ = 0.3 (Diffusion-DPO 8.1; the proving-ground config). On the
+inverted latents the noise recovered has a standard deviation of 0.4-0.7 instead of 1, and the model's own
+error on them is already 0.02-0.04 (BENCHMARKS.md). The public code's inversion grid (a fixed grid through the
+points below t, the latent then treated as t's) lost 13-18 points as well, and the inversion still lost 9.4
+points with 8 pairs a step. The damage grows with the guidance scale (object presence
 −5 points unguided, −22 at cfg 3), and the inversion-trained model lacks what the fine-tunes that gained have in
 common: about 0.1-0.18 of extra guidance scale along the base model's guidance direction mid-trajectory
 (``benchmarks/learned_guidance.py``; a guidance schedule adding the same does not reproduce their gain, so it
