@@ -1,4 +1,4 @@
-"""Three A/B demonstrations on the proving ground, each a paired run of ``evaluation.ab.run_ab``.
+"""Three A/B demonstrations on the proving ground, each a paired run of ``diffsteer.evaluation.ab.run_ab``.
 
 1. **Guidance helps.** ``cfg:scale=1`` (guidance off) against CFG at its best scale: the verifier pass-rate
    difference with its 95% prompt-bootstrap CI. The best scale is chosen on a *tuning* split (the held-out
@@ -31,8 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ab_pair, ab_progress_printer, ci_text, scale_text  # noqa: E402
-from evaluation.ab import run_ab  # noqa: E402
-from guidance.errors import InvalidInput  # noqa: E402
+from diffsteer.evaluation.ab import run_ab  # noqa: E402
+from diffsteer.guidance.errors import InvalidInput  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

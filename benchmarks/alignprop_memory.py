@@ -30,7 +30,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.common import load_arch, proc_memory_bytes
-    from training.alignprop import AlignPropConfig, AlignPropTrainer
+    from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
 
     torch.set_num_threads(args.threads)
     k = args.k if args.k > 0 else args.steps

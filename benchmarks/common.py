@@ -18,7 +18,7 @@ def sd15_components(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from guidance.tiny import tiny_scheduler_config, tiny_tokenizer
+    from diffsteer.guidance.tiny import tiny_scheduler_config, tiny_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -52,7 +52,7 @@ def sd_turbo_components(seed: int = 0) -> dict:
     from diffusers import EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from guidance.tiny import tiny_scheduler_config
+    from diffsteer.guidance.tiny import tiny_scheduler_config
 
     parts = sd15_components(seed)
     torch.manual_seed(seed)
@@ -97,7 +97,7 @@ def save_sd15_random(path: str, dtype: torch.dtype | None = None) -> str:
 def load_arch(arch: str, device: str, dtype: str | None):
     """``tiny`` (the built-in model), ``default`` (the shipped default), ``sd15`` (random weights) or a
     diffusers folder."""
-    from guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype
+    from diffsteer.guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype
 
     if arch == "sd15":
         model = from_components("sd15-random", sd15_components())

@@ -5,14 +5,14 @@ scheduler, steps and cfg scale. Arms, run interleaved (one call of each per repe
 hits all of them), median seconds per call, images/s and the ratio against diffusers:
 
 - ``diffusers``: ``StableDiffusionPipeline.from_pretrained`` of the model folder (the baseline);
-- ``generate``: ``guidance.sampler.generate`` as ``diffsteer generate`` calls it (no fast paths);
+- ``generate``: ``diffsteer.guidance.sampler.generate`` as ``diffsteer generate`` calls it (no fast paths);
 - ``generate+inference_mode``: the same inside ``torch.inference_mode()``;
 - ``generate+channels_last``: with ``--fast-paths channels_last``;
 - ``generate+compile``: with ``--fast-paths compile`` (inductor; its first call compiles, bounded by
   ``--compile-timeout``: past it the arm is dropped and reported as such);
 - ``service``: ``POST /generate`` to a real ``diffsteer serve`` on loopback (default settings, one request at a
   time, PNG encoding and HTTP included);
-- ``cli``: ``python -m service.cli generate`` once per repeat, end to end (process start and model load included).
+- ``cli``: ``python -m diffsteer.service.cli generate`` once per repeat, end to end (process start and model load included).
 
     python benchmarks/cpu_default_model.py --repeats 5 --batch 1
 """
@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import interleaved_medians, time_limit  # noqa: E402
-from guidance.models import PROVING_GROUND_MODEL, load_model  # noqa: E402
-from guidance.sampler import generate  # noqa: E402
-from guidance.schedulers import build_scheduler  # noqa: E402
+from diffsteer.guidance.models import PROVING_GROUND_MODEL, load_model  # noqa: E402
+from diffsteer.guidance.sampler import generate  # noqa: E402
+from diffsteer.guidance.schedulers import build_scheduler  # noqa: E402
 
 PROMPT = "a red circle to the left of a blue square"
 
@@ -112,7 +112,7 @@ def main() -> None:
         fns["service"] = service_call
     if "cli" in arms:
         out = Path(tempfile.mkdtemp(prefix="cpu-bench-")) / "x.png"
-        cmd = [sys.executable, "-m", "service.cli", "generate", PROMPT, "--steps", str(args.steps), "--seed", str(seed),
+        cmd = [sys.executable, "-m", "diffsteer.service.cli", "generate", PROMPT, "--steps", str(args.steps), "--seed", str(seed),
                "--num-images", str(args.batch), "--scheduler", "ddim", "--policy", f"cfg:scale={args.scale}",
                "-o", str(out), "-q"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}

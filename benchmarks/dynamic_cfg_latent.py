@@ -47,7 +47,7 @@ def bootstrap(values_fn, n_units: int, n: int = 2000, seed: int = 0) -> tuple[fl
 
 
 def split_items(categories: list[str], per_category: int, suite_seed: int = 0):
-    from proving_ground import heldout_suite
+    from diffsteer.proving_ground import heldout_suite
 
     selection, test = [], []
     for category in categories:
@@ -58,9 +58,9 @@ def split_items(categories: list[str], per_category: int, suite_seed: int = 0):
 
 def run_arm(model, items, policy: str, steps: int, scheduler: str) -> tuple[list[float], float, dict[str, Any]]:
     """Verifier pass per item, wall seconds, trace."""
-    from guidance.request import Limits
-    from guidance.sampler import generate
-    from proving_ground import verify
+    from diffsteer.guidance.request import Limits
+    from diffsteer.guidance.sampler import generate
+    from diffsteer.proving_ground import verify
 
     t0 = time.perf_counter()
     result = generate(model, {"prompt": [it.prompt for it in items], "seeds": [it.seed for it in items], "steps": steps,
@@ -158,9 +158,9 @@ def agreement(model, args) -> dict[str, Any]:
     """Spearman of the alignment evaluator with its pixel reward on held-out decoded candidates, by noise level."""
     import torch
 
-    from guidance.latent_evaluators import evaluators_for
-    from guidance.reward_models import get_reward
-    from training.latent_evaluator import Groups, record_candidate_groups, spearman
+    from diffsteer.guidance.latent_evaluators import evaluators_for
+    from diffsteer.guidance.reward_models import get_reward
+    from diffsteer.training.latent_evaluator import Groups, record_candidate_groups, spearman
 
     evaluators = evaluators_for(model)
     spec = evaluators.specs["alignment"]
@@ -209,10 +209,10 @@ def memory_child(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from guidance.latent_evaluators import evaluators_for
-    from guidance.models import load_model
-    from guidance.request import Limits
-    from guidance.sampler import generate
+    from diffsteer.guidance.latent_evaluators import evaluators_for
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.request import Limits
+    from diffsteer.guidance.sampler import generate
 
     torch.set_num_threads(cfg["threads"])
     model = with_evaluators(load_model(None, device="cpu"), cfg.get("evaluators"))
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     torch.set_num_threads(args.threads)
     model = with_evaluators(load_model(None, device="cpu"), args.evaluators)

@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guidance.models import load_model
-from guidance.request import Limits
-from guidance.sampler import generate
-from proving_ground import heldout_suite
+from diffsteer.guidance.models import load_model
+from diffsteer.guidance.request import Limits
+from diffsteer.guidance.sampler import generate
+from diffsteer.proving_ground import heldout_suite
 
 
 def main() -> None:

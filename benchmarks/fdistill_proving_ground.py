@@ -2,7 +2,7 @@
 
 Every arm generates the same held-out items (``pg:`` prompts x seeds: held-out meanings, held-out instance
 seeds, the same initial noise per item) and the exact verifier scores them; comparisons are paired differences
-of the verifier's pass with 95% prompt-bootstrap CIs (``evaluation.stats.compare``, as ``diffsteer ab``).
+of the verifier's pass with 95% prompt-bootstrap CIs (``diffsteer.evaluation.stats.compare``, as ``diffsteer ab``).
 
 1. **Student vs teacher.** The one-step student (``--student``: an exported pipeline folder, sampled with its
    own scheduler at 1 step, no guidance: 1 UNet evaluation) against the teacher (``builtin:proving-ground``) at
@@ -55,7 +55,7 @@ def parse_students(text: str) -> dict[str, str]:
 
 
 def run(model, items, policy, steps, scheduler, batch_size) -> tuple[list[Any], float]:
-    from evaluation.runner import run_arm
+    from diffsteer.evaluation.runner import run_arm
 
     t0 = time.perf_counter()
     records = run_arm(model, items, policy, steps=steps, scheduler=scheduler, batch_size=batch_size)
@@ -63,7 +63,7 @@ def run(model, items, policy, steps, scheduler, batch_size) -> tuple[list[Any], 
 
 
 def verifier_rows(records) -> list[dict[str, Any]]:
-    from evaluation.metrics import MetricScorer
+    from diffsteer.evaluation.metrics import MetricScorer
 
     return MetricScorer(["verifier"]).score([r.image for r in records], [r.item.prompt for r in records],
                                            [r.item.meta.spec for r in records])
@@ -71,7 +71,7 @@ def verifier_rows(records) -> list[dict[str, Any]]:
 
 def diversity(records) -> dict[str, float]:
     """Mean over prompts of the per-prompt std over seeds of the detected objects' centroid and area."""
-    from proving_ground.verifier import detect_objects
+    from diffsteer.proving_ground.verifier import detect_objects
 
     by_prompt: dict[str, list[tuple[float, float, float]]] = {}
     for r in records:
@@ -91,7 +91,7 @@ def diversity(records) -> dict[str, float]:
 
 
 def paired(passes: dict[str, list[float]], prompt_ids: list[str], baseline: str, n_resamples: int) -> dict[str, Any]:
-    from evaluation.stats import compare
+    from diffsteer.evaluation.stats import compare
 
     values = {arm: {"verifier.passed": np.asarray(v, dtype=float)} for arm, v in passes.items()}
     pairs = compare(values, prompt_ids, baseline=baseline, n_resamples=n_resamples)
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from evaluation.prompts import load_prompts
-    from guidance.models import load_model
+    from diffsteer.evaluation.prompts import load_prompts
+    from diffsteer.guidance.models import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

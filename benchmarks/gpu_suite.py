@@ -90,7 +90,7 @@ def write_models(folder: Path, device: str, smoke: bool) -> dict[str, str]:
     from diffusers import StableDiffusionPipeline
 
     from benchmarks.common import sd15_components, sdxl_unet
-    from guidance.tiny import tiny_sd_components, tiny_unet
+    from diffsteer.guidance.tiny import tiny_sd_components, tiny_unet
 
     paths = {"sd15": str(folder / "sd15"), "sdxl_unet": str(folder / "sdxl-unet"), "vit_h": str(folder / "vit-h-14.safetensors")}
     with torch.device(device):
@@ -189,7 +189,7 @@ class Setup:
         self.repeats = 1 if self.smoke else 3
 
     def model(self, dtype: str | None = None, attention: str = "sdpa"):
-        from guidance.models import load_model
+        from diffsteer.guidance.models import load_model
 
         return load_model(self.paths["sd15"], device=self.device, dtype=dtype or self.dtype, attention=attention)
 
@@ -308,7 +308,7 @@ def row_mfu_sdxl(s: Setup) -> list[dict]:
 
 def row_adaptive(s: Setup) -> list[dict]:
     from benchmarks.common import interleaved_medians
-    from guidance.sampler import generate
+    from diffsteer.guidance.sampler import generate
 
     model = s.model()
     request = {"prompt": PROMPT, "steps": s.steps, "seed": 1, "width": s.size, "height": s.size, "scheduler": "ddim"}
@@ -363,7 +363,7 @@ def _variants_row(s: Setup, row: str, variants: dict[str, Callable[[Any], Any]],
 
 def _with_paths(spec: str):
     def make(unet):
-        from guidance.fast_paths import apply_fast_paths
+        from diffsteer.guidance.fast_paths import apply_fast_paths
 
         apply_fast_paths(unet, spec)
         return unet
@@ -372,7 +372,7 @@ def _with_paths(spec: str):
 
 
 def _xformers(unet):
-    from guidance.models import configure_attention
+    from diffsteer.guidance.models import configure_attention
 
     configure_attention(unet, next(unet.parameters()).device, "xformers")
     return unet
@@ -403,10 +403,10 @@ def row_reno(s: Setup) -> list[dict]:
     import torch
 
     from benchmarks.common import interleaved_medians, sd_turbo_components
-    from guidance.models import _place, configure_attention, from_components, resolve_dtype
-    from guidance.reward_models import DEFAULT_REWARDS, RewardModels
-    from guidance.sampler import generate
-    from guidance.tiny import tiny_sd_components
+    from diffsteer.guidance.models import _place, configure_attention, from_components, resolve_dtype
+    from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
+    from diffsteer.guidance.sampler import generate
+    from diffsteer.guidance.tiny import tiny_sd_components
 
     with torch.device(s.device):
         parts = tiny_sd_components() if s.smoke else sd_turbo_components()

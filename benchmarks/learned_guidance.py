@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from proving_ground import CATEGORIES  # noqa: E402
+from diffsteer.proving_ground import CATEGORIES  # noqa: E402
 
 
 def guidance_alignment(delta_cond: torch.Tensor, delta_uncond: torch.Tensor, guidance: torch.Tensor) -> dict[str, float]:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--record: comma-separated step numbers, got {args.record!r}")
     if record[0] < 1 or record[-1] >= args.steps:
         ap.error(f"--record: steps are 1 to {args.steps - 1} (below --steps: the next step's timestep is read)")
-    from guidance.errors import InvalidInput
+    from diffsteer.guidance.errors import InvalidInput
 
     try:
         report(args, record)
@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, record: list[int]) -> None:
     """Sample the base trajectories and print each pipeline's rows."""
-    from guidance.conditioning import encode_conditions
-    from guidance.denoiser import call_unet
-    from guidance.models import load_model
-    from guidance.request import Limits
-    from guidance.sampler import generate, make_scheduler
-    from proving_ground import heldout_suite
+    from diffsteer.guidance.conditioning import encode_conditions
+    from diffsteer.guidance.denoiser import call_unet
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.request import Limits
+    from diffsteer.guidance.sampler import generate, make_scheduler
+    from diffsteer.proving_ground import heldout_suite
 
     base = load_model(args.base, device="cpu")
     items = heldout_suite(args.category, args.items, seed=args.suite_seed)

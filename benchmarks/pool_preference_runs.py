@@ -8,7 +8,7 @@ evaluation items (the base arm's images are identical; checked here), so their a
 * per run: each arm's pass rate and its difference from ``base`` and from ``dpo``;
 * across runs: the mean difference with a t interval over the training seeds (the training's variance);
 * pooled: every run's images of an arm together, the paired difference with a 95% bootstrap CI over the
-  evaluation prompts (``evaluation.stats.compare``; the variance of the items, with the seeds averaged).
+  evaluation prompts (``diffsteer.evaluation.stats.compare``; the variance of the items, with the seeds averaged).
 
     python benchmarks/pool_preference_runs.py RUN_SEED0 RUN_SEED1 RUN_SEED2 [--category single]
 """
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
-from evaluation.ab import RecordStore  # noqa: E402
-from evaluation.stats import compare  # noqa: E402
+from diffsteer.evaluation.ab import RecordStore  # noqa: E402
+from diffsteer.evaluation.stats import compare  # noqa: E402
 
 
 def read_run(folder: Path, category: str) -> dict[str, dict[tuple[str, int], float]]:

@@ -60,10 +60,10 @@ def verifier_signal(pairs, preference: np.ndarray) -> np.ndarray:
     """v per pair, oriented by the reward's preference p (image 0 wins where p ≥ ½); each image verified once."""
     import hashlib
 
-    from guidance.errors import InvalidInput
-    from proving_ground.verifier import verify
-    from proving_ground.world import parse_caption
-    from training.preference_data import read_image
+    from diffsteer.guidance.errors import InvalidInput
+    from diffsteer.proving_ground.verifier import verify
+    from diffsteer.proving_ground.world import parse_caption
+    from diffsteer.training.preference_data import read_image
 
     verdicts: dict[tuple[str, str], float] = {}
 
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.bins < 1:
         ap.error(f"--bins: must be at least 1, got {args.bins}")
 
-    from guidance.errors import InvalidInput
-    from training.preference_data import load_preference_pairs
-    from training.smpo import pairs_preference, preference_bounds
+    from diffsteer.guidance.errors import InvalidInput
+    from diffsteer.training.preference_data import load_preference_pairs
+    from diffsteer.training.smpo import pairs_preference, preference_bounds
 
     try:
         data = load_preference_pairs(args.pairs, field="pairs")

@@ -11,7 +11,7 @@ by the verifier on held-out seeds with the A/B machinery.
    β_SmPO · mean|2p − 1|, equals Diffusion-DPO's β (``--smpo-beta`` overrides). ``--smpo-inversion`` chooses the
    SmPO arms: ``smpo`` (ReNoise inversion, the paper's method), ``smpo_noinv`` (its smoothed preference on
    Diffusion-DPO's forward-noised latents), or both.
-3. **Evaluation.** ``evaluation.ab.run_ab`` per category: arms ``base``, ``dpo`` and the SmPO arms (the exported
+3. **Evaluation.** ``diffsteer.evaluation.ab.run_ab`` per category: arms ``base``, ``dpo`` and the SmPO arms (the exported
    pipelines) at the same policy, on the held-out suite's prompts and seeds; verifier pass rates and the paired
    differences with 95% prompt-bootstrap CIs.
 
@@ -37,12 +37,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import ab_pair, ab_progress_printer, ci_text  # noqa: E402
-from guidance.errors import InvalidInput  # noqa: E402
+from diffsteer.guidance.errors import InvalidInput  # noqa: E402
 
 
 def make_pairs(args, out: Path) -> Path:
-    from training.pairs import PairsConfig, build_pairs
-    from training.preference_data import write_preference_pairs
+    from diffsteer.training.pairs import PairsConfig, build_pairs
+    from diffsteer.training.preference_data import write_preference_pairs
 
     path = out / "pairs.parquet"
     if path.is_file():
@@ -60,9 +60,9 @@ def smpo_arms(args) -> list[str]:
 
 
 def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
-    from training.dpo import DPOConfig, DPOTrainer
-    from training.preference_data import load_preference_pairs
-    from training.smpo import SmPOConfig, SmPOTrainer, smoothed_preference
+    from diffsteer.training.dpo import DPOConfig, DPOTrainer
+    from diffsteer.training.preference_data import load_preference_pairs
+    from diffsteer.training.smpo import SmPOConfig, SmPOTrainer, smoothed_preference
 
     common = dict(data=str(pairs), eval_prompts="", batch_size=args.batch, max_steps=args.train_steps,
                   learning_rate=args.lr, lora_rank=4, lora_alpha=4.0, seed=args.seed, threads=args.threads,
@@ -106,7 +106,7 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
 
 
 def evaluate(args, out: Path) -> dict[str, Any]:
-    from evaluation.ab import run_ab
+    from diffsteer.evaluation.ab import run_ab
 
     trained = ["dpo", *smpo_arms(args)]
     arms = [f"base={args.policy}"] + [f"{arm}={args.policy}@{out / arm / 'pipeline'}" for arm in trained]

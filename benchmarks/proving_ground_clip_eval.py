@@ -1,9 +1,9 @@
 """Zero-shot attribute accuracy of the proving-ground CLIP (``diffsteer-pg-clip``) on held-out scenes.
 
-Images are rendered fresh from the held-out suite (:func:`proving_ground.prompts.heldout_suite`: held-out
+Images are rendered fresh from the held-out suite (:func:`diffsteer.proving_ground.prompts.heldout_suite`: held-out
 seeds, and held-out meanings for the combinatorial categories), so no image and, except for the 18 single-
 object captions, no caption was seen in training. The model is loaded exactly as the ``clip`` reward loads
-it (:func:`rewards.open_clip_loader.load_open_clip`: open_clip's factory, tokenizer and the reward's
+it (:func:`diffsteer.rewards.open_clip_loader.load_open_clip`: open_clip's factory, tokenizer and the reward's
 differentiable preprocessing). For each image, the caption with the highest cosine similarity wins among:
 
 * ``colour``: the true caption with one object group's colour set to each of the 6 colours (per group);
@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proving_ground.prompts import heldout_suite  # noqa: E402
-from proving_ground.render import render_prompt  # noqa: E402
-from proving_ground.world import CATEGORIES, COLOUR_NAMES, MAX_COUNT, RELATIONS, SHAPES, all_prompt_specs, canonical_key  # noqa: E402
-from training.proving_ground_clip import DEFAULT_MODEL_NAME, OPPOSITE_RELATION, edit_spec  # noqa: E402
+from diffsteer.proving_ground.prompts import heldout_suite  # noqa: E402
+from diffsteer.proving_ground.render import render_prompt  # noqa: E402
+from diffsteer.proving_ground.world import CATEGORIES, COLOUR_NAMES, MAX_COUNT, RELATIONS, SHAPES, all_prompt_specs, canonical_key  # noqa: E402
+from diffsteer.training.proving_ground_clip import DEFAULT_MODEL_NAME, OPPOSITE_RELATION, edit_spec  # noqa: E402
 
 ASSET_FOLDER = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "clip"
 TASKS = ("colour", "shape", "count", "relation", "relation_swap", "binding_swap")
@@ -50,8 +50,8 @@ TASKS = ("colour", "shape", "count", "relation", "relation_swap", "binding_swap"
 
 def load(folder: str | Path = ASSET_FOLDER, model_name: str = DEFAULT_MODEL_NAME):
     """The model as the ``clip`` reward loads it (a ``LoadedOpenClip``)."""
-    from rewards.clip import ClipRewardConfig
-    from rewards.open_clip_loader import load_open_clip
+    from diffsteer.rewards.clip import ClipRewardConfig
+    from diffsteer.rewards.open_clip_loader import load_open_clip
 
     folder = Path(folder)
     cfg = ClipRewardConfig(
@@ -90,8 +90,8 @@ def task_candidates(spec) -> dict[str, list[list]]:
 
 @torch.no_grad()
 def evaluate(loaded, n_per_category: int = 200, suite_seed: int = 0, retrieval_size: int = 32, seed: int = 0) -> dict:
-    from rewards.open_clip_loader import encode_text
-    from rewards.preprocess import clip_preprocess
+    from diffsteer.rewards.open_clip_loader import encode_text
+    from diffsteer.rewards.preprocess import clip_preprocess
 
     items = [item for c in CATEGORIES for item in heldout_suite(c, n_per_category, suite_seed)]
     images = np.stack([render_prompt(item.spec, item.seed)[0] for item in items])

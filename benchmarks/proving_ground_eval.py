@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.runner import Item, run_arm  # noqa: E402
-from evaluation.stats import cluster_bootstrap_ci  # noqa: E402
-from guidance.models import load_model  # noqa: E402
-from proving_ground import heldout_suite, summarise, verify  # noqa: E402
+from diffsteer.evaluation.runner import Item, run_arm  # noqa: E402
+from diffsteer.evaluation.stats import cluster_bootstrap_ci  # noqa: E402
+from diffsteer.guidance.models import load_model  # noqa: E402
+from diffsteer.proving_ground import heldout_suite, summarise, verify  # noqa: E402
 
 DEFAULT_ARMS = [
     "cfg:scale=1",

@@ -3,7 +3,7 @@
 Everything runs on the shipped default model (``builtin:proving-ground``), its held-out prompt suite (``pg:``
 sources: held-out meanings with held-out instance seeds), its exact verifier, and its open_clip reward ``clip``
 (the project's own proving-ground CLIP, configured by default). Each comparison is one paired run of
-``evaluation.ab.run_ab``: every arm generates the same prompt x seed items from the same initial noise, and the
+``diffsteer.evaluation.ab.run_ab``: every arm generates the same prompt x seed items from the same initial noise, and the
 statistics are paired differences with 95% bootstrap CIs that resample prompts (the independent unit).
 
 1. **ReNO** (``reno``, Eyring et al. 2024) against the *same sampler without optimisation*: arm ``plain`` is
@@ -84,8 +84,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from benchmarks.common import ab_pair, ab_progress_printer, ci_text, proc_memory_bytes, scale_text
-from evaluation.ab import run_ab
-from guidance.errors import InvalidInput
+from diffsteer.evaluation.ab import run_ab
+from diffsteer.guidance.errors import InvalidInput
 
 DEFAULT_CATEGORIES = "single,two_objects,counting,colour_binding"
 RENO_BAR_FRACTION = 0.80
@@ -102,7 +102,7 @@ def parse_floats(text: str) -> list[float]:
 
 def parse_extra(text: str, what: str) -> dict[str, Any]:
     """``key=value,...`` (the body of a policy spec string) -> a dict of typed values."""
-    from guidance.registry import parse_spec_string
+    from diffsteer.guidance.registry import parse_spec_string
 
     if not text.strip():
         return {}
@@ -131,7 +131,7 @@ def item_prompts(results: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 def bootstrap_ratio(num: np.ndarray, den: np.ndarray, pids: list[str], n: int, seed: int = 0) -> tuple[float, float, float]:
     """sum(num) / sum(den) with a percentile CI resampling prompts (all of a prompt's items together)."""
-    from evaluation.stats import percentile_interval, prompt_index
+    from diffsteer.evaluation.stats import percentile_interval, prompt_index
 
     index, prompts = prompt_index(pids)
     sn = np.bincount(index, weights=num, minlength=len(prompts))
@@ -144,7 +144,7 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, pids: list[str], n: int, s
 
 
 def mean_ci(values: np.ndarray, pids: list[str], n: int) -> tuple[float, float, float]:
-    from evaluation.stats import cluster_bootstrap_ci
+    from diffsteer.evaluation.stats import cluster_bootstrap_ci
 
     low, high = cluster_bootstrap_ci(values, pids, n_resamples=n)
     return float(values.mean()), low, high
@@ -181,8 +181,8 @@ _MODELS: dict[str, Any] = {}
 def shared_model_loader(device: str | None, dtype: str | None):
     """A model loader for ``run_ab`` that loads each model once for all the runs of this script and warms it up
     (one short generation: lazy initialisation), so the first batch of the first arm is not charged for it."""
-    from guidance.models import canonical_spec, load_model
-    from guidance.sampler import generate
+    from diffsteer.guidance.models import canonical_spec, load_model
+    from diffsteer.guidance.sampler import generate
 
     def load(spec: str | None) -> Any:
         key = canonical_spec(spec)
@@ -208,10 +208,10 @@ def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from evaluation.prompts import load_prompts
-    from guidance.models import load_model
-    from guidance.reward_models import get_reward
-    from guidance.sampler import generate
+    from diffsteer.evaluation.prompts import load_prompts
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.reward_models import get_reward
+    from diffsteer.guidance.sampler import generate
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import interleaved_medians, load_arch  # noqa: E402
-from guidance.sampler import generate  # noqa: E402
-from guidance.schedulers import build_scheduler  # noqa: E402
+from diffsteer.guidance.sampler import generate  # noqa: E402
+from diffsteer.guidance.schedulers import build_scheduler  # noqa: E402
 
 
 def time_against_diffusers(model, *, steps: int, batch: int, size: int, scheduler: str = "ddim",

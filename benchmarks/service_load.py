@@ -1,6 +1,6 @@
 """Load on the HTTP service: throughput and latency at 1, 4 and 8 concurrent clients, batching on and off.
 
-For each mode a real server is started (``python -m service.cli serve`` in a subprocess, loopback port) with
+For each mode a real server is started (``python -m diffsteer.service.cli serve`` in a subprocess, loopback port) with
 its default scheduling for that mode (batching on: up to 8 sampler loops sharing UNet calls; off: one
 generation at a time), warmed up, then driven by N client threads that each send requests back to back,
 until ``--requests`` answers per client count or ``--seconds`` per client count, whichever comes first.
@@ -95,7 +95,7 @@ class Server:
             env["DIFFSTEER_TORCH_THREADS"] = str(args.threads)
         env.update(env_overrides or {})
         env["PYTHONPATH"] = str(root)
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--model", args.model]
+        cmd = [sys.executable, "-m", "diffsteer.service.cli", "serve", "--port", str(self.port), "--model", args.model]
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float) -> None:

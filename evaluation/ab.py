@@ -2,9 +2,9 @@
 
 ``run_ab(config)`` (and ``diffsteer ab``) runs two or more *arms* on the same prompts x seeds. An arm is a
 name, a guidance policy spec and optionally its own model; every arm generates every (prompt, seed) item with
-the item's seed (:func:`evaluation.runner.run_arm`), so the arms' images of an item share their initial noise
-and differ only by the arm: a paired design. Each image is scored (:mod:`evaluation.metrics`), every pair of
-arms is compared on every metric with prompts as clusters (:func:`evaluation.stats.compare`), and the run is
+the item's seed (:func:`diffsteer.evaluation.runner.run_arm`), so the arms' images of an item share their initial noise
+and differ only by the arm: a paired design. Each image is scored (:mod:`diffsteer.evaluation.metrics`), every pair of
+arms is compared on every metric with prompts as clusters (:func:`diffsteer.evaluation.stats.compare`), and the run is
 written to ``output_dir``::
 
     results.json          config, arms, prompts, every image's metrics and path, per-arm summaries, statistics
@@ -18,7 +18,7 @@ Arms
 ``NAME=POLICY`` or ``NAME=POLICY@MODEL`` (the model after the *last* ``@``), or a JSON object
 ``{"name": ..., "policy": <spec string or object>, "model": ...}`` (use it when a spec or path contains
 ``@``). ``NAME`` is 1-64 characters of ``A-Z a-z 0-9 _ . -`` (it names the image folder). Arms without a
-model use the run's ``model``. Policies are validated up front with :func:`guidance.registry.parse_policy`,
+model use the run's ``model``. Policies are validated up front with :func:`diffsteer.guidance.registry.parse_policy`,
 and checked against the model, steps and scheduler before any image is generated.
 
 Resume
@@ -34,7 +34,7 @@ Statistics
 ----------
 For every pair (A, B) of arms (or ``(baseline, other)`` with ``baseline``) and every metric column: means,
 the mean paired difference ``B - A`` with a percentile bootstrap CI resampling prompts, win/tie/loss, the sign
-test and the Wilcoxon signed-rank test, all from :func:`evaluation.stats.compare`. ``unit="prompt"`` (the
+test and the Wilcoxon signed-rank test, all from :func:`diffsteer.evaluation.stats.compare`. ``unit="prompt"`` (the
 default) runs the counts and the tests on each prompt's mean difference over its seeds, the independent unit;
 ``unit="image"`` on single images. Items where a metric is undefined (``verifier.position_correct`` for prompts
 without a relation) are left out of that metric only.
@@ -55,7 +55,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pydantic
 
-from evaluation.metrics import (
+from diffsteer.evaluation.metrics import (
     DEFAULT_METRICS,
     RECORDED,
     Column,
@@ -64,12 +64,12 @@ from evaluation.metrics import (
     columns_for,
     parse_metric_list,
 )
-from evaluation.prompts import PromptSet, load_prompts
-from evaluation.runner import GenerateFn, Item, run_arm
-from evaluation.stats import cluster_bootstrap_ci, compare
-from guidance.errors import InvalidInput, from_pydantic
-from guidance.request import Limits
-from guidance.sampler import GenerationCancelled, StepEvent
+from diffsteer.evaluation.prompts import PromptSet, load_prompts
+from diffsteer.evaluation.runner import GenerateFn, Item, run_arm
+from diffsteer.evaluation.stats import cluster_bootstrap_ci, compare
+from diffsteer.guidance.errors import InvalidInput, from_pydantic
+from diffsteer.guidance.request import Limits
+from diffsteer.guidance.sampler import GenerationCancelled, StepEvent
 
 RESULTS_VERSION = 1
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -88,7 +88,7 @@ def parse_arm(value: Any) -> Any:
         return value
     text = value.strip()
     if text.startswith("{"):
-        from guidance.registry import parse_json_object
+        from diffsteer.guidance.registry import parse_json_object
 
         try:
             return parse_json_object(text, "arms")
@@ -130,7 +130,7 @@ class ArmConfig(pydantic.BaseModel):
     @pydantic.field_validator("policy")
     @classmethod
     def _policy(cls, v: Any, info: pydantic.ValidationInfo) -> Any:
-        from guidance.registry import parse_policy
+        from diffsteer.guidance.registry import parse_policy
 
         try:
             parse_policy(v)
@@ -141,7 +141,7 @@ class ArmConfig(pydantic.BaseModel):
     @property
     def policy_spec(self) -> str:
         """The canonical spec string (non-default parameters only)."""
-        from guidance.registry import parse_policy
+        from diffsteer.guidance.registry import parse_policy
 
         return parse_policy(self.policy).spec()
 
@@ -196,20 +196,20 @@ class ABConfig(pydantic.BaseModel):
     @pydantic.field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
-        from guidance.schedulers import check_scheduler_name
+        from diffsteer.guidance.schedulers import check_scheduler_name
 
         return check_scheduler_name(v)
 
     @pydantic.field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
-        from guidance.request import check_multiple_of_8
+        from diffsteer.guidance.request import check_multiple_of_8
 
         return check_multiple_of_8(v)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ABConfig:
-        from guidance.request import check_text
+        from diffsteer.guidance.request import check_text
 
         if len(self.arms) < 2:
             raise InvalidInput("arms", f"need at least two arms to compare, got {len(self.arms)}")
@@ -308,7 +308,7 @@ class ABPlan:
 
 
 def default_model_loader(config: ABConfig) -> ModelLoader:
-    from guidance.models import canonical_spec, load_model
+    from diffsteer.guidance.models import canonical_spec, load_model
 
     cache: dict[str, Any] = {}
 
@@ -324,7 +324,7 @@ def default_model_loader(config: ABConfig) -> ModelLoader:
 def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None,
                rewards: Any = None) -> ABPlan:
     """Validate everything that can be checked before generating; InvalidInput names the field."""
-    from guidance.models import canonical_spec
+    from diffsteer.guidance.models import canonical_spec
 
     config = ABConfig.parse(config)
     out = Path(config.output_dir).expanduser()
@@ -367,7 +367,7 @@ def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader |
 def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str,
                rewards: Any = None) -> None:
     """What the sampler checks before work starts (policy vs. steps and scheduler), without running the model."""
-    from guidance.sampler import check_request
+    from diffsteer.guidance.sampler import check_request
 
     try:
         check_request(model, {"prompt": prompt, "policy": arm.policy, "steps": config.steps, "scheduler": config.scheduler,
@@ -450,13 +450,13 @@ def run_ab(
     every step and between batches, and a true value stops the run with :class:`ABCancelled` (a callback may
     also raise ``GenerationCancelled`` itself). ``model_loader(spec)`` returns a loaded model (e.g. a service's
     model cache); by default models are loaded once per run. ``generate_fn`` replaces
-    :func:`guidance.sampler.generate` for each batch (e.g. a server's generation through its device worker).
+    :func:`diffsteer.guidance.sampler.generate` for each batch (e.g. a server's generation through its device worker).
     ``config`` may be the plan of :func:`prepare_ab` (validated earlier, e.g. before queueing the run). Bad input
     raises InvalidInput before any image is generated.
     """
     from PIL import Image
 
-    from guidance.images import encode_image
+    from diffsteer.guidance.images import encode_image
 
     t_start = time.perf_counter()
     plan = config if isinstance(config, ABPlan) else prepare_ab(config, model_loader)
@@ -524,7 +524,7 @@ def run_ab(
     _write_atomic(out / "results.json", json.dumps(results, indent=1, allow_nan=False).encode())
     if config.report:
         report("report")
-        from evaluation.report import write_report
+        from diffsteer.evaluation.report import write_report
 
         write_report(results, out)
     report("done")
@@ -595,7 +595,7 @@ def paired_statistics(
     seed: int = 0,
     per_batch: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Compare every pair of arms on every column with :func:`evaluation.stats.compare`.
+    """Compare every pair of arms on every column with :func:`diffsteer.evaluation.stats.compare`.
 
     ``values[arm][column]`` holds one value per item (NaN: undefined); for each pair and column only the
     items defined in both arms enter. Pairs are ``(baseline, other)`` or every ``(earlier, later)``; the
@@ -712,7 +712,7 @@ def build_results(
 
 
 def _policy_params(policy: Any) -> dict[str, Any]:
-    from guidance.registry import parse_policy
+    from diffsteer.guidance.registry import parse_policy
 
     return parse_policy(policy).model_dump(mode="json")
 

@@ -1,7 +1,7 @@
-"""``diffsteer ab``: the command-line face of :func:`evaluation.ab.run_ab`.
+"""``diffsteer ab``: the command-line face of :func:`diffsteer.evaluation.ab.run_ab`.
 
 Registered by ``service/cli.py`` (``add_ab_parser``). Every option maps onto a field of
-:class:`evaluation.ab.ABConfig`; bad input exits with status 2 and a message naming the option.
+:class:`diffsteer.evaluation.ab.ABConfig`; bad input exits with status 2 and a message naming the option.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 # ABConfig field -> the option that sets it (for error messages).
 OPTIONS: dict[str, str] = {
@@ -78,7 +78,7 @@ def option_for(field: str) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from evaluation.ab import ABConfig
+    from diffsteer.evaluation.ab import ABConfig
 
     width = height = None
     if args.size is not None:
@@ -128,7 +128,7 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 def cmd_ab(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from evaluation.ab import run_ab
+    from diffsteer.evaluation.ab import run_ab
 
     bar = None  # opened at the first progress event, i.e. after the input was validated
 

@@ -5,7 +5,7 @@ Metric names (the CLI's ``--metrics``, comma-separated):
 ============== ========================================================================== =========
 name           value per image (columns in results.json)                                   better
 ============== ========================================================================== =========
-verifier       the proving ground's exact verifier (:func:`proving_ground.verify`): 1/0 for  higher
+verifier       the proving ground's exact verifier (:func:`diffsteer.proving_ground.verify`): 1/0 for  higher
                ``verifier.passed`` and for each attribute ``verifier.object_present``,
                ``.colour_correct``, ``.shape_correct``, ``.count_correct``,
                ``.position_correct`` (null where the prompt has no relation). Needs prompts
@@ -20,10 +20,10 @@ oversaturation fraction of pixels with at least one channel clipped, i.e. equal 
 nfe            UNet evaluations spent on the image (the denoiser's count).               lower
 latency        seconds per image: the wall time of the batch's ``generate`` call (text     lower
                encoding, denoising, decoding) divided by its number of images.
-reward:SPEC    a reward model's score, via :func:`guidance.reward_models.get_reward`        higher
+reward:SPEC    a reward model's score, via :func:`diffsteer.guidance.reward_models.get_reward`        higher
                (``reward:clip``, ``reward:saturation``, ``reward:hps:5,pickscore:0.05``;
                weights and paths from the server-side reward configs).
-latent         the model's latent evaluators (:mod:`guidance.latent_evaluators`) on the   higher
+latent         the model's latent evaluators (:mod:`diffsteer.guidance.latent_evaluators`) on the   higher
                VAE-encoded image as a clean latent: their combined score with the saved
                weights, or ``latent:alignment:1,fidelity:0.5``. Cheap (a VAE encode, two
                small networks and, for an embedding evaluator, the reward's text tower
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 FIELD = "metrics"
 VERIFIER_COLUMNS: tuple[str, ...] = (
@@ -166,7 +166,7 @@ def clipped_fraction(image: np.ndarray) -> float:
 
 
 def verifier_values(image: np.ndarray, spec: Any) -> dict[str, float | None]:
-    from proving_ground import verify
+    from diffsteer.proving_ground import verify
 
     report = verify(image, spec)
     return {
@@ -177,7 +177,7 @@ def verifier_values(image: np.ndarray, spec: Any) -> dict[str, float | None]:
 class MetricScorer:
     """Computes the image metrics of a run (everything except ``nfe`` and ``latency``).
 
-    Reward models are built once here, from ``rewards`` (a :class:`guidance.reward_models.RewardModels`, e.g.
+    Reward models are built once here, from ``rewards`` (a :class:`diffsteer.guidance.reward_models.RewardModels`, e.g.
     the service's; default: the configuration-free one), so a bad spec or missing weights fail before any
     image is generated.
     """
@@ -185,7 +185,7 @@ class MetricScorer:
     def __init__(self, names: Sequence[str], device: Any = "cpu", rewards: Any = None, model: Any = None):
         import torch
 
-        from guidance.reward_models import DEFAULT_REWARDS
+        from diffsteer.guidance.reward_models import DEFAULT_REWARDS
 
         rewards = rewards or DEFAULT_REWARDS
 
@@ -195,7 +195,7 @@ class MetricScorer:
         self.rewards: dict[str, Any] = {}
         for name in self.names:
             if name == "latent" or name.startswith("latent:"):
-                from guidance.latent_evaluators import latent_reward
+                from diffsteer.guidance.latent_evaluators import latent_reward
 
                 if model is None:
                     raise InvalidInput(FIELD, f"{name}: needs a model (the latent evaluators are the model's)")

@@ -3,9 +3,9 @@
 A source is one string (the CLI's ``--prompts``):
 
 * ``pg:CATEGORIES``: the proving ground's held-out suite, ``pg:all`` or a comma-separated list of categories
-  (``pg:single``, ``pg:position,counting``; see :data:`proving_ground.CATEGORIES`). Each prompt comes with
-  its :class:`~proving_ground.PromptSpec`, so the exact verifier applies. Seeds are the suite's own held-out
-  instance seeds (:func:`proving_ground.heldout_suite`, suite seed = the run's ``seed``): with ``K`` seeds per
+  (``pg:single``, ``pg:position,counting``; see :data:`diffsteer.proving_ground.CATEGORIES`). Each prompt comes with
+  its :class:`~diffsteer.proving_ground.PromptSpec`, so the exact verifier applies. Seeds are the suite's own held-out
+  instance seeds (:func:`diffsteer.proving_ground.heldout_suite`, suite seed = the run's ``seed``): with ``K`` seeds per
   prompt, the suite of ``K x n_specs`` instances of a category holds every held-out spec exactly ``K`` times.
 * a list of prompts (a JSON list in ``ABConfig``, e.g. what the HTTP service accepts), one prompt per item;
   blank items are skipped, like blank lines of a text file.
@@ -22,7 +22,7 @@ A source is one string (the CLI's ``--prompts``):
 
 Repeated prompts in a file are kept once (their count is reported), since identical (prompt, seed) pairs
 would be counted twice in the statistics. ``max_prompts`` keeps the first N prompts (per category for
-``pg:``). Errors raise :class:`~guidance.errors.InvalidInput` with field ``prompts`` and, for files, the
+``pg:``). Errors raise :class:`~diffsteer.guidance.errors.InvalidInput` with field ``prompts`` and, for files, the
 offending line number.
 """
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.runner import Item
-from guidance.errors import InvalidInput
+from diffsteer.evaluation.runner import Item
+from diffsteer.guidance.errors import InvalidInput
 
 FIELD = "prompts"
 FORMATS: tuple[str, ...] = ("text", "geneval", "parti")
@@ -51,7 +51,7 @@ class PromptEntry:
     index: int
     text: str
     category: str | None = None
-    spec: Any = None  # proving_ground.PromptSpec for pg: sources
+    spec: Any = None  # diffsteer.proving_ground.PromptSpec for pg: sources
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -228,7 +228,7 @@ def _file_prompt_set(
 def proving_ground_spec(text: str):
     """The proving-ground PromptSpec of a caption of that world, or None (so the verifier applies to files
     whose prompts are proving-ground captions)."""
-    from proving_ground import parse_caption
+    from diffsteer.proving_ground import parse_caption
 
     try:
         return parse_caption(text)
@@ -237,8 +237,8 @@ def proving_ground_spec(text: str):
 
 
 def _proving_ground(source: str, seeds: int, seed: int, max_prompts: int | None) -> PromptSet:
-    from proving_ground import CATEGORIES, heldout_suite
-    from proving_ground.prompts import heldout_prompt_specs
+    from diffsteer.proving_ground import CATEGORIES, heldout_suite
+    from diffsteer.proving_ground.prompts import heldout_prompt_specs
 
     body = source[len("pg:"):].strip()
     names = [c.strip() for c in re.split(r"[,+]", body) if c.strip()]

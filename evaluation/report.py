@@ -7,7 +7,7 @@ quality metric, arm means with their prompt-bootstrap CIs) and, per prompt, a gr
 per arm and one row per seed. A small script checks on load that every image could be shown and says so at
 the top of the page (``data-images-loaded`` / ``data-images-total`` on ``<body>``).
 
-Regenerate a report from an existing run: ``python -m evaluation.report DIR``.
+Regenerate a report from an existing run: ``python -m diffsteer.evaluation.report DIR``.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m evaluation.report RUN_DIR", file=sys.stderr)
+        print("usage: python -m diffsteer.evaluation.report RUN_DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))

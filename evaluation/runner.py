@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from guidance.models import DiffusionModel
-from guidance.request import Limits
-from guidance.sampler import GenerationResult, StepCallback, generate
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.request import Limits
+from diffsteer.guidance.sampler import GenerationResult, StepCallback, generate
 
-GenerateFn = Callable[..., GenerationResult]  # called as guidance.sampler.generate(model, params, limits=, callback=)
+GenerateFn = Callable[..., GenerationResult]  # called as diffsteer.guidance.sampler.generate(model, params, limits=, callback=)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def run_arm(
 
     ``progress(n)`` is called after each batch with its number of images; ``callback`` is the sampler's step
     callback (progress per denoising step; raising ``GenerationCancelled`` there stops the run).
-    ``generate_fn`` replaces :func:`guidance.sampler.generate` (same call), e.g. with a server's generation
+    ``generate_fn`` replaces :func:`diffsteer.guidance.sampler.generate` (same call), e.g. with a server's generation
     through its device worker.
     """
     generate_batch = generate_fn or generate

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
-from guidance.denoiser import Condition, concat_conditions
-from guidance.models import DiffusionModel
+from diffsteer.guidance.denoiser import Condition, concat_conditions
+from diffsteer.guidance.models import DiffusionModel
 
 
 SHARED_CONDITIONS = ("uncond", "empty", "negative")

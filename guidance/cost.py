@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guidance.errors import InvalidInput
-from guidance.policies.base import GuidancePolicy
-from guidance.request import GenerationParams
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.policies.base import GuidancePolicy
+from diffsteer.guidance.request import GenerationParams
 
 REFERENCE_STEPS = 30
 REFERENCE_PER_STEP = 2.0  # CFG

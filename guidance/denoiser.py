@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from guidance.executor import DIRECT, Executor
+from diffsteer.guidance.executor import DIRECT, Executor
 
 PredictionType = str  # "epsilon" | "v_prediction" | "sample"
 UNetFn = Callable[..., torch.Tensor]
@@ -97,7 +97,7 @@ class Denoiser:
         gradient_checkpointing: recompute each UNet call in the backward pass instead of storing its
             activations (for the differentiable sampler).
         unet_fn: how a batch is evaluated (default: the executor's).
-        executor: where the generation's model work runs (:mod:`guidance.executor`; default: this thread). Its
+        executor: where the generation's model work runs (:mod:`diffsteer.guidance.executor`; default: this thread). Its
             ``unet_fn`` evaluates the UNet (the service's batches calls across requests), and policies run
             other model work through ``denoiser.executor.run`` (dynamic CFG's candidate scoring).
     """

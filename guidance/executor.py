@@ -1,10 +1,10 @@
 """How a generation's model work runs: in the calling thread, or through a server's device worker.
 
-:func:`guidance.sampler.generate` is the one path from parameters to pixels for the library, the CLI, the
+:func:`diffsteer.guidance.sampler.generate` is the one path from parameters to pixels for the library, the CLI, the
 trainers and the HTTP service; what differs between them is only *where* the modules are evaluated. An
 :class:`Executor` says that:
 
-- ``unet_fn``: how a UNet call runs (a :data:`~guidance.denoiser.UNetFn`; None: :func:`call_unet` here);
+- ``unet_fn``: how a UNet call runs (a :data:`~diffsteer.guidance.denoiser.UNetFn`; None: :func:`call_unet` here);
 - ``run(fn, cost=...)``: one unit of other model work (prompt encoding, VAE decode, reward scoring, a
   backward pass), run where the model's modules may be used, with its estimated cost;
 - ``session(unet, latent_shape)``: a sampler loop is about to submit one UNet call per step (a batching
@@ -13,7 +13,7 @@ trainers and the HTTP service; what differs between them is only *where* the mod
   pass (so the denoiser must not add its own activation checkpointing around it).
 
 :class:`DirectExecutor` runs everything in the calling thread; the service's is
-:class:`service.device.DeviceExecutor`, which hands each unit to the device worker that batches UNet calls
+:class:`diffsteer.service.device.DeviceExecutor`, which hands each unit to the device worker that batches UNet calls
 across requests and schedules units fairly by cost.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 T = TypeVar("T")
 BACKWARD_COST = 3.0  # a UNet call's backward pass with recomputation ≈ 1 forward + a backward of ≈ 2 forwards
-UNetFn = Callable[..., torch.Tensor]  # (unet, x, t, Condition) -> output, as guidance.denoiser.call_unet
+UNetFn = Callable[..., torch.Tensor]  # (unet, x, t, Condition) -> output, as diffsteer.guidance.denoiser.call_unet
 
 
 class Executor(Protocol):

@@ -18,7 +18,7 @@ service's device worker, a diffusers pipeline built over the same modules) uses 
   ``max_graphs`` signatures keep a graph (least recently used dropped): each holds its own memory pool.
 
 Bucketing of batched requests by shape is not here: the service's device worker only ever concatenates UNet
-calls whose latent and condition shapes, dtype, device, UNet and LoRA set agree (``service.device``,
+calls whose latent and condition shapes, dtype, device, UNet and LoRA set agree (``diffsteer.service.device``,
 ``_Work.group``), so every shared forward pass already has one fixed shape, which is what lets compiled
 kernels and captured graphs be reused across batches.
 
@@ -27,7 +27,7 @@ Per-request guidance policies never reach into the UNet: they choose which (cond
 what a captured graph computes.
 
 Settings: ``FastPaths.parse("compile,channels_last")`` from the CLI (``--fast-paths``), the service
-(``fast_paths`` / ``DIFFSTEER_FAST_PATHS``) and ``guidance.models.load_model(fast_paths=...)``.
+(``fast_paths`` / ``DIFFSTEER_FAST_PATHS``) and ``diffsteer.guidance.models.load_model(fast_paths=...)``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Papalampidi et al. 2025, "Dynamic Classifier-Free Diffusion Guidance via Online 
 make per-step greedy guidance affordable with evaluators that read latents directly instead of decoding every
 candidate: an alignment evaluator (CLIP-style text-image agreement) and a fidelity discriminator, among others.
 No code was published; this is our family, trained by ``diffsteer train latent-evaluator``
-(:mod:`training.latent_evaluator`):
+(:mod:`diffsteer.training.latent_evaluator`):
 
 * **alignment** ``A(ẑ0, λ, c)``: distilled to agree with a pixel-space reward of :mod:`rewards` (any composite a
   user configures, e.g. ``clip:1``) on the decoded clean-latent prediction, ``A(ẑ0, λ, c) ≈ R(D(ẑ0), prompt)``,
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 KINDS = ("alignment", "fidelity")
 FOLDER = "latent_evaluators"
@@ -238,7 +238,7 @@ class LatentEvaluators(nn.Module):
                       weights: dict[str, float] | None = None) -> PromptInputs:
         """What the evaluators read of ``prompts`` (one row each): the text ``states`` [N, L, D] and, where an
         evaluator of nonzero weight in ``weights`` (None: any) has the embedding form, its reward's text embeddings,
-        from ``rewards`` (a :class:`guidance.reward_models.RewardModels`; None: the default library). The reward must
+        from ``rewards`` (a :class:`diffsteer.guidance.reward_models.RewardModels`; None: the default library). The reward must
         be the one the evaluator was trained with: its text embedding of a probe prompt saved at training is checked
         once."""
         if not self.reads_text_embedding(weights):
@@ -250,7 +250,7 @@ class LatentEvaluators(nn.Module):
 
     def text_tower(self, rewards: Any = None) -> Any:
         """The embedding-similarity reward of :attr:`embedding_target` from ``rewards``, checked against the probe."""
-        from guidance.reward_models import DEFAULT_REWARDS
+        from diffsteer.guidance.reward_models import DEFAULT_REWARDS
 
         target = self.embedding_target
         composite = (rewards or DEFAULT_REWARDS).get(target, self._device, field="latent_evaluators")
@@ -327,7 +327,7 @@ class LatentEvaluators(nn.Module):
         """Write the folder atomically (written beside it, then renamed into place)."""
         from safetensors.torch import save_file
 
-        from guidance.files import atomic_directory
+        from diffsteer.guidance.files import atomic_directory
 
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
@@ -366,7 +366,7 @@ class LatentEvaluators(nn.Module):
 
 def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latents (posterior mean, scaled as the sampler's) of images in [0, 1], the inverse of ``decode``."""
-    from guidance.sampler import to_sampler_latents
+    from diffsteer.guidance.sampler import to_sampler_latents
 
     vae = model.vae
     z = vae.encode((pixels * 2 - 1).to(device=model.device, dtype=vae.dtype)).latent_dist.mean.float()
@@ -375,7 +375,7 @@ def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 def model_folder(model: Any) -> Path | None:
     """The folder a model was loaded from (a built-in proving-ground model's, or a local diffusers folder)."""
-    from guidance.models import BUILTIN_FOLDERS, canonical_spec
+    from diffsteer.guidance.models import BUILTIN_FOLDERS, canonical_spec
 
     builtin = BUILTIN_FOLDERS.get(canonical_spec(model.name))
     if builtin is not None:
@@ -450,7 +450,7 @@ class LatentReward:
     def score_images(self, model: Any, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Scores of images in [0, 1] ``[B, 3, H, W]``: VAE-encoded (the encoder only), prompts encoded by the
         model's text encoder (the A/B metric ``latent``)."""
-        from guidance.conditioning import encode_conditions
+        from diffsteer.guidance.conditioning import encode_conditions
 
         h, w = pixels.shape[-2:]
         conditions, _ = encode_conditions(model, list(prompts), None, ["cond"], height=h, width=w)

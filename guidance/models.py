@@ -29,7 +29,7 @@ from typing import Any
 import pydantic
 import torch
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ModelDefaults(pydantic.BaseModel):
     @classmethod
     def _policy(cls, v: str | None) -> str | None:
         if v is not None:
-            from guidance.registry import parse_policy
+            from diffsteer.guidance.registry import parse_policy
 
             parse_policy(v)
         return v
@@ -241,8 +241,8 @@ def load_model(
 ) -> DiffusionModel:
     """Load a model (see the module docstring for ``spec``); ``config`` is the diffusers config folder or hub id
     for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``;
-    ``fast_paths``: a :class:`guidance.fast_paths.FastPaths` or its spec string (default: none)."""
-    from guidance.fast_paths import FastPaths, apply_fast_paths
+    ``fast_paths``: a :class:`diffsteer.guidance.fast_paths.FastPaths` or its spec string (default: none)."""
+    from diffsteer.guidance.fast_paths import FastPaths, apply_fast_paths
 
     paths = FastPaths.parse(fast_paths)
     device = resolve_device(device)
@@ -283,7 +283,7 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_builtin(spec: str) -> DiffusionModel:
-    from guidance import tiny
+    from diffsteer.guidance import tiny
 
     if spec in BUILTIN_FOLDERS:
         folder = BUILTIN_FOLDERS[spec]

@@ -14,16 +14,16 @@ from typing import Any
 
 import pydantic
 
-from guidance.errors import InvalidInput, from_pydantic, unknown_choice
-from guidance.policies.adaptive import AdaptiveGuidance
-from guidance.policies.apg import APG
-from guidance.policies.base import GuidancePolicy, PolicyParams
-from guidance.policies.cfg import CFG
-from guidance.policies.cfg_zero_star import CFGZeroStar
-from guidance.policies.dynamic import DynamicCFG
-from guidance.policies.linear_ag import LinearAG
-from guidance.policies.perp_neg import PerpNeg
-from guidance.policies.reno import ReNO
+from diffsteer.guidance.errors import InvalidInput, from_pydantic, unknown_choice
+from diffsteer.guidance.policies.adaptive import AdaptiveGuidance
+from diffsteer.guidance.policies.apg import APG
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams
+from diffsteer.guidance.policies.cfg import CFG
+from diffsteer.guidance.policies.cfg_zero_star import CFGZeroStar
+from diffsteer.guidance.policies.dynamic import DynamicCFG
+from diffsteer.guidance.policies.linear_ag import LinearAG
+from diffsteer.guidance.policies.perp_neg import PerpNeg
+from diffsteer.guidance.policies.reno import ReNO
 
 _POLICIES: dict[str, type[GuidancePolicy]] = {}
 

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import pydantic
 
-from guidance.errors import InvalidInput, from_pydantic
-from guidance.policies.base import PolicyParams
-from guidance.registry import parse_policy, policy_names
-from guidance.schedulers import check_scheduler_name, scheduler_names
+from diffsteer.guidance.errors import InvalidInput, from_pydantic
+from diffsteer.guidance.policies.base import PolicyParams
+from diffsteer.guidance.registry import parse_policy, policy_names
+from diffsteer.guidance.schedulers import check_scheduler_name, scheduler_names
 
 MAX_SEED = 2**63 - 1
 
@@ -25,12 +25,12 @@ class Limits:
     max_steps: int = 200
     max_num_images: int = 16
     max_prompt_chars: int = 4000
-    max_cost: float | None = None  # UNet evaluations at the model's native size (guidance.cost); None: no limit
+    max_cost: float | None = None  # UNet evaluations at the model's native size (diffsteer.guidance.cost); None: no limit
     max_area_factor: float | None = None  # image area / the model's native area; None: no limit
 
 
     def for_model(self, defaults: Any) -> Limits:
-        """These limits, tightened by a model's ``max_size`` (:class:`guidance.models.ModelDefaults`)."""
+        """These limits, tightened by a model's ``max_size`` (:class:`diffsteer.guidance.models.ModelDefaults`)."""
         size = getattr(defaults, "max_size", None)
         if size is None:
             return self
@@ -152,7 +152,7 @@ class GenerationParams(pydantic.BaseModel):
 
     def with_model_defaults(self, defaults: Any, given: set[str], limits: Limits | None = None) -> GenerationParams:
         """Fill what the request did not name (``given``: its fields set) from a model's recommendations
-        (:class:`guidance.models.ModelDefaults`): ``policy`` and ``steps``; a default ``steps`` is never above
+        (:class:`diffsteer.guidance.models.ModelDefaults`): ``policy`` and ``steps``; a default ``steps`` is never above
         ``limits.max_steps`` (a default must not make a request invalid)."""
         update: dict[str, Any] = {}
         if "policy" not in given and getattr(defaults, "policy", None) is not None:

@@ -2,7 +2,7 @@
 
 Requests name rewards by spec (``"clip:1"``, ``"hps:5,pickscore:0.05"``); where each reward's weights live
 is the caller's configuration (the service's ``rewards`` setting, a trainer's config), given to a
-:class:`RewardModels` that the caller passes down to :func:`guidance.sampler.generate` (and through it to the
+:class:`RewardModels` that the caller passes down to :func:`diffsteer.guidance.sampler.generate` (and through it to the
 policies), never set process-wide. Built composites are cached per (spec, device, dtype) in the library and
 shared: reward models are frozen and only read during scoring, so concurrent requests can use one instance.
 :data:`DEFAULT_REWARDS` needs no configuration: the built-in rewards and the proving ground's CLIP.
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 PROVING_GROUND_CLIP = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "clip"
 
@@ -41,7 +41,7 @@ class RewardModels:
     def get(self, spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
             field: str = "policy.reward"):
         """The CompositeReward for ``spec`` on ``device``; InvalidInput naming ``field`` for a bad spec."""
-        from rewards import build_composite
+        from diffsteer.rewards import build_composite
 
         key = (spec, str(device), str(dtype))
         with self._lock:

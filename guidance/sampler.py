@@ -23,17 +23,17 @@ import torch
 from PIL import Image
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from guidance.conditioning import encode_conditions
-from guidance.cost import GenerationCost, check_cost, generation_cost
-from guidance.denoiser import Denoiser, StepInfo
-from guidance.errors import InvalidInput
-from guidance.executor import DIRECT, Executor
-from guidance.models import DiffusionModel
-from guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState, SamplingContext
-from guidance.registry import build_policy
-from guidance.request import GenerationParams, Limits
-from guidance.reward_models import DEFAULT_REWARDS, RewardModels
-from guidance.schedulers import a1111_sampler, build_scheduler
+from diffsteer.guidance.conditioning import encode_conditions
+from diffsteer.guidance.cost import GenerationCost, check_cost, generation_cost
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.executor import DIRECT, Executor
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState, SamplingContext
+from diffsteer.guidance.registry import build_policy
+from diffsteer.guidance.request import GenerationParams, Limits
+from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
+from diffsteer.guidance.schedulers import a1111_sampler, build_scheduler
 
 
 class GenerationCancelled(Exception):
@@ -270,7 +270,7 @@ def check_request(
     rewards: RewardModels | None = None,
 ) -> CheckedRequest:
     """Validate ``params`` against ``limits`` and ``model`` (InvalidInput names the field; the cost limits are
-    relative to the model's native size, :mod:`guidance.cost`), running no module. The policy and steps a request
+    relative to the model's native size, :mod:`diffsteer.guidance.cost`), running no module. The policy and steps a request
     does not name come from the model's recommendations (``model.defaults``, its ``diffsteer.json``), as in the
     service and the CLI: a one-step student given only a prompt samples in one step, unguided."""
     limits = limits or Limits()

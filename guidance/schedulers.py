@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guidance.errors import unknown_choice
+from diffsteer.guidance.errors import unknown_choice
 
 # name -> (diffusers class name, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {

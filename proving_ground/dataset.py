@@ -1,7 +1,7 @@
 """Training data of the proving ground: an endless, random-access stream of (image, caption, spec).
 
 Example ``i`` of stream ``seed`` is a pure function of ``(seed, i, category_weights, resolution)``:
-its scene seed is :func:`~proving_ground.prompts.training_seed` (always outside the held-out seed
+its scene seed is :func:`~diffsteer.proving_ground.prompts.training_seed` (always outside the held-out seed
 range) and its spec is drawn from the training specs only, so the stream never produces a held-out
 instance. Random access makes sharding across data-loader workers trivial (worker ``k`` of ``K``
 reads indices ``k, k + K, ...``).

@@ -10,7 +10,7 @@ reference scene and is the seed an evaluation passes to the sampler.
   no held-out instance is ever a training instance, whatever the prompt.
 * **Captions.** For the combinatorial categories (``counting``, ``two_objects``,
   ``colour_binding``, ``position``) a fixed fraction :data:`HELDOUT_FRACTION` of the *meanings* is
-  held out entirely: specs are grouped by :func:`~proving_ground.world.canonical_key` (so
+  held out entirely: specs are grouped by :func:`~diffsteer.proving_ground.world.canonical_key` (so
   "A and B" goes with "B and A", and "A left of B" with "B right of A"), the keys of each category
   are ordered by ``sha256(HELDOUT_SALT + key)`` and the first ``round(fraction * n_keys)`` are
   held out. Training never sees those captions, only their words in other combinations.
@@ -21,7 +21,7 @@ The split is a pure function of the constants below and of the world's vocabular
 changes the split, which ``tests/test_proving_ground_world.py`` detects through the shipped
 ``assets/heldout_suite.jsonl``. No training code should read the held-out suite:
 :func:`training_prompt_specs`, :func:`sample_training_spec` and :func:`training_seed` are what
-training uses (see :mod:`proving_ground.dataset`).
+training uses (see :mod:`diffsteer.proving_ground.dataset`).
 """
 
 from __future__ import annotations

@@ -269,7 +269,7 @@ def all_prompt_specs(category: str) -> Iterator[PromptSpec]:
     """Every valid spec of a category, in a fixed order (each caption surface form once).
 
     Sizes: single 18, counting 54, two_objects 36, colour_binding 180, position 1224.
-    Training code must not sample from this directly: use :mod:`proving_ground.prompts`, which
+    Training code must not sample from this directly: use :mod:`diffsteer.proving_ground.prompts`, which
     removes the held-out instances.
     """
     _check_member("category", category, CATEGORIES)

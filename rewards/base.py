@@ -8,7 +8,7 @@ images, so ``score.sum().backward()`` fills ``images.grad``; their own parameter
 The loss that optimisers minimise is ReNO's (Eyring et al. 2024, "ReNO: Enhancing One-step Text-to-Image
 Models through Reward-based Noise Optimization"): ``loss = weight * (offset - score)``, where ``offset`` is
 a per-reward constant (an upper bound of the score) that only shifts the loss for logging;
-:mod:`rewards.composite` sums such terms.
+:mod:`diffsteer.rewards.composite` sums such terms.
 """
 
 from __future__ import annotations

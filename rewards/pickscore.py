@@ -8,7 +8,7 @@ A transformers ``CLIPModel`` (CLIP-ViT-H-14 fine-tuned on Pick-a-Pic preferences
 
 The model folder holds no tokenizer; the authors pair it with the processor of
 ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (``processor_path``). Tokenisation as in the reference: padding,
-truncation to 77 tokens. Pixels go through :mod:`rewards.preprocess` configured from the processor's
+truncation to 77 tokens. Pixels go through :mod:`diffsteer.rewards.preprocess` configured from the processor's
 ``preprocessor_config.json`` (transformers' floor centre-crop convention).
 
 ReNO's loss is ``30 - score`` (offset 30.0) with weight 0.05 (spec ``pickscore:0.05``).

@@ -8,7 +8,7 @@
 * ``jpeg_compressibility``: ``-(JPEG size in kB)`` at a fixed quality, as the compressibility reward of DDPO
   (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning"). A metric, not a
   differentiable function: ``differentiable = False``; its scores carry no gradient and asking for one
-  raises :class:`~rewards.base.NonDifferentiableRewardError`.
+  raises :class:`~diffsteer.rewards.base.NonDifferentiableRewardError`.
 
 Offsets for ReNO-style losses: saturation 1 (its maximum), brightness/contrast 0 (their maximum),
 jpeg_compressibility 0 (an upper bound).

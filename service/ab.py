@@ -1,4 +1,4 @@
-"""A/B evaluations as jobs (``POST /ab``): :func:`evaluation.ab.run_ab` with the server's models and device.
+"""A/B evaluations as jobs (``POST /ab``): :func:`diffsteer.evaluation.ab.run_ab` with the server's models and device.
 
 A request is validated in full before it is queued (:func:`plan_run`): ABConfig's own checks, prompt sources
 (``pg:`` suites or a list of prompts; never a server file), the models the server offers, every arm's policy
@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evaluation.ab import ABConfig, ABPlan, ABProgress, prepare_ab, run_ab
-from guidance.errors import InvalidInput
-from guidance.request import GenerationParams
-from guidance.sampler import GenerationResult
-from service.engine import Engine, ModelUnavailable
-from service.errors import ServiceError
-from service.queue import Ticket
+from diffsteer.evaluation.ab import ABConfig, ABPlan, ABProgress, prepare_ab, run_ab
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.request import GenerationParams
+from diffsteer.guidance.sampler import GenerationResult
+from diffsteer.service.engine import Engine, ModelUnavailable
+from diffsteer.service.errors import ServiceError
+from diffsteer.service.queue import Ticket
 
 JOB_ID = re.compile(r"^([a-z0-9]{1,32}\.)?[A-Za-z0-9_-]{1,64}$")  # optional "REPLICA." prefix (Ray Serve)
 OWNER_FILE = "job.json"

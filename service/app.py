@@ -16,15 +16,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from guidance.models import ModelCache
-from service.engine import Engine
-from service.errors import install_error_handlers
-from service.jobs import JobStore
-from service.metrics import MetricsMiddleware
-from service.middleware import BodySizeLimit
-from service.openapi import install_openapi
-from service.routers import a1111, ab, generate, info, jobs, openai_images, playground
-from service.settings import ServiceSettings
+from diffsteer.guidance.models import ModelCache
+from diffsteer.service.engine import Engine
+from diffsteer.service.errors import install_error_handlers
+from diffsteer.service.jobs import JobStore
+from diffsteer.service.metrics import MetricsMiddleware
+from diffsteer.service.middleware import BodySizeLimit
+from diffsteer.service.openapi import install_openapi
+from diffsteer.service.routers import a1111, ab, generate, info, jobs, openai_images, playground
+from diffsteer.service.settings import ServiceSettings
 
 log = logging.getLogger("service")
 

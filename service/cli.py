@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -41,10 +41,10 @@ def output_paths(output: str, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from guidance.images import encode_image
-    from guidance.models import load_model, model_defaults
-    from guidance.request import GenerationParams, Limits
-    from guidance.sampler import generate
+    from diffsteer.guidance.images import encode_image
+    from diffsteer.guidance.models import load_model, model_defaults
+    from diffsteer.guidance.request import GenerationParams, Limits
+    from diffsteer.guidance.sampler import generate
 
     width = height = None
     if args.size is not None:
@@ -89,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    from guidance.registry import describe_policies, policy_schemas
+    from diffsteer.guidance.registry import describe_policies, policy_schemas
 
     if args.json:
         print(json.dumps(policy_schemas(), indent=2))
@@ -106,14 +106,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import load_settings
+    from diffsteer.service.app import create_app
+    from diffsteer.service.settings import load_settings
 
     settings = load_settings(args.config, host=args.host, port=args.port, model=args.model, lora_dir=args.lora_dir)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.ray:
         try:
-            from service.ray_serve import run
+            from diffsteer.service.ray_serve import run
         except ImportError as e:
             print(f"error: --ray needs Ray Serve ({e}); install it with: pip install 'diffsteer[ray]'", file=sys.stderr)
             return 2
@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from guidance.schedulers import scheduler_names
+    from diffsteer.guidance.schedulers import scheduler_names
 
     parser = argparse.ArgumentParser(prog="diffsteer", description="Steer text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve replicas of the app on Ray Serve (settings' `ray` section: replicas, GPUs, autoscaling)")
     srv.set_defaults(func=cmd_serve)
 
-    from evaluation.cli import add_ab_parser  # `diffsteer ab`: A/B evaluation (evaluation/ab.py)
+    from diffsteer.evaluation.cli import add_ab_parser  # `diffsteer ab`: A/B evaluation (evaluation/ab.py)
 
     add_ab_parser(sub)
-    from training.cli import add_train_parser  # `diffsteer train METHOD`: the one dispatch into training/
+    from diffsteer.training.cli import add_train_parser  # `diffsteer train METHOD`: the one dispatch into training/
 
     add_train_parser(sub)
-    from training.pairs import add_data_parser  # `diffsteer data pairs`: preference data for train dpo/smpo
+    from diffsteer.training.pairs import add_data_parser  # `diffsteer data pairs`: preference data for train dpo/smpo
 
     add_data_parser(sub)
     return parser

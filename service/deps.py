@@ -14,10 +14,10 @@ import hmac
 
 from fastapi import Depends, Request
 
-from service.engine import Engine, Plan
-from service.errors import ServiceError
-from service.jobs import JobStore
-from service.schemas import GenerateRequest
+from diffsteer.service.engine import Engine, Plan
+from diffsteer.service.errors import ServiceError
+from diffsteer.service.jobs import JobStore
+from diffsteer.service.schemas import GenerateRequest
 
 
 def get_engine(request: Request) -> Engine:

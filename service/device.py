@@ -1,6 +1,6 @@
 """The device worker: one thread that runs every UNet call of every request, batching them across requests.
 
-Each request runs its own sampler loop in its own thread (see :mod:`service.queue`); its ``Denoiser`` gets
+Each request runs its own sampler loop in its own thread (see :mod:`diffsteer.service.queue`); its ``Denoiser`` gets
 :meth:`DeviceWorker.unet_fn` as its ``unet_fn``, which hands ``(x, t, Condition)`` to this worker and waits.
 The worker takes the oldest call, gathers the calls of other requests that can share a UNet forward pass
 (same UNet, same LoRA set, same latent and condition shapes), concatenates their rows with each row's own
@@ -52,11 +52,11 @@ from typing import Any, Protocol
 
 import torch
 
-from guidance.denoiser import Condition, call_unet, concat_conditions
-from guidance.executor import BACKWARD_COST
-from guidance.sampler import GenerationCancelled
+from diffsteer.guidance.denoiser import Condition, call_unet, concat_conditions
+from diffsteer.guidance.executor import BACKWARD_COST
+from diffsteer.guidance.sampler import GenerationCancelled
 
-log = logging.getLogger("service.device")
+log = logging.getLogger("diffsteer.service.device")
 
 AdapterSet = tuple[tuple[str, float], ...]  # sorted (LoRA name, weight), no zero weights
 
@@ -400,7 +400,7 @@ def unet_call_cost(x: torch.Tensor, native_area: int | None) -> float:
 
 
 class DeviceExecutor:
-    """A :class:`guidance.executor.Executor` for one request: every unit on ``worker``, in the request's flow,
+    """A :class:`diffsteer.guidance.executor.Executor` for one request: every unit on ``worker``, in the request's flow,
     with its LoRA ``adapters`` active. Inference UNet calls are batched with other requests'; with autograd on
     (ReNO), a UNet call is differentiable by itself: its forward is an ordinary (batchable) call, and its
     backward is one unit that recomputes the call with autograd and returns the gradient in its input (the

@@ -29,21 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from guidance.errors import unknown_choice
-from guidance.images import encode_image
-from guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, ModelDefaults, canonical_spec, model_defaults
-from guidance.request import GenerationParams
-from guidance.reward_models import DEFAULT_REWARDS, RewardModels
-from guidance.sampler import CheckedRequest, GenerationResult, StepCallback, StepEvent, check_request, generate
-from service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceExecutor, DeviceWorker
-from service.lora import LoraControl, LoraLibrary
-from service.metrics import Metrics
-from service.preview import LatentPreviewer
-from service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
-from service.schemas import GenerateRequest
-from service.settings import ServiceSettings
+from diffsteer.guidance.errors import unknown_choice
+from diffsteer.guidance.images import encode_image
+from diffsteer.guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, ModelDefaults, canonical_spec, model_defaults
+from diffsteer.guidance.request import GenerationParams
+from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
+from diffsteer.guidance.sampler import CheckedRequest, GenerationResult, StepCallback, StepEvent, check_request, generate
+from diffsteer.service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceExecutor, DeviceWorker
+from diffsteer.service.lora import LoraControl, LoraLibrary
+from diffsteer.service.metrics import Metrics
+from diffsteer.service.preview import LatentPreviewer
+from diffsteer.service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
+from diffsteer.service.schemas import GenerateRequest
+from diffsteer.service.settings import ServiceSettings
 
-log = logging.getLogger("service.engine")
+log = logging.getLogger("diffsteer.service.engine")
 
 
 class ModelUnavailable(Exception):
@@ -137,7 +137,7 @@ class Engine:
         self._defaults: dict[str, ModelDefaults] = {}
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
-        self.ab_queue: WorkQueue | None = None  # A/B runs (service.ab), apart so they never take a generation slot
+        self.ab_queue: WorkQueue | None = None  # A/B runs (diffsteer.service.ab), apart so they never take a generation slot
         self.load_error: str | None = None
         self._preloaded = threading.Event()
         self.closing = False
@@ -338,7 +338,7 @@ class Engine:
         stopped: Callable[[], bool] | None = None,
         on_cost: Callable[[float], None] | None = None,
     ) -> GenerationResult:
-        """One generation through :func:`guidance.sampler.generate` with every unit of model work on the device
+        """One generation through :func:`diffsteer.guidance.sampler.generate` with every unit of model work on the device
         worker, in a flow of its own weighted by its cost; ``stopped()`` True fails its waiting units (cancel)."""
         assert self.device is not None
         checked = params if isinstance(params, CheckedRequest) else check_request(

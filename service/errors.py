@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 log = logging.getLogger("service")
 

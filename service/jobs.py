@@ -1,6 +1,6 @@
 """Asynchronous jobs: an id at once, status and results by polling, progress as server-sent events.
 
-A job wraps a queue :class:`~service.queue.Ticket`. The ticket's worker thread appends events (``queued``,
+A job wraps a queue :class:`~diffsteer.service.queue.Ticket`. The ticket's worker thread appends events (``queued``,
 ``started``, one ``step`` per denoising step, then ``succeeded`` / ``failed`` / ``cancelled``) to the job and
 wakes the event streams waiting on it (``loop.call_soon_threadsafe``); every event has a sequence number, so a
 stream can resume after ``Last-Event-ID``. Finished jobs are kept ``ttl_s`` seconds (and at most
@@ -22,12 +22,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from guidance.errors import InvalidInput
-from guidance.sampler import StepEvent
-from service.engine import ModelUnavailable
-from service.queue import Cancelled, Ticket, TimedOut
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.sampler import StepEvent
+from diffsteer.service.engine import ModelUnavailable
+from diffsteer.service.queue import Cancelled, Ticket, TimedOut
 
-log = logging.getLogger("service.jobs")
+log = logging.getLogger("diffsteer.service.jobs")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -47,7 +47,7 @@ def describe_error(error: BaseException) -> tuple[str, dict[str, Any]]:
 
 
 class JobOutcome(Protocol):
-    """What a job's ticket ends with (:class:`service.engine.Outcome`, :class:`service.ab.ABOutcome`)."""
+    """What a job's ticket ends with (:class:`diffsteer.service.engine.Outcome`, :class:`diffsteer.service.ab.ABOutcome`)."""
 
     def response(self) -> dict[str, Any]:
         """The job's result body."""

@@ -21,11 +21,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from guidance.errors import InvalidInput
-from guidance.models import DiffusionModel
-from service.device import AdapterSet
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.service.device import AdapterSet
 
-log = logging.getLogger("service.lora")
+log = logging.getLogger("diffsteer.service.lora")
 
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"

@@ -6,7 +6,7 @@ are missing, and the server's configured limits are nowhere. :func:`build_openap
 
 - ``policy`` (on ``/generate``, ``/jobs``, the OpenAI and A1111 routes and A/B arms) is a spec string
   (``format: diffsteer-policy-spec``, pattern on the policy name) or a discriminated union (``name``) over every
-  policy's own parameter schema (``PolicyParams_<name>``, from ``guidance.registry``).
+  policy's own parameter schema (``PolicyParams_<name>``, from ``diffsteer.guidance.registry``).
 - Every operation documents every status it answers, each error with the :data:`ERROR_SCHEMA` body:
   400 (malformed JSON; OpenAI routes: all bad input), 401 (API keys), 403 (A/B disabled), 404 (unknown job),
   405, 406, 413 (``max_body_bytes``), 422 (bad input, the field named), 429 (queue full), 503, 504.
@@ -29,10 +29,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from guidance.registry import policy_names, policy_schemas
-from guidance.schedulers import scheduler_names
-from guidance.request import MAX_SEED
-from service.settings import ServiceSettings
+from diffsteer.guidance.registry import policy_names, policy_schemas
+from diffsteer.guidance.schedulers import scheduler_names
+from diffsteer.guidance.request import MAX_SEED
+from diffsteer.service.settings import ServiceSettings
 
 REF = "#/components/schemas/"
 POLICY_SPEC_FORMAT = "diffsteer-policy-spec"
@@ -270,7 +270,7 @@ def _bound_openai(schema: dict[str, Any], limits: dict[str, Any]) -> None:
 
 
 def _bound_a1111(schema: dict[str, Any], limits: dict[str, Any]) -> None:
-    from service.routers.a1111 import A1111_SCHEDULERS, SAMPLER_LABELS
+    from diffsteer.service.routers.a1111 import A1111_SCHEDULERS, SAMPLER_LABELS
 
     props = schema["properties"]
     text = _text(limits)

@@ -5,7 +5,7 @@ cancelled (client gone, ``DELETE /jobs/{id}``, server shutdown) or timed out. A 
 (:class:`QueueFull`, with a Retry-After estimate: the cost of the work ahead, queued and the rest of what
 runs, over the device's measured throughput) instead of dropping or blocking. Cancelling a running
 ticket resolves its future immediately; the worker notices at the next denoising step (the step callback
-raises :class:`~guidance.sampler.GenerationCancelled`) and its late result is discarded.
+raises :class:`~diffsteer.guidance.sampler.GenerationCancelled`) and its late result is discarded.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from guidance.sampler import GenerationCancelled
+from diffsteer.guidance.sampler import GenerationCancelled
 
-log = logging.getLogger("service.queue")
+log = logging.getLogger("diffsteer.service.queue")
 
 MAX_RETRY_AFTER_S = 3600
 
@@ -70,7 +70,7 @@ class Ticket:
         self._lock = threading.Lock()
         self._stop: BaseException | None = None
         self.listeners: list[Callable[[str, Any], None]] = []
-        self.cost = 0.0  # estimated, in UNet evaluations at native size (guidance.cost); 0: unknown
+        self.cost = 0.0  # estimated, in UNet evaluations at native size (diffsteer.guidance.cost); 0: unknown
         self.cost_done = 0.0  # of it, the units the device worker has finished
 
     def add_cost_done(self, cost: float) -> None:

@@ -1,7 +1,7 @@
 """The same FastAPI app on Ray Serve: replicas of the whole app, each with its own engine on its own device.
 
 ``diffsteer serve --ray [--config FILE]`` starts it (a local Ray cluster, or the one at ``ray.address``);
-a Ray user deploys it with ``serve run service.ray_serve:build_app config=FILE``. Everything a replica does is
+a Ray user deploys it with ``serve run diffsteer.service.ray_serve:build_app config=FILE``. Everything a replica does is
 ``create_app(settings)``: the same routes, errors, metrics, auth and cross-request batching (which stays inside
 each replica). What Ray adds:
 
@@ -32,7 +32,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRoute
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.settings import ServiceSettings, load_settings
+from diffsteer.service.settings import ServiceSettings, load_settings
 
 log = logging.getLogger("service.ray")
 
@@ -114,7 +114,7 @@ def replica_settings(settings: ServiceSettings) -> ServiceSettings:
 
 def replica_app(settings: ServiceSettings, replica: str):
     """``create_app`` for one replica: job ids carry the replica, responses and metrics name it."""
-    from service.app import create_app
+    from diffsteer.service.app import create_app
 
     app = create_app(replica_settings(settings))
     app.state.jobs.id_prefix = f"{replica}."
@@ -179,7 +179,7 @@ def deployment(settings: ServiceSettings):
 
 
 def build_app(args: dict[str, str]):
-    """``serve run service.ray_serve:build_app [config=FILE]``: settings from the file, then DIFFSTEER_* variables."""
+    """``serve run diffsteer.service.ray_serve:build_app [config=FILE]``: settings from the file, then DIFFSTEER_* variables."""
     unknown = set(args) - {"config"}
     if unknown:
         raise ValueError(f"unknown argument(s) {sorted(unknown)}; accepted: config=FILE")

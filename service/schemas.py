@@ -1,8 +1,8 @@
 """Request and response bodies of the native API (``/generate``, ``/jobs``, ``/ab``).
 
-The generation request is :class:`guidance.request.GenerationParams` (the schema the CLI and the Python API
+The generation request is :class:`diffsteer.guidance.request.GenerationParams` (the schema the CLI and the Python API
 validate with) plus what only the service has: the output format, a model name and LoRA adapters. The A/B
-request is :class:`evaluation.ab.ABConfig` less what the server decides (output folder, device, dtype).
+request is :class:`diffsteer.evaluation.ab.ABConfig` less what the server decides (output folder, device, dtype).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import pydantic
 
-from evaluation.ab import ABConfig, ABProgress
-from guidance.errors import InvalidInput
-from guidance.request import GenerationParams
+from diffsteer.evaluation.ab import ABConfig, ABProgress
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.request import GenerationParams
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -179,7 +179,7 @@ class ABFiles(pydantic.BaseModel):
 
 
 class ABResult(pydantic.BaseModel):
-    """results.json of the run (see evaluation.ab), with the URLs of its files."""
+    """results.json of the run (see diffsteer.evaluation.ab), with the URLs of its files."""
 
     model_config = pydantic.ConfigDict(extra="allow")
 

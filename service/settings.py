@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from guidance.errors import InvalidInput, from_pydantic
-from guidance.request import Limits
+from diffsteer.guidance.errors import InvalidInput, from_pydantic
+from diffsteer.guidance.request import Limits
 
 
 def _split_list(value: Any) -> Any:
@@ -30,7 +30,7 @@ def _split_list(value: Any) -> Any:
 
 
 class RaySettings(pydantic.BaseModel):
-    """How ``diffsteer serve --ray`` (and ``serve run service.ray_serve:build_app``) deploys the app on Ray Serve:
+    """How ``diffsteer serve --ray`` (and ``serve run diffsteer.service.ray_serve:build_app``) deploys the app on Ray Serve:
     replicas of the whole app, each with its own engine, model cache and device worker."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
@@ -110,7 +110,7 @@ class ServiceSettings(BaseSettings):
     rewards: dict[str, dict[str, Any]] = pydantic.Field(
         default_factory=dict,
         description="Where reward-driven policies (reno, dynamic_cfg) find each reward's weights: name -> reward "
-        "config fields (a guidance.reward_models.RewardModels the engine passes down). Requests name rewards, never paths.",
+        "config fields (a diffsteer.guidance.reward_models.RewardModels the engine passes down). Requests name rewards, never paths.",
     )
     max_loaded_loras: int = pydantic.Field(8, ge=1, description="LoRA adapters kept loaded per model (least recently used evicted).")
 
@@ -165,13 +165,13 @@ class ServiceSettings(BaseSettings):
     max_cost: float = pydantic.Field(
         32_768.0, gt=0, description="Most work one request may ask for, in UNet evaluations of one image at the model's "
         "native size: images x area/native area x steps x the policy's evaluations per step x its passes (ReNO's "
-        "iterations); beyond that: 422 naming the field that contributes most (guidance.cost).",
+        "iterations); beyond that: 422 naming the field that contributes most (diffsteer.guidance.cost).",
     )
     max_area_factor: float = pydantic.Field(
         16.0, gt=0, description="Largest image area relative to the model's native area (16: 4x its width and height).",
     )
 
-    # --- fair scheduling of the device worker (service.device) ----------------------------------------
+    # --- fair scheduling of the device worker (diffsteer.service.device) ----------------------------------------
     heavy_cost: float = pydantic.Field(
         240.0, gt=0, description="Requests costing more than this (4 native-size 30-step CFG images) run in the heavy "
         "lane: their units get heavy_weight's share of the device against a light request's 1.",
@@ -210,7 +210,7 @@ class ServiceSettings(BaseSettings):
     @pydantic.field_validator("fast_paths")
     @classmethod
     def _fast_paths(cls, value: str) -> str:
-        from guidance.fast_paths import FastPaths
+        from diffsteer.guidance.fast_paths import FastPaths
 
         return FastPaths.parse(value, field="fast_paths").spec()
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.ab import ABCancelled, ABConfig, run_ab
-from evaluation.metrics import clipped_fraction, hsv_saturation_mean
-from guidance.images import read_png_metadata
-from guidance.sampler import GenerationCancelled
-from service.cli import main
+from diffsteer.evaluation.ab import ABCancelled, ABConfig, run_ab
+from diffsteer.evaluation.metrics import clipped_fraction, hsv_saturation_mean
+from diffsteer.guidance.images import read_png_metadata
+from diffsteer.guidance.sampler import GenerationCancelled
+from diffsteer.service.cli import main
 
 TINY = ["--model", "builtin:tiny", "--device", "cpu", "--steps", "2", "--size", "32x32", "--bootstrap", "200", "-q"]
 TEXT_PROMPTS = "a red circle\na blue square\na green triangle\n"
@@ -27,8 +27,8 @@ STAT_KEYS = {"metric", "direction", "unit", "n_images", "n_prompts", "mean_a", "
 
 @contextmanager
 def counting_generation():
-    """Count the images the sampler is asked for (generate is looked up in evaluation.runner at call time)."""
-    import evaluation.runner as runner
+    """Count the images the sampler is asked for (generate is looked up in diffsteer.evaluation.runner at call time)."""
+    import diffsteer.evaluation.runner as runner
 
     counter = {"images": 0, "calls": 0}
     real = runner.generate

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.ab import ABConfig, arm_summaries, paired_statistics, parse_arm
-from evaluation.metrics import clipped_fraction, columns_for, hsv_saturation_mean, parse_metric_list
-from evaluation.prompts import detect_format, load_prompts
-from guidance.errors import InvalidInput
+from diffsteer.evaluation.ab import ABConfig, arm_summaries, paired_statistics, parse_arm
+from diffsteer.evaluation.metrics import clipped_fraction, columns_for, hsv_saturation_mean, parse_metric_list
+from diffsteer.evaluation.prompts import detect_format, load_prompts
+from diffsteer.guidance.errors import InvalidInput
 
 # Five prompts with two seeds each. Per-image differences d = B - A:
 #   P1 [1, 1] -> mean 1      P2 [2, -2] -> mean 0 (a tie per prompt, a win and a loss per image)
@@ -257,7 +257,7 @@ def test_malformed_files(tmp_path, content, text):
 
 
 def test_proving_ground_source_uses_heldout_seeds():
-    from proving_ground.prompts import HELDOUT_SEED_BASE, heldout_prompt_specs
+    from diffsteer.proving_ground.prompts import HELDOUT_SEED_BASE, heldout_prompt_specs
 
     ps = load_prompts("pg:single,counting", seeds=2)
     n = len(heldout_prompt_specs("single")) + len(heldout_prompt_specs("counting"))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.ab import run_ab
-from evaluation.report import main as report_main
-from evaluation.report import render_html
+from diffsteer.evaluation.ab import run_ab
+from diffsteer.evaluation.report import main as report_main
+from diffsteer.evaluation.report import render_html
 
 PROMPTS = 'a red circle\na <b>bold</b> & "quoted" square\n'
 N_GRID = 2 * 2 * 2  # arms x prompts x seeds

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from evaluation.stats import (
+from diffsteer.evaluation.stats import (
     MetricComparison,
     PairComparison,
     average_ranks,

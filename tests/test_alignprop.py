@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-from guidance.errors import InvalidInput
-from training.alignprop import AlignPropConfig, AlignPropTrainer
-from training.config_io import load_config, render_yaml
-from training.truncation import draw_truncation, window_mask
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
+from diffsteer.training.config_io import load_config, render_yaml
+from diffsteer.training.truncation import draw_truncation, window_mask
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model="builtin:tiny", prompts="pg-train:single", eval_prompts="", steps=4, batch_size=2,
@@ -53,7 +53,7 @@ def test_window_mask_marks_the_last_k_steps_of_each_image():
 
 
 def _lora_grads(model, prompts, seeds, grad_at_step):
-    from guidance.sampler import decode, prepare
+    from diffsteer.guidance.sampler import decode, prepare
 
     params = [p for p in model.unet.parameters() if p.requires_grad]
     for p in params:
@@ -67,8 +67,8 @@ def _lora_grads(model, prompts, seeds, grad_at_step):
 
 @pytest.fixture(scope="module")
 def lora_model():
-    from guidance.models import load_model
-    from training.lora import add_lora
+    from diffsteer.guidance.models import load_model
+    from diffsteer.training.lora import add_lora
 
     model = load_model("builtin:tiny", device="cpu")
     params = add_lora(model.unet, 4, 4.0)
@@ -126,7 +126,7 @@ def test_lora_export_loads_in_diffusers_and_in_the_service(tmp_path):
     """The exported adapter reproduces the trained UNet through diffusers' load_lora_weights and the service."""
     from diffusers import StableDiffusionPipeline
 
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
     from test_service_support import assert_lora_served_like
 
     trainer = AlignPropTrainer(tiny_config(tmp_path, max_steps=2, checkpoint_every=2))
@@ -158,7 +158,7 @@ def _ddim(model):
 
 def _cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "training.alignprop", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "diffsteer.training.alignprop", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -267,7 +267,7 @@ def test_resume_refuses_a_changed_experiment_and_fresh_runs_refuse_old_checkpoin
         AlignPropTrainer(tiny_config(tmp_path, max_steps=2, lora_rank=8)).train(resume=True)
 
     # a checkpoint written before a field existed (here ema_decay) resumes as the field's default, and only so
-    from training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+    from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
     path = latest_checkpoint(tmp_path / "run" / "checkpoints")
     state = load_checkpoint(path)
@@ -280,7 +280,7 @@ def test_resume_refuses_a_changed_experiment_and_fresh_runs_refuse_old_checkpoin
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
-    from service.cli import main
+    from diffsteer.service.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_rank: -1\n")

@@ -1,7 +1,7 @@
 """Bad input gets one clear error naming the field (and, for closed sets, the accepted values), never a traceback.
 
 Checked through the Python API (``GenerationParams.parse``, ``generate``, ``parse_policy``, ``load_model``), which
-raise ``InvalidInput`` (a ``ValueError`` with ``.field``), and through the CLI (``service.cli.main`` returns 2 and
+raise ``InvalidInput`` (a ``ValueError`` with ``.field``), and through the CLI (``diffsteer.service.cli.main`` returns 2 and
 prints one line on stderr), plus one real run of the ``diffsteer`` console script.
 """
 
@@ -16,13 +16,13 @@ import sys
 
 import pytest
 
-from guidance.errors import InvalidInput
-from guidance.models import load_model
-from guidance.registry import parse_policy, policy_names
-from guidance.request import GenerationParams, Limits
-from guidance.sampler import generate
-from guidance.schedulers import scheduler_names
-from service.cli import main, parse_size
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.models import load_model
+from diffsteer.guidance.registry import parse_policy, policy_names
+from diffsteer.guidance.request import GenerationParams, Limits
+from diffsteer.guidance.sampler import generate
+from diffsteer.guidance.schedulers import scheduler_names
+from diffsteer.service.cli import main, parse_size
 
 try:
     from hypothesis import given, settings, strategies as st
@@ -59,7 +59,7 @@ BASE = {"prompt": "a red cat", "steps": 2, "width": 32, "height": 32, "seed": 1}
 def console_script_run(tmp_path_factory):
     """Start ``diffsteer generate ... --policy nope:scale=3`` as a real subprocess; the test below collects it."""
     exe = shutil.which("diffsteer")
-    command = [exe] if exe else [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+    command = [exe] if exe else [sys.executable, "-c", "import sys; from diffsteer.service.cli import main; sys.exit(main())"]
     tmp = tmp_path_factory.mktemp("console")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(

@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
-from guidance import fast_paths as fp
-from guidance.denoiser import Condition
-from guidance.errors import InvalidInput
-from guidance.fast_paths import FastPaths, apply_fast_paths, call_signature, fast_forward, graph_guard, remove_fast_paths
-from guidance.tiny import tiny_unet
-from service.device import DeviceWorker
+from diffsteer.guidance import fast_paths as fp
+from diffsteer.guidance.denoiser import Condition
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.fast_paths import FastPaths, apply_fast_paths, call_signature, fast_forward, graph_guard, remove_fast_paths
+from diffsteer.guidance.tiny import tiny_unet
+from diffsteer.service.device import DeviceWorker
 
 # fp32 on CPU: channels-last convolutions and traced graphs reassociate sums; 1e-5 is ~100 ulp of outputs ~1.
 ATOL = 1e-5
@@ -49,9 +49,9 @@ def test_parse_round_trip_and_errors():
 
 
 def test_service_settings_and_cli_reach_the_load_path(tmp_path):
-    from service.cli import build_parser
-    from service.engine import Engine
-    from service.settings import load_settings
+    from diffsteer.service.cli import build_parser
+    from diffsteer.service.engine import Engine
+    from diffsteer.service.settings import load_settings
 
     settings = load_settings(fast_paths="channels-last")
     assert settings.fast_paths == "channels_last"
@@ -63,7 +63,7 @@ def test_service_settings_and_cli_reach_the_load_path(tmp_path):
 
 
 def test_load_model_applies_fast_paths():
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     model = load_model("builtin:tiny", device="cpu", fast_paths="channels_last")
     assert model.extra["fast_paths"].channels_last
@@ -82,8 +82,8 @@ def test_channels_last_equals_eager_and_removal_restores_it(unet):
 
 
 def test_channels_last_generation_equals_plain_generation():
-    from guidance.models import load_model
-    from guidance.sampler import generate
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import generate
 
     request = {"prompt": "a red circle", "steps": 4, "seed": 3, "num_images": 2, "policy": "cfg:scale=4"}
     plain = generate(load_model("builtin:tiny", device="cpu"), request).pixels

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.errors import InvalidInput
-from training.fdistill import (
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.fdistill import (
     DIVERGENCES,
     FDistillConfig,
     FDistillTrainer,
@@ -127,7 +127,7 @@ def test_time_bin_normalisation_by_hand():
 
 
 def test_student_schedule_starts_at_the_last_timestep_and_ends_at_x0():
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     config = student_scheduler_config(load_model("builtin:tiny", device="cpu").scheduler_config)
     assert student_timesteps(config, 1) == [999]
@@ -201,7 +201,7 @@ def test_teacher_samples_as_real_data(tmp_path):
     batch = trainer.draw_batch(0, 0, 0)
     assert batch.real_images is None and all(p in trainer.train_prompts for p in batch.prompts)
     conditions, _ = trainer._encode(batch.prompts)
-    from guidance.sampler import prepare
+    from diffsteer.guidance.sampler import prepare
 
     expected = prepare(trainer.model, trainer._teacher_params(batch.prompts, batch.real_seeds)).run().latents
     torch.testing.assert_close(trainer.real_latents(batch, conditions), expected.float())
@@ -213,7 +213,7 @@ def test_regression_pairs_are_the_teachers_samples_from_the_students_noise(tmp_p
     update adds the latent MSE between its one-step sample from that seed's noise and the teacher's sample."""
     trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, regression_weight=0.5, regression_pairs=5,
                                           teacher_steps=2, fake_updates_per_step=1))
-    from guidance.sampler import prepare
+    from diffsteer.guidance.sampler import prepare
 
     prompts, seeds = trainer.pair_prompts, trainer.pair_seeds
     assert len(prompts) == len(seeds) == 5 and len(set(seeds)) == 5
@@ -256,7 +256,7 @@ def test_bad_teacher_policy_and_timestep_name_the_field(tmp_path):
 
 
 def test_config_loads_from_the_cli_surface(tmp_path):
-    from training.config_io import load_config
+    from diffsteer.training.config_io import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("divergence: forward_kl\nsteps: 2\n")
@@ -282,7 +282,7 @@ def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(e
     StableDiffusionPipeline and the trainer's own generator give the same image."""
     trainer, folder = exported
     assert json.loads((folder / "diffsteer.json").read_text()) == {"policy": "cfg:scale=1", "steps": 1}
-    from guidance.models import model_defaults
+    from diffsteer.guidance.models import model_defaults
 
     assert (model_defaults(str(folder)).steps, model_defaults(str(folder)).policy) == (1, "cfg:scale=1")
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -296,8 +296,8 @@ def _assert_one_step_agreement(trainer: FDistillTrainer, folder: Path) -> None:
     generator give the same images."""
     from diffusers import StableDiffusionPipeline
 
-    from guidance.models import load_model
-    from guidance.sampler import decode, generate, initial_noise
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import decode, generate, initial_noise
 
     model = load_model(str(folder), device="cpu")
     ours = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [3, 4], "steps": 1,
@@ -309,7 +309,7 @@ def _assert_one_step_agreement(trainer: FDistillTrainer, folder: Path) -> None:
                   output_type="np").images
     torch.testing.assert_close(ours.pixels.permute(0, 2, 3, 1), torch.as_tensor(theirs), rtol=0, atol=2e-3)
 
-    from training.fdistill import DistillBatch
+    from diffsteer.training.fdistill import DistillBatch
 
     conditions, _ = trainer._encode(["a red circle", "two blue squares"])
     batch = DistillBatch(["a red circle", "two blue squares"], [3, 4], torch.zeros(2, dtype=torch.long), [0, 0],
@@ -338,8 +338,8 @@ def test_a_student_read_at_a_lower_timestep_exports_that_step(tmp_path):
 
 
 def test_reno_runs_on_the_exported_student(exported):
-    from guidance.models import load_model
-    from guidance.sampler import generate
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import generate
 
     _, folder = exported
     model = load_model(str(folder), device="cpu")
@@ -350,8 +350,8 @@ def test_reno_runs_on_the_exported_student(exported):
 
 def test_the_service_serves_the_exported_student(exported):
     """``diffsteer serve --model OUT``: the service's one-step image is our sampler's."""
-    from guidance.models import load_model
-    from guidance.sampler import generate
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import generate
     from test_service_support import app_client, decode_image, pixels
 
     _, folder = exported
@@ -379,7 +379,7 @@ def test_fp16_export_halves_unet_and_vae_and_leaves_the_run_fp32(exported):
     for part, dtype in (("unet", torch.float16), ("vae", torch.float16), ("text_encoder", torch.float32)):
         with safe_open(str(next((folder / part).glob("*.safetensors"))), "pt") as f:
             assert f.get_tensor(next(iter(f.keys()))).dtype == dtype, part
-    from guidance.files import current_umask
+    from diffsteer.guidance.files import current_umask
 
     assert folder.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's private 0700
     assert next(trainer.model.vae.parameters()).dtype == torch.float32

@@ -14,8 +14,8 @@ import re
 import pytest
 from PIL import Image
 
-from guidance.images import a1111_parameters, encode_image
-from guidance.schedulers import A1111_SAMPLERS, a1111_sampler, resolve_scheduler_name
+from diffsteer.guidance.images import a1111_parameters, encode_image
+from diffsteer.guidance.schedulers import A1111_SAMPLERS, a1111_sampler, resolve_scheduler_name
 
 # A1111 (1.10) modules/infotext_utils.py
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

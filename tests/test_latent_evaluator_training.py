@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.errors import InvalidInput
-from training.latent_evaluator import LatentEvaluatorConfig, LatentEvaluatorTrainer, ranknet_loss, within_group_mse
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.latent_evaluator import LatentEvaluatorConfig, LatentEvaluatorTrainer, ranknet_loss, within_group_mse
 
 SMALL = dict(model="builtin:proving-ground", prompts="pg-train:single", eval_prompts="", batch_size=2, steps=3,
              records_per_image=1, candidates=(1.0, 4.0), calibration_batches=1, reward="saturation:1",
@@ -42,9 +42,9 @@ def test_within_group_mse_hand_worked_and_blind_to_each_groups_level():
 
 
 def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
-    from guidance.latent_evaluators import evaluators_for
-    from guidance.models import load_model
-    from guidance.sampler import generate
+    from diffsteer.guidance.latent_evaluators import evaluators_for
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import generate
 
     trainer = LatentEvaluatorTrainer(small_config(tmp_path, eval_prompts="pg:single", eval_max_prompts=1,
                                                   within_weight=1.0, level_weight=0.1))
@@ -95,7 +95,7 @@ def test_bad_config_names_the_field(tmp_path, overrides, field):
 
 
 def test_cli_reports_a_bad_field_and_a_missing_image_folder(tmp_path, capsys):
-    from training.cli import run_method
+    from diffsteer.training.cli import run_method
 
     assert run_method("latent-evaluator", ["--set", "kinds=alignment,beauty"]) == 2
     assert "kinds" in capsys.readouterr().err
@@ -107,10 +107,10 @@ def test_cli_reports_a_bad_field_and_a_missing_image_folder(tmp_path, capsys):
 
 def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
     """The recorded x̂0 of candidate w equals the direct formula at that step (an independent recomputation)."""
-    from guidance.denoiser import Denoiser, StepInfo, to_x0
-    from guidance.models import load_model
-    from guidance.sampler import make_scheduler, prepare, step_alpha_bars
-    from training.latent_evaluator import record_candidate_groups
+    from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import make_scheduler, prepare, step_alpha_bars
+    from diffsteer.training.latent_evaluator import record_candidate_groups
 
     model = load_model("builtin:proving-ground")
     params = {"prompt": ["a red circle"], "seeds": [7], "steps": 3, "scheduler": "ddim", "policy": "cfg:scale=1"}
@@ -147,9 +147,9 @@ EMBEDDING = dict(reward="clip:1", alignment_target="embedding", kinds=("alignmen
 def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidates(tmp_path):
     """The stored image and text embeddings give back the composite reward of each decoded candidate, and the export
     is an embedding-form evaluator in the reward's units with the text tower's probe."""
-    from guidance.models import load_model
-    from guidance.reward_models import get_reward
-    from guidance.sampler import decode
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.reward_models import get_reward
+    from diffsteer.guidance.sampler import decode
 
     trainer = LatentEvaluatorTrainer(small_config(tmp_path, **EMBEDDING))
     pool = trainer.pool
@@ -162,7 +162,7 @@ def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidate
     torch.testing.assert_close(pool.reward, direct, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pool.image_embedding.norm(dim=-1), torch.ones(g, k))
     summary = trainer.train()
-    from guidance.latent_evaluators import LatentEvaluators
+    from diffsteer.guidance.latent_evaluators import LatentEvaluators
 
     saved = LatentEvaluators.load(summary["latent_evaluators"])
     spec = saved.specs["alignment"]
@@ -215,7 +215,7 @@ def test_the_embedding_target_needs_a_similarity_reward(tmp_path):
 def test_the_shipped_configs_load(name):
     from pathlib import Path
 
-    from training.config_io import load_config
+    from diffsteer.training.config_io import load_config
 
     config = load_config(LatentEvaluatorConfig, Path(__file__).resolve().parents[1] / "training" / "configs" / f"{name}.yaml")
     assert config.model == "builtin:proving-ground"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.errors import InvalidInput
-from guidance.executor import DirectExecutor
-from guidance.latent_evaluators import (
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.executor import DirectExecutor
+from diffsteer.guidance.latent_evaluators import (
     EvaluatorSpec,
     LatentEvaluators,
     PromptInputs,
@@ -21,7 +21,7 @@ from guidance.latent_evaluators import (
     log_snr,
     parse_weights,
 )
-from guidance.sampler import generate, prepare
+from diffsteer.guidance.sampler import generate, prepare
 from test_reward_policies import first_step_candidate_x0
 
 WEIGHTS = {"alignment": 1.0, "fidelity": 0.5}
@@ -142,7 +142,7 @@ class CountingExecutor(DirectExecutor):
 
 
 def test_all_candidates_of_all_images_are_one_executor_unit_per_step(model_with_evaluators):
-    from guidance.policies.dynamic import LATENT_SCORE_COST
+    from diffsteer.guidance.policies.dynamic import LATENT_SCORE_COST
 
     executor = CountingExecutor()
     steps = 4
@@ -191,7 +191,7 @@ def test_reno_with_the_latent_reward_scores_the_plain_latents_first(model_with_e
 
 def test_latent_reward_gradient_is_that_of_the_negated_score():
     ev = random_evaluators()
-    from guidance.latent_evaluators import LatentReward
+    from diffsteer.guidance.latent_evaluators import LatentReward
 
     reward = LatentReward(ev, WEIGHTS)
     z, text = torch.randn(2, 4, 8, 8, dtype=torch.float64).float(), PromptInputs(states=torch.randn(2, 5, 32))
@@ -204,7 +204,7 @@ def test_latent_reward_gradient_is_that_of_the_negated_score():
 
 
 def test_ab_metric_latent_is_the_evaluators_on_the_encoded_image(model_with_evaluators):
-    from evaluation.metrics import MetricScorer, columns_for, parse_metric_list
+    from diffsteer.evaluation.metrics import MetricScorer, columns_for, parse_metric_list
 
     model = model_with_evaluators
     images = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
@@ -224,7 +224,7 @@ def test_ab_metric_latent_is_the_evaluators_on_the_encoded_image(model_with_eval
 
 def embedding_evaluators(probe: dict | None) -> LatentEvaluators:
     """A random embedding-form alignment evaluator of the proving-ground CLIP (128-d) and a fidelity one."""
-    from guidance.reward_models import get_reward
+    from diffsteer.guidance.reward_models import get_reward
 
     torch.manual_seed(3)
     factor = get_reward("clip:1", "cpu").similarity_term()[1]
@@ -235,8 +235,8 @@ def embedding_evaluators(probe: dict | None) -> LatentEvaluators:
 
 
 def test_embedding_form_scores_the_reward_formula_with_its_text_tower():
-    from guidance.latent_evaluators import text_probe
-    from guidance.reward_models import get_reward
+    from diffsteer.guidance.latent_evaluators import text_probe
+    from diffsteer.guidance.reward_models import get_reward
 
     tower, factor = get_reward("clip:1", "cpu").similarity_term()
     ev = embedding_evaluators(text_probe(tower))
@@ -251,8 +251,8 @@ def test_embedding_form_scores_the_reward_formula_with_its_text_tower():
 
 
 def test_dynamic_cfg_with_an_embedding_evaluator_picks_the_direct_argmax(sd_model, tmp_path):
-    from guidance.latent_evaluators import text_probe
-    from guidance.reward_models import get_reward
+    from diffsteer.guidance.latent_evaluators import text_probe
+    from diffsteer.guidance.reward_models import get_reward
 
     tower, factor = get_reward("clip:1", "cpu").similarity_term()
     folder = embedding_evaluators(text_probe(tower)).save(tmp_path / "emb")
@@ -301,7 +301,7 @@ def test_the_shipped_proving_ground_evaluators_load_and_score_with_their_reward(
     CLIP's, and dynamic CFG runs with it on the shipped model."""
     from pathlib import Path
 
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     folder = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "latent_evaluators"
     model = dataclasses.replace(load_model("builtin:proving-ground"), extra={"latent_evaluators": str(folder)})

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import guidance.models as models
-from guidance.errors import InvalidInput
-from guidance.images import read_png_metadata
-from guidance.models import ModelCache, load_model
-from guidance.registry import policy_class, policy_names
-from guidance.sampler import generate
-from service.cli import main
+import diffsteer.guidance.models as models
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.images import read_png_metadata
+from diffsteer.guidance.models import ModelCache, load_model
+from diffsteer.guidance.registry import policy_class, policy_names
+from diffsteer.guidance.sampler import generate
+from diffsteer.service.cli import main
 
 REQUEST = {"prompt": "a red cat", "negative_prompt": "blurry", "policy": "cfg:scale=5", "steps": 2, "seed": 3,
            "width": 32, "height": 32}

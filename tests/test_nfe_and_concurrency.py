@@ -7,7 +7,7 @@ import diffusers
 import pytest
 import torch
 
-from guidance.sampler import decode, generate, prepare
+from diffsteer.guidance.sampler import decode, generate, prepare
 
 
 @contextmanager

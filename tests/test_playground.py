@@ -79,7 +79,7 @@ def test_the_page_asks_for_the_key_and_keeps_it_in_session_storage_only(page):
     assert page.evaluate("sessionStorage.getItem('diffsteer.apiKey')") == KEY
     assert page.evaluate("localStorage.length") == 0 and KEY not in page.evaluate("document.cookie")
     names = page.eval_on_selector_all('fieldset[data-slot="A"] .policy-name option', "os => os.map(o => o.value)")
-    from guidance.registry import policy_names
+    from diffsteer.guidance.registry import policy_names
 
     assert sorted(names) == sorted(policy_names())  # every registered policy, none hard-coded
     assert page.input_value("#model") == "builtin:proving-ground"

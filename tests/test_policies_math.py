@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.denoiser import from_eps, from_x0, to_eps, to_x0
-from guidance.policies.apg import apg_update
-from guidance.policies.cfg import cfg_combine, rescale_guidance, scheduled_scale
-from guidance.policies.cfg_zero_star import cfg_zero_star_combine, optimised_scale
-from guidance.policies.linear_ag import estimate_difference
-from guidance.policies.perp_neg import perp_neg_combine
-from guidance.sampler import generate
+from diffsteer.guidance.denoiser import from_eps, from_x0, to_eps, to_x0
+from diffsteer.guidance.policies.apg import apg_update
+from diffsteer.guidance.policies.cfg import cfg_combine, rescale_guidance, scheduled_scale
+from diffsteer.guidance.policies.cfg_zero_star import cfg_zero_star_combine, optimised_scale
+from diffsteer.guidance.policies.linear_ag import estimate_difference
+from diffsteer.guidance.policies.perp_neg import perp_neg_combine
+from diffsteer.guidance.sampler import generate
 
 rng = np.random.default_rng(0)
 
@@ -153,12 +153,12 @@ def test_perp_neg_without_negative_is_cfg(sd_model):
 
 def test_cfg_zero_star_zero_init_leaves_the_sample_in_place(sd_model):
     """ε = 0 for every step: DDIM keeps x/√ᾱ fixed, so the result is the decoded initial noise scaled."""
-    from guidance.sampler import decode, prepare
+    from diffsteer.guidance.sampler import decode, prepare
 
     prepared = prepare(sd_model, {"prompt": "x", "steps": 4, "seed": 1, "scheduler": "ddim", "policy": "cfg_zero_star:zero_init_steps=4"})
     with torch.no_grad():
         run = prepared.run()
-    from guidance.sampler import make_scheduler
+    from diffsteer.guidance.sampler import make_scheduler
 
     scheduler, timesteps = make_scheduler(sd_model, prepared.params)
     acp = scheduler.alphas_cumprod

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guidance.errors import InvalidInput
-from training.preference_data import load_preference_pairs
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.preference_data import load_preference_pairs
 
 
 def jpeg(colour) -> bytes:
@@ -114,14 +114,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pg_model():
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     return load_model("builtin:proving-ground", device="cpu")
 
 
 def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_model, one_thread):
-    from training.pairs import PairsConfig, build_pairs, image_seeds
-    from training.preference_data import write_preference_pairs
+    from diffsteer.training.pairs import PairsConfig, build_pairs, image_seeds
+    from diffsteer.training.preference_data import write_preference_pairs
 
     config = PairsConfig(output="", prompts="pg-train:single", max_prompts=2, images_per_prompt=3, steps=2, batch_size=6)
     rows = build_pairs(config, model=pg_model, progress=False)
@@ -132,8 +132,8 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
     # the recorded seed reproduces the image, and the score is the clip reward's on it
     import torch
 
-    from guidance.reward_models import get_reward
-    from guidance.sampler import generate
+    from diffsteer.guidance.reward_models import get_reward
+    from diffsteer.guidance.sampler import generate
 
     row = rows[0]
     result = generate(pg_model, {"prompt": row["caption"], "seeds": [row["seed_0"]], "steps": 2, "scheduler": "ddim",
@@ -165,7 +165,7 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
 
 
 def test_pair_indices_hand_worked():
-    from training.pairs import pair_indices
+    from diffsteer.training.pairs import pair_indices
 
     scores = [0.2, 0.9, 0.5, 0.1]  # ranked: image 1, 2, 0, 3
     assert pair_indices(scores, "best-worst") == [(1, 3)]
@@ -176,7 +176,7 @@ def test_pair_indices_hand_worked():
 
 
 def test_data_pairs_cli_rejects_bad_options(capsys):
-    from service.cli import main
+    from diffsteer.service.cli import main
 
     assert main(["data", "pairs", "-o", "x.parquet", "--images-per-prompt", "1"]) == 2
     assert "--images-per-prompt" in capsys.readouterr().err
@@ -244,11 +244,11 @@ def test_preference_calibration_hand_worked(tmp_path, capsys):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.preference_calibration import main
-    from proving_ground.prompts import training_prompt_specs
-    from proving_ground.render import render_prompt
-    from proving_ground.verifier import verify
-    from proving_ground.world import caption
-    from training.preference_data import write_preference_pairs
+    from diffsteer.proving_ground.prompts import training_prompt_specs
+    from diffsteer.proving_ground.render import render_prompt
+    from diffsteer.proving_ground.verifier import verify
+    from diffsteer.proving_ground.world import caption
+    from diffsteer.training.preference_data import write_preference_pairs
 
     spec = training_prompt_specs("single")[0]
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from training.dpo import diffusion_dpo_loss, implicit_accuracy, per_sample_mse, preference_margin
-from training.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference, smpo_loss
+from diffsteer.training.dpo import diffusion_dpo_loss, implicit_accuracy, per_sample_mse, preference_margin
+from diffsteer.training.smpo import PICKSCORE_MAX, PICKSCORE_MIN, smoothed_preference, smpo_loss
 
 
 def errors(seed=0, n=6):

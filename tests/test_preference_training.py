@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from guidance.errors import InvalidInput
-from training.dpo import DPOConfig, DPOTrainer
-from training.preference_data import write_preference_pairs
-from training.smpo import SmPOConfig, SmPOTrainer
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.dpo import DPOConfig, DPOTrainer
+from diffsteer.training.preference_data import write_preference_pairs
+from diffsteer.training.smpo import SmPOConfig, SmPOTrainer
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
 
@@ -55,7 +55,7 @@ def config(cls, tmp_path: Path, pairs_file: Path, name: str, **overrides):
 
 
 def adapter(trainer) -> dict[str, torch.Tensor]:
-    from training.lora import trainable_state
+    from diffsteer.training.lora import trainable_state
 
     return trainable_state(trainer.model.unet)
 
@@ -82,14 +82,14 @@ def test_smpo_with_binary_labels_and_no_inversion_is_diffusion_dpo(tmp_path, pai
 
 
 def test_reference_is_the_base_unet_with_the_adapter_switched_off(tmp_path, pairs_file):
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     trainer = DPOTrainer(config(DPOConfig, tmp_path, pairs_file, "ref", learning_rate=0.05))
     trainer.train()
     base = load_model("builtin:proving-ground", device="cpu").unet
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     text = torch.randn(2, 77, base.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
-    from guidance.denoiser import Condition
+    from diffsteer.guidance.denoiser import Condition
 
     t = torch.tensor([300, 700])
     reference = trainer.reference_prediction(x, t, Condition(text))
@@ -101,7 +101,7 @@ def test_reference_is_the_base_unet_with_the_adapter_switched_off(tmp_path, pair
 
 
 def test_full_unet_training_keeps_a_frozen_reference_copy(tmp_path, pairs_file):
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     trainer = DPOTrainer(config(DPOConfig, tmp_path, pairs_file, "full", trainable="full", export="pipeline",
                                 max_steps=1, learning_rate=1e-3))
@@ -127,7 +127,7 @@ def test_smpo_resume_repeats_the_uninterrupted_run(tmp_path, pairs_file):
 
 
 def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
-    from training.smpo import smoothed_preference
+    from diffsteer.training.smpo import smoothed_preference
 
     trainer = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "p", preference_score_min=10.0, preference_score_max=30.0))
     batch = trainer.draw_batch(0, 0)
@@ -141,7 +141,7 @@ def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
 
 
 def test_lora_loads_with_load_lora_weights_and_in_the_service(tmp_path, pairs_file):
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
     from test_service_support import assert_lora_served_like
 
     trainer = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "lora", lora_rank=4, lora_alpha=8.0,
@@ -185,11 +185,11 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
     """Invert clean latents of the shipped model to t = 500 and denoise back with DDIM on the same grid."""
     import diffusers
 
-    from guidance.conditioning import encode_conditions
-    from guidance.denoiser import call_unet
-    from guidance.models import load_model
-    from guidance.sampler import prepare
-    from training.renoise import ddim_reconstruct, inversion_grid, renoise_invert
+    from diffsteer.guidance.conditioning import encode_conditions
+    from diffsteer.guidance.denoiser import call_unet
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.sampler import prepare
+    from diffsteer.training.renoise import ddim_reconstruct, inversion_grid, renoise_invert
 
     model = load_model("builtin:proving-ground", device="cpu")
     prompts = ["a red circle", "two blue squares"]
@@ -221,8 +221,8 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
 def test_print_config_round_trips_and_the_cli_names_bad_fields(tmp_path, capsys, method):
     import dataclasses
 
-    from training.cli import METHODS, run_method
-    from training.config_io import load_config, render_yaml
+    from diffsteer.training.cli import METHODS, run_method
+    from diffsteer.training.config_io import load_config, render_yaml
 
     cls = {"dpo": DPOConfig, "smpo": SmPOConfig}[method]
     assert METHODS[method][1] == cls.__name__

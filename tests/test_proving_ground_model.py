@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.models import PROVING_GROUND_1STEP_MODEL, PROVING_GROUND_MODEL, load_model
-from guidance.sampler import generate
+from diffsteer.guidance.models import PROVING_GROUND_1STEP_MODEL, PROVING_GROUND_MODEL, load_model
+from diffsteer.guidance.sampler import generate
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_loads_in_stable_diffusion_pipeline_and_matches_our_sampler(pg_model):
 
 def test_the_model_draws_the_requested_colours(pg_model):
     """A loose bar at the best scale, 1.5, on held-out seeds (the full evaluation is benchmarks/proving_ground_eval.py)."""
-    from proving_ground import heldout_suite, verify
+    from diffsteer.proving_ground import heldout_suite, verify
 
     items = heldout_suite("single", 12, seed=0)
     result = generate(pg_model, {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items],
@@ -66,7 +66,7 @@ def test_training_log_documents_the_run():
 
 
 def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path, capsys):
-    from training.proving_ground_model import main
+    from diffsteer.training.proving_ground_model import main
 
     main(["--output", str(tmp_path / "m"), "--num-scenes", "64", "--vae-steps", "2", "--vae-batch", "4",
           "--vae-whole-steps", "2", "--vae-whole-batch", "2", "--vae-eval-images", "4", "--unet-steps", "2",
@@ -89,8 +89,8 @@ def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
     those defaults and StableDiffusionPipeline at one step (the folder's trailing DDIM schedule) agree."""
     from diffusers import StableDiffusionPipeline
 
-    from guidance.models import model_defaults
-    from guidance.sampler import initial_noise
+    from diffsteer.guidance.models import model_defaults
+    from diffsteer.guidance.sampler import initial_noise
 
     defaults = model_defaults("builtin:proving-ground-1step")
     assert (defaults.steps, defaults.policy) == (1, "cfg:scale=1")
@@ -100,7 +100,7 @@ def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
     assert ours.nfe == [1, 1] and (ours.params.steps, ours.params.policy.spec()) == (1, "cfg:scale=1.0")
     named = generate(model, {"prompt": prompts[:1], "seeds": [3], "scheduler": "default", "steps": 2, "policy": "cfg:scale=2"})
     assert named.nfe == [4] and named.params.policy.spec() == "cfg:scale=2.0"  # what a request names wins
-    from guidance.request import GenerationParams
+    from diffsteer.guidance.request import GenerationParams
 
     assert generate(model, GenerationParams(prompt="a red circle", seed=3)).nfe == [1]  # a params object alike
     pipe = StableDiffusionPipeline.from_pretrained(str(PROVING_GROUND_1STEP_MODEL))
@@ -113,7 +113,7 @@ def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
 def test_one_step_student_draws_better_than_the_teacher_in_one_step():
     """A loose bar on held-out seeds: the student's single step gets more colours right than the teacher's
     (the full comparison, against the teacher at 1, 4 and 30 steps, is benchmarks/fdistill_proving_ground.py)."""
-    from proving_ground import heldout_suite, verify
+    from diffsteer.proving_ground import heldout_suite, verify
 
     items = heldout_suite("single", 12, seed=0)
     request = {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items], "steps": 1, "scheduler": "default",
@@ -140,7 +140,7 @@ def test_the_service_serves_the_one_step_student_with_its_defaults():
 
 def test_the_cli_samples_the_one_step_student_with_its_defaults(tmp_path, capsys):
     """``diffsteer generate --model builtin:proving-ground-1step``: one step unless the command names others."""
-    from service.cli import main
+    from diffsteer.service.cli import main
 
     common = ["generate", "a red circle", "--model", "builtin:proving-ground-1step", "--device", "cpu", "--seed", "1"]
     assert main([*common, "-o", str(tmp_path / "a.png")]) == 0

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from proving_ground.dataset import TrainingScenes
-from proving_ground.prompts import (
+from diffsteer.proving_ground.dataset import TrainingScenes
+from diffsteer.proving_ground.prompts import (
     ASSET_SUITE,
     ASSET_SUITE_N,
     COMBINATORIAL,
@@ -28,7 +28,7 @@ from proving_ground.prompts import (
     training_seed,
     write_suite_jsonl,
 )
-from proving_ground.world import CATEGORIES, all_prompt_specs, canonical_key, parse_caption
+from diffsteer.proving_ground.world import CATEGORIES, all_prompt_specs, canonical_key, parse_caption
 
 
 @pytest.mark.parametrize("category", COMBINATORIAL)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from proving_ground.prompts import heldout_suite
-from proving_ground.render import render, render_prompt
-from proving_ground.verifier import (
+from diffsteer.proving_ground.prompts import heldout_suite
+from diffsteer.proving_ground.render import render, render_prompt
+from diffsteer.proving_ground.verifier import (
     ATTRIBUTES,
     DetectedObject,
     detect_objects,
@@ -20,7 +20,7 @@ from proving_ground.verifier import (
     verify,
     verify_batch,
 )
-from proving_ground.world import (
+from diffsteer.proving_ground.world import (
     CATEGORIES,
     COLOUR_NAMES,
     SHAPES,

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from proving_ground.dataset import TrainingScenes
-from proving_ground.render import GAP_PX, coverage, layout, render, render_prompt
-from proving_ground.world import (
+from diffsteer.proving_ground.dataset import TrainingScenes
+from diffsteer.proving_ground.render import GAP_PX, coverage, layout, render, render_prompt
+from diffsteer.proving_ground.world import (
     BACKGROUND_RGB,
     CATEGORIES,
     COLOURS,

@@ -30,8 +30,8 @@ def examples() -> list[tuple[str, str, dict]]:
 @pytest.fixture(scope="module")
 def schema():
     """The schema a server with the default settings and the default model publishes."""
-    from service.app import create_app
-    from service.settings import ServiceSettings
+    from diffsteer.service.app import create_app
+    from diffsteer.service.settings import ServiceSettings
 
     return create_app(ServiceSettings(preload=False)).openapi()
 
@@ -81,7 +81,7 @@ def test_the_server_accepts_the_examples(one_thread, tmp_path):  # noqa: F811
     """Every example on a server (the tiny model, few steps: what matters is that it is accepted)."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from diffsteer.service.app import create_app
     from test_service_support import wait_ready
 
     app = create_app(settings(max_steps=50, max_width=64, max_height=64, ab_dir=str(tmp_path)))

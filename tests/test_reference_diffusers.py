@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.sampler import generate
-from guidance.schedulers import build_scheduler
+from diffsteer.guidance.sampler import generate
+from diffsteer.guidance.schedulers import build_scheduler
 
 SEEDS = [11, 12]
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo, to_x0
-from guidance.policies.cfg import cfg_combine
-from guidance.policies.reno import clip_per_image, noise_norm_penalty
-from guidance.sampler import GenerationCancelled, decode, generate, make_scheduler, prepare, step_alpha_bars
-from rewards import build_reward
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+from diffsteer.guidance.policies.cfg import cfg_combine
+from diffsteer.guidance.policies.reno import clip_per_image, noise_norm_penalty
+from diffsteer.guidance.sampler import GenerationCancelled, decode, generate, make_scheduler, prepare, step_alpha_bars
+from diffsteer.rewards import build_reward
 
 REWARD = "saturation:1"
 
@@ -82,7 +82,7 @@ def test_reno_reports_progress_and_can_be_cancelled(sd_model):
 
 
 def test_reno_rejects_an_unknown_reward(sd_model):
-    from guidance.errors import InvalidInput
+    from diffsteer.guidance.errors import InvalidInput
 
     with pytest.raises(InvalidInput) as e:
         _reno(sd_model, "x", [1], iterations=1, policy={"name": "reno", "reward": "nosuchreward:1"})
@@ -133,7 +133,7 @@ def test_dynamic_cfg_picks_the_candidate_a_direct_computation_picks(sd_model):
 def test_dynamic_cfg_combines_on_the_model_device():
     """Its per-image scales live on the CPU; the combination must follow the predictions' device. ``meta``
     stands in for a GPU (the same rule: a CPU tensor with elements cannot meet another device's tensor)."""
-    from guidance.policies.dynamic import DynamicCFG, DynamicCFGParams, DynamicCFGState
+    from diffsteer.guidance.policies.dynamic import DynamicCFG, DynamicCFGParams, DynamicCFGState
 
     class Info:  # a step outside the evaluation window, so no decode or reward is involved
         fraction, index, num_steps = 0.0, 0, 4

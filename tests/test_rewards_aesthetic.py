@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from rewards import AestheticReward, build_reward
-from rewards.aesthetic import AestheticMLP
+from diffsteer.rewards import AestheticReward, build_reward
+from diffsteer.rewards.aesthetic import AestheticMLP
 from tests.test_rewards_support import TINY_OPEN_CLIP_CFG, make_open_clip_model, write_open_clip_config
 
 open_clip = pytest.importorskip("open_clip")

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from rewards import ClipReward, ClipRewardConfig, HpsReward, HpsRewardConfig, build_reward
+from diffsteer.rewards import ClipReward, ClipRewardConfig, HpsReward, HpsRewardConfig, build_reward
 from tests.test_rewards_support import TINY_OPEN_CLIP_CFG, TINY_OPEN_CLIP_NAME, make_open_clip_model, write_open_clip_config
 
 open_clip = pytest.importorskip("open_clip")

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from rewards import (
+from diffsteer.rewards import (
     CompositeReward,
     HpsRewardConfig,
     NonDifferentiableRewardError,
@@ -142,7 +142,7 @@ def test_factory_forms_and_errors(paths):
 
 
 def reward_cfg_of(name, paths):
-    from rewards import make_reward_config
+    from diffsteer.rewards import make_reward_config
 
     return make_reward_config(name, paths[name])
 

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may downl
 import pytest
 import torch
 
-from rewards import PickScoreReward, PickScoreRewardConfig, build_reward
+from diffsteer.rewards import PickScoreReward, PickScoreRewardConfig, build_reward
 from tests.test_rewards_support import make_tiny_hf_clip
 
 transformers = pytest.importorskip("transformers")

@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.preprocess import (
+from diffsteer.rewards.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ClipPreprocessConfig,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards import NonDifferentiableRewardError, build_reward
+from diffsteer.rewards import NonDifferentiableRewardError, build_reward
 
 
 def solid(rgb, n=1, size=8):

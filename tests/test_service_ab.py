@@ -282,8 +282,8 @@ def test_ab_is_disabled_without_ab_dir(one_thread):  # noqa: F811
 
 
 def test_served_file_refuses_paths_outside_the_run(tmp_path):
-    from service.ab import served_file
-    from service.errors import ServiceError
+    from diffsteer.service.ab import served_file
+    from diffsteer.service.errors import ServiceError
 
     (tmp_path / "images" / "a").mkdir(parents=True)
     (tmp_path / "images" / "a" / "x.png").write_bytes(b"png")

@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-from guidance.denoiser import Condition
-from guidance.sampler import generate
-from service.device import DeviceWorker, _row_timesteps
-from service.schemas import GenerateRequest
+from diffsteer.guidance.denoiser import Condition
+from diffsteer.guidance.sampler import generate
+from diffsteer.service.device import DeviceWorker, _row_timesteps
+from diffsteer.service.schemas import GenerateRequest
 from test_service_support import UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

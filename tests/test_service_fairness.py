@@ -13,15 +13,15 @@ import time
 import pytest
 import torch
 
-from guidance.cost import GenerationCost, check_cost, generation_cost
-from guidance.denoiser import Condition, call_unet
-from guidance.errors import InvalidInput
-from guidance.executor import DirectExecutor
-from guidance.registry import build_policy
-from guidance.request import GenerationParams
-from guidance.sampler import GenerationCancelled, generate
-from service.device import NO_ADAPTERS, DeviceExecutor, DeviceWorker
-from service.queue import QueueFull, Ticket, WorkQueue
+from diffsteer.guidance.cost import GenerationCost, check_cost, generation_cost
+from diffsteer.guidance.denoiser import Condition, call_unet
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.executor import DirectExecutor
+from diffsteer.guidance.registry import build_policy
+from diffsteer.guidance.request import GenerationParams
+from diffsteer.guidance.sampler import GenerationCancelled, generate
+from diffsteer.service.device import NO_ADAPTERS, DeviceExecutor, DeviceWorker
+from diffsteer.service.queue import QueueFull, Ticket, WorkQueue
 from test_service_support import UNetGate, app_client, engine_of, one_thread, wait_idle, wait_until  # noqa: F401
 
 SECONDS_PER_ROW_AREA = 0.05 / 16  # a light call: 1 row of 4×4 latents = 50 ms; 8×8: 200 ms
@@ -153,7 +153,7 @@ def test_gradients_through_the_worker_equal_direct_autograd(sd_model):
 
 def test_dynamic_cfg_scores_in_chunks_on_the_executor(sd_model, monkeypatch):
     """Candidate scoring runs as units of the executor, at most SCORE_CHUNK native images each; same choice."""
-    import guidance.policies.dynamic as dynamic
+    import diffsteer.guidance.policies.dynamic as dynamic
 
     class Counting(DirectExecutor):
         def __init__(self):

@@ -18,7 +18,7 @@ DEEP = "cfg:scales=" + "[" * 100_000
 
 @pytest.fixture(scope="module")
 def client(one_thread, tmp_path_factory):  # noqa: F811
-    from service.app import create_app
+    from diffsteer.service.app import create_app
 
     app = create_app(settings(ab_dir=str(tmp_path_factory.mktemp("ab"))))
     with TestClient(app, raise_server_exceptions=False) as c:  # a 500 must show as a 500, not as an exception
@@ -75,7 +75,7 @@ def test_openai_size_accepts_ascii_digits_only(client, size):
 
 
 def test_openai_size_parses_ascii():
-    from service.routers.openai_images import parse_size
+    from diffsteer.service.routers.openai_images import parse_size
 
     assert parse_size(" 32 x 16 ") == (32, 16) and parse_size("auto") == (None, None)
 
@@ -164,7 +164,7 @@ def test_junk_requests_add_no_metric_series(client):
 
 
 def test_a_500_is_logged_once_and_answered_as_json(one_thread, caplog, monkeypatch):  # noqa: F811
-    from service.app import create_app
+    from diffsteer.service.app import create_app
 
     app = create_app(settings(preload=False))
     with TestClient(app) as c:  # raise_server_exceptions: a re-raised exception would fail this test
@@ -184,8 +184,8 @@ def test_previews_are_rendered_once_per_step_whatever_the_subscribers():
 
     import torch
 
-    from service.jobs import Job
-    from service.routers.jobs import _with_preview
+    from diffsteer.service.jobs import Job
+    from diffsteer.service.routers.jobs import _with_preview
 
     class Engine:
         calls = 0
@@ -206,7 +206,7 @@ def test_previews_are_rendered_once_per_step_whatever_the_subscribers():
 
 
 def test_stored_jobs_are_capped_by_bytes():
-    from service.jobs import Job, JobStore, body_bytes
+    from diffsteer.service.jobs import Job, JobStore, body_bytes
 
     store = JobStore(ttl_s=1e9, max_finished=100, max_bytes=1000)
     for k in range(6):
@@ -219,9 +219,9 @@ def test_stored_jobs_are_capped_by_bytes():
 
 
 def test_requests_naming_no_policy_get_the_models_recommendation(one_thread):  # noqa: F811
-    from service.app import create_app
-    from service.routers import a1111, openai_images
-    from service.schemas import GenerateRequest
+    from diffsteer.service.app import create_app
+    from diffsteer.service.routers import a1111, openai_images
+    from diffsteer.service.schemas import GenerateRequest
 
     app = create_app(settings(model="builtin:proving-ground", preload=False, max_width=2048, max_height=2048))
     engine = app.state.engine
@@ -246,9 +246,9 @@ def test_requests_naming_no_policy_get_the_models_recommendation(one_thread):  #
 
 
 def test_cli_generate_uses_the_models_recommendation(monkeypatch):
-    import guidance.models
-    import guidance.sampler
-    from service.cli import main
+    import diffsteer.guidance.models
+    import diffsteer.guidance.sampler
+    from diffsteer.service.cli import main
 
     seen = {}
 
@@ -259,8 +259,8 @@ def test_cli_generate_uses_the_models_recommendation(monkeypatch):
         seen["params"] = params
         raise Stop()
 
-    monkeypatch.setattr(guidance.models, "load_model", lambda *a, **k: object())
-    monkeypatch.setattr(guidance.sampler, "generate", fake_generate)
+    monkeypatch.setattr(diffsteer.guidance.models, "load_model", lambda *a, **k: object())
+    monkeypatch.setattr(diffsteer.guidance.sampler, "generate", fake_generate)
     with pytest.raises(Stop):
         main(["generate", "a red circle", "-q"])
     assert seen["params"].policy.spec() == "cfg:scale=1.5" and seen["params"].steps == 30
@@ -273,7 +273,7 @@ def test_cli_generate_uses_the_models_recommendation(monkeypatch):
 def test_serve_takes_a_lora_dir(monkeypatch, tmp_path):
     import uvicorn
 
-    from service.cli import main
+    from diffsteer.service.cli import main
 
     captured = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.setdefault("app", app))

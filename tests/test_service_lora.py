@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.schemas import GenerateRequest
+from diffsteer.service.schemas import GenerateRequest
 from test_service_support import TINY, UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +20,7 @@ def lora_dir(tmp_path_factory):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
 
     folder = tmp_path_factory.mktemp("loras")
     donor = load_model(TINY, device="cpu")  # same architecture and weights as the served model

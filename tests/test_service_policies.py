@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from guidance.errors import InvalidInput
-from guidance.registry import policy_names
-from guidance.sampler import generate
-from service.engine import jsonable
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.registry import policy_names
+from diffsteer.guidance.sampler import generate
+from diffsteer.service.engine import jsonable
 from test_service_support import (  # noqa: F401
     UNetGate,
     app_client,

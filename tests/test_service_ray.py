@@ -20,8 +20,8 @@ from test_service_support import app_client, free_port, one_thread, read_events,
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[dev]')")
 serve = pytest.importorskip("ray.serve")
 
-from service import ray_serve  # noqa: E402
-from service.settings import load_settings  # noqa: E402
+from diffsteer.service import ray_serve  # noqa: E402
+from diffsteer.service.settings import load_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"prompt": "a red circle above a blue square", "steps": 4, "seed": 1234}
@@ -54,7 +54,7 @@ def test_deployment_options_come_from_the_settings_file(tmp_path):
 
 
 def test_ray_settings_refuse_bad_values(tmp_path):
-    from guidance.errors import InvalidInput
+    from diffsteer.guidance.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="min_replicas"):
         load_settings(None, ray={"num_replicas": None, "min_replicas": 5, "max_replicas": 2})
@@ -65,7 +65,7 @@ def test_ray_settings_refuse_bad_values(tmp_path):
 
 
 def test_serve_has_a_ray_switch():
-    from service.cli import build_parser
+    from diffsteer.service.cli import build_parser
 
     assert build_parser().parse_args(["serve", "--ray", "--config", "serve.yaml"]).ray is True
     assert build_parser().parse_args(["serve"]).ray is False

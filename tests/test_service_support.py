@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.settings import ServiceSettings
+from diffsteer.service.settings import ServiceSettings
 
 TINY = "builtin:tiny"
 
@@ -63,7 +63,7 @@ def app_client(**overrides) -> Iterator:
     """A TestClient over a fresh app (lifespan run), ready to generate."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from diffsteer.service.app import create_app
 
     app = create_app(settings(**overrides))
     with TestClient(app) as client:
@@ -119,7 +119,7 @@ class UNetGate:
 def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tiny") -> None:
     """The service, given ``lora_dir``, generates with LoRA ``name`` what ``model`` (the trained ``spec``, its
     adapter active) generates directly (within PNG rounding)."""
-    from guidance.sampler import generate
+    from diffsteer.guidance.sampler import generate
 
     # the policy is named: the service would otherwise use the model's recommended one, the library its own default
     body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "policy": "cfg:scale=3", "model": spec}
@@ -184,7 +184,7 @@ class LiveServer:
 
 @contextlib.contextmanager
 def live_server(**overrides) -> Iterator[LiveServer]:
-    from service.app import create_app
+    from diffsteer.service.app import create_app
 
     with LiveServer(create_app(settings(**overrides))) as server:
         yield server
@@ -226,7 +226,7 @@ def clean_env(monkeypatch):
 
 
 def test_settings_sources_in_order(tmp_path, clean_env):
-    from service.settings import load_settings
+    from diffsteer.service.settings import load_settings
 
     monkeypatch = clean_env
     config = tmp_path / "serve.yaml"
@@ -244,7 +244,7 @@ def test_settings_sources_in_order(tmp_path, clean_env):
 
 
 def test_settings_json_file_and_env_json_list(tmp_path, clean_env):
-    from service.settings import load_settings
+    from diffsteer.service.settings import load_settings
 
     monkeypatch = clean_env
     config = tmp_path / "serve.json"
@@ -261,8 +261,8 @@ def test_settings_json_file_and_env_json_list(tmp_path, clean_env):
      ("- a list\n", "--config"), ("max_steps: [\n", "--config")],
 )
 def test_bad_settings_name_the_setting(tmp_path, clean_env, text, field):
-    from guidance.errors import InvalidInput
-    from service.settings import load_settings
+    from diffsteer.guidance.errors import InvalidInput
+    from diffsteer.service.settings import load_settings
 
     config = tmp_path / "serve.yaml"
     config.write_text(text)
@@ -272,7 +272,7 @@ def test_bad_settings_name_the_setting(tmp_path, clean_env, text, field):
 
 
 def test_serve_reports_a_bad_config_and_exits_2(tmp_path, capsys):
-    from service.cli import main
+    from diffsteer.service.cli import main
 
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "--config" in capsys.readouterr().err
@@ -285,7 +285,7 @@ def test_serve_reports_a_bad_config_and_exits_2(tmp_path, capsys):
      ("image/png;q=0", None), ("text/html", None)],
 )
 def test_accept_negotiation(accept, expected):
-    from service.routers.common import negotiate
+    from diffsteer.service.routers.common import negotiate
 
     assert negotiate(accept, "jpeg") == expected
 
@@ -297,8 +297,8 @@ def test_accept_negotiation(accept, expected):
      ("Heun", None, "heun"), ("LMS", None, "lms"), ("UniPC", None, "unipc"), ("PLMS", None, "pndm"), (None, None, "default")],
 )
 def test_a1111_sampler_names_map_to_schedulers(sampler, scheduler, expected):
-    from guidance.schedulers import check_scheduler_name
-    from service.routers.a1111 import resolve_sampler
+    from diffsteer.guidance.schedulers import check_scheduler_name
+    from diffsteer.service.routers.a1111 import resolve_sampler
 
     assert check_scheduler_name(resolve_sampler(sampler, scheduler)) == expected
 
@@ -306,8 +306,8 @@ def test_a1111_sampler_names_map_to_schedulers(sampler, scheduler, expected):
 @pytest.mark.parametrize(("sampler", "scheduler", "field"),
                          [("Euler b", None, "sampler_name"), ("Euler", "Karras", "scheduler"), ("Euler", "exponential", "scheduler")])
 def test_a1111_unknown_samplers_are_refused(sampler, scheduler, field):
-    from guidance.errors import InvalidInput
-    from service.routers.a1111 import resolve_sampler
+    from diffsteer.guidance.errors import InvalidInput
+    from diffsteer.service.routers.a1111 import resolve_sampler
 
     with pytest.raises(InvalidInput) as e:
         resolve_sampler(sampler, scheduler)
@@ -315,7 +315,7 @@ def test_a1111_unknown_samplers_are_refused(sampler, scheduler, field):
 
 
 def test_a1111_cfg_scale_fills_only_an_unset_scale():
-    from service.routers.a1111 import resolve_policy
+    from diffsteer.service.routers.a1111 import resolve_policy
 
     assert resolve_policy(None, 5.0) == {"name": "cfg", "scale": 5.0}
     assert resolve_policy("apg:eta=0", 5.0) == {"name": "apg", "eta": 0, "scale": 5.0}
@@ -324,7 +324,7 @@ def test_a1111_cfg_scale_fills_only_an_unset_scale():
 
 
 def test_preview_fit_recovers_an_affine_latent_to_rgb_map():
-    from service.preview import apply_affine, fit_affine
+    from diffsteer.service.preview import apply_affine, fit_affine
 
     g = torch.Generator().manual_seed(0)
     truth = torch.randn(5, 3, generator=g)  # 4 channels + bias

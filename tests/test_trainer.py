@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from guidance.errors import InvalidInput
-from training.alignprop import AlignPropConfig, AlignPropTrainer
-from training.trainer import Trainer, TrainerConfig
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
+from diffsteer.training.trainer import Trainer, TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The shipped default model, 2 sampling steps, one 64 px image per step: a few seconds per step on a CPU core.
@@ -53,8 +53,8 @@ def _train_rows(folder: Path) -> list[tuple[int, str]]:
 
 
 def test_lora_initialisation_comes_from_the_seed_not_the_global_generator():
-    from guidance.models import load_model
-    from training.lora import add_lora, trainable_state
+    from diffsteer.guidance.models import load_model
+    from diffsteer.training.lora import add_lora, trainable_state
 
     states = []
     for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
@@ -82,7 +82,7 @@ def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_
 
 def test_sigkill_and_resume_on_the_shipped_model_equals_the_uninterrupted_run(tmp_path):
     def cli(*args):
-        return subprocess.Popen([sys.executable, "-m", "training.alignprop", *args], cwd=REPO, env=_env(),
+        return subprocess.Popen([sys.executable, "-m", "diffsteer.training.alignprop", *args], cwd=REPO, env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     common = dict(max_steps=4, checkpoint_every=1, keep_checkpoints=0, eta=1.0)
@@ -114,7 +114,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     differently and the error grows through 3 Adam steps: within 2% of the largest update)."""
     two = _write_config(tmp_path, "two", max_steps=3)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "training.alignprop", "--config", str(two)],
+                           "-m", "diffsteer.training.alignprop", "--config", str(two)],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {}
@@ -147,7 +147,7 @@ def _train_values(folder: Path) -> list[tuple[int, str, float]]:
 
 
 def test_devices_that_disagree_are_refused_naming_each_rank():
-    from training.distributed import check_devices_agree
+    from diffsteer.training.distributed import check_devices_agree
 
     check_devices_agree(["cuda:0", "cuda:1"])
     check_devices_agree(["cpu", "cpu"])
@@ -158,8 +158,8 @@ def test_devices_that_disagree_are_refused_naming_each_rank():
 
 RANK_SCRIPT = """
 import sys, torch
-import training.distributed as d
-from guidance.errors import InvalidInput
+import diffsteer.training.distributed as d
+from diffsteer.guidance.errors import InvalidInput
 if d._env_int("RANK", 0) == 1:  # this rank resolves 'auto' to a GPU, as on a machine with one GPU for two ranks
     d.resolve_device = lambda requested, local_rank, world_size: torch.device("cuda", 0)
 try:
@@ -184,7 +184,7 @@ def test_two_processes_that_resolve_different_devices_both_refuse(tmp_path):
 
 SHARE_SCRIPT = """
 import json, torch
-import training.distributed as d
+import diffsteer.training.distributed as d
 p = d.init_processes("cpu")
 done = []
 def compute(i):
@@ -212,7 +212,7 @@ def test_share_work_computes_each_item_once_and_gives_every_process_all_of_them(
         assert seen["done"] == [i for i in range(5) if i % 2 == rank]
         assert seen["items"] == [0, 1, 2, 3, 4] and seen["by"] == [0, 1, 0, 1, 0]
         assert seen["values"] == [6.0 * i for i in range(5)]
-    from training.distributed import Processes
+    from diffsteer.training.distributed import Processes
 
     assert Processes().share_work(3, lambda i: i * i) == [0, 1, 4]
 
@@ -221,7 +221,7 @@ def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
     """`accelerate launch --num_processes 2 --cpu` starts one process: the trainer says so instead of training."""
     config = _write_config(tmp_path, "acc", max_steps=1)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.alignprop",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffsteer.training.alignprop",
                            "--config", str(config)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "launcher: `accelerate launch --num_processes N --cpu` starts a single process" in proc.stderr
@@ -239,7 +239,7 @@ TINY = dict(model="builtin:tiny", prompts="pg-train:single", eval_prompts="", st
 def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffusers_and_the_service(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from guidance.models import load_model
+    from diffsteer.guidance.models import load_model
     from test_service_support import assert_lora_served_like
 
     config = AlignPropConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 2, "lora_rank": 4,
@@ -409,7 +409,7 @@ def test_several_named_modules_optimisers_and_an_ema_checkpoint_and_resume_exact
 
 def test_epoch_indices_visit_every_sample_once_per_epoch_whatever_the_split():
     """The dataset walk of a global batch of 6 is the same for 1 process x 6, 2 x 3, and 1 x 3 x accumulation 2."""
-    from training.distributed import Processes
+    from diffsteer.training.distributed import Processes
 
     def walk(world: int, batch: int, accumulation: int, steps: int, n: int) -> list[int]:
         out = []

@@ -9,12 +9,12 @@ a differentiable reward by gradient ascent through the whole chain (Sec. 4.1):
 
 made affordable by (Sec. 4.2) LoRA, gradient checkpointing of every UNet call (memory independent of the
 number of steps, at one extra forward each) and randomized truncated backpropagation (the gradient flows
-through the last K steps only; see :mod:`training.truncation` for the strategies and how K is drawn). Here the
+through the last K steps only; see :mod:`diffsteer.training.truncation` for the strategies and how K is drawn). Here the
 reward is any composite of :mod:`rewards` and the objective is its ReNO-style loss Σ_i w_i (o_i − r_i), whose
 gradient is that of −Σ_i w_i r_i. Sampling is the project's own sampler under any guidance policy (CFG by
 default; APG, schedules, ...) with any scheduler (DDIM with ``eta`` as in the paper).
 
-The loop, the adapter, checkpoints, evaluation and export are the shared trainer's (:mod:`training.trainer`);
+The loop, the adapter, checkpoints, evaluation and export are the shared trainer's (:mod:`diffsteer.training.trainer`);
 this file is the method: its config fields, :meth:`AlignPropTrainer.draw_batch` and the rollout loss.
 Everything random in a step (prompts, seeds, truncation windows) is drawn for the whole global batch from a
 generator seeded by (``seed``, step), and each process takes its share, so a resumed run repeats the
@@ -22,7 +22,7 @@ uninterrupted one exactly and N processes with ``batch_size`` B train as one pro
 
     diffsteer train alignprop --config alignprop.yaml [--resume] [--set max_steps=200]
     diffsteer train alignprop --print-config > alignprop.yaml
-    torchrun --nproc_per_node 2 -m training.alignprop --config alignprop.yaml   # 2 processes (GPUs or CPU)
+    torchrun --nproc_per_node 2 -m diffsteer.training.alignprop --config alignprop.yaml   # 2 processes (GPUs or CPU)
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from guidance.errors import InvalidInput
-from training.trainer import EvalResult, Trainer, TrainerConfig, TrainingInterrupted, with_default  # noqa: F401 (re-exported)
-from training.truncation import STRATEGIES, TruncationStrategy, draw_truncation, window_mask
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.trainer import EvalResult, Trainer, TrainerConfig, TrainingInterrupted, with_default  # noqa: F401 (re-exported)
+from diffsteer.training.truncation import STRATEGIES, TruncationStrategy, draw_truncation, window_mask
 
 
 @dataclass
@@ -79,8 +79,8 @@ class AlignPropTrainer(Trainer):
 
     def build(self) -> None:
         """The shared LoRA (or full UNet), the reward, the prompts; the rollout settings checked up front."""
-        from guidance.reward_models import get_reward
-        from training.prompts import load_training_prompts
+        from diffsteer.guidance.reward_models import get_reward
+        from diffsteer.training.prompts import load_training_prompts
 
         c = self.config
         super().build()
@@ -92,12 +92,12 @@ class AlignPropTrainer(Trainer):
 
     def _check_rollout(self) -> None:
         """Validate the sampling fields (policy, scheduler, size...) before any training work."""
-        from guidance.sampler import prepare
+        from diffsteer.guidance.sampler import prepare
 
         prepare(self.model, self.generation_params(self.train_prompts[:1], [0]), limits=self._limits())
 
     def _limits(self):
-        from guidance.request import Limits
+        from diffsteer.guidance.request import Limits
 
         n = max(self.config.batch_size, self.config.eval_batch_size)
         return Limits(max_num_images=max(n, Limits.max_num_images))
@@ -127,7 +127,7 @@ class AlignPropTrainer(Trainer):
 
     def rollout_loss(self, prompts: list[str], seeds: list[int], ks: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         """Sample with gradients through each image's last K steps, decode, score; the loss and its metrics."""
-        from guidance.sampler import decode, prepare
+        from diffsteer.guidance.sampler import decode, prepare
 
         c = self.config
         with self.autocast():
@@ -144,9 +144,9 @@ class AlignPropTrainer(Trainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.alignprop`` (and ``torchrun ... -m training.alignprop``): the same as
+    """``python -m diffsteer.training.alignprop`` (and ``torchrun ... -m diffsteer.training.alignprop``): the same as
     ``diffsteer train alignprop``."""
-    from training.cli import run_method
+    from diffsteer.training.cli import run_method
 
     return run_method("alignprop", argv)
 

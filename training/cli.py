@@ -3,8 +3,8 @@
     diffsteer train alignprop --config alignprop.yaml [--resume] [--set key=value ...]
     diffsteer train alignprop --print-config            # every field with its default and help, as YAML
 
-The same entry point runs in several processes: ``torchrun --nproc_per_node N -m training.alignprop --config ...``
-(or ``accelerate launch --multi_gpu --num_processes N -m training.alignprop ...``); see :mod:`training.trainer`.
+The same entry point runs in several processes: ``torchrun --nproc_per_node N -m diffsteer.training.alignprop --config ...``
+(or ``accelerate launch --multi_gpu --num_processes N -m diffsteer.training.alignprop ...``); see :mod:`diffsteer.training.trainer`.
 Each method is a module with a config dataclass and a trainer class (the trl pairing); adding one is an entry in
 :data:`METHODS`.
 """
@@ -15,15 +15,15 @@ import argparse
 import importlib
 import sys
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 # method -> (module, config class, trainer class)
 METHODS: dict[str, tuple[str, str, str]] = {
-    "alignprop": ("training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
-    "fdistill": ("training.fdistill", "FDistillConfig", "FDistillTrainer"),
-    "dpo": ("training.dpo", "DPOConfig", "DPOTrainer"),
-    "smpo": ("training.smpo", "SmPOConfig", "SmPOTrainer"),
-    "latent-evaluator": ("training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
+    "alignprop": ("diffsteer.training.alignprop", "AlignPropConfig", "AlignPropTrainer"),
+    "fdistill": ("diffsteer.training.fdistill", "FDistillConfig", "FDistillTrainer"),
+    "dpo": ("diffsteer.training.dpo", "DPOConfig", "DPOTrainer"),
+    "smpo": ("diffsteer.training.smpo", "SmPOConfig", "SmPOTrainer"),
+    "latent-evaluator": ("diffsteer.training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
 }
 
 
@@ -44,8 +44,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_parsed(method: str, args: argparse.Namespace) -> int:
-    from training.config_io import load_config, render_yaml
-    from training.trainer import TrainingInterrupted
+    from diffsteer.training.config_io import load_config, render_yaml
+    from diffsteer.training.trainer import TrainingInterrupted
 
     module_name, config_name, trainer_name = METHODS[method]
     module = importlib.import_module(module_name)

@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 C = TypeVar("C")
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 # Longest wait of one collective: evaluation runs on the main process while the others wait at a barrier.
 TIMEOUT = timedelta(hours=2)

@@ -11,8 +11,8 @@ shared by both images, x_t^* = √ᾱ_t x_0^* + √(1 − ᾱ_t) ε, and per-sam
 (the paper's βT ω(λ_t) is folded into β, and its factor ½ is the public code's ``scale_term = -0.5 * beta_dpo``;
 a pair whose label is a tie carries no preference and Diffusion-DPO drops it).
 
-Training (``diffsteer train dpo --config dpo.yaml``, on :class:`training.trainer.Trainer`): pairs come from a
-Pick-a-Pic-layout file (:mod:`training.preference_data`, e.g. made by ``diffsteer data pairs``); ties are dropped;
+Training (``diffsteer train dpo --config dpo.yaml``, on :class:`diffsteer.training.trainer.Trainer`): pairs come from a
+Pick-a-Pic-layout file (:mod:`diffsteer.training.preference_data`, e.g. made by ``diffsteer data pairs``); ties are dropped;
 each step draws pairs by epoch permutation, and for every pair one timestep and one noise (from per-pair seeds
 drawn from ``seed`` and the step, so runs and resumes repeat). The reference ε_ref is the base UNet itself: with
 ``trainable: lora`` the adapter is switched off for the reference pass (no second copy in memory), with
@@ -20,7 +20,7 @@ drawn from ``seed`` and the step, so runs and resumes repeat). The reference ε_
 
     diffsteer data pairs -o pairs.parquet --prompts pg-train:single --images-per-prompt 4
     diffsteer train dpo --config training/configs/dpo-proving-ground.yaml [--resume] [--set beta=2000]
-    torchrun --nproc_per_node 2 -m training.dpo --config dpo.yaml      # several processes
+    torchrun --nproc_per_node 2 -m diffsteer.training.dpo --config dpo.yaml      # several processes
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guidance.errors import InvalidInput
-from training.trainer import Trainer, TrainerConfig, with_default
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.trainer import Trainer, TrainerConfig, with_default
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -111,8 +111,8 @@ def adapters_disabled(unet: torch.nn.Module):
 
 
 def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] to the UNet's latent space (posterior mean; the inverse of ``guidance.sampler.decode``)."""
-    from guidance.sampler import to_sampler_latents
+    """Images in [-1, 1] to the UNet's latent space (posterior mean; the inverse of ``diffsteer.guidance.sampler.decode``)."""
+    from diffsteer.guidance.sampler import to_sampler_latents
 
     return to_sampler_latents(vae, vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float())
 
@@ -151,7 +151,7 @@ class DPOTrainer(Trainer):
     def build(self) -> None:
         import diffusers
 
-        from training.preference_data import load_preference_pairs
+        from diffsteer.training.preference_data import load_preference_pairs
 
         c = self.config
         if not c.data:
@@ -196,7 +196,7 @@ class DPOTrainer(Trainer):
     # ------------------------------------------------------------------ the loss
 
     def unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        from guidance.denoiser import call_unet
+        from diffsteer.guidance.denoiser import call_unet
 
         return call_unet(unet, x.to(self.weight_dtype), t, condition)
 
@@ -221,8 +221,8 @@ class DPOTrainer(Trainer):
         return diffusion_dpo_loss(winner["model"], loser["model"], winner["ref"], loser["ref"], self.config.beta)
 
     def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        from guidance.conditioning import encode_conditions
-        from guidance.denoiser import concat_conditions
+        from diffsteer.guidance.conditioning import encode_conditions
+        from diffsteer.guidance.denoiser import concat_conditions
 
         b = len(batch.captions)
         device = self.device
@@ -252,8 +252,8 @@ class DPOTrainer(Trainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.dpo`` (and ``torchrun ... -m training.dpo``): the same as ``diffsteer train dpo``."""
-    from training.cli import run_method
+    """``python -m diffsteer.training.dpo`` (and ``torchrun ... -m diffsteer.training.dpo``): the same as ``diffsteer train dpo``."""
+    from diffsteer.training.cli import run_method
 
     return run_method("dpo", argv)
 

@@ -73,8 +73,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guidance.errors import InvalidInput
-from training.trainer import Trainer, TrainerConfig, with_default
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.trainer import Trainer, TrainerConfig, with_default
 
 # ----------------------------------------------------------------------------- the f's and their weightings
 
@@ -271,7 +271,7 @@ class _FeaturesReady(Exception):
 
 def mid_block_features(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
     """The UNet's mid-block output at (x, t, condition), running the network only that far."""
-    from guidance.denoiser import call_unet
+    from diffsteer.guidance.denoiser import call_unet
 
     captured: list[torch.Tensor] = []
 
@@ -426,7 +426,7 @@ class FDistillTrainer(Trainer):
     eval_summary_metrics = ("verifier.passed",)
 
     def build(self) -> None:
-        from guidance.registry import build_policy
+        from diffsteer.guidance.registry import build_policy
 
         c = self.config
         teacher = self.model.unet
@@ -461,12 +461,12 @@ class FDistillTrainer(Trainer):
         self.student_ema = self.register_ema("student", self.student, c.ema_decay) if c.ema_decay > 0 else None
         self.ratio_running = torch.ones(max(c.ratio_bins, 1), dtype=torch.float64)
         if c.real_data == "pg-train":
-            from proving_ground.dataset import TrainingScenes
+            from diffsteer.proving_ground.dataset import TrainingScenes
 
             self.scenes = TrainingScenes(seed=c.seed, resolution=self.model.default_size)
             self.train_prompts: list[str] = []
         else:
-            from training.prompts import load_training_prompts
+            from diffsteer.training.prompts import load_training_prompts
 
             self.train_prompts = load_training_prompts(c.prompts)
         self._check_sampling()
@@ -477,7 +477,7 @@ class FDistillTrainer(Trainer):
         c = self.config
         copy_ = copy.deepcopy(unet).float()
         if trainable == "lora":
-            from training.lora import add_lora
+            from diffsteer.training.lora import add_lora
 
             try:
                 add_lora(copy_, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed + (name == "fake_score"))
@@ -490,12 +490,12 @@ class FDistillTrainer(Trainer):
         return copy_.train()
 
     def _alphas_cumprod(self) -> torch.Tensor:
-        from guidance.schedulers import build_scheduler
+        from diffsteer.guidance.schedulers import build_scheduler
 
         return build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.to(torch.float64)
 
     def _check_sampling(self) -> None:
-        from guidance.sampler import prepare
+        from diffsteer.guidance.sampler import prepare
 
         prepare(self.eval_model(), self.generation_params(["a red circle"], [0]))
         if self.config.real_data == "teacher":
@@ -513,7 +513,7 @@ class FDistillTrainer(Trainer):
         batches shared among the processes (every process ends with all of them, on the CPU)."""
         from tqdm import tqdm
 
-        from guidance.sampler import prepare
+        from diffsteer.guidance.sampler import prepare
 
         c = self.config
         rng = np.random.default_rng([c.seed, 0x7265_6772])  # a stream of its own: "regr"
@@ -583,7 +583,7 @@ class FDistillTrainer(Trainer):
                             timesteps[1], [int(s) for s in seeds[2]], real_images, student_step, pairs)
 
     def _gaussian(self, seeds: list[int]) -> torch.Tensor:
-        from guidance.sampler import initial_noise
+        from diffsteer.guidance.sampler import initial_noise
 
         unet = self.model.unet.config
         size = self.model.default_size // self.model.vae_scale_factor
@@ -593,7 +593,7 @@ class FDistillTrainer(Trainer):
         return self.alphas_cumprod[t.cpu()].to(self.device, torch.float32).view(-1, 1, 1, 1)
 
     def _encode(self, prompts: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-        from guidance.conditioning import encode_conditions
+        from diffsteer.guidance.conditioning import encode_conditions
 
         size = self.model.default_size
         names = dict.fromkeys(["cond", *self.teacher_policy.conditions])
@@ -608,14 +608,14 @@ class FDistillTrainer(Trainer):
             pixels = torch.as_tensor(batch.real_images, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
             latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean
             return latents.float() * model.vae.config.scaling_factor
-        from guidance.sampler import prepare
+        from diffsteer.guidance.sampler import prepare
 
         return prepare(model, self._teacher_params(batch.prompts, batch.real_seeds)).run().latents.float()
 
     # ------------------------------------------------------------------ the networks' predictions
 
     def _x0(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        from guidance.denoiser import call_unet, to_x0
+        from diffsteer.guidance.denoiser import call_unet, to_x0
 
         out = call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
         return to_x0(out, x, self._ab(t), self.model.prediction_type)
@@ -642,8 +642,8 @@ class FDistillTrainer(Trainer):
     def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, conditions, aliases) -> torch.Tensor:
         """x̂0 of the guided teacher at each image's (x_t, t), through ``teacher_policy`` (one policy step per
         distinct t, its StepInfo placing t among the T training timesteps)."""
-        from guidance.denoiser import Denoiser, StepInfo, to_x0
-        from guidance.policies.base import SamplingContext
+        from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+        from diffsteer.guidance.policies.base import SamplingContext
 
         out = torch.empty_like(x)
         T = self.num_timesteps
@@ -670,7 +670,7 @@ class FDistillTrainer(Trainer):
     def critic_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """Denoising score matching of the fake score on the student's samples, and the discriminator's loss
         on real against student samples."""
-        from guidance.denoiser import from_x0
+        from diffsteer.guidance.denoiser import from_x0
 
         conditions, _ = self._encode(batch.prompts)
         cond = conditions["cond"]
@@ -700,7 +700,7 @@ class FDistillTrainer(Trainer):
         return fake_loss, disc_loss, metrics
 
     def _unet_out(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        from guidance.denoiser import call_unet
+        from diffsteer.guidance.denoiser import call_unet
 
         return call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
 
@@ -792,7 +792,7 @@ class FDistillTrainer(Trainer):
     # ------------------------------------------------------------------ export
 
     def export_lora(self, directory: Path) -> Path:
-        from training.lora import save_lora_weights
+        from diffsteer.training.lora import save_lora_weights
 
         if not getattr(self.export_unet(), "peft_config", None):
             raise InvalidInput("export", "the student has no LoRA adapter (trainable: full); use export: pipeline")
@@ -822,8 +822,8 @@ def write_model_defaults(folder: Path, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.fdistill`` (and ``torchrun ... -m training.fdistill``): ``diffsteer train fdistill``."""
-    from training.cli import run_method
+    """``python -m diffsteer.training.fdistill`` (and ``torchrun ... -m diffsteer.training.fdistill``): ``diffsteer train fdistill``."""
+    from diffsteer.training.cli import run_method
 
     return run_method("fdistill", argv)
 

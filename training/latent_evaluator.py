@@ -1,4 +1,4 @@
-"""Training the latent evaluators of :mod:`guidance.latent_evaluators` for one model, on the shared trainer.
+"""Training the latent evaluators of :mod:`diffsteer.guidance.latent_evaluators` for one model, on the shared trainer.
 
 Papalampidi et al. 2025 (arXiv:2509.16131) score guidance candidates with small evaluators that read latents;
 they publish no training recipe we can follow, so this is ours. Every optimizer step makes its own data from the
@@ -42,7 +42,7 @@ fidelity discriminator's accuracy. The export writes the evaluator folder (``exp
 ``<model folder>/latent_evaluators`` by default).
 
     diffsteer train latent-evaluator --config training/configs/latent-evaluator-proving-ground.yaml
-    torchrun --standalone --nproc_per_node 2 -m training.latent_evaluator \
+    torchrun --standalone --nproc_per_node 2 -m diffsteer.training.latent_evaluator \
         --config training/configs/latent-evaluator-embedding-proving-ground.yaml
 """
 
@@ -58,9 +58,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guidance.errors import InvalidInput
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
-from training.trainer import EvalResult, Trainer, TrainerConfig, with_default
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.training.trainer import EvalResult, Trainer, TrainerConfig, with_default
 
 
 @dataclass
@@ -129,7 +129,7 @@ class LatentEvaluatorConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from guidance.latent_evaluators import KINDS
+        from diffsteer.guidance.latent_evaluators import KINDS
 
         if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
             raise InvalidInput("kinds", f"expected distinct names among {', '.join(KINDS)}, got {list(self.kinds)}")
@@ -174,8 +174,8 @@ class _RecordingCFG(GuidancePolicy):
         return PolicyState(trace={"groups": []})
 
     def step(self, state: PolicyState, x: torch.Tensor, info, denoiser) -> torch.Tensor:
-        from guidance.denoiser import to_x0
-        from guidance.policies.cfg import cfg_combine
+        from diffsteer.guidance.denoiser import to_x0
+        from diffsteer.guidance.policies.cfg import cfg_combine
 
         out = denoiser(x, info, ["uncond", "cond"])
         cond, uncond = out["cond"], out["uncond"]
@@ -217,15 +217,15 @@ class Groups:
                          for k in fields})
 
     def prompt_inputs(self) -> Any:
-        """What the evaluators read of each group's prompt (:class:`guidance.latent_evaluators.PromptInputs`)."""
-        from guidance.latent_evaluators import PromptInputs
+        """What the evaluators read of each group's prompt (:class:`diffsteer.guidance.latent_evaluators.PromptInputs`)."""
+        from diffsteer.guidance.latent_evaluators import PromptInputs
 
         return PromptInputs(states=self.text, embedding=self.text_embedding)
 
 
 def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
     """The model's ``cond`` text states [B, L, D] of ``prompts`` (float32)."""
-    from guidance.conditioning import encode_conditions
+    from diffsteer.guidance.conditioning import encode_conditions
 
     size = model.default_size
     conditions, _ = encode_conditions(model, prompts, None, ["cond"], height=size, width=size)
@@ -242,8 +242,8 @@ def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rn
     and text embeddings are kept too). Every draw from ``rng``."""
     import contextlib
 
-    from guidance.request import Limits
-    from guidance.sampler import decode, prepare
+    from diffsteer.guidance.request import Limits
+    from diffsteer.guidance.sampler import decode, prepare
 
     autocast = autocast or contextlib.nullcontext
     n, steps = len(prompts), int(params["steps"])
@@ -296,7 +296,7 @@ class RealImages:
         self.files: list[Path] = []
         self.scenes = None
         if source == "pg-scenes":
-            from proving_ground import TrainingScenes
+            from diffsteer.proving_ground import TrainingScenes
 
             self.scenes = TrainingScenes(seed=seed, resolution=size)
         else:
@@ -344,20 +344,20 @@ class LatentEvaluatorTrainer(Trainer):
     eval_summary_metrics = ("alignment.rank_corr_within", "alignment.rank_corr", "fidelity.accuracy")
 
     def build(self) -> None:
-        from guidance.latent_evaluators import EvaluatorSpec, LatentEvaluators
-        from guidance.reward_models import get_reward
-        from training.prompts import load_training_prompts
+        from diffsteer.guidance.latent_evaluators import EvaluatorSpec, LatentEvaluators
+        from diffsteer.guidance.reward_models import get_reward
+        from diffsteer.training.prompts import load_training_prompts
 
         c = self.config
         self.train_prompts = load_training_prompts(c.prompts)
         self.reward = get_reward(c.reward, self.device, torch.float32, field="reward") if "alignment" in c.kinds else None
         self.real = RealImages(c.real_images, c.seed, self.model.default_size) if "fidelity" in c.kinds else None
-        from guidance.sampler import make_scheduler
-        from guidance.request import GenerationParams
+        from diffsteer.guidance.sampler import make_scheduler
+        from diffsteer.guidance.request import GenerationParams
 
         params = GenerationParams.parse(self.generation_params(self.train_prompts[:1], [0]))
         scheduler, timesteps = make_scheduler(self.model, params)
-        from guidance.sampler import step_alpha_bars
+        from diffsteer.guidance.sampler import step_alpha_bars
 
         bars = torch.tensor(step_alpha_bars(scheduler, timesteps), dtype=torch.float64)
         lam = torch.log(bars) - torch.log1p(-bars)
@@ -402,8 +402,8 @@ class LatentEvaluatorTrainer(Trainer):
         ``<output_dir>/groups/`` (atomically), so that a resumed run loads them; each process records its share."""
         from tqdm import tqdm
 
-        from training.checkpoints import atomic_torch_save
-        from training.config_io import to_plain
+        from diffsteer.training.checkpoints import atomic_torch_save
+        from diffsteer.training.config_io import to_plain
 
         c = self.config
         folder = self.out / "groups"
@@ -438,7 +438,7 @@ class LatentEvaluatorTrainer(Trainer):
         c = self.config
         if not c.eval_prompts:
             return None
-        from evaluation.prompts import load_prompts
+        from diffsteer.evaluation.prompts import load_prompts
 
         try:
             items = load_prompts(c.eval_prompts, seeds=c.eval_seeds, seed=0, max_prompts=c.eval_max_prompts).items
@@ -452,8 +452,8 @@ class LatentEvaluatorTrainer(Trainer):
                     real: bool = True) -> Groups:
         """Sample trajectories, record candidate groups, score them with the reward and pair them with real x̂0
         (every draw from ``rng``)."""
-        from guidance.denoiser import to_x0
-        from guidance.latent_evaluators import encode_images
+        from diffsteer.guidance.denoiser import to_x0
+        from diffsteer.guidance.latent_evaluators import encode_images
 
         c = self.config
         n = c.batch_size if prompts is None else len(prompts)
@@ -482,7 +482,7 @@ class LatentEvaluatorTrainer(Trainer):
     def _timestep(self, alpha_bar: float) -> torch.Tensor:
         """The training timestep whose ᾱ is nearest ``alpha_bar``."""
         if not hasattr(self, "_acp"):
-            from guidance.schedulers import build_scheduler
+            from diffsteer.guidance.schedulers import build_scheduler
 
             self._acp = build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.double()
         return torch.tensor(int((self._acp - alpha_bar).abs().argmin()), device=self.device)
@@ -553,7 +553,7 @@ class LatentEvaluatorTrainer(Trainer):
         return {k: f"{metrics[k]:.3g}" for k in ("loss", "alignment.rank", "fidelity.accuracy") if k in metrics}
 
     def export(self) -> dict[str, str]:
-        from guidance.latent_evaluators import text_probe
+        from diffsteer.guidance.latent_evaluators import text_probe
 
         c = self.config
         target = Path(c.export_dir) if c.export_dir else self.out / "latent_evaluators"
@@ -616,8 +616,8 @@ def agreement(evaluators: Any, groups: Groups) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.latent_evaluator``: the same as ``diffsteer train latent-evaluator``."""
-    from training.cli import run_method
+    """``python -m diffsteer.training.latent_evaluator``: the same as ``diffsteer train latent-evaluator``."""
+    from diffsteer.training.cli import run_method
 
     return run_method("latent-evaluator", argv)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from guidance.models import DiffusionModel
+from diffsteer.guidance.models import DiffusionModel
 
 DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"

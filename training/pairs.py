@@ -13,7 +13,7 @@ agreed with the verifier on 74% of the pairs whose pass differs.
 
 On the proving ground the reward is the proving-ground CLIP (``clip``, the default), never the verifier: the
 verifier stays the judge of what training on these pairs achieves. The file loads with
-:func:`training.preference_data.load_preference_pairs` and trains ``diffsteer train dpo`` / ``smpo``.
+:func:`diffsteer.training.preference_data.load_preference_pairs` and trains ``diffsteer train dpo`` / ``smpo``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 PAIRINGS = ("all", "best-rest", "best-worst")
 
@@ -99,11 +99,11 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
     import torch
     from tqdm import tqdm
 
-    from evaluation.runner import Item, run_arm
-    from guidance.images import encode_image
-    from guidance.models import load_model
-    from guidance.reward_models import get_reward
-    from training.prompts import load_training_prompts
+    from diffsteer.evaluation.runner import Item, run_arm
+    from diffsteer.guidance.images import encode_image
+    from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.reward_models import get_reward
+    from diffsteer.training.prompts import load_training_prompts
 
     prompts = choose_prompts(load_training_prompts(config.prompts, field="--prompts"), config.max_prompts, config.seed)
     if model is None:
@@ -140,7 +140,7 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from training.preference_data import write_preference_pairs
+    from diffsteer.training.preference_data import write_preference_pairs
 
     config = PairsConfig(
         output=args.output, model=args.model, prompts=args.prompts, max_prompts=args.max_prompts,

@@ -13,7 +13,7 @@ by default; SmPO's preprocessed Pick-a-Pic calls them ``ps_score_0``/``ps_score_
 seeds the images were sampled with (``seed_0``/``seed_1``) and the model names (``model_0``/``model_1``).
 Any other column is ignored, so the real dataset's files load as they are.
 
-Bad files raise :class:`~guidance.errors.InvalidInput` naming the file, the row and the field.
+Bad files raise :class:`~diffsteer.guidance.errors.InvalidInput` naming the file, the row and the field.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 DEFAULT_SCORE_FIELDS = ("score_0", "score_1")

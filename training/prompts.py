@@ -3,13 +3,13 @@
 * ``pg-train:all`` or ``pg-train:CATEGORY[,CATEGORY...]``: the proving ground's training prompts (every
   caption form of the specs training may see; the held-out combinations of the combinatorial categories are
   excluded, single-object prompts are held out by seed only);
-* any prompt source of :func:`evaluation.prompts.load_prompts` (a text file, GenEval JSONL, PartiPrompts TSV,
+* any prompt source of :func:`diffsteer.evaluation.prompts.load_prompts` (a text file, GenEval JSONL, PartiPrompts TSV,
   or ``pg:...`` to train on the held-out suite's prompts deliberately).
 """
 
 from __future__ import annotations
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 PREFIX = "pg-train:"
 
@@ -20,8 +20,8 @@ def load_training_prompts(source: str, field: str = "prompts") -> list[str]:
         raise InvalidInput(field, "empty; accepted: pg-train:all, pg-train:CATEGORY[,...], or an evaluation prompt source")
     source = source.strip()
     if source.startswith(PREFIX):
-        from proving_ground import CATEGORIES, caption
-        from proving_ground.prompts import training_prompt_specs
+        from diffsteer.proving_ground import CATEGORIES, caption
+        from diffsteer.proving_ground.prompts import training_prompt_specs
 
         wanted = source[len(PREFIX):]
         names = list(CATEGORIES) if wanted == "all" else [c.strip() for c in wanted.split(",") if c.strip()]
@@ -29,7 +29,7 @@ def load_training_prompts(source: str, field: str = "prompts") -> list[str]:
         if unknown or not names:
             raise InvalidInput(field, f"unknown category {unknown or wanted!r}; accepted: all, {', '.join(CATEGORIES)}")
         return sorted({caption(spec) for c in names for spec in training_prompt_specs(c)})
-    from evaluation.prompts import load_prompts
+    from diffsteer.evaluation.prompts import load_prompts
 
     try:
         prompt_set = load_prompts(source)

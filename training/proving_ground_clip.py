@@ -4,7 +4,7 @@ The model is a plain open_clip ``CLIP`` built from a model config -- by default 
 image tower (Radford et al. 2021, Sec. 2.4: a ResNet with a 3-convolution stem, anti-aliased strided
 convolutions and attention pooling) at 64x64,
 a causal text transformer and open_clip's default BPE tokenizer -- trained from scratch on
-:class:`proving_ground.TrainingScenes` (never the held-out split) with
+:class:`diffsteer.proving_ground.TrainingScenes` (never the held-out split) with
 
 * the symmetric InfoNCE loss of CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural
   Language Supervision", Sec. 2.3 and Fig. 3), with the learnable temperature clamped at 100;
@@ -40,7 +40,7 @@ Outputs in ``output``: ``<model_name>.json`` (open_clip model config; register w
 ``open_clip.add_model_config``, the architecture name is the file stem), ``open_clip_model.safetensors``,
 ``open_clip_config.json`` (so the folder also loads as ``local-dir:<folder>``) and ``training_log.json``.
 
-    python -m training.proving_ground_clip --output proving_ground/assets/clip
+    python -m diffsteer.training.proving_ground_clip --output proving_ground/assets/clip
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from proving_ground.prompts import is_heldout_spec
-from proving_ground.world import COLOUR_NAMES, MAX_COUNT, RELATIONS, SHAPES, Group, PromptSpec, canonical_key
+from diffsteer.proving_ground.prompts import is_heldout_spec
+from diffsteer.proving_ground.world import COLOUR_NAMES, MAX_COUNT, RELATIONS, SHAPES, Group, PromptSpec, canonical_key
 
 DEFAULT_MODEL_NAME = "diffsteer-pg-clip"
 CAPTION_PREFIXES = ("a photo of ", "an image of ", "a picture of ")
@@ -231,7 +231,7 @@ class CompactTokenEmbedding(nn.Module):
 def world_token_ids(tokenizer) -> list[int]:
     """Every token id that occurs in a caption of the world (all specs of all categories, with and without
     the :data:`CAPTION_PREFIXES`), plus the start, end and padding ids."""
-    from proving_ground.world import CATEGORIES, all_prompt_specs
+    from diffsteer.proving_ground.world import CATEGORIES, all_prompt_specs
 
     captions = [s.caption for c in CATEGORIES for s in all_prompt_specs(c)]
     captions += [p + "a red circle" for p in CAPTION_PREFIXES]
@@ -271,8 +271,8 @@ def open_clip_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tens
 
 def pixels_from_uint8(images: np.ndarray, preprocess) -> Tensor:
     """uint8 ``[B, H, W, 3]`` -> the model's normalised input, through the same preprocessing the ``clip``
-    reward applies (:func:`rewards.preprocess.clip_preprocess`)."""
-    from rewards.preprocess import clip_preprocess
+    reward applies (:func:`diffsteer.rewards.preprocess.clip_preprocess`)."""
+    from diffsteer.rewards.preprocess import clip_preprocess
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return clip_preprocess(x, preprocess)
@@ -352,8 +352,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(cfg: ProvingGroundClipConfig) -> Path:
-    from proving_ground import TrainingScenes
-    from rewards.preprocess import ClipPreprocessConfig
+    from diffsteer.proving_ground import TrainingScenes
+    from diffsteer.rewards.preprocess import ClipPreprocessConfig
 
     torch.set_num_threads(cfg.threads)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -409,7 +409,7 @@ def train(cfg: ProvingGroundClipConfig) -> Path:
 def make_probe(cfg: ProvingGroundClipConfig, preprocess) -> tuple[Tensor, list[tuple[int, str, list[str]]]]:
     """Validation scenes (training specs, images from another stream seed) and, per scene and edit kind,
     the candidate captions (true one first) among which the model must pick the true one."""
-    from proving_ground import TrainingScenes
+    from diffsteer.proving_ground import TrainingScenes
 
     stream = TrainingScenes(seed=cfg.seed + 1, category_weights=cfg.category_weights, resolution=cfg.image_size)
     examples = [stream[i] for i in range(cfg.probe_scenes)]
@@ -648,7 +648,7 @@ def sample_negatives(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.config_io import add_config_arguments, config_from_arguments
+    from diffsteer.training.config_io import add_config_arguments, config_from_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, ProvingGroundClipConfig)

@@ -1,6 +1,6 @@
 """Train the proving-ground text-to-image model from scratch, on CPU, in Stable Diffusion format.
 
-Three stages, all on scenes from :class:`proving_ground.TrainingScenes` (never the held-out split):
+Three stages, all on scenes from :class:`diffsteer.proving_ground.TrainingScenes` (never the held-out split):
 
 1. an ``AutoencoderKL`` (64×64 RGB → 16×16×4 latents) trained on reconstruction (L1 + L2) with a small KL
    term, as the SD autoencoder (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
@@ -14,9 +14,9 @@ Three stages, all on scenes from :class:`proving_ground.TrainingScenes` (never t
    classifier-free guidance (Ho & Salimans 2022), and an exponential moving average of the weights.
 
 The result is saved as a diffusers ``StableDiffusionPipeline`` folder in fp16 safetensors, loadable by
-``StableDiffusionPipeline.from_pretrained`` and by ``guidance.models.load_model``.
+``StableDiffusionPipeline.from_pretrained`` and by ``diffsteer.guidance.models.load_model``.
 
-    python -m training.proving_ground_model --output proving_ground/assets/model
+    python -m diffsteer.training.proving_ground_model --output proving_ground/assets/model
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def render_scenes(cfg: ProvingGroundModelConfig) -> tuple[torch.Tensor, list[str]]:
-    from proving_ground import TrainingScenes
+    from diffsteer.proving_ground import TrainingScenes
 
     stream = TrainingScenes(seed=cfg.seed, category_weights=cfg.category_weights)
     images, captions = stream.batch(0, cfg.num_scenes)
@@ -152,9 +152,9 @@ def train_vae(cfg: ProvingGroundModelConfig, pixels: torch.Tensor, log: dict) ->
 def vae_roundtrip_report(vae, n: int = 200) -> dict[str, float]:
     """Reconstruct held-out single-object scenes through the VAE and score them with the verifier: the ceiling
     that the autoencoder puts on any denoiser trained in its latent space."""
-    from proving_ground.prompts import heldout_suite
-    from proving_ground.render import render_prompt
-    from proving_ground.verifier import summarise, verify
+    from diffsteer.proving_ground.prompts import heldout_suite
+    from diffsteer.proving_ground.render import render_prompt
+    from diffsteer.proving_ground.verifier import summarise, verify
 
     items = heldout_suite("single", n)
     scenes = np.stack([render_prompt(item.spec, item.seed)[0] for item in items])
@@ -295,7 +295,7 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from guidance.tiny import write_clip_tokenizer
+    from diffsteer.guidance.tiny import write_clip_tokenizer
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -338,7 +338,7 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.config_io import add_config_arguments, config_from_arguments
+    from diffsteer.training.config_io import add_config_arguments, config_from_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, ProvingGroundModelConfig)

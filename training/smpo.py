@@ -19,7 +19,7 @@ each pair uses its own p.
 
 The trajectory (SmPO Sec. 4.2): Diffusion-DPO noises x_0 with random ε, a point the model's own sampler would
 not visit. SmPO instead carries each clean latent up to the pair's timestep t by ReNoise inversion with the
-model being trained (no gradient; :mod:`training.renoise`: ``inversion_steps`` inverse DDIM steps, each
+model being trained (no gradient; :mod:`diffsteer.training.renoise`: ``inversion_steps`` inverse DDIM steps, each
 averaging ``renoise_iterations`` + 1 noise predictions) and recovers the target noise from the inverted latent,
 ε* = (z_t − √ᾱ_t x_0) / √(1 − ᾱ_t). Both images of a pair share t; each has its own inverted latent. The cost
 is ``inversion_steps · (renoise_iterations + 1)`` extra UNet forwards (no backward) per image and step.
@@ -56,9 +56,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from guidance.errors import InvalidInput
-from training.dpo import DPOConfig, DPOTrainer, preference_margin
-from training.trainer import with_default
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.dpo import DPOConfig, DPOTrainer, preference_margin
+from diffsteer.training.trainer import with_default
 
 # SmPO's normalisation bounds for PickScore (the raw cosine of its CLIP-H embeddings, as its preprocessing
 # computes them): the public code's constants, with temperature 1.
@@ -165,7 +165,7 @@ class SmPOTrainer(DPOTrainer):
     def noisy_latents(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
         """ReNoise inversion of ``x0`` to each sample's t with the model being trained; the noise target recovered
         from the inverted latent (``noise`` is unused unless ``inversion`` is off)."""
-        from training.renoise import inversion_grid, noise_from_inverted, renoise_invert
+        from diffsteer.training.renoise import inversion_grid, noise_from_inverted, renoise_invert
 
         c = self.config
         if not c.inversion:
@@ -187,8 +187,8 @@ class SmPOTrainer(DPOTrainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.smpo`` (and ``torchrun ... -m training.smpo``): the same as ``diffsteer train smpo``."""
-    from training.cli import run_method
+    """``python -m diffsteer.training.smpo`` (and ``torchrun ... -m diffsteer.training.smpo``): the same as ``diffsteer train smpo``."""
+    from diffsteer.training.cli import run_method
 
     return run_method("smpo", argv)
 

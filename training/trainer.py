@@ -40,8 +40,8 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
   ``extra_state()`` / ``load_extra_state(state)``  anything else a resumed run needs (tensors, numbers, strings).
   ``progress_postfix(metrics)`` what the progress bar shows.
 
-* An entry in :data:`training.cli.METHODS` (``diffsteer train <method>``) and a ``main()`` calling
-  ``training.cli.run_method("<method>", argv)`` (``python -m training.<method>``, ``torchrun ... -m training.<method>``).
+* An entry in :data:`diffsteer.training.cli.METHODS` (``diffsteer train <method>``) and a ``main()`` calling
+  ``diffsteer.training.cli.run_method("<method>", argv)`` (``python -m training.<method>``, ``torchrun ... -m training.<method>``).
 
 How the export is chosen: ``config.export`` is ``lora`` (the UNet adapter in diffusers format with its α,
 ``adapters/<adapter_name>/``), ``pipeline`` (a whole diffusers pipeline folder, ``pipeline/``, the LoRA merged
@@ -56,7 +56,7 @@ experiment), SIGINT/SIGTERM (stop after the current step with a checkpoint, agre
 held-out evaluation with the verifier on ``pg:`` prompts, ``metrics.csv``/TensorBoard/``reward_curve.png``,
 and several processes (``torchrun --nproc_per_node N -m training.<method> --config ...``): the parameters
 broadcast from rank 0, gradients and metrics averaged, only rank 0 writes files (see
-:mod:`training.distributed`). One log row per step and metric whatever the number of processes.
+:mod:`diffsteer.training.distributed`). One log row per step and metric whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 # Fields a resumed run may change; any other difference between the checkpoint's config and the new one is an
 # error, since it would silently make the resumed run a different experiment. A method adds its own with
@@ -212,14 +212,14 @@ class RegisteredModule:
     state: Literal["trainable", "full"]  # what a checkpoint holds: trainable parameters, or the whole state_dict
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from training.lora import trainable_state
+        from diffsteer.training.lora import trainable_state
 
         if self.state == "trainable":
             return trainable_state(self.module)
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from training.lora import load_trainable_state
+        from diffsteer.training.lora import load_trainable_state
 
         if self.state == "trainable":
             load_trainable_state(self.module, state)
@@ -312,10 +312,10 @@ class Trainer:
     eval_summary_metrics: tuple[str, ...] = ("reward", "verifier.passed")
 
     def __init__(self, config: TrainerConfig, model: Any = None):
-        """``model``: an already loaded :class:`~guidance.models.DiffusionModel` to train in place of
+        """``model``: an already loaded :class:`~diffsteer.guidance.models.DiffusionModel` to train in place of
         ``config.model`` (benchmarks, notebooks); it must be on the device the config asks for."""
-        from guidance.models import load_model
-        from training.distributed import init_processes
+        from diffsteer.guidance.models import load_model
+        from diffsteer.training.distributed import init_processes
 
         self.config = c = config
         self.out = Path(c.output_dir)
@@ -407,7 +407,7 @@ class Trainer:
         c = self.config
         unet = self.model.unet
         if c.trainable == "lora":
-            from training.lora import add_lora
+            from diffsteer.training.lora import add_lora
 
             try:
                 params = add_lora(unet, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed)
@@ -544,7 +544,7 @@ class Trainer:
         c = self.config
         if not c.eval_prompts:
             return []
-        from evaluation.prompts import load_prompts
+        from diffsteer.evaluation.prompts import load_prompts
 
         try:
             return load_prompts(c.eval_prompts, seeds=c.eval_seeds, seed=0, max_prompts=c.eval_max_prompts).items
@@ -563,8 +563,8 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         """The held-out prompts at fixed seeds under the current weights: the verifier's rates on ``pg:`` prompts
         and the mean of :meth:`eval_reward` (metric ``reward``)."""
-        from evaluation.metrics import MetricScorer
-        from evaluation.runner import run_arm
+        from diffsteer.evaluation.metrics import MetricScorer
+        from diffsteer.evaluation.runner import run_arm
 
         c = self.config
         if not self.eval_items:
@@ -611,7 +611,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_state(self) -> dict[str, Any]:
-        from training.config_io import to_plain
+        from diffsteer.training.config_io import to_plain
 
         return {
             "step": self.step,
@@ -625,7 +625,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes the checkpoint of the current step atomically (the others wait for it)."""
-        from training.checkpoints import save_checkpoint
+        from diffsteer.training.checkpoints import save_checkpoint
 
         path = None
         if self.processes.is_main:
@@ -634,8 +634,8 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
-        from training.checkpoints import load_checkpoint
-        from training.config_io import plain_defaults, to_plain
+        from diffsteer.training.checkpoints import load_checkpoint
+        from diffsteer.training.config_io import plain_defaults, to_plain
 
         state = load_checkpoint(path)
         if "modules" not in state:
@@ -677,7 +677,7 @@ class Trainer:
         return written
 
     def export_lora(self, directory: Path) -> Path:
-        from training.lora import save_lora_weights
+        from diffsteer.training.lora import save_lora_weights
 
         if not getattr(self.model.unet, "peft_config", None):
             raise InvalidInput("export", "the trained UNet has no LoRA adapter; use export: pipeline")
@@ -688,8 +688,8 @@ class Trainer:
         LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
         import dataclasses
 
-        from guidance.files import atomic_directory
-        from training.lora import merged_unet
+        from diffsteer.guidance.files import atomic_directory
+        from diffsteer.training.lora import merged_unet
 
         unet, vae = merged_unet(self.export_unet()), self.model.vae
         if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
@@ -705,8 +705,8 @@ class Trainer:
         """Run (or resume) the job to ``max_steps``; returns the summary also written to ``summary.json``."""
         from tqdm import tqdm
 
-        from training.checkpoints import latest_checkpoint
-        from training.logs import TrainingLog
+        from diffsteer.training.checkpoints import latest_checkpoint
+        from diffsteer.training.logs import TrainingLog
 
         c = self.config
         main = self.processes.is_main

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from guidance.errors import InvalidInput
+from diffsteer.guidance.errors import InvalidInput
 
 TruncationStrategy = Literal["fixed", "uniform", "gaussian"]
 STRATEGIES: tuple[str, ...] = ("fixed", "uniform", "gaussian")

@@ -20,9 +20,9 @@ from typing import Literal
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo, to_eps, to_x0
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
-from guidance.policies.cfg import cfg_combine
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_eps, to_x0
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.guidance.policies.cfg import cfg_combine
 
 
 class AGParams(PolicyParams):

@@ -28,8 +28,8 @@ from typing import Literal
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo, from_x0, to_x0
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, from_x0, to_x0
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 
 
 class APGParams(PolicyParams):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
 
 
 class PolicyParams(pydantic.BaseModel):
@@ -54,7 +54,7 @@ class SamplingContext:
     requested_steps: int | None = None  # the request's `steps`
     prompts: tuple[str, ...] = ()  # one per image
     model: Any = None  # the DiffusionModel, for policies that decode or score (dynamic CFG)
-    rewards: Any = None  # guidance.reward_models.RewardModels the caller passed down (None: the defaults)
+    rewards: Any = None  # diffsteer.guidance.reward_models.RewardModels the caller passed down (None: the defaults)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class NoiseOptimisation:
 class OuterLoopPolicy(GuidancePolicy):
     """A policy with a loop over whole trajectories before the final run (ReNO optimises the initial noise).
 
-    :func:`guidance.sampler.generate` calls :meth:`optimise_noise` once, then samples from the noise it returns
+    :func:`diffsteer.guidance.sampler.generate` calls :meth:`optimise_noise` once, then samples from the noise it returns
     with :meth:`step`. The loop runs its model work through ``prepared.executor``, one UNet call (forward, or
     backward with recomputation) per unit, so a server can interleave other requests between them.
     """

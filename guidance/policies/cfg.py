@@ -24,9 +24,9 @@ from typing import Literal
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo
-from guidance.errors import InvalidInput
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
 
 Scale = pydantic.confloat(ge=0.0, le=100.0)
 

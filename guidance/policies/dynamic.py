@@ -11,7 +11,7 @@ The candidates are combinations of the same two predictions, so choosing costs n
 scoring the K candidates. Two kinds of evaluators (``evaluator``):
 
 * ``latent`` (the paper's design, and the default where the model has them: ``auto``): the model's small
-  latent-space evaluators (:mod:`guidance.latent_evaluators`) read ẑ0_k and the step's noise level directly,
+  latent-space evaluators (:mod:`diffsteer.guidance.latent_evaluators`) read ẑ0_k and the step's noise level directly,
   without the VAE, and the prompt as the model's text-encoder states or, for an embedding-form alignment evaluator
   (the paper's CLIP-style one: a latent image tower), as the reward's text embedding, computed once per generation
   with the reward's text tower (from the caller's reward library). All K × B candidates are scored in one batched
@@ -47,10 +47,10 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from guidance.denoiser import Denoiser, StepInfo, to_x0
-from guidance.errors import InvalidInput
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
-from guidance.policies.cfg import cfg_combine
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.guidance.policies.cfg import cfg_combine
 
 CandidateScale = pydantic.confloat(ge=0.0, le=100.0)
 
@@ -83,7 +83,7 @@ class DynamicCFGParams(PolicyParams):
 @dataclass
 class DynamicCFGState(PolicyState):
     model: Any = None
-    rewards: Any = None  # the RewardModels passed down (guidance.reward_models)
+    rewards: Any = None  # the RewardModels passed down (diffsteer.guidance.reward_models)
     latent: Any = None  # the model's LatentEvaluators when scoring in latent space
     latent_weights: dict[str, float] = field(default_factory=dict)
     prompt_inputs: Any = None  # what the latent evaluators read of the prompts (PromptInputs), made at the first choice
@@ -99,8 +99,8 @@ class DynamicCFG(GuidancePolicy):
     cost_field = "candidates"
 
     def start(self, ctx: SamplingContext) -> DynamicCFGState:
-        from guidance.latent_evaluators import evaluators_for, parse_weights
-        from guidance.reward_models import DEFAULT_REWARDS
+        from diffsteer.guidance.latent_evaluators import evaluators_for, parse_weights
+        from diffsteer.guidance.reward_models import DEFAULT_REWARDS
 
         p = self.params
         rewards = ctx.rewards or DEFAULT_REWARDS
@@ -151,7 +151,7 @@ class DynamicCFG(GuidancePolicy):
     def _choose_latent(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
         """The best candidate per image by the latent evaluators: all K × B candidates in one executor unit, batched
         (LATENT_CHUNK native-size candidates per evaluator call, so memory stays near cfg's for 32 candidates)."""
-        from guidance.latent_evaluators import text_states
+        from diffsteer.guidance.latent_evaluators import text_states
 
         p = self.params
         batch = cond.shape[0]
@@ -232,7 +232,7 @@ def score_chunk(model: Any, latent_area: int) -> int:
 @torch.no_grad()
 def score_images(model: Any, reward: Any, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Reward of the decoded clean-latent predictions ``x0``, as float32 on the CPU."""
-    from guidance.sampler import decode
+    from diffsteer.guidance.sampler import decode
 
     return reward.evaluate(decode(model, x0), prompts).total_score.float().cpu()
 

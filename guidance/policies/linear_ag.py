@@ -26,9 +26,9 @@ from typing import Literal
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo, from_eps, to_eps
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
-from guidance.policies.cfg import cfg_combine
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, from_eps, to_eps
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
+from diffsteer.guidance.policies.cfg import cfg_combine
 
 
 class LinearAGParams(PolicyParams):

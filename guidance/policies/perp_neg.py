@@ -20,9 +20,9 @@ from typing import Literal
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo, from_eps, to_eps
-from guidance.policies.apg import project
-from guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, from_eps, to_eps
+from diffsteer.guidance.policies.apg import project
+from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 
 
 class PerpNegParams(PolicyParams):

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import pydantic
 import torch
 
-from guidance.denoiser import Denoiser, StepInfo
-from guidance.executor import BACKWARD_COST, run_with_grad
-from guidance.policies.base import NoiseOptimisation, OuterLoopPolicy, PolicyParams, PolicyState, SamplingContext
-from guidance.policies.cfg import CFG, CFGParams
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.executor import BACKWARD_COST, run_with_grad
+from diffsteer.guidance.policies.base import NoiseOptimisation, OuterLoopPolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.guidance.policies.cfg import CFG, CFGParams
 
 
 class ReNOParams(PolicyParams):
@@ -58,7 +58,7 @@ class ReNO(OuterLoopPolicy):
         self._inner = CFG(CFGParams(scale=self.params.scale))
 
     def start(self, ctx: SamplingContext) -> PolicyState:
-        from guidance.latent_evaluators import is_latent_spec, latent_reward
+        from diffsteer.guidance.latent_evaluators import is_latent_spec, latent_reward
 
         if ctx.model is not None and is_latent_spec(self.params.reward):
             latent_reward(ctx.model, self.params.reward, rewards=ctx.rewards)  # load (and validate) before any work
@@ -84,9 +84,9 @@ class ReNO(OuterLoopPolicy):
         unless it is the last, the backward pass through the sampler (each UNet call's recomputation and
         backward one unit) and the SGD step. So a server interleaves other requests' UNet calls with these.
         """
-        from guidance.sampler import StepEvent
+        from diffsteer.guidance.sampler import StepEvent
 
-        from guidance.latent_evaluators import is_latent_spec, latent_reward
+        from diffsteer.guidance.latent_evaluators import is_latent_spec, latent_reward
 
         p: ReNOParams = self.params
         model, executor = prepared.model, prepared.executor
@@ -155,7 +155,7 @@ class ReNO(OuterLoopPolicy):
 def reward_and_gradient(model: Any, reward: Any, latents: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(score per image on the CPU, gradient of the summed reward loss in ``latents``): decode and score with
     autograd on, then backpropagate to the latents only (the decoder's activations are freed on return)."""
-    from guidance.sampler import decode
+    from diffsteer.guidance.sampler import decode
 
     leaf = latents.detach().requires_grad_(True)
     result = reward.evaluate(decode(model, leaf), prompts)

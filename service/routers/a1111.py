@@ -5,7 +5,7 @@ Request fields used: ``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale``, 
 ``scheduler`` (A1111 1.9+: ``automatic`` or ``karras``), ``eta``, ``override_settings.sd_model_checkpoint``
 (a model of this server). Extensions: ``policy`` (when its ``scale`` is not given, ``cfg_scale`` fills it),
 ``lora``. Without ``policy`` and ``cfg_scale`` the model's recommended policy is used, without ``steps`` its
-recommended steps (``guidance.models.ModelDefaults``). Fields A1111 clients send with defaults are accepted and ignored; features this server does not
+recommended steps (``diffsteer.guidance.models.ModelDefaults``). Fields A1111 clients send with defaults are accepted and ignored; features this server does not
 have (hires fix, face restoration, tiling, variation seeds, styles, scripts) are refused with 422 when asked
 for. Response: ``{"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}`` with
 ``seed``/``all_seeds``/``infotexts`` like A1111; ``sampler_name``, ``scheduler`` (schedule type) and
@@ -23,13 +23,13 @@ import pydantic
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from guidance.errors import InvalidInput
-from guidance.images import a1111_parameters
-from guidance.registry import parse_json_object, parse_spec_string, policy_class
-from service.deps import get_engine, require_api_key
-from service.engine import Engine
-from service.routers.common import CLIENT_CLOSED, run_translated
-from service.schemas import (
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.images import a1111_parameters
+from diffsteer.guidance.registry import parse_json_object, parse_spec_string, policy_class
+from diffsteer.service.deps import get_engine, require_api_key
+from diffsteer.service.engine import Engine
+from diffsteer.service.routers.common import CLIENT_CLOSED, run_translated
+from diffsteer.service.schemas import (
     A1111Model,
     A1111Options,
     A1111Sampler,

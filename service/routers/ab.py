@@ -2,10 +2,10 @@
 ``DELETE /ab/{id}``, and the run's files: ``GET /ab/{id}/report.html``, ``/ab/{id}/results.json``,
 ``/ab/{id}/images/...png``, ``/ab/{id}/plots/...png`` (the report's relative links resolve to these).
 
-Events: ``queued``, ``started``, ``progress`` (:class:`evaluation.ab.ABProgress`: stage, images done of
+Events: ``queued``, ``started``, ``progress`` (:class:`diffsteer.evaluation.ab.ABProgress`: stage, images done of
 total, and within a batch its denoising step, a few per second at most), then ``succeeded`` (with the report
 and results URLs and the run's counts) / ``failed`` / ``cancelled``. The whole router answers 403 when the
-server has no ``ab_dir``. See :mod:`service.ab` for validation, scheduling and files.
+server has no ``ab_dir``. See :mod:`diffsteer.service.ab` for validation, scheduling and files.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from service import ab
-from service.deps import get_engine, get_jobs, job_owner, require_api_key
-from service.engine import Engine
-from service.errors import ServiceError
-from service.jobs import JobStore
-from service.routers.common import QUEUED_REQUEST_ERRORS, enqueue
-from service.routers.jobs import cancel_or_delete, event_stream, find_job, resume_point
-from service.schemas import ABJobStatus, ABRequest
+from diffsteer.service import ab
+from diffsteer.service.deps import get_engine, get_jobs, job_owner, require_api_key
+from diffsteer.service.engine import Engine
+from diffsteer.service.errors import ServiceError
+from diffsteer.service.jobs import JobStore
+from diffsteer.service.routers.common import QUEUED_REQUEST_ERRORS, enqueue
+from diffsteer.service.routers.jobs import cancel_or_delete, event_stream, find_job, resume_point
+from diffsteer.service.schemas import ABJobStatus, ABRequest
 
 ERRORS = {**QUEUED_REQUEST_ERRORS, 403: {"description": "A/B runs are not enabled on this server (no ab_dir)"}}
 # report.html is generated from request data (prompts, arm names): escaped by the report, and fenced in anyway

@@ -12,11 +12,11 @@ import pydantic
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from guidance.errors import InvalidInput
-from service.device import WorkerClosed
-from service.engine import Engine, ModelUnavailable, Outcome, Plan
-from service.errors import ServiceError, describe_validation
-from service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.service.device import WorkerClosed
+from diffsteer.service.engine import Engine, ModelUnavailable, Outcome, Plan
+from diffsteer.service.errors import ServiceError, describe_validation
+from diffsteer.service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
 
 log = logging.getLogger("service")
 

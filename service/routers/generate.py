@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import get_engine, planned, require_api_key
-from service.engine import Engine, Plan
-from service.errors import ServiceError
-from service.routers.common import CLIENT_CLOSED, QUEUED_REQUEST_ERRORS, ClientGone, negotiate, run_plan
-from service.schemas import GenerateResponse
+from diffsteer.service.deps import get_engine, planned, require_api_key
+from diffsteer.service.engine import Engine, Plan
+from diffsteer.service.errors import ServiceError
+from diffsteer.service.routers.common import CLIENT_CLOSED, QUEUED_REQUEST_ERRORS, ClientGone, negotiate, run_plan
+from diffsteer.service.schemas import GenerateResponse
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
-from guidance.registry import describe_policies, policy_schemas
-from guidance.schedulers import scheduler_names
-from service.deps import get_engine, get_jobs, require_api_key, require_api_key_for_metrics
-from service.engine import Engine, jsonable
-from service.jobs import JobStore
-from service.schemas import HealthResponse, ModelsResponse, PoliciesResponse, ReadyResponse
+from diffsteer.guidance.registry import describe_policies, policy_schemas
+from diffsteer.guidance.schedulers import scheduler_names
+from diffsteer.service.deps import get_engine, get_jobs, require_api_key, require_api_key_for_metrics
+from diffsteer.service.engine import Engine, jsonable
+from diffsteer.service.jobs import JobStore
+from diffsteer.service.schemas import HealthResponse, ModelsResponse, PoliciesResponse, ReadyResponse
 
 listings = APIRouter(tags=["info"], dependencies=[Depends(require_api_key)])
 operations = APIRouter(tags=["operations"])

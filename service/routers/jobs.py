@@ -2,7 +2,7 @@
 
 Event stream: ``queued``, ``started``, ``step`` (``{"step", "total", "nfe", "elapsed_s"}``, plus with
 ``?preview=true`` a ``preview`` list of base64 PNGs, one per image: a linear latent->RGB approximation of the
-current latents x_t at latent resolution, see :mod:`service.preview`), then one of ``succeeded`` /
+current latents x_t at latent resolution, see :mod:`diffsteer.service.preview`), then one of ``succeeded`` /
 ``failed`` / ``cancelled``, after which the stream ends. Events carry ids; ``Last-Event-ID`` resumes.
 A comment line is sent every 15 s of silence to keep proxies from closing the stream.
 
@@ -22,15 +22,15 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import get_engine, get_jobs, job_owner, planned, require_api_key
-from service.engine import Engine, Plan
-from service.errors import ServiceError
-from service.jobs import Job, JobStore
-from service.routers.common import enqueue
-from service.routers.generate import ERRORS
-from service.schemas import JobStatus
+from diffsteer.service.deps import get_engine, get_jobs, job_owner, planned, require_api_key
+from diffsteer.service.engine import Engine, Plan
+from diffsteer.service.errors import ServiceError
+from diffsteer.service.jobs import Job, JobStore
+from diffsteer.service.routers.common import enqueue
+from diffsteer.service.routers.generate import ERRORS
+from diffsteer.service.schemas import JobStatus
 
-log = logging.getLogger("service.jobs")
+log = logging.getLogger("diffsteer.service.jobs")
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
 KEEPALIVE_S = 15.0

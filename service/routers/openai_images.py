@@ -19,11 +19,11 @@ import pydantic
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from guidance.errors import InvalidInput
-from service.deps import get_engine, require_api_key
-from service.engine import Engine
-from service.routers.common import CLIENT_CLOSED, run_translated
-from service.schemas import GenerateRequest, json_body, LoraRef, OpenAIImagesResponse, OpenAIModelList
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.service.deps import get_engine, require_api_key
+from diffsteer.service.engine import Engine
+from diffsteer.service.routers.common import CLIENT_CLOSED, run_translated
+from diffsteer.service.schemas import GenerateRequest, json_body, LoraRef, OpenAIImagesResponse, OpenAIModelList
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
