@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import interleaved_medians, time_limit  # noqa: E402
-from diffsteer.guidance.models import PROVING_GROUND_MODEL, load_model  # noqa: E402
+from diffsteer.guidance.models import load_model  # noqa: E402
 from diffsteer.guidance.sampler import generate  # noqa: E402
 from diffsteer.guidance.schedulers import build_scheduler  # noqa: E402
+from diffsteer.proving_ground.shipped import MODEL as PROVING_GROUND_MODEL  # noqa: E402
 
 PROMPT = "a red circle to the left of a blue square"
 

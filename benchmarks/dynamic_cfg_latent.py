@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import proc_memory_bytes  # noqa: E402
+from diffsteer.proving_ground import shipped  # noqa: E402
 
 DEFAULT_POLICY = "dynamic_cfg:candidates=[1,1.5,2,3,4.5,6],start=0.2,initial_scale=1,evaluator=latent"
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-steps", type=int, default=4)
     ap.add_argument("--memory-sizes", default="", help="extra image sizes for the memory probe, e.g. 128")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: pass, agreement, memory")
-    ap.add_argument("--evaluators", default=str(Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "latent_evaluators"),
+    ap.add_argument("--evaluators", default=str(shipped.LATENT_EVALUATORS),
                     help="latent evaluator folder ('': the one in the model's folder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the JSON report here too")

@@ -296,9 +296,8 @@ def row_mfu(s: Setup) -> list[dict]:
 
 
 def row_mfu_sdxl(s: Setup) -> list[dict]:
-    from diffusers import UNet2DConditionModel
-
     import torch
+    from diffusers import UNet2DConditionModel
 
     dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(s.paths["sdxl_unet"], torch_dtype=dtype)

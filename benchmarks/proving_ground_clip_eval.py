@@ -39,12 +39,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffsteer.proving_ground import shipped  # noqa: E402
+from diffsteer.proving_ground.build_clip import DEFAULT_MODEL_NAME, OPPOSITE_RELATION, edit_spec  # noqa: E402
 from diffsteer.proving_ground.prompts import heldout_suite  # noqa: E402
 from diffsteer.proving_ground.render import render_prompt  # noqa: E402
-from diffsteer.proving_ground.world import CATEGORIES, COLOUR_NAMES, MAX_COUNT, RELATIONS, SHAPES, all_prompt_specs, canonical_key  # noqa: E402
-from diffsteer.training.proving_ground_clip import DEFAULT_MODEL_NAME, OPPOSITE_RELATION, edit_spec  # noqa: E402
+from diffsteer.proving_ground.world import (  # noqa: E402
+    CATEGORIES,
+    COLOUR_NAMES,
+    MAX_COUNT,
+    RELATIONS,
+    SHAPES,
+    all_prompt_specs,
+    canonical_key,
+)
 
-ASSET_FOLDER = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "clip"
+ASSET_FOLDER = shipped.CLIP
 TASKS = ("colour", "shape", "count", "relation", "relation_swap", "binding_swap")
 
 

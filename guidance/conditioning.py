@@ -17,7 +17,6 @@ import torch
 from diffsteer.guidance.denoiser import Condition, concat_conditions
 from diffsteer.guidance.models import DiffusionModel
 
-
 SHARED_CONDITIONS = ("uncond", "empty", "negative")
 
 

@@ -7,22 +7,20 @@ unconditional pass really saves an evaluation, and counts evaluations per image 
 
 Model outputs live in the checkpoint's prediction space (``epsilon``, ``v_prediction`` or ``sample``);
 :class:`StepInfo` carries the step's ᾱ so policies can move between that space, x0 (denoised) and ε with
-the helpers :func:`to_x0`, :func:`to_eps` and :func:`from_x0`. All conversions use the variance-preserving
-parametrisation x_t = √ᾱ·x0 + √(1−ᾱ)·ε, with x_t the scheduler-scaled UNet input.
+the helpers of :mod:`diffsteer.guidance.parameterisation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from diffsteer.guidance.executor import DIRECT, Executor
+from diffsteer.guidance.parameterisation import PredictionType
 
-PredictionType = str  # "epsilon" | "v_prediction" | "sample"
-UNetFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,6 @@ class Denoiser:
         prediction_type: the model's output space.
         gradient_checkpointing: recompute each UNet call in the backward pass instead of storing its
             activations (for the differentiable sampler).
-        unet_fn: how a batch is evaluated (default: the executor's).
         executor: where the generation's model work runs (:mod:`diffsteer.guidance.executor`; default: this thread). Its
             ``unet_fn`` evaluates the UNet (the service's batches calls across requests), and policies run
             other model work through ``denoiser.executor.run`` (dynamic CFG's candidate scoring).
@@ -110,7 +107,6 @@ class Denoiser:
         *,
         aliases: Mapping[str, str] | None = None,
         gradient_checkpointing: bool = False,
-        unet_fn: UNetFn | None = None,
         executor: Executor | None = None,
     ):
         self.unet = unet
@@ -119,7 +115,7 @@ class Denoiser:
         self.prediction_type = prediction_type
         self.gradient_checkpointing = gradient_checkpointing
         self.executor = executor or DIRECT
-        self.unet_fn = unet_fn or self.executor.unet_fn or call_unet
+        self.unet_fn = self.executor.unet_fn or call_unet
         self.batch_size = next(iter(self.conditions.values())).hidden_states.shape[0]
         self.evaluations = torch.zeros(self.batch_size, dtype=torch.long)  # per image (NFE)
         self.unet_calls = 0
@@ -180,53 +176,3 @@ class Denoiser:
 
     def _checkpointed(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         return self.unet_fn(self.unet, x, t, condition)
-
-
-# --- conversions between prediction spaces (VP: x = a·x0 + s·eps, a = √ᾱ, s = √(1−ᾱ)) -------------------
-
-
-def _coefficients(alpha_bar: float) -> tuple[float, float]:
-    return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
-
-
-def to_x0(output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: PredictionType) -> torch.Tensor:
-    """Denoised prediction x0 from a model output."""
-    a, s = _coefficients(alpha_bar)
-    if prediction_type == "epsilon":
-        return (x - s * output) / a
-    if prediction_type == "v_prediction":
-        return a * x - s * output
-    if prediction_type == "sample":
-        return output
-    raise ValueError(f"prediction_type: unknown value {prediction_type!r}")
-
-
-def to_eps(output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: PredictionType) -> torch.Tensor:
-    """Noise prediction ε from a model output."""
-    a, s = _coefficients(alpha_bar)
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return s * x + a * output
-    if prediction_type == "sample":
-        return (x - a * output) / s
-    raise ValueError(f"prediction_type: unknown value {prediction_type!r}")
-
-
-def from_x0(x0: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: PredictionType) -> torch.Tensor:
-    """The model output that corresponds to the denoised prediction ``x0`` at ``x``."""
-    a, s = _coefficients(alpha_bar)
-    if prediction_type == "sample":
-        return x0
-    eps = (x - a * x0) / s
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return a * eps - s * x0
-    raise ValueError(f"prediction_type: unknown value {prediction_type!r}")
-
-
-def from_eps(eps: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: PredictionType) -> torch.Tensor:
-    """The model output that corresponds to the noise prediction ``eps`` at ``x``."""
-    a, s = _coefficients(alpha_bar)
-    return from_x0((x - s * eps) / a, x, alpha_bar, prediction_type)

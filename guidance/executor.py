@@ -4,7 +4,7 @@
 trainers and the HTTP service; what differs between them is only *where* the modules are evaluated. An
 :class:`Executor` says that:
 
-- ``unet_fn``: how a UNet call runs (a :data:`~diffsteer.guidance.denoiser.UNetFn`; None: :func:`call_unet` here);
+- ``unet_fn``: how a UNet call runs (a :data:`UNetFn`; None: :func:`call_unet` here);
 - ``run(fn, cost=...)``: one unit of other model work (prompt encoding, VAE decode, reward scoring, a
   backward pass), run where the model's modules may be used, with its estimated cost;
 - ``session(unet, latent_shape)``: a sampler loop is about to submit one UNet call per step (a batching

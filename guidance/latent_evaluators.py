@@ -44,7 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffsteer.guidance.conditioning import encode_conditions
+from diffsteer.guidance.denoiser import Denoiser
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.files import atomic_directory
+from diffsteer.guidance.latents import encode
+from diffsteer.guidance.models import BUILTIN_FOLDERS, DiffusionModel, canonical_spec
+from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
+from diffsteer.rewards import EmbeddingSimilarityReward
 
 KINDS = ("alignment", "fidelity")
 FOLDER = "latent_evaluators"
@@ -168,7 +175,7 @@ PROBE_PROMPT = "a photo of a red cube and a blue sphere"
 PROBE_AGREEMENT = 0.999  # cosine between the saved and the configured tower's probe embeddings
 
 
-def text_probe(tower: Any) -> dict[str, Any]:
+def text_probe(tower: EmbeddingSimilarityReward) -> dict[str, Any]:
     """A reward text tower's fingerprint: its unit-norm embedding of :data:`PROBE_PROMPT` (saved with an
     embedding-form evaluator, compared when the tower is configured at sampling time)."""
     with torch.no_grad():
@@ -234,7 +241,7 @@ class LatentEvaluators(nn.Module):
         embedding, and so its text tower."""
         return any(s.embedding_dim and (weights is None or weights.get(k)) for k, s in self.specs.items())
 
-    def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: Any = None,
+    def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: RewardModels | None = None,
                       weights: dict[str, float] | None = None) -> PromptInputs:
         """What the evaluators read of ``prompts`` (one row each): the text ``states`` [N, L, D] and, where an
         evaluator of nonzero weight in ``weights`` (None: any) has the embedding form, its reward's text embeddings,
@@ -248,10 +255,8 @@ class LatentEvaluators(nn.Module):
             embedding = tower.text_embeddings(list(prompts)).float()
         return PromptInputs(states=states, embedding=embedding.to(self._device))
 
-    def text_tower(self, rewards: Any = None) -> Any:
+    def text_tower(self, rewards: RewardModels | None = None) -> EmbeddingSimilarityReward:
         """The embedding-similarity reward of :attr:`embedding_target` from ``rewards``, checked against the probe."""
-        from diffsteer.guidance.reward_models import DEFAULT_REWARDS
-
         target = self.embedding_target
         composite = (rewards or DEFAULT_REWARDS).get(target, self._device, field="latent_evaluators")
         term = composite.similarity_term()
@@ -327,7 +332,6 @@ class LatentEvaluators(nn.Module):
         """Write the folder atomically (written beside it, then renamed into place)."""
         from safetensors.torch import save_file
 
-        from diffsteer.guidance.files import atomic_directory
 
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
@@ -364,19 +368,8 @@ class LatentEvaluators(nn.Module):
         return evaluators.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
-def encode_images(model: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents (posterior mean, scaled as the sampler's) of images in [0, 1], the inverse of ``decode``."""
-    from diffsteer.guidance.sampler import to_sampler_latents
-
-    vae = model.vae
-    z = vae.encode((pixels * 2 - 1).to(device=model.device, dtype=vae.dtype)).latent_dist.mean.float()
-    return to_sampler_latents(vae, z)
-
-
-def model_folder(model: Any) -> Path | None:
+def model_folder(model: DiffusionModel) -> Path | None:
     """The folder a model was loaded from (a built-in proving-ground model's, or a local diffusers folder)."""
-    from diffsteer.guidance.models import BUILTIN_FOLDERS, canonical_spec
-
     builtin = BUILTIN_FOLDERS.get(canonical_spec(model.name))
     if builtin is not None:
         return builtin
@@ -384,10 +377,10 @@ def model_folder(model: Any) -> Path | None:
     return path if path.is_dir() else None
 
 
-def evaluator_folder(model: Any) -> Path | None:
+def evaluator_folder(model: DiffusionModel) -> Path | None:
     """Where ``model``'s latent evaluators are: ``model.extra["latent_evaluators"]``, else ``latent_evaluators/``
     in its folder; None when there are none."""
-    explicit = getattr(model, "extra", {}).get("latent_evaluators")
+    explicit = model.extra.get("latent_evaluators")
     if explicit:
         return Path(explicit)
     folder = model_folder(model)
@@ -400,7 +393,7 @@ _CACHE: dict[tuple[str, str, str], LatentEvaluators] = {}
 _LOCK = threading.Lock()
 
 
-def evaluators_for(model: Any) -> LatentEvaluators | None:
+def evaluators_for(model: DiffusionModel) -> LatentEvaluators | None:
     """The model's evaluators on its device (loaded once per folder and device, then shared: they are frozen
     and only read), or None."""
     folder = evaluator_folder(model)
@@ -415,7 +408,7 @@ def evaluators_for(model: Any) -> LatentEvaluators | None:
     return found
 
 
-def text_states(denoiser: Any) -> torch.Tensor:
+def text_states(denoiser: Denoiser) -> torch.Tensor:
     """The prompt states [B, L, D] of a generation (its encoded ``cond`` condition)."""
     return denoiser.conditions[denoiser.resolve("cond")].hidden_states
 
@@ -438,7 +431,7 @@ class LatentReward:
 
     evaluators: LatentEvaluators
     weights: dict[str, float]
-    rewards: Any = None
+    rewards: RewardModels | None = None
 
     def prompt_inputs(self, states: torch.Tensor, prompts: list[str]) -> PromptInputs:
         return self.evaluators.prompt_inputs(states, prompts, self.rewards, self.weights)
@@ -447,15 +440,13 @@ class LatentReward:
         return self.evaluators.score(latents.float(), 1.0, prompts, self.weights).total
 
     @torch.no_grad()
-    def score_images(self, model: Any, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def score_images(self, model: DiffusionModel, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Scores of images in [0, 1] ``[B, 3, H, W]``: VAE-encoded (the encoder only), prompts encoded by the
         model's text encoder (the A/B metric ``latent``)."""
-        from diffsteer.guidance.conditioning import encode_conditions
-
         h, w = pixels.shape[-2:]
         conditions, _ = encode_conditions(model, list(prompts), None, ["cond"], height=h, width=w)
         inputs = self.prompt_inputs(conditions["cond"].hidden_states, list(prompts))
-        return self.score(encode_images(model, pixels), inputs).float().cpu()
+        return self.score(encode(model.vae, pixels), inputs).float().cpu()
 
     def score_and_gradient(self, latents: torch.Tensor, prompts: PromptInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(score per image on the CPU, gradient in ``latents`` of the loss −Σ score)."""
@@ -466,7 +457,8 @@ class LatentReward:
         return score.detach().cpu(), grad.to(latents.dtype)
 
 
-def latent_reward(model: Any, spec: str, field: str = "policy.reward", rewards: Any = None) -> LatentReward:
+def latent_reward(model: DiffusionModel, spec: str, field: str = "policy.reward",
+                  rewards: RewardModels | None = None) -> LatentReward:
     """The :class:`LatentReward` of ``spec`` (``latent``: the saved weights; ``latent:alignment:1,fidelity:0.5``)
     for ``model``; InvalidInput naming ``field`` where the model has none or a kind is unknown. An embedding-form
     evaluator's reward (its text tower) is loaded from ``rewards`` and checked here, before any work."""

@@ -3,7 +3,7 @@
 ``load_model(spec)`` accepts:
 
 - ``None`` / ``"default"``: the built-in default, ``builtin:proving-ground``: the project's own small model of
-  its synthetic shapes world (64×64, shipped in the package; see ``training/proving_ground_model.py``);
+  its synthetic shapes world (64×64, shipped in the package; see ``proving_ground/build_model.py``);
 - ``"builtin:proving-ground-1step"``: its one-step student, distilled by f-distill (``training/fdistill.py``;
   one DDIM step, no guidance, by its ``diffsteer.json``);
 - ``"builtin:tiny"`` / ``"builtin:tiny-sdxl"`` / ``"builtin:tiny-v"``: tiny random-weight models built from config;
@@ -29,13 +29,14 @@ from typing import Any
 import pydantic
 import torch
 
+from diffsteer.guidance import tiny
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.fast_paths import FastPaths, apply_fast_paths
+from diffsteer.proving_ground import shipped
 
 log = logging.getLogger(__name__)
 
-PROVING_GROUND_MODEL = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "model"
-PROVING_GROUND_1STEP_MODEL = PROVING_GROUND_MODEL.with_name("model-1step")
-BUILTIN_FOLDERS = {"builtin:proving-ground": PROVING_GROUND_MODEL, "builtin:proving-ground-1step": PROVING_GROUND_1STEP_MODEL}
+BUILTIN_FOLDERS = {"builtin:proving-ground": shipped.MODEL, "builtin:proving-ground-1step": shipped.ONE_STEP_MODEL}
 BUILTIN_MODELS = (*BUILTIN_FOLDERS, "builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
 DEFAULT_MODEL = "builtin:proving-ground"
 
@@ -59,15 +60,6 @@ class ModelDefaults(pydantic.BaseModel):
     steps: int | None = pydantic.Field(None, ge=1, le=1000, description="Steps used when a request names none.")
     native_size: int | None = pydantic.Field(None, ge=8, description="The size the model was trained at (pixels).")
     max_size: int | None = pydantic.Field(None, ge=8, description="Largest width/height recommended for the model.")
-
-    @pydantic.field_validator("policy")
-    @classmethod
-    def _policy(cls, v: str | None) -> str | None:
-        if v is not None:
-            from diffsteer.guidance.registry import parse_policy
-
-            parse_policy(v)
-        return v
 
 
 def read_model_defaults(folder: str | Path) -> ModelDefaults:
@@ -242,8 +234,6 @@ def load_model(
     """Load a model (see the module docstring for ``spec``); ``config`` is the diffusers config folder or hub id
     for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``;
     ``fast_paths``: a :class:`diffsteer.guidance.fast_paths.FastPaths` or its spec string (default: none)."""
-    from diffsteer.guidance.fast_paths import FastPaths, apply_fast_paths
-
     paths = FastPaths.parse(fast_paths)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -283,8 +273,6 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_builtin(spec: str) -> DiffusionModel:
-    from diffsteer.guidance import tiny
-
     if spec in BUILTIN_FOLDERS:
         folder = BUILTIN_FOLDERS[spec]
         if not (folder / "model_index.json").is_file():

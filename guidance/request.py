@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import pydantic
 
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
+from diffsteer.guidance.models import DEFAULTS_FILE, ModelDefaults
 from diffsteer.guidance.policies.base import PolicyParams
 from diffsteer.guidance.registry import parse_policy, policy_names
 from diffsteer.guidance.schedulers import check_scheduler_name, scheduler_names
@@ -29,9 +30,9 @@ class Limits:
     max_area_factor: float | None = None  # image area / the model's native area; None: no limit
 
 
-    def for_model(self, defaults: Any) -> Limits:
+    def for_model(self, defaults: ModelDefaults) -> Limits:
         """These limits, tightened by a model's ``max_size`` (:class:`diffsteer.guidance.models.ModelDefaults`)."""
-        size = getattr(defaults, "max_size", None)
+        size = defaults.max_size
         if size is None:
             return self
         return dataclasses.replace(self, max_width=min(self.max_width, size), max_height=min(self.max_height, size))
@@ -150,15 +151,21 @@ class GenerationParams(pydantic.BaseModel):
         params.check_limits(limits or Limits())
         return params
 
-    def with_model_defaults(self, defaults: Any, given: set[str], limits: Limits | None = None) -> GenerationParams:
+    def with_model_defaults(self, defaults: ModelDefaults, given: set[str], limits: Limits | None = None) -> GenerationParams:
         """Fill what the request did not name (``given``: its fields set) from a model's recommendations
         (:class:`diffsteer.guidance.models.ModelDefaults`): ``policy`` and ``steps``; a default ``steps`` is never above
-        ``limits.max_steps`` (a default must not make a request invalid)."""
+        ``limits.max_steps`` (a default must not make a request invalid). The recommended policy is checked
+        here, where it is used: an invalid one raises InvalidInput naming ``model`` (the model's file is wrong,
+        not the request)."""
         update: dict[str, Any] = {}
-        if "policy" not in given and getattr(defaults, "policy", None) is not None:
-            update["policy"] = parse_policy(defaults.policy)
+        if "policy" not in given and defaults.policy is not None:
+            try:
+                update["policy"] = parse_policy(defaults.policy)
+            except InvalidInput as e:
+                raise InvalidInput("model", f"the model's recommended policy {defaults.policy!r} ({DEFAULTS_FILE}) is "
+                                   f"invalid: {e}") from None
         if "steps" not in given:
-            steps = getattr(defaults, "steps", None) or self.steps
+            steps = defaults.steps or self.steps
             update["steps"] = min(steps, limits.max_steps) if limits is not None else steps
         return self.model_copy(update=update) if update else self
 

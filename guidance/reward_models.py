@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffsteer.guidance.errors import InvalidInput
-
-PROVING_GROUND_CLIP = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "clip"
+from diffsteer.proving_ground import shipped
+from diffsteer.rewards import CompositeReward, build_composite
 
 
 def default_reward_configs() -> dict[str, dict[str, Any]]:
     """Configurations that need no setup: ``clip`` is the proving ground's own open_clip model when shipped."""
     configs: dict[str, dict[str, Any]] = {}
-    if (PROVING_GROUND_CLIP / "open_clip_config.json").is_file():
-        configs["clip"] = {"model": f"local-dir:{PROVING_GROUND_CLIP}"}
+    if (shipped.CLIP / "open_clip_config.json").is_file():
+        configs["clip"] = {"model": f"local-dir:{shipped.CLIP}"}
     return configs
 
 
@@ -36,13 +35,11 @@ class RewardModels:
     def __init__(self, configs: Mapping[str, Mapping[str, Any]] | None = None):
         self.configs = {**default_reward_configs(), **{k: dict(v) for k, v in (configs or {}).items()}}
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str, str], Any] = {}
+        self._cache: dict[tuple[str, str, str], CompositeReward] = {}
 
     def get(self, spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
-            field: str = "policy.reward"):
+            field: str = "policy.reward") -> CompositeReward:
         """The CompositeReward for ``spec`` on ``device``; InvalidInput naming ``field`` for a bad spec."""
-        from diffsteer.rewards import build_composite
-
         key = (spec, str(device), str(dtype))
         with self._lock:
             reward = self._cache.get(key)
@@ -58,6 +55,7 @@ class RewardModels:
 DEFAULT_REWARDS = RewardModels()
 
 
-def get_reward(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32, field: str = "policy.reward"):
+def get_reward(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+               field: str = "policy.reward") -> CompositeReward:
     """The default library's reward for ``spec`` (:data:`DEFAULT_REWARDS`)."""
     return DEFAULT_REWARDS.get(spec, device, dtype, field)

@@ -18,41 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.cost import GenerationCost, check_cost, generation_cost
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.events import StepCallback, StepEvent
 from diffsteer.guidance.executor import DIRECT, Executor
+from diffsteer.guidance.latents import decode_pixels, to_pil
 from diffsteer.guidance.models import DiffusionModel
 from diffsteer.guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState, SamplingContext
 from diffsteer.guidance.registry import build_policy
 from diffsteer.guidance.request import GenerationParams, Limits
 from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
 from diffsteer.guidance.schedulers import a1111_sampler, build_scheduler
-
-
-class GenerationCancelled(Exception):
-    """Raised by a step callback to stop a generation; the sampler lets it propagate."""
-
-
-@dataclass
-class StepEvent:
-    """Progress after a denoising step (``step`` of ``total``, 1-based)."""
-
-    step: int
-    total: int
-    nfe: int  # UNet evaluations so far, summed over the batch's images
-    elapsed: float
-    latents: torch.Tensor | None
-    phase: str = "denoise"  # or a policy's own outer loop, e.g. "reno"
-
-
-StepCallback = Callable[[StepEvent], None]
 
 
 @dataclass
@@ -186,41 +167,6 @@ def denoise(
     return latents
 
 
-def decode(model: DiffusionModel, latents: torch.Tensor, *, checkpoint: bool = False) -> torch.Tensor:
-    """VAE decode to images in [0, 1], differentiable; ``checkpoint`` recomputes the decoder in the backward
-    pass instead of storing its activations. (VAEs that need fp32 are kept in fp32 at load time.)"""
-    vae = model.vae
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        latents = latents * torch.tensor(std).view(shape).to(latents) / cfg.scaling_factor
-        latents = latents + torch.tensor(mean).view(shape).to(latents)
-    else:
-        latents = latents / cfg.scaling_factor
-    latents = latents.to(vae.dtype)
-    if checkpoint and torch.is_grad_enabled():
-        image = activation_checkpoint(lambda z: vae.decode(z, return_dict=False)[0], latents, use_reentrant=False)
-    else:
-        image = vae.decode(latents, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
-def to_sampler_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """VAE posterior means -> the latent space the sampler works in (inverse of :func:`decode`'s scaling)."""
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        return (z - torch.tensor(mean).view(shape).to(z)) * cfg.scaling_factor / torch.tensor(std).view(shape).to(z)
-    return z * cfg.scaling_factor
-
-
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    array = (pixels.detach().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
-
-
 def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any, torch.Tensor]:
     """A fresh scheduler for one run, with its timesteps set."""
     scheduler = build_scheduler(params.scheduler, model.scheduler_config)
@@ -318,6 +264,11 @@ class PreparedGeneration:
     rewards: RewardModels = DEFAULT_REWARDS
     first_run: tuple[Any, torch.Tensor, PolicyState] | None = None  # (scheduler, timesteps, state) of the check
 
+    @property
+    def prompts(self) -> list[str]:
+        """One prompt per image."""
+        return self.params.prompts
+
     def scheduler_and_state(self) -> tuple[Any, torch.Tensor, PolicyState]:
         if self.first_run is not None:
             made, self.first_run = self.first_run, None
@@ -390,12 +341,6 @@ def prepare(
         model, params, policy, conditions, aliases, seeds, noise, height, width, executor, gradient_checkpointing,
         checked.rewards, (checked.scheduler, checked.timesteps, checked.state),
     )
-
-
-@torch.no_grad()
-def decode_pixels(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
-    """The final images in [0, 1], on the CPU."""
-    return decode(model, latents).cpu()
 
 
 def generate(

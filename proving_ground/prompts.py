@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .shipped import HELDOUT_SUITE
 from .world import CATEGORIES, PromptSpec, all_prompt_specs, canonical_key, parse_caption
 
 HELDOUT_FRACTION = 0.25
@@ -43,8 +44,7 @@ HELDOUT_SALT = "diffsteer-proving-ground-heldout-v1"
 HELDOUT_SEED_BASE = 2**31
 SEED_LIMIT = 2**32
 COMBINATORIAL: tuple[str, ...] = ("counting", "two_objects", "colour_binding", "position")
-ASSET_SUITE = Path(__file__).with_name("assets") / "heldout_suite.jsonl"
-ASSET_SUITE_N = 100  # items per category in the shipped suite (seed 0)
+HELDOUT_SUITE_N = 100  # items per category in the shipped suite (seed 0)
 
 _TRAIN_STREAM_TAG = 0x7472  # SeedSequence entropy tags keep training and held-out draws apart
 _HELDOUT_STREAM_TAG = 0x686F
@@ -162,7 +162,7 @@ def heldout_suite(category: str, n: int, seed: int = 0) -> list[SuiteItem]:
     return [SuiteItem(specs[order[i % len(specs)]].caption, specs[order[i % len(specs)]], seeds[i]) for i in range(n)]
 
 
-def full_heldout_suite(n_per_category: int = ASSET_SUITE_N, seed: int = 0) -> list[SuiteItem]:
+def full_heldout_suite(n_per_category: int = HELDOUT_SUITE_N, seed: int = 0) -> list[SuiteItem]:
     """:func:`heldout_suite` for every category, in :data:`CATEGORIES` order."""
     return [item for c in CATEGORIES for item in heldout_suite(c, n_per_category, seed)]
 
@@ -193,14 +193,14 @@ def read_suite_jsonl(path: str | Path) -> list[SuiteItem]:
 
 def load_default_suite(categories: Sequence[str] | None = None) -> list[SuiteItem]:
     """The shipped held-out suite (``assets/heldout_suite.jsonl``), optionally filtered."""
-    items = read_suite_jsonl(ASSET_SUITE)
+    items = read_suite_jsonl(HELDOUT_SUITE)
     return [i for i in items if categories is None or i.category in categories]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the proving-ground held-out suite as JSONL.")
-    parser.add_argument("path", nargs="?", default=str(ASSET_SUITE), help="output file")
-    parser.add_argument("--n", type=int, default=ASSET_SUITE_N, help="items per category")
+    parser.add_argument("path", nargs="?", default=str(HELDOUT_SUITE), help="output file")
+    parser.add_argument("--n", type=int, default=HELDOUT_SUITE_N, help="items per category")
     parser.add_argument("--seed", type=int, default=0, help="suite seed")
     args = parser.parse_args(argv)
     write_suite_jsonl(full_heldout_suite(args.n, args.seed), args.path)

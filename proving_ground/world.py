@@ -147,10 +147,6 @@ class PromptSpec:
     def caption(self) -> str:
         return caption(self)
 
-    @property
-    def n_objects(self) -> int:
-        return sum(g.count for g in self.groups)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "groups": [{"count": g.count, "colour": g.colour, "shape": g.shape} for g in self.groups],

@@ -6,9 +6,13 @@ the images for every reward whose ``differentiable`` is True; composite objectiv
 model weights and no open_clip / transformers code.
 """
 
+from .aesthetic import AestheticReward, AestheticRewardConfig
 from .base import EmbeddingSimilarityReward, NonDifferentiableRewardError, Reward, RewardConfig, TextEmbeddingCache
+from .clip import ClipReward, ClipRewardConfig
 from .composite import CompositeResult, CompositeReward, TermSpec, parse_reward_spec
-from .preprocess import ClipPreprocessConfig, ClipPreprocess, clip_preprocess
+from .hps import HpsReward, HpsRewardConfig
+from .pickscore import PickScoreReward, PickScoreRewardConfig
+from .preprocess import ClipPreprocess, ClipPreprocessConfig, clip_preprocess
 from .registry import (
     available_rewards,
     build_composite,
@@ -19,10 +23,6 @@ from .registry import (
     reward_config_schema,
     reward_entry,
 )
-from .aesthetic import AestheticReward, AestheticRewardConfig
-from .clip import ClipReward, ClipRewardConfig
-from .hps import HpsReward, HpsRewardConfig
-from .pickscore import PickScoreReward, PickScoreRewardConfig
 from .simple import (
     BrightnessReward,
     BrightnessRewardConfig,

@@ -1,7 +1,8 @@
 """The device worker: one thread that runs every UNet call of every request, batching them across requests.
 
-Each request runs its own sampler loop in its own thread (see :mod:`diffsteer.service.queue`); its ``Denoiser`` gets
-:meth:`DeviceWorker.unet_fn` as its ``unet_fn``, which hands ``(x, t, Condition)`` to this worker and waits.
+Each request runs its own sampler loop in its own thread (see :mod:`diffsteer.service.queue`) with a
+:class:`DeviceExecutor` of its own; the loop's ``Denoiser`` calls the UNet through the executor's ``unet_fn``,
+which hands ``(x, t, Condition)`` to this worker and waits.
 The worker takes the oldest call, gathers the calls of other requests that can share a UNet forward pass
 (same UNet, same LoRA set, same latent and condition shapes), concatenates their rows with each row's own
 timestep (the UNet accepts a ``[B]`` timestep tensor), runs ONE forward pass and splits the output back.
@@ -53,8 +54,8 @@ from typing import Any, Protocol
 import torch
 
 from diffsteer.guidance.denoiser import Condition, call_unet, concat_conditions
+from diffsteer.guidance.events import GenerationCancelled
 from diffsteer.guidance.executor import BACKWARD_COST
-from diffsteer.guidance.sampler import GenerationCancelled
 
 log = logging.getLogger("diffsteer.service.device")
 
@@ -177,17 +178,6 @@ class DeviceWorker:
                 if self._sessions[key] <= 0:
                     del self._sessions[key]
                 self._cv.notify_all()  # a gathering batch may now be complete
-
-    def unet_fn(self, control: AdapterControl = NO_ADAPTERS, adapters: AdapterSet = (), flow: Flow | None = None,
-                native_area: int | None = None) -> Callable[..., torch.Tensor]:
-        """A ``Denoiser`` ``unet_fn`` that evaluates through this worker with ``adapters`` active, in ``flow``;
-        each call costs rows × latent area / ``native_area`` (None: the call's own area)."""
-
-        def fn(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-            return self.submit_unet(unet, x, t, condition, control, adapters, flow,
-                                    unet_call_cost(x, native_area)).result()
-
-        return fn
 
     def submit_unet(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition,
                     control: AdapterControl, adapters: AdapterSet, flow: Flow | None, cost: float
@@ -363,10 +353,6 @@ class DeviceWorker:
         work.control.activate(work.adapters)
         self._current[key] = work.adapters
 
-    def forget_adapters(self, control: AdapterControl) -> None:
-        """The control changed its modules outside :meth:`_activate` (e.g. loaded an adapter)."""
-        self._current.pop(id(control), None)
-
     def _execute(self, batch: list[_Work]) -> None:
         first = batch[0]
         self._activate(first)
@@ -408,7 +394,7 @@ class DeviceExecutor:
 
     differentiable_unet = True
 
-    def __init__(self, worker: DeviceWorker, flow: Flow, *, control: AdapterControl = NO_ADAPTERS,
+    def __init__(self, worker: DeviceWorker, flow: Flow | None, *, control: AdapterControl = NO_ADAPTERS,
                  adapters: AdapterSet = (), native_area: int | None = None):
         self.worker = worker
         self.flow = flow

@@ -30,8 +30,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from diffsteer.guidance.registry import policy_names, policy_schemas
-from diffsteer.guidance.schedulers import scheduler_names
 from diffsteer.guidance.request import MAX_SEED
+from diffsteer.guidance.schedulers import scheduler_names
+from diffsteer.service.routers.a1111 import A1111_SCHEDULERS, SAMPLER_LABELS
 from diffsteer.service.settings import ServiceSettings
 
 REF = "#/components/schemas/"
@@ -270,8 +271,6 @@ def _bound_openai(schema: dict[str, Any], limits: dict[str, Any]) -> None:
 
 
 def _bound_a1111(schema: dict[str, Any], limits: dict[str, Any]) -> None:
-    from diffsteer.service.routers.a1111 import A1111_SCHEDULERS, SAMPLER_LABELS
-
     props = schema["properties"]
     text = _text(limits)
     _merge(props, "prompt", text)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffsteer.guidance.latents import to_sampler_latents
 from diffsteer.guidance.models import DiffusionModel
-from diffsteer.guidance.sampler import to_sampler_latents
 
 
 def colour_fields(count: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRoute
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from diffsteer.service.app import create_app
 from diffsteer.service.settings import ServiceSettings, load_settings
 
 log = logging.getLogger("service.ray")
@@ -114,8 +115,6 @@ def replica_settings(settings: ServiceSettings) -> ServiceSettings:
 
 def replica_app(settings: ServiceSettings, replica: str):
     """``create_app`` for one replica: job ids carry the replica, responses and metrics name it."""
-    from diffsteer.service.app import create_app
-
     app = create_app(replica_settings(settings))
     app.state.jobs.id_prefix = f"{replica}."
     info = Gauge("diffsteer_replica_info", "The Ray Serve replica that serves these metrics", ["replica"],

@@ -16,6 +16,7 @@ import pydantic
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
+from diffsteer.guidance.fast_paths import FastPaths
 from diffsteer.guidance.request import Limits
 
 
@@ -210,8 +211,6 @@ class ServiceSettings(BaseSettings):
     @pydantic.field_validator("fast_paths")
     @classmethod
     def _fast_paths(cls, value: str) -> str:
-        from diffsteer.guidance.fast_paths import FastPaths
-
         return FastPaths.parse(value, field="fast_paths").spec()
 
     @property

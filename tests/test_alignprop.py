@@ -53,7 +53,8 @@ def test_window_mask_marks_the_last_k_steps_of_each_image():
 
 
 def _lora_grads(model, prompts, seeds, grad_at_step):
-    from diffsteer.guidance.sampler import decode, prepare
+    from diffsteer.guidance.latents import decode
+    from diffsteer.guidance.sampler import prepare
 
     params = [p for p in model.unet.parameters() if p.requires_grad]
     for p in params:
@@ -125,9 +126,9 @@ def test_training_raises_the_reward_and_writes_every_artefact(tmp_path):
 def test_lora_export_loads_in_diffusers_and_in_the_service(tmp_path):
     """The exported adapter reproduces the trained UNet through diffusers' load_lora_weights and the service."""
     from diffusers import StableDiffusionPipeline
+    from test_service_support import assert_lora_served_like
 
     from diffsteer.guidance.models import load_model
-    from test_service_support import assert_lora_served_like
 
     trainer = AlignPropTrainer(tiny_config(tmp_path, max_steps=2, checkpoint_every=2))
     trainer.train()

@@ -25,7 +25,8 @@ from diffsteer.guidance.schedulers import scheduler_names
 from diffsteer.service.cli import main, parse_size
 
 try:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     needs_hypothesis = pytest.mark.skipif(False, reason="")
 except ImportError:  # hypothesis is a dev dependency; without it the property tests are skipped

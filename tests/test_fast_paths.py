@@ -11,9 +11,16 @@ import torch
 from diffsteer.guidance import fast_paths as fp
 from diffsteer.guidance.denoiser import Condition
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.fast_paths import FastPaths, apply_fast_paths, call_signature, fast_forward, graph_guard, remove_fast_paths
+from diffsteer.guidance.fast_paths import (
+    FastPaths,
+    apply_fast_paths,
+    call_signature,
+    fast_forward,
+    graph_guard,
+    remove_fast_paths,
+)
 from diffsteer.guidance.tiny import tiny_unet
-from diffsteer.service.device import DeviceWorker
+from diffsteer.service.device import DeviceExecutor, DeviceWorker
 
 # fp32 on CPU: channels-last convolutions and traced graphs reassociate sums; 1e-5 is ~100 ulp of outputs ~1.
 ATOL = 1e-5
@@ -232,7 +239,7 @@ def test_worker_buckets_by_condition_shape_and_dtype():
         cond = Condition(torch.full((1, tokens, 3), float(i), dtype=dtype))
         with worker.session(unet, (), shape):
             barrier.wait()
-            results[i] = worker.unet_fn()(unet, x, torch.tensor(10.0), cond)
+            results[i] = DeviceExecutor(worker, None).unet_fn(unet, x, torch.tensor(10.0), cond)
 
     threads = [threading.Thread(target=call, args=(i, *spec)) for i, spec in enumerate(calls)]
     try:

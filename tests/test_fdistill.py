@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -296,8 +295,9 @@ def _assert_one_step_agreement(trainer: FDistillTrainer, folder: Path) -> None:
     generator give the same images."""
     from diffusers import StableDiffusionPipeline
 
+    from diffsteer.guidance.latents import decode
     from diffsteer.guidance.models import load_model
-    from diffsteer.guidance.sampler import decode, generate, initial_noise
+    from diffsteer.guidance.sampler import generate, initial_noise
 
     model = load_model(str(folder), device="cpu")
     ours = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [3, 4], "steps": 1,
@@ -350,9 +350,10 @@ def test_reno_runs_on_the_exported_student(exported):
 
 def test_the_service_serves_the_exported_student(exported):
     """``diffsteer serve --model OUT``: the service's one-step image is our sampler's."""
+    from test_service_support import app_client, decode_image, pixels
+
     from diffsteer.guidance.models import load_model
     from diffsteer.guidance.sampler import generate
-    from test_service_support import app_client, decode_image, pixels
 
     _, folder = exported
     body = {"prompt": "a red circle", "steps": 1, "seed": 7, "scheduler": "default", "policy": "cfg:scale=1"}

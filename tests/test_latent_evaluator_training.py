@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.training.latent_evaluator import LatentEvaluatorConfig, LatentEvaluatorTrainer, ranknet_loss, within_group_mse
+from diffsteer.training.latent_evaluator import (
+    LatentEvaluatorConfig,
+    LatentEvaluatorTrainer,
+    ranknet_loss,
+    within_group_mse,
+)
 
 SMALL = dict(model="builtin:proving-ground", prompts="pg-train:single", eval_prompts="", batch_size=2, steps=3,
              records_per_image=1, candidates=(1.0, 4.0), calibration_batches=1, reward="saturation:1",
@@ -107,8 +112,9 @@ def test_cli_reports_a_bad_field_and_a_missing_image_folder(tmp_path, capsys):
 
 def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
     """The recorded x̂0 of candidate w equals the direct formula at that step (an independent recomputation)."""
-    from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+    from diffsteer.guidance.denoiser import Denoiser, StepInfo
     from diffsteer.guidance.models import load_model
+    from diffsteer.guidance.parameterisation import to_x0
     from diffsteer.guidance.sampler import make_scheduler, prepare, step_alpha_bars
     from diffsteer.training.latent_evaluator import record_candidate_groups
 
@@ -147,9 +153,9 @@ EMBEDDING = dict(reward="clip:1", alignment_target="embedding", kinds=("alignmen
 def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidates(tmp_path):
     """The stored image and text embeddings give back the composite reward of each decoded candidate, and the export
     is an embedding-form evaluator in the reward's units with the text tower's probe."""
+    from diffsteer.guidance.latents import decode
     from diffsteer.guidance.models import load_model
     from diffsteer.guidance.reward_models import get_reward
-    from diffsteer.guidance.sampler import decode
 
     trainer = LatentEvaluatorTrainer(small_config(tmp_path, **EMBEDDING))
     pool = trainer.pool

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_reward_policies import first_step_candidate_x0
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.executor import DirectExecutor
@@ -22,7 +23,6 @@ from diffsteer.guidance.latent_evaluators import (
     parse_weights,
 )
 from diffsteer.guidance.sampler import generate, prepare
-from test_reward_policies import first_step_candidate_x0
 
 WEIGHTS = {"alignment": 1.0, "fidelity": 0.5}
 

@@ -7,7 +7,8 @@ import diffusers
 import pytest
 import torch
 
-from diffsteer.guidance.sampler import decode, generate, prepare
+from diffsteer.guidance.latents import decode
+from diffsteer.guidance.sampler import generate, prepare
 
 
 @contextmanager

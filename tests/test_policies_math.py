@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsteer.guidance.denoiser import from_eps, from_x0, to_eps, to_x0
+from diffsteer.guidance.parameterisation import from_eps, from_x0, to_eps, to_x0
 from diffsteer.guidance.policies.apg import apg_update
 from diffsteer.guidance.policies.cfg import cfg_combine, rescale_guidance, scheduled_scale
 from diffsteer.guidance.policies.cfg_zero_star import cfg_zero_star_combine, optimised_scale
@@ -153,7 +153,7 @@ def test_perp_neg_without_negative_is_cfg(sd_model):
 
 def test_cfg_zero_star_zero_init_leaves_the_sample_in_place(sd_model):
     """ε = 0 for every step: DDIM keeps x/√ᾱ fixed, so the result is the decoded initial noise scaled."""
-    from diffsteer.guidance.sampler import decode, prepare
+    from diffsteer.guidance.sampler import prepare
 
     prepared = prepare(sd_model, {"prompt": "x", "steps": 4, "seed": 1, "scheduler": "ddim", "policy": "cfg_zero_star:zero_init_steps=4"})
     with torch.no_grad():

@@ -141,8 +141,9 @@ def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
 
 
 def test_lora_loads_with_load_lora_weights_and_in_the_service(tmp_path, pairs_file):
-    from diffsteer.guidance.models import load_model
     from test_service_support import assert_lora_served_like
+
+    from diffsteer.guidance.models import load_model
 
     trainer = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "lora", lora_rank=4, lora_alpha=8.0,
                                  inversion_steps=2, learning_rate=0.05))

@@ -17,11 +17,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import load_file  # noqa: E402
 
-from diffsteer.proving_ground.prompts import heldout_suite, is_heldout_spec  # noqa: E402
-from diffsteer.proving_ground.render import render_prompt  # noqa: E402
-from diffsteer.proving_ground.world import CATEGORIES, COLOUR_NAMES, SHAPES, all_prompt_specs, canonical_key, parse_caption  # noqa: E402
-from diffsteer.rewards import build_reward  # noqa: E402
-from diffsteer.training.proving_ground_clip import (  # noqa: E402
+from diffsteer.proving_ground.build_clip import (  # noqa: E402
     NEGATIVE_KINDS,
     Batch,
     CompactTokenEmbedding,
@@ -32,6 +28,17 @@ from diffsteer.training.proving_ground_clip import (  # noqa: E402
     sample_negatives,
     train,
 )
+from diffsteer.proving_ground.prompts import heldout_suite, is_heldout_spec  # noqa: E402
+from diffsteer.proving_ground.render import render_prompt  # noqa: E402
+from diffsteer.proving_ground.world import (  # noqa: E402
+    CATEGORIES,
+    COLOUR_NAMES,
+    SHAPES,
+    all_prompt_specs,
+    canonical_key,
+    parse_caption,
+)
+from diffsteer.rewards import build_reward  # noqa: E402
 
 ASSET = Path(__file__).resolve().parents[1] / "proving_ground" / "assets" / "clip"
 NAME = "diffsteer-pg-clip"

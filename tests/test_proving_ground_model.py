@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffsteer.guidance.models import PROVING_GROUND_1STEP_MODEL, PROVING_GROUND_MODEL, load_model
+from diffsteer.guidance.models import load_model
 from diffsteer.guidance.sampler import generate
+from diffsteer.proving_ground.shipped import MODEL as PROVING_GROUND_MODEL
+from diffsteer.proving_ground.shipped import ONE_STEP_MODEL as PROVING_GROUND_1STEP_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_training_log_documents_the_run():
 
 
 def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path, capsys):
-    from diffsteer.training.proving_ground_model import main
+    from diffsteer.proving_ground.build_model import main
 
     main(["--output", str(tmp_path / "m"), "--num-scenes", "64", "--vae-steps", "2", "--vae-batch", "4",
           "--vae-whole-steps", "2", "--vae-whole-batch", "2", "--vae-eval-images", "4", "--unet-steps", "2",

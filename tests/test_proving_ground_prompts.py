@@ -9,11 +9,10 @@ import pytest
 
 from diffsteer.proving_ground.dataset import TrainingScenes
 from diffsteer.proving_ground.prompts import (
-    ASSET_SUITE,
-    ASSET_SUITE_N,
     COMBINATORIAL,
     HELDOUT_FRACTION,
     HELDOUT_SEED_BASE,
+    HELDOUT_SUITE_N,
     SuiteItem,
     full_heldout_suite,
     heldout_keys,
@@ -28,6 +27,7 @@ from diffsteer.proving_ground.prompts import (
     training_seed,
     write_suite_jsonl,
 )
+from diffsteer.proving_ground.shipped import HELDOUT_SUITE
 from diffsteer.proving_ground.world import CATEGORIES, all_prompt_specs, canonical_key, parse_caption
 
 
@@ -136,8 +136,8 @@ def test_jsonl_round_trip_and_validation(tmp_path):
 
 
 def test_shipped_suite_matches_the_generator():
-    assert ASSET_SUITE.is_file()
+    assert HELDOUT_SUITE.is_file()
     shipped = load_default_suite()
-    assert shipped == full_heldout_suite(ASSET_SUITE_N, 0)
-    assert [i.category for i in load_default_suite(["position"])] == ["position"] * ASSET_SUITE_N
+    assert shipped == full_heldout_suite(HELDOUT_SUITE_N, 0)
+    assert [i.category for i in load_default_suite(["position"])] == ["position"] * HELDOUT_SUITE_N
     assert all(isinstance(i, SuiteItem) for i in shipped)

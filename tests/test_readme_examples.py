@@ -80,9 +80,9 @@ def test_policy_forms_of_the_issue_validate(schema):
 def test_the_server_accepts_the_examples(one_thread, tmp_path):  # noqa: F811
     """Every example on a server (the tiny model, few steps: what matters is that it is accepted)."""
     from fastapi.testclient import TestClient
+    from test_service_support import wait_ready
 
     from diffsteer.service.app import create_app
-    from test_service_support import wait_ready
 
     app = create_app(settings(max_steps=50, max_width=64, max_height=64, ab_dir=str(tmp_path)))
     with TestClient(app) as client:

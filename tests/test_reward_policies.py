@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.events import GenerationCancelled
+from diffsteer.guidance.latents import decode
+from diffsteer.guidance.parameterisation import to_x0
 from diffsteer.guidance.policies.cfg import cfg_combine
 from diffsteer.guidance.policies.reno import clip_per_image, noise_norm_penalty
-from diffsteer.guidance.sampler import GenerationCancelled, decode, generate, make_scheduler, prepare, step_alpha_bars
+from diffsteer.guidance.sampler import generate, make_scheduler, prepare, step_alpha_bars
 from diffsteer.rewards import build_reward
 
 REWARD = "saturation:1"

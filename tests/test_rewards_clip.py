@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from diffsteer.rewards import ClipReward, ClipRewardConfig, HpsReward, HpsRewardConfig, build_reward
-from tests.test_rewards_support import TINY_OPEN_CLIP_CFG, TINY_OPEN_CLIP_NAME, make_open_clip_model, write_open_clip_config
+from tests.test_rewards_support import (
+    TINY_OPEN_CLIP_CFG,
+    TINY_OPEN_CLIP_NAME,
+    make_open_clip_model,
+    write_open_clip_config,
+)
 
 open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import save_file  # noqa: E402

@@ -238,9 +238,9 @@ TINY = dict(model="builtin:tiny", prompts="pg-train:single", eval_prompts="", st
 
 def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffusers_and_the_service(tmp_path):
     from diffusers import StableDiffusionPipeline
+    from test_service_support import assert_lora_served_like
 
     from diffsteer.guidance.models import load_model
-    from test_service_support import assert_lora_served_like
 
     config = AlignPropConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 2, "lora_rank": 4,
                                 "lora_alpha": 8.0, "export": "both"})

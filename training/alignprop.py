@@ -33,6 +33,12 @@ import numpy as np
 import torch
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.latents import decode
+from diffsteer.guidance.request import Limits
+from diffsteer.guidance.reward_models import get_reward
+from diffsteer.guidance.sampler import prepare
+from diffsteer.training.cli import run_method
+from diffsteer.training.prompts import load_training_prompts
 from diffsteer.training.trainer import EvalResult, Trainer, TrainerConfig, TrainingInterrupted, with_default  # noqa: F401 (re-exported)
 from diffsteer.training.truncation import STRATEGIES, TruncationStrategy, draw_truncation, window_mask
 
@@ -79,9 +85,6 @@ class AlignPropTrainer(Trainer):
 
     def build(self) -> None:
         """The shared LoRA (or full UNet), the reward, the prompts; the rollout settings checked up front."""
-        from diffsteer.guidance.reward_models import get_reward
-        from diffsteer.training.prompts import load_training_prompts
-
         c = self.config
         super().build()
         self.reward = get_reward(c.reward, self.device, torch.float32, field="reward")
@@ -92,13 +95,9 @@ class AlignPropTrainer(Trainer):
 
     def _check_rollout(self) -> None:
         """Validate the sampling fields (policy, scheduler, size...) before any training work."""
-        from diffsteer.guidance.sampler import prepare
-
         prepare(self.model, self.generation_params(self.train_prompts[:1], [0]), limits=self._limits())
 
     def _limits(self):
-        from diffsteer.guidance.request import Limits
-
         n = max(self.config.batch_size, self.config.eval_batch_size)
         return Limits(max_num_images=max(n, Limits.max_num_images))
 
@@ -127,8 +126,6 @@ class AlignPropTrainer(Trainer):
 
     def rollout_loss(self, prompts: list[str], seeds: list[int], ks: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
         """Sample with gradients through each image's last K steps, decode, score; the loss and its metrics."""
-        from diffsteer.guidance.sampler import decode, prepare
-
         c = self.config
         with self.autocast():
             prepared = prepare(self.model, self.generation_params(prompts, seeds), limits=self._limits(),
@@ -146,8 +143,6 @@ class AlignPropTrainer(Trainer):
 def main(argv: list[str] | None = None) -> int:
     """``python -m diffsteer.training.alignprop`` (and ``torchrun ... -m diffsteer.training.alignprop``): the same as
     ``diffsteer train alignprop``."""
-    from diffsteer.training.cli import run_method
-
     return run_method("alignprop", argv)
 
 

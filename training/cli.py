@@ -16,6 +16,8 @@ import importlib
 import sys
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.config_io import load_config, render_yaml
+from diffsteer.training.trainer import TrainingInterrupted
 
 # method -> (module, config class, trainer class)
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -44,9 +46,6 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_parsed(method: str, args: argparse.Namespace) -> int:
-    from diffsteer.training.config_io import load_config, render_yaml
-    from diffsteer.training.trainer import TrainingInterrupted
-
     module_name, config_name, trainer_name = METHODS[method]
     module = importlib.import_module(module_name)
     config = load_config(getattr(module, config_name), args.config, args.overrides)

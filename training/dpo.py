@@ -34,7 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffsteer.guidance.conditioning import encode_conditions
+from diffsteer.guidance.denoiser import call_unet, concat_conditions
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.latents import encode
+from diffsteer.training.cli import run_method
+from diffsteer.training.preference_data import load_preference_pairs
 from diffsteer.training.trainer import Trainer, TrainerConfig, with_default
 
 
@@ -90,7 +95,7 @@ class DPOConfig(TrainerConfig):
 
 @dataclass
 class PairBatch:
-    """One micro-batch of pairs: images in [-1, 1], captions, preference of image 0, per-pair t and noise seed."""
+    """One micro-batch of pairs: images in [0, 1], captions, preference of image 0, per-pair t and noise seed."""
 
     pixels_0: torch.Tensor
     pixels_1: torch.Tensor
@@ -110,13 +115,6 @@ def adapters_disabled(unet: torch.nn.Module):
         unet.enable_adapters()
 
 
-def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] to the UNet's latent space (posterior mean; the inverse of ``diffsteer.guidance.sampler.decode``)."""
-    from diffsteer.guidance.sampler import to_sampler_latents
-
-    return to_sampler_latents(vae, vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float())
-
-
 def training_target(noise: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """What the UNet should output at x_t = √ᾱ x0 + √(1 − ᾱ) ε: ε (epsilon) or v = √ᾱ ε − √(1 − ᾱ) x0."""
     if prediction_type == "epsilon":
@@ -127,7 +125,7 @@ def training_target(noise: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tens
 
 
 def image_tensor(image, size: tuple[int, int]) -> torch.Tensor:
-    """PIL image -> [3, H, W] in [-1, 1]: the shorter side resized to fit, then centre-cropped to ``size`` (h, w)."""
+    """PIL image -> [3, H, W] in [0, 1]: the shorter side resized to fit, then centre-cropped to ``size`` (h, w)."""
     from PIL import Image
 
     h, w = size
@@ -136,7 +134,7 @@ def image_tensor(image, size: tuple[int, int]) -> torch.Tensor:
         image = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
         top, left = (image.height - h) // 2, (image.width - w) // 2
         image = image.crop((left, top, left + w, top + h))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -151,7 +149,6 @@ class DPOTrainer(Trainer):
     def build(self) -> None:
         import diffusers
 
-        from diffsteer.training.preference_data import load_preference_pairs
 
         c = self.config
         if not c.data:
@@ -196,8 +193,6 @@ class DPOTrainer(Trainer):
     # ------------------------------------------------------------------ the loss
 
     def unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        from diffsteer.guidance.denoiser import call_unet
-
         return call_unet(unet, x.to(self.weight_dtype), t, condition)
 
     def reference_prediction(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
@@ -221,13 +216,10 @@ class DPOTrainer(Trainer):
         return diffusion_dpo_loss(winner["model"], loser["model"], winner["ref"], loser["ref"], self.config.beta)
 
     def compute_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        from diffsteer.guidance.conditioning import encode_conditions
-        from diffsteer.guidance.denoiser import concat_conditions
-
         b = len(batch.captions)
         device = self.device
         with torch.no_grad(), self.autocast():
-            x0 = encode_latents(self.model.vae, torch.cat([batch.pixels_0, batch.pixels_1]).to(device))
+            x0 = encode(self.model.vae, torch.cat([batch.pixels_0, batch.pixels_1]).to(device))
             cond = encode_conditions(self.model, batch.captions, None, ["cond"], height=self.image_size[0],
                                      width=self.image_size[1])[0]["cond"]
         condition = concat_conditions([cond, cond])
@@ -253,8 +245,6 @@ class DPOTrainer(Trainer):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m diffsteer.training.dpo`` (and ``torchrun ... -m diffsteer.training.dpo``): the same as ``diffsteer train dpo``."""
-    from diffsteer.training.cli import run_method
-
     return run_method("dpo", argv)
 
 

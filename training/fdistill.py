@@ -73,7 +73,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffsteer.guidance.conditioning import encode_conditions
+from diffsteer.guidance.denoiser import Denoiser, StepInfo, call_unet
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.parameterisation import from_x0, to_x0
+from diffsteer.guidance.policies.base import SamplingContext
+from diffsteer.guidance.registry import build_policy
+from diffsteer.guidance.sampler import initial_noise, prepare
+from diffsteer.guidance.schedulers import build_scheduler
+from diffsteer.proving_ground.dataset import TrainingScenes
+from diffsteer.training.cli import run_method
+from diffsteer.training.lora import add_lora, save_lora_weights
+from diffsteer.training.prompts import load_training_prompts
 from diffsteer.training.trainer import Trainer, TrainerConfig, with_default
 
 # ----------------------------------------------------------------------------- the f's and their weightings
@@ -271,8 +282,6 @@ class _FeaturesReady(Exception):
 
 def mid_block_features(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
     """The UNet's mid-block output at (x, t, condition), running the network only that far."""
-    from diffsteer.guidance.denoiser import call_unet
-
     captured: list[torch.Tensor] = []
 
     def hook(module, inputs, output):
@@ -426,8 +435,6 @@ class FDistillTrainer(Trainer):
     eval_summary_metrics = ("verifier.passed",)
 
     def build(self) -> None:
-        from diffsteer.guidance.registry import build_policy
-
         c = self.config
         teacher = self.model.unet
         T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
@@ -461,13 +468,9 @@ class FDistillTrainer(Trainer):
         self.student_ema = self.register_ema("student", self.student, c.ema_decay) if c.ema_decay > 0 else None
         self.ratio_running = torch.ones(max(c.ratio_bins, 1), dtype=torch.float64)
         if c.real_data == "pg-train":
-            from diffsteer.proving_ground.dataset import TrainingScenes
-
             self.scenes = TrainingScenes(seed=c.seed, resolution=self.model.default_size)
             self.train_prompts: list[str] = []
         else:
-            from diffsteer.training.prompts import load_training_prompts
-
             self.train_prompts = load_training_prompts(c.prompts)
         self._check_sampling()
         if c.regression_weight > 0:
@@ -477,8 +480,6 @@ class FDistillTrainer(Trainer):
         c = self.config
         copy_ = copy.deepcopy(unet).float()
         if trainable == "lora":
-            from diffsteer.training.lora import add_lora
-
             try:
                 add_lora(copy_, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed + (name == "fake_score"))
             except ValueError as e:
@@ -490,13 +491,9 @@ class FDistillTrainer(Trainer):
         return copy_.train()
 
     def _alphas_cumprod(self) -> torch.Tensor:
-        from diffsteer.guidance.schedulers import build_scheduler
-
         return build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.to(torch.float64)
 
     def _check_sampling(self) -> None:
-        from diffsteer.guidance.sampler import prepare
-
         prepare(self.eval_model(), self.generation_params(["a red circle"], [0]))
         if self.config.real_data == "teacher":
             prepare(self.model, self._teacher_params(self.train_prompts[:1], [0]))
@@ -513,7 +510,6 @@ class FDistillTrainer(Trainer):
         batches shared among the processes (every process ends with all of them, on the CPU)."""
         from tqdm import tqdm
 
-        from diffsteer.guidance.sampler import prepare
 
         c = self.config
         rng = np.random.default_rng([c.seed, 0x7265_6772])  # a stream of its own: "regr"
@@ -583,8 +579,6 @@ class FDistillTrainer(Trainer):
                             timesteps[1], [int(s) for s in seeds[2]], real_images, student_step, pairs)
 
     def _gaussian(self, seeds: list[int]) -> torch.Tensor:
-        from diffsteer.guidance.sampler import initial_noise
-
         unet = self.model.unet.config
         size = self.model.default_size // self.model.vae_scale_factor
         return initial_noise(seeds, (unet.in_channels, size, size), self.device)[0]
@@ -593,8 +587,6 @@ class FDistillTrainer(Trainer):
         return self.alphas_cumprod[t.cpu()].to(self.device, torch.float32).view(-1, 1, 1, 1)
 
     def _encode(self, prompts: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-        from diffsteer.guidance.conditioning import encode_conditions
-
         size = self.model.default_size
         names = dict.fromkeys(["cond", *self.teacher_policy.conditions])
         with torch.no_grad():
@@ -608,15 +600,12 @@ class FDistillTrainer(Trainer):
             pixels = torch.as_tensor(batch.real_images, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
             latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean
             return latents.float() * model.vae.config.scaling_factor
-        from diffsteer.guidance.sampler import prepare
 
         return prepare(model, self._teacher_params(batch.prompts, batch.real_seeds)).run().latents.float()
 
     # ------------------------------------------------------------------ the networks' predictions
 
     def _x0(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        from diffsteer.guidance.denoiser import call_unet, to_x0
-
         out = call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
         return to_x0(out, x, self._ab(t), self.model.prediction_type)
 
@@ -642,9 +631,6 @@ class FDistillTrainer(Trainer):
     def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, conditions, aliases) -> torch.Tensor:
         """x̂0 of the guided teacher at each image's (x_t, t), through ``teacher_policy`` (one policy step per
         distinct t, its StepInfo placing t among the T training timesteps)."""
-        from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
-        from diffsteer.guidance.policies.base import SamplingContext
-
         out = torch.empty_like(x)
         T = self.num_timesteps
         for value in torch.unique(t).tolist():
@@ -670,8 +656,6 @@ class FDistillTrainer(Trainer):
     def critic_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """Denoising score matching of the fake score on the student's samples, and the discriminator's loss
         on real against student samples."""
-        from diffsteer.guidance.denoiser import from_x0
-
         conditions, _ = self._encode(batch.prompts)
         cond = conditions["cond"]
         with self.autocast():
@@ -700,8 +684,6 @@ class FDistillTrainer(Trainer):
         return fake_loss, disc_loss, metrics
 
     def _unet_out(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        from diffsteer.guidance.denoiser import call_unet
-
         return call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
 
     def generator_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -792,8 +774,6 @@ class FDistillTrainer(Trainer):
     # ------------------------------------------------------------------ export
 
     def export_lora(self, directory: Path) -> Path:
-        from diffsteer.training.lora import save_lora_weights
-
         if not getattr(self.export_unet(), "peft_config", None):
             raise InvalidInput("export", "the student has no LoRA adapter (trainable: full); use export: pipeline")
         return save_lora_weights(self.student_model(self.export_unet()), directory)
@@ -823,8 +803,6 @@ def write_model_defaults(folder: Path, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m diffsteer.training.fdistill`` (and ``torchrun ... -m diffsteer.training.fdistill``): ``diffsteer train fdistill``."""
-    from diffsteer.training.cli import run_method
-
     return run_method("fdistill", argv)
 
 

@@ -58,8 +58,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffsteer.evaluation.prompts import load_prompts
+from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.latent_evaluators import KINDS, EvaluatorSpec, LatentEvaluators, PromptInputs, text_probe
+from diffsteer.guidance.latents import decode, encode
+from diffsteer.guidance.parameterisation import to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.guidance.policies.cfg import cfg_combine
+from diffsteer.guidance.request import GenerationParams, Limits
+from diffsteer.guidance.reward_models import get_reward
+from diffsteer.guidance.sampler import make_scheduler, prepare, step_alpha_bars
+from diffsteer.guidance.schedulers import build_scheduler
+from diffsteer.proving_ground import TrainingScenes
+from diffsteer.training.checkpoints import atomic_torch_save
+from diffsteer.training.cli import run_method
+from diffsteer.training.config_io import to_plain
+from diffsteer.training.prompts import load_training_prompts
 from diffsteer.training.trainer import EvalResult, Trainer, TrainerConfig, with_default
 
 
@@ -129,7 +144,6 @@ class LatentEvaluatorConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from diffsteer.guidance.latent_evaluators import KINDS
 
         if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
             raise InvalidInput("kinds", f"expected distinct names among {', '.join(KINDS)}, got {list(self.kinds)}")
@@ -174,9 +188,6 @@ class _RecordingCFG(GuidancePolicy):
         return PolicyState(trace={"groups": []})
 
     def step(self, state: PolicyState, x: torch.Tensor, info, denoiser) -> torch.Tensor:
-        from diffsteer.guidance.denoiser import to_x0
-        from diffsteer.guidance.policies.cfg import cfg_combine
-
         out = denoiser(x, info, ["uncond", "cond"])
         cond, uncond = out["cond"], out["uncond"]
         rows = np.nonzero((self.record == info.index).any(axis=1))[0]
@@ -218,15 +229,11 @@ class Groups:
 
     def prompt_inputs(self) -> Any:
         """What the evaluators read of each group's prompt (:class:`diffsteer.guidance.latent_evaluators.PromptInputs`)."""
-        from diffsteer.guidance.latent_evaluators import PromptInputs
-
         return PromptInputs(states=self.text, embedding=self.text_embedding)
 
 
 def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
     """The model's ``cond`` text states [B, L, D] of ``prompts`` (float32)."""
-    from diffsteer.guidance.conditioning import encode_conditions
-
     size = model.default_size
     conditions, _ = encode_conditions(model, prompts, None, ["cond"], height=size, width=size)
     return conditions["cond"].hidden_states.float()
@@ -242,8 +249,6 @@ def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rn
     and text embeddings are kept too). Every draw from ``rng``."""
     import contextlib
 
-    from diffsteer.guidance.request import Limits
-    from diffsteer.guidance.sampler import decode, prepare
 
     autocast = autocast or contextlib.nullcontext
     n, steps = len(prompts), int(params["steps"])
@@ -296,8 +301,6 @@ class RealImages:
         self.files: list[Path] = []
         self.scenes = None
         if source == "pg-scenes":
-            from diffsteer.proving_ground import TrainingScenes
-
             self.scenes = TrainingScenes(seed=seed, resolution=size)
         else:
             folder = Path(source).expanduser()
@@ -344,20 +347,13 @@ class LatentEvaluatorTrainer(Trainer):
     eval_summary_metrics = ("alignment.rank_corr_within", "alignment.rank_corr", "fidelity.accuracy")
 
     def build(self) -> None:
-        from diffsteer.guidance.latent_evaluators import EvaluatorSpec, LatentEvaluators
-        from diffsteer.guidance.reward_models import get_reward
-        from diffsteer.training.prompts import load_training_prompts
-
         c = self.config
         self.train_prompts = load_training_prompts(c.prompts)
         self.reward = get_reward(c.reward, self.device, torch.float32, field="reward") if "alignment" in c.kinds else None
         self.real = RealImages(c.real_images, c.seed, self.model.default_size) if "fidelity" in c.kinds else None
-        from diffsteer.guidance.sampler import make_scheduler
-        from diffsteer.guidance.request import GenerationParams
 
         params = GenerationParams.parse(self.generation_params(self.train_prompts[:1], [0]))
         scheduler, timesteps = make_scheduler(self.model, params)
-        from diffsteer.guidance.sampler import step_alpha_bars
 
         bars = torch.tensor(step_alpha_bars(scheduler, timesteps), dtype=torch.float64)
         lam = torch.log(bars) - torch.log1p(-bars)
@@ -402,8 +398,6 @@ class LatentEvaluatorTrainer(Trainer):
         ``<output_dir>/groups/`` (atomically), so that a resumed run loads them; each process records its share."""
         from tqdm import tqdm
 
-        from diffsteer.training.checkpoints import atomic_torch_save
-        from diffsteer.training.config_io import to_plain
 
         c = self.config
         folder = self.out / "groups"
@@ -438,7 +432,6 @@ class LatentEvaluatorTrainer(Trainer):
         c = self.config
         if not c.eval_prompts:
             return None
-        from diffsteer.evaluation.prompts import load_prompts
 
         try:
             items = load_prompts(c.eval_prompts, seeds=c.eval_seeds, seed=0, max_prompts=c.eval_max_prompts).items
@@ -452,9 +445,6 @@ class LatentEvaluatorTrainer(Trainer):
                     real: bool = True) -> Groups:
         """Sample trajectories, record candidate groups, score them with the reward and pair them with real x̂0
         (every draw from ``rng``)."""
-        from diffsteer.guidance.denoiser import to_x0
-        from diffsteer.guidance.latent_evaluators import encode_images
-
         c = self.config
         n = c.batch_size if prompts is None else len(prompts)
         if prompts is None:
@@ -467,7 +457,7 @@ class LatentEvaluatorTrainer(Trainer):
         g = groups.x0.shape[0]
         if real and self.real is not None:
             pixels, captions = self.real.get(rng.integers(0, 2**31 - 1, g))
-            z = encode_images(self.model, pixels)
+            z = encode(self.model.vae, pixels)
             eps = torch.from_numpy(rng.standard_normal(z.shape)).to(z)
             a = groups.alpha_bar.to(z).view(-1, 1, 1, 1)
             x_t = a.sqrt() * z + (1 - a).sqrt() * eps
@@ -482,8 +472,6 @@ class LatentEvaluatorTrainer(Trainer):
     def _timestep(self, alpha_bar: float) -> torch.Tensor:
         """The training timestep whose ᾱ is nearest ``alpha_bar``."""
         if not hasattr(self, "_acp"):
-            from diffsteer.guidance.schedulers import build_scheduler
-
             self._acp = build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.double()
         return torch.tensor(int((self._acp - alpha_bar).abs().argmin()), device=self.device)
 
@@ -553,8 +541,6 @@ class LatentEvaluatorTrainer(Trainer):
         return {k: f"{metrics[k]:.3g}" for k in ("loss", "alignment.rank", "fidelity.accuracy") if k in metrics}
 
     def export(self) -> dict[str, str]:
-        from diffsteer.guidance.latent_evaluators import text_probe
-
         c = self.config
         target = Path(c.export_dir) if c.export_dir else self.out / "latent_evaluators"
         meta: dict[str, Any] = {"trained_steps": self.step, "seed": c.seed}
@@ -617,8 +603,6 @@ def agreement(evaluators: Any, groups: Groups) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m diffsteer.training.latent_evaluator``: the same as ``diffsteer train latent-evaluator``."""
-    from diffsteer.training.cli import run_method
-
     return run_method("latent-evaluator", argv)
 
 

@@ -26,7 +26,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from diffsteer.evaluation.runner import Item, run_arm
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.images import encode_image
+from diffsteer.guidance.models import load_model
+from diffsteer.guidance.reward_models import get_reward
+from diffsteer.training.preference_data import write_preference_pairs
+from diffsteer.training.prompts import load_training_prompts
 
 PAIRINGS = ("all", "best-rest", "best-worst")
 
@@ -99,11 +105,6 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
     import torch
     from tqdm import tqdm
 
-    from diffsteer.evaluation.runner import Item, run_arm
-    from diffsteer.guidance.images import encode_image
-    from diffsteer.guidance.models import load_model
-    from diffsteer.guidance.reward_models import get_reward
-    from diffsteer.training.prompts import load_training_prompts
 
     prompts = choose_prompts(load_training_prompts(config.prompts, field="--prompts"), config.max_prompts, config.seed)
     if model is None:
@@ -140,8 +141,6 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from diffsteer.training.preference_data import write_preference_pairs
-
     config = PairsConfig(
         output=args.output, model=args.model, prompts=args.prompts, max_prompts=args.max_prompts,
         images_per_prompt=args.images_per_prompt, pairing=args.pairing, best_k=args.best_k, reward=args.reward, policy=args.policy,

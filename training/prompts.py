@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+from diffsteer.evaluation.prompts import load_prompts
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.proving_ground import CATEGORIES, caption
+from diffsteer.proving_ground.prompts import training_prompt_specs
 
 PREFIX = "pg-train:"
 
@@ -20,16 +23,12 @@ def load_training_prompts(source: str, field: str = "prompts") -> list[str]:
         raise InvalidInput(field, "empty; accepted: pg-train:all, pg-train:CATEGORY[,...], or an evaluation prompt source")
     source = source.strip()
     if source.startswith(PREFIX):
-        from diffsteer.proving_ground import CATEGORIES, caption
-        from diffsteer.proving_ground.prompts import training_prompt_specs
-
         wanted = source[len(PREFIX):]
         names = list(CATEGORIES) if wanted == "all" else [c.strip() for c in wanted.split(",") if c.strip()]
         unknown = [c for c in names if c not in CATEGORIES]
         if unknown or not names:
             raise InvalidInput(field, f"unknown category {unknown or wanted!r}; accepted: all, {', '.join(CATEGORIES)}")
         return sorted({caption(spec) for c in names for spec in training_prompt_specs(c)})
-    from diffsteer.evaluation.prompts import load_prompts
 
     try:
         prompt_set = load_prompts(source)

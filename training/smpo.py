@@ -57,7 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.training.cli import run_method
 from diffsteer.training.dpo import DPOConfig, DPOTrainer, preference_margin
+from diffsteer.training.renoise import inversion_grid, noise_from_inverted, renoise_invert
 from diffsteer.training.trainer import with_default
 
 # SmPO's normalisation bounds for PickScore (the raw cosine of its CLIP-H embeddings, as its preprocessing
@@ -165,8 +167,6 @@ class SmPOTrainer(DPOTrainer):
     def noisy_latents(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
         """ReNoise inversion of ``x0`` to each sample's t with the model being trained; the noise target recovered
         from the inverted latent (``noise`` is unused unless ``inversion`` is off)."""
-        from diffsteer.training.renoise import inversion_grid, noise_from_inverted, renoise_invert
-
         c = self.config
         if not c.inversion:
             return super().noisy_latents(x0, t, noise, condition)
@@ -188,8 +188,6 @@ class SmPOTrainer(DPOTrainer):
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m diffsteer.training.smpo`` (and ``torchrun ... -m diffsteer.training.smpo``): the same as ``diffsteer train smpo``."""
-    from diffsteer.training.cli import run_method
-
     return run_method("smpo", argv)
 
 

@@ -76,7 +76,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from diffsteer.evaluation.metrics import MetricScorer
+from diffsteer.evaluation.prompts import load_prompts
+from diffsteer.evaluation.runner import run_arm
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.files import atomic_directory
+from diffsteer.guidance.models import load_model
+from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffsteer.training.config_io import plain_defaults, to_plain
+from diffsteer.training.distributed import init_processes
+from diffsteer.training.logs import TrainingLog
+from diffsteer.training.lora import add_lora, load_trainable_state, merged_unet, save_lora_weights, trainable_state
 
 # Fields a resumed run may change; any other difference between the checkpoint's config and the new one is an
 # error, since it would silently make the resumed run a different experiment. A method adds its own with
@@ -212,15 +222,11 @@ class RegisteredModule:
     state: Literal["trainable", "full"]  # what a checkpoint holds: trainable parameters, or the whole state_dict
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from diffsteer.training.lora import trainable_state
-
         if self.state == "trainable":
             return trainable_state(self.module)
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from diffsteer.training.lora import load_trainable_state
-
         if self.state == "trainable":
             load_trainable_state(self.module, state)
         else:
@@ -314,9 +320,6 @@ class Trainer:
     def __init__(self, config: TrainerConfig, model: Any = None):
         """``model``: an already loaded :class:`~diffsteer.guidance.models.DiffusionModel` to train in place of
         ``config.model`` (benchmarks, notebooks); it must be on the device the config asks for."""
-        from diffsteer.guidance.models import load_model
-        from diffsteer.training.distributed import init_processes
-
         self.config = c = config
         self.out = Path(c.output_dir)
         if c.threads is not None:
@@ -407,8 +410,6 @@ class Trainer:
         c = self.config
         unet = self.model.unet
         if c.trainable == "lora":
-            from diffsteer.training.lora import add_lora
-
             try:
                 params = add_lora(unet, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed)
             except ValueError as e:
@@ -544,7 +545,6 @@ class Trainer:
         c = self.config
         if not c.eval_prompts:
             return []
-        from diffsteer.evaluation.prompts import load_prompts
 
         try:
             return load_prompts(c.eval_prompts, seeds=c.eval_seeds, seed=0, max_prompts=c.eval_max_prompts).items
@@ -563,9 +563,6 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         """The held-out prompts at fixed seeds under the current weights: the verifier's rates on ``pg:`` prompts
         and the mean of :meth:`eval_reward` (metric ``reward``)."""
-        from diffsteer.evaluation.metrics import MetricScorer
-        from diffsteer.evaluation.runner import run_arm
-
         c = self.config
         if not self.eval_items:
             return EvalResult(self.step, {}, [])
@@ -611,8 +608,6 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_state(self) -> dict[str, Any]:
-        from diffsteer.training.config_io import to_plain
-
         return {
             "step": self.step,
             "config": json.dumps(to_plain(self.config)),
@@ -625,8 +620,6 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes the checkpoint of the current step atomically (the others wait for it)."""
-        from diffsteer.training.checkpoints import save_checkpoint
-
         path = None
         if self.processes.is_main:
             path = save_checkpoint(self.out / "checkpoints", self.step, self.checkpoint_state(), self.config.keep_checkpoints)
@@ -634,9 +627,6 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
-        from diffsteer.training.checkpoints import load_checkpoint
-        from diffsteer.training.config_io import plain_defaults, to_plain
-
         state = load_checkpoint(path)
         if "modules" not in state:
             raise InvalidInput("--resume", f"{path} was written before the shared trainer (no named modules); "
@@ -677,8 +667,6 @@ class Trainer:
         return written
 
     def export_lora(self, directory: Path) -> Path:
-        from diffsteer.training.lora import save_lora_weights
-
         if not getattr(self.model.unet, "peft_config", None):
             raise InvalidInput("export", "the trained UNet has no LoRA adapter; use export: pipeline")
         return save_lora_weights(self.model, directory)
@@ -688,8 +676,6 @@ class Trainer:
         LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
         import dataclasses
 
-        from diffsteer.guidance.files import atomic_directory
-        from diffsteer.training.lora import merged_unet
 
         unet, vae = merged_unet(self.export_unet()), self.model.vae
         if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
@@ -705,8 +691,6 @@ class Trainer:
         """Run (or resume) the job to ``max_steps``; returns the summary also written to ``summary.json``."""
         from tqdm import tqdm
 
-        from diffsteer.training.checkpoints import latest_checkpoint
-        from diffsteer.training.logs import TrainingLog
 
         c = self.config
         main = self.processes.is_main

@@ -20,7 +20,8 @@ from typing import Literal
 import pydantic
 import torch
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_eps, to_x0
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.parameterisation import to_eps, to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
 from diffsteer.guidance.policies.cfg import cfg_combine
 

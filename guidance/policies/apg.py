@@ -28,7 +28,8 @@ from typing import Literal
 import pydantic
 import torch
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, from_x0, to_x0
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.parameterisation import from_x0, to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 
 

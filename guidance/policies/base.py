@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pydantic
 import torch
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.denoiser import Condition, Denoiser, StepInfo
+from diffsteer.guidance.events import StepCallback
+from diffsteer.guidance.executor import Executor
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.reward_models import RewardModels
 
 
 class PolicyParams(pydantic.BaseModel):
@@ -53,8 +57,8 @@ class SamplingContext:
     has_negative_prompt: bool
     requested_steps: int | None = None  # the request's `steps`
     prompts: tuple[str, ...] = ()  # one per image
-    model: Any = None  # the DiffusionModel, for policies that decode or score (dynamic CFG)
-    rewards: Any = None  # diffsteer.guidance.reward_models.RewardModels the caller passed down (None: the defaults)
+    model: DiffusionModel | None = None  # for policies that decode or score (dynamic CFG, ReNO)
+    rewards: RewardModels | None = None  # the reward library the caller passed down (None: the defaults)
 
 
 @dataclass
@@ -97,6 +101,29 @@ class GuidancePolicy(ABC):
         return 1.0
 
 
+class Rollout(Protocol):
+    """One run of the reverse process, as an outer loop reads it."""
+
+    latents: torch.Tensor  # the final (clean) latents
+    denoiser: Denoiser  # its evaluation counters
+
+
+class PreparedRun(Protocol):
+    """A request with its prompts encoded and its noise drawn, that an outer loop can sample from many times
+    (the sampler's ``PreparedGeneration``; declared here so that policies do not depend on the sampler)."""
+
+    model: DiffusionModel
+    executor: Executor
+    rewards: RewardModels
+    conditions: dict[str, Condition]
+    noise: torch.Tensor  # the seeds' unit Gaussian noise
+
+    @property
+    def prompts(self) -> list[str]: ...
+
+    def run(self, noise: torch.Tensor | None = None, *, gradient_checkpointing: bool | None = None) -> Rollout: ...
+
+
 @dataclass
 class NoiseOptimisation:
     """What an outer loop returns: the initial noise of the final run, its trace and the evaluations it spent
@@ -116,6 +143,6 @@ class OuterLoopPolicy(GuidancePolicy):
     """
 
     @abstractmethod
-    def optimise_noise(self, prepared: Any, callback: Any = None) -> NoiseOptimisation:
-        """Run the outer loop for ``prepared`` (a PreparedGeneration); ``callback`` gets its progress and may raise
-        GenerationCancelled to stop."""
+    def optimise_noise(self, prepared: PreparedRun, callback: StepCallback | None = None) -> NoiseOptimisation:
+        """Run the outer loop for ``prepared``; ``callback`` gets its progress and may raise GenerationCancelled
+        to stop."""

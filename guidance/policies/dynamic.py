@@ -41,16 +41,28 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import pydantic
 import torch
 import torch.nn.functional as F
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, to_x0
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.latent_evaluators import (
+    LatentEvaluators,
+    PromptInputs,
+    evaluators_for,
+    parse_weights,
+    text_states,
+)
+from diffsteer.guidance.latents import decode
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.parameterisation import to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
 from diffsteer.guidance.policies.cfg import cfg_combine
+from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
+from diffsteer.rewards import CompositeReward
 
 CandidateScale = pydantic.confloat(ge=0.0, le=100.0)
 
@@ -82,11 +94,11 @@ class DynamicCFGParams(PolicyParams):
 
 @dataclass
 class DynamicCFGState(PolicyState):
-    model: Any = None
-    rewards: Any = None  # the RewardModels passed down (diffsteer.guidance.reward_models)
-    latent: Any = None  # the model's LatentEvaluators when scoring in latent space
+    model: DiffusionModel | None = None
+    rewards: RewardModels | None = None  # the reward library passed down
+    latent: LatentEvaluators | None = None  # the model's evaluators when scoring in latent space
     latent_weights: dict[str, float] = field(default_factory=dict)
-    prompt_inputs: Any = None  # what the latent evaluators read of the prompts (PromptInputs), made at the first choice
+    prompt_inputs: PromptInputs | None = None  # what the latent evaluators read of the prompts, made at the first choice
     prompts: list[str] = field(default_factory=list)
     current: torch.Tensor | None = None  # the scale in force per image
     schedule: list[list[float]] = field(default_factory=list)
@@ -99,9 +111,6 @@ class DynamicCFG(GuidancePolicy):
     cost_field = "candidates"
 
     def start(self, ctx: SamplingContext) -> DynamicCFGState:
-        from diffsteer.guidance.latent_evaluators import evaluators_for, parse_weights
-        from diffsteer.guidance.reward_models import DEFAULT_REWARDS
-
         p = self.params
         rewards = ctx.rewards or DEFAULT_REWARDS
         latent, weights = None, {}
@@ -151,8 +160,6 @@ class DynamicCFG(GuidancePolicy):
     def _choose_latent(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
         """The best candidate per image by the latent evaluators: all K × B candidates in one executor unit, batched
         (LATENT_CHUNK native-size candidates per evaluator call, so memory stays near cfg's for 32 candidates)."""
-        from diffsteer.guidance.latent_evaluators import text_states
-
         p = self.params
         batch = cond.shape[0]
         with torch.no_grad():
@@ -210,7 +217,7 @@ def candidate_x0(cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, info
 
 
 @torch.no_grad()
-def latent_scores(evaluators: Any, x0: torch.Tensor, alpha_bar: float, prompts: Any,
+def latent_scores(evaluators: LatentEvaluators, x0: torch.Tensor, alpha_bar: float, prompts: PromptInputs,
                   weights: dict[str, float], chunk: int | None = None) -> torch.Tensor:
     """Σ_j λ_j·E_j of every row of ``x0``, float32 on the CPU: batched calls of at most ``chunk`` rows (None: all
     in one), so that the evaluators' activations stay small beside the UNet's (memory ∝ rows × latent area)."""
@@ -219,21 +226,19 @@ def latent_scores(evaluators: Any, x0: torch.Tensor, alpha_bar: float, prompts: 
                       for i in range(0, x0.shape[0], chunk)])
 
 
-def native_latent_area(model: Any) -> int:
+def native_latent_area(model: DiffusionModel) -> int:
     size = int(model.unet.config.sample_size)
     return size * size
 
 
-def score_chunk(model: Any, latent_area: int) -> int:
+def score_chunk(model: DiffusionModel, latent_area: int) -> int:
     """Images per scoring unit: SCORE_CHUNK at the native size, fewer for larger latents (memory ∝ pixels)."""
     return max(1, int(SCORE_CHUNK * native_latent_area(model) / latent_area))
 
 
 @torch.no_grad()
-def score_images(model: Any, reward: Any, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def score_images(model: DiffusionModel, reward: CompositeReward, x0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Reward of the decoded clean-latent predictions ``x0``, as float32 on the CPU."""
-    from diffsteer.guidance.sampler import decode
-
     return reward.evaluate(decode(model, x0), prompts).total_score.float().cpu()
 
 

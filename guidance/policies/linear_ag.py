@@ -26,7 +26,8 @@ from typing import Literal
 import pydantic
 import torch
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, from_eps, to_eps
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.parameterisation import from_eps, to_eps
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 from diffsteer.guidance.policies.cfg import cfg_combine
 

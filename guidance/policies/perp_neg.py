@@ -20,7 +20,8 @@ from typing import Literal
 import pydantic
 import torch
 
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, from_eps, to_eps
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.parameterisation import from_eps, to_eps
 from diffsteer.guidance.policies.apg import project
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 

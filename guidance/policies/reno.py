@@ -21,15 +21,27 @@ backward pass, as gradient checkpointing does) and the VAE decoder.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import pydantic
 import torch
 
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.events import StepCallback, StepEvent
 from diffsteer.guidance.executor import BACKWARD_COST, run_with_grad
-from diffsteer.guidance.policies.base import NoiseOptimisation, OuterLoopPolicy, PolicyParams, PolicyState, SamplingContext
+from diffsteer.guidance.latent_evaluators import PromptInputs, is_latent_spec, latent_reward
+from diffsteer.guidance.latents import decode
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.policies.base import (
+    NoiseOptimisation,
+    OuterLoopPolicy,
+    PolicyParams,
+    PolicyState,
+    PreparedRun,
+    SamplingContext,
+)
 from diffsteer.guidance.policies.cfg import CFG, CFGParams
+from diffsteer.rewards import CompositeReward
 
 
 class ReNOParams(PolicyParams):
@@ -58,8 +70,6 @@ class ReNO(OuterLoopPolicy):
         self._inner = CFG(CFGParams(scale=self.params.scale))
 
     def start(self, ctx: SamplingContext) -> PolicyState:
-        from diffsteer.guidance.latent_evaluators import is_latent_spec, latent_reward
-
         if ctx.model is not None and is_latent_spec(self.params.reward):
             latent_reward(ctx.model, self.params.reward, rewards=ctx.rewards)  # load (and validate) before any work
         elif ctx.model is not None and ctx.rewards is not None:
@@ -76,7 +86,7 @@ class ReNO(OuterLoopPolicy):
         """Every iteration samples (1) and, but the last, backpropagates through each UNet call (BACKWARD_COST)."""
         return 1.0 + self.params.iterations * (1.0 + BACKWARD_COST)
 
-    def optimise_noise(self, prepared: Any, callback=None) -> NoiseOptimisation:
+    def optimise_noise(self, prepared: PreparedRun, callback: StepCallback | None = None) -> NoiseOptimisation:
         """Run the optimisation; returns the best noise per image, the trace and the UNet evaluations per image.
 
         An iteration is: the sampling pass with autograd on (each UNet call one unit of ``prepared.executor``),
@@ -84,16 +94,13 @@ class ReNO(OuterLoopPolicy):
         unless it is the last, the backward pass through the sampler (each UNet call's recomputation and
         backward one unit) and the SGD step. So a server interleaves other requests' UNet calls with these.
         """
-        from diffsteer.guidance.sampler import StepEvent
-
-        from diffsteer.guidance.latent_evaluators import is_latent_spec, latent_reward
 
         p: ReNOParams = self.params
         model, executor = prepared.model, prepared.executor
-        prompts = list(prepared.params.prompts)
+        prompts = prepared.prompts
         if is_latent_spec(p.reward):  # the model's latent evaluators score the clean latents: no VAE decode
             scorer, states = latent_reward(model, p.reward, rewards=prepared.rewards), prepared.conditions["cond"].hidden_states
-            inputs: list[Any] = []  # the prompts' inputs, made in the first scoring unit (on the executor)
+            inputs: list[PromptInputs] = []  # the prompts' inputs, made in the first scoring unit (on the executor)
 
             def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 if not inputs:
@@ -152,11 +159,9 @@ class ReNO(OuterLoopPolicy):
         return NoiseOptimisation(best_noise.to(prepared.noise.dtype), trace, nfe)
 
 
-def reward_and_gradient(model: Any, reward: Any, latents: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_and_gradient(model: DiffusionModel, reward: CompositeReward, latents: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(score per image on the CPU, gradient of the summed reward loss in ``latents``): decode and score with
     autograd on, then backpropagate to the latents only (the decoder's activations are freed on return)."""
-    from diffsteer.guidance.sampler import decode
-
     leaf = latents.detach().requires_grad_(True)
     result = reward.evaluate(decode(model, leaf), prompts)
     (grad,) = torch.autograd.grad(result.loss_per_sample.sum(), leaf)

@@ -16,7 +16,7 @@ Three stages, all on scenes from :class:`diffsteer.proving_ground.TrainingScenes
 The result is saved as a diffusers ``StableDiffusionPipeline`` folder in fp16 safetensors, loadable by
 ``StableDiffusionPipeline.from_pretrained`` and by ``diffsteer.guidance.models.load_model``.
 
-    python -m diffsteer.training.proving_ground_model --output proving_ground/assets/model
+    python -m diffsteer.proving_ground.build_model --output proving_ground/assets/model
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from diffsteer.guidance.tiny import write_clip_tokenizer
+from diffsteer.proving_ground import TrainingScenes, shipped
+from diffsteer.proving_ground.prompts import heldout_suite
+from diffsteer.proving_ground.render import render_prompt
+from diffsteer.proving_ground.verifier import summarise, verify
+from diffsteer.training.config_io import add_config_arguments, config_from_arguments
+
 WORLD_WORDS = (
     "a an one two three four and to the of left right above below photo image picture "
     "red yellow green cyan blue magenta circle circles square squares triangle triangles"
@@ -42,7 +49,7 @@ WORLD_WORDS = (
 
 @dataclass
 class ProvingGroundModelConfig:
-    output: str = field(default="proving_ground/assets/model", metadata={"help": "Output pipeline folder."})
+    output: str = field(default=str(shipped.MODEL), metadata={"help": "Output pipeline folder."})
     seed: int = field(default=0, metadata={"help": "Seed of the data stream and of every initialisation."})
     num_scenes: int = field(default=30_000, metadata={"help": "Training scenes rendered once and reused."})
     category_weights: dict[str, float] = field(
@@ -84,8 +91,6 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def render_scenes(cfg: ProvingGroundModelConfig) -> tuple[torch.Tensor, list[str]]:
-    from diffsteer.proving_ground import TrainingScenes
-
     stream = TrainingScenes(seed=cfg.seed, category_weights=cfg.category_weights)
     images, captions = stream.batch(0, cfg.num_scenes)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 64, 64]
@@ -152,10 +157,6 @@ def train_vae(cfg: ProvingGroundModelConfig, pixels: torch.Tensor, log: dict) ->
 def vae_roundtrip_report(vae, n: int = 200) -> dict[str, float]:
     """Reconstruct held-out single-object scenes through the VAE and score them with the verifier: the ceiling
     that the autoencoder puts on any denoiser trained in its latent space."""
-    from diffsteer.proving_ground.prompts import heldout_suite
-    from diffsteer.proving_ground.render import render_prompt
-    from diffsteer.proving_ground.verifier import summarise, verify
-
     items = heldout_suite("single", n)
     scenes = np.stack([render_prompt(item.spec, item.seed)[0] for item in items])
     x = to_unit(torch.from_numpy(scenes).permute(0, 3, 1, 2))
@@ -295,7 +296,6 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from diffsteer.guidance.tiny import write_clip_tokenizer
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -338,8 +338,6 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffsteer.training.config_io import add_config_arguments, config_from_arguments
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, ProvingGroundModelConfig)
     print(train(config_from_arguments(ProvingGroundModelConfig, parser.parse_args(argv))))

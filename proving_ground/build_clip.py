@@ -40,7 +40,7 @@ Outputs in ``output``: ``<model_name>.json`` (open_clip model config; register w
 ``open_clip.add_model_config``, the architecture name is the file stem), ``open_clip_model.safetensors``,
 ``open_clip_config.json`` (so the folder also loads as ``local-dir:<folder>``) and ``training_log.json``.
 
-    python -m diffsteer.training.proving_ground_clip --output proving_ground/assets/clip
+    python -m diffsteer.proving_ground.build_clip --output proving_ground/assets/clip
 """
 
 from __future__ import annotations
@@ -59,8 +59,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffsteer.proving_ground import TrainingScenes, shipped
 from diffsteer.proving_ground.prompts import is_heldout_spec
-from diffsteer.proving_ground.world import COLOUR_NAMES, MAX_COUNT, RELATIONS, SHAPES, Group, PromptSpec, canonical_key
+from diffsteer.proving_ground.world import (
+    CATEGORIES,
+    COLOUR_NAMES,
+    MAX_COUNT,
+    RELATIONS,
+    SHAPES,
+    Group,
+    PromptSpec,
+    all_prompt_specs,
+    canonical_key,
+)
+from diffsteer.rewards.preprocess import ClipPreprocessConfig, clip_preprocess
+from diffsteer.training.config_io import add_config_arguments, config_from_arguments
 
 DEFAULT_MODEL_NAME = "diffsteer-pg-clip"
 CAPTION_PREFIXES = ("a photo of ", "an image of ", "a picture of ")
@@ -70,7 +83,7 @@ OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "bel
 
 @dataclass
 class ProvingGroundClipConfig:
-    output: str = field(default="proving_ground/assets/clip", metadata={"help": "Output folder."})
+    output: str = field(default=str(shipped.CLIP), metadata={"help": "Output folder."})
     model_name: str = field(
         default=DEFAULT_MODEL_NAME,
         metadata={"help": "open_clip architecture name: the model-config file is '<model_name>.json'."},
@@ -231,8 +244,6 @@ class CompactTokenEmbedding(nn.Module):
 def world_token_ids(tokenizer) -> list[int]:
     """Every token id that occurs in a caption of the world (all specs of all categories, with and without
     the :data:`CAPTION_PREFIXES`), plus the start, end and padding ids."""
-    from diffsteer.proving_ground.world import CATEGORIES, all_prompt_specs
-
     captions = [s.caption for c in CATEGORIES for s in all_prompt_specs(c)]
     captions += [p + "a red circle" for p in CAPTION_PREFIXES]
     tokens = tokenizer(captions)
@@ -272,8 +283,6 @@ def open_clip_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Tens
 def pixels_from_uint8(images: np.ndarray, preprocess) -> Tensor:
     """uint8 ``[B, H, W, 3]`` -> the model's normalised input, through the same preprocessing the ``clip``
     reward applies (:func:`diffsteer.rewards.preprocess.clip_preprocess`)."""
-    from diffsteer.rewards.preprocess import clip_preprocess
-
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
     return clip_preprocess(x, preprocess)
 
@@ -352,9 +361,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(cfg: ProvingGroundClipConfig) -> Path:
-    from diffsteer.proving_ground import TrainingScenes
-    from diffsteer.rewards.preprocess import ClipPreprocessConfig
-
     torch.set_num_threads(cfg.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     model, tokenizer = build_model(cfg)
@@ -409,8 +415,6 @@ def train(cfg: ProvingGroundClipConfig) -> Path:
 def make_probe(cfg: ProvingGroundClipConfig, preprocess) -> tuple[Tensor, list[tuple[int, str, list[str]]]]:
     """Validation scenes (training specs, images from another stream seed) and, per scene and edit kind,
     the candidate captions (true one first) among which the model must pick the true one."""
-    from diffsteer.proving_ground import TrainingScenes
-
     stream = TrainingScenes(seed=cfg.seed + 1, category_weights=cfg.category_weights, resolution=cfg.image_size)
     examples = [stream[i] for i in range(cfg.probe_scenes)]
     tests = []
@@ -500,7 +504,7 @@ def register(config_path: str | Path) -> str:
     return path.stem
 
 
-def load(folder: str | Path = "proving_ground/assets/clip", model_name: str = DEFAULT_MODEL_NAME, device: str = "cpu"):
+def load(folder: str | Path = shipped.CLIP, model_name: str = DEFAULT_MODEL_NAME, device: str = "cpu"):
     """``(model, tokenizer)`` of a saved folder through open_clip's factory (what users of the files do)."""
     import open_clip
 
@@ -648,8 +652,6 @@ def sample_negatives(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffsteer.training.config_io import add_config_arguments, config_from_arguments
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, ProvingGroundClipConfig)
     print(train(config_from_arguments(ProvingGroundClipConfig, parser.parse_args(argv))))
