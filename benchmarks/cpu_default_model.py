@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=1, help="images per call")
-    ap.add_argument("--scale", type=float, default=1.5, help="cfg scale (the proving-ground model's best)")
+    ap.add_argument("--scale", type=float, default=1.5, help="cfg scale (the proving-ground model's recommended one)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile-timeout", type=float, default=600.0, help="seconds allowed for the compile arm's first call")
     ap.add_argument("--arms", default="diffusers,generate,generate+inference_mode,generate+channels_last,generate+compile,service,cli")

@@ -1,4 +1,4 @@
-"""Dynamic CFG with the model's latent evaluators against fixed scales, on the proving ground (issue 17).
+"""Dynamic CFG with the model's latent evaluators against fixed scales, on the proving ground.
 
 Four measurements in one run:
 

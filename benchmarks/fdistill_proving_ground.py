@@ -6,8 +6,8 @@ of the verifier's pass with 95% prompt-bootstrap CIs (``diffsteer.evaluation.sta
 
 1. **Student vs teacher.** The one-step student (``--student``: an exported pipeline folder, sampled with its
    own scheduler at 1 step, no guidance: 1 UNet evaluation) against the teacher (``builtin:proving-ground``) at
-   1, 4 and 30 DDIM steps under its best guidance (``cfg:scale=1.5``, BENCHMARKS.md: 2 evaluations per step).
-   Bars (issue 13): student > teacher@4 and student >= teacher@30 - 10 points.
+   1, 4 and 30 DDIM steps under its recommended guidance (``cfg:scale=1.5``: 2 evaluations per step; BENCHMARKS.md,
+   section Guidance policies on the proving ground). Bars: student > teacher@4 and student >= teacher@30 - 10 points.
 2. **Divergences at equal steps** (``--students js=DIR,reverse_kl=DIR,forward_kl=DIR``, students trained with
    the same config and number of steps but the divergence; differences against the first listed): pass rate,
    and a diversity figure from what the verifier reads: per prompt, the standard deviation over seeds of the

@@ -1,4 +1,4 @@
-"""The GPU suite of issue 14: every performance row on whatever CUDA device is here, each against a baseline
+"""The GPU suite: every performance row on whatever CUDA device is here, each against a baseline
 measured in the same run, in one command that fits 8 minutes on one H100/H200.
 
     python benchmarks/gpu_suite.py --out gpu-results                 # on a CUDA machine (≈ 7 min)

@@ -1,7 +1,8 @@
 """Pool several runs of ``benchmarks/preference_proving_ground.py`` that differ only in the training seed.
 
 One training run per method is one draw of the training's own randomness (LoRA initialisation, which pairs a
-step meets, the noise): on the proving ground the same pairs in another order moved a method's gain by 9 points.
+step meets, the noise), which can move a method's gain as much as the choice of method does (BENCHMARKS.md,
+section Diffusion-DPO and SmPO).
 Runs made with ``--seed 0``, ``--seed 1``, ... on the same pairs file and the same ``--eval-seed`` share their
 evaluation items (the base arm's images are identical; checked here), so their arms can be pooled:
 

@@ -30,9 +30,9 @@ statistics are paired differences with 95% bootstrap CIs that resample prompts (
    more steps make each iteration proportionally dearer and fewer leave the non-distilled model's x0 blurry.
    ``--steps`` and ``--reno-scale`` change them (the baseline follows, so it stays the same sampler).
    Categories: ``single``, ``two_objects``, ``counting`` and ``colour_binding`` by default; ``position`` is
-   left out because the proving-ground CLIP reads spatial relations at 0.42 in its zero-shot probe (colour,
-   shape 1.00, count 0.99), so ReNO cannot be expected to optimise what its reward does not see; add it with
-   ``--categories all`` to measure that.
+   left out because the proving-ground CLIP reads spatial relations poorly, unlike colour, shape and count (its
+   zero-shot probe: BENCHMARKS.md, section Proving-ground CLIP model), so ReNO cannot be expected to optimise
+   what its reward does not see; add it with ``--categories all`` to measure that.
 
 2. **Dynamic CFG** (``dynamic_cfg``, Papalampidi et al. 2025) with the ``clip`` evaluator against fixed
    ``cfg`` scales (default 1, 2, 3, 4.5, 6) on the same items, at the proving ground's usual 30 DDIM steps.

@@ -15,8 +15,8 @@ No code was published; this is our family, trained by ``diffsteer train latent-e
   - *embedding* (D > 0), for a reward ``s·cos(f_img(image), f_txt(prompt))`` (CLIP score, HPS, PickScore): the
     network is a latent image tower, ``g(ẑ0, λ) ≈ f_img(D(ẑ0))``, and the score is ``s·cos(g(ẑ0, λ), f_txt(prompt))``
     with the reward's own text tower, run once per prompt. This is the paper's "CLIP-style" evaluator; it learns
-    D numbers per candidate instead of one, and on the proving ground ranks held-out candidates at within-group
-    Spearman +0.40 against the score form's +0.27 (BENCHMARKS.md, issue 17);
+    D numbers per candidate instead of one, and ranks the candidates of a group better than the score form (see
+    BENCHMARKS.md, section Dynamic CFG with latent evaluators);
 * **fidelity** ``F(ẑ0, λ)``: a discriminator's logit, log p(real)/p(model), between the model's own clean-latent
   predictions at log-SNR λ (under guidance) and its predictions from real-data latents noised to the same λ.
 

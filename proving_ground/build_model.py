@@ -121,9 +121,9 @@ def build_vae(cfg: ProvingGroundModelConfig):
 
 def train_vae(cfg: ProvingGroundModelConfig, pixels: torch.Tensor, log: dict) -> torch.nn.Module:
     """Crops first (four times cheaper per image), then whole images: GroupNorm normalises over the whole
-    feature map, so a VAE trained on crops alone reconstructs whole scenes with five times its error on crops
-    (13.4/255 against 2.5/255, and the verifier's shape accuracy on its reconstructions fell to 0.83); a few
-    hundred whole-image steps close the gap."""
+    feature map, so a VAE trained on crops alone reconstructs whole scenes much worse than crops, and the
+    verifier's shape accuracy on its reconstructions falls with it (see BENCHMARKS.md, section Proving-ground
+    model); a few hundred whole-image steps close the gap."""
     vae = build_vae(cfg).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=True)
     g = torch.Generator().manual_seed(cfg.seed + 1)

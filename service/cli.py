@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
     gen.add_argument("--fast-paths", default=None,
-                     help="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (see BENCHMARKS.md)")
+                     help="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (see BENCHMARKS.md, "
+                          "section GPU suite and fast paths)")
     gen.add_argument("--max-size", type=int, default=None,
                      help="largest accepted width/height (default: the model's max_size, else 2048)")
     gen.add_argument("-o", "--output", default="diffsteer.png", help="output PNG (several images: NAME-k.png)")

@@ -103,7 +103,8 @@ class ServiceSettings(BaseSettings):
     fast_paths: str = pydantic.Field(
         "none",
         description="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (compile_mode=..., "
-        "max_graphs=N); see guidance/fast_paths.py and BENCHMARKS.md for what each is measured to gain.",
+        "max_graphs=N); see guidance/fast_paths.py, and BENCHMARKS.md, section GPU suite and fast paths, for what "
+        "each gains.",
     )
     lora_dir: Path | None = pydantic.Field(
         None, description="Folder of LoRA adapters in diffusers format: NAME.safetensors or NAME/pytorch_lora_weights.safetensors."

@@ -38,9 +38,10 @@ rendered training scenes (``real_data: pg-train``, encoded by the VAE) or the te
 **The student.** A copy of the teacher UNet (every weight, or a LoRA on it), generating x = x̂0(G(z, t_s))
 from pure noise z read at timestep t_s: the last training timestep T−1 by default, or ``student_timestep``
 (DMD2's one-step SDXL generator reads its noise at 399). At T−1 the student starts from the teacher's own
-one-step image, but x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 on the proving
-ground), and on the proving ground that keeps a field of small specks that distribution matching removes only
-slowly; at 399 the factor is 1.2 and the specks are gone within a few hundred steps (BENCHMARKS.md). With
+one-step image, but x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 on Stable
+Diffusion's scaled-linear schedule, which the proving-ground model uses), and on the proving ground that left a
+field of small specks that distribution matching removed only slowly; at 399 the factor is 1.2 (see
+BENCHMARKS.md, section f-distill one-step student). With
 ``steps: k`` it runs its own k-step DDIM chain on the "trailing" timesteps (t_s, ...), the training sample
 being the x̂0 at a step drawn per batch after the earlier steps are simulated without gradients (DMD2's
 backward simulation). The export writes that schedule as the pipeline's scheduler config (DDIM, trailing,
@@ -318,7 +319,7 @@ class FDistillConfig(TrainerConfig):
         "help": "The timestep at which the student reads its pure-noise input (DMD2's one-step SDXL generator reads "
                 "it at 399; k-step students then take trailing steps below it). Default: the last training "
                 "timestep T−1, where the student starts from the teacher's own one-step x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ, "
-                "which multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 at T−1 on the proving ground); a lower "
+                "which multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 at T−1 on SD's scaled-linear schedule); a lower "
                 "timestep shrinks that factor but starts the student further from the teacher. Exported as a noise "
                 "schedule cut after that timestep, so one DDIM step of the pipeline is still the student's sample."})
     policy: str = field(default="cfg:scale=1", metadata={

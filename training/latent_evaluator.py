@@ -15,7 +15,8 @@ model, the way dynamic CFG will meet it:
    reward's within-group standard deviation, also from the calibration batch), plus ``rank_weight`` times a
    RankNet loss over the pairs of each group (Burges et al. 2005: −log σ(s_i − s_j) for every pair with
    t_i > t_j). The policy only uses the order within a group, and the spread within a group is a fraction of the
-   spread between prompts, so the level term alone learns the prompt and not the candidates (BENCHMARKS.md).
+   spread between prompts, so the level term alone learns the prompt and not the candidates (see BENCHMARKS.md,
+   section Dynamic CFG with latent evaluators).
 
    ``alignment_target: embedding`` (for a reward s·cos(f_img, f_txt): clip, hps, pickscore) records the reward's
    unit-norm image embedding e_k = f_img(D(ẑ0_k)) of every candidate and the prompt's text embedding u, and the
@@ -23,8 +24,8 @@ model, the way dynamic CFG will meet it:
    The level term is then 1 − ⟨g, e_k⟩, the within-group term also covers the embeddings' deviations from their
    group mean (in units of their within-group standard deviation), and RankNet reads the scores in units of the
    reward's within-group standard deviation. D targets per candidate instead of one, and the prompt enters through
-   the exact text embedding: on the proving ground this lifts the held-out within-group Spearman from +0.27 to
-   +0.40 (BENCHMARKS.md).
+   the exact text embedding; it ranks the candidates of a held-out group better than the score form (see
+   BENCHMARKS.md, section Dynamic CFG with latent evaluators).
 3. **Fidelity**: real-data latents (``real_images``: rendered proving-ground scenes, or a folder of images) encoded
    by the VAE, noised to each group's ᾱ, x_t = √ᾱ·z + √(1−ᾱ)·ε, and denoised by the model with their own caption:
    x0(ε_c(x_t)) is "real"; the model's own candidates ẑ0_k at that ᾱ are "model". Loss: class-balanced logistic
@@ -99,7 +100,8 @@ class LatentEvaluatorConfig(TrainerConfig):
     alignment_target: Literal["score", "embedding"] = field(default="score", metadata={
         "help": "What the alignment evaluator learns: score (the reward itself, reading the diffusion text states) or "
                 "embedding (the image embedding of a reward s·cos(f_img, f_txt) — clip, hps, pickscore — scored "
-                "against the reward's own text embedding at sampling time; ranks candidates better: BENCHMARKS.md)."})
+                "against the reward's own text embedding at sampling time; ranks candidates better: see BENCHMARKS.md, "
+                "section Dynamic CFG with latent evaluators)."})
     kinds: tuple[str, ...] = field(default=("alignment", "fidelity"), metadata={
         "help": "Evaluators to train: alignment, fidelity."})
     real_images: str = field(default="pg-scenes", metadata={

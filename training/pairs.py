@@ -5,9 +5,9 @@ and the prompt's index), scored by any reward of :mod:`rewards`, and written as 
 both seeds; the label prefers the higher-scored image (0.5/0.5 when the scores are equal). ``--pairing``
 chooses which pairs of a prompt's N images are written: ``all`` (N(N-1)/2 rows), ``best-rest`` (each of the
 ``--best-k`` best-scored images against every image ranked below it; k = 1: N-1 rows) or ``best-worst`` (one
-row). ``best-rest`` keeps only the reward's most confident winners: on the proving ground the CLIP reward's best
-image of 12 passed the verifier on all 18 training prompts (its best 3: 52 of 54 images) while its pairwise order
-agreed with the verifier on 74% of the pairs whose pass differs.
+row). ``best-rest`` keeps only the reward's most confident winners: a reward can pick a prompt's best image far
+more reliably than it orders two arbitrary images (on the proving ground's CLIP reward: see BENCHMARKS.md,
+section Diffusion-DPO and SmPO).
 
     diffsteer data pairs -o pairs.parquet --prompts pg-train:single --images-per-prompt 4 --reward clip
 

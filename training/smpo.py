@@ -29,23 +29,19 @@ is ``inversion_steps · (renoise_iterations + 1)`` extra UNet forwards (no backw
 With ``smoothed_preference: false`` and ``inversion: false`` it is Diffusion-DPO at the same β (on data
 without ties).
 
-Where the inversion hurts: on the proving ground (pairs sampled from the shipped model at ``cfg:scale=3``, the
-CLIP reward's best of 24 images against each of the others), training on the inverted latents made the objects
-shrink and vanish: held-out verifier pass down 20-42 points on four draws (e.g. 0.76 → 0.48), with the model
-being trained inverting at β 5000, 9268 and 20000, and with the frozen base model inverting at 9268. The same
-pairs on forward-noised latents (``inversion: false``) raised it, by 5.5 points over ten training seeds
-(Diffusion-DPO by 5.2, with a wider spread between seeds), by 5.8 on a fresh draw when an average of the
-adapter's last steps is evaluated (``ema_decay: 0.97``; Diffusion-DPO 6.1), and by 9.3 with 8 pairs a step, pairs
-from 48 images a prompt and a graded preference τ = 0.3 (Diffusion-DPO 8.1; the proving-ground config). On the
-inverted latents the noise recovered has a standard deviation of 0.4-0.7 instead of 1, and the model's own
-error on them is already 0.02-0.04 (BENCHMARKS.md). The public code's inversion grid (a fixed grid through the
-points below t, the latent then treated as t's) lost 13-18 points as well, and the inversion still lost 9.4
-points with 8 pairs a step. The damage grows with the guidance scale (object presence
-−5 points unguided, −22 at cfg 3), and the inversion-trained model lacks what the fine-tunes that gained have in
-common: about 0.1-0.18 of extra guidance scale along the base model's guidance direction mid-trajectory
-(``benchmarks/learned_guidance.py``; a guidance schedule adding the same does not reproduce their gain, so it
-marks them rather than explains them). Compare both settings on held-out prompts before relying on the inversion
-for a new model or data.
+Where the inversion hurts: on the proving ground (pairs sampled from the shipped model at ``cfg:scale=3`` and
+ordered by the CLIP reward), training on the inverted latents made the objects shrink and vanish and lowered the
+held-out verifier pass rate, whichever β, whether the model being trained or the frozen base model inverted, and
+with the public code's inversion grid too (a fixed grid through the points below t, the latent then treated as
+t's); the same pairs on forward-noised latents (``inversion: false``) raised it, which is why the proving-ground
+config turns the inversion off. A likely reason: the noise recovered from an inverted latent is far from unit
+variance and the model's own error on it is already small, so the loss compares the model's self-consistency
+rather than its denoising. The damage grows with the guidance scale, and the inversion-trained model lacks what
+the fine-tunes that gained have in common, a little extra guidance scale along the base model's guidance
+direction mid-trajectory (``benchmarks/learned_guidance.py``; a guidance schedule adding the same does not
+reproduce their gain, so it marks them rather than explains them). The figures: BENCHMARKS.md, section
+Diffusion-DPO and SmPO. Compare both settings on held-out prompts before relying on the inversion for a new model
+or data.
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ Where ours differs from the paper. The paper's evaluators are trained on real da
 models (CLIP-style alignment, a fidelity discriminator, a human-preference reward, and for specific skills, e.g.
 text rendering, dedicated ones) and it reports about 1% overhead at their model size. Ours are trained per model
 by ``diffsteer train latent-evaluator``: alignment is *distilled* from a configurable pixel reward on the decoded
-ẑ0 (so its quality is bounded by that reward and by the distillation; BENCHMARKS.md gives the agreement by noise
-level), and fidelity discriminates the model's guided ẑ0 from its ẑ0 on noised real-data latents. The per-step
-greedy argmax and the weighted sum are the paper's; we add the unguided start. At the first, noisiest steps
-the predicted clean images are blurry averages that evaluators score poorly, and a greedy choice there tends to
-take the largest scale; on the proving ground that choice erases objects. ``start=0.2, initial_scale=1`` (no
-guidance before the evaluators take over; compare the guidance interval of Kynkäänniemi et al. 2024) is what
-reaches the best fixed scale there; see BENCHMARKS.md.
+ẑ0 (so its quality is bounded by that reward and by the distillation; its agreement with the reward by noise
+level: see BENCHMARKS.md, section Dynamic CFG with latent evaluators), and fidelity discriminates the model's
+guided ẑ0 from its ẑ0 on noised real-data latents. The per-step greedy argmax and the weighted sum are the
+paper's; we add the unguided start. At the first, noisiest steps the predicted clean images are blurry averages
+that evaluators score poorly, and a greedy choice there tends to take the largest scale, which can erase the
+objects. ``start=0.2, initial_scale=1`` (no guidance before the evaluators take over; compare the guidance
+interval of Kynkäänniemi et al. 2024) avoids that choice; see BENCHMARKS.md, section Dynamic CFG.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ class DynamicCFG(GuidancePolicy):
 SCORE_CHUNK = 16  # candidate images of the model's native size decoded and scored at once
 SCORE_COST = 1.0  # a decode and a score of one image, in UNet evaluations (a rough estimate, not measured per model)
 LATENT_CHUNK = 64  # candidates of the native size scored per evaluator call, within the step's one executor unit
-# the latent evaluators on one candidate, in UNet evaluations: the proving ground's two 4×4-patch evaluators take
-# 0.012× a UNet row's FLOPs and ~0.02× its CPU time (BENCHMARKS.md, issue 17)
+# the latent evaluators on one candidate, in UNet evaluations: an estimate for small evaluators like the proving
+# ground's two 4×4-patch ones (their FLOPs and time against a UNet row: BENCHMARKS.md, section Dynamic CFG with
+# latent evaluators)
 LATENT_SCORE_COST = 0.02
 
 
