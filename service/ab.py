@@ -5,14 +5,15 @@ A request is validated in full before it is queued (:func:`plan_run`): ABConfig'
 against its model, the metrics' reward models, and the server's limits (steps, sizes, prompt length,
 ``batch_size`` <= ``max_num_images``, at most ``ab_max_images`` images). Bad input is a 422 naming the field.
 
-Where it runs: on its own queue (``Engine.ab_queue``: ``ab_concurrent`` threads, ``ab_queue_size`` waiting),
-so a run never takes one of the ``max_concurrent`` generation slots. Each image batch of each arm is one
-:meth:`Engine.sample` call, the same path a ``/generate`` request takes: prompt encoding, every UNet call
-and the decode go through the device worker, which serves its work oldest first. So the device interleaves
-A/B batches with generation requests call by call (and batches their UNet calls together where they fit);
-a request waits at most one UNet call or task of the run, never the whole run. Metrics (rewards, verifier)
-are computed on the run's own thread, outside the device worker: they use none of the diffusion model's
-modules. ``latency`` per image is wall time, so it includes the time the device spent on other requests.
+Where it runs: on its own queue (:meth:`Engine.submit_ab` onto ``Engine.ab_queue``: ``ab_concurrent`` threads,
+``ab_queue_size`` waiting), so a run never takes one of the ``max_concurrent`` generation slots. Each image
+batch of each arm is one :meth:`Engine.check` and one :meth:`Engine.sample` call, the same path a ``/generate``
+request takes: prompt encoding, every UNet call and the decode go through the device worker, which serves its
+work oldest first. So the device interleaves A/B batches with generation requests call by call (and batches
+their UNet calls together where they fit); a request waits at most one UNet call or task of the run, never the
+whole run. Metrics (rewards, verifier) are computed on the run's own thread, outside the device worker: they use
+none of the diffusion model's modules. ``latency`` per image is wall time, so it includes the time the device
+spent on other requests.
 
 Files: ``ab_dir/<job id>/`` holds what ``run_ab`` writes (results.json, records.jsonl, images/, plots/,
 report.html) and ``job.json`` (the owner's key fingerprint), which lets the report and images be served
@@ -33,11 +34,14 @@ from typing import Any
 
 from diffsteer.evaluation.ab import ABConfig, ABPlan, ABProgress, prepare_ab, run_ab
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.request import GenerationParams
+from diffsteer.guidance.events import StepCallback
+from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.request import GenerationParams, Limits
 from diffsteer.guidance.sampler import GenerationResult
 from diffsteer.service.engine import Engine, ModelUnavailable
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.queue import Ticket
+from diffsteer.service.schemas import ABRequest
 
 JOB_ID = re.compile(r"^([a-z0-9]{1,32}\.)?[A-Za-z0-9_-]{1,64}$")  # optional "REPLICA." prefix (Ray Serve)
 OWNER_FILE = "job.json"
@@ -54,8 +58,8 @@ def not_found(what: str, field: str = "job_id") -> ServiceError:
 # ----------------------------------------------------------------------------- validation
 
 
-def plan_run(engine: Engine, request: Any, folder: Path) -> ABPlan:
-    """The request (a ``schemas.ABRequest``) validated in full, writing to ``folder``; InvalidInput names the field.
+def plan_run(engine: Engine, request: ABRequest, folder: Path) -> ABPlan:
+    """The request validated in full, writing to ``folder``; InvalidInput names the field.
     Loads the models it names (through the engine's cache) and builds its reward models."""
     data = request.model_dump()
     if "batch_size" not in request.model_fields_set:  # a default must not make the request invalid
@@ -132,12 +136,9 @@ def initial_progress(plan: ABPlan) -> dict[str, Any]:
     return dataclasses.asdict(ABProgress("queued", 0, len(plan.arms) * len(plan.items)))
 
 
-def ab_ticket(engine: Engine, plan: ABPlan, job_id: str) -> Ticket:
-    return Ticket(lambda ticket: run_job(engine, plan, job_id, ticket), engine.settings.ab_timeout_s, f"ab {job_id}")
-
-
 def run_job(engine: Engine, plan: ABPlan, job_id: str, ticket: Ticket) -> ABOutcome:
-    """The run, on an A/B queue thread; every batch through :meth:`Engine.sample` (module docstring)."""
+    """The run, on an A/B queue thread (queued by :meth:`Engine.submit_ab`); every batch checked by
+    :meth:`Engine.check` and run by :meth:`Engine.sample` (module docstring)."""
     last_step_event = 0.0
 
     def progress(event: ABProgress) -> None:
@@ -149,9 +150,11 @@ def run_job(engine: Engine, plan: ABPlan, job_id: str, ticket: Ticket) -> ABOutc
             last_step_event = now
         ticket.emit("progress", dataclasses.asdict(event))
 
-    def generate_batch(model: Any, params: Any, *, callback: Any = None, limits: Any = None) -> GenerationResult:
-        # the server's limits apply (checked up front), not the runner's
-        return engine.sample(model, params, callback=callback, stopped=lambda: ticket.stop_reason is not None)
+    def generate_batch(model: DiffusionModel, params: GenerationParams | dict[str, Any], *,
+                       callback: StepCallback | None = None, limits: Limits | None = None) -> GenerationResult:
+        # the server's limits apply (Engine.check; plan_run checked the run against them up front), not the runner's
+        return engine.sample(model, engine.check(model, params), callback=callback,
+                             stopped=lambda: ticket.stop_reason is not None)
 
     try:
         results = run_ab(plan, progress=progress, cancel=lambda: ticket.stop_reason is not None,

@@ -1,17 +1,25 @@
 """The generation engine behind every route: validation, queueing, sampling through the device worker.
 
-One request, from route to pixels::
+One request, from route to pixels (each step once)::
 
-    route -> Engine.plan(request)           validate once: GenerationParams, limits and cost against the model
-                                            (sampler.check_request), LoRA; resolve the seed
-          -> Engine.submit(plan)            a Ticket in the bounded WorkQueue (429 + Retry-After from the
-                                            queued cost when full)
-          -> queue thread: Engine._run      sampler.generate(model, checked, executor=DeviceExecutor(flow)):
+    route -> Engine.plan(request)           validate: GenerationParams, limits, LoRA, the seed; with the model
+                                            loaded, Engine.check (the service's one call of
+                                            sampler.check_request: policy, steps and cost against the model),
+                                            so bad input is a 422 naming the field before anything is queued
+          -> Engine.submit(plan, attach=)   one pass: the Ticket (its cost from the check), the caller's
+                                            ``attach(ticket)`` (a job follows it) before it can run, the bounded
+                                            WorkQueue; 429 + Retry-After when full, 503 when not running
+          -> queue thread: Engine._run      the model (loaded now if it was not; Engine.check then, only for a
+                                            plan made before the model was loaded), then Engine.sample:
+                                            sampler.generate(model, checked, executor=DeviceExecutor(flow)),
                                             every unit (encode, each UNet call, ReNO's backward passes, dynamic
                                             CFG's scoring, decode) on the device worker, in the request's flow,
                                             which schedules flows fairly by cost and batches UNet calls; the step
                                             callback reports progress, and a cancelled flow's units stop
           -> Outcome                        encoded images + metadata, on the ticket's future
+
+A/B runs (:mod:`diffsteer.service.ab`) are queued by :meth:`Engine.submit_ab` on their own queue, and each of
+their batches is ``Engine.sample(model, Engine.check(model, params))``.
 """
 
 from __future__ import annotations
@@ -30,12 +38,21 @@ import numpy as np
 import torch
 
 from diffsteer.guidance.errors import unknown_choice
+from diffsteer.guidance.events import StepCallback, StepEvent
 from diffsteer.guidance.images import encode_image
-from diffsteer.guidance.models import DEFAULT_MODEL, DiffusionModel, ModelCache, ModelDefaults, canonical_spec, model_defaults
+from diffsteer.guidance.models import (
+    DEFAULT_MODEL,
+    DiffusionModel,
+    ModelCache,
+    ModelDefaults,
+    canonical_spec,
+    model_defaults,
+)
 from diffsteer.guidance.request import GenerationParams
 from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
-from diffsteer.guidance.sampler import CheckedRequest, GenerationResult, StepCallback, StepEvent, check_request, generate
+from diffsteer.guidance.sampler import CheckedRequest, GenerationResult, check_request, generate
 from diffsteer.service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceExecutor, DeviceWorker
+from diffsteer.service.errors import ServiceError
 from diffsteer.service.lora import LoraControl, LoraLibrary
 from diffsteer.service.metrics import Metrics
 from diffsteer.service.preview import LatentPreviewer
@@ -48,6 +65,9 @@ log = logging.getLogger("diffsteer.service.engine")
 
 class ModelUnavailable(Exception):
     """A configured model could not be loaded (a server-side problem: 503)."""
+
+
+Attach = Callable[[Ticket], None]  # the caller's hold on a ticket before it is queued, e.g. Job.attach
 
 
 def canonical_model(spec: str | None) -> str:
@@ -63,7 +83,7 @@ class Plan:
     adapters: AdapterSet
     output_format: str
     label: str = ""
-    checked: CheckedRequest | None = None  # validated against the model (when it was loaded at plan time)
+    checked: CheckedRequest | None = None  # Engine.check's result when the model was loaded at plan time
 
 
 @dataclass
@@ -200,8 +220,9 @@ class Engine:
         return None
 
     def plan(self, request: GenerateRequest, label: str = "") -> Plan:
-        """Validate a request fully (limits, model, LoRA; policy, steps and cost against the model when it is
-        loaded, else when the queue thread has loaded it), with the model's recommended defaults filled in."""
+        """Validate a request fully (limits, model, LoRA; policy, steps and cost against the model by
+        :meth:`check` when it is loaded, else when the queue thread has loaded it), with the model's
+        recommended defaults filled in."""
         model = self.resolve_model(request.model)
         defaults = self.model_defaults(model)
         limits = self.limits.for_model(defaults)
@@ -213,8 +234,14 @@ class Engine:
         loaded = self.loaded_model(model)
         if loaded is None:
             return Plan(params, model, adapters, request.output_format, label)
-        checked = check_request(loaded, params, limits=limits, rewards=self.rewards)
+        checked = self.check(loaded, params)
         return Plan(checked.params, model, adapters, request.output_format, label, checked)
+
+    def check(self, model: DiffusionModel, params: GenerationParams | dict[str, Any]) -> CheckedRequest:
+        """``params`` validated against ``model`` under this server's limits for it, with this server's rewards
+        (InvalidInput names the field): the service's only call of
+        :func:`diffsteer.guidance.sampler.check_request`."""
+        return check_request(model, params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
 
     def model_defaults(self, spec: str) -> ModelDefaults:
         """The recommendations of an offered model (read once, without loading the model)."""
@@ -234,28 +261,35 @@ class Engine:
         return model
 
     # -- submission --------------------------------------------------------------------------------------
-    def ticket(self, plan: Plan) -> Ticket:
-        """A ticket for ``plan``, not yet queued (attach listeners, then :meth:`enqueue`)."""
+    def submit(self, plan: Plan, *, attach: Attach | None = None) -> Ticket:
+        """Queue ``plan`` on the generation queue, in one pass: its ticket (with the checked cost, for fair
+        scheduling and Retry-After), ``attach(ticket)`` before it can run (a job follows it from its first
+        event), then the queue. ServiceError 429 with Retry-After when the queue is full, 503 when the server
+        is not running; a refused ticket never runs."""
         ticket = Ticket(lambda t: self._run(plan, t), self.settings.request_timeout_s, plan.label)
         ticket.cost = plan.checked.cost.total if plan.checked is not None else 0.0
         ticket.listeners.append(self._observe)
-        return ticket
+        return self._enqueue(ticket, self.queue, attach)
 
-    def enqueue(self, ticket: Ticket, queue: WorkQueue | None = None) -> Ticket:
-        """Queue ``ticket`` (on ``queue``, default the generation queue); QueueFull (429) when the queue is full,
-        ShuttingDown (503) when closing."""
-        queue = queue or self.queue
+    def submit_ab(self, run: Callable[[Ticket], object], label: str, *, attach: Attach | None = None) -> Ticket:
+        """Queue an A/B run (``run(ticket)``, :func:`diffsteer.service.ab.run_job`) on the A/B queue, under
+        ``ab_timeout_s``; refused as :meth:`submit` refuses."""
+        return self._enqueue(Ticket(run, self.settings.ab_timeout_s, label), self.ab_queue, attach)
+
+    def _enqueue(self, ticket: Ticket, queue: WorkQueue | None, attach: Attach | None) -> Ticket:
         if queue is None or self.closing:
-            raise ShuttingDown("the server is not running")
+            raise ServiceError(503, "the server is not running", code="shutting_down")
+        if attach is not None:
+            attach(ticket)
         try:
             return queue.submit(ticket)
-        except QueueFull:
+        except QueueFull as e:
             if queue is self.queue:
                 self.metrics.generations.labels("rejected").inc()
-            raise
-
-    def submit(self, plan: Plan) -> Ticket:
-        return self.enqueue(self.ticket(plan))
+            raise ServiceError(429, f"too many requests: {e}", headers={"Retry-After": str(e.retry_after)},
+                               code="queue_full") from None
+        except ShuttingDown as e:
+            raise ServiceError(503, str(e), code="shutting_down") from None
 
     def _observe(self, kind: str, data: Any) -> None:
         if kind != "finished":
@@ -302,7 +336,7 @@ class Engine:
 
         checked = plan.checked
         if checked is None:  # the model was not loaded when the request was planned
-            checked = check_request(model, plan.params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
+            checked = self.check(model, plan.params)
             ticket.cost = checked.cost.total
         ticket.emit("prepared", (model, None))
         result = self.sample(model, checked, adapters=plan.adapters, callback=on_step,
@@ -331,18 +365,17 @@ class Engine:
     def sample(
         self,
         model: DiffusionModel,
-        params: GenerationParams | dict[str, Any] | CheckedRequest,
+        checked: CheckedRequest,
         *,
         adapters: AdapterSet = (),
         callback: StepCallback | None = None,
         stopped: Callable[[], bool] | None = None,
         on_cost: Callable[[float], None] | None = None,
     ) -> GenerationResult:
-        """One generation through :func:`diffsteer.guidance.sampler.generate` with every unit of model work on the device
-        worker, in a flow of its own weighted by its cost; ``stopped()`` True fails its waiting units (cancel)."""
+        """One generation of a request :meth:`check` validated, through :func:`diffsteer.guidance.sampler.generate`
+        with every unit of model work on the device worker, in a flow of its own weighted by its cost;
+        ``stopped()`` True fails its waiting units (cancel)."""
         assert self.device is not None
-        checked = params if isinstance(params, CheckedRequest) else check_request(
-            model, params, limits=self.limits.for_model(model.defaults), rewards=self.rewards)
         flow = self.device.flow(self.lane_weight(checked.cost.total), stopped=stopped, on_cost=on_cost)
         size = int(model.unet.config.sample_size)
         executor = DeviceExecutor(self.device, flow, control=self.control_for(model), adapters=adapters,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.sampler import StepEvent
+from diffsteer.guidance.events import StepEvent
 from diffsteer.service.engine import ModelUnavailable
 from diffsteer.service.queue import Cancelled, Ticket, TimedOut
 
@@ -66,7 +66,7 @@ def generation_progress() -> dict[str, Any]:
 @dataclass
 class Job:
     id: str
-    ticket: Ticket | None
+    ticket: Ticket | None  # from Job.attach (before the ticket is queued) until it finishes
     kind: str = "generation"  # or "ab"
     owner: str | None = None  # fingerprint of the creating API key
     created_at: float = field(default_factory=time.time)
@@ -84,6 +84,11 @@ class Job:
     size_bytes: int = 0  # what the finished job holds in memory (its result body), for the store's byte cap
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
+
+    def attach(self, ticket: Ticket) -> None:
+        """Follow ``ticket``: every event it emits from now on (call it before the ticket is queued)."""
+        self.ticket = ticket
+        ticket.listeners.append(self.on_ticket)
 
     # -- worker side -------------------------------------------------------------------------------------
     def _add(self, kind: str, data: dict[str, Any]) -> None:
@@ -193,16 +198,15 @@ class JobStore:
     def new_id(self) -> str:
         return self.id_prefix + secrets.token_urlsafe(16)
 
-    def create(self, ticket: Ticket, *, kind: str = "generation", owner: str | None = None, job_id: str | None = None,
+    def create(self, *, kind: str = "generation", owner: str | None = None, job_id: str | None = None,
                progress: dict[str, Any] | None = None) -> Job:
-        """A job for ``ticket`` (attach before queueing it); ``progress``: the initial progress body."""
-        job = Job(job_id or self.new_id(), ticket, kind, owner, progress=progress or generation_progress())
+        """A stored job, ``queued``, that follows the ticket :meth:`Job.attach` is given (pass it to
+        ``Engine.submit``, which attaches it before the ticket can run; remove the job if the engine refuses
+        it); ``progress``: the initial progress body."""
+        job = Job(job_id or self.new_id(), None, kind, owner, progress=progress or generation_progress())
         job._add("queued", {"status": "queued"})
-        ticket.listeners.append(job.on_ticket)
         with self._lock:
             self._jobs[job.id] = job
-        if ticket.future.done():  # ended before the listener was attached (e.g. cancelled at once)
-            job.on_ticket("finished", ticket.future)
         return job
 
     def get(self, job_id: str, *, kind: str, owner: str | None) -> Job | None:

@@ -10,6 +10,7 @@ server has no ``ab_dir``. See :mod:`diffsteer.service.ab` for validation, schedu
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from diffsteer.service.deps import get_engine, get_jobs, job_owner, require_api_
 from diffsteer.service.engine import Engine
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.jobs import JobStore
-from diffsteer.service.routers.common import QUEUED_REQUEST_ERRORS, enqueue
+from diffsteer.service.routers.common import QUEUED_REQUEST_ERRORS
 from diffsteer.service.routers.jobs import cancel_or_delete, event_stream, find_job, resume_point
 from diffsteer.service.schemas import ABJobStatus, ABRequest
 
@@ -53,11 +54,10 @@ async def create_ab(body: ABRequest, root: Path = Depends(ab_root), engine: Engi
     folder = root / job_id
     plan = await run_in_threadpool(ab.plan_run, engine, body, folder)
     await run_in_threadpool(ab.write_owner, folder, owner)
-    ticket = ab.ab_ticket(engine, plan, job_id)
-    job = jobs.create(ticket, kind="ab", owner=owner, job_id=job_id, progress=ab.initial_progress(plan))
+    job = jobs.create(kind="ab", owner=owner, job_id=job_id, progress=ab.initial_progress(plan))
     try:
-        enqueue(engine, ticket, engine.ab_queue)
-    except ServiceError:
+        engine.submit_ab(functools.partial(ab.run_job, engine, plan, job_id), f"ab {job_id}", attach=job.attach)
+    except ServiceError:  # refused (429, 503): neither the job nor its folder is left behind
         jobs.remove(job.id)
         await run_in_threadpool(ab.delete_folder, folder)
         raise

@@ -16,7 +16,7 @@ from diffsteer.guidance.errors import InvalidInput
 from diffsteer.service.device import WorkerClosed
 from diffsteer.service.engine import Engine, ModelUnavailable, Outcome, Plan
 from diffsteer.service.errors import ServiceError, describe_validation
-from diffsteer.service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
+from diffsteer.service.queue import Cancelled, ShuttingDown, Ticket, TimedOut
 
 log = logging.getLogger("service")
 
@@ -35,16 +35,6 @@ class ClientGone(Exception):
     pass
 
 
-def enqueue(engine: Engine, ticket: Ticket, queue: WorkQueue | None = None) -> Ticket:
-    try:
-        return engine.enqueue(ticket, queue)
-    except QueueFull as e:
-        raise ServiceError(429, f"too many requests: {e}", headers={"Retry-After": str(e.retry_after)},
-                           code="queue_full") from None
-    except ShuttingDown as e:
-        raise ServiceError(503, str(e), code="shutting_down") from None
-
-
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the request body was already read)."""
     while True:
@@ -59,8 +49,9 @@ def _retrieve(future: asyncio.Future) -> None:
 
 
 async def run_plan(request: Request, engine: Engine, plan: Plan) -> Outcome:
-    """Queue ``plan`` and wait for its outcome; cancels the work when the client disconnects or time runs out."""
-    ticket = enqueue(engine, engine.ticket(plan))
+    """Queue ``plan`` (:meth:`Engine.submit`: 429/503 when refused) and wait for its outcome; cancels the work when
+    the client disconnects or time runs out."""
+    ticket = engine.submit(plan)
     future = asyncio.wrap_future(ticket.future)
     future.add_done_callback(_retrieve)
     watcher = asyncio.ensure_future(_disconnected(request))

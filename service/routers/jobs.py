@@ -26,7 +26,6 @@ from diffsteer.service.deps import get_engine, get_jobs, job_owner, planned, req
 from diffsteer.service.engine import Engine, Plan
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.jobs import Job, JobStore
-from diffsteer.service.routers.common import enqueue
 from diffsteer.service.routers.generate import ERRORS
 from diffsteer.service.schemas import JobStatus
 
@@ -47,11 +46,10 @@ def find_job(jobs: JobStore, job_id: str, kind: str, owner: str | None) -> Job:
 @router.post("", status_code=202, response_model=JobStatus, responses=ERRORS, summary="Start a generation job")
 async def create_job(plan: Plan = Depends(planned), engine: Engine = Depends(get_engine),
                      jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)) -> JSONResponse:
-    ticket = engine.ticket(plan)
-    job = jobs.create(ticket, owner=owner)
+    job = jobs.create(owner=owner)
     try:
-        enqueue(engine, ticket)
-    except ServiceError:
+        engine.submit(plan, attach=job.attach)
+    except ServiceError:  # refused (429, 503): no job is left behind
         jobs.remove(job.id)
         raise
     return JSONResponse(job.status_body(jobs.ttl_s), status_code=202, headers={"Location": f"/jobs/{job.id}"})
