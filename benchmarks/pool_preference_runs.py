@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
-from diffsteer.evaluation.ab import RecordStore  # noqa: E402
+from diffsteer.evaluation.records import RecordStore  # noqa: E402
 from diffsteer.evaluation.stats import compare  # noqa: E402
 
 

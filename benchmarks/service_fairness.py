@@ -142,7 +142,7 @@ def markdown_table(results: list[dict]) -> str:
              "after large cancel s | images/s at N clients |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        def cell(phase: str, key: str) -> str:
+        def cell(phase: str, key: str, r: dict = r) -> str:
             p = r[phase]
             if "refused" in p:
                 return f"refused {p['refused']}"

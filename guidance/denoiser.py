@@ -22,7 +22,6 @@ from diffsteer.guidance.executor import DIRECT, Executor
 from diffsteer.guidance.parameterisation import PredictionType
 
 
-
 @dataclass(frozen=True)
 class StepInfo:
     """Where the sampler is: step ``index`` of ``num_steps`` at ``timestep``, with ᾱ and σ = √((1−ᾱ)/ᾱ)."""

@@ -155,19 +155,19 @@ class PromptInputs:
     states: torch.Tensor | None = None  # [N, L, D]
     embedding: torch.Tensor | None = None  # [N, E]
 
-    def repeat(self, times: int) -> "PromptInputs":
+    def repeat(self, times: int) -> PromptInputs:
         """Every row ``times`` times, block after block (candidate-major, as :func:`candidate_x0` lays rows out)."""
         return PromptInputs(*(None if t is None else t.repeat(times, *([1] * (t.ndim - 1)))
                               for t in (self.states, self.embedding)))
 
-    def repeat_interleave(self, times: int) -> "PromptInputs":
+    def repeat_interleave(self, times: int) -> PromptInputs:
         """Each row ``times`` times in a row (group-major)."""
         return PromptInputs(*(None if t is None else t.repeat_interleave(times, dim=0) for t in (self.states, self.embedding)))
 
-    def rows(self, index: slice | torch.Tensor) -> "PromptInputs":
+    def rows(self, index: slice | torch.Tensor) -> PromptInputs:
         return PromptInputs(*(None if t is None else t[index] for t in (self.states, self.embedding)))
 
-    def to(self, device: torch.device | str) -> "PromptInputs":
+    def to(self, device: torch.device | str) -> PromptInputs:
         return PromptInputs(*(None if t is None else t.to(device) for t in (self.states, self.embedding)))
 
 
@@ -351,7 +351,7 @@ class LatentEvaluators(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "LatentEvaluators":
+    def load(cls, directory: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentEvaluators:
         from safetensors.torch import load_file
 
         directory = Path(directory)

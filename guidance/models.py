@@ -324,7 +324,7 @@ def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
             return cls.from_config(cls.load_config(location, subfolder=key))
         try:
             return cls.from_pretrained(location, subfolder=key)
-        except (OSError, EnvironmentError):
+        except OSError:
             return cls.from_pretrained(location, subfolder=key, variant="fp16")
 
     try:

@@ -73,7 +73,7 @@ class AestheticMLP(nn.Module):
         return self.layers(embeddings)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], source: str = "state dict") -> "AestheticMLP":
+    def from_state_dict(cls, state: dict[str, Tensor], source: str = "state dict") -> AestheticMLP:
         missing = [f"layers.{i}.weight" for i in _LINEAR_INDICES if f"layers.{i}.weight" not in state]
         if missing:
             raise ValueError(f"aesthetic.head_checkpoint: {source} lacks {missing}; expected the LAION MLP layout")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -148,7 +149,7 @@ class Reward(nn.Module):
         return weight * (off - self.score(images, prompts))
 
     # --- housekeeping ----------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Reward":
+    def train(self, mode: bool = True) -> Reward:
         """Rewards are frozen: they stay in eval mode whatever the caller asks."""
         super().train(False)
         self._after_mode_change()

@@ -25,8 +25,8 @@ default), e.g. ``"hps:5,pickscore:0.05,clip:0.01"`` or ``"saturation:1:0.8"``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -130,13 +131,13 @@ class ClipPreprocessConfig:
         if self.shortest_edge is not None and int(self.shortest_edge) <= 0:
             raise ValueError(f"shortest_edge: must be positive, got {self.shortest_edge!r}")
 
-    def replace(self, **changes: Any) -> "ClipPreprocessConfig":
+    def replace(self, **changes: Any) -> ClipPreprocessConfig:
         values = asdict(self)
         values.update(changes)
         return ClipPreprocessConfig(**values)
 
     @classmethod
-    def from_open_clip(cls, model_or_cfg: Any) -> "ClipPreprocessConfig":
+    def from_open_clip(cls, model_or_cfg: Any) -> ClipPreprocessConfig:
         """Read open_clip's preprocessing settings.
 
         Accepts an open_clip model (its ``visual.preprocess_cfg``, set by ``open_clip.create_model``) or the
@@ -171,7 +172,7 @@ class ClipPreprocessConfig:
     @classmethod
     def from_hf_image_processor(
         cls, config: Mapping[str, Any] | str | os.PathLike[str]
-    ) -> "ClipPreprocessConfig":
+    ) -> ClipPreprocessConfig:
         """Read a transformers ``CLIPImageProcessor`` configuration.
 
         ``config`` is the processor's ``to_dict()``, a ``preprocessor_config.json`` path, or the folder

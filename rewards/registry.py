@@ -17,8 +17,9 @@ Examples::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -149,7 +150,7 @@ def _merge_options(
 
 
 def _build_single(config: RewardConfig, device: torch.device | str, dtype: torch.dtype) -> Reward:
-    entry = reward_entry(getattr(config, "name"))
+    entry = reward_entry(config.name)
     return entry.reward_cls(config, device=device, dtype=dtype)
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from diffsteer.guidance.sampler import GenerationCancelled
+from diffsteer.guidance.events import GenerationCancelled
 
 log = logging.getLogger("diffsteer.service.queue")
 

@@ -171,6 +171,7 @@ def _write_config(tmp_path: Path, name: str, **overrides) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
@@ -200,6 +201,7 @@ def test_sigkill_and_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(t
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_a_checkpoint_and_the_run_resumes(tmp_path):
     config = _write_config(tmp_path, "term", max_steps=200, checkpoint_every=1000)
     proc = _cli(["--config", str(config)])

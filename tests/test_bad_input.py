@@ -590,6 +590,7 @@ def test_cli_valid_base_succeeds(tmp_path, capsys):
     assert (tmp_path / "out.png").is_file()
 
 
+@pytest.mark.slow
 def test_console_script_prints_no_traceback(console_script_run):
     """One real run of the installed ``diffsteer`` entry point (started at the beginning of the module, see
     ``console_script_run``, so that its interpreter start-up overlaps the in-process tests)."""

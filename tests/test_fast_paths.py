@@ -98,6 +98,7 @@ def test_channels_last_generation_equals_plain_generation():
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)  # pixels in [0, 1], after 4 steps and the VAE
 
 
+@pytest.mark.slow
 def test_compiled_unet_equals_eager(unet):
     """The compile path traced by dynamo + AOTAutograd (the ``aot_eager`` backend: inductor's code generation
     needs minutes of C++ compilation on CPU, which the GPU suite and benchmarks/cpu_default_model.py measure)."""

@@ -157,6 +157,7 @@ def _states(trainer: FDistillTrainer) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_training_moves_every_network_and_resumes_exactly(tmp_path):
     """Four steps straight equal two steps, a new process-like trainer, and two more after --resume: the
     student, fake score, discriminator, the EMA, all three optimisers and the ratio bins (with the regression

@@ -7,10 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import gpu_suite  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here starts Ray or a subprocess per row
 
 
 def test_smoke_run_measures_every_row(tmp_path):

@@ -112,6 +112,7 @@ def test_full_unet_training_keeps_a_frozen_reference_copy(tmp_path, pairs_file):
     assert (Path(summary["pipeline"]) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_smpo_resume_repeats_the_uninterrupted_run(tmp_path, pairs_file):
     small = dict(inversion_steps=2, renoise_iterations=1, batch_size=1, preference_temperature=0.5)
     whole = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "whole", **small))
@@ -140,6 +141,7 @@ def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
     assert SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "p2")).score_bounds == (12.0, 25.0)  # the data's range
 
 
+@pytest.mark.slow
 def test_lora_loads_with_load_lora_weights_and_in_the_service(tmp_path, pairs_file):
     from test_service_support import assert_lora_served_like
 

@@ -50,6 +50,7 @@ def test_loads_in_stable_diffusion_pipeline_and_matches_our_sampler(pg_model):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_the_model_draws_the_requested_colours(pg_model):
     """A loose bar at the best scale, 1.5, on held-out seeds (the full evaluation is benchmarks/proving_ground_eval.py)."""
     from diffsteer.proving_ground import heldout_suite, verify

@@ -111,6 +111,7 @@ def test_verifier_agrees_with_ground_truth_on_clean_heldout_scenes():
         assert rate >= 0.99, (name, rate)
 
 
+@pytest.mark.slow
 def test_verifier_agreement_survives_blur_and_noise():
     rates, n, negatives = _agreement(_blur_and_noise)
     _print_rates("blur (sigma 0.5-1 px) + noise (sigma 0.03) agreement", rates, n, negatives)
@@ -220,6 +221,7 @@ def _corrupt(objects: list[ObjectSpec], kind: str, rng: np.random.Generator) -> 
     return objects[:i] + changed + objects[i + 1 :]
 
 
+@pytest.mark.slow
 def test_corrupted_heldout_scenes_fail():
     """Render each held-out prompt, then break the scene in one way; the verifier must fail it."""
     rng = np.random.default_rng(7)

@@ -48,6 +48,7 @@ def _reno(model, prompts, seeds, iterations, callback=None, **overrides):
     return generate(model, {**params, **overrides}, callback=callback)
 
 
+@pytest.mark.slow
 def test_reno_improves_the_reward_and_returns_the_best_iterate(sd_model):
     result = _reno(sd_model, ["a red circle", "a blue square"], [1, 2], iterations=6)
     trace = result.trace["reno"]
@@ -65,6 +66,7 @@ def test_reno_without_iterations_is_plain_sampling(sd_model):
     torch.testing.assert_close(reno.pixels, plain.pixels, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_reno_images_are_independent_of_their_batch(sd_model):
     batch = _reno(sd_model, ["a red circle", "a blue square"], [1, 2], iterations=3)
     single = _reno(sd_model, ["a blue square"], [2], iterations=3)

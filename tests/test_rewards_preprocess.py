@@ -175,7 +175,7 @@ def test_gradients_are_exact():
     # The computation is float32 by design, hence the loose gradcheck tolerances.
     x = torch.rand(1, 3, 9, 7, dtype=torch.float64, requires_grad=True)
     for cfg in (ClipPreprocessConfig(size=5), ClipPreprocessConfig(size=(4, 6), resize_mode="longest")):
-        assert torch.autograd.gradcheck(lambda y: clip_preprocess(y.float(), cfg).double(), (x,), eps=1e-3, atol=2e-3)
+        assert torch.autograd.gradcheck(lambda y, cfg=cfg: clip_preprocess(y.float(), cfg).double(), (x,), eps=1e-3, atol=2e-3)
     big = torch.rand(1, 3, 64, 48, requires_grad=True)
     clip_preprocess(big, ClipPreprocessConfig(size=32)).square().sum().backward()
     assert big.grad is not None and big.grad.abs().sum() > 0

@@ -130,7 +130,7 @@ def smooth_test_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     chans = []
-    for c in range(3):
+    for _ in range(3):
         fx, fy, ph = rng.uniform(0.01, 0.05), rng.uniform(0.01, 0.05), rng.uniform(0, 6.28)
         chans.append(0.5 + 0.35 * np.sin(fx * xx + ph) * np.cos(fy * yy - ph))
     img = np.stack(chans, -1) + rng.normal(0, 0.02, (height, width, 3))

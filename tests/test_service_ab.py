@@ -12,7 +12,6 @@ import os
 import time
 
 import pytest
-
 from test_service_support import (  # noqa: F401
     UNetGate,
     app_client,

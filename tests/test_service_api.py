@@ -7,11 +7,11 @@ import io
 import pytest
 import torch
 from PIL import Image
+from test_service_support import app_client, decode_image, engine_of, one_thread, pixels  # noqa: F401
 
 from diffsteer.guidance.images import read_png_metadata
 from diffsteer.guidance.registry import policy_names
 from diffsteer.guidance.sampler import generate
-from test_service_support import app_client, decode_image, engine_of, one_thread, pixels  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

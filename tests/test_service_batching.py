@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
+from test_service_support import UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
 from diffsteer.guidance.denoiser import Condition
 from diffsteer.guidance.sampler import generate
-from diffsteer.service.device import DeviceWorker, _row_timesteps
+from diffsteer.service.device import DeviceExecutor, DeviceWorker, _row_timesteps
 from diffsteer.service.schemas import GenerateRequest
-from test_service_support import UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +110,7 @@ def run_calls(worker, unet, specs, sessions=True):
         ctx = worker.session(unet, (), shape) if sessions else _null()
         with ctx:
             start.wait()
-            results[i] = worker.unet_fn()(unet, x, torch.tensor(t), cond)
+            results[i] = DeviceExecutor(worker, None).unet_fn(unet, x, torch.tensor(t), cond)
 
     threads = []
     for i, (rows, t, shape) in enumerate(specs):
@@ -181,7 +181,7 @@ def test_a_failing_unet_call_reaches_its_callers_and_the_worker_survives():
     try:
         def call():
             try:
-                worker.unet_fn()(broken, torch.ones(1, 4, 2, 2), torch.tensor(1), Condition(torch.ones(1, 2, 3)))
+                DeviceExecutor(worker, None).unet_fn(broken, torch.ones(1, 4, 2, 2), torch.tensor(1), Condition(torch.ones(1, 2, 3)))
             except RuntimeError as e:
                 errors.append(str(e))
 

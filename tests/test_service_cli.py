@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import httpx
-
+import pytest
 from test_service_support import READY_TIMEOUT_S, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_serve_subcommand_runs_the_service(tmp_path):
     key = "cli-test-key-7f3a"
     config = tmp_path / "serve.yaml"

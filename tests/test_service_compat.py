@@ -9,7 +9,6 @@ import io
 import pytest
 import torch
 from PIL import Image
-
 from test_service_support import live_server, one_thread, pixels  # noqa: F401
 
 openai = pytest.importorskip("openai")

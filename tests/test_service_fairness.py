@@ -12,17 +12,18 @@ import time
 
 import pytest
 import torch
+from test_service_support import UNetGate, app_client, engine_of, one_thread, wait_idle, wait_until  # noqa: F401
 
 from diffsteer.guidance.cost import GenerationCost, check_cost, generation_cost
 from diffsteer.guidance.denoiser import Condition, call_unet
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.events import GenerationCancelled
 from diffsteer.guidance.executor import DirectExecutor
 from diffsteer.guidance.registry import build_policy
 from diffsteer.guidance.request import GenerationParams
-from diffsteer.guidance.sampler import GenerationCancelled, generate
+from diffsteer.guidance.sampler import generate
 from diffsteer.service.device import NO_ADAPTERS, DeviceExecutor, DeviceWorker
 from diffsteer.service.queue import QueueFull, Ticket, WorkQueue
-from test_service_support import UNetGate, app_client, engine_of, one_thread, wait_idle, wait_until  # noqa: F401
 
 SECONDS_PER_ROW_AREA = 0.05 / 16  # a light call: 1 row of 4×4 latents = 50 ms; 8×8: 200 ms
 
@@ -47,7 +48,7 @@ def sampler_loop(worker: DeviceWorker, unet, flow, side: int, calls: int, done: 
     executor = DeviceExecutor(worker, flow, native_area=16)
     cond = Condition(torch.zeros(1, 2, 3))
     with executor.session(unet, (4, side, side)):
-        for k in range(calls):
+        for _ in range(calls):
             if stop is not None and stop.is_set():
                 break
             executor.unet_fn(unet, torch.ones(1, 4, side, side), torch.tensor(1.0), cond)

@@ -16,7 +16,6 @@ import os
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
 from test_service_support import live_server, one_thread  # noqa: F401
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -60,6 +59,7 @@ def _error_field(response) -> str | None:
         return None
 
 
+@pytest.mark.slow
 def test_every_operation_passes_every_check(server):
     cases = _cases(server)
     seen: dict[int, int] = {}

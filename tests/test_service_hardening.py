@@ -10,7 +10,6 @@ import socket
 
 import pytest
 from fastapi.testclient import TestClient
-
 from test_service_support import one_thread, settings, wait_ready  # noqa: F401
 
 DEEP = "cfg:scales=" + "[" * 100_000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from test_service_support import (  # noqa: F401
     UNetGate,
     app_client,

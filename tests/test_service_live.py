@@ -6,11 +6,9 @@ import json
 import logging
 import socket
 import threading
-import time
 
 import httpx
 import pytest
-
 from test_service_support import (  # noqa: F401
     UNetGate,
     live_server,

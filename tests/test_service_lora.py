@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_service_support import TINY, UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
 from diffsteer.service.schemas import GenerateRequest
-from test_service_support import TINY, UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.registry import policy_names
-from diffsteer.guidance.sampler import generate
-from diffsteer.service.engine import jsonable
 from test_service_support import (  # noqa: F401
     UNetGate,
     app_client,
@@ -23,6 +18,11 @@ from test_service_support import (  # noqa: F401
     wait_idle,
     wait_until,
 )
+
+from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.registry import policy_names
+from diffsteer.guidance.sampler import generate
+from diffsteer.service.engine import jsonable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

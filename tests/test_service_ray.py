@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_service_support import app_client, free_port, one_thread, read_events, settings  # noqa: F401
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[dev]')")
@@ -22,6 +21,8 @@ serve = pytest.importorskip("ray.serve")
 
 from diffsteer.service import ray_serve  # noqa: E402
 from diffsteer.service.settings import load_settings  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here starts Ray or a subprocess per row
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"prompt": "a red circle above a blue square", "steps": 4, "seed": 1234}

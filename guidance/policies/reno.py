@@ -20,6 +20,7 @@ backward pass, as gradient checkpointing does) and the VAE decoder.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Literal
 
@@ -126,7 +127,7 @@ class ReNO(OuterLoopPolicy):
                 run = prepared.run(noise, gradient_checkpointing=True)
             nfe += int(run.denoiser.evaluations.max())
             latents = run.latents.detach()
-            score, loss_grad = run_with_grad(executor, lambda: score_and_gradient(latents))
+            score, loss_grad = run_with_grad(executor, functools.partial(score_and_gradient, latents))
             improved = score > best_score
             best_score = torch.where(improved, score, best_score)
             best_noise[improved] = noise.detach()[improved]

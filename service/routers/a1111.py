@@ -37,8 +37,8 @@ from diffsteer.service.schemas import (
     A1111Scripts,
     GenerateRequest,
     LoraRef,
-    json_body,
     Txt2ImgResponse,
+    json_body,
 )
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)])

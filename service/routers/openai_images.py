@@ -23,7 +23,7 @@ from diffsteer.guidance.errors import InvalidInput
 from diffsteer.service.deps import get_engine, require_api_key
 from diffsteer.service.engine import Engine
 from diffsteer.service.routers.common import CLIENT_CLOSED, run_translated
-from diffsteer.service.schemas import GenerateRequest, json_body, LoraRef, OpenAIImagesResponse, OpenAIModelList
+from diffsteer.service.schemas import GenerateRequest, LoraRef, OpenAIImagesResponse, OpenAIModelList, json_body
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
