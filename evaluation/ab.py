@@ -1,11 +1,11 @@
-"""A/B evaluation of guidance policies: paired generation, per-image metrics, statistics, an HTML report.
+"""A/B evaluation of guidance policies: the run's configuration, its plan, and the run itself.
 
 ``run_ab(config)`` (and ``diffsteer ab``) runs two or more *arms* on the same prompts x seeds. An arm is a
 name, a guidance policy spec and optionally its own model; every arm generates every (prompt, seed) item with
 the item's seed (:func:`diffsteer.evaluation.runner.run_arm`), so the arms' images of an item share their initial noise
-and differ only by the arm: a paired design. Each image is scored (:mod:`diffsteer.evaluation.metrics`), every pair of
-arms is compared on every metric with prompts as clusters (:func:`diffsteer.evaluation.stats.compare`), and the run is
-written to ``output_dir``::
+and differ only by the arm: a paired design. Each image is scored (:mod:`diffsteer.evaluation.metrics`) and
+recorded (:mod:`diffsteer.evaluation.records`), every pair of arms is compared on every metric with prompts as
+clusters (:mod:`diffsteer.evaluation.results`), and the run is written to ``output_dir``::
 
     results.json          config, arms, prompts, every image's metrics and path, per-arm summaries, statistics
     records.jsonl         one line per finished image (what a rerun resumes from)
@@ -27,33 +27,30 @@ Images are generated in chunks of ``batch_size`` items, the arms interleaved chu
 drift then hits every arm alike, and a partial run is still paired). After each chunk its PNGs are written and
 one record per image is appended to ``records.jsonl``. A rerun into the same directory skips an (arm, prompt,
 seed) whose record matches the arm's current settings (policy, model, steps, scheduler, size, prompt text) and
-whose PNG exists; metrics added since are computed from the PNG. Changing an arm's settings regenerates that
-arm only. A cancelled or interrupted run resumes the same way.
+whose PNG exists (:func:`diffsteer.evaluation.records.reusable`); metrics added since are computed from the PNG.
+Changing an arm's settings regenerates that arm only. A cancelled or interrupted run resumes the same way.
 
 Statistics
 ----------
-For every pair (A, B) of arms (or ``(baseline, other)`` with ``baseline``) and every metric column: means,
-the mean paired difference ``B - A`` with a percentile bootstrap CI resampling prompts, win/tie/loss, the sign
-test and the Wilcoxon signed-rank test, all from :func:`diffsteer.evaluation.stats.compare`. ``unit="prompt"`` (the
-default) runs the counts and the tests on each prompt's mean difference over its seeds, the independent unit;
-``unit="image"`` on single images. Items where a metric is undefined (``verifier.position_correct`` for prompts
-without a relation) are left out of that metric only.
+Per arm and metric a mean with a prompt-bootstrap CI; per pair of arms (or ``(baseline, other)``) and metric
+the paired difference, its CI, win/tie/loss, the sign and Wilcoxon tests and a verdict, counted per prompt
+(``unit="prompt"``, the default) or per image: see :mod:`diffsteer.evaluation.results`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic
+from PIL import Image
 
 from diffsteer.evaluation.metrics import (
     DEFAULT_METRICS,
@@ -65,13 +62,19 @@ from diffsteer.evaluation.metrics import (
     parse_metric_list,
 )
 from diffsteer.evaluation.prompts import PromptSet, load_prompts
+from diffsteer.evaluation.records import RecordStore, image_relpath, reusable, write_atomic
+from diffsteer.evaluation.report import write_report
+from diffsteer.evaluation.results import build_results, write_results
 from diffsteer.evaluation.runner import GenerateFn, Item, run_arm
-from diffsteer.evaluation.stats import cluster_bootstrap_ci, compare
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
-from diffsteer.guidance.request import Limits
-from diffsteer.guidance.sampler import GenerationCancelled, StepEvent
+from diffsteer.guidance.events import GenerationCancelled, StepEvent
+from diffsteer.guidance.images import encode_image
+from diffsteer.guidance.models import canonical_spec, load_model
+from diffsteer.guidance.registry import parse_json_object, parse_policy
+from diffsteer.guidance.request import Limits, check_multiple_of_8, check_text
+from diffsteer.guidance.sampler import check_request
+from diffsteer.guidance.schedulers import check_scheduler_name
 
-RESULTS_VERSION = 1
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -88,8 +91,6 @@ def parse_arm(value: Any) -> Any:
         return value
     text = value.strip()
     if text.startswith("{"):
-        from diffsteer.guidance.registry import parse_json_object
-
         try:
             return parse_json_object(text, "arms")
         except InvalidInput as e:
@@ -130,8 +131,6 @@ class ArmConfig(pydantic.BaseModel):
     @pydantic.field_validator("policy")
     @classmethod
     def _policy(cls, v: Any, info: pydantic.ValidationInfo) -> Any:
-        from diffsteer.guidance.registry import parse_policy
-
         try:
             parse_policy(v)
         except InvalidInput as e:
@@ -141,8 +140,6 @@ class ArmConfig(pydantic.BaseModel):
     @property
     def policy_spec(self) -> str:
         """The canonical spec string (non-default parameters only)."""
-        from diffsteer.guidance.registry import parse_policy
-
         return parse_policy(self.policy).spec()
 
 
@@ -196,21 +193,15 @@ class ABConfig(pydantic.BaseModel):
     @pydantic.field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
-        from diffsteer.guidance.schedulers import check_scheduler_name
-
         return check_scheduler_name(v)
 
     @pydantic.field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, v: int | None) -> int | None:
-        from diffsteer.guidance.request import check_multiple_of_8
-
         return check_multiple_of_8(v)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ABConfig:
-        from diffsteer.guidance.request import check_text
-
         if len(self.arms) < 2:
             raise InvalidInput("arms", f"need at least two arms to compare, got {len(self.arms)}")
         if isinstance(self.prompts, str):
@@ -290,6 +281,12 @@ class ArmPlan:
     def name(self) -> str:
         return self.config.name
 
+    def describe(self) -> dict[str, Any]:
+        """The arm as results.json lists it."""
+        return {"name": self.name, "policy": self.config.policy_spec,
+                "policy_params": parse_policy(self.config.policy).model_dump(mode="json"),
+                "model": self.model_spec, "width": self.width, "height": self.height, "signature": self.signature}
+
 
 @dataclass
 class ABPlan:
@@ -308,8 +305,6 @@ class ABPlan:
 
 
 def default_model_loader(config: ABConfig) -> ModelLoader:
-    from diffsteer.guidance.models import canonical_spec, load_model
-
     cache: dict[str, Any] = {}
 
     def load(spec: str | None) -> Any:
@@ -324,8 +319,6 @@ def default_model_loader(config: ABConfig) -> ModelLoader:
 def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None,
                rewards: Any = None) -> ABPlan:
     """Validate everything that can be checked before generating; InvalidInput names the field."""
-    from diffsteer.guidance.models import canonical_spec
-
     config = ABConfig.parse(config)
     out = Path(config.output_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -367,70 +360,12 @@ def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader |
 def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str,
                rewards: Any = None) -> None:
     """What the sampler checks before work starts (policy vs. steps and scheduler), without running the model."""
-    from diffsteer.guidance.sampler import check_request
-
     try:
         check_request(model, {"prompt": prompt, "policy": arm.policy, "steps": config.steps, "scheduler": config.scheduler,
                               "width": width, "height": height, "seed": 0}, rewards=rewards)
     except InvalidInput as e:
         field = "arms" if e.field.startswith("policy") else e.field
         raise InvalidInput(field, f"arm {arm.name!r}: {e}" if field == "arms" else e.reason) from None
-
-
-# ----------------------------------------------------------------------------- records on disk
-
-
-def image_relpath(arm: str, item: Item) -> str:
-    entry = item.meta
-    slug = re.sub(r"[^a-z0-9]+", "-", item.prompt.lower()).strip("-")[:40] or "prompt"
-    return f"images/{arm}/{entry.index:04d}-{slug}-s{item.seed}.png"
-
-
-class RecordStore:
-    """``records.jsonl``: one JSON line per finished image, appended; the last line for a key wins."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: dict[tuple[str, str, int], dict[str, Any]] = {}
-        if path.is_file():
-            with path.open(encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                        key = (rec["arm"], rec["prompt_id"], int(rec["seed"]))
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                        continue  # e.g. a line cut short by an interruption
-                    self.records[key] = rec
-
-    def get(self, arm: str, item: Item) -> dict[str, Any] | None:
-        return self.records.get((arm, item.prompt_id, item.seed))
-
-    def add(self, records: Sequence[dict[str, Any]]) -> None:
-        if not records:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                self.records[(rec["arm"], rec["prompt_id"], int(rec["seed"]))] = rec
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _reusable(rec: dict[str, Any] | None, arm: ArmPlan, item: Item, out: Path) -> bool:
-    return (
-        rec is not None
-        and rec.get("signature") == arm.signature
-        and rec.get("prompt") == item.prompt
-        and all(k in rec.get("metrics", {}) for k in RECORDED)
-        and (out / rec.get("path", "")).is_file()
-    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -454,10 +389,6 @@ def run_ab(
     ``config`` may be the plan of :func:`prepare_ab` (validated earlier, e.g. before queueing the run). Bad input
     raises InvalidInput before any image is generated.
     """
-    from PIL import Image
-
-    from diffsteer.guidance.images import encode_image
-
     t_start = time.perf_counter()
     plan = config if isinstance(config, ABPlan) else prepare_ab(config, model_loader)
     config, out, items = plan.config, plan.output_dir, plan.items
@@ -469,7 +400,7 @@ def run_ab(
     for arm in plan.arms:
         for i, item in enumerate(items):
             rec = store.get(arm.name, item)
-            if _reusable(rec, arm, item, out):
+            if reusable(rec, arm.signature, item, out):
                 done[(arm.name, i)] = rec
     skipped = len(done)
     generated = 0
@@ -506,7 +437,7 @@ def run_ab(
             new = []
             for i, r, vals in zip(todo, records, values):
                 rel = image_relpath(arm.name, r.item)
-                _write_atomic(out / rel, encode_image(Image.fromarray(r.image), "png", r.metadata))
+                write_atomic(out / rel, encode_image(Image.fromarray(r.image), "png", r.metadata))
                 rec = {
                     "arm": arm.name, "prompt_id": r.item.prompt_id, "seed": r.item.seed, "prompt": r.item.prompt,
                     "path": rel, "signature": arm.signature, "policy": arm.config.policy_spec, "model": arm.model_spec,
@@ -520,12 +451,13 @@ def run_ab(
 
     _backfill_metrics(plan, store, done, metric_names, check_cancel, lambda: report("score"))
     report("statistics")
-    results = build_results(plan, done, generated=generated, skipped=skipped, seconds=time.perf_counter() - t_start)
-    _write_atomic(out / "results.json", json.dumps(results, indent=1, allow_nan=False).encode())
+    results = build_results(
+        config.model_dump(mode="json"), [arm.describe() for arm in plan.arms], plan.prompts, plan.columns, done,
+        generated=generated, skipped=skipped, seconds=time.perf_counter() - t_start,
+    )
+    write_results(out, results)
     if config.report:
         report("report")
-        from diffsteer.evaluation.report import write_report
-
         write_report(results, out)
     report("done")
     return results
@@ -540,8 +472,6 @@ def _backfill_metrics(
     tick: Callable[[], None],
 ) -> None:
     """Compute metrics missing from records of earlier runs (metrics added since), from the saved PNGs."""
-    from PIL import Image
-
     items = plan.items
     for arm in plan.arms:
         pending: list[tuple[int, list[str]]] = []
@@ -567,170 +497,14 @@ def _backfill_metrics(
             tick()
 
 
-# ----------------------------------------------------------------------------- results and statistics
-
-
-def column_values(
-    done: Mapping[tuple[str, int], Mapping[str, Any]], arms: Sequence[str], n_items: int, columns: Sequence[str]
-) -> dict[str, dict[str, np.ndarray]]:
-    """``values[arm][column]``: one float per item in item order, NaN where the metric is undefined."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for arm in arms:
-        out[arm] = {}
-        for col in columns:
-            vals = [done[(arm, i)]["metrics"].get(col) for i in range(n_items)]
-            out[arm][col] = np.array([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
-    return out
-
-
-def paired_statistics(
-    values: Mapping[str, Mapping[str, np.ndarray]],
-    prompt_ids: Sequence[str],
-    directions: Mapping[str, str],
-    *,
-    baseline: str | None = None,
-    unit: str = "prompt",
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    per_batch: Sequence[str] = (),
-) -> list[dict[str, Any]]:
-    """Compare every pair of arms on every column with :func:`diffsteer.evaluation.stats.compare`.
-
-    ``values[arm][column]`` holds one value per item (NaN: undefined); for each pair and column only the
-    items defined in both arms enter. Pairs are ``(baseline, other)`` or every ``(earlier, later)``; the
-    difference is ``B - A``. ``verdict`` says which arm is better when the CI excludes 0, and only with a real
-    interval: at least :data:`MIN_VERDICT_N` units (prompts, or images with ``unit="image"``) and a CI of
-    non-zero width; otherwise it says why there is none. Columns in ``per_batch`` (``latency`` measured per
-    batch of several images: every image of a batch gets the same value) get no paired test at all.
-    """
-    arms = list(values)
-    pairs = [(baseline, a) for a in arms if a != baseline] if baseline else [
-        (a, b) for k, a in enumerate(arms) for b in arms[k + 1:]
-    ]
-    pids = np.asarray(prompt_ids, dtype=object)
-    out = []
-    for a, b in pairs:
-        metrics: dict[str, Any] = {}
-        for col, direction in directions.items():
-            if col in per_batch:
-                continue
-            va, vb = values[a][col], values[b][col]
-            mask = np.isfinite(va) & np.isfinite(vb)
-            if not mask.any():
-                continue
-            cmp = compare(
-                {a: {col: va[mask]}, b: {col: vb[mask]}}, list(pids[mask]),
-                directions={col: direction}, aggregate_per_prompt=unit == "prompt",
-                n_resamples=n_resamples, confidence=confidence, seed=seed,
-            )[0].metrics[col]
-            row = asdict(cmp)
-            improvement_low, improvement_high = (
-                (cmp.ci_low, cmp.ci_high) if direction == "higher" else (-cmp.ci_high, -cmp.ci_low)
-            )
-            row["verdict"] = verdict(a, b, improvement_low, improvement_high,
-                                     cmp.n_prompts if unit == "prompt" else cmp.n_images)
-            metrics[col] = row
-        out.append({"arm_a": a, "arm_b": b, "metrics": metrics})
-    return out
-
-
-MIN_VERDICT_N = 5  # below this many units a bootstrap interval is too coarse to call a winner
-
-
-def verdict(a: str, b: str, improvement_low: float, improvement_high: float, n: int) -> str:
-    """Which arm is better (the CI of the improvement of B over A excludes 0), or why no verdict is given."""
-    if n < MIN_VERDICT_N:
-        return f"too few to tell (n = {n} < {MIN_VERDICT_N})"
-    if not improvement_high > improvement_low:
-        return "no interval (every paired difference is the same)"
-    return b if improvement_low > 0 else a if improvement_high < 0 else "no clear difference"
-
-
-def arm_summaries(
-    values: Mapping[str, Mapping[str, np.ndarray]],
-    prompt_ids: Sequence[str],
-    *,
-    n_resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, dict[str, dict[str, float | int | None]]]:
-    """Per arm and column: mean over defined items, their number, and a prompt-cluster bootstrap CI of the mean."""
-    pids = np.asarray(prompt_ids, dtype=object)
-    out: dict[str, dict[str, dict[str, float | int | None]]] = {}
-    for arm, cols in values.items():
-        out[arm] = {}
-        for col, v in cols.items():
-            mask = np.isfinite(v)
-            if not mask.any():
-                out[arm][col] = {"mean": None, "n": 0, "ci_low": None, "ci_high": None}
-                continue
-            low, high = cluster_bootstrap_ci(v[mask], list(pids[mask]), n_resamples=n_resamples,
-                                             confidence=confidence, seed=seed)
-            out[arm][col] = {"mean": float(v[mask].mean()), "n": int(mask.sum()), "ci_low": low, "ci_high": high}
-    return out
-
-
-def build_results(
-    plan: ABPlan, done: Mapping[tuple[str, int], Mapping[str, Any]], *, generated: int, skipped: int, seconds: float
-) -> dict[str, Any]:
-    config, items = plan.config, plan.items
-    arm_names = [a.name for a in plan.arms]
-    col_names = [c.name for c in plan.columns]
-    values = column_values(done, arm_names, len(items), col_names)
-    prompt_ids = [it.prompt_id for it in items]
-    directions = {c.name: c.direction for c in plan.columns}
-    images = []
-    for i, item in enumerate(items):
-        for arm in arm_names:
-            rec = done[(arm, i)]
-            images.append({
-                "arm": arm, "item": i, "prompt_id": item.prompt_id, "prompt": item.prompt, "seed": item.seed,
-                "path": rec["path"], "metrics": {c: rec["metrics"].get(c) for c in col_names},
-            })
-    return {
-        "version": RESULTS_VERSION,
-        "config": config.model_dump(mode="json"),
-        "arms": [
-            {"name": a.name, "policy": a.config.policy_spec, "policy_params": _policy_params(a.config.policy),
-             "model": a.model_spec, "width": a.width, "height": a.height, "signature": a.signature}
-            for a in plan.arms
-        ],
-        "prompts": {**plan.prompts.describe(), "list": [p.to_dict() for p in plan.prompts.prompts]},
-        "items": [{"item": i, "prompt_id": it.prompt_id, "seed": it.seed} for i, it in enumerate(items)],
-        "metrics": [{"name": c.name, "metric": c.metric, "direction": c.direction, "description": c.description}
-                    for c in plan.columns],
-        "images": images,
-        "summary": arm_summaries(values, prompt_ids, n_resamples=config.n_resamples, confidence=config.confidence),
-        "statistics": paired_statistics(
-            values, prompt_ids, directions, baseline=config.baseline, unit=config.unit,
-            n_resamples=config.n_resamples, confidence=config.confidence,
-            per_batch=() if config.batch_size == 1 else ("latency",),
-        ),
-        "run": {"generated": generated, "skipped": skipped, "total": len(images), "seconds": round(seconds, 3)},
-    }
-
-
-def _policy_params(policy: Any) -> dict[str, Any]:
-    from diffsteer.guidance.registry import parse_policy
-
-    return parse_policy(policy).model_dump(mode="json")
-
-
-def load_results(output_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(output_dir) / "results.json").read_text(encoding="utf-8"))
-
-
 __all__ = [
     "ABCancelled",
     "ABConfig",
     "ABPlan",
     "ABProgress",
     "ArmConfig",
-    "arm_summaries",
-    "column_values",
-    "load_results",
-    "paired_statistics",
+    "ArmPlan",
+    "default_model_loader",
     "parse_arm",
     "prepare_ab",
     "run_ab",

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from diffsteer.evaluation.ab import ABConfig, run_ab
 from diffsteer.guidance.errors import InvalidInput
 
 # ABConfig field -> the option that sets it (for error messages).
@@ -77,9 +78,7 @@ def option_for(field: str) -> str:
     return OPTIONS.get(head, field)
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    from diffsteer.evaluation.ab import ABConfig
-
+def config_from_args(args: argparse.Namespace) -> ABConfig:
     width = height = None
     if args.size is not None:
         width, height = parse_size(args.size)
@@ -127,8 +126,6 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 def cmd_ab(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
-    from diffsteer.evaluation.ab import run_ab
 
     bar = None  # opened at the first progress event, i.e. after the input was validated
 

@@ -45,8 +45,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.latent_evaluators import latent_reward
+from diffsteer.guidance.reward_models import DEFAULT_REWARDS
+from diffsteer.proving_ground import verify
 
 FIELD = "metrics"
 VERIFIER_COLUMNS: tuple[str, ...] = (
@@ -166,8 +170,6 @@ def clipped_fraction(image: np.ndarray) -> float:
 
 
 def verifier_values(image: np.ndarray, spec: Any) -> dict[str, float | None]:
-    from diffsteer.proving_ground import verify
-
     report = verify(image, spec)
     return {
         f"verifier.{k}": (None if v is None else float(bool(v))) for k, v in report.attributes().items()
@@ -183,10 +185,6 @@ class MetricScorer:
     """
 
     def __init__(self, names: Sequence[str], device: Any = "cpu", rewards: Any = None, model: Any = None):
-        import torch
-
-        from diffsteer.guidance.reward_models import DEFAULT_REWARDS
-
         rewards = rewards or DEFAULT_REWARDS
 
         self.names = [n for n in names if n not in RECORDED]
@@ -195,8 +193,6 @@ class MetricScorer:
         self.rewards: dict[str, Any] = {}
         for name in self.names:
             if name == "latent" or name.startswith("latent:"):
-                from diffsteer.guidance.latent_evaluators import latent_reward
-
                 if model is None:
                     raise InvalidInput(FIELD, f"{name}: needs a model (the latent evaluators are the model's)")
                 self.rewards[name] = latent_reward(model, name, field=FIELD, rewards=rewards)
@@ -216,8 +212,6 @@ class MetricScorer:
         self, images: Sequence[np.ndarray], prompts: Sequence[str], specs: Sequence[Any], names: Sequence[str] | None = None
     ) -> list[dict[str, float | None]]:
         """Values of the metrics ``names`` (default: all of this scorer's) for each 8-bit image."""
-        import torch
-
         names = self.names if names is None else [n for n in names if n not in RECORDED]
         out: list[dict[str, float | None]] = [{} for _ in images]
         if not images or not names:

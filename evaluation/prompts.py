@@ -38,6 +38,8 @@ from typing import Any
 
 from diffsteer.evaluation.runner import Item
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.proving_ground import CATEGORIES, heldout_suite, parse_caption
+from diffsteer.proving_ground.prompts import heldout_prompt_specs
 
 FIELD = "prompts"
 FORMATS: tuple[str, ...] = ("text", "geneval", "parti")
@@ -228,8 +230,6 @@ def _file_prompt_set(
 def proving_ground_spec(text: str):
     """The proving-ground PromptSpec of a caption of that world, or None (so the verifier applies to files
     whose prompts are proving-ground captions)."""
-    from diffsteer.proving_ground import parse_caption
-
     try:
         return parse_caption(text)
     except (ValueError, KeyError):
@@ -237,9 +237,6 @@ def proving_ground_spec(text: str):
 
 
 def _proving_ground(source: str, seeds: int, seed: int, max_prompts: int | None) -> PromptSet:
-    from diffsteer.proving_ground import CATEGORIES, heldout_suite
-    from diffsteer.proving_ground.prompts import heldout_prompt_specs
-
     body = source[len("pg:"):].strip()
     names = [c.strip() for c in re.split(r"[,+]", body) if c.strip()]
     if not names:

@@ -16,18 +16,20 @@ Conventions used throughout:
   tests treat correlated images as independent and so overstate significance.
 * Prompts are numbered in order of first appearance in ``prompt_ids``.
 
-Only numpy and the standard library are needed; tests/test_ab_stats.py checks the tests against ``scipy.stats``.
+The sign test and the Wilcoxon signed-rank test are ``scipy.stats.binomtest`` and ``scipy.stats.wilcoxon``
+(scipy >= 1.15: the method names ``"asymptotic"`` and ``PermutationMethod``); the wrappers here fix the
+conventions above and report T+ rather than scipy's two-sided ``min(T+, T-)``. The cluster bootstrap is numpy.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Literal
 
 import numpy as np
+import scipy.stats
 from numpy.typing import ArrayLike
 
 Direction = Literal["higher", "lower"]
@@ -38,10 +40,13 @@ DIRECTIONS: tuple[str, ...] = ("higher", "lower")
 ZERO_METHODS: tuple[str, ...] = ("wilcox", "pratt")
 WILCOXON_METHODS: tuple[str, ...] = ("auto", "exact", "approx")
 
-# method="auto" uses the exact null distribution up to this many non-zero differences (as scipy does).
+# method="auto" uses the exact null distribution up to this many differences (as scipy does).
 WILCOXON_AUTO_EXACT_MAX_N = 50
-# The exact distribution costs O(n^3) time; beyond this the normal approximation is accurate anyway.
+# method="exact" without ties or zeros: beyond this many differences the normal approximation is accurate anyway.
 WILCOXON_EXACT_MAX_N = 400
+# method="exact" with ties or zeros enumerates all 2**n sign flips (scipy's permutation test); as scipy's own
+# "auto" rule, only this far (2**13 = 8192 flips).
+WILCOXON_PERMUTATION_MAX_N = 13
 # Upper bound on the prompt-index matrix materialised at once by the bootstrap (elements).
 _BOOTSTRAP_CHUNK_ELEMENTS = 1 << 21
 
@@ -160,40 +165,16 @@ def win_tie_loss(improvement: ArrayLike, tie_tol: float = 0.0) -> WinTieLoss:
 def sign_test_pvalue(wins: int, losses: int) -> float:
     """Exact two-sided sign test; ties are dropped before calling.
 
-    Under H0 each non-tied pair is a win with probability 1/2, so with ``n = wins + losses`` and
-    ``k = min(wins, losses)``::
-
-        p = min(1, 2 * sum_{i=0..k} C(n, i) / 2**n)
-
-    which equals ``scipy.stats.binomtest(wins, n, 0.5).pvalue`` (the binomial is symmetric at 1/2).
-    Computed in exact integer arithmetic; ``p = 1`` when ``n = 0``.
+    Under H0 each non-tied pair is a win with probability 1/2: ``scipy.stats.binomtest(wins, n, 0.5)`` with
+    ``n = wins + losses``, which for the symmetric binomial is ``min(1, 2 * sum_{i=0..k} C(n, i) / 2**n)``
+    with ``k = min(wins, losses)``. ``p = 1`` when ``n = 0``.
     """
     if wins < 0 or losses < 0:
         raise ValueError(f"counts must be >= 0, got wins={wins}, losses={losses}")
     n = wins + losses
     if n == 0:
         return 1.0
-    tail, term = 0, 1
-    for i in range(min(wins, losses) + 1):
-        tail += term
-        term = term * (n - i) // (i + 1)
-    return min(1.0, 2 * tail / 2**n)
-
-
-def average_ranks(values: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks 1..n of ``values`` with tied values sharing the mean of their ranks (mid-ranks).
-
-    Returns ``(ranks, tie_sizes)``, ``tie_sizes`` holding the size of every group of equal values.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    ordered = x[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if x.size else np.zeros(0, np.intp)
-    ends = np.r_[starts[1:], x.size]
-    group_rank = (starts + 1 + ends) / 2.0
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks, ends - starts
+    return float(scipy.stats.binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
 
 
 def wilcoxon_signed_rank(
@@ -203,7 +184,7 @@ def wilcoxon_signed_rank(
     method: WilcoxonMethod = "auto",
     correction: bool = True,
 ) -> WilcoxonResult:
-    """Two-sided Wilcoxon signed-rank test of "the differences are symmetric about 0".
+    """Two-sided Wilcoxon signed-rank test of "the differences are symmetric about 0" (``scipy.stats.wilcoxon``).
 
     Ranks: mid-ranks of ``|d|``. Zero differences (exactly 0; :func:`compare` first sets
     ``|d| <= tie_tol`` to 0):
@@ -211,54 +192,57 @@ def wilcoxon_signed_rank(
     * ``"wilcox"``: zeros are dropped, then the rest are ranked 1..n.
     * ``"pratt"``: all ``|d|`` are ranked, zeros included, then the zeros' ranks are dropped.
 
-    Statistic: ``T+ = sum of the ranks r_i of the positive differences``. Under H0 every non-zero
-    difference is positive or negative with probability 1/2 independently, given the ranks, so
-    ``T+ = sum_i r_i B_i`` with ``B_i ~ Bernoulli(1/2)``:
+    Statistic: ``T+ = sum of the ranks r_i of the positive differences`` (scipy's one-sided statistic; its
+    two-sided ``statistic`` is ``min(T+, T-)``). Under H0 every non-zero difference is positive or negative
+    with probability 1/2 independently, given the ranks. The p-value is two-sided:
 
-    * exact: the distribution of ``T+`` is enumerated over all ``2**n`` sign patterns (a subset-sum count
-      on the doubled ranks, which are integers). Without ties and zeros this is the classical Wilcoxon
-      distribution; with ties it is the exact permutation (sign-flip) distribution, as
-      ``scipy.stats.wilcoxon(method=PermutationMethod())`` gives for small n.
-      ``p = min(1, 2 * min(P(T+ <= t), P(T+ >= t)))``.
-    * approx: normal with ``mean = sum r_i / 2`` and ``var = sum r_i**2 / 4``. These are the textbook
-      ``n(n+1)/4`` and ``n(n+1)(2n+1)/24 - sum(t**3 - t)/48`` (t: sizes of tied groups of non-zero
-      ``|d|``), and for Pratt ``(n(n+1) - n0(n0+1))/4`` and
-      ``(n(n+1)(2n+1) - n0(n0+1)(2n0+1))/24 - sum(t**3 - t)/48`` with n counting the zeros. With
-      ``correction``, ``|T+ - mean|`` is reduced by 1/2 (not below 0: T+ and the mean are multiples of
-      1/2, so this never differs from scipy's rule). ``p = erfc(|z| / sqrt(2))``.
+    * ``"exact"``: without ties or zeros, the Wilcoxon distribution of ``T+`` (scipy ``method="exact"``); with
+      ties or zeros, the exact sign-flip distribution of ``T+`` over all ``2**n`` sign patterns (scipy's
+      ``PermutationMethod`` with every pattern enumerated), for at most 13 values (the zeros count under
+      ``"pratt"``). Larger tied samples raise ValueError: use ``"approx"``.
+    * ``"approx"``: the normal approximation with the tie (and Pratt zero) corrected variance, the continuity
+      correction with ``correction`` (scipy ``method="asymptotic"``).
 
-    ``method="auto"`` is exact when there are at most 50 differences, none zero and no ties among
-    ``|d|``, and approx otherwise (scipy's rule, except that scipy switches to a permutation test for
-    n <= 13 with ties: ``method="exact"`` here). With no non-zero difference the p-value is 1.
+    ``method="auto"`` is exact when there are at most 50 differences, none zero and no ties among ``|d|``,
+    and approx otherwise (scipy's rule, except that scipy's own "auto" runs the permutation test for n <= 13
+    with ties or zeros: ``method="exact"`` here). With no non-zero difference the p-value is 1.
     """
     if zero_method not in ZERO_METHODS:
         raise ValueError(f"zero_method must be one of {ZERO_METHODS}, got {zero_method!r}")
     if method not in WILCOXON_METHODS:
         raise ValueError(f"method must be one of {WILCOXON_METHODS}, got {method!r}")
     d = _as_finite_1d(diffs, "diffs")
-    is_zero = d == 0
-    n_zero = int(np.count_nonzero(is_zero))
-    if zero_method == "wilcox":
-        d = d[~is_zero]
-        ranks, tie_sizes = average_ranks(np.abs(d))
-    else:
-        all_ranks, tie_sizes = average_ranks(np.abs(d))
-        ranks, d = all_ranks[~is_zero], d[~is_zero]
-    n = int(d.size)
-    t_plus = float(ranks[d > 0].sum())
-    has_ties = bool(np.any(tie_sizes > 1))
-
+    nonzero = d[d != 0]
+    n, n_zero = int(nonzero.size), int(d.size - nonzero.size)
+    plain = n_zero == 0 and np.unique(np.abs(nonzero)).size == n  # no zeros, no ties among |d|
     if method == "auto":
-        exact = n_zero == 0 and not has_ties and n + n_zero <= WILCOXON_AUTO_EXACT_MAX_N
-        method = "exact" if exact else "approx"
+        method = "exact" if plain and d.size <= WILCOXON_AUTO_EXACT_MAX_N else "approx"
     if n == 0:
-        p = 1.0
-    elif method == "exact":
-        p = _signed_rank_exact_p(ranks, t_plus)
+        return WilcoxonResult(statistic=0.0, p_value=1.0, n=0, n_zero=n_zero, method=method, zero_method=zero_method)
+
+    # scipy's two-sided statistic is min(T+, T-); its one-sided statistic is T+ whatever the method.
+    t_plus = scipy.stats.wilcoxon(d, zero_method=zero_method, alternative="greater", method="asymptotic").statistic
+    if method == "approx":
+        res = scipy.stats.wilcoxon(d, zero_method=zero_method, correction=correction, method="asymptotic")
+    elif plain:
+        if n > WILCOXON_EXACT_MAX_N:
+            raise ValueError(f"exact Wilcoxon distribution limited to {WILCOXON_EXACT_MAX_N} differences, "
+                             f"got {n}; use method='approx'")
+        res = scipy.stats.wilcoxon(d, method="exact")
     else:
-        p = _signed_rank_normal_p(ranks, t_plus, correction)
+        flipped = nonzero if zero_method == "wilcox" else d  # a zero's sign flip changes nothing
+        if flipped.size > WILCOXON_PERMUTATION_MAX_N:
+            raise ValueError(
+                f"exact Wilcoxon test with ties or zeros limited to {WILCOXON_PERMUTATION_MAX_N} differences "
+                f"(2**n sign flips), got {flipped.size}; use method='approx'"
+            )
+        res = scipy.stats.wilcoxon(
+            flipped, zero_method=zero_method,
+            method=scipy.stats.PermutationMethod(n_resamples=2**flipped.size),
+        )
     return WilcoxonResult(
-        statistic=t_plus, p_value=p, n=n, n_zero=n_zero, method=method, zero_method=zero_method
+        statistic=float(t_plus), p_value=float(res.pvalue), n=n, n_zero=n_zero, method=method,
+        zero_method=zero_method,
     )
 
 
@@ -461,37 +445,6 @@ def _compare_metric(
         wilcoxon_method=wilcoxon.method,
         zero_method=zero_method,
     )
-
-
-def _signed_rank_exact_p(ranks: np.ndarray, t_plus: float) -> float:
-    """Two-sided p of T+ under the sign-flip distribution of ``ranks`` (all non-zero differences)."""
-    if ranks.size > WILCOXON_EXACT_MAX_N:
-        raise ValueError(
-            f"exact Wilcoxon distribution limited to {WILCOXON_EXACT_MAX_N} non-zero differences, "
-            f"got {ranks.size}; use method='approx'"
-        )
-    doubled = np.rint(2 * ranks).astype(np.int64)  # mid-ranks are multiples of 1/2
-    pmf = np.zeros(int(doubled.sum()) + 1)
-    pmf[0] = 1.0
-    reach = 0
-    for r in doubled:
-        # Each rank joins T+ or not with probability 1/2: pmf <- (pmf + pmf shifted by r) / 2.
-        pmf[r : reach + r + 1] += pmf[: reach + 1].copy()
-        pmf[: reach + r + 1] *= 0.5
-        reach += r
-    t = int(round(2 * t_plus))
-    p = 2.0 * min(pmf[: t + 1].sum(), pmf[t:].sum())
-    return float(min(1.0, p))
-
-
-def _signed_rank_normal_p(ranks: np.ndarray, t_plus: float, correction: bool) -> float:
-    """Two-sided p of T+ from the normal with the sign-flip mean and variance of ``ranks``."""
-    mean = ranks.sum() / 2.0
-    sd = math.sqrt(float(np.square(ranks).sum()) / 4.0)
-    deviation = abs(t_plus - mean)
-    if correction:
-        deviation = max(deviation - 0.5, 0.0)
-    return float(math.erfc(deviation / sd / math.sqrt(2.0)))
 
 
 def _resolve_per_metric(value, metrics: list[str], name: str, default=None) -> dict:

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from diffsteer.evaluation.ab import ABConfig, arm_summaries, paired_statistics, parse_arm
+from diffsteer.evaluation.ab import ABConfig, parse_arm
 from diffsteer.evaluation.metrics import clipped_fraction, columns_for, hsv_saturation_mean, parse_metric_list
 from diffsteer.evaluation.prompts import detect_format, load_prompts
+from diffsteer.evaluation.results import arm_summaries, paired_statistics
 from diffsteer.guidance.errors import InvalidInput
 
 # Five prompts with two seeds each. Per-image differences d = B - A:
@@ -269,7 +270,7 @@ def test_proving_ground_source_uses_heldout_seeds():
     assert len({it.seed for it in ps.items}) == len(ps.items)
     assert [p.category for p in load_prompts("pg:position", max_prompts=3, seed=1).prompts] == ["position"] * 3
     assert len(load_prompts("pg:all", max_prompts=1).prompts) == 5
-    for bad in ("pg:", "pg:shapes", str("/nonexistent/prompts.txt")):
+    for bad in ("pg:", "pg:shapes", "/nonexistent/prompts.txt"):
         with pytest.raises(InvalidInput) as e:
             load_prompts(bad)
         assert e.value.field == "prompts"

@@ -1,4 +1,4 @@
-"""Tests of evaluation/stats.py: hand-computed cases, agreement with scipy.stats, bootstrap behaviour."""
+"""Tests of evaluation/stats.py: hand-computed cases, agreement with scipy.stats computed here, bootstrap behaviour."""
 
 import json
 import math
@@ -13,7 +13,6 @@ from scipy import stats as sps
 from diffsteer.evaluation.stats import (
     MetricComparison,
     PairComparison,
-    average_ranks,
     cluster_bootstrap_ci,
     cluster_bootstrap_means,
     compare,
@@ -59,10 +58,10 @@ def test_improvements_orientation():
 def test_sign_test_hand_computed():
     counts = win_tie_loss(SEVEN_ONE_TWO)
     # ties dropped: n = 8, k = min(7, 1) = 1 -> 2 * (C(8,0) + C(8,1)) / 2^8
-    assert sign_test_pvalue(counts.wins, counts.losses) == 2 * (1 + 8) / 2**8 == 0.0703125
-    assert sign_test_pvalue(1, 7) == 0.0703125
-    assert sign_test_pvalue(5, 0) == 2 * 1 / 2**5
-    assert sign_test_pvalue(9, 2) == pytest.approx(2 * (1 + 11 + 55) / 2**11, rel=1e-15)
+    assert sign_test_pvalue(counts.wins, counts.losses) == pytest.approx(2 * (1 + 8) / 2**8, rel=1e-12)
+    assert sign_test_pvalue(1, 7) == pytest.approx(0.0703125, rel=1e-12)
+    assert sign_test_pvalue(5, 0) == pytest.approx(2 * 1 / 2**5, rel=1e-12)
+    assert sign_test_pvalue(9, 2) == pytest.approx(2 * (1 + 11 + 55) / 2**11, rel=1e-12)
     assert sign_test_pvalue(3, 3) == 1.0  # 2 * 42/64 > 1, clipped
     assert sign_test_pvalue(0, 0) == 1.0
     with pytest.raises(ValueError):
@@ -78,23 +77,17 @@ def test_sign_test_matches_scipy_binomtest(seed):
             continue
         expected = sps.binomtest(wins, wins + losses, 0.5).pvalue
         assert sign_test_pvalue(wins, losses) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+        assert sign_test_pvalue(losses, wins) == pytest.approx(expected, rel=1e-12, abs=1e-300)
 
 
-def test_sign_test_large_n_is_exact():
-    n, k = 2000, 950
-    exact = 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n
-    assert sign_test_pvalue(n - k, k) == exact
-    assert sign_test_pvalue(n - k, k) == pytest.approx(sps.binomtest(k, n, 0.5).pvalue, rel=1e-9)
+@pytest.mark.parametrize("n, k", [(30, 4), (2000, 950)])
+def test_sign_test_matches_exact_binomial_sum(n, k):
+    exact = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)  # integer arithmetic, then one division
+    assert sign_test_pvalue(n - k, k) == pytest.approx(exact, rel=1e-9)
+    assert sign_test_pvalue(k, n - k) == pytest.approx(exact, rel=1e-9)
 
 
 # --- Wilcoxon signed-rank ------------------------------------------------------------------------------
-
-
-def test_average_ranks_midranks():
-    ranks, ties = average_ranks([3.0, 1.0, 2.0, 1.0, 3.0, 3.0])
-    np.testing.assert_array_equal(ranks, [5.0, 1.5, 3.0, 1.5, 5.0, 5.0])
-    assert sorted(ties.tolist()) == [1, 2, 3]
-    np.testing.assert_array_equal(ranks, sps.rankdata([3.0, 1.0, 2.0, 1.0, 3.0, 3.0]))
 
 
 def test_wilcoxon_exact_hand_computed_no_ties():
@@ -154,7 +147,9 @@ def test_wilcoxon_normal_approx_hand_computed_pratt_zeros():
 
 def test_wilcoxon_all_zero_and_symmetric():
     res = wilcoxon_signed_rank([0.0, 0.0, 0.0])
-    assert (res.n, res.n_zero, res.p_value) == (0, 3, 1.0)
+    assert (res.n, res.n_zero, res.p_value, res.statistic) == (0, 3, 1.0, 0.0)
+    assert wilcoxon_signed_rank([0.0, 0.0], zero_method="pratt", method="exact").p_value == 1.0
+    assert wilcoxon_signed_rank([]).p_value == 1.0
     # T+ equal to its mean: the continuity correction must not push the p-value below 1.
     assert wilcoxon_signed_rank([1.0, -1.0, 2.0, -2.0], method="approx").p_value == 1.0
 
@@ -168,6 +163,14 @@ def test_wilcoxon_method_selection():
     assert wilcoxon_signed_rank([1.0, 2.0, -3.0], method="approx").method == "approx"
     with pytest.raises(ValueError, match="approx"):
         wilcoxon_signed_rank(rng.normal(size=401), method="exact")
+    # Exact with ties or zeros is the sign-flip enumeration: at most 13 values, Pratt's zeros included.
+    tied = [1.0, 1.0, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+    assert wilcoxon_signed_rank(tied + [12.0], method="exact").method == "exact"
+    with pytest.raises(ValueError, match="approx"):
+        wilcoxon_signed_rank(tied + [12.0, 13.0], method="exact")
+    assert wilcoxon_signed_rank(tied + [0.0, 0.0], method="exact").n == 12
+    with pytest.raises(ValueError, match="approx"):
+        wilcoxon_signed_rank(tied + [0.0, 0.0], zero_method="pratt", method="exact")
     with pytest.raises(ValueError):
         wilcoxon_signed_rank([1.0, 2.0], zero_method="zsplit")
     with pytest.raises(ValueError):
@@ -181,8 +184,26 @@ def test_wilcoxon_exact_matches_scipy(n, seed):
     res = wilcoxon_signed_rank(d)
     ref = sps.wilcoxon(d, method="exact")
     assert res.method == "exact"
+    assert res.statistic == sps.rankdata(np.abs(d))[d > 0].sum()
     assert min(res.statistic, n * (n + 1) / 2 - res.statistic) == ref.statistic
     assert res.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    assert res.p_value == pytest.approx(sps.wilcoxon(d).pvalue, rel=1e-10)  # scipy's own "auto" is exact here too
+
+
+def test_wilcoxon_large_sample_auto_is_scipy_asymptotic():
+    d = np.random.default_rng(4).normal(0.3, 1.0, 51)
+    res = wilcoxon_signed_rank(d)
+    assert res.method == "approx"
+    assert res.p_value == pytest.approx(sps.wilcoxon(d, correction=True, method="asymptotic").pvalue, rel=1e-10)
+    assert res.p_value != pytest.approx(sps.wilcoxon(d, correction=False, method="asymptotic").pvalue, rel=1e-10)
+
+
+def test_wilcoxon_auto_with_small_tied_sample_is_asymptotic_not_scipy_permutation():
+    d = [1.0, 1.0, 2.0, -3.0, 4.0, 5.0]
+    res = wilcoxon_signed_rank(d)
+    assert res.method == "approx"
+    assert res.p_value == pytest.approx(sps.wilcoxon(d, correction=True, method="asymptotic").pvalue, rel=1e-12)
+    assert res.p_value != pytest.approx(sps.wilcoxon(d, method=sps.PermutationMethod()).pvalue, rel=1e-3)
 
 
 @pytest.mark.parametrize("zero_method", ["wilcox", "pratt"])
@@ -195,6 +216,12 @@ def test_wilcoxon_approx_matches_scipy_with_ties_and_zeros(zero_method, correcti
     ref = sps.wilcoxon(d, zero_method=zero_method, correction=correction, method="asymptotic")
     assert res.method == "approx"
     assert res.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    # T+ from scipy's ranks: Pratt ranks the zeros too, then drops them; Wilcox drops them first.
+    ranked = d if zero_method == "pratt" else d[d != 0]
+    ranks = sps.rankdata(np.abs(ranked))
+    assert res.statistic == ranks[ranked > 0].sum()
+    assert min(res.statistic, ranks[ranked != 0].sum() - res.statistic) == ref.statistic
+    assert (res.n, res.n_zero) == (np.count_nonzero(d), np.count_nonzero(d == 0))
 
 
 @pytest.mark.parametrize("zero_method", ["wilcox", "pratt"])
@@ -204,7 +231,11 @@ def test_wilcoxon_exact_with_ties_matches_scipy_permutation(zero_method, seed):
     assert np.any(d == 0) and len(np.unique(np.abs(d))) < d.size
     res = wilcoxon_signed_rank(d, zero_method=zero_method, method="exact")
     ref = sps.wilcoxon(d, zero_method=zero_method, method=sps.PermutationMethod())
+    assert res.method == "exact"
     assert res.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    assert res.p_value != pytest.approx(
+        sps.wilcoxon(d, zero_method=zero_method, correction=True, method="asymptotic").pvalue, rel=1e-6
+    )
 
 
 # --- cluster bootstrap ------------------------------------------------------------------------------
