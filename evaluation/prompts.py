@@ -182,6 +182,11 @@ def _parti(lines: list[str], path: Path) -> list[tuple[int, str, str | None, dic
     if not header or header[0].lower() != "prompt":
         raise InvalidInput(FIELD, f"{path}:{start + 1}: expected the PartiPrompts header Prompt<TAB>Category<TAB>Challenge<TAB>Note")
     columns = {name.lower(): i for i, name in enumerate(header)}
+
+    def cell(row: list[str], name: str) -> str | None:
+        j = columns.get(name)
+        return row[j].strip() if j is not None and j < len(row) and row[j].strip() else None
+
     entries = []
     for i in range(start + 1, len(rows)):
         row = rows[i]
@@ -192,13 +197,8 @@ def _parti(lines: list[str], path: Path) -> list[tuple[int, str, str | None, dic
         prompt = row[0].strip()
         if not prompt:
             raise InvalidInput(FIELD, f"{path}:{i + 1}: empty Prompt field")
-
-        def cell(name: str) -> str | None:
-            j = columns.get(name)
-            return row[j].strip() if j is not None and j < len(row) and row[j].strip() else None
-
-        extra = {k: v for k in ("challenge", "note") if (v := cell(k)) is not None}
-        entries.append((i + 1, prompt, cell("category"), extra))
+        extra = {k: v for k in ("challenge", "note") if (v := cell(row, k)) is not None}
+        entries.append((i + 1, prompt, cell(row, "category"), extra))
     return entries
 
 
