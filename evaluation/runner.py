@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from diffsteer.guidance.events import StepCallback
 from diffsteer.guidance.models import DiffusionModel
 from diffsteer.guidance.request import Limits
-from diffsteer.guidance.sampler import GenerationResult, StepCallback, generate
+from diffsteer.guidance.sampler import GenerationResult, generate
 
 GenerateFn = Callable[..., GenerationResult]  # called as diffsteer.guidance.sampler.generate(model, params, limits=, callback=)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffsteer.guidance.tiny import write_clip_tokenizer
+from diffsteer.guidance.tiny import tiny_scheduler_config, write_clip_tokenizer
 from diffsteer.proving_ground import TrainingScenes, shipped
 from diffsteer.proving_ground.prompts import heldout_suite
 from diffsteer.proving_ground.render import render_prompt
@@ -220,18 +220,10 @@ def build_unet(cfg: ProvingGroundModelConfig):
 
 
 def build_scheduler():
+    """SD 1.x's DDIM scheduler (scaled-linear betas, ε-prediction), as the tiny test models use."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return DDIMScheduler.from_config(tiny_scheduler_config())
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:

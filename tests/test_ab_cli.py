@@ -12,8 +12,8 @@ from PIL import Image
 
 from diffsteer.evaluation.ab import ABCancelled, ABConfig, run_ab
 from diffsteer.evaluation.metrics import clipped_fraction, hsv_saturation_mean
+from diffsteer.guidance.events import GenerationCancelled
 from diffsteer.guidance.images import read_png_metadata
-from diffsteer.guidance.sampler import GenerationCancelled
 from diffsteer.service.cli import main
 
 TINY = ["--model", "builtin:tiny", "--device", "cpu", "--steps", "2", "--size", "32x32", "--bootstrap", "200", "-q"]
@@ -112,6 +112,7 @@ def test_text_file_end_to_end(text_run):
     assert (out / "report.html").is_file() and (out / "plots" / "distributions.png").is_file()
 
 
+@pytest.mark.slow
 def test_resume_skips_done_images(text_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(text_run["out"], out)
@@ -149,6 +150,7 @@ def test_resume_skips_done_images(text_run, tmp_path):
     assert load(out)["arms"][1]["policy"] == "apg:scale=7.0"
 
 
+@pytest.mark.slow
 def test_geneval_file_three_arms_share_noise(tmp_path):
     meta = tmp_path / "evaluation_metadata.jsonl"
     meta.write_text(
@@ -176,6 +178,7 @@ def test_geneval_file_three_arms_share_noise(tmp_path):
     assert not (out / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_parti_file(tmp_path, capsys):
     tsv = tmp_path / "PartiPrompts.tsv"
     tsv.write_text("Prompt\tCategory\tChallenge\tNote\na red circle\tBasic\tSimple Detail\t\n"
@@ -197,6 +200,7 @@ def test_parti_file(tmp_path, capsys):
     assert pair["metrics"]["nfe"]["verdict"] == "too few to tell (n = 2 < 5)"
 
 
+@pytest.mark.slow
 def test_proving_ground_prompts_with_verifier(tmp_path):
     out = tmp_path / "run"
     args = ["ab", "--arm", "off=cfg:scale=1", "--arm", "on=cfg:scale=3", "--prompts", "pg:single", "--max-prompts", "2",
@@ -263,6 +267,7 @@ def test_missing_required_option_is_an_argparse_error(capsys):
     assert e.value.code == 2 and "--prompts" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_ab_progress_cancel_and_resume(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n", encoding="utf-8")

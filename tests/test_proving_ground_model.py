@@ -68,6 +68,7 @@ def test_training_log_documents_the_run():
     assert log["denoiser_mse_last_200"] < log["denoiser_mse_first_200"]
 
 
+@pytest.mark.slow
 def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path, capsys):
     from diffsteer.proving_ground.build_model import main
 
@@ -141,6 +142,7 @@ def test_the_service_serves_the_one_step_student_with_its_defaults():
     assert (served - ours.permute(1, 2, 0).reshape(-1, 3)).abs().max() <= 1.5 / 255
 
 
+@pytest.mark.slow
 def test_the_cli_samples_the_one_step_student_with_its_defaults(tmp_path, capsys):
     """``diffsteer generate --model builtin:proving-ground-1step``: one step unless the command names others."""
     from diffsteer.service.cli import main

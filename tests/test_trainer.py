@@ -69,6 +69,7 @@ def test_lora_initialisation_comes_from_the_seed_not_the_global_generator():
     assert all(float(other[k].abs().max()) == 0 for k in other if ".lora_B." in k)  # B starts at zero
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_model(tmp_path):
     adapters = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
@@ -80,6 +81,7 @@ def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_
     assert any(not torch.equal(a[k], c[k]) for k in a)  # and the seed matters
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_on_the_shipped_model_equals_the_uninterrupted_run(tmp_path):
     def cli(*args):
         return subprocess.Popen([sys.executable, "-m", "diffsteer.training.alignprop", *args], cwd=REPO, env=_env(),
@@ -108,6 +110,7 @@ def test_sigkill_and_resume_on_the_shipped_model_equals_the_uninterrupted_run(tm
 # ----------------------------------------------------------------------------- processes that agree
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     """torchrun --nproc_per_node 2 with batch 1 per process, 3 steps, against one process with batch 1 x
     accumulation 2 (the same per-sample computations: equal to 1e-6) and with batch 2 (batched kernels round
@@ -170,6 +173,7 @@ except InvalidInput as e:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_that_resolve_different_devices_both_refuse(tmp_path):
     from test_service_support import free_port
 
@@ -217,6 +221,7 @@ def test_share_work_computes_each_item_once_and_gives_every_process_all_of_them(
     assert Processes().share_work(3, lambda i: i * i) == [0, 1, 4]
 
 
+@pytest.mark.slow
 def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
     """`accelerate launch --num_processes 2 --cpu` starts one process: the trainer says so instead of training."""
     config = _write_config(tmp_path, "acc", max_steps=1)

@@ -215,7 +215,7 @@ class Groups:
     image_embedding: torch.Tensor | None = None  # [G, K, E] the reward's unit-norm embeddings of the decoded candidates
     text_embedding: torch.Tensor | None = None  # [G, E] the reward's unit-norm embedding of the prompt
 
-    def select(self, index: np.ndarray) -> "Groups":
+    def select(self, index: np.ndarray) -> Groups:
         """The groups at ``index``."""
         i = torch.as_tensor(index, dtype=torch.long)
         pick = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -223,7 +223,7 @@ class Groups:
                          for k, v in pick.items()})
 
     @staticmethod
-    def concatenate(parts: list["Groups"]) -> "Groups":
+    def concatenate(parts: list[Groups]) -> Groups:
         fields = [f.name for f in dataclasses.fields(Groups)]
         return Groups(**{k: ([x for p in parts for x in getattr(p, k)] if k == "prompts"
                              else None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts]))
