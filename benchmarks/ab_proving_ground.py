@@ -36,7 +36,9 @@ from diffsteer.guidance.errors import InvalidInput  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-o", "--output", required=True, help="folder for the runs (resumable)")
     ap.add_argument("--model", default="builtin:proving-ground")
     ap.add_argument("--device", default=None)
@@ -56,37 +58,68 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.output)
     pg = f"pg:{args.categories}"
-    common = {"model": args.model, "device": args.device, "steps": args.steps, "scheduler": args.scheduler,
-              "batch_size": args.batch_size, "n_resamples": args.bootstrap}
+    common = {
+        "model": args.model,
+        "device": args.device,
+        "steps": args.steps,
+        "scheduler": args.scheduler,
+        "batch_size": args.batch_size,
+        "n_resamples": args.bootstrap,
+    }
     summary: dict[str, Any] = {"model": args.model, "steps": args.steps, "scheduler": args.scheduler, "prompts": pg}
     t0 = time.perf_counter()
     try:
         best = args.best_scale
         if best is None:
             scales = [float(s) for s in args.scales.split(",") if s.strip()]
-            tuning = run_ab({
-                **common, "arms": [f"s{scale_text(s)}=cfg:scale={s}" for s in scales], "prompts": pg, "seed": 1,
-                "seeds": 1, "max_prompts": args.tune_prompts, "metrics": ["verifier", "nfe"],
-                "output_dir": str(out / "tune_cfg_scale"), "report": True,
-            }, progress=ab_progress_printer("tune"))
+            tuning = run_ab(
+                {
+                    **common,
+                    "arms": [f"s{scale_text(s)}=cfg:scale={s}" for s in scales],
+                    "prompts": pg,
+                    "seed": 1,
+                    "seeds": 1,
+                    "max_prompts": args.tune_prompts,
+                    "metrics": ["verifier", "nfe"],
+                    "output_dir": str(out / "tune_cfg_scale"),
+                    "report": True,
+                },
+                progress=ab_progress_printer("tune"),
+            )
             rates = {s: tuning["summary"][f"s{scale_text(s)}"]["verifier.passed"]["mean"] for s in scales}
             best = max(scales, key=lambda s: (rates[s], -s))  # ties: the smaller scale
             summary["tuning"] = {"pass_rate_by_scale": {scale_text(s): rates[s] for s in scales}, "best_scale": best}
-            print(f"tuning split: pass rate by CFG scale {summary['tuning']['pass_rate_by_scale']} -> best {best:g}",
-                  file=sys.stderr)
-        main_run = run_ab({
-            **common, "arms": ["off=cfg:scale=1", f"cfg=cfg:scale={best}", f"ag=ag:scale={best},gamma_bar={args.ag_gamma}"],
-            "prompts": pg, "seed": 0, "seeds": args.seeds, "max_prompts": args.prompts_per_category,
-            "metrics": ["verifier", "nfe", "latency", "saturation", "oversaturation"],
-            "output_dir": str(out / "guidance_and_ag"),
-        }, progress=ab_progress_printer("cfg/ag"))
+            print(
+                f"tuning split: pass rate by CFG scale {summary['tuning']['pass_rate_by_scale']} -> best {best:g}",
+                file=sys.stderr,
+            )
+        main_run = run_ab(
+            {
+                **common,
+                "arms": ["off=cfg:scale=1", f"cfg=cfg:scale={best}", f"ag=ag:scale={best},gamma_bar={args.ag_gamma}"],
+                "prompts": pg,
+                "seed": 0,
+                "seeds": args.seeds,
+                "max_prompts": args.prompts_per_category,
+                "metrics": ["verifier", "nfe", "latency", "saturation", "oversaturation"],
+                "output_dir": str(out / "guidance_and_ag"),
+            },
+            progress=ab_progress_printer("cfg/ag"),
+        )
         high = args.high_scale
-        apg_run = run_ab({
-            **common, "arms": [f"cfg_high=cfg:scale={high}", f"apg_high=apg:scale={high}"],
-            "prompts": pg, "seed": 0, "seeds": args.seeds, "max_prompts": args.prompts_per_category,
-            "metrics": ["saturation", "oversaturation", "verifier", "nfe"],
-            "output_dir": str(out / "apg_high_scale"),
-        }, progress=ab_progress_printer("apg"))
+        apg_run = run_ab(
+            {
+                **common,
+                "arms": [f"cfg_high=cfg:scale={high}", f"apg_high=apg:scale={high}"],
+                "prompts": pg,
+                "seed": 0,
+                "seeds": args.seeds,
+                "max_prompts": args.prompts_per_category,
+                "metrics": ["saturation", "oversaturation", "verifier", "nfe"],
+                "output_dir": str(out / "apg_high_scale"),
+            },
+            progress=ab_progress_printer("apg"),
+        )
     except InvalidInput as e:
         print(f"ab_proving_ground: error: {e}", file=sys.stderr)
         return 2
@@ -105,27 +138,41 @@ def main(argv: list[str] | None = None) -> int:
         "3_apg_lower_saturation": sat["ci_high"] < 0,
         "3_apg_lower_oversaturation": over["ci_high"] < 0,
     }
-    summary.update({
-        "n_prompts": n["n_prompts"], "seeds_per_prompt": n["seeds_per_prompt"], "best_scale": best,
-        "high_scale": high, "demo1_off_vs_cfg": d1, "demo2_cfg_vs_ag": {"nfe": nfe, "verifier.passed": ver2,
-                                                                         "nfe_saving_fraction": saving},
-        "demo3_cfg_vs_apg": {"saturation": sat, "oversaturation": over, "verifier.passed": ver3},
-        "shown": shown, "seconds": round(time.perf_counter() - t0, 1),
-    })
+    summary.update(
+        {
+            "n_prompts": n["n_prompts"],
+            "seeds_per_prompt": n["seeds_per_prompt"],
+            "best_scale": best,
+            "high_scale": high,
+            "demo1_off_vs_cfg": d1,
+            "demo2_cfg_vs_ag": {"nfe": nfe, "verifier.passed": ver2, "nfe_saving_fraction": saving},
+            "demo3_cfg_vs_apg": {"saturation": sat, "oversaturation": over, "verifier.passed": ver3},
+            "shown": shown,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     unit = f"{n['n_prompts']} held-out prompts x {n['seeds_per_prompt']} seeds, {args.steps} {args.scheduler} steps, {args.model}"
     print(f"### A/B on the proving ground ({unit}); differences B - A with 95% prompt-bootstrap CIs\n")
-    print(f"1. cfg:scale={best:g} vs cfg:scale=1, verifier pass rate: {ci_text(d1)} "
-          f"[{'shown' if shown['1_guidance_improves_verifier'] else 'NOT shown'}]")
-    print(f"2. ag:scale={best:g},gamma_bar={args.ag_gamma:g} vs cfg:scale={best:g}: NFE {nfe['mean_a']:.1f} -> "
-          f"{nfe['mean_b']:.1f} ({100 * saving:.1f}% fewer), diff {ci_text(nfe, digits=2)}; verifier pass rate {ci_text(ver2)} "
-          f"[{'shown' if shown['2_ag_saves_nfe'] and shown['2_ag_no_measurable_loss'] else 'NOT shown'}]")
-    print(f"3. apg:scale={high:g} vs cfg:scale={high:g}: saturation {sat['mean_a']:.3f} -> {sat['mean_b']:.3f}, {ci_text(sat)}; "
-          f"clipped-pixel fraction {over['mean_a']:.3f} -> {over['mean_b']:.3f}, {ci_text(over)}; verifier pass rate {ci_text(ver3)} "
-          f"[{'shown' if shown['3_apg_lower_saturation'] and shown['3_apg_lower_oversaturation'] else 'NOT shown'}]")
-    print(f"\nreports: {out / 'guidance_and_ag' / 'report.html'}, {out / 'apg_high_scale' / 'report.html'}"
-          + ("" if args.best_scale is not None else f", {out / 'tune_cfg_scale' / 'report.html'}"))
+    print(
+        f"1. cfg:scale={best:g} vs cfg:scale=1, verifier pass rate: {ci_text(d1)} "
+        f"[{'shown' if shown['1_guidance_improves_verifier'] else 'NOT shown'}]"
+    )
+    print(
+        f"2. ag:scale={best:g},gamma_bar={args.ag_gamma:g} vs cfg:scale={best:g}: NFE {nfe['mean_a']:.1f} -> "
+        f"{nfe['mean_b']:.1f} ({100 * saving:.1f}% fewer), diff {ci_text(nfe, digits=2)}; verifier pass rate {ci_text(ver2)} "
+        f"[{'shown' if shown['2_ag_saves_nfe'] and shown['2_ag_no_measurable_loss'] else 'NOT shown'}]"
+    )
+    print(
+        f"3. apg:scale={high:g} vs cfg:scale={high:g}: saturation {sat['mean_a']:.3f} -> {sat['mean_b']:.3f}, {ci_text(sat)}; "
+        f"clipped-pixel fraction {over['mean_a']:.3f} -> {over['mean_b']:.3f}, {ci_text(over)}; verifier pass rate {ci_text(ver3)} "
+        f"[{'shown' if shown['3_apg_lower_saturation'] and shown['3_apg_lower_oversaturation'] else 'NOT shown'}]"
+    )
+    print(
+        f"\nreports: {out / 'guidance_and_ag' / 'report.html'}, {out / 'apg_high_scale' / 'report.html'}"
+        + ("" if args.best_scale is not None else f", {out / 'tune_cfg_scale' / 'report.html'}")
+    )
     return 0
 
 

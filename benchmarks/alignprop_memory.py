@@ -36,11 +36,23 @@ def measure(args: argparse.Namespace) -> dict:
     k = args.k if args.k > 0 else args.steps
     mixed = {"fp16": "fp16", "bf16": "bf16"}.get(args.dtype or "", "no") if args.device.startswith("cuda") else "no"
     config = AlignPropConfig(
-        model=args.arch, output_dir="/tmp/alignprop-bench", prompts="pg-train:all", eval_prompts="",
-        steps=args.steps, batch_size=args.batch, truncation="fixed", truncation_k=k,
-        gradient_checkpointing=args.checkpointing, policy="cfg:scale=3", scheduler="ddim",
-        mixed_precision=mixed, device=args.device, progress=False, tensorboard=False,
-        height=args.size, width=args.size,
+        model=args.arch,
+        output_dir="/tmp/alignprop-bench",
+        prompts="pg-train:all",
+        eval_prompts="",
+        steps=args.steps,
+        batch_size=args.batch,
+        truncation="fixed",
+        truncation_k=k,
+        gradient_checkpointing=args.checkpointing,
+        policy="cfg:scale=3",
+        scheduler="ddim",
+        mixed_precision=mixed,
+        device=args.device,
+        progress=False,
+        tensorboard=False,
+        height=args.size,
+        width=args.size,
     )
     model = load_arch("default" if args.arch == "proving-ground" else args.arch, args.device, args.dtype)
     trainer = AlignPropTrainer(config, model=model)
@@ -63,14 +75,20 @@ def measure(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - start
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
-    return {"k": args.k, "checkpointing": args.checkpointing, "peak_mb": peak / 2**20,
-            "step_s": statistics.median(times), "start_mb": start / 2**20}
+    return {
+        "k": args.k,
+        "checkpointing": args.checkpointing,
+        "peak_mb": peak / 2**20,
+        "step_s": statistics.median(times),
+        "start_mb": start / 2**20,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="proving-ground",
-                        help="proving-ground, tiny, sd15 (random weights) or a diffusers folder")
+    parser.add_argument(
+        "--arch", default="proving-ground", help="proving-ground, tiny, sd15 (random weights) or a diffusers folder"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="fp16 / bf16 on GPU (mixed precision, LoRA in fp32)")
     parser.add_argument("--size", type=int, default=None)
@@ -78,9 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", default=None, help="K:checkpointing pairs, e.g. 1:1,0:1 (K = 0: full); default: all six")
-    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (last line) instead of a table")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per row (a row past it is recorded as failed)")
+    parser.add_argument(
+        "--rows", default=None, help="K:checkpointing pairs, e.g. 1:1,0:1 (K = 0: full); default: all six"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the rows as one JSON list (last line) instead of a table"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds per row (a row past it is recorded as failed)"
+    )
     parser.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)  # one row, in a child process
     parser.add_argument("--checkpointing", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -93,7 +117,9 @@ def main() -> None:
     if args.k is not None:
         print(json.dumps(measure(args)))
         return
-    wanted = ROWS if args.rows is None else [(int(k), bool(int(c))) for k, c in (p.split(":") for p in args.rows.split(","))]
+    wanted = (
+        ROWS if args.rows is None else [(int(k), bool(int(c))) for k, c in (p.split(":") for p in args.rows.split(","))]
+    )
     rows = []
     for k, ckpt in wanted:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--k", str(k), "--checkpointing", str(int(ckpt))]
@@ -119,8 +145,10 @@ def main() -> None:
         if "error" in r:
             print(f"| {k} | {'on' if r['checkpointing'] else 'off'} | {r['error']} | | | |")
             continue
-        print(f"| {k} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} "
-              f"| {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} |")
+        print(
+            f"| {k} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} "
+            f"| {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

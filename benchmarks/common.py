@@ -31,8 +31,15 @@ def sd15_components(seed: int = 0) -> dict:
         sample_size=512,
     )
     text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
     )
     return {
         "unet": unet.eval(),
@@ -56,14 +63,24 @@ def sd_turbo_components(seed: int = 0) -> dict:
 
     parts = sd15_components(seed)
     torch.manual_seed(seed)
-    parts["unet"] = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                                         use_linear_projection=True).eval()
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+    ).eval()
     parts["text_encoder"] = CLIPTextModel(
-        CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                       num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+        )
     ).eval()
     parts["scheduler"] = EulerAncestralDiscreteScheduler.from_config(
-        {**tiny_scheduler_config(), "timestep_spacing": "trailing"})
+        {**tiny_scheduler_config(), "timestep_spacing": "trailing"}
+    )
     return parts
 
 
@@ -74,11 +91,18 @@ def sdxl_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        sample_size=128,
+        cross_attention_dim=2048,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
     ).eval()
 
 
@@ -168,10 +192,18 @@ def ab_progress_printer(label: str, interval_s: float = 15.0):
 
     def progress(event) -> None:
         now = time.monotonic()
-        if event.stage != "generate" or now - last["t"] > interval_s or (event.step is None and event.done == event.total):
+        if (
+            event.stage != "generate"
+            or now - last["t"] > interval_s
+            or (event.step is None and event.done == event.total)
+        ):
             last["t"] = now
-            print(f"[{label}] {event.stage} {event.done}/{event.total} images"
-                  + (f" ({event.arm} step {event.step}/{event.steps})" if event.step else ""), file=sys.stderr, flush=True)
+            print(
+                f"[{label}] {event.stage} {event.done}/{event.total} images"
+                + (f" ({event.arm} step {event.step}/{event.steps})" if event.step else ""),
+                file=sys.stderr,
+                flush=True,
+            )
 
     return progress
 
@@ -193,6 +225,8 @@ def ci_text(m: dict[str, Any], digits: int = 3, tests: bool = True) -> str:
     """A paired difference with its 95% CI (and the prompt-level win/tie/loss counts and tests)."""
     text = f"{m['mean_diff']:+.{digits}f} [{m['ci_low']:+.{digits}f}, {m['ci_high']:+.{digits}f}]"
     if tests:
-        text += (f" (prompts W/T/L {m['wins']}/{m['ties']}/{m['losses']}, sign p={m['sign_test_p']:.2g}, "
-                 f"Wilcoxon p={m['wilcoxon_p']:.2g})")
+        text += (
+            f" (prompts W/T/L {m['wins']}/{m['ties']}/{m['losses']}, sign p={m['sign_test_p']:.2g}, "
+            f"Wilcoxon p={m['wilcoxon_p']:.2g})"
+        )
     return text

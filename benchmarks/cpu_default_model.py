@@ -48,28 +48,45 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="images per call")
     ap.add_argument("--scale", type=float, default=1.5, help="cfg scale (the proving-ground model's recommended one)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile-timeout", type=float, default=600.0, help="seconds allowed for the compile arm's first call")
-    ap.add_argument("--arms", default="diffusers,generate,generate+inference_mode,generate+channels_last,generate+compile,service,cli")
+    ap.add_argument(
+        "--compile-timeout", type=float, default=600.0, help="seconds allowed for the compile arm's first call"
+    )
+    ap.add_argument(
+        "--arms",
+        default="diffusers,generate,generate+inference_mode,generate+channels_last,generate+compile,service,cli",
+    )
     args = ap.parse_args()
     arms = args.arms.split(",")
     seed = 1234
-    request = {"prompt": PROMPT, "steps": args.steps, "seed": seed, "num_images": args.batch, "scheduler": "ddim",
-               "policy": {"name": "cfg", "scale": args.scale}}
+    request = {
+        "prompt": PROMPT,
+        "steps": args.steps,
+        "seed": seed,
+        "num_images": args.batch,
+        "scheduler": "ddim",
+        "policy": {"name": "cfg", "scale": args.scale},
+    }
     fns = {}
     notes: dict[str, str] = {}
 
     if "diffusers" in arms:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(PROVING_GROUND_MODEL), safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(PROVING_GROUND_MODEL), safety_checker=None, requires_safety_checker=False
+        )
         pipe.scheduler = build_scheduler("ddim", dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
         pipe.set_progress_bar_config(disable=True)
 
         def diffusers_call():
             generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(args.batch)]
-            pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.scale, num_images_per_prompt=args.batch,
-                 generator=generators)
+            pipe(
+                PROMPT,
+                num_inference_steps=args.steps,
+                guidance_scale=args.scale,
+                num_images_per_prompt=args.batch,
+                generator=generators,
+            )
 
         fns["diffusers"] = diffusers_call
 
@@ -77,6 +94,7 @@ def main() -> None:
     if "generate" in arms:
         fns["generate"] = lambda: generate(plain, request)
     if "generate+inference_mode" in arms:
+
         def in_inference_mode():
             with torch.inference_mode():
                 generate(plain, request)
@@ -94,15 +112,19 @@ def main() -> None:
             notes["generate+compile"] = f"first call (compilation) {time.perf_counter() - t0:.0f} s"
             fns["generate+compile"] = lambda: generate(compiled, request)
         except Exception as e:  # noqa: BLE001 - the alarm surfaces as TimeoutError or wrapped in inductor's own error
-            notes["generate+compile"] = (f"dropped: no first call within {args.compile_timeout:.0f} s "
-                                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            notes["generate+compile"] = (
+                f"dropped: no first call within {args.compile_timeout:.0f} s "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            )
     server = None
     if "service" in arms:
         import httpx
 
         from benchmarks.service_load import Server
 
-        server = Server(argparse.Namespace(clients=[1], device="cpu", dtype=None, threads=None, model="default"), batching=True)
+        server = Server(
+            argparse.Namespace(clients=[1], device="cpu", dtype=None, threads=None, model="default"), batching=True
+        )
         server.wait_ready(600)
         body = {**request, "policy": f"cfg:scale={args.scale}"}
         client = httpx.Client(timeout=600)
@@ -113,9 +135,26 @@ def main() -> None:
         fns["service"] = service_call
     if "cli" in arms:
         out = Path(tempfile.mkdtemp(prefix="cpu-bench-")) / "x.png"
-        cmd = [sys.executable, "-m", "diffsteer.service.cli", "generate", PROMPT, "--steps", str(args.steps), "--seed", str(seed),
-               "--num-images", str(args.batch), "--scheduler", "ddim", "--policy", f"cfg:scale={args.scale}",
-               "-o", str(out), "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffsteer.service.cli",
+            "generate",
+            PROMPT,
+            "--steps",
+            str(args.steps),
+            "--seed",
+            str(seed),
+            "--num-images",
+            str(args.batch),
+            "--scheduler",
+            "ddim",
+            "--policy",
+            f"cfg:scale={args.scale}",
+            "-o",
+            str(out),
+            "-q",
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         fns["cli"] = lambda: subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     try:
@@ -127,11 +166,23 @@ def main() -> None:
             server.stop()
     base = medians.get("diffusers")
     report = {
-        "benchmark": "cpu_default_model", "model": "builtin:proving-ground (64×64)", "steps": args.steps,
-        "batch": args.batch, "cfg_scale": args.scale, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "notes": notes,
-        "arms": {k: {"median_s": round(v, 4), "images_per_s": round(args.batch / v, 3),
-                     "time_ratio_vs_diffusers": round(v / base, 3) if base else None} for k, v in medians.items()},
+        "benchmark": "cpu_default_model",
+        "model": "builtin:proving-ground (64×64)",
+        "steps": args.steps,
+        "batch": args.batch,
+        "cfg_scale": args.scale,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "notes": notes,
+        "arms": {
+            k: {
+                "median_s": round(v, 4),
+                "images_per_s": round(args.batch / v, 3),
+                "time_ratio_vs_diffusers": round(v / base, 3) if base else None,
+            }
+            for k, v in medians.items()
+        },
     }
     print(json.dumps(report, indent=2))
     print("| arm | s per call | images/s | time / diffusers |\n| --- | --- | --- | --- |", file=sys.stderr)

@@ -64,16 +64,24 @@ def run_arm(model, items, policy: str, steps: int, scheduler: str) -> tuple[list
     from diffsteer.proving_ground import verify
 
     t0 = time.perf_counter()
-    result = generate(model, {"prompt": [it.prompt for it in items], "seeds": [it.seed for it in items], "steps": steps,
-                              "scheduler": scheduler, "policy": policy},
-                      limits=Limits(max_num_images=max(len(items), Limits.max_num_images)))
+    result = generate(
+        model,
+        {
+            "prompt": [it.prompt for it in items],
+            "seeds": [it.seed for it in items],
+            "steps": steps,
+            "scheduler": scheduler,
+            "policy": policy,
+        },
+        limits=Limits(max_num_images=max(len(items), Limits.max_num_images)),
+    )
     seconds = time.perf_counter() - t0
     passed = [float(verify(np.asarray(img), it.spec).passed) for img, it in zip(result.images, items)]
     return passed, seconds, result.trace
 
 
 def batches(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def pass_comparison(model, args) -> dict[str, Any]:
@@ -87,8 +95,11 @@ def pass_comparison(model, args) -> dict[str, Any]:
         for name, policy in cfg_arms.items():
             select_pass[name] += run_arm(model, batch, policy, args.steps, args.scheduler)[0]
     best = max(cfg_arms, key=lambda n: (np.mean(select_pass[n]), -list(cfg_arms).index(n)))
-    print(f"[select] pass: {({k: round(float(np.mean(v)), 3) for k, v in select_pass.items()})}; best {best}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[select] pass: { ({k: round(float(np.mean(v)), 3) for k, v in select_pass.items()}) }; best {best}",
+        file=sys.stderr,
+        flush=True,
+    )
     # the dynamic policy's parameters are tuned on the selection half too (never on the test half)
     dynamic_policies = [p.strip() for p in args.policy.split(";") if p.strip()]
     dynamic_select = {p: [] for p in dynamic_policies}
@@ -96,10 +107,15 @@ def pass_comparison(model, args) -> dict[str, Any]:
         for batch in batches(selection, args.batch):
             for policy in dynamic_policies:
                 dynamic_select[policy] += run_arm(model, batch, policy, args.steps, args.scheduler)[0]
-        print(f"[select] dynamic pass: {({k: round(float(np.mean(v)), 3) for k, v in dynamic_select.items()})}",
-              file=sys.stderr, flush=True)
-    dynamic = max(dynamic_policies, key=lambda p: (np.mean(dynamic_select[p]) if dynamic_select[p] else 0.0,
-                                                    -dynamic_policies.index(p)))
+        print(
+            f"[select] dynamic pass: { ({k: round(float(np.mean(v)), 3) for k, v in dynamic_select.items()}) }",
+            file=sys.stderr,
+            flush=True,
+        )
+    dynamic = max(
+        dynamic_policies,
+        key=lambda p: (np.mean(dynamic_select[p]) if dynamic_select[p] else 0.0, -dynamic_policies.index(p)),
+    )
 
     arms = {**cfg_arms, "dynamic": dynamic}
     passed = {name: [] for name in arms}
@@ -107,14 +123,16 @@ def pass_comparison(model, args) -> dict[str, Any]:
     schedules: list[list[float]] = []
     for b, batch in enumerate(batches(test, args.batch)):
         names = list(arms)
-        names = names[b % len(names):] + names[:b % len(names)]  # rotate the order so that drift hits every arm
+        names = names[b % len(names) :] + names[: b % len(names)]  # rotate the order so that drift hits every arm
         for name in names:
             p, s, trace = run_arm(model, batch, arms[name], args.steps, args.scheduler)
             passed[name] += p
             times[name].append(s)
             if name == "dynamic":
                 schedules += np.asarray(trace["scale_schedule"]).T.tolist()
-        print(f"[test] batch {b + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in arms), file=sys.stderr, flush=True)
+        print(
+            f"[test] batch {b + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f}s" for n in arms), file=sys.stderr, flush=True
+        )
 
     prompts = [it.prompt for it in test]
     unique = sorted(set(prompts))
@@ -137,13 +155,20 @@ def pass_comparison(model, args) -> dict[str, Any]:
         mask = np.array([c == category for c in _categories(test)])
         per_category[category] = {n: float(np.mean(np.array(v)[mask])) for n, v in passed.items()}
     return {
-        "selection_items": len(selection), "test_items": len(test), "test_prompts": len(unique),
-        "selection_pass": {k: float(np.mean(v)) for k, v in select_pass.items()}, "best_fixed": best,
-        "dynamic_selection_pass": {k: float(np.mean(v)) for k, v in dynamic_select.items() if v}, "dynamic_policy": dynamic,
-        "test_pass": {k: float(np.mean(v)) for k, v in passed.items()}, "per_category": per_category,
-        "delta_pass": float(delta.mean()), "delta_pass_ci": [lo, hi],
+        "selection_items": len(selection),
+        "test_items": len(test),
+        "test_prompts": len(unique),
+        "selection_pass": {k: float(np.mean(v)) for k, v in select_pass.items()},
+        "best_fixed": best,
+        "dynamic_selection_pass": {k: float(np.mean(v)) for k, v in dynamic_select.items() if v},
+        "dynamic_policy": dynamic,
+        "test_pass": {k: float(np.mean(v)) for k, v in passed.items()},
+        "per_category": per_category,
+        "delta_pass": float(delta.mean()),
+        "delta_pass_ci": [lo, hi],
         "seconds": {k: float(np.sum(v)) for k, v in times.items()},
-        "time_ratio": ratio(np.arange(len(cfg_mean))), "time_ratio_ci": [r_lo, r_hi],
+        "time_ratio": ratio(np.arange(len(cfg_mean))),
+        "time_ratio_ci": [r_lo, r_hi],
         "mean_schedule_by_step": np.mean(schedules, axis=0).round(2).tolist() if schedules else [],
         # per test item, so that draws can be pooled and other arms compared on the same items later
         "test_item_list": [{"prompt": it.prompt, "seed": it.seed, "category": it.spec.category} for it in test],
@@ -171,26 +196,52 @@ def agreement(model, args) -> dict[str, Any]:
     rng = np.random.default_rng(17)
     groups = []
     for batch in batches(test, args.batch):
-        params = {"prompt": [it.prompt for it in batch], "seeds": [it.seed for it in batch], "steps": args.steps,
-                  "scheduler": args.scheduler, "policy": "cfg:scale=1"}
-        groups.append(record_candidate_groups(model, params["prompt"], params["seeds"], rng, params, candidates,
-                                              args.records, reward, embeddings=spec.embedding_dim > 0))
+        params = {
+            "prompt": [it.prompt for it in batch],
+            "seeds": [it.seed for it in batch],
+            "steps": args.steps,
+            "scheduler": args.scheduler,
+            "policy": "cfg:scale=1",
+        }
+        groups.append(
+            record_candidate_groups(
+                model,
+                params["prompt"],
+                params["seeds"],
+                rng,
+                params,
+                candidates,
+                args.records,
+                reward,
+                embeddings=spec.embedding_dim > 0,
+            )
+        )
     recorded = Groups.concatenate(groups)
     x0, bars, target = recorded.x0, recorded.alpha_bar, recorded.reward.numpy()
     k = x0.shape[1]
     with torch.no_grad():
-        pred = evaluators.evaluate("alignment", x0.flatten(0, 1), bars.repeat_interleave(k),
-                                   recorded.prompt_inputs().repeat_interleave(k)).view(-1, k).numpy()
+        pred = (
+            evaluators.evaluate(
+                "alignment", x0.flatten(0, 1), bars.repeat_interleave(k), recorded.prompt_inputs().repeat_interleave(k)
+            )
+            .view(-1, k)
+            .numpy()
+        )
     lam = np.log(bars.numpy() / (1 - bars.numpy()))
     edges = np.quantile(lam, [0, 1 / 3, 2 / 3, 1])
     out = {"groups": int(len(lam)), "candidates": k, "reward": spec.target, "by_noise": []}
     for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
         mask = (lam >= a) & ((lam <= b) if i == 2 else (lam < b))
         within = [spearman(pred[j], target[j]) for j in np.nonzero(mask)[0]]
-        out["by_noise"].append({"log_snr": [round(float(a), 2), round(float(b), 2)], "groups": int(mask.sum()),
-                                "spearman_pooled": spearman(pred[mask].ravel(), target[mask].ravel()),
-                                "spearman_within_group": float(np.nanmean(within)),
-                                "top1_agreement": float(np.mean(pred[mask].argmax(1) == target[mask].argmax(1)))})
+        out["by_noise"].append(
+            {
+                "log_snr": [round(float(a), 2), round(float(b), 2)],
+                "groups": int(mask.sum()),
+                "spearman_pooled": spearman(pred[mask].ravel(), target[mask].ravel()),
+                "spearman_within_group": float(np.nanmean(within)),
+                "top1_agreement": float(np.mean(pred[mask].argmax(1) == target[mask].argmax(1))),
+            }
+        )
     out["spearman_pooled_all"] = spearman(pred.ravel(), target.ravel())
     out["spearman_within_all"] = float(np.nanmean([spearman(p, t) for p, t in zip(pred, target)]))
     return out
@@ -236,29 +287,44 @@ def memory_child(cfg: dict[str, Any]) -> dict[str, Any]:
     peak = proc_memory_bytes()["VmHWM"]
     # above start: what the request adds to a warm process; above loaded: also what the warm-up left in the
     # allocator's pools (a policy whose warm-up keeps more than cfg's shows less above start, not less memory)
-    return {"peak_above_start_mb": (peak - start) / 2**20, "peak_above_loaded_mb": (peak - loaded) / 2**20,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "peak_above_start_mb": (peak - start) / 2**20,
+        "peak_above_loaded_mb": (peak - loaded) / 2**20,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def memory(args) -> dict[str, Any]:
     candidates = "[" + ",".join(f"{1 + 7 * i / 31:.3f}" for i in range(32)) + "]"
-    policies = {"cfg": "cfg:scale=3",
-                "dynamic_latent_32": f"dynamic_cfg:candidates={candidates},start=0.2,initial_scale=1,evaluator=latent"}
+    policies = {
+        "cfg": "cfg:scale=3",
+        "dynamic_latent_32": f"dynamic_cfg:candidates={candidates},start=0.2,initial_scale=1,evaluator=latent",
+    }
     out: dict[str, Any] = {}
     for size in [None, *([int(s) for s in args.memory_sizes.split(",") if s] if args.memory_sizes else [])]:
         key = f"{size or 'native'}"
         out[key] = {}
         for name, policy in policies.items():
-            cfg = {"images": 16, "steps": args.memory_steps, "policy": policy, "threads": args.threads, "size": size,
-                   "evaluators": args.evaluators}
-            proc = subprocess.run([sys.executable, __file__, "--_memory", json.dumps(cfg)], capture_output=True, text=True)
+            cfg = {
+                "images": 16,
+                "steps": args.memory_steps,
+                "policy": policy,
+                "threads": args.threads,
+                "size": size,
+                "evaluators": args.evaluators,
+            }
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_memory", json.dumps(cfg)], capture_output=True, text=True
+            )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
             if proc.returncode != 0 or not lines:
                 raise RuntimeError(f"memory child failed: {proc.stderr[-2000:]}")
-            out[key][name] = json.loads(lines[-1][len("MEMORY "):])
+            out[key][name] = json.loads(lines[-1][len("MEMORY ") :])
             print(f"[memory] {key} {name}: {out[key][name]}", file=sys.stderr, flush=True)
         for measure in ("peak_above_start_mb", "peak_above_loaded_mb"):
-            out[key][f"ratio_{measure[:-3]}"] = out[key]["dynamic_latent_32"][measure] / max(1e-9, out[key]["cfg"][measure])
+            out[key][f"ratio_{measure[:-3]}"] = out[key]["dynamic_latent_32"][measure] / max(
+                1e-9, out[key]["cfg"][measure]
+            )
     return out
 
 
@@ -266,11 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=12, help="held-out items per category (half select, half test)")
     ap.add_argument("--categories", default="single,two_objects,counting,colour_binding")
-    ap.add_argument("--suite-seed", type=int, default=0,
-                    help="held-out suite draw (0: the items of BENCHMARKS.md; others: fresh instances no tuning saw)")
+    ap.add_argument(
+        "--suite-seed",
+        type=int,
+        default=0,
+        help="held-out suite draw (0: the items of BENCHMARKS.md; others: fresh instances no tuning saw)",
+    )
     ap.add_argument("--scales", default="1.5,3,4.5", help="fixed cfg scales (the best is chosen on the selection half)")
-    ap.add_argument("--policy", default=DEFAULT_POLICY,
-                    help="the dynamic policy; several separated by ';' are tuned on the selection half (best pass rate)")
+    ap.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        help="the dynamic policy; several separated by ';' are tuned on the selection half (best pass rate)",
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--scheduler", default="ddim")
     ap.add_argument("--batch", type=int, default=8)
@@ -278,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-steps", type=int, default=4)
     ap.add_argument("--memory-sizes", default="", help="extra image sizes for the memory probe, e.g. 128")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: pass, agreement, memory")
-    ap.add_argument("--evaluators", default=str(shipped.LATENT_EVALUATORS),
-                    help="latent evaluator folder ('': the one in the model's folder)")
+    ap.add_argument(
+        "--evaluators",
+        default=str(shipped.LATENT_EVALUATORS),
+        help="latent evaluator folder ('': the one in the model's folder)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the JSON report here too")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)

@@ -40,17 +40,30 @@ def main() -> None:
     report = {"policy": args.policy, "steps": args.steps, "categories": {}}
     for category in args.categories.split(","):
         suite = heldout_suite(category, args.items, 0)
-        result = generate(model, {"prompt": [s.prompt for s in suite], "seeds": [s.seed for s in suite],
-                                  "steps": args.steps, "scheduler": args.scheduler, "policy": args.policy},
-                          limits=Limits(max_num_images=max(len(suite), Limits.max_num_images)))
+        result = generate(
+            model,
+            {
+                "prompt": [s.prompt for s in suite],
+                "seeds": [s.seed for s in suite],
+                "steps": args.steps,
+                "scheduler": args.scheduler,
+                "policy": args.policy,
+            },
+            limits=Limits(max_num_images=max(len(suite), Limits.max_num_images)),
+        )
         per_step = np.asarray(result.trace["scale_schedule"], dtype=float).mean(axis=1)
         start = getattr(result.params.policy, "start", 0.0)
-        chosen = per_step[math.ceil(start * args.steps):]
+        chosen = per_step[math.ceil(start * args.steps) :]
         thirds = [float(part.mean()) for part in np.array_split(chosen, 3)]
-        report["categories"][category] = {"mean_scale_per_step": [round(float(v), 2) for v in per_step],
-                                          "mean_scale_by_third": [round(v, 2) for v in thirds]}
-        print(f"{category}: by third {' / '.join(f'{v:.2f}' for v in thirds)}; per step "
-              + " ".join(f"{v:.1f}" for v in per_step), file=sys.stderr)
+        report["categories"][category] = {
+            "mean_scale_per_step": [round(float(v), 2) for v in per_step],
+            "mean_scale_by_third": [round(v, 2) for v in thirds],
+        }
+        print(
+            f"{category}: by third {' / '.join(f'{v:.2f}' for v in thirds)}; per step "
+            + " ".join(f"{v:.1f}" for v in per_step),
+            file=sys.stderr,
+        )
     print(json.dumps(report, indent=1))
 
 

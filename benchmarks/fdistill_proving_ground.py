@@ -65,8 +65,9 @@ def run(model, items, policy, steps, scheduler, batch_size) -> tuple[list[Any], 
 def verifier_rows(records) -> list[dict[str, Any]]:
     from diffsteer.evaluation.metrics import MetricScorer
 
-    return MetricScorer(["verifier"]).score([r.image for r in records], [r.item.prompt for r in records],
-                                           [r.item.meta.spec for r in records])
+    return MetricScorer(["verifier"]).score(
+        [r.image for r in records], [r.item.prompt for r in records], [r.item.meta.spec for r in records]
+    )
 
 
 def diversity(records) -> dict[str, float]:
@@ -86,8 +87,12 @@ def diversity(records) -> dict[str, float]:
     spreads = np.array([np.std(np.array(v), axis=0) for v in by_prompt.values() if len(v) >= 2])
     if not len(spreads):
         return {"x_std": float("nan"), "y_std": float("nan"), "area_std": float("nan"), "prompts": 0}
-    return {"x_std": float(spreads[:, 0].mean()), "y_std": float(spreads[:, 1].mean()),
-            "area_std": float(spreads[:, 2].mean()), "prompts": int(len(spreads))}
+    return {
+        "x_std": float(spreads[:, 0].mean()),
+        "y_std": float(spreads[:, 1].mean()),
+        "area_std": float(spreads[:, 2].mean()),
+        "prompts": int(len(spreads)),
+    }
 
 
 def paired(passes: dict[str, list[float]], prompt_ids: list[str], baseline: str, n_resamples: int) -> dict[str, Any]:
@@ -106,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--categories", default="all")
     ap.add_argument("--prompts-per-category", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--suite-seed", type=int, default=0,
-                    help="held-out suite draw: 0 (the items of BENCHMARKS.md, whose prompts the trainers' own "
-                         "evaluation also uses) or another (fresh instances no recipe choice saw)")
+    ap.add_argument(
+        "--suite-seed",
+        type=int,
+        default=0,
+        help="held-out suite draw: 0 (the items of BENCHMARKS.md, whose prompts the trainers' own "
+        "evaluation also uses) or another (fresh instances no recipe choice saw)",
+    )
     ap.add_argument("--teacher-policy", default="cfg:scale=1.5")
     ap.add_argument("--teacher-steps", default="1,4,30")
     ap.add_argument("--reno-iterations", type=int, default=0, help="0 skips section 3")
@@ -124,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = load_prompts(f"pg:{args.categories}", seeds=args.seeds, seed=args.suite_seed,
-                         max_prompts=args.prompts_per_category).items
+    items = load_prompts(
+        f"pg:{args.categories}", seeds=args.seeds, seed=args.suite_seed, max_prompts=args.prompts_per_category
+    ).items
     prompt_ids = [i.prompt_id for i in items]
     teacher = load_model(TEACHER, device="cpu")
     students = {"student": args.student, **parse_students(args.students)}
@@ -140,13 +150,24 @@ def main(argv: list[str] | None = None) -> int:
         records, seconds = run(model, items, policy, steps, scheduler, args.batch_size)
         rows = verifier_rows(records)
         passes[name] = [float(r["verifier.passed"]) for r in rows]
-        summary[name] = {"pass": float(np.mean(passes[name])), "nfe_per_image": float(np.mean([r.nfe for r in records])),
-                         "s_per_image": seconds / len(records), "diversity": diversity(records)}
-        print(f"{name}: pass {summary[name]['pass']:.3f}, NFE {summary[name]['nfe_per_image']:.0f}, "
-              f"{summary[name]['s_per_image']:.3f} s/image, diversity {summary[name]['diversity']}", flush=True)
+        summary[name] = {
+            "pass": float(np.mean(passes[name])),
+            "nfe_per_image": float(np.mean([r.nfe for r in records])),
+            "s_per_image": seconds / len(records),
+            "diversity": diversity(records),
+        }
+        print(
+            f"{name}: pass {summary[name]['pass']:.3f}, NFE {summary[name]['nfe_per_image']:.0f}, "
+            f"{summary[name]['s_per_image']:.3f} s/image, diversity {summary[name]['diversity']}",
+            flush=True,
+        )
     report["arms"] = summary
-    report["student_vs"] = paired({"student": passes["student"], **{k: v for k, v in passes.items() if k.startswith("teacher@")}},
-                                  prompt_ids, "student", args.bootstrap)
+    report["student_vs"] = paired(
+        {"student": passes["student"], **{k: v for k, v in passes.items() if k.startswith("teacher@")}},
+        prompt_ids,
+        "student",
+        args.bootstrap,
+    )
     for arm, m in report["student_vs"].items():
         print(f"{arm} - student: {ci_text(m)}")
     compared = list(students)[1:]  # the --students, in their order
@@ -161,14 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         reno_records: dict[str, list[Any]] = {k: [] for k in reno_arms}
         reno_seconds = dict.fromkeys(reno_arms, 0.0)
         for start in range(0, len(items), args.batch_size):  # interleaved batch by batch
-            chunk = items[start:start + args.batch_size]
+            chunk = items[start : start + args.batch_size]
             for name, (model, steps, scheduler) in reno_arms.items():
                 records, seconds = run(model, chunk, reno, steps, scheduler, args.batch_size)
                 reno_records[name] += records
                 reno_seconds[name] += seconds
         reno_passes = {k: [float(r["verifier.passed"]) for r in verifier_rows(v)] for k, v in reno_records.items()}
-        report["reno"] = {k: {"pass": float(np.mean(v)), "s_per_image": reno_seconds[k] / len(items)} for k, v in reno_passes.items()}
-        report["reno"]["ratio_s_per_image_teacher_over_student"] = reno_seconds["reno-teacher@4"] / reno_seconds["reno-student@1"]
+        report["reno"] = {
+            k: {"pass": float(np.mean(v)), "s_per_image": reno_seconds[k] / len(items)} for k, v in reno_passes.items()
+        }
+        report["reno"]["ratio_s_per_image_teacher_over_student"] = (
+            reno_seconds["reno-teacher@4"] / reno_seconds["reno-student@1"]
+        )
         report["reno_vs"] = paired(reno_passes, prompt_ids, "reno-student@1", args.bootstrap)
         print(json.dumps(report["reno"], indent=1))
         for arm, m in report["reno_vs"].items():

@@ -75,14 +75,22 @@ BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
 # Per-row time caps (seconds) on an H100/H200, and the order rows run in. The sum is above the default total
 # budget on purpose: caps are limits, not estimates; the total budget is what keeps the run under 8 minutes.
 ROWS: dict[str, float] = {
-    "sampler": 80, "serving": 130, "mfu": 40, "adaptive": 40, "kernels": 60, "reno": 75, "alignprop": 130,
-    "mfu_sdxl": 60, "compile": 150,
+    "sampler": 80,
+    "serving": 130,
+    "mfu": 40,
+    "adaptive": 40,
+    "kernels": 60,
+    "reno": 75,
+    "alignprop": 130,
+    "mfu_sdxl": 60,
+    "compile": 150,
 }
 SMOKE_ROW_CAP = 600  # CPU, tiny models; generous because a shared machine can be 10x slower than idle
 PROMPT = "a red circle to the left of a blue square"
 
 
 # -- model files ----------------------------------------------------------------------------------------------
+
 
 def write_models(folder: Path, device: str, smoke: bool) -> dict[str, str]:
     """The random-weight models every row reads, written once (built on the device for speed, saved in fp16)."""
@@ -92,7 +100,11 @@ def write_models(folder: Path, device: str, smoke: bool) -> dict[str, str]:
     from benchmarks.common import sd15_components, sdxl_unet
     from diffsteer.guidance.tiny import tiny_sd_components, tiny_unet
 
-    paths = {"sd15": str(folder / "sd15"), "sdxl_unet": str(folder / "sdxl-unet"), "vit_h": str(folder / "vit-h-14.safetensors")}
+    paths = {
+        "sd15": str(folder / "sd15"),
+        "sdxl_unet": str(folder / "sdxl-unet"),
+        "vit_h": str(folder / "vit-h-14.safetensors"),
+    }
     with torch.device(device):
         parts = tiny_sd_components() if smoke else sd15_components()
         pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
@@ -117,13 +129,34 @@ def write_models(folder: Path, device: str, smoke: bool) -> dict[str, str]:
 
 # -- measurement helpers --------------------------------------------------------------------------------------
 
-def line(row: str, measure: str, value: float | None, unit: str, *, baseline: str = "", baseline_value: float | None = None,
-         ratio: float | None = None, goal: str = "", met: bool | None = None, **extra: Any) -> dict[str, Any]:
+
+def line(
+    row: str,
+    measure: str,
+    value: float | None,
+    unit: str,
+    *,
+    baseline: str = "",
+    baseline_value: float | None = None,
+    ratio: float | None = None,
+    goal: str = "",
+    met: bool | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     if ratio is None and value is not None and baseline_value:
         ratio = value / baseline_value
-    return {"row": row, "measure": measure, "value": value, "unit": unit, "baseline": baseline,
-            "baseline_value": baseline_value, "ratio": None if ratio is None else round(ratio, 4), "goal": goal,
-            "met": met, **extra}
+    return {
+        "row": row,
+        "measure": measure,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": None if ratio is None else round(ratio, 4),
+        "goal": goal,
+        "met": met,
+        **extra,
+    }
 
 
 def device_name(device) -> str:
@@ -206,8 +239,10 @@ class Setup:
         added = None
         if cfg.addition_embed_type == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            added = {"text_embeds": torch.randn(rows, pooled, generator=g).to(self.device, dtype),
-                     "time_ids": torch.tensor([[h * 8, h * 8, 0, 0, h * 8, h * 8]] * rows, dtype=dtype, device=self.device)}
+            added = {
+                "text_embeds": torch.randn(rows, pooled, generator=g).to(self.device, dtype),
+                "time_ids": torch.tensor([[h * 8, h * 8, 0, 0, h * 8, h * 8]] * rows, dtype=dtype, device=self.device),
+            }
         return x, t, c, added
 
 
@@ -217,17 +252,27 @@ def call(unet, x, t, c, added):
 
 # -- rows -----------------------------------------------------------------------------------------------------
 
+
 def row_sampler(s: Setup) -> list[dict]:
     from benchmarks.sampler_overhead import time_against_diffusers
 
     model = s.model()
     out = []
-    for batch in ((1, 2) if s.smoke else (1, 8)):
+    for batch in (1, 2) if s.smoke else (1, 8):
         m = time_against_diffusers(model, steps=s.steps, batch=batch, size=s.size, scheduler="ddim", repeats=s.repeats)
         ratio = m["diffsteer"] / m["diffusers"]
-        out.append(line("sampler", f"generate, cfg, {s.steps} steps, batch {batch}, {s.size}²", m["diffsteer"], "s",
-                        baseline="diffusers StableDiffusionPipeline", baseline_value=m["diffusers"], goal="≤ 1.02",
-                        met=ratio <= 1.02))
+        out.append(
+            line(
+                "sampler",
+                f"generate, cfg, {s.steps} steps, batch {batch}, {s.size}²",
+                m["diffsteer"],
+                "s",
+                baseline="diffusers StableDiffusionPipeline",
+                baseline_value=m["diffusers"],
+                goal="≤ 1.02",
+                met=ratio <= 1.02,
+            )
+        )
     return out
 
 
@@ -236,10 +281,21 @@ def row_serving(s: Setup) -> list[dict]:
     from benchmarks.service_load import Server, measure_server
 
     clients = [1, 2] if s.smoke else [1, 4, 8, 16]
-    common = dict(model=s.paths["sd15"], device=str(s.device), dtype=s.dtype, threads=torch_threads() if s.smoke else None,
-                  ready_timeout=300.0)
-    body = {"prompt": PROMPT, "steps": 2 if s.smoke else 20, "policy": "cfg:scale=7.5", "scheduler": "euler",
-            "width": s.size, "height": s.size}
+    common = dict(
+        model=s.paths["sd15"],
+        device=str(s.device),
+        dtype=s.dtype,
+        threads=torch_threads() if s.smoke else None,
+        ready_timeout=300.0,
+    )
+    body = {
+        "prompt": PROMPT,
+        "steps": 2 if s.smoke else 20,
+        "policy": "cfg:scale=7.5",
+        "scheduler": "euler",
+        "width": s.size,
+        "height": s.size,
+    }
     bound = dict(requests=2, seconds=20.0) if s.smoke else dict(requests=32, seconds=12.0)
     off_args = argparse.Namespace(**common, **bound, clients=[1])
     on_args = argparse.Namespace(**common, **bound, clients=clients)
@@ -253,17 +309,29 @@ def row_serving(s: Setup) -> list[dict]:
         for server in servers:
             server.stop()
     base = off["throughput_images_per_s"]
-    out = [line("serving", "one request at a time (batching off), 1 client", base, "images/s",
-                p50_s=off["latency_p50_s"])]
+    out = [
+        line("serving", "one request at a time (batching off), 1 client", base, "images/s", p50_s=off["latency_p50_s"])
+    ]
     goal_at = 2 if s.smoke else 8
     for r in on:
         ratio = r["throughput_images_per_s"] / base if base and r["throughput_images_per_s"] else None
-        out.append(line("serving", f"batching on, {r['clients']} clients ({body['steps']} steps, {s.size}²)",
-                        r["throughput_images_per_s"], "images/s", baseline="batching off", baseline_value=base,
-                        ratio=ratio, goal="≥ 2 at 8 clients" if r["clients"] == goal_at else "",
-                        met=(ratio is not None and ratio >= 2) if r["clients"] == goal_at else None,
-                        p50_s=r["latency_p50_s"], p99_s=r["latency_p99_s"], rows_per_unet_call=r["rows_per_unet_call"],
-                        statuses=r["statuses"]))
+        out.append(
+            line(
+                "serving",
+                f"batching on, {r['clients']} clients ({body['steps']} steps, {s.size}²)",
+                r["throughput_images_per_s"],
+                "images/s",
+                baseline="batching off",
+                baseline_value=base,
+                ratio=ratio,
+                goal="≥ 2 at 8 clients" if r["clients"] == goal_at else "",
+                met=(ratio is not None and ratio >= 2) if r["clients"] == goal_at else None,
+                p50_s=r["latency_p50_s"],
+                p99_s=r["latency_p99_s"],
+                rows_per_unet_call=r["rows_per_unet_call"],
+                statuses=r["statuses"],
+            )
+        )
     return out
 
 
@@ -278,16 +346,28 @@ def _mfu(s: Setup, unet, rows: int, label: str, row: str) -> list[dict]:
         with FlopCounterMode(display=False) as counter:
             call(unet, x, t, c, added)
         flops = counter.get_total_flops()
-        seconds = blocks({"unet": lambda: call(unet, x, t, c, added)}, s.device, calls=2 if s.smoke else 10,
-                         repeats=s.repeats)["unet"]
+        seconds = blocks(
+            {"unet": lambda: call(unet, x, t, c, added)}, s.device, calls=2 if s.smoke else 10, repeats=s.repeats
+        )["unet"]
     achieved = flops / seconds / 1e12
     name = device_name(s.device)
     peak = bf16_peak_tflops(name) if s.device.type == "cuda" else None
     mfu = achieved / peak if peak else None
-    return [line(row, f"{label}, {rows} rows, {str(dtype).removeprefix('torch.')}: {flops / 1e9:.4g} GFLOP per call, {seconds * 1e3:.1f} ms",
-                 round(achieved, 2), "TFLOPS", baseline=f"dense bf16 peak of {name}" if peak else "no known peak for this device",
-                 baseline_value=peak, ratio=mfu, goal="MFU ≥ 40%", met=None if mfu is None else mfu >= 0.40,
-                 flops_per_call=flops, seconds_per_call=seconds)]
+    return [
+        line(
+            row,
+            f"{label}, {rows} rows, {str(dtype).removeprefix('torch.')}: {flops / 1e9:.4g} GFLOP per call, {seconds * 1e3:.1f} ms",
+            round(achieved, 2),
+            "TFLOPS",
+            baseline=f"dense bf16 peak of {name}" if peak else "no known peak for this device",
+            baseline_value=peak,
+            ratio=mfu,
+            goal="MFU ≥ 40%",
+            met=None if mfu is None else mfu >= 0.40,
+            flops_per_call=flops,
+            seconds_per_call=seconds,
+        )
+    ]
 
 
 def row_mfu(s: Setup) -> list[dict]:
@@ -316,13 +396,26 @@ def row_adaptive(s: Setup) -> list[dict]:
     fns = {name: (lambda spec=spec: generate(model, {**request, "policy": spec})) for name, spec in specs.items()}
     m = interleaved_medians(fns, s.repeats, s.device)
     time_ratio, nfe_ratio = m["ag"] / m["cfg"], nfe["ag"] / nfe["cfg"]
-    return [line("adaptive", f"ag:scale=7.5 (γ̄ default), {s.steps} steps, batch 1 — NFE {nfe['ag']} vs {nfe['cfg']} "
-                 f"(NFE ratio {nfe_ratio:.3f})", m["ag"], "s", baseline="cfg:scale=7.5, same steps", baseline_value=m["cfg"],
-                 goal="time ratio ≈ NFE ratio", met=time_ratio <= nfe_ratio + 0.05, nfe_ratio=nfe_ratio,
-                 time_saving_over_nfe_saving=(1 - time_ratio) / (1 - nfe_ratio) if nfe_ratio < 1 else None)]
+    return [
+        line(
+            "adaptive",
+            f"ag:scale=7.5 (γ̄ default), {s.steps} steps, batch 1 — NFE {nfe['ag']} vs {nfe['cfg']} "
+            f"(NFE ratio {nfe_ratio:.3f})",
+            m["ag"],
+            "s",
+            baseline="cfg:scale=7.5, same steps",
+            baseline_value=m["cfg"],
+            goal="time ratio ≈ NFE ratio",
+            met=time_ratio <= nfe_ratio + 0.05,
+            nfe_ratio=nfe_ratio,
+            time_saving_over_nfe_saving=(1 - time_ratio) / (1 - nfe_ratio) if nfe_ratio < 1 else None,
+        )
+    ]
 
 
-def _variants_row(s: Setup, row: str, variants: dict[str, Callable[[Any], Any]], rows_list: tuple[int, ...]) -> list[dict]:
+def _variants_row(
+    s: Setup, row: str, variants: dict[str, Callable[[Any], Any]], rows_list: tuple[int, ...]
+) -> list[dict]:
     """Time the UNet call of each variant (a function turning a copy of the fp16 UNet into that variant, or
     raising to say why it is unavailable) against the eager SDPA UNet, interleaved; largest output difference."""
     import torch
@@ -354,9 +447,19 @@ def _variants_row(s: Setup, row: str, variants: dict[str, Callable[[Any], Any]],
         for name in fns:
             if name == "eager SDPA":
                 continue
-            out.append(line(row, f"{name}, UNet call, {rows} rows", seconds[name], "s", baseline=base_label,
-                            baseline_value=seconds["eager SDPA"], goal="< 1 to be worth a default",
-                            met=seconds[name] < seconds["eager SDPA"], max_abs_diff=diffs[name]))
+            out.append(
+                line(
+                    row,
+                    f"{name}, UNet call, {rows} rows",
+                    seconds[name],
+                    "s",
+                    baseline=base_label,
+                    baseline_value=seconds["eager SDPA"],
+                    goal="< 1 to be worth a default",
+                    met=seconds[name] < seconds["eager SDPA"],
+                    max_abs_diff=diffs[name],
+                )
+            )
     return out
 
 
@@ -412,7 +515,9 @@ def row_reno(s: Setup) -> list[dict]:
     model = from_components("sd-turbo-random", parts)
     _place(model, s.device, resolve_dtype(s.dtype, s.device))
     configure_attention(model.unet, s.device, "sdpa")
-    rewards = DEFAULT_REWARDS if s.smoke else RewardModels({"clip": {"model": "ViT-H-14", "checkpoint": s.paths["vit_h"]}})
+    rewards = (
+        DEFAULT_REWARDS if s.smoke else RewardModels({"clip": {"model": "ViT-H-14", "checkpoint": s.paths["vit_h"]}})
+    )
     iterations = 3 if s.smoke else 50
     request = {"prompt": PROMPT, "steps": 1, "seed": 7, "scheduler": "euler_a", "width": s.size, "height": s.size}
     reno = {**request, "policy": f"reno:iterations={iterations},reward=clip:1"}
@@ -427,12 +532,28 @@ def row_reno(s: Setup) -> list[dict]:
     peak_gb = memory["peak_bytes"] / 1e9
     trace = result.trace.get("reno", {})
     return [
-        line("reno", f"ReNO {iterations} iterations, SD-Turbo-size UNet 1 step + "
-             f"{'ViT-H/14' if not s.smoke else 'proving-ground'} open_clip reward, {s.size}²", seconds, "s",
-             baseline="one plain one-step generation", baseline_value=plain, goal="< 10 s", met=seconds < 10,
-             iterations_run=trace.get("iterations")),
-        line("reno", "ReNO peak memory" + (" (CUDA, allocated)" if s.device.type == "cuda" else " (process peak RSS)"),
-             round(peak_gb, 3), "GB", baseline="goal 15 GB", baseline_value=15.0, goal="< 15 GB", met=peak_gb < 15),
+        line(
+            "reno",
+            f"ReNO {iterations} iterations, SD-Turbo-size UNet 1 step + "
+            f"{'ViT-H/14' if not s.smoke else 'proving-ground'} open_clip reward, {s.size}²",
+            seconds,
+            "s",
+            baseline="one plain one-step generation",
+            baseline_value=plain,
+            goal="< 10 s",
+            met=seconds < 10,
+            iterations_run=trace.get("iterations"),
+        ),
+        line(
+            "reno",
+            "ReNO peak memory" + (" (CUDA, allocated)" if s.device.type == "cuda" else " (process peak RSS)"),
+            round(peak_gb, 3),
+            "GB",
+            baseline="goal 15 GB",
+            baseline_value=15.0,
+            goal="< 15 GB",
+            met=peak_gb < 15,
+        ),
     ]
 
 
@@ -443,15 +564,40 @@ def row_alignprop(s: Setup, remaining: float) -> list[dict]:
 
     steps, repeats = ("2", "1") if s.smoke else ("20", "1")  # one warm-up step, one timed (full backprop: seconds)
     dtype = ["--dtype", s.dtype] if s.device.type == "cuda" else []
-    options = ["--arch", s.paths["sd15"], "--device", str(s.device), *dtype, "--size", str(s.size), "--steps", steps,
-               "--batch", "1", "--repeats", repeats, "--threads", str(torch_threads())]
+    options = [
+        "--arch",
+        s.paths["sd15"],
+        "--device",
+        str(s.device),
+        *dtype,
+        "--size",
+        str(s.size),
+        "--steps",
+        steps,
+        "--batch",
+        "1",
+        "--repeats",
+        repeats,
+        "--threads",
+        str(torch_threads()),
+    ]
     pairs = [(1, 1), (0, 1), (1, 0), (0, 0)]
     if s.smoke:
-        rows = [alignprop_memory.measure(alignprop_memory.parse_args([*options, "--k", str(k), "--checkpointing", str(c)]))
-                for k, c in pairs]
+        rows = [
+            alignprop_memory.measure(alignprop_memory.parse_args([*options, "--k", str(k), "--checkpointing", str(c)]))
+            for k, c in pairs
+        ]
     else:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "alignprop_memory.py"), *options,
-               "--rows", ",".join(f"{k}:{c}" for k, c in pairs), "--json", "--timeout", str(max(10.0, remaining / 4 - 5))]
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "alignprop_memory.py"),
+            *options,
+            "--rows",
+            ",".join(f"{k}:{c}" for k, c in pairs),
+            "--json",
+            "--timeout",
+            str(max(10.0, remaining / 4 - 5)),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"alignprop_memory.py failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -466,17 +612,40 @@ def row_alignprop(s: Setup, remaining: float) -> list[dict]:
         total_gb = (r["peak_mb"] + r["start_mb"]) / 1024
         base_gb = (base["peak_mb"] + base["start_mb"]) / 1024 if base else None
         k1 = r["k"] == 1
-        out.append(line("alignprop", f"{label}: step time (LoRA, {s.size}², batch 1)", r["step_s"], "s",
-                        baseline="K = 1, checkpointing on", baseline_value=base["step_s"] if base else None))
-        out.append(line("alignprop", f"{label}: peak memory", round(total_gb, 3), "GB",
-                        baseline="K = 1, checkpointing on", baseline_value=base_gb,
-                        goal="< 12 GB" if k1 else "", met=(total_gb < 12) if k1 else None))
+        out.append(
+            line(
+                "alignprop",
+                f"{label}: step time (LoRA, {s.size}², batch 1)",
+                r["step_s"],
+                "s",
+                baseline="K = 1, checkpointing on",
+                baseline_value=base["step_s"] if base else None,
+            )
+        )
+        out.append(
+            line(
+                "alignprop",
+                f"{label}: peak memory",
+                round(total_gb, 3),
+                "GB",
+                baseline="K = 1, checkpointing on",
+                baseline_value=base_gb,
+                goal="< 12 GB" if k1 else "",
+                met=(total_gb < 12) if k1 else None,
+            )
+        )
     return out
 
 
 ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
-    "sampler": row_sampler, "serving": row_serving, "mfu": row_mfu, "adaptive": row_adaptive,
-    "kernels": row_kernels, "reno": row_reno, "alignprop": row_alignprop, "compile": row_compile,
+    "sampler": row_sampler,
+    "serving": row_serving,
+    "mfu": row_mfu,
+    "adaptive": row_adaptive,
+    "kernels": row_kernels,
+    "reno": row_reno,
+    "alignprop": row_alignprop,
+    "compile": row_compile,
     "mfu_sdxl": row_mfu_sdxl,
 }
 
@@ -501,6 +670,7 @@ def run_row_here(args) -> None:
 
 # -- the driver -----------------------------------------------------------------------------------------------
 
+
 def run_row_in_process(name: str, args, paths: dict[str, str], timeout: float) -> dict[str, Any]:
     """A row in this process (the smoke run: saves a Python start per row), stopped by SIGALRM at ``timeout``."""
     import traceback
@@ -514,21 +684,40 @@ def run_row_in_process(name: str, args, paths: dict[str, str], timeout: float) -
         with time_limit(timeout):
             s = Setup(child)
             fn = ROW_FUNCTIONS[name]
-            record.update(status="ok", lines=json.loads(json.dumps(fn(s, timeout) if name == "alignprop" else fn(s), default=float)))
+            record.update(
+                status="ok",
+                lines=json.loads(json.dumps(fn(s, timeout) if name == "alignprop" else fn(s), default=float)),
+            )
     except TimeoutError as e:
         record.update(status="timeout", error=str(e))
     except Exception as e:  # noqa: BLE001 - one row's failure is recorded, the suite goes on
-        record.update(status="failed", error=f"{type(e).__name__}: {e}"[:500], stderr_tail=traceback.format_exc()[-1500:])
+        record.update(
+            status="failed", error=f"{type(e).__name__}: {e}"[:500], stderr_tail=traceback.format_exc()[-1500:]
+        )
     record["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"[gpu_suite] {name}: {record['status']} in {record['seconds']} s"
-          + (f" ({record.get('error')})" if record["status"] != "ok" else ""), file=sys.stderr, flush=True)
+    print(
+        f"[gpu_suite] {name}: {record['status']} in {record['seconds']} s"
+        + (f" ({record.get('error')})" if record["status"] != "ok" else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     return record
 
 
 def run_row(name: str, args, paths: dict[str, str], timeout: float) -> dict[str, Any]:
     """A row in its own process, killed at ``timeout``."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--device", args.device,
-           "--paths", json.dumps(paths), "--remaining", str(timeout)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--row",
+        name,
+        "--device",
+        args.device,
+        "--paths",
+        json.dumps(paths),
+        "--remaining",
+        str(timeout),
+    ]
     if args.smoke:
         cmd.append("--smoke")
     if args.threads:
@@ -537,8 +726,9 @@ def run_row(name: str, args, paths: dict[str, str], timeout: float) -> dict[str,
     t0 = time.perf_counter()
     record: dict[str, Any] = {"row": name, "timeout_s": round(timeout, 1)}
     # its own session, so that a timeout ends the row's children too (the serving row's servers hold the device)
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                             start_new_session=True)
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    )
     try:
         stdout, stderr = child.communicate(timeout=timeout)
         proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
@@ -555,11 +745,16 @@ def run_row(name: str, args, paths: dict[str, str], timeout: float) -> dict[str,
                 record.update(status="failed", error="no result line", stderr_tail=proc.stderr[-1500:])
         else:
             tail = proc.stderr.strip().splitlines()
-            record.update(status="failed", error=tail[-1] if tail else f"exit {proc.returncode}",
-                          stderr_tail=proc.stderr[-1500:])
+            record.update(
+                status="failed", error=tail[-1] if tail else f"exit {proc.returncode}", stderr_tail=proc.stderr[-1500:]
+            )
     record["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"[gpu_suite] {name}: {record['status']} in {record['seconds']} s"
-          + (f" ({record.get('error')})" if record["status"] != "ok" else ""), file=sys.stderr, flush=True)
+    print(
+        f"[gpu_suite] {name}: {record['status']} in {record['seconds']} s"
+        + (f" ({record.get('error')})" if record["status"] != "ok" else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     return record
 
 
@@ -572,11 +767,14 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    out = [f"GPU suite — device: {report['device']}, torch {report['torch']}, {report['date']}, "
-           f"{'smoke (tiny models)' if report['smoke'] else 'full sizes'}, total {report['seconds']} s",
-           f"command: `{report['command']}`", "",
-           "| row | measure | value | baseline | baseline value | ratio | goal | met |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        f"GPU suite — device: {report['device']}, torch {report['torch']}, {report['date']}, "
+        f"{'smoke (tiny models)' if report['smoke'] else 'full sizes'}, total {report['seconds']} s",
+        f"command: `{report['command']}`",
+        "",
+        "| row | measure | value | baseline | baseline value | ratio | goal | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for record in report["rows"]:
         if record["status"] != "ok":
             out.append(f"| {record['row']} | {record['status']}: {record.get('error', '')} | | | | | | |")
@@ -585,24 +783,38 @@ def markdown(report: dict[str, Any]) -> str:
             value = f"{fmt(ln['value'])} {ln['unit']}" if ln["value"] is not None else f"error: {ln.get('error', '?')}"
             met = {True: "yes", False: "no", None: ""}[ln["met"]]
             extra = f" (max abs diff {ln['max_abs_diff']:.2g})" if ln.get("max_abs_diff") is not None else ""
-            out.append(f"| {ln['row']} | {ln['measure']}{extra} | {value} | {ln['baseline']} | {fmt(ln['baseline_value'])} | "
-                       f"{fmt(ln['ratio'], 3)} | {ln['goal']} | {met} |")
+            out.append(
+                f"| {ln['row']} | {ln['measure']}{extra} | {value} | {ln['baseline']} | {fmt(ln['baseline_value'])} | "
+                f"{fmt(ln['ratio'], 3)} | {ln['goal']} | {met} |"
+            )
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="gpu-suite-results", help="folder for gpu_suite.json and gpu_suite.md")
-    ap.add_argument("--smoke", action="store_true", help="tiny models, few steps: the whole suite on CPU in a minute or two")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny models, few steps: the whole suite on CPU in a minute or two"
+    )
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu (--smoke only)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
-    ap.add_argument("--budget-s", type=float, default=None, help="total seconds for the whole run (default 450; smoke 1800)")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="total seconds for the whole run (default 450; smoke 1800)"
+    )
     ap.add_argument("--min-row-s", type=float, default=20.0, help="a row is skipped when less than this is left")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads in each row's process (default: torch's own; 1 with --smoke)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in each row's process (default: torch's own; 1 with --smoke)",
+    )
     ap.add_argument("--keep-models", action="store_true", help="leave the temporary model folder in place")
-    ap.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
-                    help="each row in its own process (auto: yes on a device, no for --smoke)")
+    ap.add_argument(
+        "--isolate",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="each row in its own process (auto: yes on a device, no for --smoke)",
+    )
     # internal: one row in a child process
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--paths", default=None, help=argparse.SUPPRESS)
@@ -621,7 +833,10 @@ def main(argv: list[str] | None = None) -> int:
         run_row_here(args)
         return 0
     if torch.device(args.device).type != "cuda" and not args.smoke:
-        print("gpu_suite: no CUDA device here; the full-size suite needs one (use --smoke for the CPU check)", file=sys.stderr)
+        print(
+            "gpu_suite: no CUDA device here; the full-size suite needs one (use --smoke for the CPU check)",
+            file=sys.stderr,
+        )
         return 2
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -642,7 +857,9 @@ def main(argv: list[str] | None = None) -> int:
             remaining = budget - (time.perf_counter() - start)
             cap = SMOKE_ROW_CAP if args.smoke else ROWS[name]
             if remaining < args.min_row_s:
-                records.append({"row": name, "status": "skipped", "error": f"total budget spent ({remaining:.0f} s left)"})
+                records.append(
+                    {"row": name, "status": "skipped", "error": f"total budget spent ({remaining:.0f} s left)"}
+                )
                 continue
             isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.smoke)
             records.append((run_row if isolate else run_row_in_process)(name, args, paths, min(cap, remaining)))

@@ -30,7 +30,9 @@ import torch  # noqa: E402
 from diffsteer.proving_ground import CATEGORIES  # noqa: E402
 
 
-def guidance_alignment(delta_cond: torch.Tensor, delta_uncond: torch.Tensor, guidance: torch.Tensor) -> dict[str, float]:
+def guidance_alignment(
+    delta_cond: torch.Tensor, delta_uncond: torch.Tensor, guidance: torch.Tensor
+) -> dict[str, float]:
     """cos(δ_c, g), k = ⟨δ_c − δ_u, g⟩/‖g‖² and ‖δ_c‖/‖g‖ per image ([B, ...] each), averaged over the batch."""
     dc, du, g = (t.flatten(1).double() for t in (delta_cond, delta_uncond, guidance))
     g_sq = (g * g).sum(1)
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pipelines", nargs="+", help="tuned diffusers folders (e.g. a preference run's */pipeline)")
     ap.add_argument("--base", default="builtin:proving-ground", help="the model they were tuned from")
-    ap.add_argument("--category", default="single", choices=CATEGORIES, help="proving-ground category of the held-out items")
+    ap.add_argument(
+        "--category", default="single", choices=CATEGORIES, help="proving-ground category of the held-out items"
+    )
     ap.add_argument("--items", type=int, default=32)
     ap.add_argument("--suite-seed", type=int, default=4)
     ap.add_argument("--policy", default="cfg:scale=3", help="guidance of the base trajectories")
@@ -87,9 +91,18 @@ def report(args: argparse.Namespace, record: list[int]) -> None:
         if event.step in record:
             states[event.step] = event.latents.clone()
 
-    result = generate(base, {"prompt": prompts, "seeds": [i.seed for i in items], "steps": args.steps,
-                             "scheduler": "ddim", "policy": args.policy}, callback=keep,
-                      limits=Limits(max_num_images=max(len(items), Limits.max_num_images)))
+    result = generate(
+        base,
+        {
+            "prompt": prompts,
+            "seeds": [i.seed for i in items],
+            "steps": args.steps,
+            "scheduler": "ddim",
+            "policy": args.policy,
+        },
+        callback=keep,
+        limits=Limits(max_num_images=max(len(items), Limits.max_num_images)),
+    )
     _, timesteps = make_scheduler(base, result.params)
     size = base.native_size
     conditions = encode_conditions(base, prompts, None, ["cond", "uncond"], height=size, width=size)[0]
@@ -97,8 +110,10 @@ def report(args: argparse.Namespace, record: list[int]) -> None:
     def predictions(model, x, t):
         return {c: call_unet(model.unet, x, t, conditions[c]).float() for c in ("cond", "uncond")}
 
-    print(f"base trajectories: {args.base}, {args.policy}, {args.steps} DDIM steps, {len(items)} held-out "
-          f"{args.category} items (suite seed {args.suite_seed})")
+    print(
+        f"base trajectories: {args.base}, {args.policy}, {args.steps} DDIM steps, {len(items)} held-out "
+        f"{args.category} items (suite seed {args.suite_seed})"
+    )
     print("| pipeline | step | t | cos(δ_c, g) | k | ‖δ_c‖/‖g‖ |\n| --- | --- | --- | --- | --- | --- |")
     for path in args.pipelines:
         tuned = load_model(path, device="cpu")
@@ -107,8 +122,10 @@ def report(args: argparse.Namespace, record: list[int]) -> None:
                 x, t = states[step], timesteps[step].repeat(len(items))  # the timestep the next step reads
                 b, n = predictions(base, x, t), predictions(tuned, x, t)
                 r = guidance_alignment(n["cond"] - b["cond"], n["uncond"] - b["uncond"], b["cond"] - b["uncond"])
-                print(f"| {path} | {step} | {int(t[0])} | {r['cos']:+.3f} | {r['k']:+.3f} | {r['relative_size']:.3f} |",
-                      flush=True)
+                print(
+                    f"| {path} | {step} | {int(t[0])} | {r['cos']:+.3f} | {r['k']:+.3f} | {r['relative_size']:.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

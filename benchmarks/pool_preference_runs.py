@@ -47,32 +47,52 @@ def main(argv: list[str] | None = None) -> int:
     runs = [read_run(Path(r), args.category) for r in args.runs]
     items = sorted(runs[0]["base"])
     if any(sorted(r["base"]) != items or r["base"] != runs[0]["base"] for r in runs):
-        print("pool_preference_runs: the runs do not share their evaluation items (same pairs, --eval-seed, "
-              "--eval-seeds and base images needed)", file=sys.stderr)
+        print(
+            "pool_preference_runs: the runs do not share their evaluation items (same pairs, --eval-seed, "
+            "--eval-seeds and base images needed)",
+            file=sys.stderr,
+        )
         return 2
     trained = [a for a in runs[0] if a != "base" and all(a in r for r in runs)]  # the arms every run has
     pids = [pid for pid, _ in items]
 
-    print(f"### {len(runs)} training seeds, {args.category}: {len(set(pids))} prompts x "
-          f"{len(items) // len(set(pids))} seeds per run\n")
+    print(
+        f"### {len(runs)} training seeds, {args.category}: {len(set(pids))} prompts x "
+        f"{len(items) // len(set(pids))} seeds per run\n"
+    )
     print("| run | base | " + " | ".join(trained) + " |")
     print("| --- " * (2 + len(trained)) + "|")
     for path, run in zip(args.runs, runs):
-        print(f"| {Path(path).name} | {np.mean(list(run['base'].values())):.3f} | "
-              + " | ".join(f"{np.mean([run[a][k] for k in items]):.3f}" for a in trained) + " |")
+        print(
+            f"| {Path(path).name} | {np.mean(list(run['base'].values())):.3f} | "
+            + " | ".join(f"{np.mean([run[a][k] for k in items]):.3f}" for a in trained)
+            + " |"
+        )
 
     pairs = [("base", a) for a in trained] + [("dpo", a) for a in trained if a != "dpo" and "dpo" in trained]
     print("\n| difference | per run | mean over runs [95% t interval over seeds] | pooled [95% CI over prompts] |")
     print("| --- | --- | --- | --- |")
     for a, b in pairs:
         per_run = np.array([np.mean([r[b][k] - r[a][k] for k in items]) for r in runs])
-        half = scipy_stats.t.ppf(0.975, len(runs) - 1) * per_run.std(ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.nan
-        pooled = compare({a: {"pass": np.concatenate([[r[a][k] for k in items] for r in runs])},
-                          b: {"pass": np.concatenate([[r[b][k] for k in items] for r in runs])}},
-                         pids * len(runs), n_resamples=args.bootstrap)[0].metrics["pass"]
-        print(f"| {b} - {a} | " + ", ".join(f"{d:+.3f}" for d in per_run)
-              + f" | {per_run.mean():+.3f} [{per_run.mean() - half:+.3f}, {per_run.mean() + half:+.3f}] | "
-              f"{pooled.mean_diff:+.3f} [{pooled.ci_low:+.3f}, {pooled.ci_high:+.3f}] |")
+        half = (
+            scipy_stats.t.ppf(0.975, len(runs) - 1) * per_run.std(ddof=1) / np.sqrt(len(runs))
+            if len(runs) > 1
+            else np.nan
+        )
+        pooled = compare(
+            {
+                a: {"pass": np.concatenate([[r[a][k] for k in items] for r in runs])},
+                b: {"pass": np.concatenate([[r[b][k] for k in items] for r in runs])},
+            },
+            pids * len(runs),
+            n_resamples=args.bootstrap,
+        )[0].metrics["pass"]
+        print(
+            f"| {b} - {a} | "
+            + ", ".join(f"{d:+.3f}" for d in per_run)
+            + f" | {per_run.mean():+.3f} [{per_run.mean() - half:+.3f}, {per_run.mean() + half:+.3f}] | "
+            f"{pooled.mean_diff:+.3f} [{pooled.ci_low:+.3f}, {pooled.ci_high:+.3f}] |"
+        )
     return 0
 
 

@@ -39,21 +39,25 @@ def calibration_table(confidence: np.ndarray, signal: np.ndarray, bins: int) -> 
             continue
         v = signal[part]
         differ = v != 0
-        rows.append({
-            "confidence": [float(confidence[part].min()), float(confidence[part].max())],
-            "pairs": int(len(part)),
-            "verdicts_differ": float(differ.mean()),
-            "agreement_when_differ": float((v[differ] > 0).mean()) if differ.any() else float("nan"),
-            "mean_signal": float(v.mean()),
-        })
+        rows.append(
+            {
+                "confidence": [float(confidence[part].min()), float(confidence[part].max())],
+                "pairs": int(len(part)),
+                "verdicts_differ": float(differ.mean()),
+                "agreement_when_differ": float((v[differ] > 0).mean()) if differ.any() else float("nan"),
+                "mean_signal": float(v.mean()),
+            }
+        )
     return rows
 
 
 def weighted_signals(confidence: np.ndarray, signal: np.ndarray) -> dict[str, float]:
     """E[v] per unit of push: Diffusion-DPO (every pair weight 1) and SmPO (weight |2p − 1|)."""
     total = float(confidence.sum())
-    return {"dpo": float(signal.mean()),
-            "smpo": float((confidence * signal).sum() / total) if total > 0 else float("nan")}
+    return {
+        "dpo": float(signal.mean()),
+        "smpo": float((confidence * signal).sum() / total) if total > 0 else float("nan"),
+    }
 
 
 def verifier_signal(pairs, preference: np.ndarray) -> np.ndarray:
@@ -75,7 +79,9 @@ def verifier_signal(pairs, preference: np.ndarray) -> np.ndarray:
             try:
                 spec = parse_caption(pair.caption)
             except ValueError as e:
-                raise InvalidInput("caption", f"row {pair.row}: {pair.caption!r} is not a proving-ground scene ({e})") from None
+                raise InvalidInput(
+                    "caption", f"row {pair.row}: {pair.caption!r} is not a proving-ground scene ({e})"
+                ) from None
             verdicts[key] = float(verify(np.asarray(read_image(source)), spec).passed)
         return verdicts[key]
 
@@ -111,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rho = spearmanr(confidence, signal)
     report = {
-        "pairs": len(data.pairs), "temperature": args.temperature, "score_bounds": [low, high],
-        "mean_confidence": float(confidence.mean()), "by_confidence": calibration_table(confidence, signal, args.bins),
+        "pairs": len(data.pairs),
+        "temperature": args.temperature,
+        "score_bounds": [low, high],
+        "mean_confidence": float(confidence.mean()),
+        "by_confidence": calibration_table(confidence, signal, args.bins),
         "spearman_confidence_signal": [float(rho[0]), float(rho[1])],
         "signal_per_unit_push": weighted_signals(confidence, signal),
     }
@@ -120,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- |")
     for row in report["by_confidence"]:
         lo, hi = row["confidence"]
-        print(f"| {lo:.2f}-{hi:.2f} | {row['pairs']} | {row['verdicts_differ']:.2f} | "
-              f"{row['agreement_when_differ']:.3f} | {row['mean_signal']:+.3f} |")
+        print(
+            f"| {lo:.2f}-{hi:.2f} | {row['pairs']} | {row['verdicts_differ']:.2f} | "
+            f"{row['agreement_when_differ']:.3f} | {row['mean_signal']:+.3f} |"
+        )
     w = report["signal_per_unit_push"]
-    print(f"mean |2p - 1| {report['mean_confidence']:.3f}; Spearman(|2p - 1|, v) {rho[0]:+.3f} (p {rho[1]:.2g}); "
-          f"E[v] per unit push: Diffusion-DPO {w['dpo']:+.3f}, SmPO {w['smpo']:+.3f}")
+    print(
+        f"mean |2p - 1| {report['mean_confidence']:.3f}; Spearman(|2p - 1|, v) {rho[0]:+.3f} (p {rho[1]:.2g}); "
+        f"E[v] per unit push: Diffusion-DPO {w['dpo']:+.3f}, SmPO {w['smpo']:+.3f}"
+    )
     print(json.dumps(report), file=sys.stderr)
     return 0
 

@@ -47,9 +47,20 @@ def make_pairs(args, out: Path) -> Path:
     path = out / "pairs.parquet"
     if path.is_file():
         return path
-    config = PairsConfig(output=str(path), prompts=f"pg-train:{args.train_categories}", max_prompts=args.max_train_prompts,
-                         images_per_prompt=args.images_per_prompt, pairing=args.pairing, best_k=args.best_k, reward="clip", policy=args.policy,
-                         scheduler="ddim", steps=args.sample_steps, seed=args.seed, batch_size=args.batch_eval)
+    config = PairsConfig(
+        output=str(path),
+        prompts=f"pg-train:{args.train_categories}",
+        max_prompts=args.max_train_prompts,
+        images_per_prompt=args.images_per_prompt,
+        pairing=args.pairing,
+        best_k=args.best_k,
+        reward="clip",
+        policy=args.policy,
+        scheduler="ddim",
+        steps=args.sample_steps,
+        seed=args.seed,
+        batch_size=args.batch_eval,
+    )
     return write_preference_pairs(path, build_pairs(config, progress=True))
 
 
@@ -64,18 +75,42 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
     from diffsteer.training.preference_data import load_preference_pairs
     from diffsteer.training.smpo import SmPOConfig, SmPOTrainer, smoothed_preference
 
-    common = dict(data=str(pairs), eval_prompts="", batch_size=args.batch, max_steps=args.train_steps,
-                  learning_rate=args.lr, lora_rank=4, lora_alpha=4.0, seed=args.seed, threads=args.threads,
-                  progress=False, tensorboard=False, export="both", checkpoint_every=10**6, policy=args.policy,
-                  steps=args.sample_steps, ema_decay=args.ema_decay)
+    common = dict(
+        data=str(pairs),
+        eval_prompts="",
+        batch_size=args.batch,
+        max_steps=args.train_steps,
+        learning_rate=args.lr,
+        lora_rank=4,
+        lora_alpha=4.0,
+        seed=args.seed,
+        threads=args.threads,
+        progress=False,
+        tensorboard=False,
+        export="both",
+        checkpoint_every=10**6,
+        policy=args.policy,
+        steps=args.sample_steps,
+        ema_decay=args.ema_decay,
+    )
     data = load_preference_pairs(pairs)
     low, high = data.score_range()
-    p = smoothed_preference(torch.tensor([q.score_0 for q in data.pairs]), torch.tensor([q.score_1 for q in data.pairs]),
-                            low, high, args.temperature)
+    p = smoothed_preference(
+        torch.tensor([q.score_0 for q in data.pairs]),
+        torch.tensor([q.score_1 for q in data.pairs]),
+        low,
+        high,
+        args.temperature,
+    )
     strength = float((2 * p - 1).abs().mean())
     smpo_beta = args.smpo_beta or args.beta / strength
-    smpo_common = dict(common, beta=smpo_beta, preference_temperature=args.temperature,
-                       inversion_steps=args.inversion_steps, renoise_iterations=args.renoise_iterations)
+    smpo_common = dict(
+        common,
+        beta=smpo_beta,
+        preference_temperature=args.temperature,
+        inversion_steps=args.inversion_steps,
+        renoise_iterations=args.renoise_iterations,
+    )
     trainers = {"dpo": DPOTrainer(DPOConfig(**common, output_dir=str(out / "dpo"), beta=args.beta))}
     for arm in smpo_arms(args):
         trainers[arm] = SmPOTrainer(SmPOConfig(**smpo_common, output_dir=str(out / arm), inversion=arm == "smpo"))
@@ -90,18 +125,29 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
             times[name].append(time.perf_counter() - t0)
             losses[name].append(metrics["loss"])
         if (step + 1) % 10 == 0 or step + 1 == args.train_steps:
-            print(f"train step {step + 1}/{args.train_steps}: " + ", ".join(
-                f"{k} loss {np.mean(losses[k][-10:]):.4f} ({np.median(times[k]):.2f} s/step)" for k in trainers),
-                file=sys.stderr, flush=True)
+            print(
+                f"train step {step + 1}/{args.train_steps}: "
+                + ", ".join(
+                    f"{k} loss {np.mean(losses[k][-10:]):.4f} ({np.median(times[k]):.2f} s/step)" for k in trainers
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
     exported = {name: trainer.export() for name, trainer in trainers.items()}
     return {
-        "pairs": len(data), "ties": sum(q.label_0 == 0.5 for q in data.pairs), "score_range": [low, high],
-        "mean_abs_2p_minus_1": strength, "dpo_beta": args.beta, "smpo_beta": smpo_beta,
+        "pairs": len(data),
+        "ties": sum(q.label_0 == 0.5 for q in data.pairs),
+        "score_range": [low, high],
+        "mean_abs_2p_minus_1": strength,
+        "dpo_beta": args.beta,
+        "smpo_beta": smpo_beta,
         "step_s_median": {k: float(np.median(v)) for k, v in times.items()},
-        "step_time_ratio_over_dpo": {k: float(np.median(np.array(v) / np.array(times["dpo"])))
-                                     for k, v in times.items() if k != "dpo"},
+        "step_time_ratio_over_dpo": {
+            k: float(np.median(np.array(v) / np.array(times["dpo"]))) for k, v in times.items() if k != "dpo"
+        },
         "final_loss": {k: float(np.mean(v[-10:])) for k, v in losses.items()},
-        "exported": exported, "train_seconds": round(time.perf_counter() - t_start, 1),
+        "exported": exported,
+        "train_seconds": round(time.perf_counter() - t_start, 1),
     }
 
 
@@ -113,14 +159,27 @@ def evaluate(args, out: Path) -> dict[str, Any]:
     results = {}
     for category in args.eval_categories.split(","):
         in_training = category in args.train_categories.split(",") or args.train_categories == "all"
-        run = run_ab({
-            "model": "builtin:proving-ground", "arms": arms, "prompts": f"pg:{category}", "seed": args.eval_seed,
-            "seeds": args.eval_seeds, "max_prompts": args.eval_prompts if in_training else args.other_eval_prompts,
-            "steps": args.sample_steps, "scheduler": "ddim", "metrics": ["verifier"], "batch_size": args.batch_eval,
-            "n_resamples": args.bootstrap, "output_dir": str(out / "eval" / category), "report": False,
-        }, progress=ab_progress_printer(f"eval {category}"))
+        run = run_ab(
+            {
+                "model": "builtin:proving-ground",
+                "arms": arms,
+                "prompts": f"pg:{category}",
+                "seed": args.eval_seed,
+                "seeds": args.eval_seeds,
+                "max_prompts": args.eval_prompts if in_training else args.other_eval_prompts,
+                "steps": args.sample_steps,
+                "scheduler": "ddim",
+                "metrics": ["verifier"],
+                "batch_size": args.batch_eval,
+                "n_resamples": args.bootstrap,
+                "output_dir": str(out / "eval" / category),
+                "report": False,
+            },
+            progress=ab_progress_printer(f"eval {category}"),
+        )
         results[category] = {
-            "trained": in_training, "n": run["prompts"],
+            "trained": in_training,
+            "n": run["prompts"],
             "pass": {arm: run["summary"][arm]["verifier.passed"]["mean"] for arm in ("base", *trained)},
             **{f"{arm}_vs_base": ab_pair(run, "base", arm)["verifier.passed"] for arm in trained},
             **{f"{arm}_vs_dpo": ab_pair(run, "dpo", arm)["verifier.passed"] for arm in trained if arm != "dpo"},
@@ -129,33 +188,49 @@ def evaluate(args, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-o", "--output", required=True, help="run folder (pairs are reused when present)")
     ap.add_argument("--train-categories", default="single", help="pg categories of the training prompts")
     ap.add_argument("--max-train-prompts", type=int, default=None, help="training prompts kept (default: all)")
     ap.add_argument("--images-per-prompt", type=int, default=6, help="images sampled per training prompt")
-    ap.add_argument("--pairing", default="all", help="which pairs of a prompt's images (diffsteer data pairs --pairing)")
+    ap.add_argument(
+        "--pairing", default="all", help="which pairs of a prompt's images (diffsteer data pairs --pairing)"
+    )
     ap.add_argument("--best-k", type=int, default=1, help="with --pairing best-rest: how many best images per prompt")
     ap.add_argument("--policy", default="cfg:scale=1.5", help="guidance of the pair sampling and the evaluation")
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sampling and the evaluation")
     ap.add_argument("--train-steps", type=int, default=100, help="optimizer steps of each method")
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--ema-decay", type=float, default=0.0,
-                    help="EMA of each method's LoRA, evaluated and exported (the trainers' ema_decay; 0: none)")
+    ap.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="EMA of each method's LoRA, evaluated and exported (the trainers' ema_decay; 0: none)",
+    )
     ap.add_argument("--beta", type=float, default=5000.0, help="Diffusion-DPO's beta")
     ap.add_argument("--smpo-beta", type=float, default=None, help="SmPO's beta (default: matched strength, see above)")
     ap.add_argument("--temperature", type=float, default=1.0, help="SmPO's preference temperature")
-    ap.add_argument("--smpo-inversion", choices=("on", "off", "both"), default="on",
-                    help="SmPO arms: with ReNoise inversion (smpo), without (smpo_noinv: the smoothed preference alone), or both")
+    ap.add_argument(
+        "--smpo-inversion",
+        choices=("on", "off", "both"),
+        default="on",
+        help="SmPO arms: with ReNoise inversion (smpo), without (smpo_noinv: the smoothed preference alone), or both",
+    )
     ap.add_argument("--inversion-steps", type=int, default=5)
     ap.add_argument("--renoise-iterations", type=int, default=1)
     ap.add_argument("--eval-categories", default="single,two_objects,counting,position,colour_binding")
     ap.add_argument("--eval-prompts", type=int, default=18, help="held-out prompts per trained category")
     ap.add_argument("--other-eval-prompts", type=int, default=6, help="held-out prompts per other category")
     ap.add_argument("--eval-seeds", type=int, default=4, help="held-out seeds per prompt")
-    ap.add_argument("--eval-seed", type=int, default=0,
-                    help="which held-out instances (the suite's seed): a new value gives seeds no tuning has seen")
+    ap.add_argument(
+        "--eval-seed",
+        type=int,
+        default=0,
+        help="which held-out instances (the suite's seed): a new value gives seeds no tuning has seen",
+    )
     ap.add_argument("--batch-eval", type=int, default=16)
     ap.add_argument("--bootstrap", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -174,28 +249,49 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidInput as e:
         print(f"preference_proving_ground: error: {e}", file=sys.stderr)
         return 2
-    summary = {"args": vars(args), "pairs_seconds": round(t_pairs, 1), "training": training, "evaluation": evaluation,
-               "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "args": vars(args),
+        "pairs_seconds": round(t_pairs, 1),
+        "training": training,
+        "evaluation": evaluation,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     tr = training
-    print(f"### Diffusion-DPO and SmPO on the proving ground ({tr['pairs']} pairs from "
-          f"{args.train_categories} prompts, {args.train_steps} steps x {args.batch} pairs each, "
-          f"{summary['seconds'] / 60:.1f} min)\n")
+    print(
+        f"### Diffusion-DPO and SmPO on the proving ground ({tr['pairs']} pairs from "
+        f"{args.train_categories} prompts, {args.train_steps} steps x {args.batch} pairs each, "
+        f"{summary['seconds'] / 60:.1f} min)\n"
+    )
     smpo = smpo_arms(args)
-    print("step time (median of interleaved steps): DPO " + f"{tr['step_s_median']['dpo']:.2f} s, " + ", ".join(
-        f"{arm} {tr['step_s_median'][arm]:.2f} s (x{tr['step_time_ratio_over_dpo'][arm]:.2f} of DPO)" for arm in smpo)
-        + f"; beta DPO {tr['dpo_beta']:g}, SmPO {tr['smpo_beta']:.4g} (mean |2p-1| {tr['mean_abs_2p_minus_1']:.3f})\n")
+    print(
+        "step time (median of interleaved steps): DPO "
+        + f"{tr['step_s_median']['dpo']:.2f} s, "
+        + ", ".join(
+            f"{arm} {tr['step_s_median'][arm]:.2f} s (x{tr['step_time_ratio_over_dpo'][arm]:.2f} of DPO)"
+            for arm in smpo
+        )
+        + f"; beta DPO {tr['dpo_beta']:g}, SmPO {tr['smpo_beta']:.4g} (mean |2p-1| {tr['mean_abs_2p_minus_1']:.3f})\n"
+    )
     columns = [("dpo", "base")] + [(arm, ref) for arm in smpo for ref in ("base", "dpo")]
-    print("| category | trained | prompts x seeds | base | dpo | " + " | ".join(smpo) + " | "
-          + " | ".join(f"{arm} - {ref} [95% CI]" for arm, ref in columns) + " |")
+    print(
+        "| category | trained | prompts x seeds | base | dpo | "
+        + " | ".join(smpo)
+        + " | "
+        + " | ".join(f"{arm} - {ref} [95% CI]" for arm, ref in columns)
+        + " |"
+    )
     print("| --- " * (5 + len(smpo) + len(columns)) + "|")
     for category, r in evaluation.items():
         n = r["n"]
         cells = [f"{r['pass'][arm]:.3f}" for arm in ("base", "dpo", *smpo)]
         cells += [ci_text(r[f"{arm}_vs_{ref}"], tests=False) for arm, ref in columns]
-        print(f"| {category} | {'yes' if r['trained'] else 'no'} | {n['n_prompts']} x {n['seeds_per_prompt']} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {category} | {'yes' if r['trained'] else 'no'} | {n['n_prompts']} x {n['seeds_per_prompt']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return 0
 
 

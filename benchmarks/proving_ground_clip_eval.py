@@ -159,7 +159,9 @@ def evaluate(loaded, n_per_category: int = 200, suite_seed: int = 0, retrieval_s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--folder", default=str(ASSET_FOLDER), help="folder with <model-name>.json + open_clip_model.safetensors")
+    ap.add_argument(
+        "--folder", default=str(ASSET_FOLDER), help="folder with <model-name>.json + open_clip_model.safetensors"
+    )
     ap.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="architecture name (the config file's stem)")
     ap.add_argument("--n-per-category", type=int, default=200, help="held-out scenes per prompt category")
     ap.add_argument("--suite-seed", type=int, default=0, help="seed of heldout_suite")

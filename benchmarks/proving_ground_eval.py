@@ -79,7 +79,8 @@ def main() -> None:
             diff = passed[arm][single] - passed[baseline][single]
             low, high = cluster_bootstrap_ci(diff, prompt_ids, n_resamples=10_000, seed=0)
             report["arms"][arm]["single_pass_vs_guidance_off"] = {
-                "diff": float(diff.mean()), "ci95": [float(low), float(high)]
+                "diff": float(diff.mean()),
+                "ci95": [float(low), float(high)],
             }
     text = json.dumps(report, indent=1)
     if args.out:

@@ -129,7 +129,9 @@ def item_prompts(results: dict[str, Any]) -> tuple[list[str], list[str]]:
     return pids, [cat[p] for p in pids]
 
 
-def bootstrap_ratio(num: np.ndarray, den: np.ndarray, pids: list[str], n: int, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ratio(
+    num: np.ndarray, den: np.ndarray, pids: list[str], n: int, seed: int = 0
+) -> tuple[float, float, float]:
     """sum(num) / sum(den) with a percentile CI resampling prompts (all of a prompt's items together)."""
     from diffsteer.evaluation.stats import percentile_interval, prompt_index
 
@@ -150,8 +152,10 @@ def mean_ci(values: np.ndarray, pids: list[str], n: int) -> tuple[float, float, 
     return float(values.mean()), low, high
 
 
-TABLE_HEAD = ["| arm | NFE/image | s/image | reward clip | present | colour | shape | count | pass |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+TABLE_HEAD = [
+    "| arm | NFE/image | s/image | reward clip | present | colour | shape | count | pass |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+]
 
 
 def arm_row(label: str, sm: dict[str, Any], reward_column: str) -> str:
@@ -161,8 +165,17 @@ def arm_row(label: str, sm: dict[str, Any], reward_column: str) -> str:
         m = sm.get(col, {}).get("mean")
         return "—" if m is None else f"{m:.{digits}f}"
 
-    cells = [label, g("nfe", 0), g("latency"), g(reward_column, 2), g("verifier.object_present"),
-             g("verifier.colour_correct"), g("verifier.shape_correct"), g("verifier.count_correct"), g("verifier.passed")]
+    cells = [
+        label,
+        g("nfe", 0),
+        g("latency"),
+        g(reward_column, 2),
+        g("verifier.object_present"),
+        g("verifier.colour_correct"),
+        g("verifier.shape_correct"),
+        g("verifier.count_correct"),
+        g("verifier.passed"),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -188,7 +201,9 @@ def shared_model_loader(device: str | None, dtype: str | None):
         key = canonical_spec(spec)
         if key not in _MODELS:
             model = load_model(spec, device=device, dtype=dtype)
-            generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2, "scheduler": "ddim", "policy": "cfg:scale=2"})
+            generate(
+                model, {"prompt": "a red circle", "seed": 0, "steps": 2, "scheduler": "ddim", "policy": "cfg:scale=2"}
+            )
             _MODELS[key] = model
         return _MODELS[key]
 
@@ -220,8 +235,12 @@ def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
     # in both modes: its weights are the reward's, not the method's working memory.
     get_reward(cfg["reward"], model.device, torch.float32)
     items = load_prompts(cfg["prompts"], 1, cfg["suite_seed"], None).items[: cfg["batch"]]
-    common = {"prompt": [it.prompt for it in items], "seeds": [it.seed for it in items], "steps": cfg["steps"],
-              "scheduler": cfg["scheduler"]}
+    common = {
+        "prompt": [it.prompt for it in items],
+        "seeds": [it.seed for it in items],
+        "steps": cfg["steps"],
+        "scheduler": cfg["scheduler"],
+    }
     plain = {**common, "policy": cfg["plain_policy"]}
     reno = {**common, "policy": cfg["reno_policy"]}
     cuda = model.device.type == "cuda"
@@ -259,9 +278,15 @@ def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
         peak = proc_memory_bytes()["VmHWM"]
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out: dict[str, Any] = {"mode": cfg["mode"], "peak_above_start_mb": max(0, peak - start) / 2**20,
-                           "memory_method": how, "first_call_s": first, "nfe_per_image": result.nfe[0],
-                           "batch": len(items), "prompts": [it.prompt for it in items]}
+    out: dict[str, Any] = {
+        "mode": cfg["mode"],
+        "peak_above_start_mb": max(0, peak - start) / 2**20,
+        "memory_method": how,
+        "first_call_s": first,
+        "nfe_per_image": result.nfe[0],
+        "batch": len(items),
+        "prompts": [it.prompt for it in items],
+    }
     if cfg["mode"] != "reno":
         return out
     out["reno_trace"] = result.trace.get("reno")
@@ -275,21 +300,30 @@ def probe_child(cfg: dict[str, Any]) -> dict[str, Any]:
         marks.clear()
         generate(model, reno, callback=on_step)
         intervals += [b - a for a, b in itertools.pairwise(marks)]
-    out.update({"s_per_generation_plain": statistics.median(plain_times), "plain_times": plain_times,
-                "s_per_iteration": statistics.median(intervals), "iteration_intervals": intervals})
+    out.update(
+        {
+            "s_per_generation_plain": statistics.median(plain_times),
+            "plain_times": plain_times,
+            "s_per_iteration": statistics.median(intervals),
+            "iteration_intervals": intervals,
+        }
+    )
     return out
 
 
 def run_probe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", json.dumps(cfg)]
-    print(f"[probe] {mode}: memory{' and interleaved timing' if mode == 'reno' else ''} (batch {cfg['batch']}, "
-          f"{cfg['steps']} steps) in a child process",
-          file=sys.stderr, flush=True)
+    print(
+        f"[probe] {mode}: memory{' and interleaved timing' if mode == 'reno' else ''} (batch {cfg['batch']}, "
+        f"{cfg['steps']} steps) in a child process",
+        file=sys.stderr,
+        flush=True,
+    )
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"probe {mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("PROBE "):])
+    return json.loads(lines[-1][len("PROBE ") :])
 
 
 # ----------------------------------------------------------------------------- the two comparisons
@@ -297,30 +331,50 @@ def run_probe(mode: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def reno_comparison(args, common: dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     s = args.reno_scale
-    reno_policy = {"name": "reno", "scale": s, "iterations": args.iterations, "reward": args.reward,
-                   **parse_extra(args.reno_extra, "--reno-extra")}
+    reno_policy = {
+        "name": "reno",
+        "scale": s,
+        "iterations": args.iterations,
+        "reward": args.reward,
+        **parse_extra(args.reno_extra, "--reno-extra"),
+    }
     base_policy = {"name": "cfg", "scale": s}
-    res = run_ab({
-        **common, "steps": args.steps,
-        "arms": [{"name": "plain", "policy": base_policy}, {"name": "reno", "policy": reno_policy}],
-        "metrics": ["verifier", f"reward:{args.reward_metric}", "nfe", "latency"],
-        "output_dir": str(out / "reno_ab"),
-    }, progress=ab_progress_printer("reno"), model_loader=shared_model_loader(args.device, args.dtype))
+    res = run_ab(
+        {
+            **common,
+            "steps": args.steps,
+            "arms": [{"name": "plain", "policy": base_policy}, {"name": "reno", "policy": reno_policy}],
+            "metrics": ["verifier", f"reward:{args.reward_metric}", "nfe", "latency"],
+            "output_dir": str(out / "reno_ab"),
+        },
+        progress=ab_progress_printer("reno"),
+        model_loader=shared_model_loader(args.device, args.dtype),
+    )
     return res, reno_policy
 
 
 def dynamic_comparison(args, common: dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Any], list[float]]:
     scales = parse_floats(args.scales)
     candidates = parse_floats(args.dyn_candidates) if args.dyn_candidates else scales
-    dyn_policy = {"name": "dynamic_cfg", "candidates": candidates, "reward": args.dyn_reward,
-                  **parse_extra(args.dyn_extra, "--dyn-extra")}
+    dyn_policy = {
+        "name": "dynamic_cfg",
+        "candidates": candidates,
+        "reward": args.dyn_reward,
+        **parse_extra(args.dyn_extra, "--dyn-extra"),
+    }
     arms = [{"name": f"cfg{scale_text(x)}", "policy": {"name": "cfg", "scale": x}} for x in scales]
     arms.append({"name": "dynamic", "policy": dyn_policy})
-    res = run_ab({
-        **common, "steps": args.dyn_steps, "arms": arms,
-        "metrics": ["verifier", f"reward:{args.reward_metric}", "nfe", "latency"],
-        "output_dir": str(out / "dynamic_ab"),
-    }, progress=ab_progress_printer("dynamic"), model_loader=shared_model_loader(args.device, args.dtype))
+    res = run_ab(
+        {
+            **common,
+            "steps": args.dyn_steps,
+            "arms": arms,
+            "metrics": ["verifier", f"reward:{args.reward_metric}", "nfe", "latency"],
+            "output_dir": str(out / "dynamic_ab"),
+        },
+        progress=ab_progress_printer("dynamic"),
+        model_loader=shared_model_loader(args.device, args.dtype),
+    )
     return res, dyn_policy, scales
 
 
@@ -328,24 +382,37 @@ def dynamic_comparison(args, common: dict[str, Any], out: Path) -> tuple[dict[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the design.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring for the design.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("-o", "--out", help="folder for the runs (required; rerunning the command resumes)")
     ap.add_argument("--model", default="builtin:proving-ground")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
     ap.add_argument("--scheduler", default="ddim")
     ap.add_argument("--categories", default=DEFAULT_CATEGORIES, help="pg categories, comma-separated, or all")
-    ap.add_argument("--prompts-per-category", type=int, default=18,
-                    help="held-out prompts per category (capped by the category's size: single 18, two_objects 8, "
-                         "counting 14, colour_binding 44, position 306)")
+    ap.add_argument(
+        "--prompts-per-category",
+        type=int,
+        default=18,
+        help="held-out prompts per category (capped by the category's size: single 18, two_objects 8, "
+        "counting 14, colour_binding 44, position 306)",
+    )
     ap.add_argument("--seeds", type=int, default=2, help="held-out seeds per prompt")
     ap.add_argument("--suite-seed", type=int, default=0, help="the held-out suite's seed (0: the shipped suite)")
-    ap.add_argument("--batch-size", type=int, default=16, help="images per generate() call (ReNO optimises them together, "
-                    "independently per image)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per generate() call (ReNO optimises them together, independently per image)",
+    )
     ap.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples")
     ap.add_argument("--reward", default="clip:1", help="ReNO's reward (weighted spec)")
-    ap.add_argument("--reward-metric", default="clip", help="the reward scored on the saved images (metric reward:SPEC)")
+    ap.add_argument(
+        "--reward-metric", default="clip", help="the reward scored on the saved images (metric reward:SPEC)"
+    )
     # ReNO
     ap.add_argument("--steps", type=int, default=4, help="ReNO's (and its baseline's) sampling steps: few")
     ap.add_argument("--reno-scale", type=float, default=1.0, help="CFG scale of ReNO's inner sampler and its baseline")
@@ -353,17 +420,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reno-extra", default="", help="more reno parameters, e.g. 'lr=5,grad_clip=0.1'")
     ap.add_argument("--probe-batch", type=int, default=1, help="images per generation in the cost probe")
     ap.add_argument("--probe-iterations", type=int, default=10, help="ReNO iterations in the cost probe (>= 2)")
-    ap.add_argument("--probe-repeats", type=int, default=3,
-                    help="rounds of (plain generation, ReNO generation) timed interleaved in the cost probe")
+    ap.add_argument(
+        "--probe-repeats",
+        type=int,
+        default=3,
+        help="rounds of (plain generation, ReNO generation) timed interleaved in the cost probe",
+    )
     # dynamic CFG
     ap.add_argument("--dyn-steps", type=int, default=30, help="steps of the dynamic-vs-fixed comparison")
     ap.add_argument("--scales", default="1,2,3,4.5,6", help="fixed cfg scales compared")
     ap.add_argument("--dyn-candidates", default="", help="dynamic_cfg's candidate scales (default: --scales)")
     ap.add_argument("--dyn-reward", default="clip:1", help="dynamic_cfg's evaluators")
-    ap.add_argument("--dyn-extra", default="", help="more dynamic_cfg parameters, e.g. 'evaluate_every=2,eval_downsample=2'")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's own). Use 1 when other CPU jobs share the machine: "
-                         "spinning worker threads of a descheduled process can make it many times slower")
+    ap.add_argument(
+        "--dyn-extra", default="", help="more dynamic_cfg parameters, e.g. 'evaluate_every=2,eval_downsample=2'"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own). Use 1 when other CPU jobs share the machine: "
+        "spinning worker threads of a descheduled process can make it many times slower",
+    )
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: reno, probe, dynamic")
     ap.add_argument("--no-report", action="store_true", help="no plots / report.html (faster)")
     ap.add_argument("--_probe", help=argparse.SUPPRESS)
@@ -388,19 +465,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward_policies: error: --skip accepts reno, probe, dynamic; got {sorted(unknown)}", file=sys.stderr)
         return 2
     if args.probe_iterations < 2 and "probe" not in skip:
-        print("reward_policies: error: --probe-iterations must be >= 2 (the first iteration is not timed)", file=sys.stderr)
+        print(
+            "reward_policies: error: --probe-iterations must be >= 2 (the first iteration is not timed)",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pg = f"pg:{args.categories}"
-    common = {"model": args.model, "device": args.device, "dtype": args.dtype, "scheduler": args.scheduler,
-              "prompts": pg, "seed": args.suite_seed, "seeds": args.seeds, "max_prompts": args.prompts_per_category,
-              "batch_size": args.batch_size, "n_resamples": args.bootstrap, "report": not args.no_report}
+    common = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "scheduler": args.scheduler,
+        "prompts": pg,
+        "seed": args.suite_seed,
+        "seeds": args.seeds,
+        "max_prompts": args.prompts_per_category,
+        "batch_size": args.batch_size,
+        "n_resamples": args.bootstrap,
+        "report": not args.no_report,
+    }
     date = datetime.date.today().isoformat()
     dev = device_text(args.device)
     command = "python benchmarks/reward_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary: dict[str, Any] = {"date": date, "device": dev, "model": args.model, "prompts": pg, "command": command,
-                               "scheduler": args.scheduler}
+    summary: dict[str, Any] = {
+        "date": date,
+        "device": dev,
+        "model": args.model,
+        "prompts": pg,
+        "command": command,
+        "scheduler": args.scheduler,
+    }
     lines: list[str] = []
     t_all = time.perf_counter()
     rm = f"reward:{args.reward_metric}"
@@ -420,53 +516,101 @@ def main(argv: list[str] | None = None) -> int:
             lat_b, lat_r = per_item(res, "plain", "latency").mean(), per_item(res, "reno", "latency").mean()
             nfe_b, nfe_r = per_item(res, "plain", "nfe").mean(), per_item(res, "reno", "nfe").mean()
             amortised = (lat_r - lat_b) / max(1, args.iterations)
-            met = {"pairs": n_pairs >= RENO_BAR_PAIRS, "fraction": frac >= RENO_BAR_FRACTION,
-                   "pass": dpass["mean_diff"] >= RENO_BAR_PASS}
+            met = {
+                "pairs": n_pairs >= RENO_BAR_PAIRS,
+                "fraction": frac >= RENO_BAR_FRACTION,
+                "pass": dpass["mean_diff"] >= RENO_BAR_PASS,
+            }
             summary["reno"] = {
-                "policy": reno_policy, "baseline": {"name": "cfg", "scale": args.reno_scale}, "steps": args.steps,
-                "n_pairs": n_pairs, "n_prompts": res["prompts"]["n_prompts"], "seeds_per_prompt": res["prompts"]["seeds_per_prompt"],
-                "fraction_raised": frac, "fraction_raised_ci": [frac_lo, frac_hi], "pairs_raised": int(raised.sum()),
-                "pairs_lowered": lowered, "pairs_equal": n_pairs - int(raised.sum()) - lowered,
-                "verifier_passed": dpass, "reward": drew, "latency_s": [lat_b, lat_r], "nfe": [nfe_b, nfe_r],
-                "amortised_s_per_iteration_per_image": amortised, "bars_met": met, "seconds": time.perf_counter() - t0,
+                "policy": reno_policy,
+                "baseline": {"name": "cfg", "scale": args.reno_scale},
+                "steps": args.steps,
+                "n_pairs": n_pairs,
+                "n_prompts": res["prompts"]["n_prompts"],
+                "seeds_per_prompt": res["prompts"]["seeds_per_prompt"],
+                "fraction_raised": frac,
+                "fraction_raised_ci": [frac_lo, frac_hi],
+                "pairs_raised": int(raised.sum()),
+                "pairs_lowered": lowered,
+                "pairs_equal": n_pairs - int(raised.sum()) - lowered,
+                "verifier_passed": dpass,
+                "reward": drew,
+                "latency_s": [lat_b, lat_r],
+                "nfe": [nfe_b, nfe_r],
+                "amortised_s_per_iteration_per_image": amortised,
+                "bars_met": met,
+                "seconds": time.perf_counter() - t0,
             }
             sp = summary["reno"]
             lines += [
-                f"### ReNO on the proving ground ({date}, {dev})", "",
-                (f"`reno:scale={scale_text(args.reno_scale)},iterations={args.iterations},reward={args.reward}` against the same "
-                f"sampler on the seeds' own noise (`cfg:scale={scale_text(args.reno_scale)}`), {args.steps} {args.scheduler} steps, "
-                f"{n_pairs} held-out prompt x seed pairs ({sp['n_prompts']} prompts x {sp['seeds_per_prompt']} seeds, {pg}); "
-                f"differences ReNO - plain with 95% prompt-bootstrap CIs."), "",
+                f"### ReNO on the proving ground ({date}, {dev})",
+                "",
+                (
+                    f"`reno:scale={scale_text(args.reno_scale)},iterations={args.iterations},reward={args.reward}` against the same "
+                    f"sampler on the seeds' own noise (`cfg:scale={scale_text(args.reno_scale)}`), {args.steps} {args.scheduler} steps, "
+                    f"{n_pairs} held-out prompt x seed pairs ({sp['n_prompts']} prompts x {sp['seeds_per_prompt']} seeds, {pg}); "
+                    f"differences ReNO - plain with 95% prompt-bootstrap CIs."
+                ),
+                "",
                 *TABLE_HEAD,
             ]
-            for arm, label in (("plain", f"plain (cfg scale {scale_text(args.reno_scale)})"), ("reno", f"ReNO, {args.iterations} it.")):
+            for arm, label in (
+                ("plain", f"plain (cfg scale {scale_text(args.reno_scale)})"),
+                ("reno", f"ReNO, {args.iterations} it."),
+            ):
                 lines.append(arm_row(label, res["summary"][arm], rm))
-            lines += ["", "| category | pairs | pass plain | pass ReNO | reward raised |", "| --- | --- | --- | --- | --- |"]
+            lines += [
+                "",
+                "| category | pairs | pass plain | pass ReNO | reward raised |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             pb, pr = per_item(res, "plain", "verifier.passed"), per_item(res, "reno", "verifier.passed")
             for c in dict.fromkeys(cats):
                 m = np.array([x == c for x in cats])
-                lines.append(f"| {c} | {int(m.sum())} | {pb[m].mean():.3f} | {pr[m].mean():.3f} | {raised[m].mean():.3f} |")
+                lines.append(
+                    f"| {c} | {int(m.sum())} | {pb[m].mean():.3f} | {pr[m].mean():.3f} | {raised[m].mean():.3f} |"
+                )
             lines += [
                 "",
-                (f"- reward raised on {int(raised.sum())}/{n_pairs} pairs = **{frac:.3f}** [{frac_lo:.3f}, {frac_hi:.3f}] "
-                f"(equal {sp['pairs_equal']}, lowered {lowered}); bar >= {RENO_BAR_FRACTION:.2f} of >= {RENO_BAR_PAIRS} pairs: "
-                f"{'met' if met['pairs'] and met['fraction'] else 'NOT met'}"),
+                (
+                    f"- reward raised on {int(raised.sum())}/{n_pairs} pairs = **{frac:.3f}** [{frac_lo:.3f}, {frac_hi:.3f}] "
+                    f"(equal {sp['pairs_equal']}, lowered {lowered}); bar >= {RENO_BAR_FRACTION:.2f} of >= {RENO_BAR_PAIRS} pairs: "
+                    f"{'met' if met['pairs'] and met['fraction'] else 'NOT met'}"
+                ),
                 f"- Δ verifier pass: **{ci_text(dpass)}**; bar >= +{RENO_BAR_PASS:.2f}: {'met' if met['pass'] else 'NOT met'}",
                 f"- Δ reward clip: {ci_text(drew, digits=2)}",
-                (f"- A/B wall time per image: plain {lat_b:.3f} s, ReNO {lat_r:.3f} s (batches of {args.batch_size}; "
-                f"{amortised:.3f} s per iteration per image amortised over the batch)"),
+                (
+                    f"- A/B wall time per image: plain {lat_b:.3f} s, ReNO {lat_r:.3f} s (batches of {args.batch_size}; "
+                    f"{amortised:.3f} s per iteration per image amortised over the batch)"
+                ),
             ]
         # ------------------------------------------------------------------ ReNO cost
         if "probe" not in skip:
             probe_path = out / "probe.json"
             s = args.reno_scale
-            base_cfg = {"model": args.model, "device": args.device, "dtype": args.dtype, "prompts": pg,
-                        "suite_seed": args.suite_seed, "batch": args.probe_batch, "steps": args.steps,
-                        "scheduler": args.scheduler, "reward": args.reward, "repeats": args.probe_repeats,
-                        "threads": args.threads}
-            policies = {"plain_policy": {"name": "cfg", "scale": s},
-                        "reno_policy": {"name": "reno", "scale": s, "iterations": args.probe_iterations,
-                                        "reward": args.reward, **parse_extra(args.reno_extra, "--reno-extra")}}
+            base_cfg = {
+                "model": args.model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "prompts": pg,
+                "suite_seed": args.suite_seed,
+                "batch": args.probe_batch,
+                "steps": args.steps,
+                "scheduler": args.scheduler,
+                "reward": args.reward,
+                "repeats": args.probe_repeats,
+                "threads": args.threads,
+            }
+            policies = {
+                "plain_policy": {"name": "cfg", "scale": s},
+                "reno_policy": {
+                    "name": "reno",
+                    "scale": s,
+                    "iterations": args.probe_iterations,
+                    "reward": args.reward,
+                    **parse_extra(args.reno_extra, "--reno-extra"),
+                },
+            }
             cfgs = {mode: {**base_cfg, **policies, "mode": mode} for mode in ("plain", "reno")}
             cached = json.loads(probe_path.read_text()) if probe_path.is_file() else {}
             if cached.get("configs") == cfgs:
@@ -479,15 +623,25 @@ def main(argv: list[str] | None = None) -> int:
             summary["probe"] = probe
             unit = "image" if args.probe_batch == 1 else f"batch of {args.probe_batch}"
             lines += [
-                "", f"ReNO cost, one {unit} ({args.steps} {args.scheduler} steps, child processes, {dev}):", "",
-                "| mode | NFE/image | time | peak memory above start |", "| --- | --- | --- | --- |",
-                (f"| plain sampling | {pl['nfe_per_image']} | {rn['s_per_generation_plain']:.3f} s per generation (median of "
-                 f"{len(rn['plain_times'])}) | {pl['peak_above_start_mb']:.1f} MB |"),
-                (f"| ReNO | {args.steps} + backward per iteration | **{rn['s_per_iteration']:.3f} s per iteration** (median of "
-                 f"{len(rn['iteration_intervals'])}) = {rn['s_per_iteration'] / rn['s_per_generation_plain']:.1f}x a plain "
-                 f"generation | **{rn['peak_above_start_mb']:.1f} MB** ({args.probe_iterations} iterations) |"),
-                "", (f"Memory: {rn['memory_method']}. Times: (plain generation, ReNO generation) x {args.probe_repeats}, "
-                     "interleaved in one process."),
+                "",
+                f"ReNO cost, one {unit} ({args.steps} {args.scheduler} steps, child processes, {dev}):",
+                "",
+                "| mode | NFE/image | time | peak memory above start |",
+                "| --- | --- | --- | --- |",
+                (
+                    f"| plain sampling | {pl['nfe_per_image']} | {rn['s_per_generation_plain']:.3f} s per generation (median of "
+                    f"{len(rn['plain_times'])}) | {pl['peak_above_start_mb']:.1f} MB |"
+                ),
+                (
+                    f"| ReNO | {args.steps} + backward per iteration | **{rn['s_per_iteration']:.3f} s per iteration** (median of "
+                    f"{len(rn['iteration_intervals'])}) = {rn['s_per_iteration'] / rn['s_per_generation_plain']:.1f}x a plain "
+                    f"generation | **{rn['peak_above_start_mb']:.1f} MB** ({args.probe_iterations} iterations) |"
+                ),
+                "",
+                (
+                    f"Memory: {rn['memory_method']}. Times: (plain generation, ReNO generation) x {args.probe_repeats}, "
+                    "interleaved in one process."
+                ),
             ]
         # ------------------------------------------------------------------ dynamic CFG
         if "dynamic" not in skip:
@@ -505,49 +659,84 @@ def main(argv: list[str] | None = None) -> int:
             ratio, r_lo, r_hi = bootstrap_ratio(dyn_lat, cfg_lat, pids, args.bootstrap)
             met = dpass["mean_diff"] >= 0
             summary["dynamic"] = {
-                "policy": dyn_policy, "steps": args.dyn_steps, "scales": scales, "pass_rate_by_scale": {scale_text(x): rates[x] for x in scales},
-                "pass_rate_dynamic": res["summary"]["dynamic"]["verifier.passed"]["mean"], "best_scale": best,
-                "dynamic_minus_best": dpass, "reward_dynamic_minus_best": drew, "overhead_ratio": ratio,
-                "overhead_ratio_ci": [r_lo, r_hi], "overhead_reference_scales": same_cost,
-                "n_pairs": len(pids), "bar_met": met, "seconds": time.perf_counter() - t0,
+                "policy": dyn_policy,
+                "steps": args.dyn_steps,
+                "scales": scales,
+                "pass_rate_by_scale": {scale_text(x): rates[x] for x in scales},
+                "pass_rate_dynamic": res["summary"]["dynamic"]["verifier.passed"]["mean"],
+                "best_scale": best,
+                "dynamic_minus_best": dpass,
+                "reward_dynamic_minus_best": drew,
+                "overhead_ratio": ratio,
+                "overhead_ratio_ci": [r_lo, r_hi],
+                "overhead_reference_scales": same_cost,
+                "n_pairs": len(pids),
+                "bar_met": met,
+                "seconds": time.perf_counter() - t0,
             }
             n = res["prompts"]
             lines += [
-                "", f"### Dynamic CFG against fixed scales ({date}, {dev})", "",
-                (f"`dynamic_cfg` (candidates {', '.join(scale_text(c) for c in dyn_policy['candidates'])}, evaluator "
-                f"`{args.dyn_reward}`{', ' + args.dyn_extra if args.dyn_extra else ''}) and `cfg` at fixed scales, {args.dyn_steps} "
-                f"{args.scheduler} steps, {len(pids)} held-out pairs ({n['n_prompts']} prompts x {n['seeds_per_prompt']} seeds, {pg})."), "",
+                "",
+                f"### Dynamic CFG against fixed scales ({date}, {dev})",
+                "",
+                (
+                    f"`dynamic_cfg` (candidates {', '.join(scale_text(c) for c in dyn_policy['candidates'])}, evaluator "
+                    f"`{args.dyn_reward}`{', ' + args.dyn_extra if args.dyn_extra else ''}) and `cfg` at fixed scales, {args.dyn_steps} "
+                    f"{args.scheduler} steps, {len(pids)} held-out pairs ({n['n_prompts']} prompts x {n['seeds_per_prompt']} seeds, {pg})."
+                ),
+                "",
                 *TABLE_HEAD,
             ]
             for arm in [f"cfg{scale_text(x)}" for x in scales] + ["dynamic"]:
-                label = "dynamic_cfg" if arm == "dynamic" else f"cfg scale {arm[3:]}" + (" (best)" if arm == best_arm else "")
+                label = (
+                    "dynamic_cfg"
+                    if arm == "dynamic"
+                    else f"cfg scale {arm[3:]}" + (" (best)" if arm == best_arm else "")
+                )
                 lines.append(arm_row(label, res["summary"][arm], rm))
-            lines += ["", "| category | pairs | " + " | ".join(f"cfg {scale_text(x)}" for x in scales) + " | dynamic |",
-                      "| --- | --- | " + " | ".join("---" for _ in scales) + " | --- |"]
+            lines += [
+                "",
+                "| category | pairs | " + " | ".join(f"cfg {scale_text(x)}" for x in scales) + " | dynamic |",
+                "| --- | --- | " + " | ".join("---" for _ in scales) + " | --- |",
+            ]
             passes = {x: per_item(res, f"cfg{scale_text(x)}", "verifier.passed") for x in scales}
             pd = per_item(res, "dynamic", "verifier.passed")
             for c in dict.fromkeys(cats):
                 m = np.array([x == c for x in cats])
-                lines.append(f"| {c} | {int(m.sum())} | " + " | ".join(f"{passes[x][m].mean():.3f}" for x in scales)
-                             + f" | {pd[m].mean():.3f} |")
+                lines.append(
+                    f"| {c} | {int(m.sum())} | "
+                    + " | ".join(f"{passes[x][m].mean():.3f}" for x in scales)
+                    + f" | {pd[m].mean():.3f} |"
+                )
             lines += [
                 "",
-                (f"- best fixed scale on these items: {best:g} (pass {rates[best]:.3f}); dynamic_cfg pass "
-                f"{summary['dynamic']['pass_rate_dynamic']:.3f}"),
-                (f"- Δ pass dynamic - best fixed: **{ci_text(dpass)}**; bar >= 0: {'met' if met else 'NOT met'} "
-                f"(point estimate; the CI says how sure)"),
+                (
+                    f"- best fixed scale on these items: {best:g} (pass {rates[best]:.3f}); dynamic_cfg pass "
+                    f"{summary['dynamic']['pass_rate_dynamic']:.3f}"
+                ),
+                (
+                    f"- Δ pass dynamic - best fixed: **{ci_text(dpass)}**; bar >= 0: {'met' if met else 'NOT met'} "
+                    f"(point estimate; the CI says how sure)"
+                ),
                 f"- Δ reward clip dynamic - best fixed: {ci_text(drew, digits=2)}",
-                (f"- time overhead dynamic / cfg at {args.dyn_steps} steps: **{ratio:.2f}x** [{r_lo:.2f}, {r_hi:.2f}] (mean s/image, "
-                f"cfg = the arms at scale{'s' if len(same_cost) > 1 else ''} {', '.join(scale_text(x) for x in same_cost)}, "
-                f"interleaved in one run)"),
+                (
+                    f"- time overhead dynamic / cfg at {args.dyn_steps} steps: **{ratio:.2f}x** [{r_lo:.2f}, {r_hi:.2f}] (mean s/image, "
+                    f"cfg = the arms at scale{'s' if len(same_cost) > 1 else ''} {', '.join(scale_text(x) for x in same_cost)}, "
+                    f"interleaved in one run)"
+                ),
             ]
     except InvalidInput as e:
         print(f"reward_policies: error: {e}", file=sys.stderr)
         return 2
     summary["seconds"] = round(time.perf_counter() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    lines += ["", f"Command: `{command}` — {summary['seconds']:.0f} s wall. Reports: "
-              + ", ".join(str(out / d / "report.html") for d in ("reno_ab", "dynamic_ab") if (out / d / "report.html").is_file())]
+    lines += [
+        "",
+        f"Command: `{command}` — {summary['seconds']:.0f} s wall. Reports: "
+        + ", ".join(
+            str(out / d / "report.html") for d in ("reno_ab", "dynamic_ab") if (out / d / "report.html").is_file()
+        ),
+    ]
     print("\n".join(lines))
     return 0
 

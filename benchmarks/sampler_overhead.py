@@ -24,8 +24,17 @@ from diffsteer.guidance.sampler import generate  # noqa: E402
 from diffsteer.guidance.schedulers import build_scheduler  # noqa: E402
 
 
-def time_against_diffusers(model, *, steps: int, batch: int, size: int, scheduler: str = "ddim",
-                           repeats: int = 7, scale: float = 7.5, policy: dict | None = None) -> dict[str, float]:
+def time_against_diffusers(
+    model,
+    *,
+    steps: int,
+    batch: int,
+    size: int,
+    scheduler: str = "ddim",
+    repeats: int = 7,
+    scale: float = 7.5,
+    policy: dict | None = None,
+) -> dict[str, float]:
     """Median seconds of ``generate`` (cfg at ``scale``, or ``policy``) and of diffusers' pipeline over the same
     modules on the same work, interleaved after one warm-up each: {"diffsteer": s, "diffusers": s}."""
     pipe = model.to_pipeline()
@@ -34,13 +43,31 @@ def time_against_diffusers(model, *, steps: int, batch: int, size: int, schedule
     prompt, seed = "a red circle to the left of a blue square", 1234
 
     def ours():
-        generate(model, {"prompt": prompt, "steps": steps, "seed": seed, "num_images": batch, "scheduler": scheduler,
-                         "policy": policy or {"name": "cfg", "scale": scale}, "width": size, "height": size})
+        generate(
+            model,
+            {
+                "prompt": prompt,
+                "steps": steps,
+                "seed": seed,
+                "num_images": batch,
+                "scheduler": scheduler,
+                "policy": policy or {"name": "cfg", "scale": scale},
+                "width": size,
+                "height": size,
+            },
+        )
 
     def theirs():
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
-        pipe(prompt, num_inference_steps=steps, guidance_scale=scale, num_images_per_prompt=batch,
-             generator=generators, height=size, width=size)
+        pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            num_images_per_prompt=batch,
+            generator=generators,
+            height=size,
+            width=size,
+        )
 
     ours(), theirs()  # warm-up
     return interleaved_medians({"diffsteer": ours, "diffusers": theirs}, repeats, model.device)
@@ -61,8 +88,9 @@ def main() -> None:
     device = torch.device(args.device)
     model = load_arch(args.arch, args.device, args.dtype)
     size = args.size or model.default_size
-    medians = time_against_diffusers(model, steps=args.steps, batch=args.batch, size=size, scheduler=args.scheduler,
-                                     repeats=args.repeats)
+    medians = time_against_diffusers(
+        model, steps=args.steps, batch=args.batch, size=size, scheduler=args.scheduler, repeats=args.repeats
+    )
     report = {
         "benchmark": "sampler_overhead",
         "arch": args.arch,

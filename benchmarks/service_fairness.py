@@ -80,18 +80,32 @@ def with_heavy_job(url: str, heavy: dict, light: dict, args) -> dict:
 
 
 def run_server(args, root: Path, label: str) -> dict:
-    server = Server(argparse.Namespace(**{**vars(args), "clients": [args.clients]}), batching=True, root=root,
-                    env_overrides={"DIFFSTEER_REQUEST_TIMEOUT_S": "900"})
+    server = Server(
+        argparse.Namespace(**{**vars(args), "clients": [args.clients]}),
+        batching=True,
+        root=root,
+        env_overrides={"DIFFSTEER_REQUEST_TIMEOUT_S": "900"},
+    )
     light = {"prompt": PROMPT, "steps": args.light_steps, "policy": "cfg:scale=3", "scheduler": "euler"}
-    reno = {"prompt": PROMPT, "steps": args.reno_steps, "scheduler": "euler",
-            "policy": {"name": "reno", "reward": args.reno_reward, "iterations": args.reno_iterations}}
+    reno = {
+        "prompt": PROMPT,
+        "steps": args.reno_steps,
+        "scheduler": "euler",
+        "policy": {"name": "reno", "reward": args.reno_reward, "iterations": args.reno_iterations},
+    }
     size = None
     try:
         server.wait_ready(args.ready_timeout)
         models = httpx.get(f"{server.url}/models", timeout=30).json()
         size = next((m.get("native_size") for m in models["models"] if m.get("default")), None) or 64
-        large = {"prompt": PROMPT, "steps": args.large_steps, "policy": "cfg:scale=3", "scheduler": "euler",
-                 "width": size * args.large_factor, "height": size * args.large_factor}
+        large = {
+            "prompt": PROMPT,
+            "steps": args.large_steps,
+            "policy": "cfg:scale=3",
+            "scheduler": "euler",
+            "width": size * args.large_factor,
+            "height": size * args.large_factor,
+        }
         for _ in range(2):  # warm-up
             httpx.post(f"{server.url}/generate", json=light, timeout=600).raise_for_status()
         result: dict = {"server": label, "root": str(root), "native_size": size}
@@ -116,8 +130,10 @@ def interleaved_throughput(args) -> dict:
     """Both servers up at once (an idle one costs no CPU), throughput runs alternating between them."""
     roots = [(ROOT, "this checkout"), (args.baseline_root.resolve(), "baseline")]
     body = {"prompt": PROMPT, "steps": 20, "policy": "cfg:scale=3", "scheduler": "euler"}
-    servers = {label: Server(argparse.Namespace(**{**vars(args), "clients": [args.clients]}), batching=True, root=root)
-               for root, label in roots}
+    servers = {
+        label: Server(argparse.Namespace(**{**vars(args), "clients": [args.clients]}), batching=True, root=root)
+        for root, label in roots
+    }
     runs: dict[str, list[float]] = {label: [] for _, label in roots}
     try:
         for server in servers.values():
@@ -125,7 +141,7 @@ def interleaved_throughput(args) -> dict:
             for _ in range(2):
                 httpx.post(f"{server.url}/generate", json=body, timeout=600).raise_for_status()
         for k in range(args.throughput_rounds):
-            for label, server in (servers.items() if k % 2 == 0 else reversed(servers.items())):
+            for label, server in servers.items() if k % 2 == 0 else reversed(servers.items()):
                 row = drive(server.url, body, args.clients, args.requests, args.seconds)
                 runs[label].append(row["throughput_images_per_s"])
                 print(json.dumps({"round": k, "server": label, **row}), file=sys.stderr)
@@ -133,15 +149,22 @@ def interleaved_throughput(args) -> dict:
         for server in servers.values():
             server.stop()
     mine, base = (statistics.median(runs[label]) for _, label in roots)
-    return {"benchmark": "service_fairness throughput", "clients": args.clients, "images_per_s": runs,
-            "median_ratio_candidate_over_baseline": round(mine / base, 3)}
+    return {
+        "benchmark": "service_fairness throughput",
+        "clients": args.clients,
+        "images_per_s": runs,
+        "median_ratio_candidate_over_baseline": round(mine / base, 3),
+    }
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| server | light alone s | with ReNO s (× alone) | after ReNO cancel s | with large s (× alone) | "
-             "after large cancel s | images/s at N clients |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| server | light alone s | with ReNO s (× alone) | after ReNO cancel s | with large s (× alone) | "
+        "after large cancel s | images/s at N clients |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
+
         def cell(phase: str, key: str, r: dict = r) -> str:
             p = r[phase]
             if "refused" in p:
@@ -149,9 +172,11 @@ def markdown_table(results: list[dict]) -> str:
             return f"{p[key]}" + (f" ({p['ratio_to_alone']}×)" if key == "light_latency_s" else "")
 
         alone = r["alone_s"]
-        lines.append(f"| {r['server']} | {alone['before']} / {alone['after']} | {cell('with_reno', 'light_latency_s')} | "
-                     f"{cell('with_reno', 'after_cancel_s')} | {cell('with_large', 'light_latency_s')} | "
-                     f"{cell('with_large', 'after_cancel_s')} | {r['throughput']['throughput_images_per_s']} |")
+        lines.append(
+            f"| {r['server']} | {alone['before']} / {alone['after']} | {cell('with_reno', 'light_latency_s')} | "
+            f"{cell('with_reno', 'after_cancel_s')} | {cell('with_large', 'light_latency_s')} | "
+            f"{cell('with_large', 'after_cancel_s')} | {r['throughput']['throughput_images_per_s']} |"
+        )
     return "\n".join(lines)
 
 
@@ -175,8 +200,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--ready-timeout", type=float, default=900.0)
-    ap.add_argument("--throughput-rounds", type=int, default=0,
-                    help="instead of the phases: start both servers and alternate throughput runs this many rounds")
+    ap.add_argument(
+        "--throughput-rounds",
+        type=int,
+        default=0,
+        help="instead of the phases: start both servers and alternate throughput runs this many rounds",
+    )
     args = ap.parse_args()
     if args.throughput_rounds:
         report = interleaved_throughput(args)
@@ -187,8 +216,12 @@ def main() -> None:
     order = roots[::-1] if args.baseline_first else roots
     by_label = {label: run_server(args, root, label) for root, label in order}
     results = [by_label[label] for _, label in roots]
-    report: dict = {"benchmark": "service_fairness", "model": args.model,
-                    "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    report: dict = {
+        "benchmark": "service_fairness",
+        "model": args.model,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+    }
     if len(results) == 2:
         a, b = (r["throughput"]["throughput_images_per_s"] for r in results)
         report["throughput_ratio_candidate_over_baseline"] = round(a / b, 3) if a and b else None

@@ -80,13 +80,18 @@ class Server:
     def __init__(self, args, batching: bool, root: Path = ROOT, env_overrides: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-               "DIFFSTEER_BATCHING": "true" if batching else "false",
-               "DIFFSTEER_QUEUE_SIZE": str(max(args.clients) * 2),
-               "DIFFSTEER_MAX_BATCH_REQUESTS": str(max(args.clients)),
-               "DIFFSTEER_MAX_BATCH_ROWS": str(max(16, 2 * max(args.clients))),  # room for every client's cfg pair
-               "DIFFSTEER_REQUEST_TIMEOUT_S": "600", "DIFFSTEER_LOG_LEVEL": "warning",
-               "DIFFSTEER_MAX_WIDTH": "4096", "DIFFSTEER_MAX_HEIGHT": "4096"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "DIFFSTEER_BATCHING": "true" if batching else "false",
+            "DIFFSTEER_QUEUE_SIZE": str(max(args.clients) * 2),
+            "DIFFSTEER_MAX_BATCH_REQUESTS": str(max(args.clients)),
+            "DIFFSTEER_MAX_BATCH_ROWS": str(max(16, 2 * max(args.clients))),  # room for every client's cfg pair
+            "DIFFSTEER_REQUEST_TIMEOUT_S": "600",
+            "DIFFSTEER_LOG_LEVEL": "warning",
+            "DIFFSTEER_MAX_WIDTH": "4096",
+            "DIFFSTEER_MAX_HEIGHT": "4096",
+        }
         if args.device:
             env["DIFFSTEER_DEVICE"] = args.device
         if args.dtype:
@@ -96,7 +101,9 @@ class Server:
         env.update(env_overrides or {})
         env["PYTHONPATH"] = str(root)
         cmd = [sys.executable, "-m", "diffsteer.service.cli", "serve", "--port", str(self.port), "--model", args.model]
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
 
     def wait_ready(self, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -182,8 +189,12 @@ def measure_server(server: Server, args, batching: bool, body: dict) -> dict:
         metrics_before = httpx.get(f"{server.url}/metrics", timeout=30).text
         row = drive(server.url, body, clients, args.requests, args.seconds)
         metrics_after = httpx.get(f"{server.url}/metrics", timeout=30).text
-        calls = metric_sum(metrics_after, "diffsteer_unet_batch_rows_count") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_count")
-        rows_total = metric_sum(metrics_after, "diffsteer_unet_batch_rows_sum") - metric_sum(metrics_before, "diffsteer_unet_batch_rows_sum")
+        calls = metric_sum(metrics_after, "diffsteer_unet_batch_rows_count") - metric_sum(
+            metrics_before, "diffsteer_unet_batch_rows_count"
+        )
+        rows_total = metric_sum(metrics_after, "diffsteer_unet_batch_rows_sum") - metric_sum(
+            metrics_before, "diffsteer_unet_batch_rows_sum"
+        )
         row["unet_calls"] = int(calls)
         row["rows_per_unet_call"] = round(rows_total / calls, 3) if calls else None
         rows.append(row)
@@ -194,9 +205,12 @@ def measure_server(server: Server, args, batching: bool, body: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default",
-                    help="model spec (default: the shipped proving-ground model); sd15-random: the SD-1.5 "
-                         "architecture with random weights, written to a temporary folder first")
+    ap.add_argument(
+        "--model",
+        default="default",
+        help="model spec (default: the shipped proving-ground model); sd15-random: the SD-1.5 "
+        "architecture with random weights, written to a temporary folder first",
+    )
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server")
@@ -226,8 +240,12 @@ def main() -> None:
 
 
 def run_benchmark(args) -> dict:
-    body = {"prompt": "a red circle to the left of a blue square", "steps": args.steps, "policy": args.policy,
-            "scheduler": args.scheduler}
+    body = {
+        "prompt": "a red circle to the left of a blue square",
+        "steps": args.steps,
+        "policy": args.policy,
+        "scheduler": args.scheduler,
+    }
     if args.size:
         body.update(width=args.size, height=args.size)
     results = {}
@@ -249,22 +267,27 @@ def run_benchmark(args) -> dict:
         off = next(r for r in results["off"]["runs"] if r["clients"] == top)
         if on["throughput_images_per_s"] and off["throughput_images_per_s"]:
             report[f"ratio_batched_over_unbatched_throughput_at_{top}_clients"] = round(
-                on["throughput_images_per_s"] / off["throughput_images_per_s"], 3)
+                on["throughput_images_per_s"] / off["throughput_images_per_s"], 3
+            )
     return report
 
 
 def markdown_table(results: dict) -> str:
     """The runs as a BENCHMARKS.md table: one row per (batching mode, clients), ratios against batching off."""
     off = {r["clients"]: r for r in results.get("off", {}).get("runs", [])}
-    lines = ["| batching | clients | images/s | × off | p50 s | p99 s | rows/UNet call | RSS before → after MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| batching | clients | images/s | × off | p50 s | p99 s | rows/UNet call | RSS before → after MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for mode, result in results.items():
         mb = [round(b / 2**20) if b else "?" for b in (result["rss_before_bytes"], result["rss_after_bytes"])]
         for r in result["runs"]:
             base = off.get(r["clients"], {}).get("throughput_images_per_s")
             ratio = f"{r['throughput_images_per_s'] / base:.2f}" if base and r["throughput_images_per_s"] else "—"
-            lines.append(f"| {mode} | {r['clients']} | {r['throughput_images_per_s']} | {ratio} | {r['latency_p50_s']} | "
-                         f"{r['latency_p99_s']} | {r['rows_per_unet_call']} | {mb[0]} → {mb[1]} |")
+            lines.append(
+                f"| {mode} | {r['clients']} | {r['throughput_images_per_s']} | {ratio} | {r['latency_p50_s']} | "
+                f"{r['latency_p99_s']} | {r['rows_per_unet_call']} | {mb[0]} → {mb[1]} |"
+            )
     return "\n".join(lines)
 
 

@@ -94,15 +94,17 @@ def parse_arm(value: Any) -> Any:
         try:
             return parse_json_object(text, "arms")
         except InvalidInput as e:
-            raise InvalidInput("arms", f"{e.reason} in {text[:200]!r}; expected a JSON object with name, policy, "
-                               "model") from None
+            raise InvalidInput(
+                "arms", f"{e.reason} in {text[:200]!r}; expected a JSON object with name, policy, model"
+            ) from None
     name, eq, rest = text.partition("=")
     if not eq or not name.strip() or not rest.strip():
         raise InvalidInput("arms", f"expected NAME=POLICY or NAME=POLICY@MODEL (e.g. base=cfg:scale=1), got {text!r}")
     if not ARM_NAME.match(name.strip()):
         raise InvalidInput(
-            "arms", f"{text!r}: {name.strip()!r} is not an arm name (1-64 of A-Z a-z 0-9 _ . -); "
-            "expected NAME=POLICY or NAME=POLICY@MODEL, e.g. base=cfg:scale=1"
+            "arms",
+            f"{text!r}: {name.strip()!r} is not an arm name (1-64 of A-Z a-z 0-9 _ . -); "
+            "expected NAME=POLICY or NAME=POLICY@MODEL, e.g. base=cfg:scale=1",
         )
     policy, model = rest, None
     if "@" in rest:
@@ -175,7 +177,9 @@ class ABConfig(pydantic.BaseModel):
     )
     steps: int = pydantic.Field(30, ge=1, le=Limits.max_steps, description="Denoising steps.")
     scheduler: str = pydantic.Field("default", description="Sampler (see `diffsteer generate --help`).")
-    model: str | None = pydantic.Field(None, description="Model of arms that name none (default: the built-in default).")
+    model: str | None = pydantic.Field(
+        None, description="Model of arms that name none (default: the built-in default)."
+    )
     width: int | None = pydantic.Field(None, ge=8, description="Image width (default: the model's native size).")
     height: int | None = pydantic.Field(None, ge=8, description="Image height (default: the model's native size).")
     batch_size: int = pydantic.Field(8, ge=1, le=256, description="Images per generate() call.")
@@ -283,9 +287,15 @@ class ArmPlan:
 
     def describe(self) -> dict[str, Any]:
         """The arm as results.json lists it."""
-        return {"name": self.name, "policy": self.config.policy_spec,
-                "policy_params": parse_policy(self.config.policy).model_dump(mode="json"),
-                "model": self.model_spec, "width": self.width, "height": self.height, "signature": self.signature}
+        return {
+            "name": self.name,
+            "policy": self.config.policy_spec,
+            "policy_params": parse_policy(self.config.policy).model_dump(mode="json"),
+            "model": self.model_spec,
+            "width": self.width,
+            "height": self.height,
+            "signature": self.signature,
+        }
 
 
 @dataclass
@@ -316,8 +326,9 @@ def default_model_loader(config: ABConfig) -> ModelLoader:
     return load
 
 
-def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None,
-               rewards: Any = None) -> ABPlan:
+def prepare_ab(
+    config: ABConfig | Mapping[str, Any], model_loader: ModelLoader | None = None, rewards: Any = None
+) -> ABPlan:
     """Validate everything that can be checked before generating; InvalidInput names the field."""
     config = ABConfig.parse(config)
     out = Path(config.output_dir).expanduser()
@@ -349,20 +360,38 @@ def prepare_ab(config: ABConfig | Mapping[str, Any], model_loader: ModelLoader |
         width = config.width or model.default_size
         height = config.height or model.default_size
         _preflight(arm, model, config, width, height, prompts.items[0].prompt, rewards)
-        settings = {"policy": arm.policy_spec, "model": canonical_spec(spec), "steps": config.steps,
-                    "scheduler": config.scheduler, "width": width, "height": height}
+        settings = {
+            "policy": arm.policy_spec,
+            "model": canonical_spec(spec),
+            "steps": config.steps,
+            "scheduler": config.scheduler,
+            "width": width,
+            "height": height,
+        }
         signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         arms.append(ArmPlan(arm, model, canonical_spec(spec), width, height, signature))
     scorer = MetricScorer(metrics, device=arms[0].model.device, rewards=rewards, model=arms[0].model)
     return ABPlan(config, prompts, arms, config.columns, scorer, out)
 
 
-def _preflight(arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str,
-               rewards: Any = None) -> None:
+def _preflight(
+    arm: ArmConfig, model: Any, config: ABConfig, width: int, height: int, prompt: str, rewards: Any = None
+) -> None:
     """What the sampler checks before work starts (policy vs. steps and scheduler), without running the model."""
     try:
-        check_request(model, {"prompt": prompt, "policy": arm.policy, "steps": config.steps, "scheduler": config.scheduler,
-                              "width": width, "height": height, "seed": 0}, rewards=rewards)
+        check_request(
+            model,
+            {
+                "prompt": prompt,
+                "policy": arm.policy,
+                "steps": config.steps,
+                "scheduler": config.scheduler,
+                "width": width,
+                "height": height,
+                "seed": 0,
+            },
+            rewards=rewards,
+        )
     except InvalidInput as e:
         field = "arms" if e.field.startswith("policy") else e.field
         raise InvalidInput(field, f"arm {arm.name!r}: {e}" if field == "arms" else e.reason) from None
@@ -428,19 +457,32 @@ def run_ab(
                 report("generate", _arm, event.step, event.total)
 
             records = run_arm(
-                arm.model, [items[i] for i in todo], arm.config.policy, steps=config.steps, scheduler=config.scheduler,
-                batch_size=len(todo), extra={"width": arm.width, "height": arm.height}, callback=on_step,
+                arm.model,
+                [items[i] for i in todo],
+                arm.config.policy,
+                steps=config.steps,
+                scheduler=config.scheduler,
+                batch_size=len(todo),
+                extra={"width": arm.width, "height": arm.height},
+                callback=on_step,
                 generate_fn=generate_fn,
             )
-            values = plan.scorer.score([r.image for r in records], [r.item.prompt for r in records],
-                                       [r.item.meta.spec for r in records])
+            values = plan.scorer.score(
+                [r.image for r in records], [r.item.prompt for r in records], [r.item.meta.spec for r in records]
+            )
             new = []
             for i, r, vals in zip(todo, records, values):
                 rel = image_relpath(arm.name, r.item)
                 write_atomic(out / rel, encode_image(Image.fromarray(r.image), "png", r.metadata))
                 rec = {
-                    "arm": arm.name, "prompt_id": r.item.prompt_id, "seed": r.item.seed, "prompt": r.item.prompt,
-                    "path": rel, "signature": arm.signature, "policy": arm.config.policy_spec, "model": arm.model_spec,
+                    "arm": arm.name,
+                    "prompt_id": r.item.prompt_id,
+                    "seed": r.item.seed,
+                    "prompt": r.item.prompt,
+                    "path": rel,
+                    "signature": arm.signature,
+                    "policy": arm.config.policy_spec,
+                    "model": arm.model_spec,
                     "metrics": {"nfe": r.nfe, "latency": r.seconds, **vals},
                 }
                 new.append(rec)
@@ -452,8 +494,14 @@ def run_ab(
     _backfill_metrics(plan, store, done, metric_names, check_cancel, lambda: report("score"))
     report("statistics")
     results = build_results(
-        config.model_dump(mode="json"), [arm.describe() for arm in plan.arms], plan.prompts, plan.columns, done,
-        generated=generated, skipped=skipped, seconds=time.perf_counter() - t_start,
+        config.model_dump(mode="json"),
+        [arm.describe() for arm in plan.arms],
+        plan.prompts,
+        plan.columns,
+        done,
+        generated=generated,
+        skipped=skipped,
+        seconds=time.perf_counter() - t_start,
     )
     write_results(out, results)
     if config.report:
@@ -477,16 +525,23 @@ def _backfill_metrics(
         pending: list[tuple[int, list[str]]] = []
         for i in range(len(items)):
             rec = done[(arm.name, i)]
-            missing = [m for m in metric_names if m not in RECORDED
-                       and not all(c in rec["metrics"] for c in plan.scorer.columns_of(m))]
+            missing = [
+                m
+                for m in metric_names
+                if m not in RECORDED and not all(c in rec["metrics"] for c in plan.scorer.columns_of(m))
+            ]
             if missing:
                 pending.append((i, missing))
         for start in range(0, len(pending), plan.config.batch_size):
             check_cancel()
             part = pending[start : start + plan.config.batch_size]
             names = sorted({m for _, ms in part for m in ms})
-            images = [np.asarray(Image.open(plan.output_dir / done[(arm.name, i)]["path"]).convert("RGB")) for i, _ in part]
-            values = plan.scorer.score(images, [items[i].prompt for i, _ in part], [items[i].meta.spec for i, _ in part], names)
+            images = [
+                np.asarray(Image.open(plan.output_dir / done[(arm.name, i)]["path"]).convert("RGB")) for i, _ in part
+            ]
+            values = plan.scorer.score(
+                images, [items[i].prompt for i, _ in part], [items[i].meta.spec for i, _ in part], names
+            )
             updated = []
             for (i, _), vals in zip(part, values):
                 rec = dict(done[(arm.name, i)])

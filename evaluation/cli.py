@@ -120,8 +120,10 @@ def print_summary(results: dict[str, Any], out: str) -> None:
                 f"sign p={m['sign_test_p']:.3g}  wilcoxon p={m['wilcoxon_p']:.3g}  {m['verdict']}"
             )
     run = results["run"]
-    print(f"{run['generated']} images generated, {run['skipped']} reused; results in {out}/results.json"
-          + (f", report {out}/report.html" if results["config"]["report"] else ""))
+    print(
+        f"{run['generated']} images generated, {run['skipped']} reused; results in {out}/results.json"
+        + (f", report {out}/report.html" if results["config"]["report"] else "")
+    )
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
@@ -179,7 +181,9 @@ def add_ab_parser(sub: Any) -> argparse.ArgumentParser:
     ab.add_argument("--batch-size", type=int, default=8, help="images per generate() call")
     ab.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
     ab.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
-    ab.add_argument("--baseline", default=None, metavar="ARM", help="compare each arm with this one (default: all pairs)")
+    ab.add_argument(
+        "--baseline", default=None, metavar="ARM", help="compare each arm with this one (default: all pairs)"
+    )
     ab.add_argument("--unit", default="prompt", help="unit of win/tie/loss and tests: prompt (default) or image")
     ab.add_argument("--bootstrap", type=int, default=10_000, metavar="N", help="bootstrap resamples (default 10000)")
     ab.add_argument("--confidence", type=float, default=0.95, help="confidence level (default 0.95)")

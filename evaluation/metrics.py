@@ -107,12 +107,13 @@ def check_metric_names(names: Sequence[str]) -> list[str]:
     seen: set[str] = set()
     for name in names:
         if name.startswith("reward:"):
-            if not name[len("reward:"):].strip():
+            if not name[len("reward:") :].strip():
                 raise InvalidInput(FIELD, "reward: needs a reward spec, e.g. reward:clip or reward:saturation")
         elif name != "latent" and not name.startswith("latent:") and name not in BUILTIN:
             raise InvalidInput(
-                FIELD, f"unknown metric {name!r}; accepted: {', '.join(BUILTIN)}, reward:SPEC (e.g. reward:clip), "
-                       "latent[:WEIGHTS]"
+                FIELD,
+                f"unknown metric {name!r}; accepted: {', '.join(BUILTIN)}, reward:SPEC (e.g. reward:clip), "
+                "latent[:WEIGHTS]",
             )
         if name in seen:
             raise InvalidInput(FIELD, f"{name!r} is listed twice")
@@ -130,15 +131,19 @@ def columns_for(names: Sequence[str], directions: Mapping[str, str] | None = Non
         if name == "verifier":
             cols += [Column(c, name, "higher", BUILTIN[name][1]) for c in VERIFIER_COLUMNS]
         elif name.startswith("reward:"):
-            cols.append(Column(name, name, "higher", f"reward model score {name[len('reward:'):]} (higher is better)"))
+            cols.append(Column(name, name, "higher", f"reward model score {name[len('reward:') :]} (higher is better)"))
         elif name == "latent" or name.startswith("latent:"):
-            cols.append(Column(name, name, "higher", "the model's latent evaluators on the encoded image (higher is better)"))
+            cols.append(
+                Column(name, name, "higher", "the model's latent evaluators on the encoded image (higher is better)")
+            )
         else:
             cols.append(Column(name, name, *BUILTIN[name]))
     known = {c.name for c in cols} | {c.metric for c in cols}
     for key, value in directions.items():
         if key not in known:
-            raise InvalidInput("directions", f"{key!r} is not a metric of this run; metrics: {', '.join(sorted(known))}")
+            raise InvalidInput(
+                "directions", f"{key!r} is not a metric of this run; metrics: {', '.join(sorted(known))}"
+            )
         if value not in ("higher", "lower"):
             raise InvalidInput("directions", f"{key}: expected higher or lower, got {value!r}")
     return [
@@ -171,9 +176,7 @@ def clipped_fraction(image: np.ndarray) -> float:
 
 def verifier_values(image: np.ndarray, spec: Any) -> dict[str, float | None]:
     report = verify(image, spec)
-    return {
-        f"verifier.{k}": (None if v is None else float(bool(v))) for k, v in report.attributes().items()
-    }
+    return {f"verifier.{k}": (None if v is None else float(bool(v))) for k, v in report.attributes().items()}
 
 
 class MetricScorer:
@@ -197,7 +200,7 @@ class MetricScorer:
                     raise InvalidInput(FIELD, f"{name}: needs a model (the latent evaluators are the model's)")
                 self.rewards[name] = latent_reward(model, name, field=FIELD, rewards=rewards)
             if name.startswith("reward:"):
-                spec = name[len("reward:"):]
+                spec = name[len("reward:") :]
                 try:
                     self.rewards[name] = rewards.get(spec, self.device, torch.float32, field=FIELD)
                 except InvalidInput as e:
@@ -209,7 +212,11 @@ class MetricScorer:
         return VERIFIER_COLUMNS if name == "verifier" else (name,)
 
     def score(
-        self, images: Sequence[np.ndarray], prompts: Sequence[str], specs: Sequence[Any], names: Sequence[str] | None = None
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        specs: Sequence[Any],
+        names: Sequence[str] | None = None,
     ) -> list[dict[str, float | None]]:
         """Values of the metrics ``names`` (default: all of this scorer's) for each 8-bit image."""
         names = self.names if names is None else [n for n in names if n not in RECORDED]
@@ -226,7 +233,9 @@ class MetricScorer:
             elif name == "verifier":
                 for row, img, spec in zip(out, images, specs):
                     if spec is None:
-                        raise InvalidInput(FIELD, "verifier needs proving-ground prompts (pg:... or captions of that world)")
+                        raise InvalidInput(
+                            FIELD, "verifier needs proving-ground prompts (pg:... or captions of that world)"
+                        )
                     row.update(verifier_values(img, spec))
             elif name == "latent" or name.startswith("latent:"):
                 batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255.0).to(self.model.device)

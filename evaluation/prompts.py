@@ -61,8 +61,12 @@ class PromptEntry:
         return f"p{self.index:04d}"
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"prompt_id": self.prompt_id, "index": self.index, "prompt": self.text,
-                               "category": self.category}
+        out: dict[str, Any] = {
+            "prompt_id": self.prompt_id,
+            "index": self.index,
+            "prompt": self.text,
+            "category": self.category,
+        }
         if self.spec is not None:
             out["spec"] = self.spec.to_dict()
         if self.extra:
@@ -85,8 +89,14 @@ class PromptSet:
         return len(self.items) // max(1, len(self.prompts))
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "n_prompts": len(self.prompts), "n_items": len(self.items),
-                "seeds_per_prompt": self.seeds_per_prompt, "duplicates_dropped": self.duplicates_dropped}
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "n_prompts": len(self.prompts),
+            "n_items": len(self.items),
+            "seeds_per_prompt": self.seeds_per_prompt,
+            "duplicates_dropped": self.duplicates_dropped,
+        }
 
 
 def load_prompts(
@@ -156,12 +166,18 @@ def _geneval(lines: list[str], path: Path) -> list[tuple[int, str, str | None, d
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InvalidInput(FIELD, f"{where}: not a JSON object (GenEval metadata format): {e.msg} at column {e.colno}") from None
+            raise InvalidInput(
+                FIELD, f"{where}: not a JSON object (GenEval metadata format): {e.msg} at column {e.colno}"
+            ) from None
         if not isinstance(row, dict):
-            raise InvalidInput(FIELD, f"{where}: expected a JSON object with prompt, tag and include, got {type(row).__name__}")
+            raise InvalidInput(
+                FIELD, f"{where}: expected a JSON object with prompt, tag and include, got {type(row).__name__}"
+            )
         missing = [k for k in ("prompt", "tag", "include") if k not in row]
         if missing:
-            raise InvalidInput(FIELD, f"{where}: missing {', '.join(missing)} (GenEval lines need prompt, tag, include)")
+            raise InvalidInput(
+                FIELD, f"{where}: missing {', '.join(missing)} (GenEval lines need prompt, tag, include)"
+            )
         if not isinstance(row["prompt"], str) or not row["prompt"].strip():
             raise InvalidInput(FIELD, f"{where}: prompt must be a non-empty string")
         if not isinstance(row["tag"], str):
@@ -180,7 +196,9 @@ def _parti(lines: list[str], path: Path) -> list[tuple[int, str, str | None, dic
         return []
     header = [c.strip() for c in rows[start]]
     if not header or header[0].lower() != "prompt":
-        raise InvalidInput(FIELD, f"{path}:{start + 1}: expected the PartiPrompts header Prompt<TAB>Category<TAB>Challenge<TAB>Note")
+        raise InvalidInput(
+            FIELD, f"{path}:{start + 1}: expected the PartiPrompts header Prompt<TAB>Category<TAB>Challenge<TAB>Note"
+        )
     columns = {name.lower(): i for i, name in enumerate(header)}
 
     def cell(row: list[str], name: str) -> str | None:
@@ -222,7 +240,9 @@ def _file_prompt_set(
             continue
         seen.add(text)
         if max_prompts is None or len(prompts) < max_prompts:
-            prompts.append(PromptEntry(len(prompts), text, category, proving_ground_spec(text), {"line": lineno, **extra}))
+            prompts.append(
+                PromptEntry(len(prompts), text, category, proving_ground_spec(text), {"line": lineno, **extra})
+            )
     items = [Item(p.text, seed + k, p.prompt_id, p) for p in prompts for k in range(seeds)]
     return PromptSet(fmt, source, prompts, items, dropped)
 
@@ -237,7 +257,7 @@ def proving_ground_spec(text: str):
 
 
 def _proving_ground(source: str, seeds: int, seed: int, max_prompts: int | None) -> PromptSet:
-    body = source[len("pg:"):].strip()
+    body = source[len("pg:") :].strip()
     names = [c.strip() for c in re.split(r"[,+]", body) if c.strip()]
     if not names:
         raise InvalidInput(FIELD, f"{source!r} names no category; accepted: pg:all or pg:{','.join(CATEGORIES)}")
@@ -245,7 +265,9 @@ def _proving_ground(source: str, seeds: int, seed: int, max_prompts: int | None)
         names = list(CATEGORIES)
     unknown = [c for c in names if c not in CATEGORIES]
     if unknown:
-        raise InvalidInput(FIELD, f"unknown proving-ground categories {unknown}; accepted: all, {', '.join(CATEGORIES)}")
+        raise InvalidInput(
+            FIELD, f"unknown proving-ground categories {unknown}; accepted: all, {', '.join(CATEGORIES)}"
+        )
     prompts: list[PromptEntry] = []
     items: list[Item] = []
     for category in dict.fromkeys(names):

@@ -95,8 +95,14 @@ def make_plots(results: Mapping[str, Any], out_dir: Path) -> list[tuple[str, str
             data = [values[a][col][np.isfinite(values[a][col])] for a in arms]
             if all(_is_binary(d) or d.size == 0 for d in data):
                 means = [summary[a][col]["mean"] or 0.0 for a in arms]
-                lows = [m - (summary[a][col]["ci_low"] if summary[a][col]["ci_low"] is not None else m) for a, m in zip(arms, means)]
-                highs = [(summary[a][col]["ci_high"] if summary[a][col]["ci_high"] is not None else m) - m for a, m in zip(arms, means)]
+                lows = [
+                    m - (summary[a][col]["ci_low"] if summary[a][col]["ci_low"] is not None else m)
+                    for a, m in zip(arms, means)
+                ]
+                highs = [
+                    (summary[a][col]["ci_high"] if summary[a][col]["ci_high"] is not None else m) - m
+                    for a, m in zip(arms, means)
+                ]
                 ax.bar(range(len(arms)), means, color=colours, yerr=[lows, highs], capsize=4)
                 ax.set_ylim(0, 1.05)
                 ax.set_ylabel("rate (95% CI)")
@@ -108,10 +114,16 @@ def make_plots(results: Mapping[str, Any], out_dir: Path) -> list[tuple[str, str
             ax.set_title(f"{col} ({meta['direction']} is better)", fontsize=9)
         rel = f"{PLOT_DIR}/distributions.png"
         fig.savefig(out_dir / rel)
-        made.append(("Distribution of each metric per arm (binary metrics: rate with its prompt-bootstrap 95% CI)", rel))
+        made.append(
+            ("Distribution of each metric per arm (binary metrics: rate with its prompt-bootstrap 95% CI)", rel)
+        )
 
-    quality = [m for m in columns if m["name"] not in ("nfe", "latency")
-               and (not m["name"].startswith("verifier.") or m["name"] == "verifier.passed")]
+    quality = [
+        m
+        for m in columns
+        if m["name"] not in ("nfe", "latency")
+        and (not m["name"].startswith("verifier.") or m["name"] == "verifier.passed")
+    ]
     if "nfe" in {m["name"] for m in columns} and quality:
         ncols = min(3, len(quality))
         nrows = math.ceil(len(quality) / ncols)
@@ -124,10 +136,14 @@ def make_plots(results: Mapping[str, Any], out_dir: Path) -> list[tuple[str, str
                 if x["mean"] is None or y["mean"] is None:
                     continue
                 ax.errorbar(
-                    x["mean"], y["mean"],
+                    x["mean"],
+                    y["mean"],
                     xerr=[[x["mean"] - x["ci_low"]], [x["ci_high"] - x["mean"]]],
                     yerr=[[y["mean"] - y["ci_low"]], [y["ci_high"] - y["mean"]]],
-                    fmt="o", color=colours[j], capsize=3, label=a,
+                    fmt="o",
+                    color=colours[j],
+                    capsize=3,
+                    label=a,
                 )
                 ax.annotate(a, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
             ax.set_xlabel("NFE per image (lower is better)")
@@ -211,14 +227,20 @@ def render_html(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) ->
 
     w("<h2>Arms</h2><table><tr><th class='l'>arm</th><th class='l'>policy</th><th class='l'>model</th><th>size</th>")
     for c in col_names:
-        w(f"<th>{_e(c)}<br><span class='muted'>{_e(next(m['direction'] for m in metrics if m['name'] == c))}</span></th>")
+        w(
+            f"<th>{_e(c)}<br><span class='muted'>{_e(next(m['direction'] for m in metrics if m['name'] == c))}</span></th>"
+        )
     w("</tr>")
     for a in arms:
-        w(f"<tr><td class='l'><b>{_e(a['name'])}</b></td><td class='l'><code>{_e(a['policy'])}</code></td>"
-          f"<td class='l'>{_e(a['model'])}</td><td>{a['width']}×{a['height']}</td>")
+        w(
+            f"<tr><td class='l'><b>{_e(a['name'])}</b></td><td class='l'><code>{_e(a['policy'])}</code></td>"
+            f"<td class='l'>{_e(a['model'])}</td><td>{a['width']}×{a['height']}</td>"
+        )
         for c in col_names:
             s = summary[a["name"]][c]
-            w(f"<td>{fmt(s['mean'])}<br><span class='muted'>[{fmt(s['ci_low'], 3)}, {fmt(s['ci_high'], 3)}]</span></td>")
+            w(
+                f"<td>{fmt(s['mean'])}<br><span class='muted'>[{fmt(s['ci_low'], 3)}, {fmt(s['ci_high'], 3)}]</span></td>"
+            )
         w("</tr>")
     w(f"</table><p class='muted'>Mean per image with its {conf}% prompt-bootstrap CI.</p>")
 
@@ -226,30 +248,41 @@ def render_html(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) ->
     for pair in results["statistics"]:
         a, b = pair["arm_a"], pair["arm_b"]
         w(f"<h3>{_e(b)} vs {_e(a)} <span class='muted'>(differences are {_e(b)} − {_e(a)})</span></h3>")
-        w("<table><tr><th class='l'>metric</th><th>better</th><th>mean " + _e(a) + "</th><th>mean " + _e(b)
-          + f"</th><th>Δ mean</th><th>{conf}% CI of Δ</th><th>win / tie / loss<br>for {_e(b)}</th><th>sign p</th>"
-          "<th>Wilcoxon p</th><th>prompts / images</th><th class='l'>verdict</th></tr>")
+        w(
+            "<table><tr><th class='l'>metric</th><th>better</th><th>mean "
+            + _e(a)
+            + "</th><th>mean "
+            + _e(b)
+            + f"</th><th>Δ mean</th><th>{conf}% CI of Δ</th><th>win / tie / loss<br>for {_e(b)}</th><th>sign p</th>"
+            "<th>Wilcoxon p</th><th>prompts / images</th><th class='l'>verdict</th></tr>"
+        )
         for col, m in pair["metrics"].items():
             cls = "b-better" if m["verdict"] == b else "a-better" if m["verdict"] == a else ""
             verdict = f"{m['verdict']} better" if m["verdict"] in (a, b) else m["verdict"]
-            w(f"<tr class='{cls}'><td class='l'>{_e(col)}</td><td>{_e(m['direction'])}</td><td>{fmt(m['mean_a'])}</td>"
-              f"<td>{fmt(m['mean_b'])}</td><td>{fmt(m['mean_diff'])}</td>"
-              f"<td>[{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]</td>"
-              f"<td>{m['wins']} / {m['ties']} / {m['losses']}</td><td>{fmt_p(m['sign_test_p'])}</td>"
-              f"<td>{fmt_p(m['wilcoxon_p'])}</td><td>{m['n_prompts']} / {m['n_images']}</td>"
-              f"<td class='l'>{_e(verdict)}</td></tr>")
+            w(
+                f"<tr class='{cls}'><td class='l'>{_e(col)}</td><td>{_e(m['direction'])}</td><td>{fmt(m['mean_a'])}</td>"
+                f"<td>{fmt(m['mean_b'])}</td><td>{fmt(m['mean_diff'])}</td>"
+                f"<td>[{fmt(m['ci_low'])}, {fmt(m['ci_high'])}]</td>"
+                f"<td>{m['wins']} / {m['ties']} / {m['losses']}</td><td>{fmt_p(m['sign_test_p'])}</td>"
+                f"<td>{fmt_p(m['wilcoxon_p'])}</td><td>{m['n_prompts']} / {m['n_images']}</td>"
+                f"<td class='l'>{_e(verdict)}</td></tr>"
+            )
         w("</table>")
-    w(f"<p class='muted'>Win/tie/loss and the tests count {_e(cfg['unit'])}s "
-      f"({'mean difference over each prompt' if cfg['unit'] == 'prompt' else 'single images'}); a win is "
-      f"the later arm being better in the metric's direction. Verdict: the CI of Δ excludes 0 (given only with "
-      f"at least 5 units and a CI of non-zero width). A per-batch figure (latency with batch_size > 1: every "
-      f"image of a batch gets the batch's time) has means only, no paired test.</p>")
+    w(
+        f"<p class='muted'>Win/tie/loss and the tests count {_e(cfg['unit'])}s "
+        f"({'mean difference over each prompt' if cfg['unit'] == 'prompt' else 'single images'}); a win is "
+        f"the later arm being better in the metric's direction. Verdict: the CI of Δ excludes 0 (given only with "
+        f"at least 5 units and a CI of non-zero width). A per-batch figure (latency with batch_size > 1: every "
+        f"image of a batch gets the batch's time) has means only, no paired test.</p>"
+    )
 
     if plots:
         w("<h2>Plots</h2>")
         for caption, rel in plots:
-            w(f"<figure><img src='{_src(rel)}' alt='{_e(caption)}' style='max-width:100%'>"
-              f"<figcaption>{_e(caption)}</figcaption></figure>")
+            w(
+                f"<figure><img src='{_src(rel)}' alt='{_e(caption)}' style='max-width:100%'>"
+                f"<figcaption>{_e(caption)}</figcaption></figure>"
+            )
 
     w("<h2>Images</h2>")
     by_item: dict[tuple[str, int], dict[str, Any]] = {(img["arm"], img["item"]): img for img in results["images"]}
@@ -258,8 +291,10 @@ def render_html(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) ->
         items_by_prompt.setdefault(it["prompt_id"], []).append(it["item"])
     shown = prompts["list"][: cfg["report_max_prompts"]]
     if len(shown) < len(prompts["list"]):
-        w(f"<p class='muted'>The first {len(shown)} of {len(prompts['list'])} prompts; every image is in "
-          f"<code>images/</code> and results.json.</p>")
+        w(
+            f"<p class='muted'>The first {len(shown)} of {len(prompts['list'])} prompts; every image is in "
+            f"<code>images/</code> and results.json.</p>"
+        )
     cap_cols = [c for c in CAPTION_COLUMNS if c in col_names] + [c for c in col_names if c.startswith("reward:")][:2]
     size = {a["name"]: (a["width"], a["height"]) for a in arms}
     for p in shown:
@@ -276,9 +311,11 @@ def render_html(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) ->
                 width, height = size[a]
                 scale = max(1, 128 // max(width, height))
                 tip = "; ".join(f"{k}={fmt(v, 4)}" for k, v in img["metrics"].items())
-                w(f"<td><img src='{_src(img['path'])}' width='{width * scale}' height='{height * scale}' "
-                  f"alt='{_e(a)}, seed {img['seed']}' title='{_e(tip)}'>"
-                  f"<div class='cap'>{_e(_caption(img['metrics'], cap_cols))}</div></td>")
+                w(
+                    f"<td><img src='{_src(img['path'])}' width='{width * scale}' height='{height * scale}' "
+                    f"alt='{_e(a)}, seed {img['seed']}' title='{_e(tip)}'>"
+                    f"<div class='cap'>{_e(_caption(img['metrics'], cap_cols))}</div></td>"
+                )
             w("</tr>")
         w("</table>")
     w(f"<script>{_SCRIPT}</script></body></html>")

@@ -68,9 +68,11 @@ def paired_statistics(
     batch of several images: every image of a batch gets the same value) get no paired test at all.
     """
     arms = list(values)
-    pairs = [(baseline, a) for a in arms if a != baseline] if baseline else [
-        (a, b) for k, a in enumerate(arms) for b in arms[k + 1:]
-    ]
+    pairs = (
+        [(baseline, a) for a in arms if a != baseline]
+        if baseline
+        else [(a, b) for k, a in enumerate(arms) for b in arms[k + 1 :]]
+    )
     pids = np.asarray(prompt_ids, dtype=object)
     out = []
     for a, b in pairs:
@@ -83,16 +85,21 @@ def paired_statistics(
             if not mask.any():
                 continue
             cmp = compare(
-                {a: {col: va[mask]}, b: {col: vb[mask]}}, list(pids[mask]),
-                directions={col: direction}, aggregate_per_prompt=unit == "prompt",
-                n_resamples=n_resamples, confidence=confidence, seed=seed,
+                {a: {col: va[mask]}, b: {col: vb[mask]}},
+                list(pids[mask]),
+                directions={col: direction},
+                aggregate_per_prompt=unit == "prompt",
+                n_resamples=n_resamples,
+                confidence=confidence,
+                seed=seed,
             )[0].metrics[col]
             row = asdict(cmp)
             improvement_low, improvement_high = (
                 (cmp.ci_low, cmp.ci_high) if direction == "higher" else (-cmp.ci_high, -cmp.ci_low)
             )
-            row["verdict"] = verdict(a, b, improvement_low, improvement_high,
-                                     cmp.n_prompts if unit == "prompt" else cmp.n_images)
+            row["verdict"] = verdict(
+                a, b, improvement_low, improvement_high, cmp.n_prompts if unit == "prompt" else cmp.n_images
+            )
             metrics[col] = row
         out.append({"arm_a": a, "arm_b": b, "metrics": metrics})
     return out
@@ -128,8 +135,9 @@ def arm_summaries(
             if not mask.any():
                 out[arm][col] = {"mean": None, "n": 0, "ci_low": None, "ci_high": None}
                 continue
-            low, high = cluster_bootstrap_ci(v[mask], list(pids[mask]), n_resamples=n_resamples,
-                                             confidence=confidence, seed=seed)
+            low, high = cluster_bootstrap_ci(
+                v[mask], list(pids[mask]), n_resamples=n_resamples, confidence=confidence, seed=seed
+            )
             out[arm][col] = {"mean": float(v[mask].mean()), "n": int(mask.sum()), "ci_low": low, "ci_high": high}
     return out
 
@@ -161,24 +169,39 @@ def build_results(
     for i, item in enumerate(items):
         for arm in arm_names:
             rec = done[(arm, i)]
-            images.append({
-                "arm": arm, "item": i, "prompt_id": item.prompt_id, "prompt": item.prompt, "seed": item.seed,
-                "path": rec["path"], "metrics": {c: rec["metrics"].get(c) for c in col_names},
-            })
+            images.append(
+                {
+                    "arm": arm,
+                    "item": i,
+                    "prompt_id": item.prompt_id,
+                    "prompt": item.prompt,
+                    "seed": item.seed,
+                    "path": rec["path"],
+                    "metrics": {c: rec["metrics"].get(c) for c in col_names},
+                }
+            )
     return {
         "version": RESULTS_VERSION,
         "config": dict(config),
         "arms": [dict(a) for a in arms],
         "prompts": {**prompts.describe(), "list": [p.to_dict() for p in prompts.prompts]},
         "items": [{"item": i, "prompt_id": it.prompt_id, "seed": it.seed} for i, it in enumerate(items)],
-        "metrics": [{"name": c.name, "metric": c.metric, "direction": c.direction, "description": c.description}
-                    for c in columns],
+        "metrics": [
+            {"name": c.name, "metric": c.metric, "direction": c.direction, "description": c.description}
+            for c in columns
+        ],
         "images": images,
-        "summary": arm_summaries(values, prompt_ids, n_resamples=config["n_resamples"],
-                                 confidence=config["confidence"]),
+        "summary": arm_summaries(
+            values, prompt_ids, n_resamples=config["n_resamples"], confidence=config["confidence"]
+        ),
         "statistics": paired_statistics(
-            values, prompt_ids, directions, baseline=config["baseline"], unit=config["unit"],
-            n_resamples=config["n_resamples"], confidence=config["confidence"],
+            values,
+            prompt_ids,
+            directions,
+            baseline=config["baseline"],
+            unit=config["unit"],
+            n_resamples=config["n_resamples"],
+            confidence=config["confidence"],
             per_batch=() if config["batch_size"] == 1 else ("latency",),
         ),
         "run": {"generated": generated, "skipped": skipped, "total": len(images), "seconds": round(seconds, 3)},

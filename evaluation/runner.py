@@ -19,7 +19,9 @@ from diffsteer.guidance.models import DiffusionModel
 from diffsteer.guidance.request import Limits
 from diffsteer.guidance.sampler import GenerationResult, generate
 
-GenerateFn = Callable[..., GenerationResult]  # called as diffsteer.guidance.sampler.generate(model, params, limits=, callback=)
+GenerateFn = Callable[
+    ..., GenerationResult
+]  # called as diffsteer.guidance.sampler.generate(model, params, limits=, callback=)
 
 
 @dataclass(frozen=True)

@@ -226,8 +226,10 @@ def wilcoxon_signed_rank(
         res = scipy.stats.wilcoxon(d, zero_method=zero_method, correction=correction, method="asymptotic")
     elif plain:
         if n > WILCOXON_EXACT_MAX_N:
-            raise ValueError(f"exact Wilcoxon distribution limited to {WILCOXON_EXACT_MAX_N} differences, "
-                             f"got {n}; use method='approx'")
+            raise ValueError(
+                f"exact Wilcoxon distribution limited to {WILCOXON_EXACT_MAX_N} differences, "
+                f"got {n}; use method='approx'"
+            )
         res = scipy.stats.wilcoxon(d, method="exact")
     else:
         flipped = nonzero if zero_method == "wilcox" else d  # a zero's sign flip changes nothing
@@ -237,11 +239,16 @@ def wilcoxon_signed_rank(
                 f"(2**n sign flips), got {flipped.size}; use method='approx'"
             )
         res = scipy.stats.wilcoxon(
-            flipped, zero_method=zero_method,
+            flipped,
+            zero_method=zero_method,
             method=scipy.stats.PermutationMethod(n_resamples=2**flipped.size),
         )
     return WilcoxonResult(
-        statistic=float(t_plus), p_value=float(res.pvalue), n=n, n_zero=n_zero, method=method,
+        statistic=float(t_plus),
+        p_value=float(res.pvalue),
+        n=n,
+        n_zero=n_zero,
+        method=method,
         zero_method=zero_method,
     )
 
@@ -357,8 +364,7 @@ def compare(
     for arm in arms[1:]:
         if set(metric_values_by_arm[arm]) != set(metrics):
             raise ValueError(
-                f"arm {arm!r} has metrics {sorted(metric_values_by_arm[arm])}, "
-                f"arm {arms[0]!r} has {sorted(metrics)}"
+                f"arm {arm!r} has metrics {sorted(metric_values_by_arm[arm])}, arm {arms[0]!r} has {sorted(metrics)}"
             )
     dirs = _resolve_per_metric(directions, metrics, "directions", default="higher")
     for metric, direction in dirs.items():
@@ -385,10 +391,20 @@ def compare(
             arm_b=b,
             metrics={
                 m: _compare_metric(
-                    m, values[a][m], values[b][m], prompt_ids, len(prompts),
-                    direction=dirs[m], tie_tol=tols[m], aggregate_per_prompt=aggregate_per_prompt,
-                    n_resamples=n_resamples, confidence=confidence, seed=seed,
-                    zero_method=zero_method, wilcoxon_method=wilcoxon_method, correction=correction,
+                    m,
+                    values[a][m],
+                    values[b][m],
+                    prompt_ids,
+                    len(prompts),
+                    direction=dirs[m],
+                    tie_tol=tols[m],
+                    aggregate_per_prompt=aggregate_per_prompt,
+                    n_resamples=n_resamples,
+                    confidence=confidence,
+                    seed=seed,
+                    zero_method=zero_method,
+                    wilcoxon_method=wilcoxon_method,
+                    correction=correction,
                 )
                 for m in metrics
             },
@@ -420,7 +436,9 @@ def _compare_metric(
     counts = win_tie_loss(improvements(unit_d, direction), tie_tol)
     wilcoxon = wilcoxon_signed_rank(
         np.where(np.abs(unit_d) <= tie_tol, 0.0, unit_d),
-        zero_method=zero_method, method=wilcoxon_method, correction=correction,
+        zero_method=zero_method,
+        method=wilcoxon_method,
+        correction=correction,
     )
     return MetricComparison(
         metric=metric,
@@ -455,8 +473,10 @@ def _resolve_per_metric(value, metrics: list[str], name: str, default=None) -> d
         return {m: value for m in metrics}
     missing, extra = set(metrics) - set(value), set(value) - set(metrics)
     if missing or extra:
-        raise ValueError(f"{name} must list exactly the metrics {sorted(metrics)}; "
-                         f"missing {sorted(missing)}, unknown {sorted(extra)}")
+        raise ValueError(
+            f"{name} must list exactly the metrics {sorted(metrics)}; "
+            f"missing {sorted(missing)}, unknown {sorted(extra)}"
+        )
     return {m: value[m] for m in metrics}
 
 

@@ -63,7 +63,10 @@ def encode_conditions(
         if zero:
             condition = Condition(
                 torch.zeros_like(condition.hidden_states),
-                {"text_embeds": torch.zeros_like(condition.added["text_embeds"]), "time_ids": condition.added["time_ids"]},
+                {
+                    "text_embeds": torch.zeros_like(condition.added["text_embeds"]),
+                    "time_ids": condition.added["time_ids"],
+                },
             )
         conditions[name] = concat_conditions([condition] * len(prompts))
     return conditions, aliases

@@ -55,8 +55,10 @@ class GenerationCost:
         return max(excess, key=excess.__getitem__)
 
     def describe(self) -> str:
-        return (f"{self.images} image(s) × {self.area_factor:g}× the model's native area × {self.steps} steps × "
-                f"{self.per_step:g} evaluations per step × {self.multiplier:g} passes = {self.total:g}")
+        return (
+            f"{self.images} image(s) × {self.area_factor:g}× the model's native area × {self.steps} steps × "
+            f"{self.per_step:g} evaluations per step × {self.multiplier:g} passes = {self.total:g}"
+        )
 
 
 def generation_cost(params: GenerationParams, policy: GuidancePolicy, native_size: int) -> GenerationCost:

@@ -64,15 +64,23 @@ class FastPaths:
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
-            raise InvalidInput("fast_paths", f"unknown compile mode {self.compile_mode!r}; accepted: {', '.join(COMPILE_MODES)}")
+            raise InvalidInput(
+                "fast_paths", f"unknown compile mode {self.compile_mode!r}; accepted: {', '.join(COMPILE_MODES)}"
+            )
         if self.max_graphs < 1:
             raise InvalidInput("fast_paths", f"max_graphs must be ≥ 1, got {self.max_graphs}")
         if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise InvalidInput("fast_paths", f"unknown compile backend {self.compile_backend!r}; accepted: "
-                                             f"{', '.join(torch._dynamo.list_backends())}")
+            raise InvalidInput(
+                "fast_paths",
+                f"unknown compile backend {self.compile_backend!r}; accepted: "
+                f"{', '.join(torch._dynamo.list_backends())}",
+            )
         if self.cuda_graphs and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
-            raise InvalidInput("fast_paths", f"compile_mode={self.compile_mode} captures CUDA graphs itself; "
-                                             "use it without cuda_graphs, or compile_mode=default with cuda_graphs")
+            raise InvalidInput(
+                "fast_paths",
+                f"compile_mode={self.compile_mode} captures CUDA graphs itself; "
+                "use it without cuda_graphs, or compile_mode=default with cuda_graphs",
+            )
 
     @property
     def any(self) -> bool:
@@ -145,8 +153,17 @@ def fast_forward(unet: torch.nn.Module) -> FastForward | None:
 
 # -- CUDA graphs ---------------------------------------------------------------------------------------------
 
-SAMPLER_KWARGS = frozenset({"encoder_hidden_states", "added_cond_kwargs", "return_dict", "timestep_cond",
-                            "cross_attention_kwargs", "attention_mask", "encoder_attention_mask"})
+SAMPLER_KWARGS = frozenset(
+    {
+        "encoder_hidden_states",
+        "added_cond_kwargs",
+        "return_dict",
+        "timestep_cond",
+        "cross_attention_kwargs",
+        "attention_mask",
+        "encoder_attention_mask",
+    }
+)
 # Arguments diffusers pipelines pass as None; any non-None value other than these three sends the call eager.
 GRAPHABLE_KWARGS = frozenset({"encoder_hidden_states", "added_cond_kwargs", "return_dict"})
 
@@ -182,7 +199,15 @@ def _flatten(value: Any, out: list[torch.Tensor], signature: list[Any]) -> None:
     """Tensors of a (nested dict/tuple) argument in order, and a hashable description of its structure."""
     if isinstance(value, torch.Tensor):
         out.append(value)
-        signature.append(("T", tuple(value.shape), value.dtype, str(value.device), value.is_contiguous(memory_format=torch.channels_last)))
+        signature.append(
+            (
+                "T",
+                tuple(value.shape),
+                value.dtype,
+                str(value.device),
+                value.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
     elif isinstance(value, dict):
         signature.append(("D", tuple(sorted(value))))
         for k in sorted(value):
@@ -244,7 +269,9 @@ class FastForward:
     def __call__(self, sample: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.paths.cuda_graphs:
             return self.inner(sample, timestep, *args, **kwargs)
-        reason = "positional arguments beyond (sample, timestep)" if args else graph_guard(self._unet_ref, sample, kwargs)
+        reason = (
+            "positional arguments beyond (sample, timestep)" if args else graph_guard(self._unet_ref, sample, kwargs)
+        )
         if reason is None and not isinstance(timestep, torch.Tensor):
             timestep = torch.as_tensor(timestep, device=sample.device)
         if reason is None:
@@ -271,10 +298,14 @@ class FastForward:
             self.stats.replays += 1
             return _clone_output(entry.static_output)
 
-    def _capture(self, sample: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any], tensors: list[torch.Tensor]) -> _Graph:
+    def _capture(
+        self, sample: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any], tensors: list[torch.Tensor]
+    ) -> _Graph:
         """Warm up on a side stream (lazy initialisation, compilation), then capture one call."""
         static_inputs = [t.detach().clone(memory_format=torch.preserve_format) for t in tensors]
-        rebuilt = _rebuild(((sample, timestep), {k: v for k, v in kwargs.items() if v is not None}), iter(static_inputs))
+        rebuilt = _rebuild(
+            ((sample, timestep), {k: v for k, v in kwargs.items() if v is not None}), iter(static_inputs)
+        )
         (s, t), kw = rebuilt
         side = torch.cuda.Stream(device=sample.device)
         side.wait_stream(torch.cuda.current_stream(sample.device))

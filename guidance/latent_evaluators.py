@@ -95,8 +95,16 @@ class LatentEvaluatorNet(nn.Module):
     tokens to the projected text states; an MLP head gives one score per input (``out_dim`` 1, shape [N]) or an
     embedding (``out_dim`` D, shape [N, D])."""
 
-    def __init__(self, latent_channels: int, text_dim: int, width: int = 32, stages: int = 2, use_text: bool = True,
-                 patch: int = 2, out_dim: int = 1):
+    def __init__(
+        self,
+        latent_channels: int,
+        text_dim: int,
+        width: int = 32,
+        stages: int = 2,
+        use_text: bool = True,
+        patch: int = 2,
+        out_dim: int = 1,
+    ):
         super().__init__()
         self.out_dim = out_dim
         self.use_text = use_text
@@ -109,7 +117,9 @@ class LatentEvaluatorNet(nn.Module):
             self.text_proj = nn.Linear(text_dim, width)
             self.attention = nn.MultiheadAttention(width, 4, batch_first=True)
             features = 3 * width
-        self.head = nn.Sequential(nn.LayerNorm(features), nn.Linear(features, width), nn.SiLU(), nn.Linear(width, out_dim))
+        self.head = nn.Sequential(
+            nn.LayerNorm(features), nn.Linear(features, width), nn.SiLU(), nn.Linear(width, out_dim)
+        )
 
     def forward(self, latents: torch.Tensor, lam: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.noise_mlp(noise_features(lam))
@@ -143,8 +153,15 @@ class EvaluatorSpec:
     embedding_dim: int = 0  # 0: the network outputs the score; D: the reward's image embedding (module docstring)
 
     def build(self, latent_channels: int, text_dim: int) -> LatentEvaluatorNet:
-        return LatentEvaluatorNet(latent_channels, text_dim, self.width, self.stages, self.use_text, self.patch,
-                                  out_dim=self.embedding_dim or 1)
+        return LatentEvaluatorNet(
+            latent_channels,
+            text_dim,
+            self.width,
+            self.stages,
+            self.use_text,
+            self.patch,
+            out_dim=self.embedding_dim or 1,
+        )
 
 
 @dataclass
@@ -157,12 +174,15 @@ class PromptInputs:
 
     def repeat(self, times: int) -> PromptInputs:
         """Every row ``times`` times, block after block (candidate-major, as :func:`candidate_x0` lays rows out)."""
-        return PromptInputs(*(None if t is None else t.repeat(times, *([1] * (t.ndim - 1)))
-                              for t in (self.states, self.embedding)))
+        return PromptInputs(
+            *(None if t is None else t.repeat(times, *([1] * (t.ndim - 1))) for t in (self.states, self.embedding))
+        )
 
     def repeat_interleave(self, times: int) -> PromptInputs:
         """Each row ``times`` times in a row (group-major)."""
-        return PromptInputs(*(None if t is None else t.repeat_interleave(times, dim=0) for t in (self.states, self.embedding)))
+        return PromptInputs(
+            *(None if t is None else t.repeat_interleave(times, dim=0) for t in (self.states, self.embedding))
+        )
 
     def rows(self, index: slice | torch.Tensor) -> PromptInputs:
         return PromptInputs(*(None if t is None else t[index] for t in (self.states, self.embedding)))
@@ -189,7 +209,9 @@ class LatentScores:
     parts: dict[str, torch.Tensor]  # kind -> [N]
 
 
-def parse_weights(spec: str, available: tuple[str, ...] | list[str], field: str = "policy.latent_weights") -> dict[str, float]:
+def parse_weights(
+    spec: str, available: tuple[str, ...] | list[str], field: str = "policy.latent_weights"
+) -> dict[str, float]:
     """``"alignment:1,fidelity:0.2"`` -> {kind: weight}; InvalidInput naming ``field`` for an unknown kind or a bad
     number."""
     weights: dict[str, float] = {}
@@ -215,8 +237,15 @@ def parse_weights(spec: str, available: tuple[str, ...] | list[str], field: str 
 class LatentEvaluators(nn.Module):
     """The evaluators of one model: ``score`` runs every weighted one on all inputs in one call each."""
 
-    def __init__(self, latent_channels: int, text_dim: int, specs: dict[str, EvaluatorSpec],
-                 log_snr_bounds: tuple[float, float], default_weights: dict[str, float], meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        latent_channels: int,
+        text_dim: int,
+        specs: dict[str, EvaluatorSpec],
+        log_snr_bounds: tuple[float, float],
+        default_weights: dict[str, float],
+        meta: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.latent_channels, self.text_dim = latent_channels, text_dim
         self.specs = dict(specs)
@@ -241,8 +270,13 @@ class LatentEvaluators(nn.Module):
         embedding, and so its text tower."""
         return any(s.embedding_dim and (weights is None or weights.get(k)) for k, s in self.specs.items())
 
-    def prompt_inputs(self, states: torch.Tensor | None, prompts: list[str], rewards: RewardModels | None = None,
-                      weights: dict[str, float] | None = None) -> PromptInputs:
+    def prompt_inputs(
+        self,
+        states: torch.Tensor | None,
+        prompts: list[str],
+        rewards: RewardModels | None = None,
+        weights: dict[str, float] | None = None,
+    ) -> PromptInputs:
         """What the evaluators read of ``prompts`` (one row each): the text ``states`` [N, L, D] and, where an
         evaluator of nonzero weight in ``weights`` (None: any) has the embedding form, its reward's text embeddings,
         from ``rewards`` (a :class:`diffsteer.guidance.reward_models.RewardModels`; None: the default library). The reward must
@@ -261,8 +295,11 @@ class LatentEvaluators(nn.Module):
         composite = (rewards or DEFAULT_REWARDS).get(target, self._device, field="latent_evaluators")
         term = composite.similarity_term()
         if term is None:
-            raise InvalidInput("latent_evaluators", f"the alignment evaluator learned the image tower of {target!r}, "
-                               "which is not one embedding-similarity reward (clip, hps, pickscore)")
+            raise InvalidInput(
+                "latent_evaluators",
+                f"the alignment evaluator learned the image tower of {target!r}, "
+                "which is not one embedding-similarity reward (clip, hps, pickscore)",
+            )
         tower = term[0]
         if id(tower) not in self._checked_towers:
             probe = self.meta.get("text_probe")
@@ -270,14 +307,18 @@ class LatentEvaluators(nn.Module):
                 found = torch.tensor(text_probe(tower)["embedding"])
                 saved = torch.tensor(probe["embedding"], dtype=torch.float32)
                 if found.shape != saved.shape or float(F.cosine_similarity(found, saved, dim=0)) < PROBE_AGREEMENT:
-                    raise InvalidInput("latent_evaluators", f"the configured reward {target!r} is not the one the "
-                                       "alignment evaluator was trained with (its text embedding of the probe prompt "
-                                       f"{probe['prompt']!r} differs); configure the same weights")
+                    raise InvalidInput(
+                        "latent_evaluators",
+                        f"the configured reward {target!r} is not the one the "
+                        "alignment evaluator was trained with (its text embedding of the probe prompt "
+                        f"{probe['prompt']!r} differs); configure the same weights",
+                    )
             self._checked_towers.add(id(tower))
         return tower
 
-    def evaluate(self, kind: str, latents: torch.Tensor, alpha_bar: torch.Tensor | float,
-                 prompts: PromptInputs | None = None) -> torch.Tensor:
+    def evaluate(
+        self, kind: str, latents: torch.Tensor, alpha_bar: torch.Tensor | float, prompts: PromptInputs | None = None
+    ) -> torch.Tensor:
         """One evaluator's score [N] in its units (``output_mean + output_std · net``, or ``· cos(net, text
         embedding)`` for the embedding form); differentiable."""
         net, spec = self.nets[kind], self.specs[kind]
@@ -306,8 +347,13 @@ class LatentEvaluators(nn.Module):
         spec = self.specs[kind]
         return spec.output_mean + spec.output_std * (image_embedding * text_embedding.to(image_embedding)).sum(dim=-1)
 
-    def score(self, latents: torch.Tensor, alpha_bar: torch.Tensor | float, prompts: PromptInputs | None,
-              weights: dict[str, float] | None = None) -> LatentScores:
+    def score(
+        self,
+        latents: torch.Tensor,
+        alpha_bar: torch.Tensor | float,
+        prompts: PromptInputs | None,
+        weights: dict[str, float] | None = None,
+    ) -> LatentScores:
         """Σ_j λ_j·E_j(latents, ᾱ, prompts) per row, and each E_j; ``weights`` default to the saved ones."""
         weights = self.default_weights if weights is None else weights
         parts = {k: self.evaluate(k, latents, alpha_bar, prompts) for k, w in weights.items() if w != 0}
@@ -332,7 +378,6 @@ class LatentEvaluators(nn.Module):
         """Write the folder atomically (written beside it, then renamed into place)."""
         from safetensors.torch import save_file
 
-
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             config = {
@@ -341,30 +386,44 @@ class LatentEvaluators(nn.Module):
                 "text_dim": self.text_dim,
                 "log_snr_bounds": list(self.log_snr_bounds),
                 "default_weights": self.default_weights,
-                "evaluators": {k: {f.name: getattr(s, f.name) for f in fields(s) if f.name != "kind"}
-                               for k, s in self.specs.items()},
+                "evaluators": {
+                    k: {f.name: getattr(s, f.name) for f in fields(s) if f.name != "kind"}
+                    for k, s in self.specs.items()
+                },
                 "meta": {**self.meta, **(extra_meta or {})},
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             for kind, net in self.nets.items():
-                save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / f"{kind}.safetensors"))
+                save_file(
+                    {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()},
+                    str(tmp / f"{kind}.safetensors"),
+                )
         return directory
 
     @classmethod
-    def load(cls, directory: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LatentEvaluators:
+    def load(
+        cls, directory: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LatentEvaluators:
         from safetensors.torch import load_file
 
         directory = Path(directory)
         try:
             config = json.loads((directory / CONFIG_FILE).read_text())
             specs = {k: EvaluatorSpec(kind=k, **v) for k, v in config["evaluators"].items()}
-            evaluators = cls(int(config["latent_channels"]), int(config["text_dim"]), specs,
-                             tuple(config["log_snr_bounds"]), dict(config["default_weights"]), config.get("meta"))
+            evaluators = cls(
+                int(config["latent_channels"]),
+                int(config["text_dim"]),
+                specs,
+                tuple(config["log_snr_bounds"]),
+                dict(config["default_weights"]),
+                config.get("meta"),
+            )
             for kind, net in evaluators.nets.items():
                 net.load_state_dict(load_file(str(directory / f"{kind}.safetensors")))
         except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise InvalidInput("latent_evaluators", f"cannot load latent evaluators from {str(directory)!r}: "
-                               f"{type(e).__name__}: {e}") from None
+            raise InvalidInput(
+                "latent_evaluators", f"cannot load latent evaluators from {str(directory)!r}: {type(e).__name__}: {e}"
+            ) from None
         return evaluators.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
@@ -457,16 +516,18 @@ class LatentReward:
         return score.detach().cpu(), grad.to(latents.dtype)
 
 
-def latent_reward(model: DiffusionModel, spec: str, field: str = "policy.reward",
-                  rewards: RewardModels | None = None) -> LatentReward:
+def latent_reward(
+    model: DiffusionModel, spec: str, field: str = "policy.reward", rewards: RewardModels | None = None
+) -> LatentReward:
     """The :class:`LatentReward` of ``spec`` (``latent``: the saved weights; ``latent:alignment:1,fidelity:0.5``)
     for ``model``; InvalidInput naming ``field`` where the model has none or a kind is unknown. An embedding-form
     evaluator's reward (its text tower) is loaded from ``rewards`` and checked here, before any work."""
     evaluators = evaluators_for(model)
     if evaluators is None:
-        raise InvalidInput(field, f"{spec!r}: the model has no latent evaluators (train them with `diffsteer train "
-                                  "latent-evaluator`)")
-    rest = spec.strip()[len(LATENT_REWARD) + 1:]
+        raise InvalidInput(
+            field, f"{spec!r}: the model has no latent evaluators (train them with `diffsteer train latent-evaluator`)"
+        )
+    rest = spec.strip()[len(LATENT_REWARD) + 1 :]
     weights = parse_weights(rest, evaluators.kinds, field) if rest else dict(evaluators.default_weights)
     if evaluators.reads_text_embedding(weights):
         evaluators.text_tower(rewards)

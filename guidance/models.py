@@ -162,7 +162,9 @@ class DiffusionModel:
 def from_components(name: str, components: dict[str, Any], force_zeros_for_empty_prompt: bool = True) -> DiffusionModel:
     """Bundle diffusers pipeline components (a dict like ``pipe.components``)."""
     is_xl = components.get("text_encoder_2") is not None
-    encoders = [components.get("text_encoder"), components.get("text_encoder_2")] if is_xl else [components["text_encoder"]]
+    encoders = (
+        [components.get("text_encoder"), components.get("text_encoder_2")] if is_xl else [components["text_encoder"]]
+    )
     tokenizers = [components.get("tokenizer"), components.get("tokenizer_2")] if is_xl else [components["tokenizer"]]
     pairs = [(e, t) for e, t in zip(encoders, tokenizers) if e is not None]
     return DiffusionModel(
@@ -213,8 +215,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if dtype not in table:
         raise InvalidInput("dtype", f"unknown value {dtype!r}; accepted values: auto, fp32, fp16, bf16")
     if device.type == "cpu" and table[dtype] == torch.float16:
@@ -284,7 +292,9 @@ def _load_builtin(spec: str) -> DiffusionModel:
         return from_components(spec, tiny.tiny_sd_components(prediction_type="v_prediction"))
     if spec == "builtin:tiny-sdxl":
         return from_components(spec, tiny.tiny_sdxl_components())
-    raise InvalidInput("model", f"unknown built-in model {spec!r}; accepted values: default, {', '.join(BUILTIN_MODELS)}")
+    raise InvalidInput(
+        "model", f"unknown built-in model {spec!r}; accepted values: default, {', '.join(BUILTIN_MODELS)}"
+    )
 
 
 def _hub_error(spec: str, error: Exception) -> InvalidInput:
@@ -309,8 +319,11 @@ def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
         raise _hub_error(name, e) from None
     class_name = index.get("_class_name", "")
     if "unet" not in index or "vae" not in index:
-        raise InvalidInput("model", f"{name!r} is a {class_name or 'diffusers'} checkpoint without a UNet and VAE; "
-                           "accepted: Stable Diffusion 1.x/2.x, SDXL and their Turbo variants")
+        raise InvalidInput(
+            "model",
+            f"{name!r} is a {class_name or 'diffusers'} checkpoint without a UNet and VAE; "
+            "accepted: Stable Diffusion 1.x/2.x, SDXL and their Turbo variants",
+        )
 
     def component(key: str):
         entry = index.get(key)
@@ -328,10 +341,15 @@ def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
             return cls.from_pretrained(location, subfolder=key, variant="fp16")
 
     try:
-        parts = {k: component(k) for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+        parts = {
+            k: component(k)
+            for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+        }
     except OSError as e:
         raise _hub_error(name, e) from None
-    return from_components(name, parts, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+    return from_components(
+        name, parts, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True))
+    )
 
 
 def _read_model_index(location: str) -> dict[str, Any]:

@@ -147,8 +147,11 @@ def check_nesting(text: str, field: str = "policy") -> None:
             depth += 1
             deepest = max(deepest, depth)
             if deepest > MAX_NESTING:
-                raise InvalidInput(field, f"nested more than {MAX_NESTING} levels deep; a policy's values are "
-                                   "numbers, strings and flat lists")
+                raise InvalidInput(
+                    field,
+                    f"nested more than {MAX_NESTING} levels deep; a policy's values are "
+                    "numbers, strings and flat lists",
+                )
         elif ch in "]}":
             depth = max(0, depth - 1)
 

@@ -26,9 +26,10 @@ class Limits:
     max_steps: int = 200
     max_num_images: int = 16
     max_prompt_chars: int = 4000
-    max_cost: float | None = None  # UNet evaluations at the model's native size (diffsteer.guidance.cost); None: no limit
+    max_cost: float | None = (
+        None  # UNet evaluations at the model's native size (diffsteer.guidance.cost); None: no limit
+    )
     max_area_factor: float | None = None  # image area / the model's native area; None: no limit
-
 
     def for_model(self, defaults: ModelDefaults) -> Limits:
         """These limits, tightened by a model's ``max_size`` (:class:`diffsteer.guidance.models.ModelDefaults`)."""
@@ -55,8 +56,9 @@ def check_text(value: str, field: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InvalidInput(field, f"contains a lone surrogate ({value[e.start]!r} at position {e.start}); "
-                           "text must be valid Unicode") from None
+        raise InvalidInput(
+            field, f"contains a lone surrogate ({value[e.start]!r} at position {e.start}); text must be valid Unicode"
+        ) from None
     return value
 
 
@@ -84,7 +86,9 @@ class GenerationParams(pydantic.BaseModel):
     prompt: Annotated[str | list[str], pydantic.BeforeValidator(_prompt)] = pydantic.Field(
         description="The text prompt, or one prompt per image (then num_images is the list's length)."
     )
-    negative_prompt: Annotated[str | None, pydantic.AfterValidator(_negative_prompt)] = pydantic.Field(None, description="What to steer away from (CFG's unconditional branch).")
+    negative_prompt: Annotated[str | None, pydantic.AfterValidator(_negative_prompt)] = pydantic.Field(
+        None, description="What to steer away from (CFG's unconditional branch)."
+    )
     policy: Annotated[pydantic.SerializeAsAny[PolicyParams], pydantic.BeforeValidator(_policy)] = pydantic.Field(
         default_factory=lambda: parse_policy(None),
         description=f"Guidance policy: a spec string like 'apg:scale=10' or an object with 'name' "
@@ -151,7 +155,9 @@ class GenerationParams(pydantic.BaseModel):
         params.check_limits(limits or Limits())
         return params
 
-    def with_model_defaults(self, defaults: ModelDefaults, given: set[str], limits: Limits | None = None) -> GenerationParams:
+    def with_model_defaults(
+        self, defaults: ModelDefaults, given: set[str], limits: Limits | None = None
+    ) -> GenerationParams:
         """Fill what the request did not name (``given``: its fields set) from a model's recommendations
         (:class:`diffsteer.guidance.models.ModelDefaults`): ``policy`` and ``steps``; a default ``steps`` is never above
         ``limits.max_steps`` (a default must not make a request invalid). The recommended policy is checked
@@ -162,8 +168,9 @@ class GenerationParams(pydantic.BaseModel):
             try:
                 update["policy"] = parse_policy(defaults.policy)
             except InvalidInput as e:
-                raise InvalidInput("model", f"the model's recommended policy {defaults.policy!r} ({DEFAULTS_FILE}) is "
-                                   f"invalid: {e}") from None
+                raise InvalidInput(
+                    "model", f"the model's recommended policy {defaults.policy!r} ({DEFAULTS_FILE}) is invalid: {e}"
+                ) from None
         if "steps" not in given:
             steps = defaults.steps or self.steps
             update["steps"] = min(steps, limits.max_steps) if limits is not None else steps
@@ -175,7 +182,11 @@ class GenerationParams(pydantic.BaseModel):
             ("num_images", self.num_images, limits.max_num_images),
             ("width", self.width, limits.max_width),
             ("height", self.height, limits.max_height),
-            ("prompt", max(len(p) for p in self.prompt) if isinstance(self.prompt, list) else len(self.prompt), limits.max_prompt_chars),
+            (
+                "prompt",
+                max(len(p) for p in self.prompt) if isinstance(self.prompt, list) else len(self.prompt),
+                limits.max_prompt_chars,
+            ),
             ("negative_prompt", len(self.negative_prompt or ""), limits.max_prompt_chars),
         ]
         for name, value, maximum in checks:

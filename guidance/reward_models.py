@@ -37,8 +37,9 @@ class RewardModels:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str, str], CompositeReward] = {}
 
-    def get(self, spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
-            field: str = "policy.reward") -> CompositeReward:
+    def get(
+        self, spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32, field: str = "policy.reward"
+    ) -> CompositeReward:
         """The CompositeReward for ``spec`` on ``device``; InvalidInput naming ``field`` for a bad spec."""
         key = (spec, str(device), str(dtype))
         with self._lock:
@@ -55,7 +56,8 @@ class RewardModels:
 DEFAULT_REWARDS = RewardModels()
 
 
-def get_reward(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
-               field: str = "policy.reward") -> CompositeReward:
+def get_reward(
+    spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32, field: str = "policy.reward"
+) -> CompositeReward:
     """The default library's reward for ``spec`` (:data:`DEFAULT_REWARDS`)."""
     return DEFAULT_REWARDS.get(spec, device, dtype, field)

@@ -78,7 +78,9 @@ def resolve_seeds(seed: int | None, num_images: int) -> list[int]:
     return [(base + k) % 2**63 for k in range(num_images)]
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, list[torch.Generator]]:
+def initial_noise(
+    seeds: list[int], shape: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Unit Gaussian latents, one CPU generator per image (device-independent, batch-independent noise).
 
     Returns the noise and the generators, which ancestral schedulers keep drawing from.
@@ -163,7 +165,9 @@ def denoise(
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)
         if callback is not None:
-            callback(StepEvent(i + 1, len(timesteps), int(denoiser.evaluations.sum()), time.perf_counter() - start, latents))
+            callback(
+                StepEvent(i + 1, len(timesteps), int(denoiser.evaluations.sum()), time.perf_counter() - start, latents)
+            )
     return latents
 
 
@@ -179,8 +183,9 @@ def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any
     return scheduler, scheduler.timesteps
 
 
-def sampling_context(model: DiffusionModel, params: GenerationParams, timesteps: torch.Tensor,
-                     rewards: RewardModels | None = None) -> SamplingContext:
+def sampling_context(
+    model: DiffusionModel, params: GenerationParams, timesteps: torch.Tensor, rewards: RewardModels | None = None
+) -> SamplingContext:
     return SamplingContext(
         num_steps=len(timesteps),
         batch_size=params.num_images,
@@ -274,7 +279,11 @@ class PreparedGeneration:
             made, self.first_run = self.first_run, None
             return made
         scheduler, timesteps = make_scheduler(self.model, self.params)
-        return scheduler, timesteps, self.policy.start(sampling_context(self.model, self.params, timesteps, self.rewards))
+        return (
+            scheduler,
+            timesteps,
+            self.policy.start(sampling_context(self.model, self.params, timesteps, self.rewards)),
+        )
 
     def run(
         self,
@@ -327,19 +336,34 @@ def prepare(
     """Validate ``params`` (InvalidInput names the field; a :class:`CheckedRequest` is already validated), encode
     the prompts (one unit on ``executor``) and draw the seeds' noise."""
     executor = executor or DIRECT
-    checked = params if isinstance(params, CheckedRequest) else check_request(model, params, limits=limits, rewards=rewards)
+    checked = (
+        params if isinstance(params, CheckedRequest) else check_request(model, params, limits=limits, rewards=rewards)
+    )
     params, policy = checked.params, checked.policy
     height = params.height or model.default_size
     width = params.width or model.default_size
-    conditions, aliases = executor.run(lambda: encode_conditions(
-        model, params.prompts, params.negative_prompt, policy.conditions, height=height, width=width
-    ))
+    conditions, aliases = executor.run(
+        lambda: encode_conditions(
+            model, params.prompts, params.negative_prompt, policy.conditions, height=height, width=width
+        )
+    )
     seeds = list(params.seeds) if params.seeds is not None else resolve_seeds(params.seed, params.num_images)
     shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     noise, _ = initial_noise(seeds, shape, model.device)
     return PreparedGeneration(
-        model, params, policy, conditions, aliases, seeds, noise, height, width, executor, gradient_checkpointing,
-        checked.rewards, (checked.scheduler, checked.timesteps, checked.state),
+        model,
+        params,
+        policy,
+        conditions,
+        aliases,
+        seeds,
+        noise,
+        height,
+        width,
+        executor,
+        gradient_checkpointing,
+        checked.rewards,
+        (checked.scheduler, checked.timesteps, checked.state),
     )
 
 
@@ -375,8 +399,9 @@ def generate(
         "denoise_s": t_denoised - t_optimised,
         "decode_s": t_decoded - t_denoised,
     }
-    result = generation_result(prepared, run, pixels, t_decoded - t_start, outer.nfe if outer else 0,
-                               outer.trace if outer else None)
+    result = generation_result(
+        prepared, run, pixels, t_decoded - t_start, outer.nfe if outer else 0, outer.trace if outer else None
+    )
     result.phases = phases
     return result
 

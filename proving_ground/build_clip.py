@@ -91,7 +91,13 @@ class ProvingGroundClipConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the data stream, the negatives and the initialisation."})
     threads: int = field(default=2, metadata={"help": "torch CPU threads."})
     category_weights: dict[str, float] = field(
-        default_factory=lambda: {"single": 0.15, "counting": 0.25, "two_objects": 0.1, "colour_binding": 0.2, "position": 0.3},
+        default_factory=lambda: {
+            "single": 0.15,
+            "counting": 0.25,
+            "two_objects": 0.1,
+            "colour_binding": 0.2,
+            "position": 0.3,
+        },
         metadata={"help": "Mix of prompt categories in the training stream."},
     )
     # architecture (open_clip model config)
@@ -99,7 +105,8 @@ class ProvingGroundClipConfig:
     image_size: int = field(default=64, metadata={"help": "Image side (the world renders 64x64)."})
     patch_size: int = field(default=8, metadata={"help": "ViT patch side (64/8 -> 8x8 patches + class token)."})
     vision_type: str = field(
-        default="resnet", metadata={"help": "'vit' (open_clip VisionTransformer) or 'resnet' (open_clip ModifiedResNet)."}
+        default="resnet",
+        metadata={"help": "'vit' (open_clip VisionTransformer) or 'resnet' (open_clip ModifiedResNet)."},
     )
     resnet_blocks: tuple[int, ...] = field(default=(1, 1, 1, 1), metadata={"help": "ModifiedResNet blocks per stage."})
     resnet_width: int = field(default=16, metadata={"help": "ModifiedResNet stem width (final features: 32x this)."})
@@ -107,7 +114,9 @@ class ProvingGroundClipConfig:
     vision_layers: int = field(default=4, metadata={"help": "ViT transformer blocks."})
     vision_head_width: int = field(
         default=32,
-        metadata={"help": "Image-tower attention head width: ViT blocks, or the ResNet's attention pool (32 x resnet_width wide)."},
+        metadata={
+            "help": "Image-tower attention head width: ViT blocks, or the ResNet's attention pool (32 x resnet_width wide)."
+        },
     )
     text_width: int = field(
         default=64,
@@ -157,7 +166,8 @@ class ProvingGroundClipConfig:
         default=250, metadata={"help": "Steps between validation probes (one-attribute ranking accuracy); 0 = never."}
     )
     probe_scenes: int = field(
-        default=150, metadata={"help": "Validation scenes: TrainingScenes(seed + 1), i.e. training specs, unseen images."}
+        default=150,
+        metadata={"help": "Validation scenes: TrainingScenes(seed + 1), i.e. training specs, unseen images."},
     )
     save_dtype: str = field(default="fp16", metadata={"help": "Saved weight dtype: fp16 or fp32."})
 
@@ -318,8 +328,12 @@ def make_batch(stream, start: int, cfg: ProvingGroundClipConfig, rng: np.random.
     text_keys: list[str] = []
     rows: list[list[int]] = []
     for ex in examples:
-        prefix = CAPTION_PREFIXES[int(rng.integers(len(CAPTION_PREFIXES)))] if rng.random() < cfg.prefix_probability else ""
-        negatives = sample_negatives(ex.spec, rng, cfg.negatives_per_image, cfg.negative_kinds, cfg.relation_opposite_first)
+        prefix = (
+            CAPTION_PREFIXES[int(rng.integers(len(CAPTION_PREFIXES)))] if rng.random() < cfg.prefix_probability else ""
+        )
+        negatives = sample_negatives(
+            ex.spec, rng, cfg.negatives_per_image, cfg.negative_kinds, cfg.relation_opposite_first
+        )
         specs = [ex.spec] + negatives
         row = []
         for spec in specs:

@@ -53,7 +53,13 @@ class ProvingGroundModelConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the data stream and of every initialisation."})
     num_scenes: int = field(default=30_000, metadata={"help": "Training scenes rendered once and reused."})
     category_weights: dict[str, float] = field(
-        default_factory=lambda: {"single": 0.35, "counting": 0.2, "two_objects": 0.1, "colour_binding": 0.15, "position": 0.2},
+        default_factory=lambda: {
+            "single": 0.35,
+            "counting": 0.2,
+            "two_objects": 0.1,
+            "colour_binding": 0.15,
+            "position": 0.2,
+        },
         metadata={"help": "Mix of prompt categories in the training stream."},
     )
     threads: int = field(default=2, metadata={"help": "torch CPU threads."})
@@ -66,8 +72,10 @@ class ProvingGroundModelConfig:
     vae_whole_batch: int = field(default=8, metadata={"help": "VAE batch size on whole images."})
     vae_whole_lr: float = field(default=3e-4, metadata={"help": "VAE learning rate on whole images (constant)."})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE peak learning rate (cosine decay)."})
-    vae_eval_images: int = field(default=200, metadata={
-        "help": "Held-out single-object scenes reconstructed and verified after VAE training (logged)."})
+    vae_eval_images: int = field(
+        default=200,
+        metadata={"help": "Held-out single-object scenes reconstructed and verified after VAE training (logged)."},
+    )
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the KL term."})
     # text encoder
     text_width: int = field(default=64, metadata={"help": "Text encoder width (= cross-attention dim)."})
@@ -130,7 +138,9 @@ def train_vae(cfg: ProvingGroundModelConfig, pixels: torch.Tensor, log: dict) ->
     losses = []
     total = cfg.vae_steps + cfg.vae_whole_steps
     for step in tqdm(range(total), desc="vae", mininterval=10):
-        idx = torch.randint(0, len(pixels), (cfg.vae_batch if step < cfg.vae_steps else cfg.vae_whole_batch,), generator=g)
+        idx = torch.randint(
+            0, len(pixels), (cfg.vae_batch if step < cfg.vae_steps else cfg.vae_whole_batch,), generator=g
+        )
         if step < cfg.vae_steps:
             lr = cfg.vae_lr * _schedule(step, cfg.vae_steps, 100)
             top, left = torch.randint(0, pixels.shape[-1] - cfg.vae_crop + 1, (2,), generator=g).tolist()
@@ -245,7 +255,9 @@ def train_denoiser(cfg, latent_mean, latent_std, scaling, captions, tokenizer, l
     scheduler = build_scheduler()
     acp = scheduler.alphas_cumprod
     unique = sorted(set(captions)) + [""]
-    ids = tokenizer(unique, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        unique, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     caption_index = torch.tensor([unique.index(c) for c in captions])
     empty_index = len(unique) - 1
     params = list(unet.parameters()) + list(text.parameters())
@@ -288,7 +300,6 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
@@ -318,12 +329,19 @@ def train(cfg: ProvingGroundModelConfig) -> Path:
     # UNet and VAE in fp16. The text encoder (0.3 MB) stays fp32: transformers loads weights in their saved
     # dtype while diffusers upcasts its models, and a fp16 text encoder would make the pipeline's latents fp16.
     pipe = StableDiffusionPipeline(
-        vae=vae.half(), text_encoder=text, tokenizer=tokenizer, unet=unet.half(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae.half(),
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet.half(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     log["parameters"] = {
-        name: sum(p.numel() for p in m.parameters()) for name, m in (("vae", vae), ("text_encoder", text), ("unet", unet))
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (("vae", vae), ("text_encoder", text), ("unet", unet))
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=2))
     return out

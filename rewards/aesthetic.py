@@ -95,7 +95,7 @@ def load_head_state_dict(path: str, weights_only: bool = True) -> dict[str, Tens
     if not isinstance(state, dict):
         raise ValueError(f"aesthetic.head_checkpoint: {path} does not hold a state dict")
     # Lightning checkpoints prefix the module name; the public file has none.
-    return {k[len("model."):] if k.startswith("model.layers.") else k: v for k, v in state.items()}
+    return {k[len("model.") :] if k.startswith("model.layers.") else k: v for k, v in state.items()}
 
 
 class AestheticReward(Reward):

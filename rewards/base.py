@@ -142,7 +142,11 @@ class Reward(nn.Module):
         return self.score(images, prompts)
 
     def loss(
-        self, images: Tensor, prompts: str | Sequence[str] | None = None, weight: float = 1.0, offset: float | None = None
+        self,
+        images: Tensor,
+        prompts: str | Sequence[str] | None = None,
+        weight: float = 1.0,
+        offset: float | None = None,
     ) -> Tensor:
         """Per-image ReNO loss ``weight * (offset - score)``, ``Tensor[B]``."""
         off = self.default_offset if offset is None else offset

@@ -36,7 +36,9 @@ class OpenClipSimilarityReward(EmbeddingSimilarityReward):
     differentiable = True
     architecture: str | None = None
 
-    def __init__(self, config: OpenClipSourceConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, config: OpenClipSourceConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
         super().__init__(config)
         self.config = config
         self._loaded = load_open_clip(config, self.name, self.architecture, device, dtype)

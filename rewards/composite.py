@@ -186,7 +186,7 @@ class CompositeReward(Reward):
         total score is then ``factor · cos(f_img, f_txt)`` with ``factor = weight · similarity_scale``; else None."""
         if len(self.rewards) != 1:
             return None
-        (name, reward), = self.rewards.items()
+        ((name, reward),) = self.rewards.items()
         if not isinstance(reward, EmbeddingSimilarityReward):
             return None
         return reward, self.weights[name] * reward.similarity_scale
@@ -198,4 +198,3 @@ class CompositeReward(Reward):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: w={self.weights[n]:g}, offset={self.offsets[n]:g}" for n in self.rewards)
-

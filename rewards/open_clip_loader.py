@@ -77,7 +77,11 @@ class LoadedOpenClip:
 
     @property
     def device(self) -> torch.device:
-        return self.model.visual.conv1.weight.device if hasattr(self.model.visual, "conv1") else next(self.model.parameters()).device
+        return (
+            self.model.visual.conv1.weight.device
+            if hasattr(self.model.visual, "conv1")
+            else next(self.model.parameters()).device
+        )
 
 
 def precision_for(dtype: torch.dtype) -> str:
@@ -151,7 +155,9 @@ def load_open_clip(
     if arch is None:
         arch = default_model
     if arch is None:
-        raise ValueError(f"{reward}.model: required (an open_clip architecture, 'local-dir:/folder'), or set model_config_path")
+        raise ValueError(
+            f"{reward}.model: required (an open_clip architecture, 'local-dir:/folder'), or set model_config_path"
+        )
 
     kwargs: dict[str, Any] = dict(precision=precision, device=device, weights_only=cfg.weights_only)
     if arch.startswith("local-dir:"):
@@ -159,13 +165,17 @@ def load_open_clip(
         if not (folder / "open_clip_config.json").is_file():
             raise ValueError(f"{reward}.model: {arch!r} needs a folder with open_clip_config.json")
         if cfg.checkpoint is not None:
-            raise ValueError(f"{reward}.checkpoint: must be unset with a 'local-dir:' model (weights come from the folder)")
+            raise ValueError(
+                f"{reward}.checkpoint: must be unset with a 'local-dir:' model (weights come from the folder)"
+            )
         if not _find_local_dir_weights(folder):
             raise ValueError(f"{reward}.model: no weights ({', '.join(_WEIGHT_SUFFIXES)}) in {folder}")
         model = open_clip.create_model(arch, require_pretrained=True, **kwargs)
     elif arch.startswith("hf-hub:"):
         if not cfg.allow_download:
-            raise ValueError(f"{reward}.model: {arch!r} downloads from the hub; set allow_download=True or use a local path")
+            raise ValueError(
+                f"{reward}.model: {arch!r} downloads from the hub; set allow_download=True or use a local path"
+            )
         model = open_clip.create_model(arch, require_pretrained=True, **kwargs)
     else:
         if open_clip.get_model_config(arch) is None:
@@ -180,7 +190,9 @@ def load_open_clip(
             tags = open_clip.list_pretrained_tags_by_model(arch)
             if not (cfg.allow_download and ckpt in tags):
                 extra = f"; with allow_download=True one of the tags {tags}" if tags else ""
-                raise ValueError(f"{reward}.checkpoint: file not found: {ckpt!r} (expected a local weights file{extra})")
+                raise ValueError(
+                    f"{reward}.checkpoint: file not found: {ckpt!r} (expected a local weights file{extra})"
+                )
         model = open_clip.create_model(arch, pretrained=ckpt, require_pretrained=True, **kwargs)
 
     freeze(model)

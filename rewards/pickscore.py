@@ -82,9 +82,13 @@ class PickScoreReward(EmbeddingSimilarityReward):
         local_only = not config.allow_download
         if not os.path.isdir(model_path):
             if local_only:
-                raise ValueError(f"pickscore.model_path: folder not found: {model_path!r} (hub ids need allow_download=True)")
+                raise ValueError(
+                    f"pickscore.model_path: folder not found: {model_path!r} (hub ids need allow_download=True)"
+                )
         elif not os.path.isfile(os.path.join(model_path, "config.json")):
-            raise ValueError(f"pickscore.model_path: {model_path!r} has no config.json (expected save_pretrained layout)")
+            raise ValueError(
+                f"pickscore.model_path: {model_path!r} has no config.json (expected save_pretrained layout)"
+            )
         processor_path = config.processor_path or model_path
         if local_only:
             if not os.path.isdir(processor_path):
@@ -99,7 +103,9 @@ class PickScoreReward(EmbeddingSimilarityReward):
                     f"{processor_path!r}; PickScore_v1 ships none: use the CLIP-ViT-H-14-laion2B-s32B-b79K processor"
                 )
 
-        model = CLIPModel.from_pretrained(model_path, local_files_only=local_only, **_from_pretrained_dtype_kwarg(dtype))
+        model = CLIPModel.from_pretrained(
+            model_path, local_files_only=local_only, **_from_pretrained_dtype_kwarg(dtype)
+        )
         self.model = freeze(model.to(device))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(processor_path, local_files_only=local_only)

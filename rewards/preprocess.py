@@ -99,16 +99,12 @@ class ClipPreprocessConfig:
         },
     )
     interpolation: Interpolation = field(default="bicubic", metadata={"help": "'bicubic' or 'bilinear'."})
-    antialias: bool = field(
-        default=True, metadata={"help": "Low-pass when downscaling, as PIL and torchvision do."}
-    )
+    antialias: bool = field(default=True, metadata={"help": "Low-pass when downscaling, as PIL and torchvision do."})
     crop_rounding: CropRounding = field(
         default="round",
         metadata={"help": "'round' = open_clip/torchvision CenterCrop, 'floor' = transformers center_crop."},
     )
-    fill: float = field(
-        default=0.0, metadata={"help": "Pad value in [0, 1] pixel units (before normalisation)."}
-    )
+    fill: float = field(default=0.0, metadata={"help": "Pad value in [0, 1] pixel units (before normalisation)."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", _pair(self.size, "size"))
@@ -170,9 +166,7 @@ class ClipPreprocessConfig:
         )
 
     @classmethod
-    def from_hf_image_processor(
-        cls, config: Mapping[str, Any] | str | os.PathLike[str]
-    ) -> ClipPreprocessConfig:
+    def from_hf_image_processor(cls, config: Mapping[str, Any] | str | os.PathLike[str]) -> ClipPreprocessConfig:
         """Read a transformers ``CLIPImageProcessor`` configuration.
 
         ``config`` is the processor's ``to_dict()``, a ``preprocessor_config.json`` path, or the folder

@@ -242,7 +242,9 @@ def build_reward(
         if configs:
             raise ValueError("configs: only used with spec strings or term lists")
         if "name" not in spec_or_config:
-            raise ValueError(f"reward config mapping needs a 'name' (one of {', '.join(available_rewards())}) or 'terms'")
+            raise ValueError(
+                f"reward config mapping needs a 'name' (one of {', '.join(available_rewards())}) or 'terms'"
+            )
         return _build_single(make_reward_config(str(spec_or_config["name"]), spec_or_config), device, dtype)
     if isinstance(spec_or_config, Sequence):
         return build_composite(spec_or_config, device, dtype, configs=configs)

@@ -68,14 +68,16 @@ def plan_run(engine: Engine, request: ABRequest, folder: Path) -> ABPlan:
         data["steps"] = min(data["steps"], engine.limits.max_steps)
     prompts = data["prompts"]
     if isinstance(prompts, str) and not prompts.strip().startswith("pg:"):
-        raise InvalidInput("prompts", "send pg:all, pg:CATEGORY[,...] or a list of prompts; the server reads no files "
-                           "for a request")
+        raise InvalidInput(
+            "prompts", "send pg:all, pg:CATEGORY[,...] or a list of prompts; the server reads no files for a request"
+        )
     data["model"] = engine.resolve_model(data["model"])
     check_image_count(engine, len(data["arms"]), data["seeds"], "seeds")  # before reading prompts: at least one
     config = ABConfig.parse({**data, "output_dir": str(folder)})
     try:
-        plan = prepare_ab(config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)),
-                          rewards=engine.rewards)
+        plan = prepare_ab(
+            config, model_loader=lambda spec: engine.get_model(engine.resolve_model(spec)), rewards=engine.rewards
+        )
         check_limits(engine, plan)
     except InvalidInput as e:  # a generation's field names, as an A/B request names them
         raise InvalidInput(LIMIT_FIELDS.get(e.field, e.field), e.reason) from None
@@ -87,8 +89,11 @@ def plan_run(engine: Engine, request: ABRequest, folder: Path) -> ABPlan:
 def check_image_count(engine: Engine, arms: int, per_arm: int, what: str) -> None:
     cap = engine.settings.ab_max_images
     if arms * per_arm > cap:
-        raise InvalidInput("seeds", f"{arms} arms x {per_arm} {what} = {arms * per_arm} images is more than this "
-                           f"server's {cap} per run (ab_max_images)")
+        raise InvalidInput(
+            "seeds",
+            f"{arms} arms x {per_arm} {what} = {arms * per_arm} images is more than this "
+            f"server's {cap} per run (ab_max_images)",
+        )
 
 
 def check_limits(engine: Engine, plan: ABPlan) -> None:
@@ -97,8 +102,9 @@ def check_limits(engine: Engine, plan: ABPlan) -> None:
     check_image_count(engine, len(plan.arms), len(items), "(prompt, seed) items")
     longest = max((item.prompt for item in items), key=len)
     for arm in plan.arms:
-        batch = GenerationParams(prompt=longest, steps=config.steps, num_images=config.batch_size,
-                                 width=arm.width, height=arm.height)
+        batch = GenerationParams(
+            prompt=longest, steps=config.steps, num_images=config.batch_size, width=arm.width, height=arm.height
+        )
         batch.check_limits(engine.limits)
 
 
@@ -127,8 +133,11 @@ def public_results(results: dict[str, Any], job_id: str) -> dict[str, Any]:
     """results.json as a client sees it: the job's URLs instead of the server's folder."""
     base = f"/ab/{job_id}/"
     config = {**results["config"], "output_dir": base}
-    files = {"report": base + "report.html" if config.get("report") else None, "results": base + "results.json",
-             "base": base}
+    files = {
+        "report": base + "report.html" if config.get("report") else None,
+        "results": base + "results.json",
+        "base": base,
+    }
     return {**results, "config": config, "files": files}
 
 
@@ -150,15 +159,22 @@ def run_job(engine: Engine, plan: ABPlan, job_id: str, ticket: Ticket) -> ABOutc
             last_step_event = now
         ticket.emit("progress", dataclasses.asdict(event))
 
-    def generate_batch(model: DiffusionModel, params: GenerationParams | dict[str, Any], *,
-                       callback: StepCallback | None = None, limits: Limits | None = None) -> GenerationResult:
+    def generate_batch(
+        model: DiffusionModel,
+        params: GenerationParams | dict[str, Any],
+        *,
+        callback: StepCallback | None = None,
+        limits: Limits | None = None,
+    ) -> GenerationResult:
         # the server's limits apply (Engine.check; plan_run checked the run against them up front), not the runner's
-        return engine.sample(model, engine.check(model, params), callback=callback,
-                             stopped=lambda: ticket.stop_reason is not None)
+        return engine.sample(
+            model, engine.check(model, params), callback=callback, stopped=lambda: ticket.stop_reason is not None
+        )
 
     try:
-        results = run_ab(plan, progress=progress, cancel=lambda: ticket.stop_reason is not None,
-                         generate_fn=generate_batch)
+        results = run_ab(
+            plan, progress=progress, cancel=lambda: ticket.stop_reason is not None, generate_fn=generate_batch
+        )
     finally:
         if not (plan.output_dir / OWNER_FILE).exists():  # deleted while the run wrote its last files
             shutil.rmtree(plan.output_dir, ignore_errors=True)

@@ -41,9 +41,14 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         task = asyncio.create_task(_housekeeping(engine, job_store))
-        log.info("diffsteer service started: model=%s batching=%s concurrency=%d queue=%d auth=%s",
-                 engine.default_model, settings.batching, settings.concurrency, settings.queue_size,
-                 "on" if settings.api_keys else "off")
+        log.info(
+            "diffsteer service started: model=%s batching=%s concurrency=%d queue=%d auth=%s",
+            engine.default_model,
+            settings.batching,
+            settings.concurrency,
+            settings.queue_size,
+            "on" if settings.api_keys else "off",
+        )
         try:
             yield
         finally:
@@ -61,10 +66,23 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
     app.state.jobs = job_store
     app.state.settings = settings
     install_error_handlers(app)
-    install_openapi(app, settings, engine.loras.names, lambda: engine.allowed_models,
-                    lambda: engine.model_defaults(engine.default_model).max_size)
-    routers = (generate.router, jobs.router, ab.router, info.listings, info.operations, openai_images.router,
-               a1111.router, playground.router)
+    install_openapi(
+        app,
+        settings,
+        engine.loras.names,
+        lambda: engine.allowed_models,
+        lambda: engine.model_defaults(engine.default_model).max_size,
+    )
+    routers = (
+        generate.router,
+        jobs.router,
+        ab.router,
+        info.listings,
+        info.operations,
+        openai_images.router,
+        a1111.router,
+        playground.router,
+    )
     for router in routers:
         app.include_router(router)
     app.mount(playground.ASSETS_PATH, playground.assets(), name="playground")

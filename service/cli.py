@@ -68,8 +68,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         limits,
     ).with_model_defaults(defaults, set(named), limits)  # what generate() fills too; here before the model loads
     paths = output_paths(args.output, params.num_images)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, config=args.model_config,
-                       fast_paths=args.fast_paths)
+    model = load_model(
+        args.model, device=args.device, dtype=args.dtype, config=args.model_config, fast_paths=args.fast_paths
+    )
     with tqdm(total=params.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
 
         def progress(event) -> None:
@@ -120,8 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run(settings)
         return 0
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=30
+    )
     return 0
 
 
@@ -134,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--policy", default=None, help="guidance policy spec, e.g. 'apg:scale=10,eta=0' (see `diffsteer "
-                     "policies`); default: the model's recommended policy (its diffsteer.json), else cfg")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's recommended, "
-                     "else 30)")
+    gen.add_argument(
+        "--policy",
+        default=None,
+        help="guidance policy spec, e.g. 'apg:scale=10,eta=0' (see `diffsteer "
+        "policies`); default: the model's recommended policy (its diffsteer.json), else cfg",
+    )
+    gen.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the model's recommended, else 30)"
+    )
     gen.add_argument("--scheduler", default="default", help=f"one of: {', '.join(scheduler_names())}")
     gen.add_argument("--seed", type=int, default=None, help="seed of the first image (random when absent)")
     gen.add_argument("--num-images", type=int, default=1)
@@ -147,11 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
-    gen.add_argument("--fast-paths", default=None,
-                     help="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (see BENCHMARKS.md, "
-                          "section GPU suite and fast paths)")
-    gen.add_argument("--max-size", type=int, default=None,
-                     help="largest accepted width/height (default: the model's max_size, else 2048)")
+    gen.add_argument(
+        "--fast-paths",
+        default=None,
+        help="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (see BENCHMARKS.md, "
+        "section GPU suite and fast paths)",
+    )
+    gen.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="largest accepted width/height (default: the model's max_size, else 2048)",
+    )
     gen.add_argument("-o", "--output", default="diffsteer.png", help="output PNG (several images: NAME-k.png)")
     gen.add_argument("--trace", action="store_true", help="print the policy's trace as JSON")
     gen.add_argument("-q", "--quiet", action="store_true")
@@ -163,11 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the HTTP service (FastAPI under uvicorn)")
     srv.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     srv.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
-    srv.add_argument("--model", default=None, help="default model: diffusers folder, .safetensors file, hub id, or builtin:NAME")
+    srv.add_argument(
+        "--model", default=None, help="default model: diffusers folder, .safetensors file, hub id, or builtin:NAME"
+    )
     srv.add_argument("--lora-dir", default=None, help="folder of LoRA adapters a request may name (setting lora_dir)")
     srv.add_argument("--config", default=None, help="YAML or JSON settings file (environment DIFFSTEER_* overrides it)")
-    srv.add_argument("--ray", action="store_true",
-                     help="serve replicas of the app on Ray Serve (settings' `ray` section: replicas, GPUs, autoscaling)")
+    srv.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve replicas of the app on Ray Serve (settings' `ray` section: replicas, GPUs, autoscaling)",
+    )
     srv.set_defaults(func=cmd_serve)
 
     from diffsteer.evaluation.cli import add_ab_parser  # `diffsteer ab`: A/B evaluation (evaluation/ab.py)

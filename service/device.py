@@ -127,8 +127,16 @@ BatchObserver = Callable[[int, int, float], None]  # (rows, requests, seconds)
 
 
 class DeviceWorker:
-    def __init__(self, *, batching: bool = True, max_rows: int = 16, window_s: float = 0.005,
-                 on_batch: BatchObserver | None = None, name: str = "diffsteer-device", anticipate_s: float = 0.01):
+    def __init__(
+        self,
+        *,
+        batching: bool = True,
+        max_rows: int = 16,
+        window_s: float = 0.005,
+        on_batch: BatchObserver | None = None,
+        name: str = "diffsteer-device",
+        anticipate_s: float = 0.01,
+    ):
         self.batching = batching
         self.max_rows = max_rows
         self.window_s = window_s
@@ -148,8 +156,14 @@ class DeviceWorker:
         self._thread.start()
 
     # -- request side ------------------------------------------------------------------------------------
-    def flow(self, weight: float = 1.0, *, stopped: Callable[[], bool] | None = None,
-             on_cost: Callable[[float], None] | None = None, name: str = "") -> Flow:
+    def flow(
+        self,
+        weight: float = 1.0,
+        *,
+        stopped: Callable[[], bool] | None = None,
+        on_cost: Callable[[float], None] | None = None,
+        name: str = "",
+    ) -> Flow:
         """A new flow (one per request); :meth:`close_flow` it when the request ends."""
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight}")
@@ -179,13 +193,33 @@ class DeviceWorker:
                     del self._sessions[key]
                 self._cv.notify_all()  # a gathering batch may now be complete
 
-    def submit_unet(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition,
-                    control: AdapterControl, adapters: AdapterSet, flow: Flow | None, cost: float
-                    ) -> concurrent.futures.Future:
+    def submit_unet(
+        self,
+        unet: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition,
+        control: AdapterControl,
+        adapters: AdapterSet,
+        flow: Flow | None,
+        cost: float,
+    ) -> concurrent.futures.Future:
         work = _Work(
-            "unet", control, adapters, flow, cost, unet=unet, x=x, t=t, condition=condition,
+            "unet",
+            control,
+            adapters,
+            flow,
+            cost,
+            unet=unet,
+            x=x,
+            t=t,
+            condition=condition,
             group=(
-                id(unet), adapters, tuple(x.shape[1:]), x.dtype, x.device,
+                id(unet),
+                adapters,
+                tuple(x.shape[1:]),
+                x.dtype,
+                x.device,
                 tuple(condition.hidden_states.shape[1:]),
                 tuple(sorted((k, tuple(v.shape[1:])) for k, v in condition.added.items())),
             ),
@@ -193,8 +227,14 @@ class DeviceWorker:
         )
         return self._submit(work)
 
-    def run_task(self, fn: Callable[[], Any], control: AdapterControl = NO_ADAPTERS,
-                 adapters: AdapterSet | None = None, flow: Flow | None = None, cost: float = 0.0) -> Any:
+    def run_task(
+        self,
+        fn: Callable[[], Any],
+        control: AdapterControl = NO_ADAPTERS,
+        adapters: AdapterSet | None = None,
+        flow: Flow | None = None,
+        cost: float = 0.0,
+    ) -> Any:
         """Run ``fn()`` on the worker thread, alone, with ``adapters`` active (None: whichever are), in ``flow``."""
         return self._submit(_Work("task", control, adapters, flow, cost, fn=fn)).result()
 
@@ -394,8 +434,15 @@ class DeviceExecutor:
 
     differentiable_unet = True
 
-    def __init__(self, worker: DeviceWorker, flow: Flow | None, *, control: AdapterControl = NO_ADAPTERS,
-                 adapters: AdapterSet = (), native_area: int | None = None):
+    def __init__(
+        self,
+        worker: DeviceWorker,
+        flow: Flow | None,
+        *,
+        control: AdapterControl = NO_ADAPTERS,
+        adapters: AdapterSet = (),
+        native_area: int | None = None,
+    ):
         self.worker = worker
         self.flow = flow
         self.control = control

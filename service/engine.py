@@ -145,8 +145,12 @@ class Engine:
         self.settings = settings
         self.limits = settings.limits
         self.metrics = Metrics()
-        self.models = models or ModelCache(device=settings.device, dtype=settings.dtype, config=settings.model_config_dir,
-                                         fast_paths=settings.fast_paths)
+        self.models = models or ModelCache(
+            device=settings.device,
+            dtype=settings.dtype,
+            config=settings.model_config_dir,
+            fast_paths=settings.fast_paths,
+        )
         self.loras = LoraLibrary(settings.lora_dir)
         self.rewards = RewardModels(settings.rewards) if settings.rewards else DEFAULT_REWARDS
         self.previewer = LatentPreviewer()
@@ -157,7 +161,9 @@ class Engine:
         self._defaults: dict[str, ModelDefaults] = {}
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
-        self.ab_queue: WorkQueue | None = None  # A/B runs (diffsteer.service.ab), apart so they never take a generation slot
+        self.ab_queue: WorkQueue | None = (
+            None  # A/B runs (diffsteer.service.ab), apart so they never take a generation slot
+        )
         self.load_error: str | None = None
         self._preloaded = threading.Event()
         self.closing = False
@@ -167,8 +173,13 @@ class Engine:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        self.device = DeviceWorker(batching=s.batching, max_rows=s.max_batch_rows, window_s=s.batch_window_ms / 1000,
-                                   on_batch=self.metrics.observe_batch, anticipate_s=s.anticipate_ms / 1000)
+        self.device = DeviceWorker(
+            batching=s.batching,
+            max_rows=s.max_batch_rows,
+            window_s=s.batch_window_ms / 1000,
+            on_batch=self.metrics.observe_batch,
+            anticipate_s=s.anticipate_ms / 1000,
+        )
         self.queue = WorkQueue(s.concurrency, s.queue_size, throughput=self.device.throughput)
         if s.ab_dir is not None:
             s.ab_dir.expanduser().mkdir(parents=True, exist_ok=True)  # an unusable ab_dir fails the start, not a run
@@ -286,8 +297,9 @@ class Engine:
         except QueueFull as e:
             if queue is self.queue:
                 self.metrics.generations.labels("rejected").inc()
-            raise ServiceError(429, f"too many requests: {e}", headers={"Retry-After": str(e.retry_after)},
-                               code="queue_full") from None
+            raise ServiceError(
+                429, f"too many requests: {e}", headers={"Retry-After": str(e.retry_after)}, code="queue_full"
+            ) from None
         except ShuttingDown as e:
             raise ServiceError(503, str(e), code="shutting_down") from None
 
@@ -339,8 +351,14 @@ class Engine:
             checked = self.check(model, plan.params)
             ticket.cost = checked.cost.total
         ticket.emit("prepared", (model, None))
-        result = self.sample(model, checked, adapters=plan.adapters, callback=on_step,
-                             stopped=lambda: ticket.stop_reason is not None, on_cost=ticket.add_cost_done)
+        result = self.sample(
+            model,
+            checked,
+            adapters=plan.adapters,
+            callback=on_step,
+            stopped=lambda: ticket.stop_reason is not None,
+            on_cost=ticket.add_cost_done,
+        )
         metadata = []
         for k in range(len(result.images)):
             meta = result.metadata(k)
@@ -378,8 +396,9 @@ class Engine:
         assert self.device is not None
         flow = self.device.flow(self.lane_weight(checked.cost.total), stopped=stopped, on_cost=on_cost)
         size = int(model.unet.config.sample_size)
-        executor = DeviceExecutor(self.device, flow, control=self.control_for(model), adapters=adapters,
-                                  native_area=size * size)
+        executor = DeviceExecutor(
+            self.device, flow, control=self.control_for(model), adapters=adapters, native_area=size * size
+        )
         try:
             result = generate(model, checked, callback=callback, executor=executor, rewards=self.rewards)
         finally:
@@ -400,10 +419,16 @@ class Engine:
             model = self.loaded_model(spec)
             row: dict[str, Any] = {"name": spec, "default": spec == self.default_model, "loaded": model is not None}
             if model is not None:
-                row.update(family=model.family, native_size=model.native_size, prediction_type=model.prediction_type,
-                           scheduler=model.scheduler_config.get("_class_name"))
+                row.update(
+                    family=model.family,
+                    native_size=model.native_size,
+                    prediction_type=model.prediction_type,
+                    scheduler=model.scheduler_config.get("_class_name"),
+                )
             defaults = self.model_defaults(spec)
-            row["defaults"] = {**defaults.model_dump(), "native_size": model.native_size if model is not None
-                               else defaults.native_size}
+            row["defaults"] = {
+                **defaults.model_dump(),
+                "native_size": model.native_size if model is not None else defaults.native_size,
+            }
             rows.append(row)
         return rows

@@ -26,8 +26,14 @@ log = logging.getLogger("service")
 class ServiceError(Exception):
     """An error with an HTTP status, an optional field and extra response headers."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -74,8 +80,14 @@ def is_openai_route(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
 
 
-def error_response(request: Request, status: int, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"field": field, "message": message}
     if is_openai_route(request):
         kind = "invalid_request_error" if status < 500 else "server_error"

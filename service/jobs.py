@@ -42,8 +42,11 @@ def describe_error(error: BaseException) -> tuple[str, dict[str, Any]]:
         return "failed", {"field": error.field, "message": error.reason, "code": "invalid_input"}
     if isinstance(error, ModelUnavailable):
         return "failed", {"field": "model", "message": str(error), "code": "model_unavailable"}
-    return "failed", {"field": None, "message": f"internal error ({type(error).__name__}); see the server log",
-                      "code": "internal"}
+    return "failed", {
+        "field": None,
+        "message": f"internal error ({type(error).__name__}); see the server log",
+        "code": "internal",
+    }
 
 
 class JobOutcome(Protocol):
@@ -115,8 +118,16 @@ class Job:
             phase = getattr(event, "phase", "denoise")
             self.progress = {"step": event.step, "total": event.total, "nfe": event.nfe, "phase": phase}
             self.latest_latents = (event.step, event.latents) if event.latents is not None else None
-            self._add("step", {"step": event.step, "total": event.total, "nfe": event.nfe,
-                               "elapsed_s": round(event.elapsed, 4), "phase": phase})
+            self._add(
+                "step",
+                {
+                    "step": event.step,
+                    "total": event.total,
+                    "nfe": event.nfe,
+                    "elapsed_s": round(event.elapsed, 4),
+                    "phase": phase,
+                },
+            )
         elif kind == "progress":  # an A/B run's progress, already JSON-ready
             self.progress = data
             self._add("progress", data)
@@ -198,8 +209,14 @@ class JobStore:
     def new_id(self) -> str:
         return self.id_prefix + secrets.token_urlsafe(16)
 
-    def create(self, *, kind: str = "generation", owner: str | None = None, job_id: str | None = None,
-               progress: dict[str, Any] | None = None) -> Job:
+    def create(
+        self,
+        *,
+        kind: str = "generation",
+        owner: str | None = None,
+        job_id: str | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> Job:
         """A stored job, ``queued``, that follows the ticket :meth:`Job.attach` is given (pass it to
         ``Engine.submit``, which attaches it before the ticket can run; remove the job if the engine refuses
         it); ``progress``: the initial progress body."""
@@ -229,11 +246,13 @@ class JobStore:
         """Drop finished jobs older than the TTL, and the oldest beyond ``max_finished``; returns how many."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            finished = sorted((j for j in self._jobs.values() if j.finished_mono is not None), key=lambda j: j.finished_mono)
+            finished = sorted(
+                (j for j in self._jobs.values() if j.finished_mono is not None), key=lambda j: j.finished_mono
+            )
             drop = [j for j in finished if now - j.finished_mono > self.ttl_s]
             keep = [j for j in finished if j not in drop]
             drop += keep[: max(0, len(keep) - self.max_finished)]
-            keep = keep[max(0, len(keep) - self.max_finished):]
+            keep = keep[max(0, len(keep) - self.max_finished) :]
             if self.max_bytes is not None:
                 total = sum(j.size_bytes for j in keep)
                 for job in keep:  # oldest first

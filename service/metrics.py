@@ -28,9 +28,15 @@ class _GpuMemory:
 
         if not torch.cuda.is_available():
             return
-        allocated = GaugeMetricFamily("diffsteer_gpu_memory_allocated_bytes", "Memory held by tensors", labels=["device"])
-        reserved = GaugeMetricFamily("diffsteer_gpu_memory_reserved_bytes", "Memory reserved by the caching allocator", labels=["device"])
-        peak = GaugeMetricFamily("diffsteer_gpu_memory_peak_allocated_bytes", "Peak memory held by tensors", labels=["device"])
+        allocated = GaugeMetricFamily(
+            "diffsteer_gpu_memory_allocated_bytes", "Memory held by tensors", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "diffsteer_gpu_memory_reserved_bytes", "Memory reserved by the caching allocator", labels=["device"]
+        )
+        peak = GaugeMetricFamily(
+            "diffsteer_gpu_memory_peak_allocated_bytes", "Peak memory held by tensors", labels=["device"]
+        )
         for i in range(torch.cuda.device_count()):
             allocated.add_metric([str(i)], torch.cuda.memory_allocated(i))
             reserved.add_metric([str(i)], torch.cuda.memory_reserved(i))
@@ -47,24 +53,48 @@ class Metrics:
         disable_created_metrics()  # the *_created series only add noise here
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("diffsteer_http_requests", "HTTP requests by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("diffsteer_http_request_duration_seconds", "HTTP request latency (to the last body byte)",
-                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.generation_seconds = Histogram("diffsteer_generation_duration_seconds",
-                                            "Time from a generation's start on a worker to its images", ["model"],
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram("diffsteer_queue_wait_seconds", "Time a request waited for a worker",
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.generations = Counter("diffsteer_generations", "Generations by outcome",
-                                   ["outcome"], registry=r)  # succeeded failed cancelled timeout rejected
+        self.requests = Counter(
+            "diffsteer_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "diffsteer_http_request_duration_seconds",
+            "HTTP request latency (to the last body byte)",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_seconds = Histogram(
+            "diffsteer_generation_duration_seconds",
+            "Time from a generation's start on a worker to its images",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "diffsteer_queue_wait_seconds", "Time a request waited for a worker", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.generations = Counter(
+            "diffsteer_generations", "Generations by outcome", ["outcome"], registry=r
+        )  # succeeded failed cancelled timeout rejected
         self.images = Counter("diffsteer_images_generated", "Images generated", ["model"], registry=r)
-        self.nfe = Counter("diffsteer_nfe", "UNet evaluations (per image) of finished generations", ["model"], registry=r)
-        self.batch_rows = Histogram("diffsteer_unet_batch_rows", "Latent rows per UNet call", buckets=ROW_BUCKETS, registry=r)
-        self.batch_requests = Histogram("diffsteer_unet_batch_requests", "Requests sharing one UNet call",
-                                        buckets=ROW_BUCKETS, registry=r)
-        self.unet_seconds = Histogram("diffsteer_unet_call_duration_seconds", "Duration of one (batched) UNet call",
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.nfe = Counter(
+            "diffsteer_nfe", "UNet evaluations (per image) of finished generations", ["model"], registry=r
+        )
+        self.batch_rows = Histogram(
+            "diffsteer_unet_batch_rows", "Latent rows per UNet call", buckets=ROW_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "diffsteer_unet_batch_requests", "Requests sharing one UNet call", buckets=ROW_BUCKETS, registry=r
+        )
+        self.unet_seconds = Histogram(
+            "diffsteer_unet_call_duration_seconds",
+            "Duration of one (batched) UNet call",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("diffsteer_queue_depth", "Requests waiting for a worker", registry=r)
         self.running = Gauge("diffsteer_generations_running", "Generations running", registry=r)
         self.jobs_stored = Gauge("diffsteer_jobs_stored", "Jobs held by the job store", registry=r)

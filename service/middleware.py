@@ -49,9 +49,17 @@ class BodySizeLimit:
         if scope.get("path", "").startswith("/v1/"):
             error.update(type="invalid_request_error", param=None, code=None)
         data = json.dumps({"error": error}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

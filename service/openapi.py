@@ -42,28 +42,54 @@ ARM_FORMAT = "diffsteer-arm"
 
 # Fields whose 422 can come from a constraint between fields (see the module docstring), by operation.
 CROSS_FIELD = {
-    "policy.scales", "policy.interval_end", "policy.sigma_high", "policy.reward", "policy.zero_init_steps",
-    "policy.warmup_steps", "policy.period", "policy.end", "num_images", "seeds", "batch_size", "n",
-    "scheduler", "sampler_name", "arms", "prompts", "metrics", "directions", "baseline",
+    "policy.scales",
+    "policy.interval_end",
+    "policy.sigma_high",
+    "policy.reward",
+    "policy.zero_init_steps",
+    "policy.warmup_steps",
+    "policy.period",
+    "policy.end",
+    "num_images",
+    "seeds",
+    "batch_size",
+    "n",
+    "scheduler",
+    "sampler_name",
+    "arms",
+    "prompts",
+    "metrics",
+    "directions",
+    "baseline",
 }
 
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["field", "message"],
-        "properties": {
-            "field": {"type": ["string", "null"], "description": "The offending field (`steps`, `policy.scale`, "
-                      "`lora.0.name`, `body`), or null."},
-            "message": {"type": "string", "description": "What was wrong and what is accepted."},
-            "code": {"type": ["string", "null"], "description": "A machine-readable kind: not_found, queue_full, "
-                     "timeout, invalid_api_key, ab_disabled, unavailable, ..."},
-            "type": {"type": "string", "description": "OpenAI routes: invalid_request_error, "
-                     "authentication_error, rate_limit_error, server_error."},
-            "param": {"type": ["string", "null"], "description": "OpenAI routes: the offending parameter."},
-        },
-    }},
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["field", "message"],
+            "properties": {
+                "field": {
+                    "type": ["string", "null"],
+                    "description": "The offending field (`steps`, `policy.scale`, `lora.0.name`, `body`), or null.",
+                },
+                "message": {"type": "string", "description": "What was wrong and what is accepted."},
+                "code": {
+                    "type": ["string", "null"],
+                    "description": "A machine-readable kind: not_found, queue_full, "
+                    "timeout, invalid_api_key, ab_disabled, unavailable, ...",
+                },
+                "type": {
+                    "type": "string",
+                    "description": "OpenAI routes: invalid_request_error, "
+                    "authentication_error, rate_limit_error, server_error.",
+                },
+                "param": {"type": ["string", "null"], "description": "OpenAI routes: the offending parameter."},
+            },
+        }
+    },
 }
 
 STATUS_TEXT = {
@@ -81,11 +107,17 @@ STATUS_TEXT = {
 }
 
 
-def build_openapi(app: FastAPI, settings: ServiceSettings, lora_names: list[str], models: list[str],
-                  max_size: int | None = None) -> dict[str, Any]:
+def build_openapi(
+    app: FastAPI, settings: ServiceSettings, lora_names: list[str], models: list[str], max_size: int | None = None
+) -> dict[str, Any]:
     """The schema of ``app`` (see the module docstring); ``max_size``: the default model's own size limit."""
-    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes,
-                         description=__doc__.split("\n\n")[0])
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        routes=app.routes,
+        description=__doc__.split("\n\n")[0],
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError", "PolicyParams"):
         components.pop(name, None)
@@ -150,7 +182,7 @@ def _add_policy_schemas(components: dict[str, Any]) -> None:
         "maxLength": 4000,
         "description": "A policy as a spec string `name[:key=value,...]`, e.g. `apg:scale=10,eta=0`; values are "
         "JSON (numbers, true/false, null, lists like [7,5,3]), anything else a string. The keys and their "
-        "ranges are those of PolicyParams_<name>; a JSON object in a string (`{\"name\": ...}`) is accepted too.",
+        'ranges are those of PolicyParams_<name>; a JSON object in a string (`{"name": ...}`) is accepted too.',
     }
     components["Policy"] = {
         "title": "Policy",
@@ -167,8 +199,9 @@ def _policy(nullable: bool) -> dict[str, Any]:
 # --- limits -------------------------------------------------------------------------------------------------
 
 
-def _limits(settings: ServiceSettings, lora_names: list[str], models: list[str], max_size: int | None
-            ) -> dict[str, Any]:
+def _limits(
+    settings: ServiceSettings, lora_names: list[str], models: list[str], max_size: int | None
+) -> dict[str, Any]:
     return {
         "max_steps": settings.max_steps,
         "max_width": min(settings.max_width, max_size or settings.max_width),
@@ -209,39 +242,61 @@ def _lora(limits: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "array",
         "maxItems": 8 if names else 0,
-        "items": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
-            "name": {**name, "description": "An adapter of the server's lora_dir (GET /models lists them)."},
-            "weight": {"type": "number", "minimum": -10.0, "maximum": 10.0, "default": 1.0},
-        }},
+        "items": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name"],
+            "properties": {
+                "name": {**name, "description": "An adapter of the server's lora_dir (GET /models lists them)."},
+                "weight": {"type": "number", "minimum": -10.0, "maximum": 10.0, "default": 1.0},
+            },
+        },
     }
 
 
 def _bound_generate(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     props = schema["properties"]
     text = _text(limits)
-    _merge(props, "prompt", {"anyOf": [text, {"type": "array", "items": text, "minItems": 1,
-                                               "maxItems": limits["max_num_images"]}]})
+    _merge(
+        props,
+        "prompt",
+        {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": limits["max_num_images"]}]},
+    )
     _merge(props, "negative_prompt", _nullable(text))
     _merge(props, "policy", _policy(nullable=True))
     props["policy"]["description"] += " Absent or null: the model's recommended policy (GET /models)."
     props["policy"].pop("default", None)
-    _merge(props, "steps", {"anyOf": [{"type": "integer", "minimum": 1, "maximum": limits["max_steps"]},
-                                      {"type": "null"}]})
-    props["steps"]["description"] = ("Number of denoising steps (absent or null: the model's recommended steps, "
-                                     "at most max_steps).")
+    _merge(
+        props, "steps", {"anyOf": [{"type": "integer", "minimum": 1, "maximum": limits["max_steps"]}, {"type": "null"}]}
+    )
+    props["steps"]["description"] = (
+        "Number of denoising steps (absent or null: the model's recommended steps, at most max_steps)."
+    )
     props["steps"].pop("default", None)
     _merge(props, "scheduler", {"type": "string", "enum": limits["schedulers"]})
     _merge(props, "seed", _nullable({"type": "integer", "minimum": 0, "maximum": MAX_SEED}))
-    _merge(props, "seeds", _nullable({"type": "array", "minItems": 1, "maxItems": limits["max_num_images"],
-                                      "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED}}))
+    _merge(
+        props,
+        "seeds",
+        _nullable(
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": limits["max_num_images"],
+                "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+            }
+        ),
+    )
     _merge(props, "num_images", {"type": "integer", "minimum": 1, "maximum": limits["max_num_images"]})
     _merge(props, "width", _nullable(_size(limits["max_width"])))
     _merge(props, "height", _nullable(_size(limits["max_height"])))
     _merge(props, "model", _nullable({"type": "string", "enum": limits["models"]}))
     _merge(props, "lora", _lora(limits))
     schema["not"] = {"required": ["seed", "seeds"]}
-    schema["description"] = (schema.get("description", "") + " Between fields: `seed` or `seeds`, not both; "
-                             "`seeds` has one value per image; a prompt list sets num_images to its length.").strip()
+    schema["description"] = (
+        schema.get("description", "") + " Between fields: `seed` or `seeds`, not both; "
+        "`seeds` has one value per image; a prompt list sets num_images to its length."
+    ).strip()
 
 
 def _bound_openai(schema: dict[str, Any], limits: dict[str, Any]) -> None:
@@ -250,21 +305,46 @@ def _bound_openai(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     _merge(props, "prompt", text)
     _merge(props, "negative_prompt", _nullable(text))
     _merge(props, "n", _nullable({"type": "integer", "minimum": 1, "maximum": limits["max_num_images"]}))
-    _merge(props, "size", _nullable({
-        "type": "string", "format": IMAGE_SIZE_FORMAT, "pattern": r"^(auto|\s*[0-9]+\s*[xX]\s*[0-9]+\s*)$",
-        "description": f'"WxH" (ASCII digits; multiples of 8, width ≤ {limits["max_width"]}, height ≤ '
-        f'{limits["max_height"]}) or "auto" (the model\'s native size).'}))
+    _merge(
+        props,
+        "size",
+        _nullable(
+            {
+                "type": "string",
+                "format": IMAGE_SIZE_FORMAT,
+                "pattern": r"^(auto|\s*[0-9]+\s*[xX]\s*[0-9]+\s*)$",
+                "description": f'"WxH" (ASCII digits; multiples of 8, width ≤ {limits["max_width"]}, height ≤ '
+                f'{limits["max_height"]}) or "auto" (the model\'s native size).',
+            }
+        ),
+    )
     _merge(props, "policy", _policy(nullable=True))
     _merge(props, "steps", _nullable({"type": "integer", "minimum": 1, "maximum": limits["max_steps"]}))
     _merge(props, "scheduler", _nullable({"type": "string", "enum": limits["schedulers"]}))
     _merge(props, "seed", _nullable({"type": "integer", "minimum": 0, "maximum": MAX_SEED}))
-    _merge(props, "seeds", _nullable({"type": "array", "minItems": 1, "maxItems": limits["max_num_images"],
-                                      "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED}}))
+    _merge(
+        props,
+        "seeds",
+        _nullable(
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": limits["max_num_images"],
+                "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+            }
+        ),
+    )
     _merge(props, "eta", _nullable({"type": "number", "minimum": 0, "maximum": 1}))
     _merge(props, "lora", _nullable(_lora(limits)))
     _merge(props, "stream", {"enum": [False, None], "description": "Not supported: false or null."})
-    _merge(props, "response_format", {"enum": ["b64_json", None], "description": "b64_json only ('url' is refused: "
-                                      "this server keeps no image store)."})
+    _merge(
+        props,
+        "response_format",
+        {
+            "enum": ["b64_json", None],
+            "description": "b64_json only ('url' is refused: this server keeps no image store).",
+        },
+    )
     openai_names = {"type": "string", "pattern": "^(dall-e|gpt-image)"}
     _merge(props, "model", _nullable({"anyOf": [{"type": "string", "enum": limits["models"]}, openai_names]}))
     schema["not"] = {"required": ["seed", "seeds"]}
@@ -285,19 +365,28 @@ def _bound_a1111(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     samplers = sorted(SAMPLER_LABELS.values())
     _merge(props, "sampler_name", _nullable({"type": "string", "enum": samplers}))
     _merge(props, "sampler_index", _nullable({"type": "string", "enum": samplers}))
-    _merge(props, "scheduler", _nullable({"type": "string", "enum": sorted({*A1111_SCHEDULERS,
-                                                                              *A1111_SCHEDULERS.values()})}))
+    _merge(
+        props,
+        "scheduler",
+        _nullable({"type": "string", "enum": sorted({*A1111_SCHEDULERS, *A1111_SCHEDULERS.values()})}),
+    )
     _merge(props, "eta", _nullable({"type": "number", "minimum": 0, "maximum": 1}))
     for name in ("enable_hr", "restore_faces", "tiling"):
         _merge(props, name, {"enum": [False, None], "description": "Not supported: false or null."})
-    _merge(props, "subseed_strength", {"anyOf": [{"const": 0}, {"type": "null"}],
-                                       "description": "Not supported: 0 or null."})
+    _merge(
+        props,
+        "subseed_strength",
+        {"anyOf": [{"const": 0}, {"type": "null"}], "description": "Not supported: 0 or null."},
+    )
     _merge(props, "styles", _nullable({"type": "array", "maxItems": 0}))
     _merge(props, "script_name", {"anyOf": [{"const": ""}, {"type": "null"}]})
     _merge(props, "alwayson_scripts", _nullable({"type": "object", "maxProperties": 0}))
     model = {"type": "string", "enum": limits["models"]}
-    _merge(props, "override_settings", _nullable({"type": "object", "properties": {"sd_model_checkpoint":
-                                                                                   _nullable(model)}}))
+    _merge(
+        props,
+        "override_settings",
+        _nullable({"type": "object", "properties": {"sd_model_checkpoint": _nullable(model)}}),
+    )
     _merge(props, "model", _nullable(model))
     _merge(props, "policy", _policy(nullable=True))
     _merge(props, "lora", _nullable(_lora(limits)))
@@ -309,13 +398,24 @@ def _bound_ab(schema: dict[str, Any], arm: dict[str, Any], limits: dict[str, Any
     _merge(arm_props, "name", {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"})
     _merge(arm_props, "policy", _policy(nullable=False))
     _merge(arm_props, "model", _nullable({"type": "string", "enum": limits["models"]}))
-    arm_string = {"type": "string", "format": ARM_FORMAT, "pattern": r"^\s*[A-Za-z0-9_.-]{1,64}=.+$",
-                  "description": "NAME=POLICY or NAME=POLICY@MODEL, e.g. base=cfg:scale=1"}
+    arm_string = {
+        "type": "string",
+        "format": ARM_FORMAT,
+        "pattern": r"^\s*[A-Za-z0-9_.-]{1,64}=.+$",
+        "description": "NAME=POLICY or NAME=POLICY@MODEL, e.g. base=cfg:scale=1",
+    }
     props["arms"]["items"] = {"anyOf": [arm_string, {"$ref": f"{REF}ArmConfig"}]}
     text = _text(limits)
-    _merge(props, "prompts", {"anyOf": [{"type": "string", "pattern": r"^\s*pg:"},
-                                        {"type": "array", "items": text, "minItems": 1,
-                                         "maxItems": limits["ab_max_images"]}]})
+    _merge(
+        props,
+        "prompts",
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*pg:"},
+                {"type": "array", "items": text, "minItems": 1, "maxItems": limits["ab_max_images"]},
+            ]
+        },
+    )
     _merge(props, "steps", {"type": "integer", "minimum": 1, "maximum": limits["max_steps"]})
     _merge(props, "scheduler", {"type": "string", "enum": limits["schedulers"]})
     _merge(props, "width", _nullable(_size(limits["max_width"])))
@@ -327,14 +427,20 @@ def _bound_ab(schema: dict[str, Any], arm: dict[str, Any], limits: dict[str, Any
 
 # --- statuses -----------------------------------------------------------------------------------------------
 
-QUEUED = {("post", "/generate"), ("post", "/jobs"), ("post", "/ab"), ("post", "/v1/images/generations"),
-          ("post", "/sdapi/v1/txt2img")}
+QUEUED = {
+    ("post", "/generate"),
+    ("post", "/jobs"),
+    ("post", "/ab"),
+    ("post", "/v1/images/generations"),
+    ("post", "/sdapi/v1/txt2img"),
+}
 WAITING = {("post", "/generate"), ("post", "/v1/images/generations"), ("post", "/sdapi/v1/txt2img")}
 OPEN = {"/healthz", "/readyz"}
 
 
-def _document_statuses(path: str, method: str, operation: dict[str, Any], auth: bool,
-                       settings: ServiceSettings) -> None:
+def _document_statuses(
+    path: str, method: str, operation: dict[str, Any], auth: bool, settings: ServiceSettings
+) -> None:
     responses = operation.setdefault("responses", {})
     statuses: set[int] = set()
     has_body = "requestBody" in operation
@@ -359,12 +465,23 @@ def _document_statuses(path: str, method: str, operation: dict[str, Any], auth: 
         statuses.discard(422)  # OpenAI answers bad input with 400
         responses.pop("422", None)
     if path == "/readyz":
-        responses["503"] = {"description": "Not ready: loading, failed to load, or shutting down", "content": {
-            "application/json": {"schema": {"type": "object", "required": ["status", "reason"], "properties": {
-                "status": {"const": "not ready"}, "reason": {"type": "string"}}}}}}
+        responses["503"] = {
+            "description": "Not ready: loading, failed to load, or shutting down",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["status", "reason"],
+                        "properties": {"status": {"const": "not ready"}, "reason": {"type": "string"}},
+                    }
+                }
+            },
+        }
     for status in sorted(statuses):
         description = responses.get(str(status), {}).get("description") or STATUS_TEXT[status]
-        responses[str(status)] = {"description": description,
-                                  "content": {"application/json": {"schema": {"$ref": f"{REF}ErrorResponse"}}}}
+        responses[str(status)] = {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": f"{REF}ErrorResponse"}}},
+        }
     if auth and 401 in statuses:
         operation["security"] = [{"bearer": []}, {"apiKey": []}, {"basic": []}]

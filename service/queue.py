@@ -131,8 +131,13 @@ class Ticket:
 class WorkQueue:
     """``workers`` threads pulling tickets FIFO; at most ``max_waiting`` tickets wait for a thread."""
 
-    def __init__(self, workers: int, max_waiting: int, name: str = "diffsteer-worker",
-                 throughput: Callable[[], float | None] | None = None):
+    def __init__(
+        self,
+        workers: int,
+        max_waiting: int,
+        name: str = "diffsteer-worker",
+        throughput: Callable[[], float | None] | None = None,
+    ):
         """``throughput()``: cost units the device does per second (None while unmeasured), for Retry-After."""
         self.workers = workers
         self.throughput = throughput
@@ -142,9 +147,7 @@ class WorkQueue:
         self._running: set[Ticket] = set()
         self._closed = False
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(workers)
-        ]
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
 

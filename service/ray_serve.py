@@ -72,8 +72,9 @@ class JobAffinityRouter(RequestRouter):
     """A job's routes go to the replica holding the job; every other request to the less loaded of two random
     replicas (power of two choices; the base class probes their queue lengths)."""
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         path = request_path(pending_request) if pending_request is not None else None
         owner = replica_of_path(path) if path is not None else None
         if owner is not None:
@@ -117,8 +118,12 @@ def replica_app(settings: ServiceSettings, replica: str):
     """``create_app`` for one replica: job ids carry the replica, responses and metrics name it."""
     app = create_app(replica_settings(settings))
     app.state.jobs.id_prefix = f"{replica}."
-    info = Gauge("diffsteer_replica_info", "The Ray Serve replica that serves these metrics", ["replica"],
-                 registry=app.state.engine.metrics.registry)
+    info = Gauge(
+        "diffsteer_replica_info",
+        "The Ray Serve replica that serves these metrics",
+        ["replica"],
+        registry=app.state.engine.metrics.registry,
+    )
     info.labels(replica).set(1)
     app.add_middleware(ReplicaHeader, replica=replica)
     return app

@@ -46,7 +46,9 @@ def json_body(data: Any, nullable_defaults: tuple[str, ...] = ()) -> Any:
 class LoraRef(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
-    name: str = pydantic.Field(max_length=128, description="Adapter name: a file NAME.safetensors (or folder NAME) in the server's lora_dir.")
+    name: str = pydantic.Field(
+        max_length=128, description="Adapter name: a file NAME.safetensors (or folder NAME) in the server's lora_dir."
+    )
     weight: float = pydantic.Field(1.0, ge=-10.0, le=10.0, description="Adapter weight (0: not applied).")
 
 
@@ -60,8 +62,12 @@ class GenerateRequest(GenerationParams):
     def _json(cls, data: Any) -> Any:
         return json_body(data, ("policy", "steps"))
 
-    output_format: OutputFormat = pydantic.Field("png", description="Image encoding; PNGs carry the parameters as text chunks.")
-    model: str | None = pydantic.Field(None, description="A model the server offers (GET /models); default: the server's default.")
+    output_format: OutputFormat = pydantic.Field(
+        "png", description="Image encoding; PNGs carry the parameters as text chunks."
+    )
+    model: str | None = pydantic.Field(
+        None, description="A model the server offers (GET /models); default: the server's default."
+    )
     lora: list[LoraRef] = pydantic.Field(default_factory=list, max_length=8, description="LoRA adapters with weights.")
 
     def generation_params(self) -> GenerationParams:
@@ -84,7 +90,9 @@ class GenerateResponse(pydantic.BaseModel):
     format: OutputFormat
     seeds: list[int]
     nfe: list[int] = pydantic.Field(description="UNet evaluations per image.")
-    unet_calls: int = pydantic.Field(description="UNet calls this request asked for (shared calls count once per request).")
+    unet_calls: int = pydantic.Field(
+        description="UNet calls this request asked for (shared calls count once per request)."
+    )
     policy: str = pydantic.Field(description="The policy as a spec string (non-default parameters).")
     model: str
     scheduler: str
@@ -133,6 +141,7 @@ SERVER_SIDE_AB_FIELDS = {
     "dtype": "the server's models decide it; leave it out",
 }
 
+
 def _refuse_server_side(data: Any) -> Any:
     if isinstance(data, dict):
         for name, why in SERVER_SIDE_AB_FIELDS.items():
@@ -152,19 +161,30 @@ def _ab_request_model() -> type[pydantic.BaseModel]:
     arms_type, arms_info = fields["arms"]
     fields.update(
         arms=(arms_type, pydantic.Field(min_length=2, max_length=16, description=arms_info.description)),
-        prompts=(str | list[str], pydantic.Field(
-            description="pg:all or pg:CATEGORY[,...] (the proving ground's held-out suite), or a list of prompts "
-            "(no files: the server reads none on a client's behalf).")),
-        model=(str | None, pydantic.Field(
-            None, description="A model the server offers (GET /models), for arms that name none; default: the "
-            "server's default.")),
+        prompts=(
+            str | list[str],
+            pydantic.Field(
+                description="pg:all or pg:CATEGORY[,...] (the proving ground's held-out suite), or a list of prompts "
+                "(no files: the server reads none on a client's behalf)."
+            ),
+        ),
+        model=(
+            str | None,
+            pydantic.Field(
+                None,
+                description="A model the server offers (GET /models), for arms that name none; default: the "
+                "server's default.",
+            ),
+        ),
     )
     return pydantic.create_model(
         "ABRequest",
         __config__=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, strict=True),
         __doc__="An A/B evaluation: ABConfig's fields; the server picks the output folder, device and dtype.",
-        __validators__={"_server_side": pydantic.model_validator(mode="before")(_refuse_server_side),
-                        "_json": pydantic.model_validator(mode="before")(lambda cls, data: json_body(data))},
+        __validators__={
+            "_server_side": pydantic.model_validator(mode="before")(_refuse_server_side),
+            "_json": pydantic.model_validator(mode="before")(lambda cls, data: json_body(data)),
+        },
         **fields,
     )
 
@@ -192,14 +212,16 @@ class ABResult(pydantic.BaseModel):
     images: list[dict[str, Any]] = pydantic.Field(description="Every image: arm, item, prompt, seed, path, metrics.")
     summary: dict[str, Any] = pydantic.Field(description="Per arm and column: mean, n and a bootstrap CI.")
     statistics: list[dict[str, Any]] = pydantic.Field(
-        description="Per pair of arms and column: paired differences, tests.")
+        description="Per pair of arms and column: paired differences, tests."
+    )
     run: dict[str, Any]
     files: ABFiles
 
 
 class ABJobStatus(JobStatusBase):
-    progress: ABProgress = pydantic.Field(description="Stage ('queued', 'generate', 'score', 'statistics', 'report', "
-                                          "'done') and images done of total.")
+    progress: ABProgress = pydantic.Field(
+        description="Stage ('queued', 'generate', 'score', 'statistics', 'report', 'done') and images done of total."
+    )
     result: ABResult | None = None
 
 
@@ -239,7 +261,9 @@ class ModelInfo(pydantic.BaseModel):
     native_size: int | None = None
     prediction_type: str | None = None
     scheduler: str | None = None
-    defaults: ModelDefaultsBody | None = pydantic.Field(None, description="The model's recommendations (loaded models).")
+    defaults: ModelDefaultsBody | None = pydantic.Field(
+        None, description="The model's recommendations (loaded models)."
+    )
 
 
 class ModelsResponse(pydantic.BaseModel):

@@ -51,20 +51,28 @@ class RaySettings(pydantic.BaseModel):
         None, gt=0, description="Autoscaling: requests per replica to aim for (default: the replica's concurrency)."
     )
     stream_slots: int = pydantic.Field(
-        32, ge=0, description="Requests a replica holds besides queued generations (event streams, listings); "
-        "max_ongoing_requests is concurrency + queue_size + stream_slots, so a full replica answers our 429."
+        32,
+        ge=0,
+        description="Requests a replica holds besides queued generations (event streams, listings); "
+        "max_ongoing_requests is concurrency + queue_size + stream_slots, so a full replica answers our 429.",
     )
     max_queued_requests: int = pydantic.Field(
-        -1, ge=-1, description="Requests Ray's router holds when every replica is at max_ongoing_requests (-1: no "
-        "limit); beyond that Ray answers 429 with Retry-After (a plain-text body, not our JSON)."
+        -1,
+        ge=-1,
+        description="Requests Ray's router holds when every replica is at max_ongoing_requests (-1: no "
+        "limit); beyond that Ray answers 429 with Retry-After (a plain-text body, not our JSON).",
     )
     num_gpus_per_replica: float | None = pydantic.Field(
-        None, ge=0, description="GPUs per replica (Ray sets CUDA_VISIBLE_DEVICES); None: 1 where CUDA is available "
-        "to the process deploying, else 0 (CPU replicas)."
+        None,
+        ge=0,
+        description="GPUs per replica (Ray sets CUDA_VISIBLE_DEVICES); None: 1 where CUDA is available "
+        "to the process deploying, else 0 (CPU replicas).",
     )
     num_cpus_per_replica: float = pydantic.Field(
-        1.0, gt=0, description="CPUs reserved per replica; CPU replicas also use this many torch threads "
-        "unless torch_threads is set."
+        1.0,
+        gt=0,
+        description="CPUs reserved per replica; CPU replicas also use this many torch threads "
+        "unless torch_threads is set.",
     )
     route_prefix: str = pydantic.Field("/", description="Where the app is mounted on Ray's HTTP proxy.")
 
@@ -90,16 +98,24 @@ class ServiceSettings(BaseSettings):
 
     # --- models ---------------------------------------------------------------------------------------
     model: str | None = pydantic.Field(
-        None, description="Default model: diffusers folder, .safetensors file, hub id or builtin:NAME (None: built-in default)."
+        None,
+        description="Default model: diffusers folder, .safetensors file, hub id or builtin:NAME (None: built-in default).",
     )
     models: Annotated[list[str], NoDecode] = pydantic.Field(
-        default_factory=list, description="Further models a request may name in its `model` field (loaded on first use)."
+        default_factory=list,
+        description="Further models a request may name in its `model` field (loaded on first use).",
     )
-    model_config_dir: str | None = pydantic.Field(None, description="diffusers config folder for single-file checkpoints.")
+    model_config_dir: str | None = pydantic.Field(
+        None, description="diffusers config folder for single-file checkpoints."
+    )
     device: str | None = pydantic.Field(None, description="cpu, cuda, cuda:1 (default: cuda when available).")
     dtype: str | None = pydantic.Field(None, description="auto, fp32, fp16, bf16.")
-    preload: bool = pydantic.Field(True, description="Load the default model at startup (/readyz is 503 until it is loaded).")
-    torch_threads: int | None = pydantic.Field(None, ge=1, description="torch intra-op threads (default: torch's own choice).")
+    preload: bool = pydantic.Field(
+        True, description="Load the default model at startup (/readyz is 503 until it is loaded)."
+    )
+    torch_threads: int | None = pydantic.Field(
+        None, ge=1, description="torch intra-op threads (default: torch's own choice)."
+    )
     fast_paths: str = pydantic.Field(
         "none",
         description="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (compile_mode=..., "
@@ -107,14 +123,17 @@ class ServiceSettings(BaseSettings):
         "each gains.",
     )
     lora_dir: Path | None = pydantic.Field(
-        None, description="Folder of LoRA adapters in diffusers format: NAME.safetensors or NAME/pytorch_lora_weights.safetensors."
+        None,
+        description="Folder of LoRA adapters in diffusers format: NAME.safetensors or NAME/pytorch_lora_weights.safetensors.",
     )
     rewards: dict[str, dict[str, Any]] = pydantic.Field(
         default_factory=dict,
         description="Where reward-driven policies (reno, dynamic_cfg) find each reward's weights: name -> reward "
         "config fields (a diffsteer.guidance.reward_models.RewardModels the engine passes down). Requests name rewards, never paths.",
     )
-    max_loaded_loras: int = pydantic.Field(8, ge=1, description="LoRA adapters kept loaded per model (least recently used evicted).")
+    max_loaded_loras: int = pydantic.Field(
+        8, ge=1, description="LoRA adapters kept loaded per model (least recently used evicted)."
+    )
 
     # --- scheduling -----------------------------------------------------------------------------------
     max_concurrent: int | None = pydantic.Field(
@@ -132,8 +151,10 @@ class ServiceSettings(BaseSettings):
         64, ge=1, description="Finished jobs kept at most, with their encoded images (oldest dropped first)."
     )
     max_stored_job_bytes: int = pydantic.Field(
-        256 * 2**20, ge=1, description="Bytes of results (base64 images) finished jobs may hold in all (oldest "
-        "dropped first); a single job above it is dropped at the next purge."
+        256 * 2**20,
+        ge=1,
+        description="Bytes of results (base64 images) finished jobs may hold in all (oldest "
+        "dropped first); a single job above it is dropped at the next purge.",
     )
     batching: bool = pydantic.Field(True, description="Denoise concurrent compatible requests in shared UNet calls.")
     max_batch_rows: int = pydantic.Field(16, ge=1, description="Most latent rows in one shared UNet call.")
@@ -153,9 +174,7 @@ class ServiceSettings(BaseSettings):
     )
     ab_queue_size: int = pydantic.Field(4, ge=0, description="A/B runs that may wait for a slot; beyond that: 429.")
     ab_timeout_s: float = pydantic.Field(86_400.0, gt=0, description="Longest time from submission to an A/B result.")
-    ab_max_images: int = pydantic.Field(
-        2_000, ge=2, description="Most images in one A/B run (arms x prompts x seeds)."
-    )
+    ab_max_images: int = pydantic.Field(2_000, ge=2, description="Most images in one A/B run (arms x prompts x seeds).")
 
     # --- limits ---------------------------------------------------------------------------------------
     max_width: int = pydantic.Field(2048, ge=8)
@@ -163,24 +182,34 @@ class ServiceSettings(BaseSettings):
     max_steps: int = pydantic.Field(200, ge=1)
     max_num_images: int = pydantic.Field(16, ge=1)
     max_prompt_chars: int = pydantic.Field(4000, ge=1)
-    max_body_bytes: int = pydantic.Field(1_000_000, ge=1024, description="Largest accepted request body; beyond that: 413.")
+    max_body_bytes: int = pydantic.Field(
+        1_000_000, ge=1024, description="Largest accepted request body; beyond that: 413."
+    )
     max_cost: float = pydantic.Field(
-        32_768.0, gt=0, description="Most work one request may ask for, in UNet evaluations of one image at the model's "
+        32_768.0,
+        gt=0,
+        description="Most work one request may ask for, in UNet evaluations of one image at the model's "
         "native size: images x area/native area x steps x the policy's evaluations per step x its passes (ReNO's "
         "iterations); beyond that: 422 naming the field that contributes most (diffsteer.guidance.cost).",
     )
     max_area_factor: float = pydantic.Field(
-        16.0, gt=0, description="Largest image area relative to the model's native area (16: 4x its width and height).",
+        16.0,
+        gt=0,
+        description="Largest image area relative to the model's native area (16: 4x its width and height).",
     )
 
     # --- fair scheduling of the device worker (diffsteer.service.device) ----------------------------------------
     heavy_cost: float = pydantic.Field(
-        240.0, gt=0, description="Requests costing more than this (4 native-size 30-step CFG images) run in the heavy "
+        240.0,
+        gt=0,
+        description="Requests costing more than this (4 native-size 30-step CFG images) run in the heavy "
         "lane: their units get heavy_weight's share of the device against a light request's 1.",
     )
     heavy_weight: float = pydantic.Field(0.25, gt=0, le=1, description="Device share of a heavy request (light: 1).")
     anticipate_ms: float = pydantic.Field(
-        10.0, ge=0, description="How long the device worker waits for the next call of the sampler loop it just served "
+        10.0,
+        ge=0,
+        description="How long the device worker waits for the next call of the sampler loop it just served "
         "before starting another request's (longer) unit; at most the duration of the unit it served.",
     )
 

@@ -15,18 +15,26 @@ MAX_SIZE = int(os.environ.get("DIFFSTEER_FUZZ_MAX_SIZE", "32"))
 # cheap, always-valid policies (values inside every range and independent of the steps)
 SPECS = st.one_of(
     st.sampled_from(["cfg", "apg", "ag", "linear_ag", "cfg_zero_star", "perp_neg"]),
-    st.builds(lambda name, w: f"{name}:scale={w:g}", st.sampled_from(["cfg", "apg", "ag", "cfg_zero_star"]),
-              st.floats(0, 20, allow_nan=False).map(lambda x: round(x, 2))),
-    st.builds(lambda a, b: f"cfg:interval_start={a},interval_end={b}", st.sampled_from([0, 0.1, 0.2]),
-              st.sampled_from([0.5, 0.9, 1])),
+    st.builds(
+        lambda name, w: f"{name}:scale={w:g}",
+        st.sampled_from(["cfg", "apg", "ag", "cfg_zero_star"]),
+        st.floats(0, 20, allow_nan=False).map(lambda x: round(x, 2)),
+    ),
+    st.builds(
+        lambda a, b: f"cfg:interval_start={a},interval_end={b}",
+        st.sampled_from([0, 0.1, 0.2]),
+        st.sampled_from([0.5, 0.9, 1]),
+    ),
 )
 sizes = st.sampled_from(range(8, MAX_SIZE + 1, 8))
 
 schemathesis.openapi.format("diffsteer-policy-spec", SPECS)
-schemathesis.openapi.format("diffsteer-image-size", st.one_of(
-    st.just("auto"), st.builds(lambda w, h: f"{w}x{h}", sizes, sizes)))
-schemathesis.openapi.format("diffsteer-arm", st.builds(
-    lambda name, spec: f"{name}={spec}", st.from_regex(r"\A[a-z]{1,8}\Z"), SPECS))
+schemathesis.openapi.format(
+    "diffsteer-image-size", st.one_of(st.just("auto"), st.builds(lambda w, h: f"{w}x{h}", sizes, sizes))
+)
+schemathesis.openapi.format(
+    "diffsteer-arm", st.builds(lambda name, spec: f"{name}={spec}", st.from_regex(r"\A[a-z]{1,8}\Z"), SPECS)
+)
 
 # Reward-driven policies run whole optimisation loops (ReNO: up to 1000 sampling passes) and can pass any
 # request timeout on a CPU; until the cost-aware scheduler refuses them by cost, the fuzzer leaves them out.

@@ -20,9 +20,26 @@ TINY = ["--model", "builtin:tiny", "--device", "cpu", "--steps", "2", "--size", 
 TEXT_PROMPTS = "a red circle\na blue square\na green triangle\n"
 TEXT_METRICS = "saturation,oversaturation,nfe,latency,reward:contrast"
 EXPECTED_KEYS = {"version", "config", "arms", "prompts", "items", "metrics", "images", "summary", "statistics", "run"}
-STAT_KEYS = {"metric", "direction", "unit", "n_images", "n_prompts", "mean_a", "mean_b", "mean_diff", "ci_low",
-             "ci_high", "confidence", "wins", "ties", "losses", "sign_test_p", "wilcoxon_statistic", "wilcoxon_p",
-             "verdict"}
+STAT_KEYS = {
+    "metric",
+    "direction",
+    "unit",
+    "n_images",
+    "n_prompts",
+    "mean_a",
+    "mean_b",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "confidence",
+    "wins",
+    "ties",
+    "losses",
+    "sign_test_p",
+    "wilcoxon_statistic",
+    "wilcoxon_p",
+    "verdict",
+}
 
 
 @contextmanager
@@ -44,8 +61,23 @@ def counting_generation():
 
 
 def text_args(prompts: Path, out: Path, *extra: str) -> list[str]:
-    return ["ab", "--arm", "base=cfg:scale=1", "--arm", "apg=apg:scale=5", "--prompts", str(prompts), "--seeds", "2",
-            "--metrics", TEXT_METRICS, *TINY, "-o", str(out), *extra]
+    return [
+        "ab",
+        "--arm",
+        "base=cfg:scale=1",
+        "--arm",
+        "apg=apg:scale=5",
+        "--prompts",
+        str(prompts),
+        "--seeds",
+        "2",
+        "--metrics",
+        TEXT_METRICS,
+        *TINY,
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +102,9 @@ def test_text_file_end_to_end(text_run):
     r = load(out)
     assert set(r) == EXPECTED_KEYS and r["version"] == 1
     assert [(a["name"], a["policy"], a["model"]) for a in r["arms"]] == [
-        ("base", "cfg:scale=1.0", "builtin:tiny"), ("apg", "apg:scale=5.0", "builtin:tiny")]
+        ("base", "cfg:scale=1.0", "builtin:tiny"),
+        ("apg", "apg:scale=5.0", "builtin:tiny"),
+    ]
     assert r["prompts"]["kind"] == "text" and r["prompts"]["n_prompts"] == 3 and r["prompts"]["n_items"] == 6
     columns = [m["name"] for m in r["metrics"]]
     assert columns == ["saturation", "oversaturation", "nfe", "latency", "reward:contrast"]
@@ -79,7 +113,9 @@ def test_text_file_end_to_end(text_run):
 
     images = r["images"]
     assert len(images) == 12 and len({(i["arm"], i["prompt_id"], i["seed"]) for i in images}) == 12
-    assert sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")) == sorted(i["path"] for i in images)
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")) == sorted(
+        i["path"] for i in images
+    )
     for img in images:
         assert set(img["metrics"]) == set(columns) and all(isinstance(v, float | int) for v in img["metrics"].values())
         assert img["metrics"]["nfe"] == (2 if img["arm"] == "base" else 4)  # 2 steps; cfg at scale 1 skips uncond
@@ -91,7 +127,12 @@ def test_text_file_end_to_end(text_run):
     assert first["metrics"]["saturation"] == pytest.approx(hsv_saturation_mean(pixels), abs=1e-12)
     assert first["metrics"]["oversaturation"] == clipped_fraction(pixels)
     meta = read_png_metadata((out / first["path"]).read_bytes())
-    assert (meta["seed"], meta["prompt"], meta["policy"], meta["steps"]) == (first["seed"], first["prompt"], "cfg:scale=1.0", 2)
+    assert (meta["seed"], meta["prompt"], meta["policy"], meta["steps"]) == (
+        first["seed"],
+        first["prompt"],
+        "cfg:scale=1.0",
+        2,
+    )
 
     # Summaries are means over the images; statistics: one pair, every column.
     for arm in ("base", "apg"):
@@ -159,13 +200,30 @@ def test_geneval_file_three_arms_share_noise(tmp_path):
         encoding="utf-8",
     )
     out = tmp_path / "run"
-    args = ["ab", "--arm", "base=cfg:scale=1", "--arm", "same=cfg:scale=1.0@builtin:tiny", "--arm", "hi=cfg:scale=6",
-            "--prompts", str(meta), "--metrics", "saturation,oversaturation,nfe", *TINY, "--no-report", "-o", str(out)]
+    args = [
+        "ab",
+        "--arm",
+        "base=cfg:scale=1",
+        "--arm",
+        "same=cfg:scale=1.0@builtin:tiny",
+        "--arm",
+        "hi=cfg:scale=6",
+        "--prompts",
+        str(meta),
+        "--metrics",
+        "saturation,oversaturation,nfe",
+        *TINY,
+        "--no-report",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     r = load(out)
     assert r["prompts"]["kind"] == "geneval"
     assert [(p["prompt"], p["category"]) for p in r["prompts"]["list"]] == [
-        ("a photo of a bench", "single_object"), ("a photo of a red car", "colors")]
+        ("a photo of a bench", "single_object"),
+        ("a photo of a red car", "colors"),
+    ]
     assert [(p["arm_a"], p["arm_b"]) for p in r["statistics"]] == [("base", "same"), ("base", "hi"), ("same", "hi")]
     by = {(i["arm"], i["prompt_id"]): np.asarray(Image.open(out / i["path"])) for i in r["images"]}
     for pid in ("p0000", "p0001"):
@@ -181,11 +239,31 @@ def test_geneval_file_three_arms_share_noise(tmp_path):
 @pytest.mark.slow
 def test_parti_file(tmp_path, capsys):
     tsv = tmp_path / "PartiPrompts.tsv"
-    tsv.write_text("Prompt\tCategory\tChallenge\tNote\na red circle\tBasic\tSimple Detail\t\n"
-                   "a blue square on a table\tArtifacts\tPerspective\tfrom parti\n", encoding="utf-8")
+    tsv.write_text(
+        "Prompt\tCategory\tChallenge\tNote\na red circle\tBasic\tSimple Detail\t\n"
+        "a blue square on a table\tArtifacts\tPerspective\tfrom parti\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "run"
-    args = ["ab", "--arm", "a=cfg:scale=1", "--arm", "b=cfg:scale=4", "--prompts", str(tsv), "--metrics", "nfe,saturation",
-            *[a for a in TINY if a != "-q"], "--baseline", "b", "--unit", "image", "--no-report", "-o", str(out)]
+    args = [
+        "ab",
+        "--arm",
+        "a=cfg:scale=1",
+        "--arm",
+        "b=cfg:scale=4",
+        "--prompts",
+        str(tsv),
+        "--metrics",
+        "nfe,saturation",
+        *[a for a in TINY if a != "-q"],
+        "--baseline",
+        "b",
+        "--unit",
+        "image",
+        "--no-report",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()  # a tqdm bar on stderr, a summary on stdout
     assert "ab: 100%" in captured.err and "4/4" in captured.err
@@ -193,7 +271,9 @@ def test_parti_file(tmp_path, capsys):
     r = load(out)
     assert r["prompts"]["kind"] == "parti"
     assert [(p["category"], p["extra"]["challenge"]) for p in r["prompts"]["list"]] == [
-        ("Basic", "Simple Detail"), ("Artifacts", "Perspective")]
+        ("Basic", "Simple Detail"),
+        ("Artifacts", "Perspective"),
+    ]
     [pair] = r["statistics"]
     assert (pair["arm_a"], pair["arm_b"]) == ("b", "a") and pair["metrics"]["nfe"]["unit"] == "image"
     assert pair["metrics"]["nfe"]["mean_diff"] == -2.0
@@ -203,8 +283,23 @@ def test_parti_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_proving_ground_prompts_with_verifier(tmp_path):
     out = tmp_path / "run"
-    args = ["ab", "--arm", "off=cfg:scale=1", "--arm", "on=cfg:scale=3", "--prompts", "pg:single", "--max-prompts", "2",
-            "--metrics", "verifier,nfe", *TINY, "--no-report", "-o", str(out)]
+    args = [
+        "ab",
+        "--arm",
+        "off=cfg:scale=1",
+        "--arm",
+        "on=cfg:scale=3",
+        "--prompts",
+        "pg:single",
+        "--max-prompts",
+        "2",
+        "--metrics",
+        "verifier,nfe",
+        *TINY,
+        "--no-report",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     r = load(out)
     assert r["prompts"]["kind"] == "pg" and all(p["category"] == "single" and "spec" in p for p in r["prompts"]["list"])
@@ -247,9 +342,14 @@ def test_bad_input_exits_2_naming_the_option(tmp_path, capsys, extra, option, te
 
 @pytest.mark.parametrize(
     "content, text",
-    [(None, "does not exist"),
-     ('{"tag": "x", "include": [], "prompt": "ok"}\n{"tag": "x", "include": [], "prompt": 3}\n', ":2: prompt must be"),
-     ('{"tag": "x", "include": [], "prompt": "ok"}\n{"prompt": "p", "include": []\n', ":2: not a JSON object")],
+    [
+        (None, "does not exist"),
+        (
+            '{"tag": "x", "include": [], "prompt": "ok"}\n{"tag": "x", "include": [], "prompt": 3}\n',
+            ":2: prompt must be",
+        ),
+        ('{"tag": "x", "include": [], "prompt": "ok"}\n{"prompt": "p", "include": []\n', ":2: not a JSON object"),
+    ],
 )
 def test_bad_prompt_files(tmp_path, capsys, content, text):
     path = tmp_path / "evaluation_metadata.jsonl"
@@ -271,12 +371,21 @@ def test_missing_required_option_is_an_argparse_error(capsys):
 def test_run_ab_progress_cancel_and_resume(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n", encoding="utf-8")
-    config = ABConfig.parse({
-        "arms": [{"name": "a", "policy": "cfg:scale=1"}, {"name": "b", "policy": {"name": "cfg", "scale": 3}}],
-        "prompts": str(prompts), "seeds": 2, "output_dir": str(tmp_path / "run"), "model": "builtin:tiny",
-        "device": "cpu", "steps": 2, "batch_size": 2, "metrics": ["nfe", "saturation"], "n_resamples": 200,
-        "report": False,
-    })
+    config = ABConfig.parse(
+        {
+            "arms": [{"name": "a", "policy": "cfg:scale=1"}, {"name": "b", "policy": {"name": "cfg", "scale": 3}}],
+            "prompts": str(prompts),
+            "seeds": 2,
+            "output_dir": str(tmp_path / "run"),
+            "model": "builtin:tiny",
+            "device": "cpu",
+            "steps": 2,
+            "batch_size": 2,
+            "metrics": ["nfe", "saturation"],
+            "n_resamples": 200,
+            "report": False,
+        }
+    )
     events = []
     assert issubclass(ABCancelled, GenerationCancelled)
     with pytest.raises(ABCancelled):

@@ -100,16 +100,19 @@ def test_verdict_needs_enough_units_and_a_real_interval():
 
 def test_per_batch_columns_get_no_paired_test():
     values = {"A": {"q": A, "latency": np.full(10, 0.5)}, "B": {"q": A + 1, "latency": np.full(10, 0.7)}}
-    [pair] = paired_statistics(values, PIDS, {"q": "higher", "latency": "lower"}, n_resamples=500,
-                               per_batch=("latency",))
+    [pair] = paired_statistics(
+        values, PIDS, {"q": "higher", "latency": "lower"}, n_resamples=500, per_batch=("latency",)
+    )
     assert set(pair["metrics"]) == {"q"}
 
 
 def test_undefined_values_are_left_out_per_metric():
     pos_a = np.array([1, 0, np.nan, np.nan, 1, 1, np.nan, np.nan, 0, 0], dtype=float)
     pos_b = np.array([1, 1, np.nan, np.nan, 0, 1, np.nan, np.nan, 1, 1], dtype=float)
-    values = {"A": {"q": A, "pos": pos_a, "none": np.full(10, np.nan)},
-              "B": {"q": B, "pos": pos_b, "none": np.full(10, np.nan)}}
+    values = {
+        "A": {"q": A, "pos": pos_a, "none": np.full(10, np.nan)},
+        "B": {"q": B, "pos": pos_b, "none": np.full(10, np.nan)},
+    }
     [pair] = paired_statistics(values, PIDS, {"q": "higher", "pos": "higher", "none": "higher"}, n_resamples=500)
     assert set(pair["metrics"]) == {"q", "pos"}  # an undefined-everywhere column is omitted
     m = pair["metrics"]["pos"]
@@ -122,7 +125,10 @@ def test_undefined_values_are_left_out_per_metric():
 def test_pairs_all_or_against_baseline():
     values = {k: {"q": A + i} for i, k in enumerate("xyz")}
     assert [(p["arm_a"], p["arm_b"]) for p in paired_statistics(values, PIDS, {"q": "higher"}, n_resamples=100)] == [
-        ("x", "y"), ("x", "z"), ("y", "z")]
+        ("x", "y"),
+        ("x", "z"),
+        ("y", "z"),
+    ]
     pairs = paired_statistics(values, PIDS, {"q": "higher"}, baseline="y", n_resamples=100)
     assert [(p["arm_a"], p["arm_b"]) for p in pairs] == [("y", "x"), ("y", "z")]
     assert pairs[0]["metrics"]["q"]["mean_diff"] == pytest.approx(-1.0)
@@ -148,9 +154,15 @@ def test_metric_list_splitting_and_directions():
     cols = {c.name: c.direction for c in columns_for(["verifier", "saturation", "nfe", "reward:clip"])}
     assert cols["verifier.passed"] == "higher" and cols["verifier.position_correct"] == "higher"
     assert cols["saturation"] == "lower" and cols["nfe"] == "lower" and cols["reward:clip"] == "higher"
-    over = {c.name: c.direction for c in columns_for(["verifier", "saturation"], {"saturation": "higher",
-                                                                                  "verifier.passed": "lower"})}
-    assert over["saturation"] == "higher" and over["verifier.passed"] == "lower" and over["verifier.colour_correct"] == "higher"
+    over = {
+        c.name: c.direction
+        for c in columns_for(["verifier", "saturation"], {"saturation": "higher", "verifier.passed": "lower"})
+    }
+    assert (
+        over["saturation"] == "higher"
+        and over["verifier.passed"] == "lower"
+        and over["verifier.colour_correct"] == "higher"
+    )
     with pytest.raises(InvalidInput) as e:
         columns_for(["nfe"], {"saturation": "higher"})
     assert e.value.field == "directions"
@@ -161,9 +173,15 @@ def test_metric_list_splitting_and_directions():
 
 def test_arm_strings():
     assert parse_arm("b=cfg:scale=3") == {"name": "b", "policy": "cfg:scale=3", "model": None}
-    assert parse_arm("b=apg:scale=10,eta=0@builtin:tiny") == {"name": "b", "policy": "apg:scale=10,eta=0",
-                                                              "model": "builtin:tiny"}
-    assert parse_arm('{"name": "j", "policy": {"name": "cfg", "scale": 2}}') == {"name": "j", "policy": {"name": "cfg", "scale": 2}}
+    assert parse_arm("b=apg:scale=10,eta=0@builtin:tiny") == {
+        "name": "b",
+        "policy": "apg:scale=10,eta=0",
+        "model": "builtin:tiny",
+    }
+    assert parse_arm('{"name": "j", "policy": {"name": "cfg", "scale": 2}}') == {
+        "name": "j",
+        "policy": {"name": "cfg", "scale": 2},
+    }
     for bad in ("cfg:scale=3", "=cfg", "b=", "b=cfg@", '{"name": '):
         with pytest.raises(InvalidInput) as e:
             parse_arm(bad)
@@ -211,7 +229,12 @@ def test_text_file_dedupes_and_seeds(tmp_path):
     ps = load_prompts(str(f), seeds=2, seed=10)
     assert ps.kind == "text" and [p.text for p in ps.prompts] == ["a red circle", "a blue square", "the cat"]
     assert ps.duplicates_dropped == 1
-    assert [(it.prompt_id, it.seed) for it in ps.items[:4]] == [("p0000", 10), ("p0000", 11), ("p0001", 10), ("p0001", 11)]
+    assert [(it.prompt_id, it.seed) for it in ps.items[:4]] == [
+        ("p0000", 10),
+        ("p0000", 11),
+        ("p0001", 10),
+        ("p0001", 11),
+    ]
     # Proving-ground captions in a file get their spec (so the verifier applies); others do not.
     assert ps.prompts[0].spec is not None and ps.prompts[2].spec is None
     assert len(load_prompts(str(f), max_prompts=2).prompts) == 2
@@ -226,15 +249,23 @@ def test_geneval_and_parti_files(tmp_path):
     )
     ps = load_prompts(str(g))
     assert ps.kind == "geneval"
-    assert [(p.text, p.category) for p in ps.prompts] == [("a photo of a bench", "single_object"), ("a photo of two cats", "counting")]
+    assert [(p.text, p.category) for p in ps.prompts] == [
+        ("a photo of a bench", "single_object"),
+        ("a photo of two cats", "counting"),
+    ]
     assert ps.prompts[1].extra["include"] == [{"class": "cat", "count": 2}]
     t = tmp_path / "PartiPrompts.tsv"
-    t.write_text("Prompt\tCategory\tChallenge\tNote\nA red bus\tVehicles\tBasic\t\n"
-                 'a "quoted" sign\tArts\tWriting & Symbols\tsome note\n', encoding="utf-8")
+    t.write_text(
+        "Prompt\tCategory\tChallenge\tNote\nA red bus\tVehicles\tBasic\t\n"
+        'a "quoted" sign\tArts\tWriting & Symbols\tsome note\n',
+        encoding="utf-8",
+    )
     ps = load_prompts(str(t), seeds=3)
     assert ps.kind == "parti" and len(ps.items) == 6
     assert [(p.text, p.category, p.extra.get("challenge")) for p in ps.prompts] == [
-        ("A red bus", "Vehicles", "Basic"), ('a "quoted" sign', "Arts", "Writing & Symbols")]
+        ("A red bus", "Vehicles", "Basic"),
+        ('a "quoted" sign', "Arts", "Writing & Symbols"),
+    ]
     assert detect_format(["", "hello"]) == "text"
 
 

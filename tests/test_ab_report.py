@@ -53,11 +53,19 @@ def run(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text(PROMPTS, encoding="utf-8")
     out = root / "run"
-    results = run_ab({
-        "arms": ["base=cfg:scale=1", "strong=cfg:scale=8"], "prompts": str(prompts), "seeds": 2,
-        "output_dir": str(out), "model": "builtin:tiny", "device": "cpu", "steps": 2, "n_resamples": 200,
-        "metrics": "saturation,oversaturation,nfe,latency",
-    })
+    results = run_ab(
+        {
+            "arms": ["base=cfg:scale=1", "strong=cfg:scale=8"],
+            "prompts": str(prompts),
+            "seeds": 2,
+            "output_dir": str(out),
+            "model": "builtin:tiny",
+            "device": "cpu",
+            "steps": 2,
+            "n_resamples": 200,
+            "metrics": "saturation,oversaturation,nfe,latency",
+        }
+    )
     return out, results
 
 
@@ -90,7 +98,10 @@ def test_report_html_structure(run):
     [pair] = results["statistics"]
     for col, m in pair["metrics"].items():
         assert re.search(rf"<td class='l'>{re.escape(col)}</td><td>{m['direction']}</td>", html)
-    assert f"{pair['metrics']['nfe']['wins']} / {pair['metrics']['nfe']['ties']} / {pair['metrics']['nfe']['losses']}" in html
+    assert (
+        f"{pair['metrics']['nfe']['wins']} / {pair['metrics']['nfe']['ties']} / {pair['metrics']['nfe']['losses']}"
+        in html
+    )
 
 
 def test_report_limits_the_grids(run):
@@ -130,7 +141,7 @@ def find_in_screenshot(shot: np.ndarray, image: np.ndarray, scale: int) -> bool:
     h, w = big.shape[:2]
     candidates = np.argwhere(np.abs(shot - big[0, 0]).max(axis=-1) <= 2)
     for y, x in candidates[:20_000]:
-        if y + h <= shot.shape[0] and x + w <= shot.shape[1] and np.abs(shot[y:y + h, x:x + w] - big).mean() < 2:
+        if y + h <= shot.shape[0] and x + w <= shot.shape[1] and np.abs(shot[y : y + h, x : x + w] - big).mean() < 2:
             return True
     return False
 
@@ -138,10 +149,22 @@ def find_in_screenshot(shot: np.ndarray, image: np.ndarray, scale: int) -> bool:
 def render(page: Path, profile: Path, screenshot: Path | None = None) -> tuple[dict, str]:
     """Load ``page`` in headless Chromium; returns the <body> attributes after the load handler ran and the
     image-status text (and writes a screenshot)."""
-    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--hide-scrollbars", "--force-device-scale-factor=1", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-           "--virtual-time-budget=10000", "--dump-dom"]
+    cmd = [
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+    ]
     if screenshot is not None:
         cmd.append(f"--screenshot={screenshot}")
     proc = subprocess.run([*cmd, page.resolve().as_uri()], capture_output=True, text=True, timeout=300)

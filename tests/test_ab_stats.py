@@ -381,7 +381,9 @@ def test_compare_lower_is_better_flips_wins_not_difference():
     prompts, a, b = _hand_data()
     (pair,) = compare(
         {"A": {"score": a, "latency": a}, "B": {"score": b, "latency": b}},
-        prompts, directions={"score": "higher", "latency": "lower"}, n_resamples=500,
+        prompts,
+        directions={"score": "higher", "latency": "lower"},
+        n_resamples=500,
     )
     hi, lo = pair.metrics["score"], pair.metrics["latency"]
     assert (lo.wins, lo.ties, lo.losses) == (1, 2, 7)
@@ -406,8 +408,9 @@ def test_compare_tie_tolerance_applies_to_counts_and_wilcoxon_zeros():
     prompts = ["a", "b", "c", "d", "e"]
     a = np.zeros(5)
     b = np.array([0.01, -0.02, 0.5, 0.6, 0.7])
-    (pair,) = compare({"A": {"s": a, "t": a}, "B": {"s": b, "t": b}}, prompts,
-                      tie_tol={"s": 0.05, "t": 0.0}, n_resamples=200)
+    (pair,) = compare(
+        {"A": {"s": a, "t": a}, "B": {"s": b, "t": b}}, prompts, tie_tol={"s": 0.05, "t": 0.0}, n_resamples=200
+    )
     s, t = pair.metrics["s"], pair.metrics["t"]
     assert (s.wins, s.ties, s.losses, s.tie_tol) == (3, 2, 0, 0.05)
     assert (t.wins, t.ties, t.losses) == (4, 0, 1)
@@ -434,9 +437,7 @@ def test_compare_result_is_json_serialisable():
     back = json.loads(text)
     assert back[0]["metrics"]["s"]["wins"] == 7
     assert set(back[0]["metrics"]["s"]) == set(MetricComparison.__dataclass_fields__)
-    assert all(
-        type(v) in (int, float, str) for v in asdict(result[0].metrics["s"]).values()
-    )
+    assert all(type(v) in (int, float, str) for v in asdict(result[0].metrics["s"]).values())
 
 
 @pytest.mark.parametrize(

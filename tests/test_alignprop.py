@@ -22,9 +22,20 @@ from diffsteer.training.config_io import load_config, render_yaml
 from diffsteer.training.truncation import draw_truncation, window_mask
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model="builtin:tiny", prompts="pg-train:single", eval_prompts="", steps=4, batch_size=2,
-            reward="saturation:1", policy="cfg:scale=3", scheduler="ddim", threads=1, progress=False,
-            tensorboard=False, learning_rate=0.05)
+TINY = dict(
+    model="builtin:tiny",
+    prompts="pg-train:single",
+    eval_prompts="",
+    steps=4,
+    batch_size=2,
+    reward="saturation:1",
+    policy="cfg:scale=3",
+    scheduler="ddim",
+    threads=1,
+    progress=False,
+    tensorboard=False,
+    learning_rate=0.05,
+)
 
 
 def tiny_config(tmp_path: Path, **overrides) -> AlignPropConfig:
@@ -59,8 +70,11 @@ def _lora_grads(model, prompts, seeds, grad_at_step):
     params = [p for p in model.unet.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
-    prepared = prepare(model, {"prompt": prompts, "seeds": seeds, "steps": 5, "scheduler": "ddim",
-                               "policy": "cfg:scale=3"}, gradient_checkpointing=True)
+    prepared = prepare(
+        model,
+        {"prompt": prompts, "seeds": seeds, "steps": 5, "scheduler": "ddim", "policy": "cfg:scale=3"},
+        gradient_checkpointing=True,
+    )
     images = decode(model, prepared.run(grad_at_step=grad_at_step).latents, checkpoint=True)
     images.pow(2).sum().backward()
     return torch.cat([p.grad.flatten() for p in params])
@@ -105,17 +119,33 @@ def test_full_window_equals_untruncated_backpropagation(lora_model):
 
 def test_training_raises_the_reward_and_writes_every_artefact(tmp_path):
     """A few steps of the saturation reward on the tiny model: the reward rises; logs, grid, plot, adapter."""
-    config = tiny_config(tmp_path, max_steps=6, checkpoint_every=3, eval_every=3, eval_prompts="pg:single",
-                         eval_max_prompts=2, eval_seeds=2, tensorboard=True, truncation="uniform",
-                         truncation_k_min=1, truncation_k_max=4)
+    config = tiny_config(
+        tmp_path,
+        max_steps=6,
+        checkpoint_every=3,
+        eval_every=3,
+        eval_prompts="pg:single",
+        eval_max_prompts=2,
+        eval_seeds=2,
+        tensorboard=True,
+        truncation="uniform",
+        truncation_k_min=1,
+        truncation_k_max=4,
+    )
     summary = AlignPropTrainer(config).train()
     out = Path(config.output_dir)
     rewards = summary["eval"]["reward"]
     assert list(rewards) == ["0", "3", "6"]
     assert rewards["6"] > rewards["0"] + 0.01, rewards
     assert set(summary["eval"]["verifier.passed"]) == {"0", "3", "6"}
-    for path in ("metrics.csv", "reward_curve.png", "samples/step-00000000.png", "samples/step-00000006.png",
-                 "checkpoints/step-00000006.pt", "adapters/alignprop/pytorch_lora_weights.safetensors"):
+    for path in (
+        "metrics.csv",
+        "reward_curve.png",
+        "samples/step-00000000.png",
+        "samples/step-00000006.png",
+        "checkpoints/step-00000006.pt",
+        "adapters/alignprop/pytorch_lora_weights.safetensors",
+    ):
         assert (out / path).is_file(), path
     assert not (out / "checkpoints" / "step-00000000.pt").exists()
     assert list((out / "tensorboard").iterdir())
@@ -135,9 +165,16 @@ def test_lora_export_loads_in_diffusers_and_in_the_service(tmp_path):
     folder = Path(trainer.config.output_dir) / "adapters" / "alignprop"
 
     base = load_model("builtin:tiny", device="cpu")
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
-                                   unet=base.unet, scheduler=_ddim(base), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoders[0],
+        tokenizer=base.tokenizers[0],
+        unet=base.unet,
+        scheduler=_ddim(base),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.load_lora_weights(str(folder))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, 8, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
@@ -159,14 +196,30 @@ def _ddim(model):
 
 def _cli(args, **kwargs):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "diffsteer.training.alignprop", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffsteer.training.alignprop", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def _write_config(tmp_path: Path, name: str, **overrides) -> Path:
     path = tmp_path / f"{name}.yaml"
-    values = {**TINY, "output_dir": str(tmp_path / name), "max_steps": 6, "checkpoint_every": 1,
-              "keep_checkpoints": 0, "truncation": "gaussian", "truncation_k_mean": 2.0, "eta": 1.0, **overrides}
+    values = {
+        **TINY,
+        "output_dir": str(tmp_path / name),
+        "max_steps": 6,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 0,
+        "truncation": "gaussian",
+        "truncation_k_mean": 2.0,
+        "eta": 1.0,
+        **overrides,
+    }
     path.write_text(yaml.safe_dump(values))
     return path
 

@@ -45,6 +45,7 @@ except ImportError:  # hypothesis is a dev dependency; without it the property t
     class st:  # noqa: N801
         floats = lists = sampled_from = none = staticmethod(lambda *a, **k: _Strategy())
 
+
 POLICIES = policy_names()
 SCHEDULERS = scheduler_names()
 
@@ -60,12 +61,18 @@ BASE = {"prompt": "a red cat", "steps": 2, "width": 32, "height": 32, "seed": 1}
 def console_script_run(tmp_path_factory):
     """Start ``diffsteer generate ... --policy nope:scale=3`` as a real subprocess; the test below collects it."""
     exe = shutil.which("diffsteer")
-    command = [exe] if exe else [sys.executable, "-c", "import sys; from diffsteer.service.cli import main; sys.exit(main())"]
+    command = (
+        [exe] if exe else [sys.executable, "-c", "import sys; from diffsteer.service.cli import main; sys.exit(main())"]
+    )
     tmp = tmp_path_factory.mktemp("console")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(
         [*command, "generate", "a red cat", "--policy", "nope:scale=3", "-o", str(tmp / "x.png")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp,
     )
     yield proc, tmp
     if proc.poll() is None:
@@ -90,20 +97,44 @@ def test_closed_sets_are_what_the_checks_expect():
 
 CASES = [
     ("unknown-policy", {"policy": "nope"}, ["--policy", "nope"], "policy.name", POLICIES, ["'nope'"]),
-    ("unknown-policy-json", {"policy": {"name": "nope", "scale": 3}}, ["--policy", '{"name": "nope", "scale": 3}'],
-     "policy.name", POLICIES, ["'nope'"]),
+    (
+        "unknown-policy-json",
+        {"policy": {"name": "nope", "scale": 3}},
+        ["--policy", '{"name": "nope", "scale": 3}'],
+        "policy.name",
+        POLICIES,
+        ["'nope'"],
+    ),
     ("policy-nan", {"policy": "cfg:scale=nan"}, ["--policy", "cfg:scale=nan"], "policy.scale", None, ["finite"]),
-    ("policy-NaN-json", {"policy": {"name": "cfg", "scale": math.nan}}, ["--policy", '{"name": "cfg", "scale": NaN}'],
-     "policy.scale", None, ["finite"]),
+    (
+        "policy-NaN-json",
+        {"policy": {"name": "cfg", "scale": math.nan}},
+        ["--policy", '{"name": "cfg", "scale": NaN}'],
+        "policy.scale",
+        None,
+        ["finite"],
+    ),
     ("policy-inf", {"policy": "cfg:scale=inf"}, ["--policy", "cfg:scale=inf"], "policy.scale", None, ["finite"]),
-    ("policy-Infinity", {"policy": "cfg:scale=Infinity"}, ["--policy", "cfg:scale=Infinity"], "policy.scale", None,
-     ["finite"]),
+    (
+        "policy-Infinity",
+        {"policy": "cfg:scale=Infinity"},
+        ["--policy", "cfg:scale=Infinity"],
+        "policy.scale",
+        None,
+        ["finite"],
+    ),
     ("apg-eta-2", {"policy": "apg:eta=2"}, ["--policy", "apg:eta=2"], "policy.eta", None, ["1"]),
     ("cfg-rescale-neg", {"policy": "cfg:rescale=-1"}, ["--policy", "cfg:rescale=-1"], "policy.rescale", None, ["0"]),
     ("cfg-scale-too-big", {"policy": "cfg:scale=1000"}, ["--policy", "cfg:scale=1000"], "policy.scale", None, ["100"]),
     ("malformed-spec", {"policy": "cfg:scale"}, ["--policy", "cfg:scale"], "policy", None, ["'scale'", "key=value"]),
-    ("spec-given-twice", {"policy": "cfg:scale=3,scale=4"}, ["--policy", "cfg:scale=3,scale=4"], "policy.scale", None,
-     ["twice"]),
+    (
+        "spec-given-twice",
+        {"policy": "cfg:scale=3,scale=4"},
+        ["--policy", "cfg:scale=3,scale=4"],
+        "policy.scale",
+        None,
+        ["twice"],
+    ),
     ("invalid-json", {"policy": '{"name": "cfg",'}, ["--policy", '{"name": "cfg",'], "policy", None, ["JSON"]),
     ("json-not-object", {"policy": 7}, None, "policy", None, ["int"]),
     ("steps-0", {"steps": 0}, ["--steps", "0"], "steps", None, ["1"]),
@@ -120,12 +151,25 @@ CASES = [
     ("eta-nan", {"eta": math.nan}, ["--eta", "nan"], "eta", None, ["finite"]),
     ("eta-above-1", {"eta": 1.5}, ["--eta", "1.5"], "eta", None, ["1"]),
     ("prompt-too-long", {"prompt": "cat " * 1001}, None, "prompt", None, ["4004", "4000"]),
-    ("negative-too-long", {"negative_prompt": "x" * 4001}, ["--negative", "x" * 4001], "negative_prompt", None,
-     ["4001", "4000"]),
+    (
+        "negative-too-long",
+        {"negative_prompt": "x" * 4001},
+        ["--negative", "x" * 4001],
+        "negative_prompt",
+        None,
+        ["4001", "4000"],
+    ),
     ("prompt-not-a-string", {"prompt": 5}, None, "prompt", None, ["string"]),
     ("unknown-request-field", {"guidance_scale": 7}, None, "guidance_scale", None, []),
     ("prompt-empty-list", {"prompt": []}, None, "prompt", None, ["empty"]),
-    ("prompt-list-vs-num-images", {"prompt": ["a cat", "a dog"], "num_images": 3}, None, "num_images", None, ["3", "2"]),
+    (
+        "prompt-list-vs-num-images",
+        {"prompt": ["a cat", "a dog"], "num_images": 3},
+        None,
+        "num_images",
+        None,
+        ["3", "2"],
+    ),
     ("seed-and-seeds", {"seeds": [1, 2], "num_images": 2}, None, "seeds", None, ["seed"]),
     ("seeds-length", {"seed": None, "seeds": [1, 2, 3], "num_images": 2}, None, "seeds", None, ["3", "2"]),
     ("seeds-negative", {"seed": None, "seeds": [1, -2], "num_images": 2}, None, "seeds.1", None, ["0"]),
@@ -223,7 +267,10 @@ def test_closed_set_messages_for_policy_name_list_every_policy():
 
 def test_cross_field_interval_is_rejected_naming_interval():
     """interval_start ≥ interval_end is a cross-field check: the error may name the policy or the field."""
-    for spec in ("cfg:interval_start=0.8,interval_end=0.2", {"name": "cfg", "interval_start": 0.5, "interval_end": 0.5}):
+    for spec in (
+        "cfg:interval_start=0.8,interval_end=0.2",
+        {"name": "cfg", "interval_start": 0.5, "interval_end": 0.5},
+    ):
         with pytest.raises(InvalidInput) as info:
             parse_policy(spec)
         assert info.value.field in ("policy", "policy.interval_start", "policy.interval_end"), str(info.value)
@@ -281,7 +328,8 @@ def test_scales_one_per_requested_step_is_accepted_by_every_scheduler(sd_model, 
     must never quote a step count the user did not ask for."""
     try:
         result = generate(
-            sd_model, {**BASE, "steps": steps, "scheduler": scheduler, "policy": {"name": "cfg", "scales": [1.0] * steps}}
+            sd_model,
+            {**BASE, "steps": steps, "scheduler": scheduler, "policy": {"name": "cfg", "scales": [1.0] * steps}},
         )
     except InvalidInput as e:
         pytest.fail(f"{scheduler}: valid per-step scales refused: {e}")
@@ -359,7 +407,9 @@ def test_load_model_bad_device_is_invalid_input():
     assert info.value.field == "device", str(info.value)
 
 
-@pytest.mark.parametrize("suffix, content", [(".safetensors", b"this is not a safetensors file"), (".ckpt", b"garbage")])
+@pytest.mark.parametrize(
+    "suffix, content", [(".safetensors", b"this is not a safetensors file"), (".ckpt", b"garbage")]
+)
 def test_load_model_corrupt_checkpoint_file_is_invalid_input(tmp_path, suffix, content):
     path = tmp_path / f"broken{suffix}"
     path.write_bytes(content)
@@ -391,7 +441,10 @@ def test_spec_string_and_json_parse_to_equal_objects():
     assert type(from_spec).__name__ == "APGParams"
     assert (from_spec.scale, from_spec.eta, from_spec.momentum) == (10.0, 0.0, -0.5)
     # ... and the same through the request schema.
-    requests = [GenerationParams.parse({**BASE, "policy": p}) for p in ("apg:scale=10,eta=0,momentum=-0.5", obj, json.dumps(obj))]
+    requests = [
+        GenerationParams.parse({**BASE, "policy": p})
+        for p in ("apg:scale=10,eta=0,momentum=-0.5", obj, json.dumps(obj))
+    ]
     assert requests[0] == requests[1] == requests[2]
     assert requests[0].policy == from_spec
     # Inequality is detected (the equality above is not vacuous).
@@ -454,8 +507,15 @@ finite = dict(allow_nan=False, allow_infinity=False)
 )
 def test_cfg_spec_round_trip_property(scale, rescale, schedule, scales, start, end):
     params = parse_policy(
-        {"name": "cfg", "scale": scale, "rescale": rescale, "schedule": schedule, "scales": scales,
-         "interval_start": start, "interval_end": end}
+        {
+            "name": "cfg",
+            "scale": scale,
+            "rescale": rescale,
+            "schedule": schedule,
+            "scales": scales,
+            "interval_start": start,
+            "interval_end": end,
+        }
     )
     assert parse_policy(params.spec()) == params
 
@@ -469,7 +529,9 @@ def test_cfg_spec_round_trip_property(scale, rescale, schedule, scales, start, e
     threshold=st.floats(0, 1e6, **finite),
 )
 def test_apg_spec_round_trip_property(scale, eta, momentum, threshold):
-    params = parse_policy({"name": "apg", "scale": scale, "eta": eta, "momentum": momentum, "norm_threshold": threshold})
+    params = parse_policy(
+        {"name": "apg", "scale": scale, "eta": eta, "momentum": momentum, "norm_threshold": threshold}
+    )
     assert parse_policy(params.spec()) == params
 
 
@@ -477,8 +539,23 @@ def test_apg_spec_round_trip_property(scale, eta, momentum, threshold):
 
 
 def cli_base(tmp_path) -> list[str]:
-    return ["generate", "a red cat", "-q", "--model", "builtin:tiny", "--device", "cpu", "--steps", "2", "--size", "32",
-            "--seed", "1", "-o", str(tmp_path / "out.png")]
+    return [
+        "generate",
+        "a red cat",
+        "-q",
+        "--model",
+        "builtin:tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--size",
+        "32",
+        "--seed",
+        "1",
+        "-o",
+        str(tmp_path / "out.png"),
+    ]
 
 
 def run_cli(capsys, argv) -> tuple[int, str, str]:
@@ -570,7 +647,9 @@ def test_cli_bad_device(tmp_path, capsys):
 
 
 def test_cli_pndm_with_few_steps_does_not_traceback(tmp_path, capsys):
-    code, out, err = run_cli(capsys, [*cli_base(tmp_path), "--scheduler", "pndm", "--steps", "2", "--policy", "cfg:scale=1"])
+    code, out, err = run_cli(
+        capsys, [*cli_base(tmp_path), "--scheduler", "pndm", "--steps", "2", "--policy", "cfg:scale=1"]
+    )
     if code != 0:
         check_cli_error(code, err, "steps", fragments=["4"])
 

@@ -41,8 +41,11 @@ def _run(argv: list[str], timeout: float = 120, env: dict | None = None, **kw) -
 
 def _docker_client() -> tuple[list[str], dict[str, str]] | str:
     """(build command prefix, environment) for a client that builds with BuildKit, or why there is none."""
-    candidates = list(dict.fromkeys(p for p in (shutil.which("docker"), "/usr/bin/docker", "/usr/local/bin/docker")
-                                    if p and os.path.exists(p)))
+    candidates = list(
+        dict.fromkeys(
+            p for p in (shutil.which("docker"), "/usr/bin/docker", "/usr/local/bin/docker") if p and os.path.exists(p)
+        )
+    )
     if not candidates:
         return "no docker executable"
     info = _run([candidates[0], "info", "--format", "{{.ServerVersion}}"], timeout=30)
@@ -88,8 +91,17 @@ def _debian_base(docker: str, workdir: Path) -> None:
     """A minimal Debian with python3 (3.11) and this machine's certificate store (which holds the CA of a
     TLS-inspecting proxy, if there is one, so that pip/uv inside the build can reach PyPI)."""
     rootfs = workdir / "rootfs"
-    step = _run(["debootstrap", "--variant=minbase", "--include=ca-certificates,python3", DEBIAN_SUITE, str(rootfs),
-                 DEBIAN_MIRROR], timeout=1800)
+    step = _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=ca-certificates,python3",
+            DEBIAN_SUITE,
+            str(rootfs),
+            DEBIAN_MIRROR,
+        ],
+        timeout=1800,
+    )
     assert step.returncode == 0, step.stdout[-2000:] + step.stderr[-2000:]
     _run(["chroot", str(rootfs), "apt-get", "clean"], timeout=120)
     bundle = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
@@ -102,8 +114,22 @@ def _debian_base(docker: str, workdir: Path) -> None:
 def _uv_image(docker: str, workdir: Path) -> None:
     """An image holding only /uv and /uvx, from uv's manylinux wheel on PyPI (what ghcr.io/astral-sh/uv holds)."""
     wheels = workdir / "uv-wheel"
-    step = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                 "--platform", "manylinux_2_17_x86_64", f"uv=={UV_VERSION}", "-d", str(wheels)], timeout=600)
+    step = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            f"uv=={UV_VERSION}",
+            "-d",
+            str(wheels),
+        ],
+        timeout=600,
+    )
     assert step.returncode == 0, step.stderr
     wheel = zipfile.ZipFile(next(wheels.glob("uv-*.whl")))
     buffer = io.BytesIO()
@@ -133,11 +159,32 @@ def images(tmp_path_factory):
     tags = {}
     for target in ("train", "serve"):
         tag = f"diffsteer-test:{target}"
-        step = _run([*build, "-f", "docker/Dockerfile", "--target", target, "-t", tag,
-                     "--build-arg", f"CUDA_IMAGE={BASE_TAG}", "--build-arg", f"UV_IMAGE={UV_TAG}",
-                     "--build-arg", "UV_PYTHON_PREFERENCE=only-system", "--build-arg", "UV_NATIVE_TLS=true",
-                     "--build-arg", f"TINI_VERSION={TINI_DEBIAN}", "--progress=plain", "."],
-                    timeout=BUILD_TIMEOUT_S, env=env, cwd=ROOT)
+        step = _run(
+            [
+                *build,
+                "-f",
+                "docker/Dockerfile",
+                "--target",
+                target,
+                "-t",
+                tag,
+                "--build-arg",
+                f"CUDA_IMAGE={BASE_TAG}",
+                "--build-arg",
+                f"UV_IMAGE={UV_TAG}",
+                "--build-arg",
+                "UV_PYTHON_PREFERENCE=only-system",
+                "--build-arg",
+                "UV_NATIVE_TLS=true",
+                "--build-arg",
+                f"TINI_VERSION={TINI_DEBIAN}",
+                "--progress=plain",
+                ".",
+            ],
+            timeout=BUILD_TIMEOUT_S,
+            env=env,
+            cwd=ROOT,
+        )
         assert step.returncode == 0, step.stdout[-4000:] + step.stderr[-4000:]
         tags[target] = tag
     return docker, tags
@@ -168,8 +215,20 @@ def test_train_target_runs_alignprop_as_the_app_user_and_resumes(images, tmp_pat
     (configs / "alignprop.yaml").write_text(CONFIG)
     os.chown(out, APP_UID, APP_UID)  # the README's "$PWD/out", owned by the image's user
     # the README's command: config mounted read-only, output mounted, `alignprop CONFIG ... --resume`
-    run = [docker, "run", "--rm", "-e", "HF_HUB_OFFLINE=1", "-v", f"{configs}:/config:ro", "-v", f"{out}:/output",
-           tags["train"], "alignprop", "alignprop.yaml"]
+    run = [
+        docker,
+        "run",
+        "--rm",
+        "-e",
+        "HF_HUB_OFFLINE=1",
+        "-v",
+        f"{configs}:/config:ro",
+        "-v",
+        f"{out}:/output",
+        tags["train"],
+        "alignprop",
+        "alignprop.yaml",
+    ]
     first = _run([*run, "--set", "max_steps=1"], timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = out / "run1"
@@ -206,8 +265,12 @@ def test_serve_target_answers_a_generation(images):
                 pass
             assert time.monotonic() < end, _run([docker, "logs", container]).stderr[-3000:]
             time.sleep(1)
-        r = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "steps": 4, "seed": 3},
-                       headers={"Accept": "image/png"}, timeout=300)
+        r = httpx.post(
+            f"{url}/generate",
+            json={"prompt": "a red circle", "steps": 4, "seed": 3},
+            headers={"Accept": "image/png"},
+            timeout=300,
+        )
         assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n", r.text[:500]
         assert r.headers["x-diffsteer-seed"] == "3"
     finally:

@@ -85,7 +85,13 @@ def test_train_positional_method_config_and_extra_args(box):
     pid, rc, err = box.run("train", "alignprop", "alignprop.yaml", "--resume", "--note", "two words")
     assert (rc, err) == (0, "")
     assert box.argv() == [
-        "train", "alignprop", "--config", f"{box.config}/alignprop.yaml", "--resume", "--note", "two words",
+        "train",
+        "alignprop",
+        "--config",
+        f"{box.config}/alignprop.yaml",
+        "--resume",
+        "--note",
+        "two words",
     ]
     assert box.fake_pid() == pid  # exec: diffsteer replaced the shell, so it receives the signals
 

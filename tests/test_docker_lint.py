@@ -60,7 +60,8 @@ def _arg_default(text: str, name: str) -> str:
 def test_hadolint_reports_nothing():
     result = subprocess.run(
         ["hadolint", "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""

@@ -33,8 +33,7 @@ def unet():
 
 def inputs(batch: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, 16, 16, generator=g), torch.tensor(700.0),
-            torch.randn(batch, 7, 32, generator=g))
+    return (torch.randn(batch, 4, 16, 16, generator=g), torch.tensor(700.0), torch.randn(batch, 7, 32, generator=g))
 
 
 def run(unet, x, t, c, **kw):
@@ -129,9 +128,14 @@ def test_graph_guard_conditions(unet):
     assert graph_guard(unet, x, kwargs) == "not a CUDA tensor"
     unet.requires_grad_(False)
     assert graph_guard(unet, x, kwargs, require_cuda=False) is None
-    assert graph_guard(unet, x, {**kwargs, "cross_attention_kwargs": {"scale": 0.5}}, require_cuda=False) == \
-        "unsupported arguments ['cross_attention_kwargs']"
-    assert graph_guard(unet, x, {**kwargs, "cross_attention_kwargs": None, "timestep_cond": None}, require_cuda=False) is None
+    assert (
+        graph_guard(unet, x, {**kwargs, "cross_attention_kwargs": {"scale": 0.5}}, require_cuda=False)
+        == "unsupported arguments ['cross_attention_kwargs']"
+    )
+    assert (
+        graph_guard(unet, x, {**kwargs, "cross_attention_kwargs": None, "timestep_cond": None}, require_cuda=False)
+        is None
+    )
     unet.requires_grad_(True)
     with torch.enable_grad():
         assert graph_guard(unet, x, kwargs, require_cuda=False) == "autograd is recording"
@@ -155,8 +159,14 @@ def test_call_signature_keys_on_shapes_not_values():
     same, _ = call_signature((x + 1, t * 0), {"encoder_hidden_states": -c, "return_dict": False})
     assert same == key
     other, _ = call_signature((x[:1], t), {"encoder_hidden_states": c[:1], "return_dict": False})
-    sdxl, tensors = call_signature((x, t), {"encoder_hidden_states": c, "return_dict": False,
-                                           "added_cond_kwargs": {"text_embeds": c[:, 0], "time_ids": c[:, 0, :6]}})
+    sdxl, tensors = call_signature(
+        (x, t),
+        {
+            "encoder_hidden_states": c,
+            "return_dict": False,
+            "added_cond_kwargs": {"text_embeds": c[:, 0], "time_ids": c[:, 0, :6]},
+        },
+    )
     assert len({key, other, sdxl}) == 3 and len(tensors) == 5
 
 
@@ -183,7 +193,9 @@ def test_graph_cache_copies_inputs_in_clones_outputs_and_evicts(unet, monkeypatc
         return fp._Graph(_ReplayOnCPU(forward.inner, static, output), static, output)
 
     monkeypatch.setattr(forward, "_capture", capture)
-    monkeypatch.setattr(fp, "graph_guard", lambda unet, sample, kwargs: graph_guard(unet, sample, kwargs, require_cuda=False))
+    monkeypatch.setattr(
+        fp, "graph_guard", lambda unet, sample, kwargs: graph_guard(unet, sample, kwargs, require_cuda=False)
+    )
     outs, refs = [], []
     for seed, batch in [(0, 2), (1, 2), (2, 1), (3, 3), (4, 2)]:
         x, t, c = inputs(batch, seed)
@@ -196,7 +208,10 @@ def test_graph_cache_copies_inputs_in_clones_outputs_and_evicts(unet, monkeypatc
     assert (forward.stats.captures, forward.stats.replays, forward.stats.evictions) == (4, 5, 2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (the CPU tests above cover the guards and the buffer logic)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CUDA graphs need a CUDA device (the CPU tests above cover the guards and the buffer logic)",
+)
 def test_cuda_graph_replay_equals_eager_on_cuda():
     unet = tiny_unet(cross_dim=32, seed=0).cuda()
     x, t, c = (v.cuda() for v in inputs())
@@ -230,8 +245,12 @@ def test_worker_buckets_by_condition_shape_and_dtype():
     captured graphs are keyed on)."""
     unet = _RowwiseUNet()
     worker = DeviceWorker(batching=True, max_rows=16, window_s=0.5)
-    calls = [((4, 2, 2), 7, torch.float32), ((4, 2, 2), 7, torch.float32), ((4, 2, 2), 9, torch.float32),
-             ((4, 2, 2), 7, torch.float64)]
+    calls = [
+        ((4, 2, 2), 7, torch.float32),
+        ((4, 2, 2), 7, torch.float32),
+        ((4, 2, 2), 9, torch.float32),
+        ((4, 2, 2), 7, torch.float64),
+    ]
     results = [None] * len(calls)
     barrier = threading.Barrier(len(calls))
 

@@ -91,7 +91,9 @@ def test_reverse_kl_reproduces_the_dmd_gradient_on_a_hand_built_case():
     # forward KL weights the images by r / mean(r)
     gen.grad = None
     _, h = DIVERGENCES["forward_kl"]
-    distribution_matching_loss(gen, dmd_gradient(gen, real, fake, batch_normalised(h(torch.tensor([1.0, 3.0]))))).backward()
+    distribution_matching_loss(
+        gen, dmd_gradient(gen, real, fake, batch_normalised(h(torch.tensor([1.0, 3.0]))))
+    ).backward()
     torch.testing.assert_close(gen.grad, expected * torch.tensor([[0.5], [1.5]]), rtol=1e-5, atol=1e-6)
 
 
@@ -136,8 +138,19 @@ def test_student_schedule_starts_at_the_last_timestep_and_ends_at_x0():
 
 # ----------------------------------------------------------------------------- the trainer
 
-TINY = dict(model="builtin:tiny", eval_prompts="", batch_size=2, threads=1, progress=False, tensorboard=False,
-            fake_updates_per_step=2, learning_rate=1e-3, fake_learning_rate=1e-3, checkpoint_every=1, ema_decay=0.5)
+TINY = dict(
+    model="builtin:tiny",
+    eval_prompts="",
+    batch_size=2,
+    threads=1,
+    progress=False,
+    tensorboard=False,
+    fake_updates_per_step=2,
+    learning_rate=1e-3,
+    fake_learning_rate=1e-3,
+    checkpoint_every=1,
+    ema_decay=0.5,
+)
 
 
 def tiny_config(tmp_path: Path, **overrides) -> FDistillConfig:
@@ -187,8 +200,18 @@ def test_training_moves_every_network_and_resumes_exactly(tmp_path):
 
 
 def test_reverse_kl_without_gan_has_no_discriminator_and_lora_student(tmp_path):
-    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, divergence="reverse_kl", gan_weight=0.0,
-                                          trainable="lora", fake_trainable="lora", export="both", ema_decay=0.0))
+    trainer = FDistillTrainer(
+        tiny_config(
+            tmp_path,
+            max_steps=1,
+            divergence="reverse_kl",
+            gan_weight=0.0,
+            trainable="lora",
+            fake_trainable="lora",
+            export="both",
+            ema_decay=0.0,
+        )
+    )
     assert set(trainer.optimizers) == {"student", "fake_score"} and trainer.discriminator is None
     summary = trainer.train()
     assert Path(summary["adapter"]).is_file() and (Path(summary["pipeline"]) / "model_index.json").is_file()
@@ -196,8 +219,17 @@ def test_reverse_kl_without_gan_has_no_discriminator_and_lora_student(tmp_path):
 
 def test_teacher_samples_as_real_data(tmp_path):
     """real_data: teacher draws the discriminator's real samples from the teacher under teacher_policy."""
-    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, real_data="teacher", prompts="pg-train:single",
-                                          teacher_steps=2, divergence="forward_kl", fake_updates_per_step=1))
+    trainer = FDistillTrainer(
+        tiny_config(
+            tmp_path,
+            max_steps=1,
+            real_data="teacher",
+            prompts="pg-train:single",
+            teacher_steps=2,
+            divergence="forward_kl",
+            fake_updates_per_step=1,
+        )
+    )
     batch = trainer.draw_batch(0, 0, 0)
     assert batch.real_images is None and all(p in trainer.train_prompts for p in batch.prompts)
     conditions, _ = trainer._encode(batch.prompts)
@@ -211,8 +243,11 @@ def test_teacher_samples_as_real_data(tmp_path):
 def test_regression_pairs_are_the_teachers_samples_from_the_students_noise(tmp_path):
     """With regression_weight > 0 the run samples fixed (prompt, seed) pairs from the teacher once; the student's
     update adds the latent MSE between its one-step sample from that seed's noise and the teacher's sample."""
-    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, regression_weight=0.5, regression_pairs=5,
-                                          teacher_steps=2, fake_updates_per_step=1))
+    trainer = FDistillTrainer(
+        tiny_config(
+            tmp_path, max_steps=1, regression_weight=0.5, regression_pairs=5, teacher_steps=2, fake_updates_per_step=1
+        )
+    )
     from diffsteer.guidance.sampler import prepare
 
     prompts, seeds = trainer.pair_prompts, trainer.pair_seeds
@@ -224,23 +259,47 @@ def test_regression_pairs_are_the_teachers_samples_from_the_students_noise(tmp_p
     assert batch.pairs is not None and trainer.draw_batch(0, 0, 0).pairs is None
     with torch.no_grad():
         cond = trainer._encode([prompts[i] for i in batch.pairs])[0]["cond"]
-        student = trainer._x0(trainer.student, trainer._gaussian([seeds[i] for i in batch.pairs]),
-                              torch.full((len(batch.pairs),), trainer.student_ts[0]), cond)
+        student = trainer._x0(
+            trainer.student,
+            trainer._gaussian([seeds[i] for i in batch.pairs]),
+            torch.full((len(batch.pairs),), trainer.student_ts[0]),
+            cond,
+        )
         by_hand = ((student - expected[batch.pairs]) ** 2).mean(dim=(1, 2, 3)).mean()
         torch.testing.assert_close(trainer.pair_regression_loss(batch.pairs), by_hand)
     trainer.train()
     rows = (Path(trainer.config.output_dir) / "metrics.csv").read_text().splitlines()
     assert any(r.startswith("1,train,loss.regression,") for r in rows)
-    again = FDistillTrainer(tiny_config(tmp_path / "again", max_steps=1, regression_weight=0.5, regression_pairs=5,
-                                        teacher_steps=2, fake_updates_per_step=1))
+    again = FDistillTrainer(
+        tiny_config(
+            tmp_path / "again",
+            max_steps=1,
+            regression_weight=0.5,
+            regression_pairs=5,
+            teacher_steps=2,
+            fake_updates_per_step=1,
+        )
+    )
     assert again.pair_seeds == seeds and torch.equal(again.pair_samples, trainer.pair_samples)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("divergence", "pearson"), ("regression_weight", -0.1), ("ratio_min", 0.0), ("ratio_min", 50.0), ("gan_weight", -1.0),
-    ("fake_updates_per_step", 0), ("ratio_ema", 1.0), ("ema_decay", 1.0), ("timestep_min", 990),
-    ("fake_learning_rate", 0.0), ("eta", 0.5), ("ratio_bins", -1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("divergence", "pearson"),
+        ("regression_weight", -0.1),
+        ("ratio_min", 0.0),
+        ("ratio_min", 50.0),
+        ("gan_weight", -1.0),
+        ("fake_updates_per_step", 0),
+        ("ratio_ema", 1.0),
+        ("ema_decay", 1.0),
+        ("timestep_min", 990),
+        ("fake_learning_rate", 0.0),
+        ("eta", 0.5),
+        ("ratio_bins", -1),
+    ],
+)
 def test_bad_config_values_name_the_field(tmp_path, field, value):
     with pytest.raises(InvalidInput, match=field):
         tiny_config(tmp_path, **{field: value})
@@ -301,20 +360,43 @@ def _assert_one_step_agreement(trainer: FDistillTrainer, folder: Path) -> None:
     from diffsteer.guidance.sampler import generate, initial_noise
 
     model = load_model(str(folder), device="cpu")
-    ours = generate(model, {"prompt": ["a red circle", "two blue squares"], "seeds": [3, 4], "steps": 1,
-                            "policy": "cfg:scale=1", "scheduler": "default"})
+    ours = generate(
+        model,
+        {
+            "prompt": ["a red circle", "two blue squares"],
+            "seeds": [3, 4],
+            "steps": 1,
+            "policy": "cfg:scale=1",
+            "scheduler": "default",
+        },
+    )
     assert ours.nfe == [1, 1]
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    latents, _ = initial_noise([3, 4], (4, model.unet.config.sample_size, model.unet.config.sample_size), torch.device("cpu"))
-    theirs = pipe(["a red circle", "two blue squares"], num_inference_steps=1, guidance_scale=0.0, latents=latents,
-                  output_type="np").images
+    latents, _ = initial_noise(
+        [3, 4], (4, model.unet.config.sample_size, model.unet.config.sample_size), torch.device("cpu")
+    )
+    theirs = pipe(
+        ["a red circle", "two blue squares"],
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        latents=latents,
+        output_type="np",
+    ).images
     torch.testing.assert_close(ours.pixels.permute(0, 2, 3, 1), torch.as_tensor(theirs), rtol=0, atol=2e-3)
 
     from diffsteer.training.fdistill import DistillBatch
 
     conditions, _ = trainer._encode(["a red circle", "two blue squares"])
-    batch = DistillBatch(["a red circle", "two blue squares"], [3, 4], torch.zeros(2, dtype=torch.long), [0, 0],
-                         torch.zeros(2, dtype=torch.long), [0, 0], None, 0)
+    batch = DistillBatch(
+        ["a red circle", "two blue squares"],
+        [3, 4],
+        torch.zeros(2, dtype=torch.long),
+        [0, 0],
+        torch.zeros(2, dtype=torch.long),
+        [0, 0],
+        None,
+        0,
+    )
     with torch.no_grad():
         own = decode(trainer.model, trainer.generate(batch, conditions["cond"], unet=trainer.export_unet()))
     torch.testing.assert_close(ours.pixels, own, rtol=0, atol=2e-3)
@@ -344,8 +426,16 @@ def test_reno_runs_on_the_exported_student(exported):
 
     _, folder = exported
     model = load_model(str(folder), device="cpu")
-    result = generate(model, {"prompt": "a red circle", "seed": 1, "steps": 1, "scheduler": "default",
-                              "policy": {"name": "reno", "reward": "saturation:1", "iterations": 2}})
+    result = generate(
+        model,
+        {
+            "prompt": "a red circle",
+            "seed": 1,
+            "steps": 1,
+            "scheduler": "default",
+            "policy": {"name": "reno", "reward": "saturation:1", "iterations": 2},
+        },
+    )
     assert result.images and result.nfe[0] >= 2
 
 

@@ -61,10 +61,21 @@ def parse_generation_parameters(x: str) -> dict[str, str]:
 
 
 META = {
-    "prompt": "a red circle, a blue square: left of it", "negative_prompt": "blurry, dark", "seed": 12345,
-    "policy": "cfg:scale=3,interval_start=0.2,scales=[1,2]", "cfg_scale": 3.0, "steps": 20,
-    "scheduler": "dpmpp_2m_karras", "sampler": "DPM++ 2M", "schedule_type": "Karras", "width": 64,
-    "height": 48, "eta": 0.0, "model": "builtin:proving-ground", "nfe": 38, "lora": "style:0.8,detail:1",
+    "prompt": "a red circle, a blue square: left of it",
+    "negative_prompt": "blurry, dark",
+    "seed": 12345,
+    "policy": "cfg:scale=3,interval_start=0.2,scales=[1,2]",
+    "cfg_scale": 3.0,
+    "steps": 20,
+    "scheduler": "dpmpp_2m_karras",
+    "sampler": "DPM++ 2M",
+    "schedule_type": "Karras",
+    "width": 64,
+    "height": 48,
+    "eta": 0.0,
+    "model": "builtin:proving-ground",
+    "nfe": 38,
+    "lora": "style:0.8,detail:1",
 }
 
 
@@ -81,11 +92,22 @@ def test_a1111_reads_every_field_back():
     assert got["Lora"] == META["lora"] and got["NFE"] == "38"
 
 
-@pytest.mark.parametrize(("ours", "name", "schedule"), [
-    ("ddim", "DDIM", None), ("euler_a", "Euler a", None), ("euler", "Euler", None), ("dpmpp_2m", "DPM++ 2M", None),
-    ("dpmpp_2m_karras", "DPM++ 2M", "Karras"), ("pndm", "PLMS", None), ("unipc", "UniPC", None),
-    ("heun", "Heun", None), ("lms", "LMS", None), ("lcm", "LCM", None), ("ddpm", "DDPM", None),
-])
+@pytest.mark.parametrize(
+    ("ours", "name", "schedule"),
+    [
+        ("ddim", "DDIM", None),
+        ("euler_a", "Euler a", None),
+        ("euler", "Euler", None),
+        ("dpmpp_2m", "DPM++ 2M", None),
+        ("dpmpp_2m_karras", "DPM++ 2M", "Karras"),
+        ("pndm", "PLMS", None),
+        ("unipc", "UniPC", None),
+        ("heun", "Heun", None),
+        ("lms", "LMS", None),
+        ("lcm", "LCM", None),
+        ("ddpm", "DDPM", None),
+    ],
+)
 def test_sampler_names_are_a1111s(ours, name, schedule):
     assert a1111_sampler(ours) == (name, schedule)
     text = a1111_parameters({**META, "scheduler": ours, "sampler": name, "schedule_type": schedule})
@@ -95,8 +117,10 @@ def test_sampler_names_are_a1111s(ours, name, schedule):
 
 def test_default_scheduler_is_resolved_through_the_checkpoint():
     assert resolve_scheduler_name("default", {"_class_name": "PNDMScheduler"}) == "pndm"
-    assert resolve_scheduler_name("default", {"_class_name": "DPMSolverMultistepScheduler",
-                                              "use_karras_sigmas": True}) == "dpmpp_2m_karras"
+    assert (
+        resolve_scheduler_name("default", {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True})
+        == "dpmpp_2m_karras"
+    )
     assert a1111_sampler("default", {"_class_name": "EulerAncestralDiscreteScheduler"}) == ("Euler a", None)
     assert set(A1111_SAMPLERS) >= {"ddim", "euler_a", "dpmpp_2m_karras"}
 
@@ -105,10 +129,22 @@ def test_txt2img_pngs_and_info_agree(one_thread):  # noqa: F811
     from test_service_support import app_client
 
     with app_client() as client:
-        r = client.post("/sdapi/v1/txt2img", json={
-            "prompt": "a, b: c", "negative_prompt": "d, e", "steps": 3, "seed": 7, "width": 32, "height": 32,
-            "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 4.5, "batch_size": 2,
-            "policy": "cfg:interval_start=0.1,interval_end=0.9"})
+        r = client.post(
+            "/sdapi/v1/txt2img",
+            json={
+                "prompt": "a, b: c",
+                "negative_prompt": "d, e",
+                "steps": 3,
+                "seed": 7,
+                "width": 32,
+                "height": 32,
+                "sampler_name": "DPM++ 2M",
+                "scheduler": "Karras",
+                "cfg_scale": 4.5,
+                "batch_size": 2,
+                "policy": "cfg:interval_start=0.1,interval_end=0.9",
+            },
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         info = json.loads(body["info"])

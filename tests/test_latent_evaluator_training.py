@@ -18,10 +18,25 @@ from diffsteer.training.latent_evaluator import (
     within_group_mse,
 )
 
-SMALL = dict(model="builtin:proving-ground", prompts="pg-train:single", eval_prompts="", batch_size=2, steps=3,
-             records_per_image=1, candidates=(1.0, 4.0), calibration_batches=1, reward="saturation:1",
-             width_channels=8, stages=1, threads=1, progress=False, tensorboard=False, learning_rate=1e-2,
-             checkpoint_every=1, max_steps=2)
+SMALL = dict(
+    model="builtin:proving-ground",
+    prompts="pg-train:single",
+    eval_prompts="",
+    batch_size=2,
+    steps=3,
+    records_per_image=1,
+    candidates=(1.0, 4.0),
+    calibration_batches=1,
+    reward="saturation:1",
+    width_channels=8,
+    stages=1,
+    threads=1,
+    progress=False,
+    tensorboard=False,
+    learning_rate=1e-2,
+    checkpoint_every=1,
+    max_steps=2,
+)
 
 
 def small_config(tmp_path, **overrides) -> LatentEvaluatorConfig:
@@ -51,8 +66,9 @@ def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
     from diffsteer.guidance.models import load_model
     from diffsteer.guidance.sampler import generate
 
-    trainer = LatentEvaluatorTrainer(small_config(tmp_path, eval_prompts="pg:single", eval_max_prompts=1,
-                                                  within_weight=1.0, level_weight=0.1))
+    trainer = LatentEvaluatorTrainer(
+        small_config(tmp_path, eval_prompts="pg:single", eval_max_prompts=1, within_weight=1.0, level_weight=0.1)
+    )
     summary = trainer.train()
     folder = tmp_path / "run" / "latent_evaluators"
     assert summary["latent_evaluators"] == str(folder)
@@ -62,37 +78,59 @@ def test_a_few_steps_train_export_and_the_model_uses_them(tmp_path):
     model = dataclasses.replace(load_model("builtin:proving-ground"), extra={"latent_evaluators": str(folder)})
     evaluators = evaluators_for(model)
     assert evaluators.kinds == ["alignment", "fidelity"] and evaluators.specs["alignment"].target == "saturation:1"
-    result = generate(model, {"prompt": "a red circle", "seed": 0, "steps": 3,
-                              "policy": "dynamic_cfg:candidates=[1,4],evaluator=latent"})
+    result = generate(
+        model,
+        {"prompt": "a red circle", "seed": 0, "steps": 3, "policy": "dynamic_cfg:candidates=[1,4],evaluator=latent"},
+    )
     assert len(result.trace["scale_schedule"]) == 3
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
-    straight = LatentEvaluatorTrainer(small_config(tmp_path / "a", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0))
+    straight = LatentEvaluatorTrainer(
+        small_config(
+            tmp_path / "a", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0
+        )
+    )
     straight.train()
-    first = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0, max_steps=1))
+    first = LatentEvaluatorTrainer(
+        small_config(
+            tmp_path / "b",
+            kinds=("alignment",),
+            default_weights={"alignment": 1.0},
+            batch_reuse=2,
+            within_weight=1.0,
+            max_steps=1,
+        )
+    )
     first.train()
-    resumed = LatentEvaluatorTrainer(small_config(tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0))
+    resumed = LatentEvaluatorTrainer(
+        small_config(
+            tmp_path / "b", kinds=("alignment",), default_weights={"alignment": 1.0}, batch_reuse=2, within_weight=1.0
+        )
+    )
     resumed.train(resume=True)
     for (name, a), (_, b) in zip(straight.evaluators.state_dict().items(), resumed.evaluators.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert resumed.evaluators.specs == straight.evaluators.specs  # the same calibration
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"kinds": ("alignment", "beauty")}, "kinds"),
-    ({"candidates": (2.0,)}, "candidates"),
-    ({"records_per_image": 9}, "records_per_image"),
-    ({"width_channels": 12}, "width_channels"),
-    ({"default_weights": {"fidelity": 1.0}, "kinds": ("alignment",)}, "default_weights"),
-    ({"real_images": ""}, "real_images"),
-    ({"within_weight": -1.0}, "within_weight"),
-    ({"level_weight": -0.5}, "level_weight"),
-    ({"ema_decay": 1.0}, "ema_decay"),
-    ({"recorded_batches": -1}, "recorded_batches"),
-    ({"groups_per_step": 0}, "groups_per_step"),
-    ({"alignment_target": "pixels"}, "alignment_target"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"kinds": ("alignment", "beauty")}, "kinds"),
+        ({"candidates": (2.0,)}, "candidates"),
+        ({"records_per_image": 9}, "records_per_image"),
+        ({"width_channels": 12}, "width_channels"),
+        ({"default_weights": {"fidelity": 1.0}, "kinds": ("alignment",)}, "default_weights"),
+        ({"real_images": ""}, "real_images"),
+        ({"within_weight": -1.0}, "within_weight"),
+        ({"level_weight": -0.5}, "level_weight"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"recorded_batches": -1}, "recorded_batches"),
+        ({"groups_per_step": 0}, "groups_per_step"),
+        ({"alignment_target": "pixels"}, "alignment_target"),
+    ],
+)
 def test_bad_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(InvalidInput) as e:
         small_config(tmp_path, **overrides)
@@ -121,8 +159,9 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
     model = load_model("builtin:proving-ground")
     params = {"prompt": ["a red circle"], "seeds": [7], "steps": 3, "scheduler": "ddim", "policy": "cfg:scale=1"}
     rng = np.random.default_rng(0)
-    groups = record_candidate_groups(model, params["prompt"], params["seeds"], np.random.default_rng(0), params,
-                                     (1.0, 4.0), 1)
+    groups = record_candidate_groups(
+        model, params["prompt"], params["seeds"], np.random.default_rng(0), params, (1.0, 4.0), 1
+    )
     scale = (1.0, 4.0)[rng.integers(0, 2, 1)[0]]
     step = int(np.sort(rng.choice(3, 1, replace=False))[0])
     prepared = prepare(model, params)
@@ -136,7 +175,9 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
             out = denoiser(x, StepInfo(i, 3, t, bars[i], model.prediction_type), ["uncond", "cond"])
             if i == step:
                 for k, w in enumerate((1.0, 4.0)):
-                    expected = to_x0(out["uncond"] + w * (out["cond"] - out["uncond"]), x, bars[i], model.prediction_type)
+                    expected = to_x0(
+                        out["uncond"] + w * (out["cond"] - out["uncond"]), x, bars[i], model.prediction_type
+                    )
                     torch.testing.assert_close(groups.x0[0, k], expected[0], atol=1e-5, rtol=1e-5)
                 assert float(groups.alpha_bar[0]) == pytest.approx(bars[i])
                 break
@@ -146,8 +187,16 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
 
 # ------------------------------------------------------------------------------- embedding target, recorded batches
 
-EMBEDDING = dict(reward="clip:1", alignment_target="embedding", kinds=("alignment",), default_weights={"alignment": 1.0},
-                 recorded_batches=2, groups_per_step=2, max_steps=3, ema_decay=0.5)
+EMBEDDING = dict(
+    reward="clip:1",
+    alignment_target="embedding",
+    kinds=("alignment",),
+    default_weights={"alignment": 1.0},
+    recorded_batches=2,
+    groups_per_step=2,
+    max_steps=3,
+    ema_decay=0.5,
+)
 
 
 def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidates(tmp_path):
@@ -163,8 +212,9 @@ def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidate
     model, reward = load_model("builtin:proving-ground"), get_reward("clip:1", "cpu")
     g, k = pool.reward.shape
     with torch.no_grad():
-        direct = reward.evaluate(decode(model, pool.x0.flatten(0, 1)).float(),
-                                 [p for p in pool.prompts for _ in range(k)]).total_score.view(g, k)
+        direct = reward.evaluate(
+            decode(model, pool.x0.flatten(0, 1)).float(), [p for p in pool.prompts for _ in range(k)]
+        ).total_score.view(g, k)
     torch.testing.assert_close(pool.reward, direct, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pool.image_embedding.norm(dim=-1), torch.ones(g, k))
     summary = trainer.train()
@@ -178,8 +228,9 @@ def test_recorded_embedding_groups_reproduce_the_reward_of_the_decoded_candidate
 
 
 def test_the_embedding_level_term_is_one_minus_the_cosine(tmp_path):
-    trainer = LatentEvaluatorTrainer(small_config(tmp_path, **EMBEDDING, level_weight=1.0, within_weight=0.0,
-                                                  rank_weight=0.0))
+    trainer = LatentEvaluatorTrainer(
+        small_config(tmp_path, **EMBEDDING, level_weight=1.0, within_weight=0.0, rank_weight=0.0)
+    )
     batch = trainer.draw_batch(0, 0)
     loss, _ = trainer.compute_loss(batch)
     g, k = batch.reward.shape
@@ -223,6 +274,8 @@ def test_the_shipped_configs_load(name):
 
     from diffsteer.training.config_io import load_config
 
-    config = load_config(LatentEvaluatorConfig, Path(__file__).resolve().parents[1] / "training" / "configs" / f"{name}.yaml")
+    config = load_config(
+        LatentEvaluatorConfig, Path(__file__).resolve().parents[1] / "training" / "configs" / f"{name}.yaml"
+    )
     assert config.model == "builtin:proving-ground"
     assert config.alignment_target == ("embedding" if "embedding" in name else "score")

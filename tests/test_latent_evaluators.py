@@ -29,8 +29,10 @@ WEIGHTS = {"alignment": 1.0, "fidelity": 0.5}
 
 def random_evaluators(latent_channels: int = 4, text_dim: int = 32, seed: int = 0) -> LatentEvaluators:
     torch.manual_seed(seed)
-    specs = {"alignment": EvaluatorSpec("alignment", 16, 2, True, output_mean=3.0, output_std=2.0, target="saturation:1"),
-             "fidelity": EvaluatorSpec("fidelity", 16, 1, False)}
+    specs = {
+        "alignment": EvaluatorSpec("alignment", 16, 2, True, output_mean=3.0, output_std=2.0, target="saturation:1"),
+        "fidelity": EvaluatorSpec("fidelity", 16, 1, False),
+    }
     evaluators = LatentEvaluators(latent_channels, text_dim, specs, (-8.0, 8.0), WEIGHTS)
     for p in evaluators.parameters():  # spread the outputs so that candidates are told apart clearly
         p.data.mul_(3.0)
@@ -59,11 +61,11 @@ def test_one_batched_call_equals_per_candidate_calls():
     bars = torch.linspace(0.05, 0.99, 12)
     batched = ev.score(x0, bars, text)
     for i in range(12):
-        single = {k: ev.evaluate(k, x0[i:i + 1], bars[i:i + 1], text.rows(slice(i, i + 1))) for k in WEIGHTS}
+        single = {k: ev.evaluate(k, x0[i : i + 1], bars[i : i + 1], text.rows(slice(i, i + 1))) for k in WEIGHTS}
         expected = sum(WEIGHTS[k] * single[k] for k in WEIGHTS)
-        torch.testing.assert_close(batched.total[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.total[i : i + 1], expected, atol=1e-5, rtol=1e-5)
         for k in WEIGHTS:
-            torch.testing.assert_close(batched.parts[k][i:i + 1], single[k], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched.parts[k][i : i + 1], single[k], atol=1e-5, rtol=1e-5)
 
 
 def test_outputs_use_the_saved_affine_map():
@@ -88,7 +90,10 @@ def test_save_and_load_give_the_same_scores(tmp_path, sd_model):
 
 
 def test_weights_parse_and_bad_names_are_errors_naming_the_field():
-    assert parse_weights("alignment:2, fidelity:0.25", ["alignment", "fidelity"]) == {"alignment": 2.0, "fidelity": 0.25}
+    assert parse_weights("alignment:2, fidelity:0.25", ["alignment", "fidelity"]) == {
+        "alignment": 2.0,
+        "fidelity": 0.25,
+    }
     assert parse_weights("alignment", ["alignment"]) == {"alignment": 1.0}
     with pytest.raises(InvalidInput) as e:
         parse_weights("beauty:1", ["alignment", "fidelity"])
@@ -103,9 +108,18 @@ def test_weights_parse_and_bad_names_are_errors_naming_the_field():
 def test_dynamic_cfg_picks_the_argmax_of_the_combined_latent_score(model_with_evaluators):
     model = model_with_evaluators
     candidates = [1.0, 4.0, 12.0]
-    params = {"prompt": ["a red circle", "a blue square"], "seeds": [5, 6], "steps": 3, "scheduler": "ddim",
-              "policy": {"name": "dynamic_cfg", "candidates": candidates, "evaluator": "latent",
-                         "latent_weights": "alignment:1,fidelity:0.5"}}
+    params = {
+        "prompt": ["a red circle", "a blue square"],
+        "seeds": [5, 6],
+        "steps": 3,
+        "scheduler": "ddim",
+        "policy": {
+            "name": "dynamic_cfg",
+            "candidates": candidates,
+            "evaluator": "latent",
+            "latent_weights": "alignment:1,fidelity:0.5",
+        },
+    }
     result = generate(model, params)
     chosen = result.trace["scale_schedule"]
 
@@ -115,8 +129,12 @@ def test_dynamic_cfg_picks_the_argmax_of_the_combined_latent_score(model_with_ev
     expected = []
     with torch.no_grad():
         for b, per_candidate in enumerate(x0s):
-            scores = [float(ev.evaluate("alignment", x0, ab, text.rows(slice(b, b + 1))) + 0.5 * ev.evaluate("fidelity", x0, ab))
-                      for x0 in per_candidate]
+            scores = [
+                float(
+                    ev.evaluate("alignment", x0, ab, text.rows(slice(b, b + 1))) + 0.5 * ev.evaluate("fidelity", x0, ab)
+                )
+                for x0 in per_candidate
+            ]
             ordered = sorted(scores)
             assert ordered[-1] - ordered[-2] > 1e-3  # a clear winner, so float noise cannot flip it
             expected.append(candidates[int(np.argmax(scores))])
@@ -146,17 +164,28 @@ def test_all_candidates_of_all_images_are_one_executor_unit_per_step(model_with_
 
     executor = CountingExecutor()
     steps = 4
-    generate(model_with_evaluators, {"prompt": ["a", "b", "c"], "seed": 1, "steps": steps,
-                                     "policy": {"name": "dynamic_cfg", "candidates": [1.0, 2.0, 3.0, 5.0],
-                                                "evaluator": "latent"}}, executor=executor)
+    generate(
+        model_with_evaluators,
+        {
+            "prompt": ["a", "b", "c"],
+            "seed": 1,
+            "steps": steps,
+            "policy": {"name": "dynamic_cfg", "candidates": [1.0, 2.0, 3.0, 5.0], "evaluator": "latent"},
+        },
+        executor=executor,
+    )
     scoring = executor.costs[1:-1]  # between the prompt encoding and the final decode
     assert len(scoring) == steps
     assert scoring == pytest.approx([LATENT_SCORE_COST * 4 * 3] * steps)
 
 
 def test_auto_uses_latent_evaluators_only_where_the_model_has_them(sd_model, model_with_evaluators):
-    params = {"prompt": "a red circle", "seed": 2, "steps": 2,
-              "policy": {"name": "dynamic_cfg", "candidates": [1.0, 6.0], "reward": "saturation:1"}}
+    params = {
+        "prompt": "a red circle",
+        "seed": 2,
+        "steps": 2,
+        "policy": {"name": "dynamic_cfg", "candidates": [1.0, 6.0], "reward": "saturation:1"},
+    }
     pixel = generate(sd_model, params)
     latent = generate(model_with_evaluators, params)
     explicit = generate(model_with_evaluators, {**params, "policy": {**params["policy"], "evaluator": "latent"}})
@@ -181,7 +210,9 @@ def test_reno_with_the_latent_reward_scores_the_plain_latents_first(model_with_e
     prepared = prepare(model, {**params, "policy": "cfg:scale=1"})
     with torch.no_grad():
         plain = prepared.run().latents
-    expected = latent_reward(model, "latent").score(plain, PromptInputs(states=prepared.conditions["cond"].hidden_states))
+    expected = latent_reward(model, "latent").score(
+        plain, PromptInputs(states=prepared.conditions["cond"].hidden_states)
+    )
     np.testing.assert_allclose(trace["reward_initial"], expected.numpy(), rtol=1e-4, atol=1e-4)
     assert all(best >= initial for best, initial in zip(trace["reward_best"], trace["reward_initial"]))
     with pytest.raises(InvalidInput) as e:
@@ -198,7 +229,9 @@ def test_latent_reward_gradient_is_that_of_the_negated_score():
     score, grad = reward.score_and_gradient(z, text)
     eps = 1e-2
     direction = torch.randn_like(z)
-    numeric = -(reward.score(z + eps * direction, text).sum() - reward.score(z - eps * direction, text).sum()) / (2 * eps)
+    numeric = -(reward.score(z + eps * direction, text).sum() - reward.score(z - eps * direction, text).sum()) / (
+        2 * eps
+    )
     assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=5e-2, abs=1e-3)
     torch.testing.assert_close(score, reward.score(z, text))
 
@@ -228,8 +261,10 @@ def embedding_evaluators(probe: dict | None) -> LatentEvaluators:
 
     torch.manual_seed(3)
     factor = get_reward("clip:1", "cpu").similarity_term()[1]
-    specs = {"alignment": EvaluatorSpec("alignment", 16, 2, False, output_std=factor, target="clip:1", embedding_dim=128),
-             "fidelity": EvaluatorSpec("fidelity", 16, 1, False)}
+    specs = {
+        "alignment": EvaluatorSpec("alignment", 16, 2, False, output_std=factor, target="clip:1", embedding_dim=128),
+        "fidelity": EvaluatorSpec("fidelity", 16, 1, False),
+    }
     meta = {"text_probe": probe} if probe else {}
     return LatentEvaluators(4, 32, specs, (-8.0, 8.0), WEIGHTS, meta).eval().requires_grad_(False)
 
@@ -259,9 +294,18 @@ def test_dynamic_cfg_with_an_embedding_evaluator_picks_the_direct_argmax(sd_mode
     model = dataclasses.replace(sd_model, extra={**sd_model.extra, "latent_evaluators": str(folder)})
     candidates = [1.0, 4.0, 12.0]
     prompts = ["a red circle", "a blue square"]
-    params = {"prompt": prompts, "seeds": [5, 6], "steps": 3, "scheduler": "ddim",
-              "policy": {"name": "dynamic_cfg", "candidates": candidates, "evaluator": "latent",
-                         "latent_weights": "alignment:1"}}
+    params = {
+        "prompt": prompts,
+        "seeds": [5, 6],
+        "steps": 3,
+        "scheduler": "ddim",
+        "policy": {
+            "name": "dynamic_cfg",
+            "candidates": candidates,
+            "evaluator": "latent",
+            "latent_weights": "alignment:1",
+        },
+    }
     chosen = generate(model, params).trace["scale_schedule"][0]
     ev = evaluators_for(model)
     _, ab, x0s = first_step_candidate_x0(model, params, candidates)
@@ -270,8 +314,10 @@ def test_dynamic_cfg_with_an_embedding_evaluator_picks_the_direct_argmax(sd_mode
     with torch.no_grad():
         for b, per_candidate in enumerate(x0s):
             lam = log_snr(torch.tensor([ab], dtype=torch.float64), ev.log_snr_bounds)
-            scores = [float(factor * torch.nn.functional.cosine_similarity(ev.nets["alignment"](x0, lam), text[b:b + 1]))
-                      for x0 in per_candidate]
+            scores = [
+                float(factor * torch.nn.functional.cosine_similarity(ev.nets["alignment"](x0, lam), text[b : b + 1]))
+                for x0 in per_candidate
+            ]
             ordered = sorted(scores)
             assert ordered[-1] - ordered[-2] > 1e-3
             expected.append(candidates[int(np.argmax(scores))])
@@ -283,16 +329,42 @@ def test_a_text_tower_that_is_not_the_trained_ones_is_refused_naming_the_field(s
     folder = embedding_evaluators(wrong).save(tmp_path / "emb")
     model = dataclasses.replace(sd_model, extra={**sd_model.extra, "latent_evaluators": str(folder)})
     with pytest.raises(InvalidInput) as e:
-        generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
-                         "policy": {"name": "dynamic_cfg", "candidates": [1.0, 4.0], "evaluator": "latent"}})
+        generate(
+            model,
+            {
+                "prompt": "a red circle",
+                "seed": 0,
+                "steps": 2,
+                "policy": {"name": "dynamic_cfg", "candidates": [1.0, 4.0], "evaluator": "latent"},
+            },
+        )
     assert e.value.field == "latent_evaluators" and "probe" in e.value.reason
     # weights that leave the alignment evaluator out never need (or check) its reward's text tower
-    only_fidelity = generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2, "policy": {
-        "name": "dynamic_cfg", "candidates": [1.0, 4.0], "evaluator": "latent", "latent_weights": "fidelity:1"}})
+    only_fidelity = generate(
+        model,
+        {
+            "prompt": "a red circle",
+            "seed": 0,
+            "steps": 2,
+            "policy": {
+                "name": "dynamic_cfg",
+                "candidates": [1.0, 4.0],
+                "evaluator": "latent",
+                "latent_weights": "fidelity:1",
+            },
+        },
+    )
     assert len(only_fidelity.trace["scale_schedule"]) == 2
     with pytest.raises(InvalidInput) as e:
-        generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2,
-                         "policy": {"name": "reno", "reward": "latent", "iterations": 1}})
+        generate(
+            model,
+            {
+                "prompt": "a red circle",
+                "seed": 0,
+                "steps": 2,
+                "policy": {"name": "reno", "reward": "latent", "iterations": 1},
+            },
+        )
     assert e.value.field == "latent_evaluators"
 
 
@@ -309,15 +381,25 @@ def test_the_shipped_proving_ground_evaluators_load_and_score_with_their_reward(
     if evaluators.embedding_target is not None:
         evaluators.text_tower()  # the probe saved at training matches the default library's reward
     prompts = ["a red circle", "two blue squares"]
-    result = generate(model, {"prompt": prompts, "seeds": [0, 1], "steps": 3,
-                              "policy": "dynamic_cfg:candidates=[2,3,4.5],evaluator=latent"})
+    result = generate(
+        model,
+        {"prompt": prompts, "seeds": [0, 1], "steps": 3, "policy": "dynamic_cfg:candidates=[2,3,4.5],evaluator=latent"},
+    )
     assert len(result.trace["scale_schedule"]) == 3
     # ReNO and the A/B metric read them as a reward: Σ λ_j E_j on the clean latents, the formula worked out here
-    reno = generate(model, {"prompt": prompts, "seeds": [0, 1], "steps": 2,
-                            "policy": {"name": "reno", "reward": "latent:alignment:1", "iterations": 1}})
+    reno = generate(
+        model,
+        {
+            "prompt": prompts,
+            "seeds": [0, 1],
+            "steps": 2,
+            "policy": {"name": "reno", "reward": "latent:alignment:1", "iterations": 1},
+        },
+    )
     plain = prepare(model, {"prompt": prompts, "seeds": [0, 1], "steps": 2, "policy": "cfg:scale=1"})
     with torch.no_grad():
         latents = plain.run().latents
-        expected = evaluators.evaluate("alignment", latents, 1.0,
-                                       evaluators.prompt_inputs(plain.conditions["cond"].hidden_states, prompts))
+        expected = evaluators.evaluate(
+            "alignment", latents, 1.0, evaluators.prompt_inputs(plain.conditions["cond"].hidden_states, prompts)
+        )
     np.testing.assert_allclose(reno.trace["reno"]["reward_initial"], expected.numpy(), rtol=1e-4, atol=1e-4)

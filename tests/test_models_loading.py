@@ -22,8 +22,15 @@ from diffsteer.guidance.registry import policy_class, policy_names
 from diffsteer.guidance.sampler import generate
 from diffsteer.service.cli import main
 
-REQUEST = {"prompt": "a red cat", "negative_prompt": "blurry", "policy": "cfg:scale=5", "steps": 2, "seed": 3,
-           "width": 32, "height": 32}
+REQUEST = {
+    "prompt": "a red cat",
+    "negative_prompt": "blurry",
+    "policy": "cfg:scale=5",
+    "steps": 2,
+    "seed": 3,
+    "width": 32,
+    "height": 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +156,7 @@ def test_folder_with_fp16_variant_only_loads(tmp_path, sd_model):
     assert not (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     model = load_model(str(tmp_path / "m"), device="cpu")
     assert model.family == "sd"
-    torch.testing.assert_close(
-        model.unet.conv_in.weight, sd_model.unet.conv_in.weight, rtol=0, atol=0
-    )
+    torch.testing.assert_close(model.unet.conv_in.weight, sd_model.unet.conv_in.weight, rtol=0, atol=0)
 
 
 # --- single files and hub ids, offline -----------------------------------------------------------------------
@@ -283,9 +288,27 @@ def run_generate(capsys, *args) -> tuple[int, str, str]:
 def test_cli_generate_writes_png_with_metadata(tmp_path, capsys, sd_model):
     out = tmp_path / "nested" / "cat.png"
     code, stdout, stderr = run_generate(
-        capsys, "a red cat", "--negative", "blurry", "--model", "builtin:tiny", "--device", "cpu", "--steps", "2",
-        "--size", "32x32", "--seed", "42", "--policy", "apg:scale=5,eta=0.5", "--scheduler", "euler", "-q",
-        "-o", str(out),
+        capsys,
+        "a red cat",
+        "--negative",
+        "blurry",
+        "--model",
+        "builtin:tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--size",
+        "32x32",
+        "--seed",
+        "42",
+        "--policy",
+        "apg:scale=5,eta=0.5",
+        "--scheduler",
+        "euler",
+        "-q",
+        "-o",
+        str(out),
     )
     assert code == 0, stderr
     assert out.is_file()
@@ -325,9 +348,19 @@ def test_cli_generate_writes_png_with_metadata(tmp_path, capsys, sd_model):
     assert image.text["prompt"] == "a red cat" and json.loads(image.text["seed"]) == 42
 
     # The stored policy spec reproduces the image through the Python API.
-    api = generate(sd_model, {"prompt": meta["prompt"], "negative_prompt": meta["negative_prompt"], "seed": meta["seed"],
-                              "policy": meta["policy"], "steps": meta["steps"], "scheduler": meta["scheduler"],
-                              "width": 32, "height": 32})
+    api = generate(
+        sd_model,
+        {
+            "prompt": meta["prompt"],
+            "negative_prompt": meta["negative_prompt"],
+            "seed": meta["seed"],
+            "policy": meta["policy"],
+            "steps": meta["steps"],
+            "scheduler": meta["scheduler"],
+            "width": 32,
+            "height": 32,
+        },
+    )
     saved = np.asarray(image.convert("RGB"), dtype=np.int16)
     assert np.abs(saved - np.asarray(api.images[0], dtype=np.int16)).max() <= 1
 
@@ -335,8 +368,24 @@ def test_cli_generate_writes_png_with_metadata(tmp_path, capsys, sd_model):
 def test_cli_generate_several_images_consecutive_seeds(tmp_path, capsys, sd_model):
     out = tmp_path / "shot.png"
     code, stdout, stderr = run_generate(
-        capsys, "a blue dog", "--model", "builtin:tiny", "--device", "cpu", "--steps", "2", "--size", "32",
-        "--seed", "10", "--num-images", "2", "--policy", "cfg:scale=3", "-o", str(out),
+        capsys,
+        "a blue dog",
+        "--model",
+        "builtin:tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--size",
+        "32",
+        "--seed",
+        "10",
+        "--num-images",
+        "2",
+        "--policy",
+        "cfg:scale=3",
+        "-o",
+        str(out),
     )
     assert code == 0, stderr
     paths = [tmp_path / "shot-0.png", tmp_path / "shot-1.png"]
@@ -355,8 +404,9 @@ def test_cli_generate_several_images_consecutive_seeds(tmp_path, capsys, sd_mode
     a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in paths)
     assert np.abs(a - b).max() > 0, "different seeds must give different images"
     # Image k is the image of seed + k on its own.
-    alone = generate(sd_model, {"prompt": "a blue dog", "seed": 11, "steps": 2, "policy": "cfg:scale=3",
-                                "width": 32, "height": 32})
+    alone = generate(
+        sd_model, {"prompt": "a blue dog", "seed": 11, "steps": 2, "policy": "cfg:scale=3", "width": 32, "height": 32}
+    )
     assert np.abs(b - np.asarray(alone.images[0], dtype=np.int16)).max() <= 1
 
 
@@ -374,7 +424,7 @@ def test_cli_policies_lists_every_policy_with_parameters(capsys):
     for name in names:
         start = lines.index(next(line for line in lines if line.startswith(f"{name}:")))
         block = []
-        for line in lines[start + 1:]:
+        for line in lines[start + 1 :]:
             if not line.startswith(" "):
                 break
             block.append(line.strip())

@@ -98,8 +98,22 @@ def test_perp_neg_evaluates_three_conditions_only_with_a_negative_prompt(sd_mode
 
 def test_concurrent_generations_equal_sequential(sd_model):
     jobs = [
-        {"prompt": "a red circle", "steps": 6, "seed": 1, "num_images": 2, "scheduler": "euler_a", "policy": "apg:scale=5"},
-        {"prompt": "a blue square", "steps": 7, "seed": 9, "num_images": 1, "scheduler": "dpmpp_2m", "policy": "ag:scale=4,gamma_bar=0.9"},
+        {
+            "prompt": "a red circle",
+            "steps": 6,
+            "seed": 1,
+            "num_images": 2,
+            "scheduler": "euler_a",
+            "policy": "apg:scale=5",
+        },
+        {
+            "prompt": "a blue square",
+            "steps": 7,
+            "seed": 9,
+            "num_images": 1,
+            "scheduler": "dpmpp_2m",
+            "policy": "ag:scale=4,gamma_bar=0.9",
+        },
     ]
     sequential = [generate(sd_model, job).pixels for job in jobs]
     results = [None, None]
@@ -123,7 +137,9 @@ def test_concurrent_generations_equal_sequential(sd_model):
 
 def test_batch_members_are_independent_of_the_batch(sd_model):
     """Per-image seeds: image k of a batch equals a single generation with seed + k."""
-    batch = generate(sd_model, {"prompt": "a red circle", "steps": 5, "seed": 20, "num_images": 3, "scheduler": "euler_a"})
+    batch = generate(
+        sd_model, {"prompt": "a red circle", "steps": 5, "seed": 20, "num_images": 3, "scheduler": "euler_a"}
+    )
     single = generate(sd_model, {"prompt": "a red circle", "steps": 5, "seed": 22, "scheduler": "euler_a"})
     torch.testing.assert_close(batch.pixels[2:3], single.pixels, atol=1e-5, rtol=0)
 

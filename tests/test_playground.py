@@ -32,8 +32,15 @@ TIMEOUT_MS = 120_000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with live_server(model=None, api_keys=[KEY], max_steps=200, max_width=256, max_height=256,
-                     ab_dir=tmp_path_factory.mktemp("ab"), log_level="warning") as live:
+    with live_server(
+        model=None,
+        api_keys=[KEY],
+        max_steps=200,
+        max_width=256,
+        max_height=256,
+        ab_dir=tmp_path_factory.mktemp("ab"),
+        log_level="warning",
+    ) as live:
         yield live
 
 
@@ -62,9 +69,12 @@ def api_pixels(server, body: dict) -> np.ndarray:
 
 def gallery_png(page, selector: str) -> bytes:
     """A gallery image's file, read back through its blob URL (the bytes its download link gives)."""
-    data = page.eval_on_selector(selector, """async (img) => {
+    data = page.eval_on_selector(
+        selector,
+        """async (img) => {
         const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
-        let text = ""; for (const b of bytes) text += String.fromCharCode(b); return btoa(text); }""")
+        let text = ""; for (const b of bytes) text += String.fromCharCode(b); return btoa(text); }""",
+    )
     raw = base64.b64decode(data)
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     return raw
@@ -98,7 +108,9 @@ def test_a_generation_from_the_form(page, server):
     body = {"prompt": "a red circle above a blue square", "steps": 6, "seed": 11, "policy": "cfg:scale=3"}
     expected = api_pixels(server, body)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), expected)
-    assert "download" in figure.inner_text() and figure.eval_on_selector("a.download", "a => a.download").endswith(".png")
+    assert "download" in figure.inner_text() and figure.eval_on_selector("a.download", "a => a.download").endswith(
+        ".png"
+    )
 
 
 def test_side_by_side_runs_two_policies_on_one_seed(page, tmp_path):
@@ -151,8 +163,11 @@ def test_an_ab_run_links_its_report(page, server):
     page.check("#side-by-side")
     page.fill("#steps", "4")
     page.click("#run-ab")
-    page.wait_for_function("document.querySelector(\"#ab-runs a[href$='report.html']\") || "
-                           "document.getElementById('status').classList.contains('error')", timeout=300_000)
+    page.wait_for_function(
+        "document.querySelector(\"#ab-runs a[href$='report.html']\") || "
+        "document.getElementById('status').classList.contains('error')",
+        timeout=300_000,
+    )
     assert not page.eval_on_selector("#status", "s => s.classList.contains('error')"), page.inner_text("#status")
     link = page.wait_for_selector("#ab-runs a[href$='report.html']")
     href = link.get_attribute("href")

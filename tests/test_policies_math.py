@@ -146,7 +146,9 @@ def test_apg_reduces_to_cfg_in_a_generation(fixture, request):
 
 
 def test_perp_neg_without_negative_is_cfg(sd_model):
-    torch.testing.assert_close(_pixels(sd_model, "perp_neg:scale=6"), _pixels(sd_model, "cfg:scale=6"), atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        _pixels(sd_model, "perp_neg:scale=6"), _pixels(sd_model, "cfg:scale=6"), atol=2e-5, rtol=0
+    )
     with_negative = _pixels(sd_model, "perp_neg:scale=6", negative_prompt="blue square")
     assert (with_negative - _pixels(sd_model, "cfg:scale=6")).abs().max() > 1e-4
 
@@ -155,7 +157,10 @@ def test_cfg_zero_star_zero_init_leaves_the_sample_in_place(sd_model):
     """ε = 0 for every step: DDIM keeps x/√ᾱ fixed, so the result is the decoded initial noise scaled."""
     from diffsteer.guidance.sampler import prepare
 
-    prepared = prepare(sd_model, {"prompt": "x", "steps": 4, "seed": 1, "scheduler": "ddim", "policy": "cfg_zero_star:zero_init_steps=4"})
+    prepared = prepare(
+        sd_model,
+        {"prompt": "x", "steps": 4, "seed": 1, "scheduler": "ddim", "policy": "cfg_zero_star:zero_init_steps=4"},
+    )
     with torch.no_grad():
         run = prepared.run()
     from diffsteer.guidance.sampler import make_scheduler

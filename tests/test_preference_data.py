@@ -23,14 +23,46 @@ def jpeg(colour) -> bytes:
 def pickapic_rows():
     """Rows as Pick-a-Pic v2 has them (its columns, JPEG bytes, extra columns the loader ignores)."""
     return [
-        {"are_different": True, "best_image_uid": "b", "caption": "a red circle", "created_at": "2023-04-01",
-         "has_label": True, "image_0_uid": "a", "image_0_url": "http://x/a.jpg", "image_1_uid": "b",
-         "image_1_url": "http://x/b.jpg", "jpg_0": jpeg((255, 0, 0)), "jpg_1": jpeg((0, 0, 255)), "label_0": 0.0,
-         "label_1": 1.0, "model_0": "sd-1.5", "model_1": "sdxl", "ranking_id": 7, "user_id": 3, "num_example_per_prompt": 1},
-        {"are_different": True, "best_image_uid": "", "caption": "two green squares", "created_at": "2023-04-01",
-         "has_label": True, "image_0_uid": "c", "image_0_url": "http://x/c.jpg", "image_1_uid": "d",
-         "image_1_url": "http://x/d.jpg", "jpg_0": jpeg((0, 255, 0)), "jpg_1": jpeg((0, 128, 0)), "label_0": 0.5,
-         "label_1": 0.5, "model_0": "sd-1.5", "model_1": "sd-1.5", "ranking_id": 8, "user_id": 4, "num_example_per_prompt": 1},
+        {
+            "are_different": True,
+            "best_image_uid": "b",
+            "caption": "a red circle",
+            "created_at": "2023-04-01",
+            "has_label": True,
+            "image_0_uid": "a",
+            "image_0_url": "http://x/a.jpg",
+            "image_1_uid": "b",
+            "image_1_url": "http://x/b.jpg",
+            "jpg_0": jpeg((255, 0, 0)),
+            "jpg_1": jpeg((0, 0, 255)),
+            "label_0": 0.0,
+            "label_1": 1.0,
+            "model_0": "sd-1.5",
+            "model_1": "sdxl",
+            "ranking_id": 7,
+            "user_id": 3,
+            "num_example_per_prompt": 1,
+        },
+        {
+            "are_different": True,
+            "best_image_uid": "",
+            "caption": "two green squares",
+            "created_at": "2023-04-01",
+            "has_label": True,
+            "image_0_uid": "c",
+            "image_0_url": "http://x/c.jpg",
+            "image_1_uid": "d",
+            "image_1_url": "http://x/d.jpg",
+            "jpg_0": jpeg((0, 255, 0)),
+            "jpg_1": jpeg((0, 128, 0)),
+            "label_0": 0.5,
+            "label_1": 0.5,
+            "model_0": "sd-1.5",
+            "model_1": "sd-1.5",
+            "ranking_id": 8,
+            "user_id": 4,
+            "num_example_per_prompt": 1,
+        },
     ]
 
 
@@ -52,8 +84,17 @@ def test_jsonl_with_paths_and_scores_loads(tmp_path):
     (tmp_path / "img").mkdir()
     for name, colour in (("0.png", (255, 0, 0)), ("1.png", (0, 0, 255))):
         Image.new("RGB", (8, 8), colour).save(tmp_path / "img" / name)
-    row = {"caption": "a red circle", "jpg_0": "img/0.png", "jpg_1": str(tmp_path / "img" / "1.png"), "label_0": 1,
-           "label_1": 0, "ps_score_0": 0.21, "ps_score_1": 0.19, "seed_0": 5, "seed_1": 6}
+    row = {
+        "caption": "a red circle",
+        "jpg_0": "img/0.png",
+        "jpg_1": str(tmp_path / "img" / "1.png"),
+        "label_0": 1,
+        "label_1": 0,
+        "ps_score_0": 0.21,
+        "ps_score_1": 0.19,
+        "seed_0": 5,
+        "seed_1": 6,
+    }
     (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n\n")
     data = load_preference_pairs(tmp_path / "pairs.jsonl", score_fields=("ps_score_0", "ps_score_1"))
     pair = data.pairs[0]
@@ -62,18 +103,21 @@ def test_jsonl_with_paths_and_scores_loads(tmp_path):
     assert pair.images()[0].getpixel((0, 0)) == (255, 0, 0)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"caption": None}, "row 1: caption"),
-    ({"jpg_1": None}, "row 1: jpg_1"),
-    ({"label_0": 0.3, "label_1": 0.7}, "row 1: label_0"),
-    ({"label_0": 1.0, "label_1": 1.0}, "row 1: label_1"),
-    ({"label_0": "yes"}, "row 1: label_0"),
-    ({"jpg_0": "missing.png"}, "row 1: jpg_0"),
-    ({"jpg_0": 17}, "row 1: jpg_0"),
-    ({"score_0": 0.2}, "row 1: score_1"),
-    ({"score_0": float("nan"), "score_1": 0.1}, "row 1: score_0"),
-    ({"seed_0": -1}, "row 1: seed_0"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"caption": None}, "row 1: caption"),
+        ({"jpg_1": None}, "row 1: jpg_1"),
+        ({"label_0": 0.3, "label_1": 0.7}, "row 1: label_0"),
+        ({"label_0": 1.0, "label_1": 1.0}, "row 1: label_1"),
+        ({"label_0": "yes"}, "row 1: label_0"),
+        ({"jpg_0": "missing.png"}, "row 1: jpg_0"),
+        ({"jpg_0": 17}, "row 1: jpg_0"),
+        ({"score_0": 0.2}, "row 1: score_1"),
+        ({"score_0": float("nan"), "score_1": 0.1}, "row 1: score_0"),
+        ({"seed_0": -1}, "row 1: seed_0"),
+    ],
+)
 def test_malformed_rows_name_the_row_and_the_field(tmp_path, change, field):
     good = {"caption": "a", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1, "label_1": 0}
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
@@ -123,11 +167,15 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
     from diffsteer.training.pairs import PairsConfig, build_pairs, image_seeds
     from diffsteer.training.preference_data import write_preference_pairs
 
-    config = PairsConfig(output="", prompts="pg-train:single", max_prompts=2, images_per_prompt=3, steps=2, batch_size=6)
+    config = PairsConfig(
+        output="", prompts="pg-train:single", max_prompts=2, images_per_prompt=3, steps=2, batch_size=6
+    )
     rows = build_pairs(config, model=pg_model, progress=False)
     assert len(rows) == 2 * 3  # 3 pairs per prompt
     for row in rows:
-        assert row["label_0"] == (1.0 if row["score_0"] > row["score_1"] else 0.0 if row["score_0"] < row["score_1"] else 0.5)
+        assert row["label_0"] == (
+            1.0 if row["score_0"] > row["score_1"] else 0.0 if row["score_0"] < row["score_1"] else 0.5
+        )
         assert row["label_0"] + row["label_1"] == 1.0 and row["seed_0"] != row["seed_1"]
     # the recorded seed reproduces the image, and the score is the clip reward's on it
     import torch
@@ -136,13 +184,18 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
     from diffsteer.guidance.sampler import generate
 
     row = rows[0]
-    result = generate(pg_model, {"prompt": row["caption"], "seeds": [row["seed_0"]], "steps": 2, "scheduler": "ddim",
-                                 "policy": config.policy})
+    result = generate(
+        pg_model,
+        {"prompt": row["caption"], "seeds": [row["seed_0"]], "steps": 2, "scheduler": "ddim", "policy": config.policy},
+    )
     pixels = (result.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)[0]
     assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(row["jpg_0"])).convert("RGB")))
     with torch.no_grad():
-        score = get_reward("clip", "cpu").evaluate(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255,
-                                                   [row["caption"]]).total_score
+        score = (
+            get_reward("clip", "cpu")
+            .evaluate(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, [row["caption"]])
+            .total_score
+        )
     assert float(score) == pytest.approx(row["score_0"], rel=1e-5)
     # same seed, same rows; written files load back with both scores
     again = build_pairs(config, model=pg_model, progress=False)
@@ -157,7 +210,7 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
     n = config.images_per_prompt
     assert len(rest) == len(best) * (n - 1)
     for index, best_row in enumerate(best):  # the best image against each of the others of its prompt, in image order
-        prompt_rows = rest[index * (n - 1):(index + 1) * (n - 1)]
+        prompt_rows = rest[index * (n - 1) : (index + 1) * (n - 1)]
         assert {r["seed_0"] for r in prompt_rows} == {best_row["seed_0"]}
         others = [s for s in image_seeds(config.seed, index, n) if s != best_row["seed_0"]]
         assert [r["seed_1"] for r in prompt_rows] == others
@@ -202,7 +255,10 @@ def test_pooling_training_seeds_averages_runs_and_refuses_different_items(tmp_pa
         with open(folder / "records.jsonl", "w") as f:
             for arm, values in (("base", base), ("dpo", dpo)):
                 for (pid, seed), v in zip(items, values):
-                    f.write(json.dumps({"arm": arm, "prompt_id": pid, "seed": seed, "metrics": {"verifier.passed": v}}) + "\n")
+                    f.write(
+                        json.dumps({"arm": arm, "prompt_id": pid, "seed": seed, "metrics": {"verifier.passed": v}})
+                        + "\n"
+                    )
         return str(tmp_path / name)
 
     a, b = write_run("a", (1, 1, 0, 1)), write_run("b", (1, 1, 1, 1))
@@ -262,11 +318,38 @@ def test_preference_calibration_hand_worked(tmp_path, capsys):
     assert verify(scene_a, spec).passed and verify(scene_b, spec).passed and not verify(blank, spec).passed
     text = caption(spec)
     row = {"caption": text, "label_0": 1.0, "label_1": 0.0}
-    write_preference_pairs(tmp_path / "pairs.parquet", [
-        {**row, "jpg_0": png(scene_a), "jpg_1": png(blank), "score_0": 10.0, "score_1": 0.0, "seed_0": 1, "seed_1": 3},
-        {**row, "jpg_0": png(blank), "jpg_1": png(scene_b), "score_0": 6.0, "score_1": 5.0, "seed_0": 3, "seed_1": 2},
-        {**row, "jpg_0": png(scene_a), "jpg_1": png(scene_b), "score_0": 8.0, "score_1": 4.0, "seed_0": 1, "seed_1": 2},
-    ])
+    write_preference_pairs(
+        tmp_path / "pairs.parquet",
+        [
+            {
+                **row,
+                "jpg_0": png(scene_a),
+                "jpg_1": png(blank),
+                "score_0": 10.0,
+                "score_1": 0.0,
+                "seed_0": 1,
+                "seed_1": 3,
+            },
+            {
+                **row,
+                "jpg_0": png(blank),
+                "jpg_1": png(scene_b),
+                "score_0": 6.0,
+                "score_1": 5.0,
+                "seed_0": 3,
+                "seed_1": 2,
+            },
+            {
+                **row,
+                "jpg_0": png(scene_a),
+                "jpg_1": png(scene_b),
+                "score_0": 8.0,
+                "score_1": 4.0,
+                "seed_0": 1,
+                "seed_1": 2,
+            },
+        ],
+    )
     assert main([str(tmp_path / "pairs.parquet"), "--temperature", "1", "--bins", "3"]) == 0
     out = capsys.readouterr()
     report = json.loads(out.err.strip().splitlines()[-1])

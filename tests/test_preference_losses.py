@@ -19,12 +19,18 @@ def test_hand_worked_case():
     e0, e1, r0, r1 = (torch.tensor([v], dtype=torch.float64) for v in (0.3, 0.5, 0.4, 0.4))
     assert preference_margin(e0, e1, r0, r1).item() == pytest.approx(-0.2)
     # p = 1, beta = 10: -log sigmoid(-0.5 * 10 * -0.2) = log(1 + e^-1)
-    assert smpo_loss(e0, e1, r0, r1, torch.tensor([1.0], dtype=torch.float64), 10).item() == pytest.approx(math.log1p(math.exp(-1)))
+    assert smpo_loss(e0, e1, r0, r1, torch.tensor([1.0], dtype=torch.float64), 10).item() == pytest.approx(
+        math.log1p(math.exp(-1))
+    )
     assert diffusion_dpo_loss(e0, e1, r0, r1, 10).item() == pytest.approx(math.log1p(math.exp(-1)))
     # p = 0.75 halves the argument: log(1 + e^-0.5)
-    assert smpo_loss(e0, e1, r0, r1, torch.tensor([0.75], dtype=torch.float64), 10).item() == pytest.approx(math.log1p(math.exp(-0.5)))
+    assert smpo_loss(e0, e1, r0, r1, torch.tensor([0.75], dtype=torch.float64), 10).item() == pytest.approx(
+        math.log1p(math.exp(-0.5))
+    )
     # p = 0 makes image 1 the winner: log(1 + e^1)
-    assert smpo_loss(e0, e1, r0, r1, torch.tensor([0.0], dtype=torch.float64), 10).item() == pytest.approx(math.log1p(math.exp(1)))
+    assert smpo_loss(e0, e1, r0, r1, torch.tensor([0.0], dtype=torch.float64), 10).item() == pytest.approx(
+        math.log1p(math.exp(1))
+    )
 
 
 def test_half_preference_gives_log2_and_zero_gradient():
@@ -51,7 +57,9 @@ def test_p_one_without_inversion_is_diffusion_dpo_and_the_public_codes_beta_is_t
     for p in (1.0, 0.8, 0.3):
         scale_term = -0.5 * public_beta_dpo * (2 * p - 1) * 10
         public = -torch.nn.functional.logsigmoid(scale_term * ((e0 - e1) - (r0 - r1)))
-        assert torch.allclose(smpo_loss(e0, e1, r0, r1, torch.full((6,), p, dtype=torch.float64), 10 * public_beta_dpo), public)
+        assert torch.allclose(
+            smpo_loss(e0, e1, r0, r1, torch.full((6,), p, dtype=torch.float64), 10 * public_beta_dpo), public
+        )
     # and as the public Diffusion-DPO code writes its loss
     scale_term = -0.5 * beta
     dpo_public = -torch.nn.functional.logsigmoid(scale_term * ((e0 - e1) - (r0 - r1)))

@@ -42,15 +42,34 @@ def pairs_file(tmp_path_factory) -> Path:
         s_good, s_bad = 20.0 + i, 12.0 + 0.5 * i
         first_good = i % 2 == 0
         a, b = (good, bad) if first_good else (bad, good)
-        rows.append({"caption": f"a {good} circle", "jpg_0": shape_png(a), "jpg_1": shape_png(b),
-                     "label_0": 1.0 if first_good else 0.0, "label_1": 0.0 if first_good else 1.0,
-                     "score_0": s_good if first_good else s_bad, "score_1": s_bad if first_good else s_good})
+        rows.append(
+            {
+                "caption": f"a {good} circle",
+                "jpg_0": shape_png(a),
+                "jpg_1": shape_png(b),
+                "label_0": 1.0 if first_good else 0.0,
+                "label_1": 0.0 if first_good else 1.0,
+                "score_0": s_good if first_good else s_bad,
+                "score_1": s_bad if first_good else s_good,
+            }
+        )
     return write_preference_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", rows)
 
 
 def config(cls, tmp_path: Path, pairs_file: Path, name: str, **overrides):
-    values = dict(data=str(pairs_file), output_dir=str(tmp_path / name), eval_prompts="", batch_size=2, max_steps=2,
-                  threads=1, progress=False, tensorboard=False, learning_rate=0.01, beta=500.0, checkpoint_every=1)
+    values = dict(
+        data=str(pairs_file),
+        output_dir=str(tmp_path / name),
+        eval_prompts="",
+        batch_size=2,
+        max_steps=2,
+        threads=1,
+        progress=False,
+        tensorboard=False,
+        learning_rate=0.01,
+        beta=500.0,
+        checkpoint_every=1,
+    )
     return cls(**{**values, **overrides})
 
 
@@ -103,8 +122,18 @@ def test_reference_is_the_base_unet_with_the_adapter_switched_off(tmp_path, pair
 def test_full_unet_training_keeps_a_frozen_reference_copy(tmp_path, pairs_file):
     from diffsteer.guidance.models import load_model
 
-    trainer = DPOTrainer(config(DPOConfig, tmp_path, pairs_file, "full", trainable="full", export="pipeline",
-                                max_steps=1, learning_rate=1e-3))
+    trainer = DPOTrainer(
+        config(
+            DPOConfig,
+            tmp_path,
+            pairs_file,
+            "full",
+            trainable="full",
+            export="pipeline",
+            max_steps=1,
+            learning_rate=1e-3,
+        )
+    )
     summary = trainer.train()
     base = probe(load_model("builtin:proving-ground", device="cpu").unet)
     torch.testing.assert_close(probe(trainer.reference_unet), base)
@@ -130,7 +159,9 @@ def test_smpo_resume_repeats_the_uninterrupted_run(tmp_path, pairs_file):
 def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
     from diffsteer.training.smpo import smoothed_preference
 
-    trainer = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "p", preference_score_min=10.0, preference_score_max=30.0))
+    trainer = SmPOTrainer(
+        config(SmPOConfig, tmp_path, pairs_file, "p", preference_score_min=10.0, preference_score_max=30.0)
+    )
     batch = trainer.draw_batch(0, 0)
     chosen = [trainer.pairs[i] for i in trainer.epoch_indices(0, 0, len(trainer.pairs))]
     assert [p.caption for p in chosen] == batch.captions
@@ -147,8 +178,11 @@ def test_lora_loads_with_load_lora_weights_and_in_the_service(tmp_path, pairs_fi
 
     from diffsteer.guidance.models import load_model
 
-    trainer = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "lora", lora_rank=4, lora_alpha=8.0,
-                                 inversion_steps=2, learning_rate=0.05))
+    trainer = SmPOTrainer(
+        config(
+            SmPOConfig, tmp_path, pairs_file, "lora", lora_rank=4, lora_alpha=8.0, inversion_steps=2, learning_rate=0.05
+        )
+    )
     folder = Path(trainer.train()["adapter"]).parent
     pipe = load_model("builtin:proving-ground", device="cpu").to_pipeline()
     plain = probe(pipe.unet)
@@ -159,14 +193,17 @@ def test_lora_loads_with_load_lora_weights_and_in_the_service(tmp_path, pairs_fi
     assert_lora_served_like(trainer.model, folder.parent, "smpo", spec="builtin:proving-ground")
 
 
-@pytest.mark.parametrize("cls, overrides, field", [
-    (DPOConfig, {"beta": 0.0}, "beta"),
-    (DPOConfig, {"score_fields": ("a",)}, "score_fields"),
-    (SmPOConfig, {"inversion_steps": 0}, "inversion_steps"),
-    (SmPOConfig, {"renoise_iterations": -1}, "renoise_iterations"),
-    (SmPOConfig, {"preference_temperature": 0.0}, "preference_temperature"),
-    (SmPOConfig, {"preference_score_min": 2.0, "preference_score_max": 1.0}, "preference_score_max"),
-])
+@pytest.mark.parametrize(
+    "cls, overrides, field",
+    [
+        (DPOConfig, {"beta": 0.0}, "beta"),
+        (DPOConfig, {"score_fields": ("a",)}, "score_fields"),
+        (SmPOConfig, {"inversion_steps": 0}, "inversion_steps"),
+        (SmPOConfig, {"renoise_iterations": -1}, "renoise_iterations"),
+        (SmPOConfig, {"preference_temperature": 0.0}, "preference_temperature"),
+        (SmPOConfig, {"preference_score_min": 2.0, "preference_score_max": 1.0}, "preference_score_max"),
+    ],
+)
 def test_bad_config_values_name_the_field(tmp_path, cls, overrides, field):
     with pytest.raises(InvalidInput) as e:
         cls(data="x.parquet", **overrides)
@@ -176,8 +213,18 @@ def test_bad_config_values_name_the_field(tmp_path, cls, overrides, field):
 def test_bad_data_is_refused_before_training(tmp_path, pairs_file):
     with pytest.raises(InvalidInput, match="data: required"):
         DPOTrainer(DPOConfig(output_dir=str(tmp_path / "a"), eval_prompts=""))
-    unscored = write_preference_pairs(tmp_path / "u.jsonl", [
-        {"caption": "a red circle", "jpg_0": shape_png("red"), "jpg_1": shape_png("blue"), "label_0": 0.5, "label_1": 0.5}])
+    unscored = write_preference_pairs(
+        tmp_path / "u.jsonl",
+        [
+            {
+                "caption": "a red circle",
+                "jpg_0": shape_png("red"),
+                "jpg_1": shape_png("blue"),
+                "label_0": 0.5,
+                "label_1": 0.5,
+            }
+        ],
+    )
     with pytest.raises(InvalidInput, match="score_0/score_1"):
         SmPOTrainer(config(SmPOConfig, tmp_path, unscored, "b"))
     with pytest.raises(InvalidInput, match="every pair is a tie"):
@@ -196,8 +243,13 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
 
     model = load_model("builtin:proving-ground", device="cpu")
     prompts = ["a red circle", "two blue squares"]
-    x0 = prepare(model, {"prompt": prompts, "seeds": [1, 2], "steps": 10, "scheduler": "ddim",
-                         "policy": "cfg:scale=1.5"}).run().latents
+    x0 = (
+        prepare(
+            model, {"prompt": prompts, "seeds": [1, 2], "steps": 10, "scheduler": "ddim", "policy": "cfg:scale=1.5"}
+        )
+        .run()
+        .latents
+    )
     cond = encode_conditions(model, prompts, None, ["cond"], height=64, width=64)[0]["cond"]
     alpha_bars = diffusers.DDIMScheduler.from_config(model.scheduler_config).alphas_cumprod
 
@@ -215,8 +267,10 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
     for r in (0, 1):
         z = renoise_invert(eps, x0, grid, alpha_bars, r)
         errors[r] = float((ddim_reconstruct(eps, z, grid, alpha_bars) - x0).pow(2).mean())
-    print(f"\nreconstruction MSE after inverting to t=500 (4 steps): DDIM inversion {errors[0]:.5f}, "
-          f"ReNoise (1 iteration) {errors[1]:.5f}")
+    print(
+        f"\nreconstruction MSE after inverting to t=500 (4 steps): DDIM inversion {errors[0]:.5f}, "
+        f"ReNoise (1 iteration) {errors[1]:.5f}"
+    )
     assert errors[1] < 0.75 * errors[0]
 
 

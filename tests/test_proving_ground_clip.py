@@ -53,7 +53,9 @@ def reward():
 
 
 def _images(items) -> torch.Tensor:
-    return torch.from_numpy(np.stack([render_prompt(i.spec, i.seed)[0] for i in items])).permute(0, 3, 1, 2).float() / 255
+    return (
+        torch.from_numpy(np.stack([render_prompt(i.spec, i.seed)[0] for i in items])).permute(0, 3, 1, 2).float() / 255
+    )
 
 
 # ----------------------------------------------------------------------------- the shipped checkpoint
@@ -159,7 +161,11 @@ def test_attribute_edits_change_exactly_one_thing_and_stay_in_the_world():
         assert not any(is_heldout_spec(n) for n in negatives)
         assert len({canonical_key(n) for n in negatives} | {canonical_key(spec)}) == len(negatives) + 1
     red_circle = parse_caption("a red circle")
-    assert [s.caption for s in attribute_edits(red_circle, "count")] == ["two red circles", "three red circles", "four red circles"]
+    assert [s.caption for s in attribute_edits(red_circle, "count")] == [
+        "two red circles",
+        "three red circles",
+        "four red circles",
+    ]
     assert attribute_edits(red_circle, "relation") == [] and attribute_edits(red_circle, "swap") == []
     binding = parse_caption("a red circle and a blue square")
     assert [s.caption for s in attribute_edits(binding, "swap")] == ["a blue circle and a red square"]
@@ -204,9 +210,24 @@ def test_contrastive_losses_multi_positive_targets():
 def test_trainer_smoke_run_writes_a_loadable_checkpoint(tmp_path, vision_type):
     name = f"diffsteer-pg-clip-smoke-{vision_type}"
     cfg = ProvingGroundClipConfig(
-        output=str(tmp_path / "clip"), model_name=name, threads=1, steps=3, batch_size=8, vision_type=vision_type,
-        resnet_width=8, vision_width=32, vision_layers=1, vision_head_width=16, text_width=32, text_layers=1,
-        text_heads=2, embed_dim=16, warmup_steps=1, log_every=1, probe_every=2, probe_scenes=12,
+        output=str(tmp_path / "clip"),
+        model_name=name,
+        threads=1,
+        steps=3,
+        batch_size=8,
+        vision_type=vision_type,
+        resnet_width=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_head_width=16,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+        warmup_steps=1,
+        log_every=1,
+        probe_every=2,
+        probe_scenes=12,
     )
     out = train(cfg)
     log = json.loads((out / "training_log.json").read_text())
@@ -222,7 +243,9 @@ def test_trainer_smoke_run_writes_a_loadable_checkpoint(tmp_path, vision_type):
     # only the world's tokens were trained: every other row of the saved table is zero
     rows = model.token_embedding.weight.abs().sum(-1) > 0
     assert 20 <= int(rows.sum()) <= 60 and not rows[open_clip.get_tokenizer(name).encode("dog")[0]]
-    r = build_reward({"name": "clip", "model_config_path": str(config), "checkpoint": str(out / "open_clip_model.safetensors")})
+    r = build_reward(
+        {"name": "clip", "model_config_path": str(config), "checkpoint": str(out / "open_clip_model.safetensors")}
+    )
     images = torch.rand(2, 3, 64, 64, requires_grad=True)
     s = r.score(images, ["a red circle", "two blue squares"])
     s.sum().backward()

@@ -42,10 +42,19 @@ def test_loads_in_stable_diffusion_pipeline_and_matches_our_sampler(pg_model):
     pipe = StableDiffusionPipeline.from_pretrained(str(PROVING_GROUND_MODEL))
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(s) for s in (7, 8)]
-    theirs = pipe("a red circle", num_inference_steps=8, guidance_scale=3.0, num_images_per_prompt=2,
-                  generator=generators, output_type="np").images
-    ours = generate(pg_model, {"prompt": "a red circle", "seed": 7, "num_images": 2, "steps": 8,
-                               "policy": "cfg:scale=3"}).pixels.permute(0, 2, 3, 1).numpy()
+    theirs = pipe(
+        "a red circle",
+        num_inference_steps=8,
+        guidance_scale=3.0,
+        num_images_per_prompt=2,
+        generator=generators,
+        output_type="np",
+    ).images
+    ours = (
+        generate(pg_model, {"prompt": "a red circle", "seed": 7, "num_images": 2, "steps": 8, "policy": "cfg:scale=3"})
+        .pixels.permute(0, 2, 3, 1)
+        .numpy()
+    )
     assert theirs.shape == (2, 64, 64, 3)
     assert np.abs(ours - theirs).max() <= 1e-4
 
@@ -56,8 +65,16 @@ def test_the_model_draws_the_requested_colours(pg_model):
     from diffsteer.proving_ground import heldout_suite, verify
 
     items = heldout_suite("single", 12, seed=0)
-    result = generate(pg_model, {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items],
-                                 "steps": 20, "scheduler": "ddim", "policy": "cfg:scale=1.5"})
+    result = generate(
+        pg_model,
+        {
+            "prompt": [i.prompt for i in items],
+            "seeds": [i.seed for i in items],
+            "steps": 20,
+            "scheduler": "ddim",
+            "policy": "cfg:scale=1.5",
+        },
+    )
     reports = [verify(np.asarray(img), item.spec) for img, item in zip(result.images, items)]
     assert sum(r.colour_correct for r in reports) >= 9  # 11 of 12 when written; 0.87 over 216 items
 
@@ -72,9 +89,33 @@ def test_training_log_documents_the_run():
 def test_trainer_smoke_run_writes_a_loadable_pipeline(tmp_path, capsys):
     from diffsteer.proving_ground.build_model import main
 
-    main(["--output", str(tmp_path / "m"), "--num-scenes", "64", "--vae-steps", "2", "--vae-batch", "4",
-          "--vae-whole-steps", "2", "--vae-whole-batch", "2", "--vae-eval-images", "4", "--unet-steps", "2",
-          "--unet-batch", "4", "--unet-channels", "32", "32", "--category-weights", '{"single": 1.0}'])
+    main(
+        [
+            "--output",
+            str(tmp_path / "m"),
+            "--num-scenes",
+            "64",
+            "--vae-steps",
+            "2",
+            "--vae-batch",
+            "4",
+            "--vae-whole-steps",
+            "2",
+            "--vae-whole-batch",
+            "2",
+            "--vae-eval-images",
+            "4",
+            "--unet-steps",
+            "2",
+            "--unet-batch",
+            "4",
+            "--unet-channels",
+            "32",
+            "32",
+            "--category-weights",
+            '{"single": 1.0}',
+        ]
+    )
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])
     log = json.loads((out / "training_log.json").read_text())
     assert log["config"]["unet_channels"] == [32, 32] and log["config"]["category_weights"] == {"single": 1.0}
@@ -100,9 +141,13 @@ def test_one_step_student_defaults_to_one_unguided_step_and_matches_diffusers():
     assert (defaults.steps, defaults.policy) == (1, "cfg:scale=1")
     model = load_model("builtin:proving-ground-1step", device="cpu")
     prompts = ["a red circle", "two blue squares"]
-    ours = generate(model, {"prompt": prompts, "seeds": [3, 4], "scheduler": "default"})  # the Python API fills them too
+    ours = generate(
+        model, {"prompt": prompts, "seeds": [3, 4], "scheduler": "default"}
+    )  # the Python API fills them too
     assert ours.nfe == [1, 1] and (ours.params.steps, ours.params.policy.spec()) == (1, "cfg:scale=1.0")
-    named = generate(model, {"prompt": prompts[:1], "seeds": [3], "scheduler": "default", "steps": 2, "policy": "cfg:scale=2"})
+    named = generate(
+        model, {"prompt": prompts[:1], "seeds": [3], "scheduler": "default", "steps": 2, "policy": "cfg:scale=2"}
+    )
     assert named.nfe == [4] and named.params.policy.spec() == "cfg:scale=2.0"  # what a request names wins
     from diffsteer.guidance.request import GenerationParams
 
@@ -120,12 +165,19 @@ def test_one_step_student_draws_better_than_the_teacher_in_one_step():
     from diffsteer.proving_ground import heldout_suite, verify
 
     items = heldout_suite("single", 12, seed=0)
-    request = {"prompt": [i.prompt for i in items], "seeds": [i.seed for i in items], "steps": 1, "scheduler": "default",
-               "policy": "cfg:scale=1"}
+    request = {
+        "prompt": [i.prompt for i in items],
+        "seeds": [i.seed for i in items],
+        "steps": 1,
+        "scheduler": "default",
+        "policy": "cfg:scale=1",
+    }
     correct = {}
     for spec in ("builtin:proving-ground", "builtin:proving-ground-1step"):
         result = generate(load_model(spec, device="cpu"), request)
-        correct[spec] = sum(verify(np.asarray(img), item.spec).colour_correct for img, item in zip(result.images, items))
+        correct[spec] = sum(
+            verify(np.asarray(img), item.spec).colour_correct for img, item in zip(result.images, items)
+        )
     assert correct["builtin:proving-ground-1step"] >= correct["builtin:proving-ground"] + 3, correct
 
 

@@ -55,18 +55,21 @@ def test_readme_examples_validate(schema, readme, path, body):
     assert not errors, (readme, path, body, errors)
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/generate", {"prompt": "x", "policy": {"name": "apg", "scale": "6"}}),  # a string is not a number
-    ("/generate", {"prompt": "x", "policy": {"name": "nope"}}),
-    ("/generate", {"prompt": "x", "policy": {"name": "cfg", "eta": 0}}),  # apg's parameter, not cfg's
-    ("/generate", {"prompt": "x", "policy": "nope:scale=1"}),
-    ("/generate", {"prompt": "x", "steps": 10_000}),
-    ("/generate", {"prompt": "x", "width": 63}),
-    ("/generate", {"prompt": "x", "seed": 1, "seeds": [1]}),
-    ("/v1/images/generations", {"prompt": "x", "n": 100}),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}),
-    ("/ab", {"arms": ["a=cfg", "b=cfg"], "prompts": "pg:all", "output_dir": "/tmp"}),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"prompt": "x", "policy": {"name": "apg", "scale": "6"}}),  # a string is not a number
+        ("/generate", {"prompt": "x", "policy": {"name": "nope"}}),
+        ("/generate", {"prompt": "x", "policy": {"name": "cfg", "eta": 0}}),  # apg's parameter, not cfg's
+        ("/generate", {"prompt": "x", "policy": "nope:scale=1"}),
+        ("/generate", {"prompt": "x", "steps": 10_000}),
+        ("/generate", {"prompt": "x", "width": 63}),
+        ("/generate", {"prompt": "x", "seed": 1, "seeds": [1]}),
+        ("/v1/images/generations", {"prompt": "x", "n": 100}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}),
+        ("/ab", {"arms": ["a=cfg", "b=cfg"], "prompts": "pg:all", "output_dir": "/tmp"}),
+    ],
+)
 def test_bad_requests_fail_the_same_validation(schema, path, body):
     assert list(validator(schema, path).iter_errors(body))
 

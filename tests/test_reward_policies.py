@@ -44,7 +44,12 @@ def test_clip_per_image():
 
 
 def _reno(model, prompts, seeds, iterations, callback=None, **overrides):
-    params = {"prompt": prompts, "seeds": seeds, "steps": 2, "policy": {"name": "reno", "reward": REWARD, "iterations": iterations}}
+    params = {
+        "prompt": prompts,
+        "seeds": seeds,
+        "steps": 2,
+        "policy": {"name": "reno", "reward": REWARD, "iterations": iterations},
+    }
     return generate(model, {**params, **overrides}, callback=callback)
 
 
@@ -96,7 +101,10 @@ def test_reno_rejects_an_unknown_reward(sd_model):
 
 def test_dynamic_cfg_with_one_candidate_is_cfg(sd_model):
     common = {"prompt": "a red circle", "seeds": [3, 4], "steps": 4}
-    dynamic = generate(sd_model, {**common, "policy": {"name": "dynamic_cfg", "candidates": [5.0], "initial_scale": 5.0, "reward": REWARD}})
+    dynamic = generate(
+        sd_model,
+        {**common, "policy": {"name": "dynamic_cfg", "candidates": [5.0], "initial_scale": 5.0, "reward": REWARD}},
+    )
     cfg = generate(sd_model, {**common, "policy": "cfg:scale=5"})
     torch.testing.assert_close(dynamic.pixels, cfg.pixels, atol=1e-5, rtol=0)
     assert dynamic.nfe == cfg.nfe  # choosing costs no UNet evaluation
@@ -113,15 +121,25 @@ def first_step_candidate_x0(model, params: dict, candidates: list[float]):
     info = StepInfo(0, len(timesteps), timesteps[0], ab, model.prediction_type)
     with torch.no_grad():
         out = denoiser(x, info, ["uncond", "cond"])
-        x0s = [[to_x0(cfg_combine(out["cond"][b : b + 1], out["uncond"][b : b + 1], w), x[b : b + 1], ab, "epsilon")
-                for w in candidates] for b in range(x.shape[0])]
+        x0s = [
+            [
+                to_x0(cfg_combine(out["cond"][b : b + 1], out["uncond"][b : b + 1], w), x[b : b + 1], ab, "epsilon")
+                for w in candidates
+            ]
+            for b in range(x.shape[0])
+        ]
     return prepared, ab, x0s
 
 
 def test_dynamic_cfg_picks_the_candidate_a_direct_computation_picks(sd_model):
     candidates = [1.0, 4.0, 12.0]
-    params = {"prompt": ["a red circle", "a blue square"], "seeds": [5, 6], "steps": 3, "scheduler": "ddim",
-              "policy": {"name": "dynamic_cfg", "candidates": candidates, "reward": REWARD}}
+    params = {
+        "prompt": ["a red circle", "a blue square"],
+        "seeds": [5, 6],
+        "steps": 3,
+        "scheduler": "ddim",
+        "policy": {"name": "dynamic_cfg", "candidates": candidates, "reward": REWARD},
+    }
     result = generate(sd_model, params)
     chosen_first_step = result.trace["scale_schedule"][0]
 
@@ -147,5 +165,7 @@ def test_dynamic_cfg_combines_on_the_model_device():
         return {"cond": torch.ones_like(x), "uncond": torch.zeros_like(x)}
 
     policy = DynamicCFG(DynamicCFGParams(start=1.0))
-    out = policy.step(DynamicCFGState(current=torch.full((2,), 4.5)), torch.zeros(2, 4, 8, 8, device="meta"), Info, denoiser)
+    out = policy.step(
+        DynamicCFGState(current=torch.full((2,), 4.5)), torch.zeros(2, 4, 8, 8, device="meta"), Info, denoiser
+    )
     assert out.device.type == "meta" and out.shape == (2, 4, 8, 8)

@@ -27,8 +27,14 @@ def public_layout_mlp(d_in: int) -> nn.Module:
         def __init__(self):
             super().__init__()
             self.layers = nn.Sequential(
-                nn.Linear(d_in, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+                nn.Linear(d_in, 1024),
+                nn.Dropout(0.2),
+                nn.Linear(1024, 128),
+                nn.Dropout(0.2),
+                nn.Linear(128, 64),
+                nn.Dropout(0.1),
+                nn.Linear(64, 16),
+                nn.Linear(16, 1),
             )
 
         def forward(self, x):
@@ -57,12 +63,14 @@ def test_public_layout_and_default_widths():
 
 
 def test_aesthetic_score_matches_reference_and_has_gradients(tiny):
-    reward = build_reward({
-        "name": "aesthetic",
-        "model_config_path": tiny["cfg"],
-        "checkpoint": str(tiny["dir"] / "clip.bin"),
-        "head_checkpoint": str(tiny["dir"] / "sac+logos+ava1-l14-linearMSE.pth"),
-    })
+    reward = build_reward(
+        {
+            "name": "aesthetic",
+            "model_config_path": tiny["cfg"],
+            "checkpoint": str(tiny["dir"] / "clip.bin"),
+            "head_checkpoint": str(tiny["dir"] / "sac+logos+ava1-l14-linearMSE.pth"),
+        }
+    )
     assert isinstance(reward, AestheticReward) and reward.default_offset == 10.0 and not reward.uses_prompts
     assert not reward.head.training and not any(p.requires_grad for p in reward.parameters())
 

@@ -76,7 +76,9 @@ def test_clip_scores_match_open_clip_and_have_gradients(tiny, ckpt):
 
 def test_clip_unscaled_and_single_prompt_broadcast(tiny):
     reward = build_reward(
-        ClipRewardConfig(model_config_path=tiny["cfg"], checkpoint=str(tiny["dir"] / "raw.pt"), scale_by_logit_scale=False)
+        ClipRewardConfig(
+            model_config_path=tiny["cfg"], checkpoint=str(tiny["dir"] / "raw.pt"), scale_by_logit_scale=False
+        )
     )
     images = torch.rand(3, 3, 32, 32)
     s = reward.score(images, "a red cat")
@@ -123,8 +125,13 @@ def test_hps_loads_state_dict_checkpoint_and_scores_cosine(tiny):
     # Non-square images are fitted and padded with black, as HPSv2's ResizeMaxSize does.
     wide = torch.rand(1, 3, 30, 60)
     s_long = reward.score(wide, PROMPTS[:1])
-    s_ref = reference_cosine(tiny["model"], torch.nn.functional.pad(
-        torch.nn.functional.interpolate(wide, size=(16, 32), mode="bicubic", antialias=True), (0, 0, 8, 8)), PROMPTS[:1])
+    s_ref = reference_cosine(
+        tiny["model"],
+        torch.nn.functional.pad(
+            torch.nn.functional.interpolate(wide, size=(16, 32), mode="bicubic", antialias=True), (0, 0, 8, 8)
+        ),
+        PROMPTS[:1],
+    )
     assert torch.allclose(s_long, s_ref, atol=1e-5)
 
 

@@ -42,13 +42,26 @@ def paths(tmp_path_factory):
 
 def test_parse_reward_spec():
     assert parse_reward_spec("hps:5,pickscore:0.05,clip:0.01") == [
-        TermSpec("hps", 5.0), TermSpec("pickscore", 0.05), TermSpec("clip", 0.01)]
+        TermSpec("hps", 5.0),
+        TermSpec("pickscore", 0.05),
+        TermSpec("clip", 0.01),
+    ]
     assert parse_reward_spec(" Saturation : 2 : 0.8 , brightness") == [
-        TermSpec("saturation", 2.0, 0.8), TermSpec("brightness", 1.0)]
+        TermSpec("saturation", 2.0, 0.8),
+        TermSpec("brightness", 1.0),
+    ]
     assert parse_reward_spec("contrast:-1") == [TermSpec("contrast", -1.0)]
-    for bad, msg in [("hps:abc", "weight in 'hps:abc'"), ("hps:nan", "finite"), ("hps:0", "non-zero"),
-                     ("hps:1:x", "offset"), ("hps:1,,clip", "empty entry"), ("hps:1,hps:2", "twice"),
-                     ("hps:1:2:3", "name\\[:weight"), ("", "reward spec"), (":3", "missing reward name")]:
+    for bad, msg in [
+        ("hps:abc", "weight in 'hps:abc'"),
+        ("hps:nan", "finite"),
+        ("hps:0", "non-zero"),
+        ("hps:1:x", "offset"),
+        ("hps:1,,clip", "empty entry"),
+        ("hps:1,hps:2", "twice"),
+        ("hps:1:2:3", "name\\[:weight"),
+        ("", "reward spec"),
+        (":3", "missing reward name"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_reward_spec(bad)
 
@@ -67,8 +80,12 @@ def test_reno_objective_equals_hand_computed_sum(paths):
     singles = {n: r.score(images.detach(), prompts if r.uses_prompts else None) for n, r in reward.rewards.items()}
     for n in singles:
         assert torch.allclose(result.scores[n].detach(), singles[n], atol=1e-6)
-    expected = (5 * (1 - singles["hps"]) + 0.05 * (30 - singles["pickscore"])
-                + 0.01 * (100 - singles["clip"]) + 2 * (0.9 - singles["saturation"]))
+    expected = (
+        5 * (1 - singles["hps"])
+        + 0.05 * (30 - singles["pickscore"])
+        + 0.01 * (100 - singles["clip"])
+        + 2 * (0.9 - singles["saturation"])
+    )
     assert torch.allclose(result.loss_per_sample.detach(), expected, atol=1e-5)
     assert math.isclose(result.loss.item(), expected.mean().item(), rel_tol=1e-5)
     total = 5 * singles["hps"] + 0.05 * singles["pickscore"] + 0.01 * singles["clip"] + 2 * singles["saturation"]
@@ -109,7 +126,9 @@ def test_factory_forms_and_errors(paths):
     hps_cfg = HpsRewardConfig(**paths["hps"])
     assert build_reward(hps_cfg).name == "hps"
     assert build_reward("hps", configs={"hps": paths["hps"]}).name == "hps"
-    terms = build_reward([{"reward": {"name": "hps", **paths["hps"]}, "weight": 2.0}, {"name": "saturation", "offset": 0.5}])
+    terms = build_reward(
+        [{"reward": {"name": "hps", **paths["hps"]}, "weight": 2.0}, {"name": "saturation", "offset": 0.5}]
+    )
     assert terms.weights == {"hps": 2.0, "saturation": 1.0} and terms.offsets == {"hps": 1.0, "saturation": 0.5}
     assert build_reward({"terms": [{"name": "contrast", "weight": 3}]}).weights == {"contrast": 3.0}
     # Term options override the `configs` table field by field.
@@ -149,7 +168,8 @@ def reward_cfg_of(name, paths):
 
 def test_registry_documents_every_field():
     assert available_rewards() == sorted(
-        ["aesthetic", "brightness", "clip", "contrast", "hps", "jpeg_compressibility", "pickscore", "saturation"])
+        ["aesthetic", "brightness", "clip", "contrast", "hps", "jpeg_compressibility", "pickscore", "saturation"]
+    )
     for name in available_rewards():
         help_ = reward_config_help(name)
         assert all(text.strip() for text in help_.values()), name

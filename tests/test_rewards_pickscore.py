@@ -21,8 +21,13 @@ PROMPTS = ["a red cat", "a photo of a dog on the grass"]
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("pickscore")
     model, tokenizer, processor = make_tiny_hf_clip(root / "model", root / "processor")
-    return {"model_path": str(root / "model"), "processor_path": str(root / "processor"),
-            "model": model, "tokenizer": tokenizer, "processor": processor}
+    return {
+        "model_path": str(root / "model"),
+        "processor_path": str(root / "processor"),
+        "model": model,
+        "tokenizer": tokenizer,
+        "processor": processor,
+    }
 
 
 def reference_pickscore(tiny, images, prompts):
@@ -30,12 +35,16 @@ def reference_pickscore(tiny, images, prompts):
     pixel_values = tiny["processor"](list(images), do_rescale=False, return_tensors="pt")["pixel_values"]
     text = tiny["tokenizer"](prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
-        out = tiny["model"](input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixel_values)
+        out = tiny["model"](
+            input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixel_values
+        )
     return out.logits_per_image.diagonal()
 
 
 def test_pickscore_matches_clipmodel_and_has_gradients(tiny):
-    reward = build_reward({"name": "pickscore", "model_path": tiny["model_path"], "processor_path": tiny["processor_path"]})
+    reward = build_reward(
+        {"name": "pickscore", "model_path": tiny["model_path"], "processor_path": tiny["processor_path"]}
+    )
     assert isinstance(reward, PickScoreReward) and reward.default_offset == 30.0
     assert not any(p.requires_grad for p in reward.parameters())
     assert torch.equal(reward.model.visual_projection.weight, tiny["model"].visual_projection.weight)

@@ -175,7 +175,9 @@ def test_gradients_are_exact():
     # The computation is float32 by design, hence the loose gradcheck tolerances.
     x = torch.rand(1, 3, 9, 7, dtype=torch.float64, requires_grad=True)
     for cfg in (ClipPreprocessConfig(size=5), ClipPreprocessConfig(size=(4, 6), resize_mode="longest")):
-        assert torch.autograd.gradcheck(lambda y, cfg=cfg: clip_preprocess(y.float(), cfg).double(), (x,), eps=1e-3, atol=2e-3)
+        assert torch.autograd.gradcheck(
+            lambda y, cfg=cfg: clip_preprocess(y.float(), cfg).double(), (x,), eps=1e-3, atol=2e-3
+        )
     big = torch.rand(1, 3, 64, 48, requires_grad=True)
     clip_preprocess(big, ClipPreprocessConfig(size=32)).square().sum().backward()
     assert big.grad is not None and big.grad.abs().sum() > 0
@@ -188,8 +190,14 @@ def test_config_validation_and_hf_layouts(tmp_path):
         ClipPreprocessConfig(std=(0.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="shape"):
         clip_preprocess(torch.rand(3, 8, 8), ClipPreprocessConfig(size=4))
-    old = {"size": 224, "crop_size": 224, "do_center_crop": True, "resample": 3,
-           "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
+    old = {
+        "size": 224,
+        "crop_size": 224,
+        "do_center_crop": True,
+        "resample": 3,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+    }
     (tmp_path / "preprocessor_config.json").write_text(__import__("json").dumps(old))
     cfg = ClipPreprocessConfig.from_hf_image_processor(tmp_path)
     assert cfg.size == (224, 224) and cfg.shortest_edge == 224 and cfg.interpolation == "bicubic"

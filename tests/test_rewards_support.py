@@ -45,7 +45,9 @@ def make_open_clip_model(cfg: dict | None = None, seed: int = 0) -> torch.nn.Mod
 
 def _byte_chars() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2 / CLIP convention)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -113,8 +115,12 @@ def make_tiny_hf_clip(model_dir: Path, processor_dir: Path, image_size: int = 32
             pad_token_id=ids["eos"],
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
         ),
         projection_dim=16,
         logit_scale_init_value=float(np.log(40.0)),

@@ -122,8 +122,18 @@ def test_report_and_images_are_served(client, finished_run, ab_dir):
 
 @pytest.mark.parametrize(
     "path",
-    ["job.json", "records.jsonl", "%2e%2e/%2e%2e/etc/passwd", "images/%2e%2e/job.json", "images/..%2fjob.json",
-     "%2fetc%2fpasswd", "images/base/%2e%2e/%2e%2e/records.jsonl.png", "images", "report.html/", "plots/../job.json"],
+    [
+        "job.json",
+        "records.jsonl",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "images/%2e%2e/job.json",
+        "images/..%2fjob.json",
+        "%2fetc%2fpasswd",
+        "images/base/%2e%2e/%2e%2e/records.jsonl.png",
+        "images",
+        "report.html/",
+        "plots/../job.json",
+    ],
 )
 def test_paths_outside_the_served_files_are_404(client, finished_run, path):
     r = client.get(f"/ab/{finished_run['id']}/{path}", headers=ALPHA)
@@ -226,8 +236,13 @@ def test_a_full_ab_queue_answers_429_and_leaves_no_folder(client, ab_dir):
 def test_generate_is_served_while_an_ab_run_holds_the_device(client):
     """The run's batches go through the device worker call by call, on the A/B queue: /generate (with its one
     generation slot) is answered long before the run ends."""
-    run = {**RUN, "prompts": ["a red circle", "a blue square", "a green triangle", "a cyan circle"],
-           "seeds": 2, "steps": 50, "batch_size": 1}
+    run = {
+        **RUN,
+        "prompts": ["a red circle", "a blue square", "a green triangle", "a cyan circle"],
+        "seeds": 2,
+        "steps": 50,
+        "batch_size": 1,
+    }
     job = client.post("/ab", json=run, headers=ALPHA).json()
     wait_until(lambda: client.get(f"/ab/{job['id']}", headers=ALPHA).json()["progress"]["stage"] == "generate")
     start = time.monotonic()
@@ -254,9 +269,14 @@ def test_jobs_are_scoped_per_api_key(client):
 
 def test_ab_runs_and_files_are_scoped_per_api_key(client, finished_run):
     job_id = finished_run["id"]
-    for method, path in (("GET", f"/ab/{job_id}"), ("GET", f"/ab/{job_id}/events"), ("DELETE", f"/ab/{job_id}"),
-                         ("GET", f"/ab/{job_id}/report.html"), ("GET", f"/ab/{job_id}/results.json"),
-                         ("GET", f"/ab/{job_id}/plots/distributions.png")):
+    for method, path in (
+        ("GET", f"/ab/{job_id}"),
+        ("GET", f"/ab/{job_id}/events"),
+        ("DELETE", f"/ab/{job_id}"),
+        ("GET", f"/ab/{job_id}/report.html"),
+        ("GET", f"/ab/{job_id}/results.json"),
+        ("GET", f"/ab/{job_id}/plots/distributions.png"),
+    ):
         r = client.request(method, path, headers=BETA)
         assert r.status_code == 404, (method, path, r.status_code)
     assert client.get(f"/ab/{job_id}", headers=ALPHA).json()["status"] == "succeeded"
@@ -288,8 +308,15 @@ def test_served_file_refuses_paths_outside_the_run(tmp_path):
     (tmp_path / "images" / "a" / "x.png").write_bytes(b"png")
     (tmp_path / "job.json").write_text("{}")
     assert served_file(tmp_path, "images/a/x.png") == (tmp_path / "images" / "a" / "x.png").resolve()
-    for path in ("job.json", "images/../job.json", "images/a/../../job.json.png", "/etc/passwd", "images//a/x.png",
-                 "./report.html", "images/a/missing.png"):
+    for path in (
+        "job.json",
+        "images/../job.json",
+        "images/a/../../job.json.png",
+        "/etc/passwd",
+        "images//a/x.png",
+        "./report.html",
+        "images/a/missing.png",
+    ):
         with pytest.raises(ServiceError) as e:
             served_file(tmp_path, path)
         assert e.value.status == 404

@@ -217,6 +217,10 @@ def test_metrics_after_requests(client):
     client.get("/jobs/no-such-job")
     templates = set(client.app.openapi()["paths"]) | {"unmatched"}
     r = client.get("/metrics")
-    routes = {s.labels["route"] for f in text_string_to_metric_families(r.text) for s in f.samples
-              if s.name == "diffsteer_http_requests_total"}
+    routes = {
+        s.labels["route"]
+        for f in text_string_to_metric_families(r.text)
+        for s in f.samples
+        if s.name == "diffsteer_http_requests_total"
+    }
     assert "/jobs/{job_id}" in routes and routes <= templates

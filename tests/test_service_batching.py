@@ -17,8 +17,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REQUESTS = [
     {"prompt": "a red circle", "steps": 4, "seed": 1, "scheduler": "euler_a", "policy": "cfg:scale=5"},
-    {"prompt": "a blue square", "steps": 6, "seed": 2, "scheduler": "dpmpp_2m", "policy": "apg:scale=6,eta=0", "num_images": 2},
-    {"prompt": "a green tree", "steps": 5, "seed": 3, "scheduler": "ddim", "policy": "perp_neg:scale=4", "negative_prompt": "a cat"},
+    {
+        "prompt": "a blue square",
+        "steps": 6,
+        "seed": 2,
+        "scheduler": "dpmpp_2m",
+        "policy": "apg:scale=6,eta=0",
+        "num_images": 2,
+    },
+    {
+        "prompt": "a green tree",
+        "steps": 5,
+        "seed": 3,
+        "scheduler": "ddim",
+        "policy": "perp_neg:scale=4",
+        "negative_prompt": "a cat",
+    },
     {"prompt": "two yellow cars", "steps": 4, "seed": 4, "policy": "ag:scale=5,gamma_bar=0.95"},
 ]
 
@@ -179,9 +193,12 @@ def test_a_failing_unet_call_reaches_its_callers_and_the_worker_survives():
     worker = DeviceWorker(batching=True, window_s=0.5)
     errors = []
     try:
+
         def call():
             try:
-                DeviceExecutor(worker, None).unet_fn(broken, torch.ones(1, 4, 2, 2), torch.tensor(1), Condition(torch.ones(1, 2, 3)))
+                DeviceExecutor(worker, None).unet_fn(
+                    broken, torch.ones(1, 4, 2, 2), torch.tensor(1), Condition(torch.ones(1, 2, 3))
+                )
             except RuntimeError as e:
                 errors.append(str(e))
 

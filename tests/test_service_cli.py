@@ -25,9 +25,23 @@ def test_serve_subcommand_runs_the_service(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSTEER_")}
     env.update(DIFFSTEER_API_KEYS=key, DIFFSTEER_MAX_STEPS="3", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffsteer.service.cli", "serve", "--port", str(port), "--model", "builtin:tiny",
-         "--config", str(config)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "diffsteer.service.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            "builtin:tiny",
+            "--config",
+            str(config),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     headers = {"X-API-Key": key}

@@ -38,8 +38,13 @@ def oa(server):
 
 
 def test_openai_client_generates(server, oa):
-    result = oa.images.generate(prompt="a red circle", n=2, size="32x32", response_format="b64_json",
-                                extra_body={"policy": "cfg:scale=4", "steps": 3, "seed": 9})
+    result = oa.images.generate(
+        prompt="a red circle",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"policy": "cfg:scale=4", "steps": 3, "seed": 9},
+    )
     assert len(result.data) == 2
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]
     assert all(im.size == (32, 32) and im.format == "PNG" for im in images)
@@ -56,10 +61,16 @@ def test_openai_client_model_names_and_model_list(server, oa):
 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
-    [({"response_format": "url"}, "response_format"), ({"size": "big"}, "size"), ({"size": "30x30"}, "size"),
-     ({"n": 99}, "n"), ({"extra_body": {"policy": "cfg:scale=x"}}, "policy.scale"),
-     ({"extra_body": {"steps": 0}}, "steps"), ({"extra_body": {"unknown_option": 1}}, "unknown_option"),
-     ({"model": "not-a-model"}, "model")],
+    [
+        ({"response_format": "url"}, "response_format"),
+        ({"size": "big"}, "size"),
+        ({"size": "30x30"}, "size"),
+        ({"n": 99}, "n"),
+        ({"extra_body": {"policy": "cfg:scale=x"}}, "policy.scale"),
+        ({"extra_body": {"steps": 0}}, "steps"),
+        ({"extra_body": {"unknown_option": 1}}, "unknown_option"),
+        ({"model": "not-a-model"}, "model"),
+    ],
 )
 def test_openai_client_errors_are_400_with_the_param(oa, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -83,15 +94,33 @@ def webui(server):
 
 
 def test_webuiapi_txt2img(server, webui):
-    result = webui.txt2img(prompt="a blue square", negative_prompt="red", seed=5, steps=3, cfg_scale=5,
-                           width=32, height=32, sampler_name="Euler a", batch_size=2)
+    result = webui.txt2img(
+        prompt="a blue square",
+        negative_prompt="red",
+        seed=5,
+        steps=3,
+        cfg_scale=5,
+        width=32,
+        height=32,
+        sampler_name="Euler a",
+        batch_size=2,
+    )
     assert len(result.images) == 2 and result.images[0].size == (32, 32)
     assert result.info["seed"] == 5 and result.info["all_seeds"] == [5, 6]
     assert result.info["sampler_name"] == "Euler a" and len(result.info["infotexts"]) == 2
     assert "Seed: 5" in result.info["infotexts"][0]
     assert result.parameters["prompt"] == "a blue square"
-    same = native(server, prompt="a blue square", negative_prompt="red", seed=5, steps=3, width=32, height=32,
-                  scheduler="euler_a", policy={"name": "cfg", "scale": 5})
+    same = native(
+        server,
+        prompt="a blue square",
+        negative_prompt="red",
+        seed=5,
+        steps=3,
+        width=32,
+        height=32,
+        scheduler="euler_a",
+        policy={"name": "cfg", "scale": 5},
+    )
     assert torch.equal(pixels(result.images[0]), pixels(same))
 
 
@@ -101,8 +130,18 @@ def test_webuiapi_random_seed_and_policy_extension(server, webui):
     assert isinstance(seed, int) and seed >= 0 and result.info["all_seeds"] == [seed]
     again = webui.txt2img(prompt="a tree", steps=2, width=32, height=32, sampler_name="DPM++ 2M Karras", seed=seed)
     assert torch.equal(pixels(result.images[0]), pixels(again.images[0]))
-    via_post = webui.session.post(f"{webui.baseurl}/txt2img", json={
-        "prompt": "a tree", "steps": 2, "width": 32, "height": 32, "seed": 3, "cfg_scale": 6, "policy": "apg:eta=0"})
+    via_post = webui.session.post(
+        f"{webui.baseurl}/txt2img",
+        json={
+            "prompt": "a tree",
+            "steps": 2,
+            "width": 32,
+            "height": 32,
+            "seed": 3,
+            "cfg_scale": 6,
+            "policy": "apg:eta=0",
+        },
+    )
     assert via_post.status_code == 200
     info = __import__("json").loads(via_post.json()["info"])
     assert info["policy"].startswith("apg:") and "scale=6" in info["policy"]
@@ -110,8 +149,13 @@ def test_webuiapi_random_seed_and_policy_extension(server, webui):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"sampler_name": "Euler b"}, "sampler_name"), ({"enable_hr": True}, "enable_hr"),
-     ({"width": 31}, "width"), ({"steps": 0}, "steps"), ({"batch_size": 9}, "batch_size")],
+    [
+        ({"sampler_name": "Euler b"}, "sampler_name"),
+        ({"enable_hr": True}, "enable_hr"),
+        ({"width": 31}, "width"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 9}, "batch_size"),
+    ],
 )
 def test_webuiapi_errors_name_the_field(webui, kwargs, field):
     base = {"prompt": "a cat", "steps": 2, "width": 32, "height": 32, "sampler_name": "Euler"}

@@ -43,7 +43,9 @@ class SleepyUNet(torch.nn.Module):
         return (x * t.view(-1, 1, 1, 1) * self.weight,)
 
 
-def sampler_loop(worker: DeviceWorker, unet, flow, side: int, calls: int, done: list, stop: threading.Event | None = None):
+def sampler_loop(
+    worker: DeviceWorker, unet, flow, side: int, calls: int, done: list, stop: threading.Event | None = None
+):
     """What a request's sampler loop does: one call at a time, in a session, in its flow."""
     executor = DeviceExecutor(worker, flow, native_area=16)
     cond = Condition(torch.zeros(1, 2, 3))
@@ -65,8 +67,9 @@ def test_a_light_request_runs_between_the_units_of_a_heavy_one():
     heavy_done: list[float] = []
     light_done: list[float] = []
     try:
-        heavy = threading.Thread(target=sampler_loop,
-                                 args=(worker, unet, worker.flow(0.25, name="heavy"), 8, 1000, heavy_done, stop))
+        heavy = threading.Thread(
+            target=sampler_loop, args=(worker, unet, worker.flow(0.25, name="heavy"), 8, 1000, heavy_done, stop)
+        )
         heavy.start()
         wait_until(lambda: len(heavy_done) >= 2)
         start = time.monotonic()
@@ -77,7 +80,7 @@ def test_a_light_request_runs_between_the_units_of_a_heavy_one():
     finally:
         worker.close()
     first_light = unet.log.index("light")
-    during = unet.log[first_light:first_light + 8 + 2]
+    during = unet.log[first_light : first_light + 8 + 2]
     assert during[:8] == ["light"] * 8, unet.log
     # alone: 8 × 50 ms; the heavy call in flight adds at most 200 ms (and the rest is slack for a busy machine)
     assert latency < 8 * 0.05 + 0.2 + 0.4, latency
@@ -90,8 +93,10 @@ def test_equal_flows_share_the_device_and_weights_set_the_shares():
     stop = threading.Event()
     counts = {"a": [], "b": []}
     try:
-        threads = [threading.Thread(target=sampler_loop, args=(worker, unet, worker.flow(w, name=n), 4, 1000, counts[n], stop))
-                   for n, w in (("a", 1.0), ("b", 0.25))]
+        threads = [
+            threading.Thread(target=sampler_loop, args=(worker, unet, worker.flow(w, name=n), 4, 1000, counts[n], stop))
+            for n, w in (("a", 1.0), ("b", 0.25))
+        ]
         for th in threads:
             th.start()
         wait_until(lambda: len(counts["a"]) + len(counts["b"]) >= 30, timeout=60)
@@ -119,8 +124,19 @@ def test_units_of_a_stopped_flow_fail_without_running():
         holding = threading.Thread(target=lambda: worker.run_task(block, flow=worker.flow()))
         holding.start()
         assert blocking.wait(30)  # the worker is busy with another flow's unit
-        futures = [worker.submit_unet(unet, torch.ones(1, 4, 4, 4), torch.tensor(1.0), Condition(torch.zeros(1, 2, 3)),
-                                      NO_ADAPTERS, (), flow, 1.0) for _ in range(3)]
+        futures = [
+            worker.submit_unet(
+                unet,
+                torch.ones(1, 4, 4, 4),
+                torch.tensor(1.0),
+                Condition(torch.zeros(1, 2, 3)),
+                NO_ADAPTERS,
+                (),
+                flow,
+                1.0,
+            )
+            for _ in range(3)
+        ]
         stopped.set()
         blocker.set()
         holding.join(30)
@@ -164,8 +180,13 @@ def test_dynamic_cfg_scores_in_chunks_on_the_executor(sd_model, monkeypatch):
             self.units += 1
             return fn()
 
-    params = {"prompt": ["a red circle", "a blue square"], "seeds": [5, 6], "steps": 2, "scheduler": "ddim",
-              "policy": {"name": "dynamic_cfg", "candidates": [1.0, 4.0, 12.0], "reward": "saturation:1"}}
+    params = {
+        "prompt": ["a red circle", "a blue square"],
+        "seeds": [5, 6],
+        "steps": 2,
+        "scheduler": "ddim",
+        "policy": {"name": "dynamic_cfg", "candidates": [1.0, 4.0, 12.0], "reward": "saturation:1"},
+    }
     whole = Counting()
     expected = generate(sd_model, params, executor=whole)
     monkeypatch.setattr(dynamic, "SCORE_CHUNK", 2)
@@ -193,13 +214,16 @@ def test_cost_is_the_product_of_its_factors():
     assert reno.main_field() == "policy.iterations"
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"steps": 200}, "steps"),
-    ({"num_images": 16, "steps": 30}, "num_images"),
-    ({"width": 256, "height": 128, "steps": 30}, "width"),
-    ({"steps": 4, "policy": {"name": "reno", "iterations": 1000}}, "policy.iterations"),
-    ({"steps": 30, "policy": {"name": "dynamic_cfg", "candidates": [1.0] * 32}}, "policy.candidates"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"steps": 200}, "steps"),
+        ({"num_images": 16, "steps": 30}, "num_images"),
+        ({"width": 256, "height": 128, "steps": 30}, "width"),
+        ({"steps": 4, "policy": {"name": "reno", "iterations": 1000}}, "policy.iterations"),
+        ({"steps": 30, "policy": {"name": "dynamic_cfg", "candidates": [1.0] * 32}}, "policy.candidates"),
+    ],
+)
 def test_a_costly_request_is_refused_naming_its_main_field(body, field):
     cost = cost_of({"prompt": "x", **body})
     with pytest.raises(InvalidInput) as e:
@@ -211,9 +235,14 @@ def test_a_costly_request_is_refused_naming_its_main_field(body, field):
 def test_service_refuses_costly_requests_up_front_with_422(one_thread):  # noqa: F811
     with app_client(max_cost=399.0, max_area_factor=2.0) as client:
         engine = engine_of(client)
-        for body, field in [({"width": 64, "height": 64}, "width"), ({"steps": 50, "num_images": 4}, "num_images"),
-                            ({"steps": 2, "policy": {"name": "reno", "reward": "saturation:1", "iterations": 100}},
-                             "policy.iterations")]:
+        for body, field in [
+            ({"width": 64, "height": 64}, "width"),
+            ({"steps": 50, "num_images": 4}, "num_images"),
+            (
+                {"steps": 2, "policy": {"name": "reno", "reward": "saturation:1", "iterations": 100}},
+                "policy.iterations",
+            ),
+        ]:
             for route in ("/generate", "/jobs"):
                 r = client.post(route, json={"prompt": "x", **body})
                 assert r.status_code == 422 and r.json()["error"]["field"] == field, (route, r.text)

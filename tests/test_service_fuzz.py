@@ -28,8 +28,19 @@ from diffsteer.service.openapi import CROSS_FIELD  # noqa: E402
 
 EXAMPLES = int(os.environ.get("DIFFSTEER_FUZZ_EXAMPLES", "150"))  # per server; by hand: more
 KEY = "fuzz-key-1"
-LIMITS = dict(max_steps=3, max_width=32, max_height=32, max_num_images=2, queue_size=2, max_concurrent=1,
-              batching=False, request_timeout_s=20.0, job_ttl_s=5.0, ab_max_images=8, ab_queue_size=1)
+LIMITS = dict(
+    max_steps=3,
+    max_width=32,
+    max_height=32,
+    max_num_images=2,
+    queue_size=2,
+    max_concurrent=1,
+    batching=False,
+    request_timeout_s=20.0,
+    job_ttl_s=5.0,
+    ab_max_images=8,
+    ab_queue_size=1,
+)
 
 
 @pytest.fixture(scope="module", params=["open", "keys"])
@@ -65,8 +76,14 @@ def test_every_operation_passes_every_check(server):
     seen: dict[int, int] = {}
     findings: list[str] = []
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(data=st.data())
     def check(data):
         case = data.draw(cases)
@@ -83,8 +100,10 @@ def test_every_operation_passes_every_check(server):
         for failure in failures:
             if type(failure).__name__ == "RejectedPositiveData" and _error_field(response) in CROSS_FIELD:
                 continue  # a constraint between fields, named in the answer
-            findings.append(f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code} "
-                            f"{response.text[:300]}: {type(failure).__name__}: {failure}")
+            findings.append(
+                f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code} "
+                f"{response.text[:300]}: {type(failure).__name__}: {failure}"
+            )
 
     check()
     assert not findings, "\n".join(findings[:10])
@@ -95,7 +114,19 @@ def test_every_operation_passes_every_check(server):
 
 
 CHEAP_POLICIES = ["cfg", "apg", "ag", "linear_ag", "cfg_zero_star", "perp_neg"]
-SCHEDULERS = ["default", "ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+SCHEDULERS = [
+    "default",
+    "ddim",
+    "ddpm",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+]
 
 
 @st.composite
@@ -105,8 +136,10 @@ def valid_bodies(draw):
         "prompt": draw(st.text(max_size=60)),
         "steps": draw(st.integers(1, 3)),
         "scheduler": draw(st.sampled_from(SCHEDULERS)),
-        "policy": {"name": draw(st.sampled_from(CHEAP_POLICIES)),
-                   "scale": draw(st.floats(0, 20, allow_nan=False, allow_infinity=False))},
+        "policy": {
+            "name": draw(st.sampled_from(CHEAP_POLICIES)),
+            "scale": draw(st.floats(0, 20, allow_nan=False, allow_infinity=False)),
+        },
         "width": draw(size),
         "height": draw(size),
         "num_images": draw(st.integers(1, 2)),
@@ -124,8 +157,14 @@ def test_valid_requests_always_succeed(server):
     if server.headers:
         pytest.skip("the same with keys adds nothing")
 
-    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(body=valid_bodies())
     def check(body):
         r = httpx.post(f"{server.url}/generate", json=body, timeout=60, headers=server.headers)

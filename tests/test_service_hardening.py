@@ -49,16 +49,19 @@ def test_deeply_nested_policy_is_a_4xx_naming_the_policy(client, route, policy):
     assert error["field"].split(".")[0] == field and "nested" in error["message"], error
 
 
-@pytest.mark.parametrize(("route", "body", "field"), [
-    ("/generate", {"prompt": "a \ud800 b"}, "prompt"),
-    ("/generate", {"prompt": ["fine", "a \udfff"]}, "prompt.1"),
-    ("/generate", {"prompt": "a", "negative_prompt": "\ud800"}, "negative_prompt"),
-    ("/jobs", {"prompt": "a \ud800 b"}, "prompt"),  # refused up front, not a 202 that fails later
-    ("/jobs", {"prompt": "a", "negative_prompt": "x\udc00"}, "negative_prompt"),
-    ("/v1/images/generations", {"prompt": "a \ud800 b"}, "prompt"),
-    ("/sdapi/v1/txt2img", {"prompt": "a", "negative_prompt": "\ud800"}, "negative_prompt"),
-    ("/ab", {"arms": ["a=cfg", "b=apg"], "prompts": ["ok", "\ud800"]}, "prompts.1"),
-])
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/generate", {"prompt": "a \ud800 b"}, "prompt"),
+        ("/generate", {"prompt": ["fine", "a \udfff"]}, "prompt.1"),
+        ("/generate", {"prompt": "a", "negative_prompt": "\ud800"}, "negative_prompt"),
+        ("/jobs", {"prompt": "a \ud800 b"}, "prompt"),  # refused up front, not a 202 that fails later
+        ("/jobs", {"prompt": "a", "negative_prompt": "x\udc00"}, "negative_prompt"),
+        ("/v1/images/generations", {"prompt": "a \ud800 b"}, "prompt"),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "negative_prompt": "\ud800"}, "negative_prompt"),
+        ("/ab", {"arms": ["a=cfg", "b=apg"], "prompts": ["ok", "\ud800"]}, "prompts.1"),
+    ],
+)
 def test_lone_surrogates_are_refused_naming_the_field(client, route, body, field):
     r = post(client, route, {**body, "steps": 1})
     assert r.status_code in (400, 422), (r.status_code, r.text[:300])
@@ -94,7 +97,7 @@ def _raw_post(port: int, chunked: bool, expect_continue: bool = False) -> bytes:
             return s.recv(65536)  # the 413 comes before any body is sent
         s.sendall(head + b"\r\n")
         for i in range(0, len(BIG), 65536):
-            piece = BIG[i:i + 65536]
+            piece = BIG[i : i + 65536]
             s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         if chunked:
             s.sendall(b"0\r\n\r\n")
@@ -167,6 +170,7 @@ def test_a_500_is_logged_once_and_answered_as_json(one_thread, caplog, monkeypat
 
     app = create_app(settings(preload=False))
     with TestClient(app) as c:  # raise_server_exceptions: a re-raised exception would fail this test
+
         def boom(*a, **k):
             raise RuntimeError("boom-7d1")
 

@@ -37,8 +37,11 @@ def test_client_disconnect_cancels_the_generation(one_thread):  # noqa: F811
         with UNetGate(unet_of(server), hold_at=2) as gate:
             body = json.dumps({**BODY, "steps": 40}).encode()
             sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             assert gate.reached.wait(30)
             sock.close()  # the client goes away mid-generation
             wait_until(lambda: outcome_count(engine, "cancelled") == 1)
@@ -118,16 +121,30 @@ def test_api_keys_and_no_key_in_logs(one_thread, caplog):  # noqa: F811
             assert c.get("/healthz").status_code == 200
             assert c.get("/readyz").status_code == 200
             assert c.get("/metrics").status_code == 200  # open unless metrics_require_key
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": keys[0] + "x"},
-                            {"Authorization": "Basic !!!"}, {"Authorization": f"Token {keys[0]}"}):
-                for method, path in (("POST", "/generate"), ("POST", "/jobs"), ("GET", "/models"), ("GET", "/policies"),
-                                     ("POST", "/v1/images/generations"), ("POST", "/sdapi/v1/txt2img")):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"X-API-Key": keys[0] + "x"},
+                {"Authorization": "Basic !!!"},
+                {"Authorization": f"Token {keys[0]}"},
+            ):
+                for method, path in (
+                    ("POST", "/generate"),
+                    ("POST", "/jobs"),
+                    ("GET", "/models"),
+                    ("GET", "/policies"),
+                    ("POST", "/v1/images/generations"),
+                    ("POST", "/sdapi/v1/txt2img"),
+                ):
                     r = c.request(method, path, json=BODY, headers=headers)
                     assert r.status_code == 401, (path, headers, r.status_code)
                     assert r.headers["www-authenticate"].startswith("Bearer")
                     assert keys[0] not in r.text
-            ok = [{"Authorization": f"Bearer {keys[0]}"}, {"X-API-Key": keys[1]},
-                  {"Authorization": "Basic " + __import__("base64").b64encode(f"user:{keys[1]}".encode()).decode()}]
+            ok = [
+                {"Authorization": f"Bearer {keys[0]}"},
+                {"X-API-Key": keys[1]},
+                {"Authorization": "Basic " + __import__("base64").b64encode(f"user:{keys[1]}".encode()).decode()},
+            ]
             for headers in ok:
                 assert c.get("/models", headers=headers).status_code == 200
             r = c.post("/generate", json=BODY, headers=ok[0])

@@ -24,8 +24,9 @@ def lora_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("loras")
     donor = load_model(TINY, device="cpu")  # same architecture and weights as the served model
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    donor.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in donor.unet.named_parameters():
@@ -72,7 +73,10 @@ def test_lora_changes_the_image_and_weight_zero_is_the_base(client):
 
 def test_concurrent_plain_request_is_unaffected(client):
     engine = engine_of(client)
-    plain_alone, styled_alone = run_concurrently(engine, [BODY]), run_concurrently(engine, [{**BODY, "lora": [{"name": "style"}]}])
+    plain_alone, styled_alone = (
+        run_concurrently(engine, [BODY]),
+        run_concurrently(engine, [{**BODY, "lora": [{"name": "style"}]}]),
+    )
     observed = []
     engine.device.on_batch = lambda rows, requests, seconds: observed.append(requests)
     try:
@@ -89,9 +93,11 @@ def test_concurrent_plain_request_is_unaffected(client):
 
 @pytest.mark.parametrize(
     ("lora", "field", "text"),
-    [([{"name": "missing"}], "lora.0.name", "available: broken, style"),
-     ([{"name": "../style"}], "lora.0.name", "invalid LoRA name"),
-     ([{"name": "style"}, {"name": "style", "weight": 0.5}], "lora.1.name", "twice")],
+    [
+        ([{"name": "missing"}], "lora.0.name", "available: broken, style"),
+        ([{"name": "../style"}], "lora.0.name", "invalid LoRA name"),
+        ([{"name": "style"}, {"name": "style", "weight": 0.5}], "lora.1.name", "twice"),
+    ],
 )
 def test_bad_lora_requests(client, lora, field, text):
     r = client.post("/generate", json={**BODY, "lora": lora})

@@ -34,10 +34,13 @@ def pixels(b64: str) -> np.ndarray:
 
 # --- without a cluster -----------------------------------------------------------------------------------
 
+
 def test_deployment_options_come_from_the_settings_file(tmp_path):
     config = tmp_path / "serve.yaml"
-    config.write_text("device: cpu\nmax_concurrent: 3\nqueue_size: 5\n"
-                      "ray: {num_replicas: null, min_replicas: 2, max_replicas: 6, stream_slots: 4}\n")
+    config.write_text(
+        "device: cpu\nmax_concurrent: 3\nqueue_size: 5\n"
+        "ray: {num_replicas: null, min_replicas: 2, max_replicas: 6, stream_slots: 4}\n"
+    )
     s = load_settings(config)
     options = ray_serve.deployment_options(s)
     assert options["max_ongoing_requests"] == 3 + 5 + 4
@@ -82,19 +85,31 @@ def test_job_paths_name_their_replica():
 
 # --- a local cluster -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cluster():
     """2 CPU replicas of the default model on a local Ray cluster; skips only where Ray cannot start here."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}},
+        )
     except Exception as e:  # e.g. no /dev/shm, no room for the object store
         pytest.skip(f"a local Ray cluster cannot start here: {type(e).__name__}: {e}")
     port = free_port()
-    s = settings(model=None, host="127.0.0.1", port=port, max_concurrent=1, queue_size=1,
-                 ray={"num_replicas": 2, "num_cpus_per_replica": 0.5})
+    s = settings(
+        model=None,
+        host="127.0.0.1",
+        port=port,
+        max_concurrent=1,
+        queue_size=1,
+        ray={"num_replicas": 2, "num_cpus_per_replica": 0.5},
+    )
     try:
         ray_serve.run(s, blocking=False)
         yield f"http://127.0.0.1:{port}", s
@@ -153,8 +168,11 @@ def test_errors_and_backpressure_are_ours(cluster):
 
     # each replica runs 1 generation and queues 1: 8 at once overflow both
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda k: httpx.post(f"{url}/generate", json={**BODY, "steps": 12, "seed": k},
-                                                     timeout=600), range(8)))
+        answers = list(
+            pool.map(
+                lambda k: httpx.post(f"{url}/generate", json={**BODY, "steps": 12, "seed": k}, timeout=600), range(8)
+            )
+        )
     codes = sorted(r.status_code for r in answers)
     assert set(codes) <= {200, 429} and codes.count(200) >= 2 and 429 in codes, codes
     refused = next(r for r in answers if r.status_code == 429)

@@ -25,8 +25,17 @@ TINY = "builtin:tiny"
 def settings(**overrides) -> ServiceSettings:
     """Small limits and a short batching window: requests on the tiny model take ~0.1 s. DIFFSTEER_* variables
     of the environment the tests run in are ignored."""
-    base = dict(model=TINY, device="cpu", max_steps=50, max_width=64, max_height=64, max_num_images=4,
-                queue_size=8, batch_window_ms=20.0, request_timeout_s=60.0)
+    base = dict(
+        model=TINY,
+        device="cpu",
+        max_steps=50,
+        max_width=64,
+        max_height=64,
+        max_num_images=4,
+        queue_size=8,
+        batch_window_ms=20.0,
+        request_timeout_s=60.0,
+    )
     base.update(overrides)
     ambient = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("DIFFSTEER_")}
     try:
@@ -122,7 +131,14 @@ def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tin
     from diffsteer.guidance.sampler import generate
 
     # the policy is named: the service would otherwise use the model's recommended one, the library its own default
-    body = {"prompt": "a red circle", "steps": 4, "seed": 7, "scheduler": "ddim", "policy": "cfg:scale=3", "model": spec}
+    body = {
+        "prompt": "a red circle",
+        "steps": 4,
+        "seed": 7,
+        "scheduler": "ddim",
+        "policy": "cfg:scale=3",
+        "model": spec,
+    }
     with torch.no_grad():
         ours = generate(model, {k: v for k, v in body.items() if k != "model"}).pixels[0]
     with app_client(lora_dir=str(lora_dir), model=spec) as client:
@@ -257,8 +273,12 @@ def test_settings_json_file_and_env_json_list(tmp_path, clean_env):
 
 @pytest.mark.parametrize(
     ("text", "field"),
-    [("max_steps: 0\n", "settings.max_steps"), ("no_such_setting: 1\n", "settings.no_such_setting"),
-     ("- a list\n", "--config"), ("max_steps: [\n", "--config")],
+    [
+        ("max_steps: 0\n", "settings.max_steps"),
+        ("no_such_setting: 1\n", "settings.no_such_setting"),
+        ("- a list\n", "--config"),
+        ("max_steps: [\n", "--config"),
+    ],
 )
 def test_bad_settings_name_the_setting(tmp_path, clean_env, text, field):
     from diffsteer.guidance.errors import InvalidInput
@@ -280,9 +300,18 @@ def test_serve_reports_a_bad_config_and_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("accept", "expected"),
-    [(None, None), ("application/json", None), ("*/*", None), ("image/png", "png"), ("image/webp", "webp"),
-     ("image/*", "jpeg"), ("application/json, image/png;q=0.5", None), ("image/png, application/json;q=0.9", "png"),
-     ("image/png;q=0", None), ("text/html", None)],
+    [
+        (None, None),
+        ("application/json", None),
+        ("*/*", None),
+        ("image/png", "png"),
+        ("image/webp", "webp"),
+        ("image/*", "jpeg"),
+        ("application/json, image/png;q=0.5", None),
+        ("image/png, application/json;q=0.9", "png"),
+        ("image/png;q=0", None),
+        ("text/html", None),
+    ],
 )
 def test_accept_negotiation(accept, expected):
     from diffsteer.service.routers.common import negotiate
@@ -292,9 +321,19 @@ def test_accept_negotiation(accept, expected):
 
 @pytest.mark.parametrize(
     ("sampler", "scheduler", "expected"),
-    [("Euler a", None, "euler_a"), ("Euler", "Automatic", "euler"), ("DDIM", None, "ddim"),
-     ("DPM++ 2M", None, "dpmpp_2m"), ("DPM++ 2M Karras", None, "dpmpp_2m_karras"), ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
-     ("Heun", None, "heun"), ("LMS", None, "lms"), ("UniPC", None, "unipc"), ("PLMS", None, "pndm"), (None, None, "default")],
+    [
+        ("Euler a", None, "euler_a"),
+        ("Euler", "Automatic", "euler"),
+        ("DDIM", None, "ddim"),
+        ("DPM++ 2M", None, "dpmpp_2m"),
+        ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
+        ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
+        ("Heun", None, "heun"),
+        ("LMS", None, "lms"),
+        ("UniPC", None, "unipc"),
+        ("PLMS", None, "pndm"),
+        (None, None, "default"),
+    ],
 )
 def test_a1111_sampler_names_map_to_schedulers(sampler, scheduler, expected):
     from diffsteer.guidance.schedulers import check_scheduler_name
@@ -303,8 +342,10 @@ def test_a1111_sampler_names_map_to_schedulers(sampler, scheduler, expected):
     assert check_scheduler_name(resolve_sampler(sampler, scheduler)) == expected
 
 
-@pytest.mark.parametrize(("sampler", "scheduler", "field"),
-                         [("Euler b", None, "sampler_name"), ("Euler", "Karras", "scheduler"), ("Euler", "exponential", "scheduler")])
+@pytest.mark.parametrize(
+    ("sampler", "scheduler", "field"),
+    [("Euler b", None, "sampler_name"), ("Euler", "Karras", "scheduler"), ("Euler", "exponential", "scheduler")],
+)
 def test_a1111_unknown_samplers_are_refused(sampler, scheduler, field):
     from diffsteer.guidance.errors import InvalidInput
     from diffsteer.service.routers.a1111 import resolve_sampler

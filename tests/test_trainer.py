@@ -23,9 +23,22 @@ from diffsteer.training.trainer import Trainer, TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The shipped default model, 2 sampling steps, one 64 px image per step: a few seconds per step on a CPU core.
-PG = dict(model="builtin:proving-ground", prompts="pg-train:single", eval_prompts="", steps=2, batch_size=1,
-          reward="saturation:1", threads=1, progress=False, tensorboard=False, learning_rate=0.005,
-          truncation="uniform", truncation_k_min=1, truncation_k_max=2, checkpoint_every=100)
+PG = dict(
+    model="builtin:proving-ground",
+    prompts="pg-train:single",
+    eval_prompts="",
+    steps=2,
+    batch_size=1,
+    reward="saturation:1",
+    threads=1,
+    progress=False,
+    tensorboard=False,
+    learning_rate=0.005,
+    truncation="uniform",
+    truncation_k_min=1,
+    truncation_k_max=2,
+    checkpoint_every=100,
+)
 
 
 def _env() -> dict[str, str]:
@@ -73,7 +86,9 @@ def test_lora_initialisation_comes_from_the_seed_not_the_global_generator():
 def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_model(tmp_path):
     adapters = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        AlignPropTrainer(AlignPropConfig(**{**PG, "output_dir": str(tmp_path / name), "max_steps": 2, "seed": seed})).train()
+        AlignPropTrainer(
+            AlignPropConfig(**{**PG, "output_dir": str(tmp_path / name), "max_steps": 2, "seed": seed})
+        ).train()
         adapters.append(_adapter(tmp_path / name))
     a, b, c = adapters
     assert a.keys() == b.keys() and a
@@ -84,8 +99,14 @@ def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_
 @pytest.mark.slow
 def test_sigkill_and_resume_on_the_shipped_model_equals_the_uninterrupted_run(tmp_path):
     def cli(*args):
-        return subprocess.Popen([sys.executable, "-m", "diffsteer.training.alignprop", *args], cwd=REPO, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "diffsteer.training.alignprop", *args],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     common = dict(max_steps=4, checkpoint_every=1, keep_checkpoints=0, eta=1.0)
     whole = cli("--config", str(_write_config(tmp_path, "whole", **common)))
@@ -116,13 +137,31 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     accumulation 2 (the same per-sample computations: equal to 1e-6) and with batch 2 (batched kernels round
     differently and the error grows through 3 Adam steps: within 2% of the largest update)."""
     two = _write_config(tmp_path, "two", max_steps=3)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "diffsteer.training.alignprop", "--config", str(two)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "diffsteer.training.alignprop",
+            "--config",
+            str(two),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {}
     for name, values in (("accumulated", dict(gradient_accumulation_steps=2)), ("batched", dict(batch_size=2))):
-        AlignPropTrainer(AlignPropConfig(**{**PG, "output_dir": str(tmp_path / name), "max_steps": 3, **values})).train()
+        AlignPropTrainer(
+            AlignPropConfig(**{**PG, "output_dir": str(tmp_path / name), "max_steps": 3, **values})
+        ).train()
         runs[name] = _adapter(tmp_path / name)
     distributed = _adapter(tmp_path / "two")
     assert distributed.keys() == runs["batched"].keys()
@@ -132,8 +171,10 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     update = max(float(v.abs().max()) for k, v in runs["batched"].items() if ".lora.up." in k)
     error = max(float((distributed[k] - runs["batched"][k]).abs().max()) for k in distributed)
     accumulated_error = max(float((distributed[k] - runs["accumulated"][k]).abs().max()) for k in distributed)
-    print(f"2 processes x batch 1 vs 1 x batch 1 x accumulation 2: max |dw| {accumulated_error:.3g}; vs 1 x batch 2: "
-          f"{error:.3g} (largest update {update:.3g})")
+    print(
+        f"2 processes x batch 1 vs 1 x batch 1 x accumulation 2: max |dw| {accumulated_error:.3g}; vs 1 x batch 2: "
+        f"{error:.3g} (largest update {update:.3g})"
+    )
     assert update > 1e-3 and error <= 0.02 * update, (error, update)
     # one row per step and metric (only rank 0 writes), the metrics averaged over the two processes
     rows = _train_rows(tmp_path / "two")
@@ -178,8 +219,17 @@ def test_two_processes_that_resolve_different_devices_both_refuse(tmp_path):
     from test_service_support import free_port
 
     env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-2000:]
@@ -207,8 +257,17 @@ def test_share_work_computes_each_item_once_and_gives_every_process_all_of_them(
     from test_service_support import free_port
 
     env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", SHARE_SCRIPT], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARE_SCRIPT],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for rank, proc in enumerate(procs):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-2000:]
@@ -225,9 +284,31 @@ def test_share_work_computes_each_item_once_and_gives_every_process_all_of_them(
 def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
     """`accelerate launch --num_processes 2 --cpu` starts one process: the trainer says so instead of training."""
     config = _write_config(tmp_path, "acc", max_steps=1)
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffsteer.training.alignprop",
-                           "--config", str(config)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "diffsteer.training.alignprop",
+            "--config",
+            str(config),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "launcher: `accelerate launch --num_processes N --cpu` starts a single process" in proc.stderr
     assert "torchrun --nproc_per_node N" in proc.stderr
@@ -237,8 +318,18 @@ def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- exports
 
 
-TINY = dict(model="builtin:tiny", prompts="pg-train:single", eval_prompts="", steps=4, batch_size=2,
-            reward="saturation:1", threads=1, progress=False, tensorboard=False, learning_rate=0.05)
+TINY = dict(
+    model="builtin:tiny",
+    prompts="pg-train:single",
+    eval_prompts="",
+    steps=4,
+    batch_size=2,
+    reward="saturation:1",
+    threads=1,
+    progress=False,
+    tensorboard=False,
+    learning_rate=0.05,
+)
 
 
 def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffusers_and_the_service(tmp_path):
@@ -247,8 +338,16 @@ def test_an_adapter_with_alpha_8_rank_4_reproduces_the_trained_model_in_diffuser
 
     from diffsteer.guidance.models import load_model
 
-    config = AlignPropConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 2, "lora_rank": 4,
-                                "lora_alpha": 8.0, "export": "both"})
+    config = AlignPropConfig(
+        **{
+            **TINY,
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "lora_rank": 4,
+            "lora_alpha": 8.0,
+            "export": "both",
+        }
+    )
     trainer = AlignPropTrainer(config)
     summary = trainer.train()
     folder = Path(summary["adapter"]).parent
@@ -376,9 +475,20 @@ class TwoOptimiserTrainer(Trainer):
 
 
 def _toy(tmp_path: Path, name: str, **values) -> TwoOptimiserTrainer:
-    config = TrainerConfig(**{"model": "builtin:tiny", "output_dir": str(tmp_path / name), "eval_prompts": "",
-                              "batch_size": 2, "threads": 1, "progress": False, "tensorboard": False,
-                              "learning_rate": 0.01, "warmup_steps": 2, **values})
+    config = TrainerConfig(
+        **{
+            "model": "builtin:tiny",
+            "output_dir": str(tmp_path / name),
+            "eval_prompts": "",
+            "batch_size": 2,
+            "threads": 1,
+            "progress": False,
+            "tensorboard": False,
+            "learning_rate": 0.01,
+            "warmup_steps": 2,
+            **values,
+        }
+    )
     return TwoOptimiserTrainer(config)
 
 

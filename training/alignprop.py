@@ -50,22 +50,34 @@ class AlignPropConfig(TrainerConfig):
     output_dir: str = with_default("output_dir", "runs/alignprop")
     adapter_name: str = with_default("adapter_name", "alignprop")
     # --- data and objective
-    prompts: str = field(default="pg-train:all", metadata={
-        "help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."})
-    reward: str = field(default="clip:1", metadata={
-        "help": "Differentiable reward, 'name:weight[:offset],...' (e.g. 'hps:1', 'aesthetic:1,clip:0.01'); "
-                "weights are configured as for the service (the proving-ground clip needs none). Also scored "
-                "on the evaluation images unless eval_reward is set."})
+    prompts: str = field(
+        default="pg-train:all",
+        metadata={"help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."},
+    )
+    reward: str = field(
+        default="clip:1",
+        metadata={
+            "help": "Differentiable reward, 'name:weight[:offset],...' (e.g. 'hps:1', 'aesthetic:1,clip:0.01'); "
+            "weights are configured as for the service (the proving-ground clip needs none). Also scored "
+            "on the evaluation images unless eval_reward is set."
+        },
+    )
     # --- truncated backpropagation
-    truncation: TruncationStrategy = field(default="fixed", metadata={
-        "help": f"How many final steps each trajectory backpropagates through: {', '.join(STRATEGIES)}."})
+    truncation: TruncationStrategy = field(
+        default="fixed",
+        metadata={"help": f"How many final steps each trajectory backpropagates through: {', '.join(STRATEGIES)}."},
+    )
     truncation_k: int = field(default=1, metadata={"help": "fixed: K (K ≥ steps: full backpropagation)."})
     truncation_k_min: int = field(default=1, metadata={"help": "uniform: smallest K."})
     truncation_k_max: int = field(default=10, metadata={"help": "uniform: largest K."})
     truncation_k_mean: float = field(default=5.0, metadata={"help": "gaussian: mean of K."})
     truncation_k_std: float = field(default=2.0, metadata={"help": "gaussian: standard deviation of K."})
-    gradient_checkpointing: bool = field(default=True, metadata={
-        "help": "Recompute every UNet call and the VAE decoder in the backward pass instead of storing activations."})
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute every UNet call and the VAE decoder in the backward pass instead of storing activations."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,20 +128,33 @@ class AlignPropTrainer(Trainer):
         prompts = [self.train_prompts[i] for i in rng.integers(0, len(self.train_prompts), n)[share]]
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)[share]]
         ks = draw_truncation(
-            c.truncation, rng, n, c.steps, k=c.truncation_k, k_min=c.truncation_k_min,
-            k_max=c.truncation_k_max, k_mean=c.truncation_k_mean, k_std=c.truncation_k_std,
+            c.truncation,
+            rng,
+            n,
+            c.steps,
+            k=c.truncation_k,
+            k_min=c.truncation_k_min,
+            k_max=c.truncation_k_max,
+            k_mean=c.truncation_k_mean,
+            k_std=c.truncation_k_std,
         )[share]
         return prompts, seeds, ks
 
     def compute_loss(self, batch: tuple[list[str], list[int], np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
         return self.rollout_loss(*batch)
 
-    def rollout_loss(self, prompts: list[str], seeds: list[int], ks: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def rollout_loss(
+        self, prompts: list[str], seeds: list[int], ks: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Sample with gradients through each image's last K steps, decode, score; the loss and its metrics."""
         c = self.config
         with self.autocast():
-            prepared = prepare(self.model, self.generation_params(prompts, seeds), limits=self._limits(),
-                               gradient_checkpointing=c.gradient_checkpointing)
+            prepared = prepare(
+                self.model,
+                self.generation_params(prompts, seeds),
+                limits=self._limits(),
+                gradient_checkpointing=c.gradient_checkpointing,
+            )
             trajectory = prepared.run(grad_at_step=window_mask(ks, c.steps))
             images = decode(self.model, trajectory.latents, checkpoint=c.gradient_checkpointing)
         result = self.reward.evaluate(images.float(), prompts)

@@ -30,7 +30,9 @@ METHODS: dict[str, tuple[str, str, str]] = {
 
 
 def add_train_parser(subparsers) -> None:
-    train = subparsers.add_parser("train", help="fine-tune or distil a model (AlignProp, f-distill, ...) from a YAML config")
+    train = subparsers.add_parser(
+        "train", help="fine-tune or distil a model (AlignProp, f-distill, ...) from a YAML config"
+    )
     train.add_argument("method", choices=sorted(METHODS), help="training method")
     add_method_arguments(train)
     train.set_defaults(func=lambda args: run_parsed(args.method, args))
@@ -38,11 +40,22 @@ def add_train_parser(subparsers) -> None:
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML config file (fields: see --print-config)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable), e.g. --set max_steps=200")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in output_dir/checkpoints (exactly as if never stopped)")
-    parser.add_argument("--print-config", action="store_true", help="print the config (defaults + file + --set) as YAML and exit")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable), e.g. --set max_steps=200",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in output_dir/checkpoints (exactly as if never stopped)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the config (defaults + file + --set) as YAML and exit"
+    )
 
 
 def run_parsed(method: str, args: argparse.Namespace) -> int:

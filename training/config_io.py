@@ -201,7 +201,9 @@ def render_yaml(config: Any) -> str:
         lines.append("")
         for help_line in str(f.metadata.get("help", "")).splitlines():
             lines.append(f"# {help_line}")
-        lines.append(yaml.safe_dump({f.name: plain[f.name]}, default_flow_style=False, sort_keys=False, width=120).rstrip())
+        lines.append(
+            yaml.safe_dump({f.name: plain[f.name]}, default_flow_style=False, sort_keys=False, width=120).rstrip()
+        )
     return "\n".join(lines) + "\n"
 
 

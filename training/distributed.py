@@ -49,12 +49,18 @@ def resolve_device(requested: str, local_rank: int, world_size: int) -> torch.de
         if not torch.cuda.is_available():
             raise InvalidInput("device", f"{requested!r} requested but CUDA is not available here; use cpu or auto")
         if device.index is not None and world_size > 1:
-            raise InvalidInput("device", f"{requested!r} names one GPU for {world_size} processes; use cuda "
-                                         "(each process takes the GPU of its LOCAL_RANK)")
+            raise InvalidInput(
+                "device",
+                f"{requested!r} names one GPU for {world_size} processes; use cuda "
+                "(each process takes the GPU of its LOCAL_RANK)",
+            )
         index = local_rank if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise InvalidInput("device", f"process {local_rank} on this node needs cuda:{index} but "
-                                         f"{torch.cuda.device_count()} GPU(s) are visible; start fewer processes")
+            raise InvalidInput(
+                "device",
+                f"process {local_rank} on this node needs cuda:{index} but "
+                f"{torch.cuda.device_count()} GPU(s) are visible; start fewer processes",
+            )
         device = torch.device("cuda", index)
     return device
 
@@ -64,8 +70,11 @@ def check_devices_agree(devices: list[str]) -> None:
     kinds = {torch.device(d).type for d in devices}
     if len(kinds) > 1:
         listing = ", ".join(f"rank {r}: {d}" for r, d in enumerate(devices))
-        raise InvalidInput("device", f"the processes disagree on the device ({listing}); set device: cpu, or "
-                                     "device: cuda with one GPU per process")
+        raise InvalidInput(
+            "device",
+            f"the processes disagree on the device ({listing}); set device: cpu, or "
+            "device: cuda with one GPU per process",
+        )
 
 
 def _env_int(name: str, default: int) -> int:
@@ -146,7 +155,7 @@ class Processes:
                         flat /= self.world_size
                         offset = 0
                         for b in bucket:
-                            b.copy_(flat[offset: offset + b.numel()].view_as(b))
+                            b.copy_(flat[offset : offset + b.numel()].view_as(b))
                             offset += b.numel()
                     bucket, size = [], 0
                 if g is not None:
@@ -206,8 +215,10 @@ def init_processes(requested_device: str) -> Processes:
     if owns:
         dist.init_process_group(backend="gloo", timeout=TIMEOUT)
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
-        raise RuntimeError(f"the process group ({dist.get_rank()}/{dist.get_world_size()}) does not match "
-                           f"RANK={rank} WORLD_SIZE={world_size}")
+        raise RuntimeError(
+            f"the process group ({dist.get_rank()}/{dist.get_world_size()}) does not match "
+            f"RANK={rank} WORLD_SIZE={world_size}"
+        )
     devices: list[Any] = [None] * world_size
     dist.all_gather_object(devices, str(device))
     check_devices_agree(devices)
@@ -215,5 +226,11 @@ def init_processes(requested_device: str) -> Processes:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         tensor_group = dist.new_group(backend="nccl", timeout=TIMEOUT)
-    return Processes(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                     tensor_group=tensor_group, owns_group=owns)
+    return Processes(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        tensor_group=tensor_group,
+        owns_group=owns,
+    )

@@ -48,14 +48,16 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-def preference_margin(model_err_0: torch.Tensor, model_err_1: torch.Tensor, ref_err_0: torch.Tensor,
-                      ref_err_1: torch.Tensor) -> torch.Tensor:
+def preference_margin(
+    model_err_0: torch.Tensor, model_err_1: torch.Tensor, ref_err_0: torch.Tensor, ref_err_1: torch.Tensor
+) -> torch.Tensor:
     """(e_θ^0 − e_θ^1) − (e_ref^0 − e_ref^1): negative when the model, more than the reference, prefers image 0."""
     return (model_err_0 - model_err_1) - (ref_err_0 - ref_err_1)
 
 
-def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
-                       ref_err_l: torch.Tensor, beta: float) -> torch.Tensor:
+def diffusion_dpo_loss(
+    model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Per-pair Diffusion-DPO loss −log σ(−½β·margin(winner, loser)), [B] -> [B]."""
     return -F.logsigmoid(-0.5 * beta * preference_margin(model_err_w, model_err_l, ref_err_w, ref_err_l))
 
@@ -75,14 +77,26 @@ class DPOConfig(TrainerConfig):
 
     output_dir: str = with_default("output_dir", "runs/dpo")
     adapter_name: str = with_default("adapter_name", "dpo")
-    data: str = field(default="", metadata={
-        "help": "Preference pairs: a Pick-a-Pic-layout .parquet or .jsonl file, or a folder of them "
-                "(make one with `diffsteer data pairs`)."})
-    score_fields: tuple[str, ...] = field(default=("score_0", "score_1"), metadata={
-        "help": "The two per-image reward-score columns (SmPO's preprocessed Pick-a-Pic: ps_score_0, ps_score_1)."})
-    beta: float = field(default=5000.0, metadata={
-        "help": "DPO temperature beta (KL strength): the loss is -log sigmoid(-beta/2 * margin); 5000 is the "
-                "public Diffusion-DPO code's default."})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Preference pairs: a Pick-a-Pic-layout .parquet or .jsonl file, or a folder of them "
+            "(make one with `diffsteer data pairs`)."
+        },
+    )
+    score_fields: tuple[str, ...] = field(
+        default=("score_0", "score_1"),
+        metadata={
+            "help": "The two per-image reward-score columns (SmPO's preprocessed Pick-a-Pic: ps_score_0, ps_score_1)."
+        },
+    )
+    beta: float = field(
+        default=5000.0,
+        metadata={
+            "help": "DPO temperature beta (KL strength): the loss is -log sigmoid(-beta/2 * margin); 5000 is the "
+            "public Diffusion-DPO code's default."
+        },
+    )
     learning_rate: float = with_default("learning_rate", 1e-4)
 
     def __post_init__(self) -> None:
@@ -115,13 +129,17 @@ def adapters_disabled(unet: torch.nn.Module):
         unet.enable_adapters()
 
 
-def training_target(noise: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def training_target(
+    noise: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """What the UNet should output at x_t = √ᾱ x0 + √(1 − ᾱ) ε: ε (epsilon) or v = √ᾱ ε − √(1 − ᾱ) x0."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    raise InvalidInput("model", f"prediction type {prediction_type!r} is not supported for preference training (epsilon, v_prediction)")
+    raise InvalidInput(
+        "model", f"prediction type {prediction_type!r} is not supported for preference training (epsilon, v_prediction)"
+    )
 
 
 def image_tensor(image, size: tuple[int, int]) -> torch.Tensor:
@@ -149,13 +167,16 @@ class DPOTrainer(Trainer):
     def build(self) -> None:
         import diffusers
 
-
         c = self.config
         if not c.data:
-            raise InvalidInput("data", "required: a preference-pair file or folder (make one with `diffsteer data pairs`)")
+            raise InvalidInput(
+                "data", "required: a preference-pair file or folder (make one with `diffsteer data pairs`)"
+            )
         dataset = load_preference_pairs(c.data, score_fields=c.score_fields)
         self.pairs = self.select_pairs(dataset)
-        scheduler = getattr(diffusers, self.model.scheduler_config["_class_name"]).from_config(self.model.scheduler_config)
+        scheduler = getattr(diffusers, self.model.scheduler_config["_class_name"]).from_config(
+            self.model.scheduler_config
+        )
         self.alpha_bars = scheduler.alphas_cumprod.float().to(self.device)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.image_size = (c.height or self.model.default_size, c.width or self.model.default_size)
@@ -186,8 +207,10 @@ class DPOTrainer(Trainer):
         return PairBatch(
             pixels_0=torch.stack([image_tensor(a, self.image_size) for a, _ in images]),
             pixels_1=torch.stack([image_tensor(b, self.image_size) for _, b in images]),
-            captions=[p.caption for p in pairs], preference=self.pair_preferences(pairs),
-            timesteps=torch.from_numpy(timesteps).long(), noise_seeds=[int(s) for s in seeds],
+            captions=[p.caption for p in pairs],
+            preference=self.pair_preferences(pairs),
+            timesteps=torch.from_numpy(timesteps).long(),
+            noise_seeds=[int(s) for s in seeds],
         )
 
     # ------------------------------------------------------------------ the loss
@@ -202,7 +225,9 @@ class DPOTrainer(Trainer):
             with adapters_disabled(self.model.unet):
                 return self.unet_call(self.model.unet, x, t, condition)
 
-    def noisy_latents(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
+    def noisy_latents(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, ε) for clean latents ``x0`` [2B] at ``t`` [2B]: Diffusion-DPO's forward process with the given
         noise (the same for both images of a pair). SmPO replaces this with ReNoise inversion."""
         ab = self.alpha_bars[t].view(-1, 1, 1, 1)
@@ -220,10 +245,13 @@ class DPOTrainer(Trainer):
         device = self.device
         with torch.no_grad(), self.autocast():
             x0 = encode(self.model.vae, torch.cat([batch.pixels_0, batch.pixels_1]).to(device))
-            cond = encode_conditions(self.model, batch.captions, None, ["cond"], height=self.image_size[0],
-                                     width=self.image_size[1])[0]["cond"]
+            cond = encode_conditions(
+                self.model, batch.captions, None, ["cond"], height=self.image_size[0], width=self.image_size[1]
+            )[0]["cond"]
         condition = concat_conditions([cond, cond])
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s)) for s in batch.noise_seeds])
+        noise = torch.stack(
+            [torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s)) for s in batch.noise_seeds]
+        )
         noise = torch.cat([noise, noise]).to(device)
         t = torch.cat([batch.timesteps, batch.timesteps]).to(device)
         with self.autocast():
@@ -235,12 +263,19 @@ class DPOTrainer(Trainer):
         preference = batch.preference.to(device)
         loss = self.pair_loss(errors, preference).mean()
         margin = preference_margin(errors["model_0"], errors["model_1"], errors["ref_0"], errors["ref_1"]).detach()
-        metrics = {"model_mse": float(model_err.detach().mean()), "ref_mse": float(ref_err.mean()),
-                   "implicit_acc": float(implicit_accuracy(margin, preference)), "preference": float(preference.mean())}
+        metrics = {
+            "model_mse": float(model_err.detach().mean()),
+            "ref_mse": float(ref_err.mean()),
+            "implicit_acc": float(implicit_accuracy(margin, preference)),
+            "preference": float(preference.mean()),
+        }
         return loss, metrics
 
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {"loss": f"{metrics.get('loss', float('nan')):.4g}", "acc": f"{metrics.get('implicit_acc', float('nan')):.2f}"}
+        return {
+            "loss": f"{metrics.get('loss', float('nan')):.4g}",
+            "acc": f"{metrics.get('implicit_acc', float('nan')):.2f}",
+        }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,8 +158,9 @@ DIVERGENCES: dict[str, tuple[Fn, Fn]] = {
     "jeffreys": (f_jeffreys, h_jeffreys),
     "neyman_chi2": (f_neyman_chi2, h_neyman_chi2),
 }
-Divergence = Literal["reverse_kl", "forward_kl", "js", "softened_reverse_kl", "squared_hellinger", "jeffreys",
-                     "neyman_chi2"]
+Divergence = Literal[
+    "reverse_kl", "forward_kl", "js", "softened_reverse_kl", "squared_hellinger", "jeffreys", "neyman_chi2"
+]
 
 
 def density_ratio(logits: torch.Tensor, r_min: float, r_max: float, logit_clamp: float = 10.0) -> torch.Tensor:
@@ -174,7 +175,9 @@ def time_bins(t: torch.Tensor, num_bins: int, num_timesteps: int) -> torch.Tenso
     return (t.long() * num_bins // num_timesteps).clamp(0, num_bins - 1)
 
 
-def normalise_by_time_bin(ratio: torch.Tensor, bins: torch.Tensor, running: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+def normalise_by_time_bin(
+    ratio: torch.Tensor, bins: torch.Tensor, running: torch.Tensor, rate: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Divide each r by the running mean of r in its time bin, after moving the running means of the bins seen
     in this batch: m_b ← rate·m_b + (1 − rate)·mean(r in b) (rate 0: this batch's mean). Returns the normalised
     ratios and the new running means."""
@@ -190,8 +193,9 @@ def batch_normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return h / (h.mean() + eps)
 
 
-def dmd_gradient(gen_x0: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
+def dmd_gradient(
+    gen_x0: torch.Tensor, teacher_x0: torch.Tensor, fake_x0: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The per-sample direction the generator moves against: (x̂0_fake − x̂0_teacher) / mean|x − x̂0_teacher| (DMD
     eq. 8 in x0 space), times the f-divergence weight of each image."""
     dims = tuple(range(1, gen_x0.ndim))
@@ -241,8 +245,14 @@ def student_scheduler_config(teacher_config: dict[str, Any], first_timestep: int
     from diffusers import DDIMScheduler
 
     config = {k: v for k, v in teacher_config.items() if not k.startswith("_") or k == "_class_name"}
-    config.update(_class_name="DDIMScheduler", timestep_spacing="trailing", set_alpha_to_one=True,
-                  clip_sample=False, thresholding=False, steps_offset=1)
+    config.update(
+        _class_name="DDIMScheduler",
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+        thresholding=False,
+        steps_offset=1,
+    )
     if first_timestep is not None:
         betas = DDIMScheduler.from_config(teacher_config).betas[: int(first_timestep) + 1]
         config.update(num_train_timesteps=len(betas), trained_betas=[float(b) for b in betas])
@@ -268,8 +278,12 @@ class DiscriminatorHead(torch.nn.Module):
         super().__init__()
         groups = math.gcd(hidden, 8)
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, hidden, 3, padding=1), torch.nn.GroupNorm(groups, hidden), torch.nn.SiLU(),
-            torch.nn.Conv2d(hidden, hidden, 3, padding=1), torch.nn.GroupNorm(groups, hidden), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, hidden, 3, padding=1),
+            torch.nn.GroupNorm(groups, hidden),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(hidden, hidden, 3, padding=1),
+            torch.nn.GroupNorm(groups, hidden),
+            torch.nn.SiLU(),
             torch.nn.Conv2d(hidden, 1, 1),
         )
 
@@ -309,78 +323,141 @@ class FDistillConfig(TrainerConfig):
 
     output_dir: str = with_default("output_dir", "runs/fdistill")
     adapter_name: str = with_default("adapter_name", "fdistill")
-    export: Literal["lora", "pipeline", "both"] = field(default="pipeline", metadata={
-        "help": "pipeline (pipeline/: the student as a whole diffusers pipeline, one step by default), lora "
-                "(the student's adapter, trainable: lora), or both."})
-    steps: int = field(default=1, metadata={
-        "help": "The student's steps: 1 (from pure noise at student_timestep, by default the last timestep) or k "
-                "(its own k-step DDIM chain on trailing timesteps); the evaluation samples the student with as many."})
-    student_timestep: int | None = field(default=None, metadata={
-        "help": "The timestep at which the student reads its pure-noise input (DMD2's one-step SDXL generator reads "
-                "it at 399; k-step students then take trailing steps below it). Default: the last training "
-                "timestep T−1, where the student starts from the teacher's own one-step x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ, "
-                "which multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 at T−1 on SD's scaled-linear schedule); a lower "
-                "timestep shrinks that factor but starts the student further from the teacher. Exported as a noise "
-                "schedule cut after that timestep, so one DDIM step of the pipeline is still the student's sample."})
-    policy: str = field(default="cfg:scale=1", metadata={
-        "help": "Policy of the student's evaluation samples (unguided by default; the teacher's guidance is "
-                "teacher_policy)."})
-    scheduler: str = field(default="ddim", metadata={
-        "help": "Scheduler of the student's evaluation (its config is the student's: trailing, final ᾱ = 1)."})
-    trainable: Literal["lora", "full"] = field(default="full", metadata={
-        "help": "The student: full (every UNet weight, fp32) or lora (a LoRA on a copy of the teacher UNet)."})
+    export: Literal["lora", "pipeline", "both"] = field(
+        default="pipeline",
+        metadata={
+            "help": "pipeline (pipeline/: the student as a whole diffusers pipeline, one step by default), lora "
+            "(the student's adapter, trainable: lora), or both."
+        },
+    )
+    steps: int = field(
+        default=1,
+        metadata={
+            "help": "The student's steps: 1 (from pure noise at student_timestep, by default the last timestep) or k "
+            "(its own k-step DDIM chain on trailing timesteps); the evaluation samples the student with as many."
+        },
+    )
+    student_timestep: int | None = field(
+        default=None,
+        metadata={
+            "help": "The timestep at which the student reads its pure-noise input (DMD2's one-step SDXL generator reads "
+            "it at 399; k-step students then take trailing steps below it). Default: the last training "
+            "timestep T−1, where the student starts from the teacher's own one-step x̂0 = (z − √(1−ᾱ)·ε̂)/√ᾱ, "
+            "which multiplies every error of ε̂ by √(1−ᾱ)/√ᾱ (14.6 at T−1 on SD's scaled-linear schedule); a lower "
+            "timestep shrinks that factor but starts the student further from the teacher. Exported as a noise "
+            "schedule cut after that timestep, so one DDIM step of the pipeline is still the student's sample."
+        },
+    )
+    policy: str = field(
+        default="cfg:scale=1",
+        metadata={
+            "help": "Policy of the student's evaluation samples (unguided by default; the teacher's guidance is "
+            "teacher_policy)."
+        },
+    )
+    scheduler: str = field(
+        default="ddim",
+        metadata={
+            "help": "Scheduler of the student's evaluation (its config is the student's: trailing, final ᾱ = 1)."
+        },
+    )
+    trainable: Literal["lora", "full"] = field(
+        default="full",
+        metadata={
+            "help": "The student: full (every UNet weight, fp32) or lora (a LoRA on a copy of the teacher UNet)."
+        },
+    )
     learning_rate: float = field(default=2e-5, metadata={"help": "The student's AdamW learning rate."})
     # --- data
-    prompts: str = field(default="pg-train:all", metadata={
-        "help": "Training prompts with real_data: teacher (pg-train:..., or a prompt file); with real_data: "
-                "pg-train the prompts are the rendered scenes' captions."})
-    real_data: Literal["pg-train", "teacher"] = field(default="pg-train", metadata={
-        "help": "Real samples of the discriminator: pg-train (the proving ground's rendered training scenes and "
-                "captions, VAE-encoded) or teacher (the teacher's samples under teacher_policy, teacher_steps)."})
-    teacher_steps: int = field(default=20, metadata={
-        "help": "The teacher's sampling steps, for real_data: teacher and for the regression pairs."})
-    regression_weight: float = field(default=0.0, metadata={
-        "help": "Weight of DMD's regression loss (Yin et al. 2024, Sec. 3.3): the latent mean squared error between "
-                "the student's sample from a noise z and the teacher's teacher_steps-step sample (teacher_policy) "
-                "from the same z, over regression_pairs fixed pairs sampled at the start of the run. 0: off (DMD2 "
-                "and f-distill train without it)."})
-    regression_pairs: int = field(default=1024, metadata={
-        "help": "Number of (noise, prompt, teacher sample) pairs of the regression loss, drawn from the seed; "
-                "sampled again, identically, on --resume."})
+    prompts: str = field(
+        default="pg-train:all",
+        metadata={
+            "help": "Training prompts with real_data: teacher (pg-train:..., or a prompt file); with real_data: "
+            "pg-train the prompts are the rendered scenes' captions."
+        },
+    )
+    real_data: Literal["pg-train", "teacher"] = field(
+        default="pg-train",
+        metadata={
+            "help": "Real samples of the discriminator: pg-train (the proving ground's rendered training scenes and "
+            "captions, VAE-encoded) or teacher (the teacher's samples under teacher_policy, teacher_steps)."
+        },
+    )
+    teacher_steps: int = field(
+        default=20,
+        metadata={"help": "The teacher's sampling steps, for real_data: teacher and for the regression pairs."},
+    )
+    regression_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of DMD's regression loss (Yin et al. 2024, Sec. 3.3): the latent mean squared error between "
+            "the student's sample from a noise z and the teacher's teacher_steps-step sample (teacher_policy) "
+            "from the same z, over regression_pairs fixed pairs sampled at the start of the run. 0: off (DMD2 "
+            "and f-distill train without it)."
+        },
+    )
+    regression_pairs: int = field(
+        default=1024,
+        metadata={
+            "help": "Number of (noise, prompt, teacher sample) pairs of the regression loss, drawn from the seed; "
+            "sampled again, identically, on --resume."
+        },
+    )
     # --- the teacher's target
-    teacher_policy: str = field(default="cfg:scale=1.5", metadata={
-        "help": "Guidance policy that defines the teacher's score (cfg, apg, an interval, ...)."})
+    teacher_policy: str = field(
+        default="cfg:scale=1.5",
+        metadata={"help": "Guidance policy that defines the teacher's score (cfg, apg, an interval, ...)."},
+    )
     timestep_min: int = field(default=20, metadata={"help": "Smallest diffusion timestep of the matching loss."})
     timestep_max: int = field(default=980, metadata={"help": "Largest diffusion timestep of the matching loss."})
     # --- the divergence
-    divergence: Divergence = field(default="js", metadata={
-        "help": f"The f-divergence: {', '.join(DIVERGENCES)} (reverse_kl with gan_weight > 0 is DMD2)."})
+    divergence: Divergence = field(
+        default="js",
+        metadata={"help": f"The f-divergence: {', '.join(DIVERGENCES)} (reverse_kl with gan_weight > 0 is DMD2)."},
+    )
     ratio_min: float = field(default=0.1, metadata={"help": "Lower clip of the density ratio r = exp(logit)."})
     ratio_max: float = field(default=20.0, metadata={"help": "Upper clip of the density ratio."})
     logit_clamp: float = field(default=10.0, metadata={"help": "Clamp of the logit before exp (overflow guard)."})
-    ratio_bins: int = field(default=10, metadata={
-        "help": "Time bins of the running-mean normalisation of r (0: no normalisation)."})
-    ratio_ema: float = field(default=0.9, metadata={
-        "help": "Running-mean rate of each bin (0: the current batch's mean in the bin, as FastGen at batch 2048; "
-                "small batches need a longer memory, or a lone sample in its bin is normalised to r = 1)."})
-    gan_weight: float = field(default=0.03, metadata={
-        "help": "Weight of the generator's GAN loss (0 with reverse_kl: DMD without the discriminator)."})
+    ratio_bins: int = field(
+        default=10, metadata={"help": "Time bins of the running-mean normalisation of r (0: no normalisation)."}
+    )
+    ratio_ema: float = field(
+        default=0.9,
+        metadata={
+            "help": "Running-mean rate of each bin (0: the current batch's mean in the bin, as FastGen at batch 2048; "
+            "small batches need a longer memory, or a lone sample in its bin is normalised to r = 1)."
+        },
+    )
+    gan_weight: float = field(
+        default=0.03,
+        metadata={"help": "Weight of the generator's GAN loss (0 with reverse_kl: DMD without the discriminator)."},
+    )
     # --- the fake score and the discriminator
-    fake_trainable: Literal["lora", "full"] = field(default="full", metadata={
-        "help": "The fake-score network (a copy of the teacher): full or lora (lora_* fields)."})
+    fake_trainable: Literal["lora", "full"] = field(
+        default="full",
+        metadata={"help": "The fake-score network (a copy of the teacher): full or lora (lora_* fields)."},
+    )
     fake_learning_rate: float = field(default=2e-5, metadata={"help": "The fake score's AdamW learning rate."})
-    fake_updates_per_step: int = field(default=4, metadata={
-        "help": "Fake-score (and discriminator) updates per student update (the two-time-scale rule)."})
-    discriminator_learning_rate: float = field(default=2e-4, metadata={"help": "The discriminator head's learning rate."})
+    fake_updates_per_step: int = field(
+        default=4,
+        metadata={"help": "Fake-score (and discriminator) updates per student update (the two-time-scale rule)."},
+    )
+    discriminator_learning_rate: float = field(
+        default=2e-4, metadata={"help": "The discriminator head's learning rate."}
+    )
     discriminator_hidden: int = field(default=64, metadata={"help": "Width of the discriminator head."})
     ema_decay: float = with_default("ema_decay", 0.99)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.divergence not in DIVERGENCES:
-            raise InvalidInput("divergence", f"unknown value {self.divergence!r}; accepted values: {', '.join(DIVERGENCES)}")
+            raise InvalidInput(
+                "divergence", f"unknown value {self.divergence!r}; accepted values: {', '.join(DIVERGENCES)}"
+            )
         if not 0 < self.ratio_min < self.ratio_max:
-            raise InvalidInput("ratio_min", f"need 0 < ratio_min < ratio_max, got {self.ratio_min} and {self.ratio_max}")
+            raise InvalidInput(
+                "ratio_min", f"need 0 < ratio_min < ratio_max, got {self.ratio_min} and {self.ratio_max}"
+            )
         if self.logit_clamp <= 0:
             raise InvalidInput("logit_clamp", f"must be positive, got {self.logit_clamp}")
         if self.ratio_bins < 0:
@@ -395,11 +472,15 @@ class FDistillConfig(TrainerConfig):
             if not 0 < getattr(self, name) < 1:
                 raise InvalidInput(name, f"must be in (0, 1), got {getattr(self, name)}")
         if not 0 <= self.timestep_min <= self.timestep_max:
-            raise InvalidInput("timestep_min", f"need 0 ≤ timestep_min ≤ timestep_max, got {self.timestep_min} and {self.timestep_max}")
+            raise InvalidInput(
+                "timestep_min", f"need 0 ≤ timestep_min ≤ timestep_max, got {self.timestep_min} and {self.timestep_max}"
+            )
         if self.regression_weight < 0:
             raise InvalidInput("regression_weight", f"must be non-negative, got {self.regression_weight}")
         if self.regression_weight > 0 and self.regression_pairs < 1:
-            raise InvalidInput("regression_pairs", f"must be at least 1 with regression_weight > 0, got {self.regression_pairs}")
+            raise InvalidInput(
+                "regression_pairs", f"must be at least 1 with regression_weight > 0, got {self.regression_pairs}"
+            )
         if self.teacher_steps < 1:
             raise InvalidInput("teacher_steps", f"must be at least 1, got {self.teacher_steps}")
         if self.discriminator_hidden < 1:
@@ -440,7 +521,9 @@ class FDistillTrainer(Trainer):
         teacher = self.model.unet
         T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
         if c.timestep_max >= T:
-            raise InvalidInput("timestep_max", f"must be below the model's {T} training timesteps, got {c.timestep_max}")
+            raise InvalidInput(
+                "timestep_max", f"must be below the model's {T} training timesteps, got {c.timestep_max}"
+            )
         if c.student_timestep is not None and not 0 <= c.student_timestep < T:
             raise InvalidInput("student_timestep", f"must be in [0, {T - 1}], got {c.student_timestep}")
         student_T = T if c.student_timestep is None else c.student_timestep + 1
@@ -449,23 +532,34 @@ class FDistillTrainer(Trainer):
         self.num_timesteps = T
         self.teacher_policy = build_policy(c.teacher_policy, field="teacher_policy")
         if self.teacher_policy.name in ("reno", "dynamic"):
-            raise InvalidInput("teacher_policy", f"{self.teacher_policy.name!r} is not a per-step score; use cfg, apg, "
-                               "adaptive, linear_ag, cfg_zero_star or perp_neg")
+            raise InvalidInput(
+                "teacher_policy",
+                f"{self.teacher_policy.name!r} is not a per-step score; use cfg, apg, "
+                "adaptive, linear_ag, cfg_zero_star or perp_neg",
+            )
         self.student_config = student_scheduler_config(self.model.scheduler_config, c.student_timestep)
         self.student_ts = student_timesteps(self.student_config, c.steps)
         self.alphas_cumprod = self._alphas_cumprod()
         self.student = self._trainable_copy(teacher, c.trainable, "student")
         self.fake_score = self._trainable_copy(teacher, c.fake_trainable, "fake_score")
-        self.register_optimizer("student", [p for p in self.student.parameters() if p.requires_grad], lr=c.learning_rate)
-        self.register_optimizer("fake_score", [p for p in self.fake_score.parameters() if p.requires_grad],
-                                lr=c.fake_learning_rate)
+        self.register_optimizer(
+            "student", [p for p in self.student.parameters() if p.requires_grad], lr=c.learning_rate
+        )
+        self.register_optimizer(
+            "fake_score", [p for p in self.fake_score.parameters() if p.requires_grad], lr=c.fake_learning_rate
+        )
         self.discriminator = None
         if c.uses_discriminator:
             channels = teacher.config.block_out_channels[-1]
             self.discriminator = DiscriminatorHead(channels, c.discriminator_hidden).to(self.device)
             self.register_module("discriminator", self.discriminator, "full")
-            self.register_optimizer("discriminator", list(self.discriminator.parameters()), lr=c.discriminator_learning_rate,
-                                    betas=(0.0, 0.99), weight_decay=0.0)
+            self.register_optimizer(
+                "discriminator",
+                list(self.discriminator.parameters()),
+                lr=c.discriminator_learning_rate,
+                betas=(0.0, 0.99),
+                weight_decay=0.0,
+            )
         self.student_ema = self.register_ema("student", self.student, c.ema_decay) if c.ema_decay > 0 else None
         self.ratio_running = torch.ones(max(c.ratio_bins, 1), dtype=torch.float64)
         if c.real_data == "pg-train":
@@ -501,8 +595,13 @@ class FDistillTrainer(Trainer):
 
     def _teacher_params(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
         c = self.config
-        return {"prompt": prompts, "seeds": seeds, "steps": c.teacher_steps, "scheduler": "ddim",
-                "policy": c.teacher_policy}
+        return {
+            "prompt": prompts,
+            "seeds": seeds,
+            "steps": c.teacher_steps,
+            "scheduler": "ddim",
+            "policy": c.teacher_policy,
+        }
 
     @torch.no_grad()
     def regression_pairs(self, batch_size: int = 16) -> tuple[list[str], list[int], torch.Tensor]:
@@ -510,7 +609,6 @@ class FDistillTrainer(Trainer):
         config's seed, and the teacher's ``teacher_steps``-step samples (``teacher_policy``) from that noise, the
         batches shared among the processes (every process ends with all of them, on the CPU)."""
         from tqdm import tqdm
-
 
         c = self.config
         rng = np.random.default_rng([c.seed, 0x7265_6772])  # a stream of its own: "regr"
@@ -522,6 +620,7 @@ class FDistillTrainer(Trainer):
         starts = range(0, len(seeds), batch_size)
         own = len(range(self.processes.rank, len(starts), self.processes.world_size))
         with tqdm(total=own, desc="regression pairs", disable=not (c.progress and self.processes.is_main)) as bar:
+
             def sample_chunk(index: int) -> torch.Tensor:  # each process samples every world_size-th chunk
                 chunk = slice(starts[index], starts[index] + batch_size)
                 latents = prepare(self.model, self._teacher_params(prompts[chunk], seeds[chunk])).run().latents
@@ -576,8 +675,17 @@ class FDistillTrainer(Trainer):
         pairs = None
         if c.regression_weight > 0 and phase == c.fake_updates_per_step:
             pairs = [int(i) for i in rng.integers(0, c.regression_pairs, n)[share]]
-        return DistillBatch(prompts, [int(s) for s in seeds[0]], timesteps[0], [int(s) for s in seeds[1]],
-                            timesteps[1], [int(s) for s in seeds[2]], real_images, student_step, pairs)
+        return DistillBatch(
+            prompts,
+            [int(s) for s in seeds[0]],
+            timesteps[0],
+            [int(s) for s in seeds[1]],
+            timesteps[1],
+            [int(s) for s in seeds[2]],
+            real_images,
+            student_step,
+            pairs,
+        )
 
     def _gaussian(self, seeds: list[int]) -> torch.Tensor:
         unet = self.model.unet.config
@@ -614,7 +722,9 @@ class FDistillTrainer(Trainer):
         """The student's clean latents from the batch's noise (see :meth:`generate_from`)."""
         return self.generate_from(self._gaussian(batch.noise_seeds), batch.student_step, condition, unet)
 
-    def generate_from(self, x: torch.Tensor, student_step: int, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
+    def generate_from(
+        self, x: torch.Tensor, student_step: int, condition, unet: torch.nn.Module | None = None
+    ) -> torch.Tensor:
         """The student's clean latents: from noise ``x`` through its first ``student_step`` steps without
         gradients, then its x̂0 at that step (with gradients when enabled)."""
         unet = unet if unet is not None else self.student
@@ -640,10 +750,16 @@ class FDistillTrainer(Trainer):
             denoiser = Denoiser(self.model.unet, conds, self.model.prediction_type, aliases=aliases)
             ab = float(self.alphas_cumprod[value])
             info = StepInfo(T - 1 - value, T, torch.tensor(value, device=self.device), ab, self.model.prediction_type)
-            state = self.teacher_policy.start(SamplingContext(num_steps=T, batch_size=len(rows),
-                                                               prediction_type=self.model.prediction_type,
-                                                               has_negative_prompt=False, requested_steps=T,
-                                                               model=self.model))
+            state = self.teacher_policy.start(
+                SamplingContext(
+                    num_steps=T,
+                    batch_size=len(rows),
+                    prediction_type=self.model.prediction_type,
+                    has_negative_prompt=False,
+                    requested_steps=T,
+                    model=self.model,
+                )
+            )
             guided = self.teacher_policy.step(state, x[rows], info, denoiser).float()
             out[rows] = to_x0(guided, x[rows], ab, self.model.prediction_type)
         return out
@@ -679,9 +795,13 @@ class FDistillTrainer(Trainer):
                     f_real = mid_block_features(self.model.unet, real_t, batch.real_t.to(self.device), cond)
                 fake_logits, real_logits = self.discriminator(f_fake), self.discriminator(f_real)
                 disc_loss = gan_discriminator_loss(real_logits, fake_logits)
-                metrics.update({"loss.discriminator": float(disc_loss.detach()),
-                                "d_real": float(torch.sigmoid(real_logits.detach()).mean()),
-                                "d_fake": float(torch.sigmoid(fake_logits.detach()).mean())})
+                metrics.update(
+                    {
+                        "loss.discriminator": float(disc_loss.detach()),
+                        "d_real": float(torch.sigmoid(real_logits.detach()).mean()),
+                        "d_fake": float(torch.sigmoid(fake_logits.detach()).mean()),
+                    }
+                )
         return fake_loss, disc_loss, metrics
 
     def _unet_out(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
@@ -715,15 +835,17 @@ class FDistillTrainer(Trainer):
                 regression = self.pair_regression_loss(batch.pairs)
                 loss = loss + c.regression_weight * regression
                 metrics["loss.regression"] = float(regression.detach())
-        metrics.update({"loss.student": float(loss.detach()), "loss.matching": float(dm.detach()),
-                        "loss.gan": float(gan.detach())})
+        metrics.update(
+            {"loss.student": float(loss.detach()), "loss.matching": float(dm.detach()), "loss.gan": float(gan.detach())}
+        )
         return loss, metrics
 
     def pair_regression_loss(self, pairs: list[int]) -> torch.Tensor:
         """:func:`regression_loss` of the student's full chain (gradient through its last step) on these pairs."""
         conditions, _ = self._encode([self.pair_prompts[i] for i in pairs])
-        gen = self.generate_from(self._gaussian([self.pair_seeds[i] for i in pairs]), len(self.student_ts) - 1,
-                                 conditions["cond"]).float()
+        gen = self.generate_from(
+            self._gaussian([self.pair_seeds[i] for i in pairs]), len(self.student_ts) - 1, conditions["cond"]
+        ).float()
         return regression_loss(gen, self.pair_samples[pairs].to(gen.device))
 
     def f_weights(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -732,7 +854,9 @@ class FDistillTrainer(Trainer):
         ratio = density_ratio(logits, c.ratio_min, c.ratio_max, c.logit_clamp)
         if c.ratio_bins > 0:
             bins = time_bins(t, c.ratio_bins, self.num_timesteps).to(ratio.device)
-            ratio, running = normalise_by_time_bin(ratio.double(), bins, self.ratio_running.to(ratio.device), c.ratio_ema)
+            ratio, running = normalise_by_time_bin(
+                ratio.double(), bins, self.ratio_running.to(ratio.device), c.ratio_ema
+            )
             self.ratio_running = running.cpu()
             ratio = ratio.float()
         return batch_normalised(DIVERGENCES[c.divergence][1](ratio))

@@ -83,60 +83,112 @@ from diffsteer.training.trainer import EvalResult, Trainer, TrainerConfig, with_
 class LatentEvaluatorConfig(TrainerConfig):
     """Latent evaluators (alignment distilled from a pixel reward, fidelity discriminator) for one model."""
 
-    output_dir: str = field(default="runs/latent-evaluator", metadata={
-        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, latent_evaluators/ (unless export_dir is set)."})
-    export_dir: str = field(default="", metadata={
-        "help": "Where the trained evaluators are written ('': <output_dir>/latent_evaluators). A model uses them "
-                "when they sit in <model folder>/latent_evaluators."})
-    prompts: str = field(default="pg-train:all", metadata={
-        "help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."})
-    eval_prompts: str = field(default="pg:all", metadata={
-        "help": "Held-out prompts of the agreement evaluation (pg:... or a prompt file); '' disables it."})
+    output_dir: str = field(
+        default="runs/latent-evaluator",
+        metadata={
+            "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, latent_evaluators/ (unless export_dir is set)."
+        },
+    )
+    export_dir: str = field(
+        default="",
+        metadata={
+            "help": "Where the trained evaluators are written ('': <output_dir>/latent_evaluators). A model uses them "
+            "when they sit in <model folder>/latent_evaluators."
+        },
+    )
+    prompts: str = field(
+        default="pg-train:all",
+        metadata={"help": "Training prompts: pg-train:all, pg-train:CATEGORY[,...], or a text / GenEval / Parti file."},
+    )
+    eval_prompts: str = field(
+        default="pg:all",
+        metadata={"help": "Held-out prompts of the agreement evaluation (pg:... or a prompt file); '' disables it."},
+    )
     eval_max_prompts: int | None = with_default("eval_max_prompts", 4)
     eval_seeds: int = with_default("eval_seeds", 1)
-    reward: str = field(default="clip:1", metadata={
-        "help": "Pixel-space reward the alignment evaluator is distilled from, 'name:weight,...' (configured as for "
-                "the service; the proving-ground clip needs none). Need not be differentiable."})
-    alignment_target: Literal["score", "embedding"] = field(default="score", metadata={
-        "help": "What the alignment evaluator learns: score (the reward itself, reading the diffusion text states) or "
-                "embedding (the image embedding of a reward s·cos(f_img, f_txt) — clip, hps, pickscore — scored "
-                "against the reward's own text embedding at sampling time; ranks candidates better: see BENCHMARKS.md, "
-                "section Dynamic CFG with latent evaluators)."})
-    kinds: tuple[str, ...] = field(default=("alignment", "fidelity"), metadata={
-        "help": "Evaluators to train: alignment, fidelity."})
-    real_images: str = field(default="pg-scenes", metadata={
-        "help": "Real data of the fidelity discriminator: pg-scenes (rendered proving-ground training scenes with "
-                "their captions) or a folder of images (captions from NAME.txt beside each image, else empty)."})
-    candidates: tuple[float, ...] = field(default=(1.0, 1.5, 2.0, 3.0, 4.5, 6.0), metadata={
-        "help": "Guidance scales of the recorded candidates (and of the trajectories)."})
-    records_per_image: int = field(default=3, metadata={"help": "Steps of each trajectory whose candidates are recorded."})
+    reward: str = field(
+        default="clip:1",
+        metadata={
+            "help": "Pixel-space reward the alignment evaluator is distilled from, 'name:weight,...' (configured as for "
+            "the service; the proving-ground clip needs none). Need not be differentiable."
+        },
+    )
+    alignment_target: Literal["score", "embedding"] = field(
+        default="score",
+        metadata={
+            "help": "What the alignment evaluator learns: score (the reward itself, reading the diffusion text states) or "
+            "embedding (the image embedding of a reward s·cos(f_img, f_txt) — clip, hps, pickscore — scored "
+            "against the reward's own text embedding at sampling time; ranks candidates better: see BENCHMARKS.md, "
+            "section Dynamic CFG with latent evaluators)."
+        },
+    )
+    kinds: tuple[str, ...] = field(
+        default=("alignment", "fidelity"), metadata={"help": "Evaluators to train: alignment, fidelity."}
+    )
+    real_images: str = field(
+        default="pg-scenes",
+        metadata={
+            "help": "Real data of the fidelity discriminator: pg-scenes (rendered proving-ground training scenes with "
+            "their captions) or a folder of images (captions from NAME.txt beside each image, else empty)."
+        },
+    )
+    candidates: tuple[float, ...] = field(
+        default=(1.0, 1.5, 2.0, 3.0, 4.5, 6.0),
+        metadata={"help": "Guidance scales of the recorded candidates (and of the trajectories)."},
+    )
+    records_per_image: int = field(
+        default=3, metadata={"help": "Steps of each trajectory whose candidates are recorded."}
+    )
     width_channels: int = field(default=32, metadata={"help": "Channels of each evaluator network."})
     stages: int = field(default=2, metadata={"help": "Residual stages (each halves the resolution after the stem)."})
     patch: int = field(default=2, metadata={"help": "Stem patch size (a patch x patch convolution of that stride)."})
-    recorded_batches: int = field(default=0, metadata={
-        "help": "0: train on freshly sampled batches (each reused batch_reuse steps). N > 0: sample N batches of "
-                "batch_size trajectories once, before training (saved in <output_dir>/groups/, reused on resume; "
-                "processes record their shares in parallel), then train on groups_per_step groups per step, drawn "
-                "from all of them and reshuffled every pass."})
-    groups_per_step: int = field(default=64, metadata={
-        "help": "Recorded groups per optimizer step and process (with recorded_batches)."})
-    batch_reuse: int = field(default=1, metadata={
-        "help": "Optimizer steps trained on each generated batch (decoding and scoring the candidates is the cost; "
-                "step s trains on the batch of step s - s mod batch_reuse)."})
+    recorded_batches: int = field(
+        default=0,
+        metadata={
+            "help": "0: train on freshly sampled batches (each reused batch_reuse steps). N > 0: sample N batches of "
+            "batch_size trajectories once, before training (saved in <output_dir>/groups/, reused on resume; "
+            "processes record their shares in parallel), then train on groups_per_step groups per step, drawn "
+            "from all of them and reshuffled every pass."
+        },
+    )
+    groups_per_step: int = field(
+        default=64, metadata={"help": "Recorded groups per optimizer step and process (with recorded_batches)."}
+    )
+    batch_reuse: int = field(
+        default=1,
+        metadata={
+            "help": "Optimizer steps trained on each generated batch (decoding and scoring the candidates is the cost; "
+            "step s trains on the batch of step s - s mod batch_reuse)."
+        },
+    )
     rank_weight: float = field(default=1.0, metadata={"help": "Weight of the alignment's within-group ranking loss."})
-    level_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the alignment's level term: the squared error to the reward itself (standardised over all "
-                "candidates), the level that ReNO and the A/B metric compare across images; with the embedding "
-                "target, 1 − cos between the predicted and the decoded candidate's image embedding."})
-    within_weight: float = field(default=0.0, metadata={
-        "help": "Weight of the squared error of the within-group deviations (prediction and reward minus their group "
-                "means, in units of the reward's within-group standard deviation): the differences between candidates "
-                "that dynamic CFG ranks, which the level term under-weights (they are a fraction of the spread "
-                "between prompts). With the embedding target, plus the same for the embeddings."})
-    default_weights: dict[str, float] = field(default_factory=lambda: {"alignment": 1.0, "fidelity": 0.5}, metadata={
-        "help": "Weights of the evaluators' combined score saved with them (dynamic_cfg's default)."})
-    calibration_batches: int = field(default=2, metadata={
-        "help": "Batches drawn at build time to standardise the alignment target (mean and std of the reward)."})
+    level_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the alignment's level term: the squared error to the reward itself (standardised over all "
+            "candidates), the level that ReNO and the A/B metric compare across images; with the embedding "
+            "target, 1 − cos between the predicted and the decoded candidate's image embedding."
+        },
+    )
+    within_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the squared error of the within-group deviations (prediction and reward minus their group "
+            "means, in units of the reward's within-group standard deviation): the differences between candidates "
+            "that dynamic CFG ranks, which the level term under-weights (they are a fraction of the spread "
+            "between prompts). With the embedding target, plus the same for the embeddings."
+        },
+    )
+    default_weights: dict[str, float] = field(
+        default_factory=lambda: {"alignment": 1.0, "fidelity": 0.5},
+        metadata={"help": "Weights of the evaluators' combined score saved with them (dynamic_cfg's default)."},
+    )
+    calibration_batches: int = field(
+        default=2,
+        metadata={
+            "help": "Batches drawn at build time to standardise the alignment target (mean and std of the reward)."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Trajectories (prompts x seeds) per optimizer step."})
     learning_rate: float = with_default("learning_rate", 3e-4)
     steps: int = field(default=20, metadata={"help": "Denoising steps of the trajectories."})
@@ -151,12 +203,21 @@ class LatentEvaluatorConfig(TrainerConfig):
             raise InvalidInput("kinds", f"expected distinct names among {', '.join(KINDS)}, got {list(self.kinds)}")
         if len(self.candidates) < 2 or any(not 0 <= w <= 100 for w in self.candidates):
             raise InvalidInput("candidates", f"expected at least two scales in [0, 100], got {list(self.candidates)}")
-        for name in ("records_per_image", "width_channels", "stages", "calibration_batches", "patch", "batch_reuse",
-                     "groups_per_step"):
+        for name in (
+            "records_per_image",
+            "width_channels",
+            "stages",
+            "calibration_batches",
+            "patch",
+            "batch_reuse",
+            "groups_per_step",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidInput(name, f"must be at least 1, got {getattr(self, name)}")
         if self.records_per_image > self.steps:
-            raise InvalidInput("records_per_image", f"must be at most steps ({self.steps}), got {self.records_per_image}")
+            raise InvalidInput(
+                "records_per_image", f"must be at most steps ({self.steps}), got {self.records_per_image}"
+            )
         if self.width_channels % 8:
             raise InvalidInput("width_channels", f"must be a multiple of 8 (group norm), got {self.width_channels}")
         for name in ("rank_weight", "level_weight", "within_weight"):
@@ -166,7 +227,9 @@ class LatentEvaluatorConfig(TrainerConfig):
         if unknown:
             raise InvalidInput("default_weights", f"{unknown} not among the trained kinds {list(self.kinds)}")
         if self.recorded_batches < 0:
-            raise InvalidInput("recorded_batches", f"must be 0 (fresh batches) or a number of batches, got {self.recorded_batches}")
+            raise InvalidInput(
+                "recorded_batches", f"must be 0 (fresh batches) or a number of batches, got {self.recorded_batches}"
+            )
         if self.alignment_target not in ("score", "embedding"):
             raise InvalidInput("alignment_target", f"expected score or embedding, got {self.alignment_target!r}")
         if "fidelity" in self.kinds and not self.real_images:
@@ -195,8 +258,13 @@ class _RecordingCFG(GuidancePolicy):
         rows = np.nonzero((self.record == info.index).any(axis=1))[0]
         if len(rows):
             idx = torch.as_tensor(rows)
-            x0 = torch.stack([to_x0(cfg_combine(cond[idx], uncond[idx], w), x[idx], info.alpha_bar, info.prediction_type)
-                              for w in self.candidates], dim=1)  # [r, K, C, h, w]
+            x0 = torch.stack(
+                [
+                    to_x0(cfg_combine(cond[idx], uncond[idx], w), x[idx], info.alpha_bar, info.prediction_type)
+                    for w in self.candidates
+                ],
+                dim=1,
+            )  # [r, K, C, h, w]
             state.trace["groups"].append((rows, info.alpha_bar, x0.float()))
         w = self.scales.to(cond).view(-1, *([1] * (cond.ndim - 1)))
         return uncond + w * (cond - uncond)
@@ -219,15 +287,25 @@ class Groups:
         """The groups at ``index``."""
         i = torch.as_tensor(index, dtype=torch.long)
         pick = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Groups(**{k: ([v[j] for j in index] if isinstance(v, list) else v if v is None else v[i])
-                         for k, v in pick.items()})
+        return Groups(
+            **{k: ([v[j] for j in index] if isinstance(v, list) else v if v is None else v[i]) for k, v in pick.items()}
+        )
 
     @staticmethod
     def concatenate(parts: list[Groups]) -> Groups:
         fields = [f.name for f in dataclasses.fields(Groups)]
-        return Groups(**{k: ([x for p in parts for x in getattr(p, k)] if k == "prompts"
-                             else None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts]))
-                         for k in fields})
+        return Groups(
+            **{
+                k: (
+                    [x for p in parts for x in getattr(p, k)]
+                    if k == "prompts"
+                    else None
+                    if getattr(parts[0], k) is None
+                    else torch.cat([getattr(p, k) for p in parts])
+                )
+                for k in fields
+            }
+        )
 
     def prompt_inputs(self) -> Any:
         """What the evaluators read of each group's prompt (:class:`diffsteer.guidance.latent_evaluators.PromptInputs`)."""
@@ -242,15 +320,23 @@ def encode_prompts(model: Any, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rng: np.random.Generator,
-                            params: dict[str, Any], candidates: tuple[float, ...], records_per_image: int,
-                            reward: Any = None, autocast: Any = None, embeddings: bool = False) -> Groups:
+def record_candidate_groups(
+    model: Any,
+    prompts: list[str],
+    seeds: list[int],
+    rng: np.random.Generator,
+    params: dict[str, Any],
+    candidates: tuple[float, ...],
+    records_per_image: int,
+    reward: Any = None,
+    autocast: Any = None,
+    embeddings: bool = False,
+) -> Groups:
     """Sample one trajectory per prompt (``params``: steps, scheduler, ...) under CFG at a scale drawn from
     ``candidates``, record the K candidate x̂0 at ``records_per_image`` steps drawn per image, and score the decoded
     candidates with ``reward`` (if given; with ``embeddings``, a one-term embedding-similarity reward whose image
     and text embeddings are kept too). Every draw from ``rng``."""
     import contextlib
-
 
     autocast = autocast or contextlib.nullcontext
     n, steps = len(prompts), int(params["steps"])
@@ -259,7 +345,9 @@ def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rn
     limits = Limits(max_num_images=max(n, Limits.max_num_images))
     with autocast():
         prepared = prepare(model, params, limits=limits)
-        prepared = dataclasses.replace(prepared, policy=_RecordingCFG(scales, record, tuple(candidates)), first_run=None)
+        prepared = dataclasses.replace(
+            prepared, policy=_RecordingCFG(scales, record, tuple(candidates)), first_run=None
+        )
         trajectory = prepared.run()
     rows, bars, x0 = [], [], []
     for r, a, z in trajectory.state.trace["groups"]:
@@ -283,9 +371,12 @@ def record_candidate_groups(model: Any, prompts: list[str], seeds: list[int], rn
         scores = []
         for i in range(0, len(flat), 64):
             with autocast():
-                images = decode(model, flat[i:i + 64]).float()
-            scores.append(tower.image_embeddings(images).float().cpu() if embeddings
-                          else reward.evaluate(images, texts[i:i + 64]).total_score.float().cpu())
+                images = decode(model, flat[i : i + 64]).float()
+            scores.append(
+                tower.image_embeddings(images).float().cpu()
+                if embeddings
+                else reward.evaluate(images, texts[i : i + 64]).total_score.float().cpu()
+            )
         if embeddings:
             groups.image_embedding = torch.cat(scores).view(g, k, -1)
             groups.text_embedding = tower.text_embeddings(groups.prompts).float().cpu()
@@ -335,8 +426,23 @@ class RealImages:
 
 
 # the fields that decide what a recorded batch holds: recorded groups are reused only under the same ones
-RECORDING_FIELDS = ("model", "prompts", "reward", "alignment_target", "kinds", "real_images", "candidates",
-                    "records_per_image", "batch_size", "steps", "scheduler", "eta", "height", "width", "seed")
+RECORDING_FIELDS = (
+    "model",
+    "prompts",
+    "reward",
+    "alignment_target",
+    "kinds",
+    "real_images",
+    "candidates",
+    "records_per_image",
+    "batch_size",
+    "steps",
+    "scheduler",
+    "eta",
+    "height",
+    "width",
+    "seed",
+)
 
 
 class LatentEvaluatorTrainer(Trainer):
@@ -351,7 +457,9 @@ class LatentEvaluatorTrainer(Trainer):
     def build(self) -> None:
         c = self.config
         self.train_prompts = load_training_prompts(c.prompts)
-        self.reward = get_reward(c.reward, self.device, torch.float32, field="reward") if "alignment" in c.kinds else None
+        self.reward = (
+            get_reward(c.reward, self.device, torch.float32, field="reward") if "alignment" in c.kinds else None
+        )
         self.real = RealImages(c.real_images, c.seed, self.model.default_size) if "fidelity" in c.kinds else None
 
         params = GenerationParams.parse(self.generation_params(self.train_prompts[:1], [0]))
@@ -363,32 +471,62 @@ class LatentEvaluatorTrainer(Trainer):
         text_dim = int(encode_prompts(self.model, ["x"]).shape[-1])
         embedding = c.alignment_target == "embedding" and "alignment" in c.kinds
         if embedding and self.reward.similarity_term() is None:
-            raise InvalidInput("alignment_target", f"embedding needs a reward of one embedding-similarity term (clip, "
-                               f"hps or pickscore with a weight), got reward {c.reward!r}")
+            raise InvalidInput(
+                "alignment_target",
+                f"embedding needs a reward of one embedding-similarity term (clip, "
+                f"hps or pickscore with a weight), got reward {c.reward!r}",
+            )
         self.pool = self._record_pool() if c.recorded_batches else None
-        specs = {k: EvaluatorSpec(k, c.width_channels, c.stages, use_text=(k == "alignment" and not embedding),
-                                  patch=c.patch, target=c.reward if k == "alignment" else c.real_images) for k in c.kinds}
+        specs = {
+            k: EvaluatorSpec(
+                k,
+                c.width_channels,
+                c.stages,
+                use_text=(k == "alignment" and not embedding),
+                patch=c.patch,
+                target=c.reward if k == "alignment" else c.real_images,
+            )
+            for k in c.kinds
+        }
         if "alignment" in c.kinds:
-            calibration = self.pool if self.pool is not None else Groups.concatenate([
-                self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False) for b in range(c.calibration_batches)])
+            calibration = (
+                self.pool
+                if self.pool is not None
+                else Groups.concatenate(
+                    [
+                        self.make_groups(np.random.default_rng([c.seed, 2**20, b]), real=False)
+                        for b in range(c.calibration_batches)
+                    ]
+                )
+            )
             rewards = calibration.reward
             # the reward's spread within a group: the unit of the within-group terms (and of RankNet's for embeddings)
             self.reward_within_std = float((rewards - rewards.mean(dim=1, keepdim=True)).std().clamp_min(1e-6))
             if embedding:
                 factor = self.reward.similarity_term()[1]
                 dim = calibration.image_embedding.shape[-1]
-                specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=0.0, output_std=factor, embedding_dim=dim)
+                specs["alignment"] = dataclasses.replace(
+                    specs["alignment"], output_mean=0.0, output_std=factor, embedding_dim=dim
+                )
                 e = calibration.image_embedding
                 self.embedding_within_std = float((e - e.mean(dim=1, keepdim=True)).std().clamp_min(1e-6))
                 self.rank_unit = self.reward_within_std
             else:
-                specs["alignment"] = dataclasses.replace(specs["alignment"], output_mean=float(rewards.mean()),
-                                                         output_std=float(rewards.std().clamp_min(1e-6)))
+                specs["alignment"] = dataclasses.replace(
+                    specs["alignment"],
+                    output_mean=float(rewards.mean()),
+                    output_std=float(rewards.std().clamp_min(1e-6)),
+                )
                 self.rank_unit = specs["alignment"].output_std
         weights = {k: w for k, w in c.default_weights.items() if k in c.kinds} or {k: 1.0 for k in c.kinds}
-        self.evaluators = LatentEvaluators(int(self.model.unet.config.in_channels), text_dim, specs, bounds, weights,
-                                           meta={"model": str(c.model), "steps": c.steps, "scheduler": c.scheduler,
-                                                 "candidates": list(c.candidates)}).to(self.device)
+        self.evaluators = LatentEvaluators(
+            int(self.model.unet.config.in_channels),
+            text_dim,
+            specs,
+            bounds,
+            weights,
+            meta={"model": str(c.model), "steps": c.steps, "scheduler": c.scheduler, "candidates": list(c.candidates)},
+        ).to(self.device)
         self.register_module("evaluators", self.evaluators, "full")
         self.register_optimizer("evaluators", list(self.evaluators.parameters()))
         if c.ema_decay:
@@ -400,7 +538,6 @@ class LatentEvaluatorTrainer(Trainer):
         ``<output_dir>/groups/`` (atomically), so that a resumed run loads them; each process records its share."""
         from tqdm import tqdm
 
-
         c = self.config
         folder = self.out / "groups"
         folder.mkdir(parents=True, exist_ok=True)
@@ -411,8 +548,11 @@ class LatentEvaluatorTrainer(Trainer):
             saved = json.loads(record.read_text())
             changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
             if changed:
-                raise InvalidInput("output_dir", f"{folder} holds groups recorded with other settings ({'; '.join(changed)}); "
-                                   "remove it or choose another output_dir")
+                raise InvalidInput(
+                    "output_dir",
+                    f"{folder} holds groups recorded with other settings ({'; '.join(changed)}); "
+                    "remove it or choose another output_dir",
+                )
         self.processes.barrier()
         if self.processes.is_main and not record.is_file():
             record.write_text(json.dumps(settings, indent=2))
@@ -424,8 +564,9 @@ class LatentEvaluatorTrainer(Trainer):
                 groups = self.make_groups(np.random.default_rng([c.seed, 2**22, b]))
                 atomic_torch_save(dataclasses.asdict(groups), path)
         self.processes.barrier()
-        return Groups.concatenate([Groups(**torch.load(folder / f"batch-{b:05d}.pt", weights_only=True))
-                                   for b in range(c.recorded_batches)])
+        return Groups.concatenate(
+            [Groups(**torch.load(folder / f"batch-{b:05d}.pt", weights_only=True)) for b in range(c.recorded_batches)]
+        )
 
     def _load_eval_items(self) -> list[Any]:
         return []  # the base evaluation samples images; this method evaluates agreement instead (evaluate)
@@ -443,8 +584,13 @@ class LatentEvaluatorTrainer(Trainer):
         return self.make_groups(rng, prompts=[i.prompt for i in items], seeds=[int(i.seed) for i in items])
 
     @torch.no_grad()
-    def make_groups(self, rng: np.random.Generator, prompts: list[str] | None = None, seeds: list[int] | None = None,
-                    real: bool = True) -> Groups:
+    def make_groups(
+        self,
+        rng: np.random.Generator,
+        prompts: list[str] | None = None,
+        seeds: list[int] | None = None,
+        real: bool = True,
+    ) -> Groups:
         """Sample trajectories, record candidate groups, score them with the reward and pair them with real x̂0
         (every draw from ``rng``)."""
         c = self.config
@@ -453,9 +599,18 @@ class LatentEvaluatorTrainer(Trainer):
             prompts = [self.train_prompts[i] for i in rng.integers(0, len(self.train_prompts), n)]
         if seeds is None:
             seeds = [int(s) for s in rng.integers(0, 2**31 - 1, n)]
-        groups = record_candidate_groups(self.model, prompts, seeds, rng, self.generation_params(prompts, seeds),
-                                         c.candidates, c.records_per_image, self.reward, self.autocast,
-                                         embeddings=c.alignment_target == "embedding")
+        groups = record_candidate_groups(
+            self.model,
+            prompts,
+            seeds,
+            rng,
+            self.generation_params(prompts, seeds),
+            c.candidates,
+            c.records_per_image,
+            self.reward,
+            self.autocast,
+            embeddings=c.alignment_target == "embedding",
+        )
         g = groups.x0.shape[0]
         if real and self.real is not None:
             pixels, captions = self.real.get(rng.integers(0, 2**31 - 1, g))
@@ -467,8 +622,14 @@ class LatentEvaluatorTrainer(Trainer):
             t = torch.stack([self._timestep(float(a)) for a in groups.alpha_bar])  # one timestep per row
             with self.autocast():
                 out = self.model.unet(x_t.to(self.model.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
-            groups.real_x0 = torch.cat([to_x0(out[i:i + 1].float(), x_t[i:i + 1], float(groups.alpha_bar[i]),
-                                              self.model.prediction_type) for i in range(g)])
+            groups.real_x0 = torch.cat(
+                [
+                    to_x0(
+                        out[i : i + 1].float(), x_t[i : i + 1], float(groups.alpha_bar[i]), self.model.prediction_type
+                    )
+                    for i in range(g)
+                ]
+            )
         return groups
 
     def _timestep(self, alpha_bar: float) -> torch.Tensor:
@@ -512,21 +673,34 @@ class LatentEvaluatorTrainer(Trainer):
             else:
                 text = batch.prompt_inputs().repeat_interleave(k).to(self.device)
                 score = ev.evaluate("alignment", flat, bars, text).view(g, k)
-                level = F.mse_loss((score - spec.output_mean) / spec.output_std, (reward - spec.output_mean) / spec.output_std)
+                level = F.mse_loss(
+                    (score - spec.output_mean) / spec.output_std, (reward - spec.output_mean) / spec.output_std
+                )
                 within = torch.zeros((), device=self.device)
             within = within + within_group_mse(score, reward, self.reward_within_std)
             rank = ranknet_loss(score / self.rank_unit, reward / self.rank_unit)
             loss = loss + c.level_weight * level + c.within_weight * within + c.rank_weight * rank
-            metrics.update({"alignment.level": float(level.detach()), "alignment.within_mse": float(within.detach()),
-                            "alignment.rank": float(rank.detach())})
+            metrics.update(
+                {
+                    "alignment.level": float(level.detach()),
+                    "alignment.within_mse": float(within.detach()),
+                    "alignment.rank": float(rank.detach()),
+                }
+            )
         if "fidelity" in c.kinds:
             fake = ev.evaluate("fidelity", flat, bars)
             real = ev.evaluate("fidelity", batch.real_x0.to(self.device), batch.alpha_bar)
-            bce = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                         + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+            bce = 0.5 * (
+                F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+            )
             loss = loss + bce
-            metrics.update({"fidelity.bce": float(bce.detach()),
-                            "fidelity.accuracy": 0.5 * float((real > 0).float().mean() + (fake < 0).float().mean())})
+            metrics.update(
+                {
+                    "fidelity.bce": float(bce.detach()),
+                    "fidelity.accuracy": 0.5 * float((real > 0).float().mean() + (fake < 0).float().mean()),
+                }
+            )
         return loss, metrics
 
     @torch.no_grad()
@@ -590,7 +764,9 @@ def agreement(evaluators: Any, groups: Groups) -> dict[str, float]:
         pred = evaluators.evaluate("alignment", flat, bars, text).view(g, k).cpu().numpy()
         target = groups.reward.numpy()
         within = [spearman(pred[i], target[i]) for i in range(g)]
-        metrics["alignment.rank_corr_within"] = float(np.nanmean(within)) if not np.all(np.isnan(within)) else float("nan")
+        metrics["alignment.rank_corr_within"] = (
+            float(np.nanmean(within)) if not np.all(np.isnan(within)) else float("nan")
+        )
         metrics["alignment.rank_corr"] = spearman(pred.ravel(), target.ravel())
         metrics["alignment.top1_agreement"] = float(np.mean(pred.argmax(1) == target.argmax(1)))
         # the training loss's RankNet term on held-out groups (scores standardised as in training): ln 2 is chance

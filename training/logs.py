@@ -52,7 +52,9 @@ class TrainingLog:
         self._file.flush()
 
     def series(self, phase: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = [(int(r["step"]), float(r["value"])) for r in self.read() if r["phase"] == phase and r["metric"] == metric]
+        rows = [
+            (int(r["step"]), float(r["value"])) for r in self.read() if r["phase"] == phase and r["metric"] == metric
+        ]
         steps, values = zip(*rows) if rows else ((), ())
         return np.asarray(steps), np.asarray(values)
 
@@ -89,4 +91,3 @@ class TrainingLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-

@@ -25,8 +25,9 @@ DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,
-             seed: int = 0) -> list[torch.nn.Parameter]:
+def add_lora(
+    unet: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0
+) -> list[torch.nn.Parameter]:
     """Freeze ``unet``, attach a LoRA adapter to the ``targets`` modules, return its (fp32) parameters.
 
     Every A matrix is drawn from one CPU generator seeded by ``seed`` (in the order of the parameter names), so
@@ -79,8 +80,9 @@ def save_lora_weights(model: DiffusionModel, directory: str | Path) -> Path:
     directory = Path(directory)
     metadata = model.unet.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: sorted, so the file repeats byte for byte
-    pipeline_cls.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
-                                   unet_lora_adapter_metadata=metadata)
+    pipeline_cls.save_lora_weights(
+        directory, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata
+    )
     return directory / WEIGHTS_NAME
 
 

@@ -63,8 +63,10 @@ class PairsConfig:
         if self.max_prompts is not None and self.max_prompts < 1:
             raise InvalidInput("--max-prompts", f"must be at least 1, got {self.max_prompts}")
         if self.best_k < 1 or self.best_k >= self.images_per_prompt:
-            raise InvalidInput("--best-k", f"must be in [1, {self.images_per_prompt - 1}] (below --images-per-prompt), "
-                                           f"got {self.best_k}")
+            raise InvalidInput(
+                "--best-k",
+                f"must be in [1, {self.images_per_prompt - 1}] (below --images-per-prompt), got {self.best_k}",
+            )
         if self.pairing not in PAIRINGS:
             raise InvalidInput("--pairing", f"unknown value {self.pairing!r}; accepted values: {', '.join(PAIRINGS)}")
 
@@ -105,7 +107,6 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
     import torch
     from tqdm import tqdm
 
-
     prompts = choose_prompts(load_training_prompts(config.prompts, field="--prompts"), config.max_prompts, config.seed)
     if model is None:
         model = load_model(config.model, device=config.device)
@@ -113,12 +114,19 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
     n = config.images_per_prompt
     items = [Item(p, s, str(i)) for i, p in enumerate(prompts) for s in image_seeds(config.seed, i, n)]
     with tqdm(total=len(items), desc="pairs: sampling", disable=not progress, dynamic_ncols=True) as bar:
-        records = run_arm(model, items, config.policy, steps=config.steps, scheduler=config.scheduler,
-                          batch_size=config.batch_size, progress=bar.update)
+        records = run_arm(
+            model,
+            items,
+            config.policy,
+            steps=config.steps,
+            scheduler=config.scheduler,
+            batch_size=config.batch_size,
+            progress=bar.update,
+        )
     scores: list[float] = []
     with torch.no_grad():
         for start in range(0, len(records), config.batch_size):
-            chunk = records[start:start + config.batch_size]
+            chunk = records[start : start + config.batch_size]
             pixels = torch.from_numpy(np.stack([r.image for r in chunk])).permute(0, 3, 1, 2).float() / 255
             result = reward.evaluate(pixels.to(model.device), [r.item.prompt for r in chunk])
             scores.extend(float(s) for s in result.total_score.cpu())
@@ -126,25 +134,48 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
 
     rows: list[dict[str, Any]] = []
     for i, prompt in enumerate(prompts):
-        own = records[i * n:(i + 1) * n]
-        own_scores = scores[i * n:(i + 1) * n]
+        own = records[i * n : (i + 1) * n]
+        own_scores = scores[i * n : (i + 1) * n]
         encoded = [encode_image(Image.fromarray(r.image), "png", r.metadata) for r in own]
         for a, b in pair_indices(own_scores, config.pairing, config.best_k):
             label = preference_label(own_scores[a], own_scores[b])
-            rows.append({
-                "caption": prompt, "jpg_0": encoded[a], "jpg_1": encoded[b], "label_0": label, "label_1": 1.0 - label,
-                "score_0": own_scores[a], "score_1": own_scores[b], "seed_0": own[a].item.seed, "seed_1": own[b].item.seed,
-                "model_0": model.name, "model_1": model.name, "policy": config.policy, "steps": config.steps,
-                "reward": config.reward,
-            })
+            rows.append(
+                {
+                    "caption": prompt,
+                    "jpg_0": encoded[a],
+                    "jpg_1": encoded[b],
+                    "label_0": label,
+                    "label_1": 1.0 - label,
+                    "score_0": own_scores[a],
+                    "score_1": own_scores[b],
+                    "seed_0": own[a].item.seed,
+                    "seed_1": own[b].item.seed,
+                    "model_0": model.name,
+                    "model_1": model.name,
+                    "policy": config.policy,
+                    "steps": config.steps,
+                    "reward": config.reward,
+                }
+            )
     return rows
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     config = PairsConfig(
-        output=args.output, model=args.model, prompts=args.prompts, max_prompts=args.max_prompts,
-        images_per_prompt=args.images_per_prompt, pairing=args.pairing, best_k=args.best_k, reward=args.reward, policy=args.policy,
-        scheduler=args.scheduler, steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        output=args.output,
+        model=args.model,
+        prompts=args.prompts,
+        max_prompts=args.max_prompts,
+        images_per_prompt=args.images_per_prompt,
+        pairing=args.pairing,
+        best_k=args.best_k,
+        reward=args.reward,
+        policy=args.policy,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
     )
     if not config.output.endswith((".parquet", ".jsonl")):
         raise InvalidInput("--output", f"must end in .parquet or .jsonl, got {config.output!r}")
@@ -159,17 +190,26 @@ def add_data_parser(subparsers) -> None:
     """``diffsteer data pairs``."""
     data = subparsers.add_parser("data", help="build training data (preference pairs)")
     sub = data.add_subparsers(dest="data_command", required=True)
-    p = sub.add_parser("pairs", help="sample N images per prompt, score them with a reward, write preference pairs",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "pairs",
+        help="sample N images per prompt, score them with a reward, write preference pairs",
+        description=__doc__.split("\n\n")[0],
+    )
     d = PairsConfig(output="")
-    p.add_argument("-o", "--output", required=True, help="pairs file: .parquet (images inline) or .jsonl (images beside it)")
+    p.add_argument(
+        "-o", "--output", required=True, help="pairs file: .parquet (images inline) or .jsonl (images beside it)"
+    )
     p.add_argument("--model", default=d.model, help="diffusers folder, .safetensors file, hub id, or builtin:NAME")
     p.add_argument("--prompts", default=d.prompts, help="pg-train:all, pg-train:CATEGORY[,...], or a prompt file")
     p.add_argument("--max-prompts", type=int, default=None, help="a seeded sample of this many prompts (default: all)")
     p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt, help="N images sampled per prompt")
     p.add_argument("--pairing", default=d.pairing, help=f"which pairs of a prompt's images: {', '.join(PAIRINGS)}")
-    p.add_argument("--best-k", type=int, default=d.best_k,
-                   help="with --pairing best-rest: how many of the best images each face every image ranked below them")
+    p.add_argument(
+        "--best-k",
+        type=int,
+        default=d.best_k,
+        help="with --pairing best-rest: how many of the best images each face every image ranked below them",
+    )
     p.add_argument("--reward", default=d.reward, help="reward of rewards/ that scores the images, e.g. clip, 'hps:1'")
     p.add_argument("--policy", default=d.policy, help="guidance policy of the sampling")
     p.add_argument("--scheduler", default=d.scheduler)

@@ -133,9 +133,11 @@ def _seed(value: Any, where: str) -> int | None:
     return value
 
 
-def parse_row(row: dict[str, Any], index: int, base: Path, source: str,
-              score_fields: tuple[str, str] = DEFAULT_SCORE_FIELDS) -> PreferencePair:
+def parse_row(
+    row: dict[str, Any], index: int, base: Path, source: str, score_fields: tuple[str, str] = DEFAULT_SCORE_FIELDS
+) -> PreferencePair:
     """One validated :class:`PreferencePair` from a row mapping (``index`` and ``source`` name it in errors)."""
+
     def where(name: str) -> str:
         return f"{source} row {index}: {name}"
 
@@ -158,14 +160,21 @@ def parse_row(row: dict[str, Any], index: int, base: Path, source: str,
     if scores[0] is not None:
         scores = [_number(s, where(f)) for s, f in zip(scores, score_fields)]
     return PreferencePair(
-        row=index, caption=caption, image_0=_image(row["jpg_0"], base, where("jpg_0")),
-        image_1=_image(row["jpg_1"], base, where("jpg_1")), label_0=label_0, score_0=scores[0], score_1=scores[1],
-        seed_0=_seed(row.get("seed_0"), where("seed_0")), seed_1=_seed(row.get("seed_1"), where("seed_1")),
+        row=index,
+        caption=caption,
+        image_0=_image(row["jpg_0"], base, where("jpg_0")),
+        image_1=_image(row["jpg_1"], base, where("jpg_1")),
+        label_0=label_0,
+        score_0=scores[0],
+        score_1=scores[1],
+        seed_0=_seed(row.get("seed_0"), where("seed_0")),
+        seed_1=_seed(row.get("seed_1"), where("seed_1")),
     )
 
 
-def load_preference_pairs(path: str | Path, score_fields: Sequence[str] = DEFAULT_SCORE_FIELDS,
-                          field: str = "data") -> PreferenceDataset:
+def load_preference_pairs(
+    path: str | Path, score_fields: Sequence[str] = DEFAULT_SCORE_FIELDS, field: str = "data"
+) -> PreferenceDataset:
     """Every row of a Pick-a-Pic-layout ``.parquet`` or ``.jsonl`` file (or a folder of them, in name order)."""
     root = Path(path).expanduser()
     if len(score_fields) != 2 or not all(isinstance(f, str) and f for f in score_fields):

@@ -20,10 +20,12 @@ PREFIX = "pg-train:"
 def load_training_prompts(source: str, field: str = "prompts") -> list[str]:
     """The distinct prompt texts of ``source``, in a fixed order."""
     if not isinstance(source, str) or not source.strip():
-        raise InvalidInput(field, "empty; accepted: pg-train:all, pg-train:CATEGORY[,...], or an evaluation prompt source")
+        raise InvalidInput(
+            field, "empty; accepted: pg-train:all, pg-train:CATEGORY[,...], or an evaluation prompt source"
+        )
     source = source.strip()
     if source.startswith(PREFIX):
-        wanted = source[len(PREFIX):]
+        wanted = source[len(PREFIX) :]
         names = list(CATEGORIES) if wanted == "all" else [c.strip() for c in wanted.split(",") if c.strip()]
         unknown = [c for c in names if c not in CATEGORIES]
         if unknown or not names:

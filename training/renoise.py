@@ -34,7 +34,9 @@ import torch
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], timesteps [B] long) -> ε [B, ...]
 
 
-def ddim_move(x: torch.Tensor, eps: torch.Tensor, alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor) -> torch.Tensor:
+def ddim_move(
+    x: torch.Tensor, eps: torch.Tensor, alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor
+) -> torch.Tensor:
     """One deterministic DDIM step from noise level ᾱ_from to ᾱ_to (up or down), ᾱ broadcastable to x."""
     x0 = (x - (1 - alpha_bar_from).sqrt() * eps) / alpha_bar_from.sqrt()
     return alpha_bar_to.sqrt() * x0 + (1 - alpha_bar_to).sqrt() * eps
@@ -57,8 +59,9 @@ def _per_sample(alpha_bars: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.T
 
 
 @torch.no_grad()
-def renoise_invert(eps_fn: EpsFn, x0: torch.Tensor, grid: torch.Tensor, alpha_bars: torch.Tensor,
-                   renoise_iterations: int) -> torch.Tensor:
+def renoise_invert(
+    eps_fn: EpsFn, x0: torch.Tensor, grid: torch.Tensor, alpha_bars: torch.Tensor, renoise_iterations: int
+) -> torch.Tensor:
     """Carry clean latents ``x0`` [B, ...] up the per-sample ``grid`` [B, K] (see the module docstring);
     ``renoise_iterations`` = R (0: plain DDIM inversion). Returns z at the grid's last timestep."""
     if renoise_iterations < 0:

@@ -64,8 +64,9 @@ PICKSCORE_MIN = 0.11543526500463486
 PICKSCORE_MAX = 0.28201571106910706
 
 
-def smoothed_preference(score_0: torch.Tensor, score_1: torch.Tensor, low: float, high: float,
-                        temperature: float = 1.0) -> torch.Tensor:
+def smoothed_preference(
+    score_0: torch.Tensor, score_1: torch.Tensor, low: float, high: float, temperature: float = 1.0
+) -> torch.Tensor:
     """SmPO's smoothed preference of image 0 over image 1 from reward scores: σ((n^0 − n^1)/τ) with
     n = (s − low)/(high − low) (the public code: exp(n^0) / (exp(n^0) + exp(n^1)), τ = 1)."""
     if not high > low:
@@ -76,13 +77,18 @@ def smoothed_preference(score_0: torch.Tensor, score_1: torch.Tensor, low: float
     return torch.sigmoid((n0 - n1) / temperature)
 
 
-def preference_bounds(dataset: Any, score_min: float | None = None, score_max: float | None = None) -> tuple[float, float]:
+def preference_bounds(
+    dataset: Any, score_min: float | None = None, score_max: float | None = None
+) -> tuple[float, float]:
     """SmPO's normalisation bounds (s_min, s_max) for ``dataset``: the given ones, else its own score range."""
     low, high = dataset.score_range()
     bounds = (score_min if score_min is not None else low, score_max if score_max is not None else high)
     if not bounds[1] > bounds[0]:
-        raise InvalidInput("preference_score_max", f"must exceed preference_score_min, got the bounds {bounds} "
-                                                   "(from the data's score range where not given: every score equal?)")
+        raise InvalidInput(
+            "preference_score_max",
+            f"must exceed preference_score_min, got the bounds {bounds} "
+            "(from the data's score range where not given: every score equal?)",
+        )
     return bounds
 
 
@@ -93,8 +99,14 @@ def pairs_preference(pairs: list[Any], bounds: tuple[float, float], temperature:
     return smoothed_preference(s0, s1, bounds[0], bounds[1], temperature)
 
 
-def smpo_loss(model_err_0: torch.Tensor, model_err_1: torch.Tensor, ref_err_0: torch.Tensor, ref_err_1: torch.Tensor,
-              preference: torch.Tensor, beta: float) -> torch.Tensor:
+def smpo_loss(
+    model_err_0: torch.Tensor,
+    model_err_1: torch.Tensor,
+    ref_err_0: torch.Tensor,
+    ref_err_1: torch.Tensor,
+    preference: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """Per-pair SmPO loss −log σ(−½β(2p − 1)·margin) with p = ``preference`` (image 0 preferred), [B] -> [B]."""
     margin = preference_margin(model_err_0, model_err_1, ref_err_0, ref_err_1)
     return -F.logsigmoid(-0.5 * beta * (2 * preference - 1) * margin)
@@ -106,26 +118,56 @@ class SmPOConfig(DPOConfig):
 
     output_dir: str = with_default("output_dir", "runs/smpo")
     adapter_name: str = with_default("adapter_name", "smpo")
-    beta: float = field(default=20000.0, metadata={
-        "help": "beta of the loss -log sigmoid(-beta/2 (2p - 1) margin), in Diffusion-DPO's convention: the public "
-                "SmPO code's --beta_dpo B is beta = 10 B here (its SD1.5 example, B = 2000, is 20000)."})
-    smoothed_preference: bool = field(default=True, metadata={
-        "help": "p from the pair's reward scores (sigmoid of the normalised score difference); false: the binary label."})
-    preference_score_min: float | None = field(default=None, metadata={
-        "help": "Normalisation lower bound s_min of the scores (null: the data's smallest score). SmPO's for "
-                "PickScore (raw cosine): 0.11543526500463486."})
-    preference_score_max: float | None = field(default=None, metadata={
-        "help": "Normalisation upper bound s_max (null: the data's largest score). SmPO's for PickScore: "
-                "0.28201571106910706."})
-    preference_temperature: float = field(default=1.0, metadata={
-        "help": "Temperature tau of p = sigmoid((n0 - n1) / tau) (SmPO: 1; smaller is closer to the binary label)."})
-    inversion: bool = field(default=True, metadata={
-        "help": "Carry the clean latents to t by ReNoise inversion (false: Diffusion-DPO's random forward noise; "
-                "on the proving ground's self-generated pairs the inversion lowered the held-out pass rate, see the module docstring)."})
-    inversion_steps: int = field(default=5, metadata={
-        "help": "Inverse DDIM steps from the clean latent to t (SmPO's SD1.5 setting: 5; SDXL: 10)."})
-    renoise_iterations: int = field(default=1, metadata={
-        "help": "ReNoise iterations per inverse step: 0 is plain DDIM inversion, 1 is SmPO's (two predictions averaged)."})
+    beta: float = field(
+        default=20000.0,
+        metadata={
+            "help": "beta of the loss -log sigmoid(-beta/2 (2p - 1) margin), in Diffusion-DPO's convention: the public "
+            "SmPO code's --beta_dpo B is beta = 10 B here (its SD1.5 example, B = 2000, is 20000)."
+        },
+    )
+    smoothed_preference: bool = field(
+        default=True,
+        metadata={
+            "help": "p from the pair's reward scores (sigmoid of the normalised score difference); false: the binary label."
+        },
+    )
+    preference_score_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "Normalisation lower bound s_min of the scores (null: the data's smallest score). SmPO's for "
+            "PickScore (raw cosine): 0.11543526500463486."
+        },
+    )
+    preference_score_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "Normalisation upper bound s_max (null: the data's largest score). SmPO's for PickScore: "
+            "0.28201571106910706."
+        },
+    )
+    preference_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature tau of p = sigmoid((n0 - n1) / tau) (SmPO: 1; smaller is closer to the binary label)."
+        },
+    )
+    inversion: bool = field(
+        default=True,
+        metadata={
+            "help": "Carry the clean latents to t by ReNoise inversion (false: Diffusion-DPO's random forward noise; "
+            "on the proving ground's self-generated pairs the inversion lowered the held-out pass rate, see the module docstring)."
+        },
+    )
+    inversion_steps: int = field(
+        default=5,
+        metadata={"help": "Inverse DDIM steps from the clean latent to t (SmPO's SD1.5 setting: 5; SDXL: 10)."},
+    )
+    renoise_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "ReNoise iterations per inverse step: 0 is plain DDIM inversion, 1 is SmPO's (two predictions averaged)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,8 +192,11 @@ class SmPOTrainer(DPOTrainer):
         if not c.smoothed_preference:
             return super().select_pairs(dataset)
         if not dataset.has_scores:
-            raise InvalidInput("data", f"{dataset.path}: rows without {c.score_fields[0]}/{c.score_fields[1]}; the "
-                                       "smoothed preference needs per-image reward scores (diffsteer data pairs writes them)")
+            raise InvalidInput(
+                "data",
+                f"{dataset.path}: rows without {c.score_fields[0]}/{c.score_fields[1]}; the "
+                "smoothed preference needs per-image reward scores (diffsteer data pairs writes them)",
+            )
         self.score_bounds = preference_bounds(dataset, c.preference_score_min, c.preference_score_max)
         return list(dataset.pairs)  # ties stay: p = 1/2 gives them zero gradient
 
@@ -160,7 +205,9 @@ class SmPOTrainer(DPOTrainer):
             return super().pair_preferences(pairs)
         return pairs_preference(pairs, self.score_bounds, self.config.preference_temperature).float()
 
-    def noisy_latents(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
+    def noisy_latents(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """ReNoise inversion of ``x0`` to each sample's t with the model being trained; the noise target recovered
         from the inverted latent (``noise`` is unused unless ``inversion`` is off)."""
         c = self.config
@@ -179,7 +226,9 @@ class SmPOTrainer(DPOTrainer):
         return x_t, noise_from_inverted(x_t, x0, self.alpha_bars[t].view(-1, 1, 1, 1))
 
     def pair_loss(self, errors: dict[str, torch.Tensor], preference: torch.Tensor) -> torch.Tensor:
-        return smpo_loss(errors["model_0"], errors["model_1"], errors["ref_0"], errors["ref_1"], preference, self.config.beta)
+        return smpo_loss(
+            errors["model_0"], errors["model_1"], errors["ref_0"], errors["ref_1"], preference, self.config.beta
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,10 +91,24 @@ from diffsteer.training.lora import add_lora, load_trainable_state, merged_unet,
 # Fields a resumed run may change; any other difference between the checkpoint's config and the new one is an
 # error, since it would silently make the resumed run a different experiment. A method adds its own with
 # ``Trainer.resumable_changes``.
-RESUMABLE_CHANGES = frozenset({
-    "max_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "log_every",
-    "tensorboard", "progress", "output_dir", "threads", "sample_grid_images", "export", "adapter_name", "export_dtype",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "eval_batch_size",
+        "log_every",
+        "tensorboard",
+        "progress",
+        "output_dir",
+        "threads",
+        "sample_grid_images",
+        "export",
+        "adapter_name",
+        "export_dtype",
+    }
+)
 
 
 @dataclass
@@ -102,42 +116,79 @@ class TrainerConfig:
     """Fields every training method shares (training/trainer.py); a method's config extends this."""
 
     # --- model and run folder
-    model: str = field(default="builtin:proving-ground", metadata={
-        "help": "Model to fine-tune: a diffusers folder, a .safetensors file, a hub id, or builtin:NAME."})
-    output_dir: str = field(default="runs/train", metadata={
-        "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, adapters/<adapter_name>/, pipeline/."})
-    adapter_name: str = field(default="adapter", metadata={
-        "help": "Name of the exported LoRA (adapters/<name>/pytorch_lora_weights.safetensors; serve with "
-                "--lora-dir <output_dir>/adapters and lora name <name>)."})
-    export: Literal["lora", "pipeline", "both"] = field(default="lora", metadata={
-        "help": "What the run writes at the end: lora (adapters/<adapter_name>/, diffusers format with its alpha), "
-                "pipeline (pipeline/: a whole diffusers pipeline with the trained UNet, LoRA merged), or both."})
-    export_dtype: Literal["fp32", "fp16"] = field(default="fp32", metadata={
-        "help": "Weights of the exported pipeline's UNet and VAE: fp32, or fp16 (half the size, as the shipped "
-                "proving-ground models; the text encoder stays fp32, which keeps diffusers' latents fp32)."})
+    model: str = field(
+        default="builtin:proving-ground",
+        metadata={"help": "Model to fine-tune: a diffusers folder, a .safetensors file, a hub id, or builtin:NAME."},
+    )
+    output_dir: str = field(
+        default="runs/train",
+        metadata={
+            "help": "Run folder: checkpoints/, metrics.csv, tensorboard/, samples/, adapters/<adapter_name>/, pipeline/."
+        },
+    )
+    adapter_name: str = field(
+        default="adapter",
+        metadata={
+            "help": "Name of the exported LoRA (adapters/<name>/pytorch_lora_weights.safetensors; serve with "
+            "--lora-dir <output_dir>/adapters and lora name <name>)."
+        },
+    )
+    export: Literal["lora", "pipeline", "both"] = field(
+        default="lora",
+        metadata={
+            "help": "What the run writes at the end: lora (adapters/<adapter_name>/, diffusers format with its alpha), "
+            "pipeline (pipeline/: a whole diffusers pipeline with the trained UNet, LoRA merged), or both."
+        },
+    )
+    export_dtype: Literal["fp32", "fp16"] = field(
+        default="fp32",
+        metadata={
+            "help": "Weights of the exported pipeline's UNet and VAE: fp32, or fp16 (half the size, as the shipped "
+            "proving-ground models; the text encoder stays fp32, which keeps diffusers' latents fp32)."
+        },
+    )
     # --- held-out evaluation (and the sampling of methods that sample while training)
-    eval_prompts: str = field(default="pg:all", metadata={
-        "help": "Held-out evaluation prompts (pg:... adds the exact verifier), or a prompt file; '' disables."})
+    eval_prompts: str = field(
+        default="pg:all",
+        metadata={
+            "help": "Held-out evaluation prompts (pg:... adds the exact verifier), or a prompt file; '' disables."
+        },
+    )
     eval_seeds: int = field(default=2, metadata={"help": "Seeds per evaluation prompt (fixed across the run)."})
-    eval_max_prompts: int | None = field(default=6, metadata={
-        "help": "Evaluation prompts kept (per category for pg:); null keeps all."})
-    eval_reward: str = field(default="", metadata={
-        "help": "Reward scored on the evaluation images besides the verifier, 'name:weight,...' "
-                "('': the method's own reward where it has one, else none)."})
-    policy: str = field(default="cfg:scale=3", metadata={
-        "help": "Guidance policy of the evaluation samples (and of a method's rollouts), e.g. 'cfg:scale=7.5'."})
-    scheduler: str = field(default="ddim", metadata={"help": "Sampler of the evaluation (see `diffsteer generate --help`)."})
+    eval_max_prompts: int | None = field(
+        default=6, metadata={"help": "Evaluation prompts kept (per category for pg:); null keeps all."}
+    )
+    eval_reward: str = field(
+        default="",
+        metadata={
+            "help": "Reward scored on the evaluation images besides the verifier, 'name:weight,...' "
+            "('': the method's own reward where it has one, else none)."
+        },
+    )
+    policy: str = field(
+        default="cfg:scale=3",
+        metadata={
+            "help": "Guidance policy of the evaluation samples (and of a method's rollouts), e.g. 'cfg:scale=7.5'."
+        },
+    )
+    scheduler: str = field(
+        default="ddim", metadata={"help": "Sampler of the evaluation (see `diffsteer generate --help`)."}
+    )
     steps: int = field(default=20, metadata={"help": "Denoising steps per sample."})
     eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic; 1: DDPM-like noise)."})
     height: int | None = field(default=None, metadata={"help": "Image height (null: the model's native size)."})
     width: int | None = field(default=None, metadata={"help": "Image width (null: the model's native size)."})
     # --- what trains (the default build)
-    trainable: Literal["lora", "full"] = field(default="lora", metadata={
-        "help": "lora: a LoRA adapter on the UNet (lora_* fields); full: every UNet weight (kept in fp32)."})
+    trainable: Literal["lora", "full"] = field(
+        default="lora",
+        metadata={"help": "lora: a LoRA adapter on the UNet (lora_* fields); full: every UNet weight (kept in fp32)."},
+    )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
-    lora_targets: tuple[str, ...] = field(default=("to_q", "to_k", "to_v", "to_out.0"), metadata={
-        "help": "UNet module names that get adapters (attention projections by default)."})
+    lora_targets: tuple[str, ...] = field(
+        default=("to_q", "to_k", "to_v", "to_out.0"),
+        metadata={"help": "UNet module names that get adapters (attention projections by default)."},
+    )
     # --- optimisation
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (after warm-up)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up, in optimizer steps."})
@@ -146,28 +197,53 @@ class TrainerConfig:
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW decoupled weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0: no clipping)."})
-    ema_decay: float = field(default=0.0, metadata={
-        "help": "Exponential moving average of the trained weights, ema <- d * ema + (1 - d) * weights after every "
-                "optimizer step (0: none). With d > 0 the held-out evaluation and the export use the average; its "
-                "time constant is about 1 / (1 - d) steps (0.97: the last ~33 steps)."})
-    batch_size: int = field(default=4, metadata={
-        "help": "Samples per micro-batch per process (the global batch is batch_size x processes x accumulation)."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Exponential moving average of the trained weights, ema <- d * ema + (1 - d) * weights after every "
+            "optimizer step (0: none). With d > 0 the held-out evaluation and the export use the average; its "
+            "time constant is about 1 / (1 - d) steps (0.97: the last ~33 steps)."
+        },
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "Samples per micro-batch per process (the global batch is batch_size x processes x accumulation)."
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
+    )
     max_steps: int = field(default=100, metadata={"help": "Optimizer steps of the run."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={
-        "help": "no (fp32), fp16 (with loss scaling) or bf16: base weights and autocast in that dtype on GPU; "
-                "trained parameters stay fp32."})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda:LOCAL_RANK where that GPU exists, else cpu), cpu, cuda (cuda:LOCAL_RANK), cuda:N "
-                "(one process only). All processes must agree."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (null: torch's default)."})
-    seed: int = field(default=0, metadata={
-        "help": "Seed of every random draw: the adapter's initialisation, the data, the noise."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no",
+        metadata={
+            "help": "no (fp32), fp16 (with loss scaling) or bf16: base weights and autocast in that dtype on GPU; "
+            "trained parameters stay fp32."
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (cuda:LOCAL_RANK where that GPU exists, else cpu), cpu, cuda (cuda:LOCAL_RANK), cuda:N "
+            "(one process only). All processes must agree."
+        },
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads per process (null: torch's default)."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of every random draw: the adapter's initialisation, the data, the noise."}
+    )
     # --- checkpoints, evaluation, logs
     checkpoint_every: int = field(default=25, metadata={"help": "Write an atomic checkpoint every N optimizer steps."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept (0: all)."})
-    eval_every: int = field(default=25, metadata={
-        "help": "Evaluate on the held-out prompts every N steps (and always before the first and after the last)."})
+    eval_every: int = field(
+        default=25,
+        metadata={
+            "help": "Evaluate on the held-out prompts every N steps (and always before the first and after the last)."
+        },
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Images per evaluation batch."})
     sample_grid_images: int = field(default=16, metadata={"help": "Evaluation images saved as a grid in samples/."})
     log_every: int = field(default=1, metadata={"help": "Write training metrics every N steps."})
@@ -175,8 +251,18 @@ class TrainerConfig:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
 
     def __post_init__(self) -> None:
-        positive = ("steps", "lora_rank", "batch_size", "gradient_accumulation_steps", "max_steps",
-                    "checkpoint_every", "eval_every", "eval_batch_size", "log_every", "eval_seeds")
+        positive = (
+            "steps",
+            "lora_rank",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "checkpoint_every",
+            "eval_every",
+            "eval_batch_size",
+            "log_every",
+            "eval_seeds",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(name, f"must be at least 1, got {getattr(self, name)}")
@@ -327,7 +413,11 @@ class Trainer:
         self.processes = init_processes(c.device)
         self.device = device = self.processes.device
         on_gpu = device.type == "cuda"
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32) if on_gpu else torch.float32
+        self.weight_dtype = (
+            {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
+            if on_gpu
+            else torch.float32
+        )
         self.autocast_dtype = self.weight_dtype if on_gpu and c.mixed_precision != "no" else None
         seed_everything(c.seed)
         if model is None:
@@ -343,24 +433,39 @@ class Trainer:
         self.build()
         if not self.optimizers:
             raise TypeError(f"{type(self).__name__}.build registered no optimizer")
-        if (c.export in ("lora", "both") and type(self).export is Trainer.export
-                and not getattr(self.export_unet(), "peft_config", None)):
-            raise InvalidInput("export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline")
+        if (
+            c.export in ("lora", "both")
+            and type(self).export is Trainer.export
+            and not getattr(self.export_unet(), "peft_config", None)
+        ):
+            raise InvalidInput(
+                "export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline"
+            )
         self.processes.broadcast_([t for m in self.modules.values() for t in m.synced_tensors()])
         for ema in self.emas.values():
             ema.reset()
 
     # ------------------------------------------------------------------ registration (called from build)
 
-    def register_module(self, name: str, module: torch.nn.Module, state: Literal["trainable", "full"] = "trainable") -> None:
+    def register_module(
+        self, name: str, module: torch.nn.Module, state: Literal["trainable", "full"] = "trainable"
+    ) -> None:
         """Checkpoint ``module`` under ``name``: its trainable parameters (``trainable``) or its whole state."""
         if name in self.modules:
             raise ValueError(f"module {name!r} is registered twice")
         self.modules[name] = RegisteredModule(module, state)
 
-    def register_optimizer(self, name: str, params: list[torch.nn.Parameter], *, lr: float | None = None,
-                           warmup_steps: int | None = None, max_grad_norm: float | None = None,
-                           betas: tuple[float, float] | None = None, weight_decay: float | None = None) -> None:
+    def register_optimizer(
+        self,
+        name: str,
+        params: list[torch.nn.Parameter],
+        *,
+        lr: float | None = None,
+        warmup_steps: int | None = None,
+        max_grad_norm: float | None = None,
+        betas: tuple[float, float] | None = None,
+        weight_decay: float | None = None,
+    ) -> None:
         """An AdamW over ``params`` with a linear warm-up and its own fp16 loss scaler; unset arguments take
         the config's values."""
         c = self.config
@@ -371,16 +476,21 @@ class Trainer:
             raise ValueError(f"optimizer {name!r} has no parameters")
         warmup = c.warmup_steps if warmup_steps is None else warmup_steps
         optimizer = torch.optim.AdamW(
-            params, lr=c.learning_rate if lr is None else lr, betas=betas or (c.adam_beta1, c.adam_beta2),
-            eps=c.adam_epsilon, weight_decay=c.weight_decay if weight_decay is None else weight_decay,
+            params,
+            lr=c.learning_rate if lr is None else lr,
+            betas=betas or (c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+            weight_decay=c.weight_decay if weight_decay is None else weight_decay,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-        self.optimizers[name] = RegisteredOptimizer(optimizer, schedule, scaler, params,
-                                                    c.max_grad_norm if max_grad_norm is None else max_grad_norm)
+        self.optimizers[name] = RegisteredOptimizer(
+            optimizer, schedule, scaler, params, c.max_grad_norm if max_grad_norm is None else max_grad_norm
+        )
 
-    def register_ema(self, name: str, module: torch.nn.Module, decay: float,
-                     trainable_only: bool = False) -> torch.nn.Module | None:
+    def register_ema(
+        self, name: str, module: torch.nn.Module, decay: float, trainable_only: bool = False
+    ) -> torch.nn.Module | None:
         """An exponential moving average of ``module``'s weights, ema ← decay·ema + (1 − decay)·weights at each
         ``update_ema(name)``: a frozen copy (returned), or with ``trainable_only`` an average of the parameters that
         require grad (None returned), which :meth:`averaged_weights` swaps into ``module``."""
@@ -554,8 +664,14 @@ class Trainer:
     def generation_params(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
         """Sampling parameters of the evaluation (and of a method's rollouts) for ``prompts`` at ``seeds``."""
         c = self.config
-        params = {"prompt": prompts, "seeds": seeds, "steps": c.steps, "scheduler": c.scheduler, "eta": c.eta,
-                  "policy": c.policy}
+        params = {
+            "prompt": prompts,
+            "seeds": seeds,
+            "steps": c.steps,
+            "scheduler": c.scheduler,
+            "eta": c.eta,
+            "policy": c.policy,
+        }
         params.update({k: v for k, v in (("height", c.height), ("width", c.width)) if v is not None})
         return params
 
@@ -569,8 +685,15 @@ class Trainer:
         model = self.eval_model()
         extra = {k: v for k, v in self.generation_params([], []).items() if k in ("eta", "height", "width")}
         with self.autocast():
-            records = run_arm(model, self.eval_items, c.policy, steps=c.steps, scheduler=c.scheduler,
-                              batch_size=c.eval_batch_size, extra=extra)
+            records = run_arm(
+                model,
+                self.eval_items,
+                c.policy,
+                steps=c.steps,
+                scheduler=c.scheduler,
+                batch_size=c.eval_batch_size,
+                extra=extra,
+            )
         specs = [r.item.meta.spec for r in records]  # meta: the prompt's PromptEntry; spec: pg: prompts only
         reward = self.eval_reward()
         names = ([f"reward:{reward}"] if reward else []) + (["verifier"] if all(s is not None for s in specs) else [])
@@ -581,7 +704,12 @@ class Trainer:
             )
             if reward:
                 metrics["reward"] = float(np.mean([row[f"reward:{reward}"] for row in rows]))
-            for key in ("verifier.passed", "verifier.colour_correct", "verifier.shape_correct", "verifier.count_correct"):
+            for key in (
+                "verifier.passed",
+                "verifier.colour_correct",
+                "verifier.shape_correct",
+                "verifier.count_correct",
+            ):
                 values = [row[key] for row in rows if row.get(key) is not None]
                 if values:
                     metrics[key] = float(np.mean(values))
@@ -612,8 +740,14 @@ class Trainer:
             "step": self.step,
             "config": json.dumps(to_plain(self.config)),
             "modules": {n: m.state_dict() for n, m in self.modules.items()},
-            "optimizers": {n: {"optimizer": o.optimizer.state_dict(), "schedule": o.schedule.state_dict(),
-                               "scaler": o.scaler.state_dict()} for n, o in self.optimizers.items()},
+            "optimizers": {
+                n: {
+                    "optimizer": o.optimizer.state_dict(),
+                    "schedule": o.schedule.state_dict(),
+                    "scaler": o.scaler.state_dict(),
+                }
+                for n, o in self.optimizers.items()
+            },
             "ema": {n: e.state_dict() for n, e in self.emas.items()},
             "extra": self.extra_state(),
         }
@@ -622,26 +756,38 @@ class Trainer:
         """Rank 0 writes the checkpoint of the current step atomically (the others wait for it)."""
         path = None
         if self.processes.is_main:
-            path = save_checkpoint(self.out / "checkpoints", self.step, self.checkpoint_state(), self.config.keep_checkpoints)
+            path = save_checkpoint(
+                self.out / "checkpoints", self.step, self.checkpoint_state(), self.config.keep_checkpoints
+            )
         self.processes.barrier()
         return path
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         if "modules" not in state:
-            raise InvalidInput("--resume", f"{path} was written before the shared trainer (no named modules); "
-                                           "it cannot be resumed: start a new run in another output_dir")
+            raise InvalidInput(
+                "--resume",
+                f"{path} was written before the shared trainer (no named modules); "
+                "it cannot be resumed: start a new run in another output_dir",
+            )
         # a field the checkpoint's version did not have yet (ema_decay, ...) is read at its default
         saved, current = {**plain_defaults(self.config), **json.loads(state["config"])}, to_plain(self.config)
         resumable = RESUMABLE_CHANGES | self.resumable_changes
         changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise InvalidInput("--resume", f"the config differs from the checkpoint's in fields that change the run: {details}")
-        for kind, mine, theirs in (("modules", self.modules, state["modules"]), ("optimizers", self.optimizers, state["optimizers"]),
-                                   ("ema", self.emas, state["ema"])):
+            raise InvalidInput(
+                "--resume", f"the config differs from the checkpoint's in fields that change the run: {details}"
+            )
+        for kind, mine, theirs in (
+            ("modules", self.modules, state["modules"]),
+            ("optimizers", self.optimizers, state["optimizers"]),
+            ("ema", self.emas, state["ema"]),
+        ):
             if set(mine) != set(theirs):
-                raise InvalidInput("--resume", f"the checkpoint holds {kind} {sorted(theirs)}, this run has {sorted(mine)}")
+                raise InvalidInput(
+                    "--resume", f"the checkpoint holds {kind} {sorted(theirs)}, this run has {sorted(mine)}"
+                )
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         for name, slot in self.optimizers.items():
@@ -676,7 +822,6 @@ class Trainer:
         LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
         import dataclasses
 
-
         unet, vae = merged_unet(self.export_unet()), self.model.vae
         if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
             unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
@@ -691,22 +836,32 @@ class Trainer:
         """Run (or resume) the job to ``max_steps``; returns the summary also written to ``summary.json``."""
         from tqdm import tqdm
 
-
         c = self.config
         main = self.processes.is_main
         latest = latest_checkpoint(self.out / "checkpoints") if resume else None
         if latest is not None:
             self.restore(latest)
         elif not resume and (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
-            raise InvalidInput("output_dir", f"{self.out} already holds checkpoints; pass --resume or choose another folder")
+            raise InvalidInput(
+                "output_dir", f"{self.out} already holds checkpoints; pass --resume or choose another folder"
+            )
         self.processes.barrier()  # every process has checked the folder before rank 0 writes to it
-        log = TrainingLog(self.out, resume_step=self.step if latest is not None else None, tensorboard=c.tensorboard) if main else None
+        log = (
+            TrainingLog(self.out, resume_step=self.step if latest is not None else None, tensorboard=c.tensorboard)
+            if main
+            else None
+        )
         stop = _StopSignals()
         try:
             if self.step == 0:
                 self._evaluate_and_log(log)
-            bar = tqdm(total=c.max_steps, initial=self.step, desc=self.name, disable=not (c.progress and main),
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=c.max_steps,
+                initial=self.step,
+                desc=self.name,
+                disable=not (c.progress and main),
+                dynamic_ncols=True,
+            )
             while self.step < c.max_steps:
                 metrics = self.train_step()
                 bar.update(1)
@@ -720,8 +875,10 @@ class Trainer:
                 if self.step % c.checkpoint_every == 0 or last or stopping:
                     self.save_checkpoint()
                 if stopping:
-                    raise TrainingInterrupted(f"stopped by {stop.requested or 'a signal to another process'} after "
-                                              f"step {self.step}; resume with --resume")
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.requested or 'a signal to another process'} after "
+                        f"step {self.step}; resume with --resume"
+                    )
             bar.close()
             summary: dict[str, Any] = {"steps": self.step}
             if main:

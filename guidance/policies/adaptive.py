@@ -50,9 +50,7 @@ class AdaptiveGuidance(GuidancePolicy):
     summary = "Adaptive Guidance: CFG until cond/uncond cosine ≥ γ̄, then conditional-only steps."
 
     def start(self, ctx: SamplingContext) -> AGState:
-        return AGState(
-            switched=torch.zeros(ctx.batch_size, dtype=torch.bool), switch_step=[None] * ctx.batch_size
-        )
+        return AGState(switched=torch.zeros(ctx.batch_size, dtype=torch.bool), switch_step=[None] * ctx.batch_size)
 
     def step(self, state: AGState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
         p = self.params

@@ -67,7 +67,9 @@ class APG(GuidancePolicy):
         out = denoiser(x, info, ["uncond", "cond"])
         d_cond = to_x0(out["cond"], x, info.alpha_bar, info.prediction_type)
         d_uncond = to_x0(out["uncond"], x, info.alpha_bar, info.prediction_type)
-        guided, state.running = apg_update(d_cond, d_uncond, state.running, p.scale, p.eta, p.momentum, p.norm_threshold)
+        guided, state.running = apg_update(
+            d_cond, d_uncond, state.running, p.scale, p.eta, p.momentum, p.norm_threshold
+        )
         return from_x0(guided, x, info.alpha_bar, info.prediction_type)
 
 

@@ -62,8 +62,9 @@ class CFGParams(PolicyParams):
     @pydantic.model_validator(mode="after")
     def _check(self) -> CFGParams:
         if self.interval_start >= self.interval_end:
-            raise InvalidInput("policy.interval_end", f"must be > interval_start ({self.interval_start}), got "
-                               f"{self.interval_end}")
+            raise InvalidInput(
+                "policy.interval_end", f"must be > interval_start ({self.interval_start}), got {self.interval_end}"
+            )
         if self.sigma_low is not None and self.sigma_high is not None and self.sigma_low >= self.sigma_high:
             raise InvalidInput("policy.sigma_high", f"must be > sigma_low ({self.sigma_low}), got {self.sigma_high}")
         if self.scales is not None and len(self.scales) == 0:

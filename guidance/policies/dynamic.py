@@ -70,7 +70,9 @@ CandidateScale = pydantic.confloat(ge=0.0, le=100.0)
 class DynamicCFGParams(PolicyParams):
     name: Literal["dynamic_cfg"] = "dynamic_cfg"
     candidates: list[CandidateScale] = pydantic.Field(  # type: ignore[valid-type]
-        default_factory=lambda: [1.0, 2.0, 3.0, 4.5, 6.0, 9.0], min_length=1, max_length=32,
+        default_factory=lambda: [1.0, 2.0, 3.0, 4.5, 6.0, 9.0],
+        min_length=1,
+        max_length=32,
         description="Candidate guidance scales scored at each evaluation step.",
     )
     initial_scale: float = pydantic.Field(
@@ -84,8 +86,9 @@ class DynamicCFGParams(PolicyParams):
         1, ge=1, le=8, description="Average-pool candidate latents by this factor before decoding (pixel evaluators)."
     )
     evaluator: Literal["auto", "latent", "pixel"] = pydantic.Field(
-        "auto", description="Candidate scorer: latent (the model's latent evaluators, no VAE), pixel (decode, score "
-                            "with `reward`), auto (latent where the model has latent evaluators, else pixel).",
+        "auto",
+        description="Candidate scorer: latent (the model's latent evaluators, no VAE), pixel (decode, score "
+        "with `reward`), auto (latent where the model has latent evaluators, else pixel).",
     )
     latent_weights: str = pydantic.Field(
         "", description="Latent evaluators with weights, 'alignment:1,fidelity:0.5' ('': the weights saved with them)."
@@ -98,7 +101,9 @@ class DynamicCFGState(PolicyState):
     rewards: RewardModels | None = None  # the reward library passed down
     latent: LatentEvaluators | None = None  # the model's evaluators when scoring in latent space
     latent_weights: dict[str, float] = field(default_factory=dict)
-    prompt_inputs: PromptInputs | None = None  # what the latent evaluators read of the prompts, made at the first choice
+    prompt_inputs: PromptInputs | None = (
+        None  # what the latent evaluators read of the prompts, made at the first choice
+    )
     prompts: list[str] = field(default_factory=list)
     current: torch.Tensor | None = None  # the scale in force per image
     schedule: list[list[float]] = field(default_factory=list)
@@ -117,8 +122,11 @@ class DynamicCFG(GuidancePolicy):
         if ctx.model is not None and p.evaluator != "pixel":
             latent = evaluators_for(ctx.model)
             if latent is None and p.evaluator == "latent":
-                raise InvalidInput("policy.evaluator", "this model has no latent evaluators (train them with `diffsteer "
-                                   "train latent-evaluator`); accepted here: auto, pixel")
+                raise InvalidInput(
+                    "policy.evaluator",
+                    "this model has no latent evaluators (train them with `diffsteer "
+                    "train latent-evaluator`); accepted here: auto, pixel",
+                )
             if latent is not None:
                 weights = parse_weights(p.latent_weights, latent.kinds) if p.latent_weights else latent.default_weights
                 if latent.reads_text_embedding(weights):
@@ -157,7 +165,9 @@ class DynamicCFG(GuidancePolicy):
         per_candidate = LATENT_SCORE_COST if p.evaluator == "latent" else SCORE_COST / p.eval_downsample**2
         return 2.0 + evaluated * len(p.candidates) * per_candidate
 
-    def _choose_latent(self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
+    def _choose_latent(
+        self, state: DynamicCFGState, cond, uncond, x, info: StepInfo, denoiser: Denoiser
+    ) -> torch.Tensor:
         """The best candidate per image by the latent evaluators: all K × B candidates in one executor unit, batched
         (LATENT_CHUNK native-size candidates per evaluator call, so memory stays near cfg's for 32 candidates)."""
         p = self.params
@@ -169,8 +179,9 @@ class DynamicCFG(GuidancePolicy):
 
         def score() -> torch.Tensor:
             if state.prompt_inputs is None:  # once per generation: an embedding evaluator's text tower runs here
-                state.prompt_inputs = state.latent.prompt_inputs(text_states(denoiser), state.prompts, state.rewards,
-                                                                 state.latent_weights)
+                state.prompt_inputs = state.latent.prompt_inputs(
+                    text_states(denoiser), state.prompts, state.rewards, state.latent_weights
+                )
             inputs = state.prompt_inputs.repeat(len(p.candidates))
             return latent_scores(state.latent, x0, info.alpha_bar, inputs, state.latent_weights, chunk)
 
@@ -192,11 +203,15 @@ class DynamicCFG(GuidancePolicy):
         prompts = state.prompts * len(p.candidates)
         chunk = score_chunk(state.model, x0.shape[-2] * x0.shape[-1])
         cost = SCORE_COST * x0.shape[-2] * x0.shape[-1] / native_latent_area(state.model)
-        scores = torch.cat([
-            executor.run(functools.partial(score_images, state.model, reward, x0[i:i + chunk], prompts[i:i + chunk]),
-                         cost=cost * len(prompts[i:i + chunk]))
-            for i in range(0, x0.shape[0], chunk)
-        ]).view(len(p.candidates), batch)
+        scores = torch.cat(
+            [
+                executor.run(
+                    functools.partial(score_images, state.model, reward, x0[i : i + chunk], prompts[i : i + chunk]),
+                    cost=cost * len(prompts[i : i + chunk]),
+                )
+                for i in range(0, x0.shape[0], chunk)
+            ]
+        ).view(len(p.candidates), batch)
         best = scores.argmax(dim=0)
         return torch.tensor(p.candidates, dtype=torch.float32)[best]
 
@@ -210,21 +225,34 @@ LATENT_CHUNK = 64  # candidates of the native size scored per evaluator call, wi
 LATENT_SCORE_COST = 0.02
 
 
-def candidate_x0(cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, info: StepInfo,
-                 candidates: list[float]) -> torch.Tensor:
+def candidate_x0(
+    cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor, info: StepInfo, candidates: list[float]
+) -> torch.Tensor:
     """[K·B, ...] the clean-latent prediction of every candidate scale, candidate-major: row k·B + b is image b
     at scale w_k, x0(ε_u + w_k·(ε_c − ε_u))."""
     return torch.cat([to_x0(cfg_combine(cond, uncond, w), x, info.alpha_bar, info.prediction_type) for w in candidates])
 
 
 @torch.no_grad()
-def latent_scores(evaluators: LatentEvaluators, x0: torch.Tensor, alpha_bar: float, prompts: PromptInputs,
-                  weights: dict[str, float], chunk: int | None = None) -> torch.Tensor:
+def latent_scores(
+    evaluators: LatentEvaluators,
+    x0: torch.Tensor,
+    alpha_bar: float,
+    prompts: PromptInputs,
+    weights: dict[str, float],
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Σ_j λ_j·E_j of every row of ``x0``, float32 on the CPU: batched calls of at most ``chunk`` rows (None: all
     in one), so that the evaluators' activations stay small beside the UNet's (memory ∝ rows × latent area)."""
     chunk = chunk or x0.shape[0]
-    return torch.cat([evaluators.score(x0[i:i + chunk].float(), alpha_bar, prompts.rows(slice(i, i + chunk)), weights).total.float().cpu()
-                      for i in range(0, x0.shape[0], chunk)])
+    return torch.cat(
+        [
+            evaluators.score(x0[i : i + chunk].float(), alpha_bar, prompts.rows(slice(i, i + chunk)), weights)
+            .total.float()
+            .cpu()
+            for i in range(0, x0.shape[0], chunk)
+        ]
+    )
 
 
 def native_latent_area(model: DiffusionModel) -> int:

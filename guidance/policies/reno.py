@@ -49,8 +49,9 @@ class ReNOParams(PolicyParams):
     name: Literal["reno"] = "reno"
     scale: float = pydantic.Field(1.0, ge=0.0, le=100.0, description="CFG scale of the inner sampler (≤ 1: off).")
     reward: str = pydantic.Field(
-        "clip:1", description="Weighted rewards, 'name:weight[:offset],...', e.g. 'hps:5,pickscore:0.05,clip:0.01'; "
-                              "or 'latent[:alignment:1,...]', the model's latent evaluators on the clean latents."
+        "clip:1",
+        description="Weighted rewards, 'name:weight[:offset],...', e.g. 'hps:5,pickscore:0.05,clip:0.01'; "
+        "or 'latent[:alignment:1,...]', the model's latent evaluators on the clean latents.",
     )
     iterations: int = pydantic.Field(50, ge=0, le=1000, description="Optimisation iterations (0: plain sampling).")
     time_budget_s: float | None = pydantic.Field(None, gt=0.0, description="Stop after this many seconds.")
@@ -100,7 +101,10 @@ class ReNO(OuterLoopPolicy):
         model, executor = prepared.model, prepared.executor
         prompts = prepared.prompts
         if is_latent_spec(p.reward):  # the model's latent evaluators score the clean latents: no VAE decode
-            scorer, states = latent_reward(model, p.reward, rewards=prepared.rewards), prepared.conditions["cond"].hidden_states
+            scorer, states = (
+                latent_reward(model, p.reward, rewards=prepared.rewards),
+                prepared.conditions["cond"].hidden_states,
+            )
             inputs: list[PromptInputs] = []  # the prompts' inputs, made in the first scoring unit (on the executor)
 
             def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +116,7 @@ class ReNO(OuterLoopPolicy):
 
             def score_and_gradient(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return reward_and_gradient(model, reward, latents, prompts)
+
         noise = prepared.noise.detach().clone().float().requires_grad_(True)
         optimiser = torch.optim.SGD([noise], lr=p.lr, momentum=p.momentum, nesterov=True)
         batch = noise.shape[0]
@@ -136,13 +141,17 @@ class ReNO(OuterLoopPolicy):
             curve.append(score.tolist())
             out_of_time = p.time_budget_s is not None and time.perf_counter() - start > p.time_budget_s
             if callback is not None:
-                callback(StepEvent(iteration + 1, p.iterations + 1, nfe * batch, time.perf_counter() - start, None, "reno"))
+                callback(
+                    StepEvent(iteration + 1, p.iterations + 1, nfe * batch, time.perf_counter() - start, None, "reno")
+                )
             if iteration == p.iterations or out_of_time:
                 break
             with torch.enable_grad():
                 # d(reward loss)/d(noise) = ∂L/∂latents · ∂latents/∂noise: the first factor is loss_grad (computed
                 # with the decode), the second is the backward pass through the sampler
-                surrogate = (run.latents * loss_grad.to(run.latents)).sum() + p.reg_weight * noise_norm_penalty(noise).sum()
+                surrogate = (run.latents * loss_grad.to(run.latents)).sum() + p.reg_weight * noise_norm_penalty(
+                    noise
+                ).sum()
                 optimiser.zero_grad(set_to_none=True)
                 surrogate.backward()
             clip_per_image(noise.grad, p.grad_clip)
@@ -160,7 +169,9 @@ class ReNO(OuterLoopPolicy):
         return NoiseOptimisation(best_noise.to(prepared.noise.dtype), trace, nfe)
 
 
-def reward_and_gradient(model: DiffusionModel, reward: CompositeReward, latents: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_and_gradient(
+    model: DiffusionModel, reward: CompositeReward, latents: torch.Tensor, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(score per image on the CPU, gradient of the summed reward loss in ``latents``): decode and score with
     autograd on, then backpropagate to the latents only (the decoder's activations are freed on return)."""
     leaf = latents.detach().requires_grad_(True)

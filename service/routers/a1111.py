@@ -57,9 +57,19 @@ SAMPLERS = {
     "unipc": "unipc",
     "lcm": "lcm",
 }
-SAMPLER_LABELS = {"euler a": "Euler a", "euler": "Euler", "ddim": "DDIM", "ddpm": "DDPM", "dpm++ 2m": "DPM++ 2M",
-                  "dpm++ 2m karras": "DPM++ 2M Karras", "heun": "Heun", "lms": "LMS", "plms": "PLMS", "unipc": "UniPC",
-                  "lcm": "LCM"}
+SAMPLER_LABELS = {
+    "euler a": "Euler a",
+    "euler": "Euler",
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "dpm++ 2m": "DPM++ 2M",
+    "dpm++ 2m karras": "DPM++ 2M Karras",
+    "heun": "Heun",
+    "lms": "LMS",
+    "plms": "PLMS",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+}
 A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
 
 
@@ -244,28 +254,47 @@ async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depen
     }
     parameters = body.model_dump(mode="json")
     parameters["seed"] = r.seeds[0]
-    return JSONResponse({
-        "images": [base64.b64encode(b).decode("ascii") for b in outcome.encoded],
-        "parameters": parameters,
-        "info": json.dumps(info),
-    })
+    return JSONResponse(
+        {
+            "images": [base64.b64encode(b).decode("ascii") for b in outcome.encoded],
+            "parameters": parameters,
+            "info": json.dumps(info),
+        }
+    )
 
 
 @router.get("/samplers", response_model=list[A1111Sampler], summary="A1111 sampler names this server maps")
 async def samplers() -> JSONResponse:
-    return JSONResponse([{"name": label, "aliases": [SAMPLERS[key]], "options": {}} for key, label in SAMPLER_LABELS.items()])
+    return JSONResponse(
+        [{"name": label, "aliases": [SAMPLERS[key]], "options": {}} for key, label in SAMPLER_LABELS.items()]
+    )
 
 
 @router.get("/schedulers", response_model=list[A1111Scheduler], summary="A1111 noise schedules this server maps")
 async def schedulers() -> JSONResponse:
-    return JSONResponse([{"name": key, "label": label, "aliases": None, "default_rho": None, "need_inner_model": False}
-                         for key, label in A1111_SCHEDULERS.items()])
+    return JSONResponse(
+        [
+            {"name": key, "label": label, "aliases": None, "default_rho": None, "need_inner_model": False}
+            for key, label in A1111_SCHEDULERS.items()
+        ]
+    )
 
 
 @router.get("/sd-models", response_model=list[A1111Model], summary="The models, as A1111 lists checkpoints")
 async def sd_models(engine: Engine = Depends(get_engine)) -> JSONResponse:
-    return JSONResponse([{"title": m["name"], "model_name": m["name"], "hash": None, "sha256": None,
-                          "filename": m["name"], "config": None} for m in engine.describe_models()])
+    return JSONResponse(
+        [
+            {
+                "title": m["name"],
+                "model_name": m["name"],
+                "hash": None,
+                "sha256": None,
+                "filename": m["name"],
+                "config": None,
+            }
+            for m in engine.describe_models()
+        ]
+    )
 
 
 @router.get("/scripts", response_model=A1111Scripts, summary="No scripts or extensions")

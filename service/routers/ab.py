@@ -30,8 +30,7 @@ from diffsteer.service.schemas import ABJobStatus, ABRequest
 ERRORS = {**QUEUED_REQUEST_ERRORS, 403: {"description": "A/B runs are not enabled on this server (no ab_dir)"}}
 # report.html is generated from request data (prompts, arm names): escaped by the report, and fenced in anyway
 REPORT_HEADERS = {
-    "Content-Security-Policy":
-        "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'",
     "X-Content-Type-Options": "nosniff",
 }
 
@@ -46,10 +45,20 @@ def ab_root(engine: Engine = Depends(get_engine)) -> Path:
 router = APIRouter(prefix="/ab", tags=["ab"], dependencies=[Depends(require_api_key), Depends(ab_root)])
 
 
-@router.post("", status_code=202, response_model=ABJobStatus, responses=ERRORS,
-             summary="Start an A/B evaluation of guidance policies (paired arms, statistics, an HTML report)")
-async def create_ab(body: ABRequest, root: Path = Depends(ab_root), engine: Engine = Depends(get_engine),
-                    jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)) -> JSONResponse:
+@router.post(
+    "",
+    status_code=202,
+    response_model=ABJobStatus,
+    responses=ERRORS,
+    summary="Start an A/B evaluation of guidance policies (paired arms, statistics, an HTML report)",
+)
+async def create_ab(
+    body: ABRequest,
+    root: Path = Depends(ab_root),
+    engine: Engine = Depends(get_engine),
+    jobs: JobStore = Depends(get_jobs),
+    owner: str | None = Depends(job_owner),
+) -> JSONResponse:
     job_id = jobs.new_id()
     folder = root / job_id
     plan = await run_in_threadpool(ab.plan_run, engine, body, folder)
@@ -65,15 +74,23 @@ async def create_ab(body: ABRequest, root: Path = Depends(ab_root), engine: Engi
 
 
 @router.get("/{job_id}", response_model=ABJobStatus, summary="An A/B run's status, and its results once finished")
-async def get_ab(job_id: str, jobs: JobStore = Depends(get_jobs),
-                 owner: str | None = Depends(job_owner)) -> JSONResponse:
+async def get_ab(
+    job_id: str, jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)
+) -> JSONResponse:
     return JSONResponse(find_job(jobs, job_id, "ab", owner).status_body(jobs.ttl_s))
 
 
-@router.delete("/{job_id}", response_model=ABJobStatus,
-               summary="Cancel an A/B run (it stops within one denoising step); a finished one is deleted, files too")
-async def delete_ab(job_id: str, root: Path = Depends(ab_root), jobs: JobStore = Depends(get_jobs),
-                    owner: str | None = Depends(job_owner)) -> JSONResponse:
+@router.delete(
+    "/{job_id}",
+    response_model=ABJobStatus,
+    summary="Cancel an A/B run (it stops within one denoising step); a finished one is deleted, files too",
+)
+async def delete_ab(
+    job_id: str,
+    root: Path = Depends(ab_root),
+    jobs: JobStore = Depends(get_jobs),
+    owner: str | None = Depends(job_owner),
+) -> JSONResponse:
     job = find_job(jobs, job_id, "ab", owner)
     finished = job.finished or job.ticket is None
     response = cancel_or_delete(jobs, job, "cancelled by DELETE /ab")
@@ -82,18 +99,29 @@ async def delete_ab(job_id: str, root: Path = Depends(ab_root), jobs: JobStore =
     return response
 
 
-@router.get("/{job_id}/events", summary="An A/B run's progress as server-sent events",
-            responses={200: {"content": {"text/event-stream": {}}}})
-async def ab_events(job_id: str, last_event_id: str | None = Header(None, description="Resume after this event id."),
-                    jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)) -> Response:
+@router.get(
+    "/{job_id}/events",
+    summary="An A/B run's progress as server-sent events",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def ab_events(
+    job_id: str,
+    last_event_id: str | None = Header(None, description="Resume after this event id."),
+    jobs: JobStore = Depends(get_jobs),
+    owner: str | None = Depends(job_owner),
+) -> Response:
     job = find_job(jobs, job_id, "ab", owner)
     return event_stream(job, resume_point(last_event_id))
 
 
-@router.get("/{job_id}/{path:path}", summary="A file of an A/B run: report.html, results.json, images/..., plots/...",
-            responses={200: {"content": {"text/html": {}, "application/json": {}, "image/png": {}}}})
-async def ab_file(job_id: str, path: str, root: Path = Depends(ab_root),
-                  owner: str | None = Depends(job_owner)) -> Response:
+@router.get(
+    "/{job_id}/{path:path}",
+    summary="A file of an A/B run: report.html, results.json, images/..., plots/...",
+    responses={200: {"content": {"text/html": {}, "application/json": {}, "image/png": {}}}},
+)
+async def ab_file(
+    job_id: str, path: str, root: Path = Depends(ab_root), owner: str | None = Depends(job_owner)
+) -> Response:
     folder = await run_in_threadpool(ab.owned_folder, root, job_id, owner)
     file = await run_in_threadpool(ab.served_file, folder, path)
     if path == "results.json":
@@ -101,4 +129,3 @@ async def ab_file(job_id: str, path: str, root: Path = Depends(ab_root),
         return JSONResponse(ab.public_results(json.loads(text), job_id))
     headers = REPORT_HEADERS if file.suffix == ".html" else {"X-Content-Type-Options": "nosniff"}
     return FileResponse(file, headers=headers)
-

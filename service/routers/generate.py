@@ -23,16 +23,25 @@ ERRORS = {
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**ERRORS, 200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
-                                "description": "JSON, or the image itself when Accept asks for image/*"}},
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "JSON, or the image itself when Accept asks for image/*",
+        },
+    },
     summary="Generate images and wait for them",
 )
 async def generate(request: Request, plan: Plan = Depends(planned), engine: Engine = Depends(get_engine)) -> Response:
     raw = negotiate(request.headers.get("accept"), plan.output_format)
     if raw is not None:
         if plan.params.num_images != 1:
-            raise ServiceError(406, f"raw image bytes (Accept: image/{raw}) hold one image, but num_images is "
-                               f"{plan.params.num_images}; ask for application/json", field="num_images")
+            raise ServiceError(
+                406,
+                f"raw image bytes (Accept: image/{raw}) hold one image, but num_images is "
+                f"{plan.params.num_images}; ask for application/json",
+                field="num_images",
+            )
         plan.output_format = raw
     try:
         outcome = await run_plan(request, engine, plan)

@@ -16,16 +16,22 @@ listings = APIRouter(tags=["info"], dependencies=[Depends(require_api_key)])
 operations = APIRouter(tags=["operations"])
 
 
-@listings.get("/policies", response_model=PoliciesResponse, summary="Every guidance policy with its parameters and JSON schema")
+@listings.get(
+    "/policies", response_model=PoliciesResponse, summary="Every guidance policy with its parameters and JSON schema"
+)
 async def policies() -> JSONResponse:
     schemas = policy_schemas()
     rows = [{**row, "schema": schemas[row["name"]]} for row in describe_policies()]
     return JSONResponse(jsonable({"policies": rows, "schedulers": scheduler_names()}))
 
 
-@listings.get("/models", response_model=ModelsResponse, summary="The models a request may name, and the LoRA adapters available")
+@listings.get(
+    "/models", response_model=ModelsResponse, summary="The models a request may name, and the LoRA adapters available"
+)
 async def models(engine: Engine = Depends(get_engine)) -> JSONResponse:
-    return JSONResponse({"default": engine.default_model, "models": engine.describe_models(), "loras": engine.loras.names()})
+    return JSONResponse(
+        {"default": engine.default_model, "models": engine.describe_models(), "loras": engine.loras.names()}
+    )
 
 
 @operations.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
@@ -33,7 +39,9 @@ async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@operations.get("/readyz", response_model=ReadyResponse, summary="Readiness: the default model is loaded and the workers run")
+@operations.get(
+    "/readyz", response_model=ReadyResponse, summary="Readiness: the default model is loaded and the workers run"
+)
 async def readyz(engine: Engine = Depends(get_engine)) -> JSONResponse:
     if engine.ready:
         return JSONResponse({"status": "ready", "model": engine.default_model})
@@ -46,8 +54,13 @@ async def readyz(engine: Engine = Depends(get_engine)) -> JSONResponse:
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
 
-@operations.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(require_api_key_for_metrics)],
-                response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@operations.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    dependencies=[Depends(require_api_key_for_metrics)],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics(engine: Engine = Depends(get_engine), jobs: JobStore = Depends(get_jobs)) -> Response:
     engine.tick()
     engine.metrics.jobs_stored.set(len(jobs))

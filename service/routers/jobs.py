@@ -39,13 +39,19 @@ def find_job(jobs: JobStore, job_id: str, kind: str, owner: str | None) -> Job:
     """The job, or 404 (also for another API key's job: the same answer as for an unknown id)."""
     job = jobs.get(job_id, kind=kind, owner=owner)
     if job is None:
-        raise ServiceError(404, f"no job {job_id!r} (unknown, or finished and purged)", field="job_id", code="not_found")
+        raise ServiceError(
+            404, f"no job {job_id!r} (unknown, or finished and purged)", field="job_id", code="not_found"
+        )
     return job
 
 
 @router.post("", status_code=202, response_model=JobStatus, responses=ERRORS, summary="Start a generation job")
-async def create_job(plan: Plan = Depends(planned), engine: Engine = Depends(get_engine),
-                     jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)) -> JSONResponse:
+async def create_job(
+    plan: Plan = Depends(planned),
+    engine: Engine = Depends(get_engine),
+    jobs: JobStore = Depends(get_jobs),
+    owner: str | None = Depends(job_owner),
+) -> JSONResponse:
     job = jobs.create(owner=owner)
     try:
         engine.submit(plan, attach=job.attach)
@@ -56,16 +62,21 @@ async def create_job(plan: Plan = Depends(planned), engine: Engine = Depends(get
 
 
 @router.get("/{job_id}", response_model=JobStatus, summary="A job's status, and its results once finished")
-async def get_job(job_id: str, jobs: JobStore = Depends(get_jobs),
-                  owner: str | None = Depends(job_owner)) -> JSONResponse:
+async def get_job(
+    job_id: str, jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)
+) -> JSONResponse:
     job = find_job(jobs, job_id, "generation", owner)
     return JSONResponse(job.status_body(jobs.ttl_s))
 
 
-@router.delete("/{job_id}", response_model=JobStatus,
-               summary="Cancel a job (it stops within one denoising step); a finished job is deleted")
-async def delete_job(job_id: str, jobs: JobStore = Depends(get_jobs),
-                     owner: str | None = Depends(job_owner)) -> JSONResponse:
+@router.delete(
+    "/{job_id}",
+    response_model=JobStatus,
+    summary="Cancel a job (it stops within one denoising step); a finished job is deleted",
+)
+async def delete_job(
+    job_id: str, jobs: JobStore = Depends(get_jobs), owner: str | None = Depends(job_owner)
+) -> JSONResponse:
     return cancel_or_delete(jobs, find_job(jobs, job_id, "generation", owner), "cancelled by DELETE /jobs")
 
 
@@ -88,7 +99,9 @@ def resume_point(last_event_id: str | None) -> int:
     try:
         return max(0, int(last_event_id)) if last_event_id else 0
     except ValueError:
-        raise ServiceError(422, f"must be an event id (an integer), got {last_event_id!r}", field="Last-Event-ID") from None
+        raise ServiceError(
+            422, f"must be an event id (an integer), got {last_event_id!r}", field="Last-Event-ID"
+        ) from None
 
 
 EventTransform = Callable[[dict], Awaitable[dict]]
@@ -120,12 +133,16 @@ def event_stream(job: Job, start: int, transform: EventTransform | None = None) 
         finally:
             job.unsubscribe(loop, wake)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.get("/{job_id}/events", summary="Progress as server-sent events",
-            responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/{job_id}/events",
+    summary="Progress as server-sent events",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 async def job_events(
     job_id: str,
     preview: bool = Query(False, description="Attach low-res previews (latent->RGB approximation) to step events."),

@@ -52,6 +52,7 @@ class OpenAIImageRequest(pydantic.BaseModel):
     @classmethod
     def _json(cls, data: Any) -> Any:
         return json_body(data)
+
     # guidance extensions
     negative_prompt: str | None = None
     policy: str | dict[str, Any] | None = None
@@ -84,13 +85,21 @@ def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateReq
     if body.stream:
         raise InvalidInput("stream", "streaming is not supported; leave it out or false")
     if body.response_format == "url":
-        raise InvalidInput("response_format", "'url' is not supported by this server (it keeps no image store); use 'b64_json'")
+        raise InvalidInput(
+            "response_format", "'url' is not supported by this server (it keeps no image store); use 'b64_json'"
+        )
     model = body.model
     if model is not None and model.lower().startswith(OPENAI_MODEL_PREFIXES):
         model = None
     width, height = parse_size(body.size)
-    data: dict[str, Any] = {"prompt": body.prompt, "num_images": body.n or 1, "width": width, "height": height,
-                            "output_format": body.output_format or "png", "model": model}
+    data: dict[str, Any] = {
+        "prompt": body.prompt,
+        "num_images": body.n or 1,
+        "width": width,
+        "height": height,
+        "output_format": body.output_format or "png",
+        "model": model,
+    }
     for key in ("negative_prompt", "policy", "steps", "scheduler", "seed", "seeds", "eta", "lora"):
         value = getattr(body, key)
         if value is not None:
@@ -101,22 +110,40 @@ def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateReq
 
 
 @router.post("/images/generations", response_model=OpenAIImagesResponse, summary="OpenAI-compatible image generation")
-async def images_generations(request: Request, body: OpenAIImageRequest, engine: Engine = Depends(get_engine)) -> Response:
+async def images_generations(
+    request: Request, body: OpenAIImageRequest, engine: Engine = Depends(get_engine)
+) -> Response:
     outcome = await run_translated(request, engine, lambda: to_generate_request(body, engine), openai_field)
     if outcome is None:
         return Response(status_code=CLIENT_CLOSED)
     r = outcome.result
-    return JSONResponse({
-        "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None} for b in outcome.encoded],
-        "output_format": outcome.output_format,
-        "diffsteer": {"seeds": r.seeds, "nfe": r.nfe, "policy": r.params.policy.spec(), "model": r.model,
-                      "steps": r.params.steps, "scheduler": r.params.scheduler},
-    })
+    return JSONResponse(
+        {
+            "created": int(time.time()),
+            "data": [
+                {"b64_json": base64.b64encode(b).decode("ascii"), "revised_prompt": None} for b in outcome.encoded
+            ],
+            "output_format": outcome.output_format,
+            "diffsteer": {
+                "seeds": r.seeds,
+                "nfe": r.nfe,
+                "policy": r.params.policy.spec(),
+                "model": r.model,
+                "steps": r.params.steps,
+                "scheduler": r.params.scheduler,
+            },
+        }
+    )
 
 
 @router.get("/models", response_model=OpenAIModelList, summary="OpenAI-compatible model list")
 async def list_models(engine: Engine = Depends(get_engine)) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [
-        {"id": m["name"], "object": "model", "created": 0, "owned_by": "diffsteer"} for m in engine.describe_models()
-    ]})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": m["name"], "object": "model", "created": 0, "owned_by": "diffsteer"}
+                for m in engine.describe_models()
+            ],
+        }
+    )
