@@ -3,7 +3,8 @@
 ``generate`` is the inference entry point (prompt in, PIL images and metadata out). Its parts are public for
 the methods that need more control: ``initial_noise`` (per-image seeds), ``denoise`` (the loop; with autograd
 on, gradient checkpointing of each UNet call and a per-step choice of where gradients flow, for ReNO and
-AlignProp) and ``decode`` (differentiable VAE decode to [0, 1]).
+AlignProp), ``check_request`` and ``prepare``. Decoding and encoding latents are in :mod:`.latents`, the step
+events a callback receives in :mod:`.events`.
 
 Everything a generation mutates — scheduler, generators, policy state, the denoiser's counters — is created
 per call, so concurrent generations on one shared model are independent.
