@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Any
 
+from tqdm import tqdm
+
 from diffsteer.evaluation.ab import ABConfig, run_ab
 from diffsteer.guidance.errors import InvalidInput
 
@@ -127,8 +129,6 @@ def print_summary(results: dict[str, Any], out: str) -> None:
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     bar = None  # opened at the first progress event, i.e. after the input was validated
 
     def progress(event) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffsteer.guidance.conditioning import encode_conditions
@@ -376,8 +377,6 @@ class LatentEvaluators(nn.Module):
 
     def save(self, directory: Path | str, extra_meta: dict[str, Any] | None = None) -> Path:
         """Write the folder atomically (written beside it, then renamed into place)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             config = {
@@ -404,8 +403,6 @@ class LatentEvaluators(nn.Module):
     def load(
         cls, directory: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> LatentEvaluators:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         try:
             config = json.loads((directory / CONFIG_FILE).read_text())

@@ -28,6 +28,9 @@ from typing import Any
 
 import pydantic
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from safetensors import safe_open
 
 from diffsteer.guidance import tiny
 from diffsteer.guidance.errors import InvalidInput
@@ -311,7 +314,6 @@ def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
     """Load each component of a diffusers layout (local folder or hub id) with its own class."""
     import diffusers
     import transformers
-    from huggingface_hub.errors import HFValidationError
 
     try:
         index = _read_model_index(location)
@@ -356,7 +358,6 @@ def _read_model_index(location: str) -> dict[str, Any]:
     path = Path(location) / "model_index.json"
     if path.is_file():
         return json.loads(path.read_text())
-    from huggingface_hub import hf_hub_download
 
     return json.loads(Path(hf_hub_download(location, "model_index.json")).read_text())
 
@@ -390,8 +391,6 @@ def _load_single_file(path: Path, config: str | None) -> DiffusionModel:
 
 def _single_file_is_sdxl(path: Path) -> bool:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             keys = f.keys()
     else:

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from diffsteer.proving_ground import TrainingScenes, shipped
@@ -463,7 +464,6 @@ def save(model: nn.Module, cfg: ProvingGroundClipConfig, log: dict) -> Path:
     """Write the open_clip files atomically (each to a temporary name, then renamed) and check that
     ``open_clip.create_model(name, pretrained=...)`` rebuilds the same text and image embeddings."""
     import open_clip
-    from safetensors.torch import save_file
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .base import Reward, freeze
@@ -85,8 +86,6 @@ class AestheticMLP(nn.Module):
 
 def load_head_state_dict(path: str, weights_only: bool = True) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=weights_only)

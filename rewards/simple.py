@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field
 from torch import Tensor
 
@@ -139,8 +140,6 @@ class JpegCompressibilityReward(Reward):
         self.config: JpegCompressibilityConfig
 
     def _score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        from PIL import Image
-
         with torch.no_grad():
             pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
             arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -24,8 +25,6 @@ class _GpuMemory:
     """GPU memory per CUDA device, read at scrape time."""
 
     def collect(self):
-        import torch
-
         if not torch.cuda.is_available():
             return
         allocated = GaugeMetricFamily(

@@ -26,6 +26,7 @@ import random
 import re
 from typing import Any
 
+import torch
 from prometheus_client import Gauge
 from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
@@ -147,7 +148,6 @@ def gpus_per_replica(settings: ServiceSettings) -> float:
         return settings.ray.num_gpus_per_replica
     if settings.device is not None and settings.device.startswith("cpu"):
         return 0.0
-    import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0
 

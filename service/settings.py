@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+import yaml
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
@@ -280,8 +281,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as e:  # yaml and json raise their own types
         raise InvalidInput("--config", f"cannot parse {str(path)!r}: {e}") from None

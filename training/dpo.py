@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.denoiser import call_unet, concat_conditions
@@ -144,8 +145,6 @@ def training_target(
 
 def image_tensor(image, size: tuple[int, int]) -> torch.Tensor:
     """PIL image -> [3, H, W] in [0, 1]: the shorter side resized to fit, then centre-cropped to ``size`` (h, w)."""
-    from PIL import Image
-
     h, w = size
     scale = max(h / image.height, w / image.width)
     if (image.height, image.width) != (h, w):

@@ -73,6 +73,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.denoiser import Denoiser, StepInfo, call_unet
@@ -608,8 +609,6 @@ class FDistillTrainer(Trainer):
         """The regression loss's fixed pairs: prompts (training captions or prompts) and noise seeds drawn from the
         config's seed, and the teacher's ``teacher_steps``-step samples (``teacher_policy``) from that noise, the
         batches shared among the processes (every process ends with all of them, on the CPU)."""
-        from tqdm import tqdm
-
         c = self.config
         rng = np.random.default_rng([c.seed, 0x7265_6772])  # a stream of its own: "regr"
         if c.real_data == "pg-train":

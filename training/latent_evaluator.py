@@ -49,6 +49,7 @@ fidelity discriminator's accuracy. The export writes the evaluator folder (``exp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from scipy.stats import spearmanr
+from tqdm import tqdm
 
 from diffsteer.evaluation.prompts import load_prompts
 from diffsteer.guidance.conditioning import encode_conditions
@@ -336,8 +340,6 @@ def record_candidate_groups(
     ``candidates``, record the K candidate x̂0 at ``records_per_image`` steps drawn per image, and score the decoded
     candidates with ``reward`` (if given; with ``embeddings``, a one-term embedding-similarity reward whose image
     and text embeddings are kept too). Every draw from ``rng``."""
-    import contextlib
-
     autocast = autocast or contextlib.nullcontext
     n, steps = len(prompts), int(params["steps"])
     scales = torch.tensor(np.asarray(candidates)[rng.integers(0, len(candidates), n)], dtype=torch.float32)
@@ -405,8 +407,6 @@ class RealImages:
 
     def get(self, indices: np.ndarray) -> tuple[torch.Tensor, list[str]]:
         """Images [n, 3, size, size] in [0, 1] and captions."""
-        from PIL import Image
-
         arrays, captions = [], []
         for i in indices:
             if self.scenes is not None:
@@ -536,8 +536,6 @@ class LatentEvaluatorTrainer(Trainer):
     def _record_pool(self) -> Groups:
         """The ``recorded_batches`` batches of groups, each sampled once from its own seed and saved in
         ``<output_dir>/groups/`` (atomically), so that a resumed run loads them; each process records its share."""
-        from tqdm import tqdm
-
         c = self.config
         folder = self.out / "groups"
         folder.mkdir(parents=True, exist_ok=True)
@@ -746,8 +744,6 @@ def within_group_mse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties); nan for fewer than 2 distinct values."""
-    from scipy.stats import spearmanr
-
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(spearmanr(a, b).statistic)

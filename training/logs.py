@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
 FIELDS = ("step", "phase", "metric", "value")
 
@@ -31,8 +32,6 @@ class TrainingLog:
         self._writer = csv.DictWriter(self._file, FIELDS)
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge)
 

@@ -14,6 +14,7 @@ assumes α = r.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,8 +90,6 @@ def save_lora_weights(model: DiffusionModel, directory: str | Path) -> Path:
 def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``unet`` with its LoRA folded into the base weights (W + (α/r)·B·A) and the adapter removed;
     ``unet`` itself is left as it is. A UNet without an adapter is copied unchanged."""
-    import copy
-
     merged = copy.deepcopy(unet)
     if getattr(merged, "peft_config", None):
         merged.fuse_lora(lora_scale=1.0)

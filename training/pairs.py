@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
 
 from diffsteer.evaluation.runner import Item, run_arm
 from diffsteer.guidance.errors import InvalidInput
@@ -104,9 +107,6 @@ def preference_label(score_0: float, score_1: float) -> float:
 
 def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -> list[dict[str, Any]]:
     """Sample, score and pair; returns the rows (image bytes inline)."""
-    import torch
-    from tqdm import tqdm
-
     prompts = choose_prompts(load_training_prompts(config.prompts, field="--prompts"), config.max_prompts, config.seed)
     if model is None:
         model = load_model(config.model, device=config.device)
@@ -130,7 +130,6 @@ def build_pairs(config: PairsConfig, model: Any = None, progress: bool = True) -
             pixels = torch.from_numpy(np.stack([r.image for r in chunk])).permute(0, 3, 1, 2).float() / 255
             result = reward.evaluate(pixels.to(model.device), [r.item.prompt for r in chunk])
             scores.extend(float(s) for s in result.total_score.cpu())
-    from PIL import Image
 
     rows: list[dict[str, Any]] = []
     for i, prompt in enumerate(prompts):

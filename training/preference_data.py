@@ -21,10 +21,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from diffsteer.guidance.errors import InvalidInput
 
@@ -75,8 +78,6 @@ class PreferenceDataset:
 
 
 def read_image(source: bytes | Path):
-    from PIL import Image
-
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     return image.convert("RGB")
 
@@ -201,8 +202,6 @@ def load_preference_pairs(
 def write_preference_pairs(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Write rows in the layout above: ``.parquet`` (image bytes inline) or ``.jsonl`` (image bytes written to
     ``<stem>-images/`` beside it, the rows holding relative paths). Written to a temporary name, then renamed."""
-    import os
-
     path = Path(path)
     if path.suffix not in FORMATS:
         raise InvalidInput("--output", f"must end in {' or '.join(FORMATS)}, got {str(path)!r}")

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -75,6 +76,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from diffsteer.evaluation.metrics import MetricScorer
 from diffsteer.evaluation.prompts import load_prompts
@@ -716,8 +719,6 @@ class Trainer:
         return EvalResult(self.step, metrics, [r.image for r in records])
 
     def save_grid(self, result: EvalResult) -> Path | None:
-        from PIL import Image
-
         images = result.images[: self.config.sample_grid_images]
         if not images:
             return None
@@ -820,8 +821,6 @@ class Trainer:
     def export_pipeline(self, directory: Path) -> Path:
         """A whole diffusers pipeline (``save_pretrained``, safetensors) whose UNet is :meth:`export_unet` with any
         LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
-        import dataclasses
-
         unet, vae = merged_unet(self.export_unet()), self.model.vae
         if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
             unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
@@ -834,8 +833,6 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run (or resume) the job to ``max_steps``; returns the summary also written to ``summary.json``."""
-        from tqdm import tqdm
-
         c = self.config
         main = self.processes.is_main
         latest = latest_checkpoint(self.out / "checkpoints") if resume else None

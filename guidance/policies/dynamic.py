@@ -40,6 +40,7 @@ interval of Kynkäänniemi et al. 2024) avoids that choice; see BENCHMARKS.md, s
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -273,6 +274,4 @@ def score_images(model: DiffusionModel, reward: CompositeReward, x0: torch.Tenso
 
 def _first_index(p: DynamicCFGParams, info: StepInfo) -> int:
     """Index of the first step inside the evaluation window (the cadence counts from there)."""
-    import math
-
     return math.ceil(p.start * info.num_steps)
