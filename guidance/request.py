@@ -26,9 +26,8 @@ class Limits:
     max_steps: int = 200
     max_num_images: int = 16
     max_prompt_chars: int = 4000
-    max_cost: float | None = (
-        None  # UNet evaluations at the model's native size (diffsteer.guidance.cost); None: no limit
-    )
+    # UNet evaluations at the model's native size (diffsteer.guidance.cost); None: no limit
+    max_cost: float | None = None
     max_area_factor: float | None = None  # image area / the model's native area; None: no limit
 
     def for_model(self, defaults: ModelDefaults) -> Limits:

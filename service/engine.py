@@ -161,9 +161,8 @@ class Engine:
         self._defaults: dict[str, ModelDefaults] = {}
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
-        self.ab_queue: WorkQueue | None = (
-            None  # A/B runs (diffsteer.service.ab), apart so they never take a generation slot
-        )
+        # A/B runs (diffsteer.service.ab), apart so they never take a generation slot
+        self.ab_queue: WorkQueue | None = None
         self.load_error: str | None = None
         self._preloaded = threading.Event()
         self.closing = False

@@ -229,6 +229,16 @@ def _size(limit: int) -> dict[str, Any]:
     return {"type": "integer", "minimum": 8, "maximum": limit, "multipleOf": 8}
 
 
+def _seeds(limits: dict[str, Any]) -> dict[str, Any]:
+    """One seed per image."""
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": limits["max_num_images"],
+        "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+    }
+
+
 def _merge(props: dict[str, Any], name: str, schema: dict[str, Any]) -> None:
     """Replace a property's type keys by ``schema``, keeping its title, description and default."""
     old = props.get(name, {})
@@ -275,18 +285,7 @@ def _bound_generate(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     props["steps"].pop("default", None)
     _merge(props, "scheduler", {"type": "string", "enum": limits["schedulers"]})
     _merge(props, "seed", _nullable({"type": "integer", "minimum": 0, "maximum": MAX_SEED}))
-    _merge(
-        props,
-        "seeds",
-        _nullable(
-            {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": limits["max_num_images"],
-                "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
-            }
-        ),
-    )
+    _merge(props, "seeds", _nullable(_seeds(limits)))
     _merge(props, "num_images", {"type": "integer", "minimum": 1, "maximum": limits["max_num_images"]})
     _merge(props, "width", _nullable(_size(limits["max_width"])))
     _merge(props, "height", _nullable(_size(limits["max_height"])))
@@ -322,18 +321,7 @@ def _bound_openai(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     _merge(props, "steps", _nullable({"type": "integer", "minimum": 1, "maximum": limits["max_steps"]}))
     _merge(props, "scheduler", _nullable({"type": "string", "enum": limits["schedulers"]}))
     _merge(props, "seed", _nullable({"type": "integer", "minimum": 0, "maximum": MAX_SEED}))
-    _merge(
-        props,
-        "seeds",
-        _nullable(
-            {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": limits["max_num_images"],
-                "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
-            }
-        ),
-    )
+    _merge(props, "seeds", _nullable(_seeds(limits)))
     _merge(props, "eta", _nullable({"type": "number", "minimum": 0, "maximum": 1}))
     _merge(props, "lora", _nullable(_lora(limits)))
     _merge(props, "stream", {"enum": [False, None], "description": "Not supported: false or null."})

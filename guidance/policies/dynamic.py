@@ -102,9 +102,8 @@ class DynamicCFGState(PolicyState):
     rewards: RewardModels | None = None  # the reward library passed down
     latent: LatentEvaluators | None = None  # the model's evaluators when scoring in latent space
     latent_weights: dict[str, float] = field(default_factory=dict)
-    prompt_inputs: PromptInputs | None = (
-        None  # what the latent evaluators read of the prompts, made at the first choice
-    )
+    # what the latent evaluators read of the prompts, made at the first choice
+    prompt_inputs: PromptInputs | None = None
     prompts: list[str] = field(default_factory=list)
     current: torch.Tensor | None = None  # the scale in force per image
     schedule: list[list[float]] = field(default_factory=list)
