@@ -1,40 +1,51 @@
-"""Evaluates the model for the conditions a guidance policy asks for, in one batched UNet call.
+"""Evaluates the model for the conditions a guidance policy asks for, in one batched backbone call.
 
-A policy never calls the UNet itself: it asks the :class:`Denoiser` for named conditions ("cond", "uncond",
-...), optionally for a subset of the images of the batch, and gets model outputs back. The denoiser
-concatenates every requested (condition, image) pair into a single UNet call, so a policy that skips the
-unconditional pass really saves an evaluation, and counts evaluations per image (NFE) and UNet calls.
+A policy never calls the backbone (UNet or transformer) itself: it asks the :class:`Denoiser` for named
+conditions ("cond", "uncond", ...), optionally for a subset of the images of the batch, and gets model outputs
+back. The denoiser concatenates every requested (condition, image) pair into a single backbone call, so a
+policy that skips the unconditional pass really saves an evaluation, and counts evaluations per image (NFE)
+and backbone calls (``unet_calls``, the name the API reports).
 
-Model outputs live in the checkpoint's prediction space (``epsilon``, ``v_prediction`` or ``sample``);
-:class:`StepInfo` carries the step's ᾱ so policies can move between that space, x0 (denoised) and ε with
-the helpers of :mod:`diffsteer.guidance.parameterisation`.
+Model outputs live in the checkpoint's prediction space (``epsilon``, ``v_prediction``, ``sample`` or
+``flow``); :class:`StepInfo` carries the step's noise level so policies can move between that space, x0
+(denoised), ε and the ODE velocity with the helpers of :mod:`diffsteer.guidance.parameterisation`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from diffsteer.guidance.executor import DIRECT, Executor
-from diffsteer.guidance.parameterisation import PredictionType
+from diffsteer.guidance.families.base import Condition, concat_conditions
+from diffsteer.guidance.families.unet import StableDiffusion
+from diffsteer.guidance.parameterisation import NoiseLevel, PredictionType
 
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where the sampler is: step ``index`` of ``num_steps`` at ``timestep``, with ᾱ and σ = √((1−ᾱ)/ᾱ)."""
+    """Where the sampler is: step ``index`` of ``num_steps`` at scheduler ``timestep`` and noise ``level``, with
+    the model's ``prediction_type`` and its latent ``patch`` size (pixels of latent per token side; 1 for UNets)."""
 
     index: int
     num_steps: int
     timestep: torch.Tensor
-    alpha_bar: float
+    level: NoiseLevel
     prediction_type: PredictionType
+    patch: int = 1
 
     @property
     def sigma(self) -> float:
-        return ((1.0 - self.alpha_bar) / self.alpha_bar) ** 0.5
+        """The schedule's σ (:attr:`NoiseLevel.sigma`: flow σ ∈ [0, 1], or the VP noise-to-signal ratio)."""
+        return float(self.level.sigma)
+
+    @property
+    def alpha_bar(self) -> float:
+        """ᾱ with this step's signal-to-noise ratio (what log-SNR-keyed evaluators take)."""
+        return float(self.level.alpha_bar)
 
     @property
     def fraction(self) -> float:
@@ -47,78 +58,58 @@ class StepInfo:
         return self.index / (self.num_steps - 1) if self.num_steps > 1 else 0.0
 
 
-@dataclass
-class Condition:
-    """One encoded condition for every image of the batch: cross-attention states and SDXL's added inputs."""
-
-    hidden_states: torch.Tensor  # [B, L, D]
-    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds [B, P], time_ids [B, 6]
-
-    def rows(self, index: torch.Tensor | None) -> Condition:
-        if index is None:
-            return self
-        return Condition(self.hidden_states[index], {k: v[index] for k, v in self.added.items()})
-
-
-def concat_conditions(parts: Sequence[Condition]) -> Condition:
-    if len(parts) == 1:
-        return parts[0]
-    hidden = torch.cat([p.hidden_states for p in parts])
-    added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}
-    return Condition(hidden, added)
+BackboneForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+UNET_FAMILY = StableDiffusion()
 
 
 def call_unet(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-    """One UNet forward pass (the default ``unet_fn``)."""
-    return unet(
-        x,
-        t,
-        encoder_hidden_states=condition.hidden_states,
-        added_cond_kwargs=condition.added or None,
-        return_dict=False,
-    )[0]
+    """One UNet forward pass: the UNet families' backbone call (the Denoiser's default ``forward``)."""
+    return UNET_FAMILY.forward(unet, x, t, condition)
 
 
 ConditionRequest = Sequence[str] | Mapping[str, torch.Tensor | None]
 
 
 class Denoiser:
-    """Batched, counted evaluations of one UNet for the encoded conditions of one generation.
+    """Batched, counted evaluations of one backbone (UNet or transformer) for the encoded conditions of one
+    generation.
 
     Args:
-        unet: the diffusers UNet2DConditionModel.
+        backbone: the model's denoising network.
         conditions: encoded conditions by name; every tensor has the batch's images as rows.
         aliases: names that are the same condition as another (e.g. "uncond" is "empty" when no negative
             prompt was given); a request for both evaluates once.
         prediction_type: the model's output space.
-        gradient_checkpointing: recompute each UNet call in the backward pass instead of storing its
+        gradient_checkpointing: recompute each backbone call in the backward pass instead of storing its
             activations (for the differentiable sampler).
         executor: where the generation's model work runs (:mod:`diffsteer.guidance.executor`; default: this thread). Its
-            ``unet_fn`` evaluates the UNet (the service's batches calls across requests), and policies run
-            other model work through ``denoiser.executor.run`` (dynamic CFG's candidate scoring).
+            ``backbone_fn`` evaluates the backbone (the service's batches calls across requests), and policies
+            run other model work through ``denoiser.executor.run`` (dynamic CFG's candidate scoring).
+        forward: the family's backbone call (:meth:`ModelFamily.forward`; default: a UNet's).
     """
 
     def __init__(
         self,
-        unet: torch.nn.Module,
+        backbone: torch.nn.Module,
         conditions: Mapping[str, Condition],
         prediction_type: PredictionType,
         *,
         aliases: Mapping[str, str] | None = None,
         gradient_checkpointing: bool = False,
         executor: Executor | None = None,
+        forward: BackboneForward = call_unet,
     ):
-        self.unet = unet
+        self.backbone = backbone
+        self.forward = forward
         self.conditions = dict(conditions)
         self.aliases = dict(aliases or {})
         self.prediction_type = prediction_type
         self.gradient_checkpointing = gradient_checkpointing
         self.executor = executor or DIRECT
-        self.unet_fn = self.executor.unet_fn or call_unet
         self.batch_size = next(iter(self.conditions.values())).hidden_states.shape[0]
         self.evaluations = torch.zeros(self.batch_size, dtype=torch.long)  # per image (NFE)
         self.unet_calls = 0
-        self.unet_dtype = next(unet.parameters()).dtype
+        self.backbone_dtype = next(backbone.parameters()).dtype
 
     def resolve(self, name: str) -> str:
         if name in self.conditions:
@@ -166,12 +157,14 @@ class Denoiser:
         return outputs
 
     def _evaluate(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        x_in = x.to(self.unet_dtype)
+        x_in = x.to(self.backbone_dtype)
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            out = activation_checkpoint(self._checkpointed, x_in, t, condition, use_reentrant=False)
+            out = activation_checkpoint(self._call, x_in, t, condition, use_reentrant=False)
         else:
-            out = self.unet_fn(self.unet, x_in, t, condition)
+            out = self._call(x_in, t, condition)
         return out.to(x.dtype)
 
-    def _checkpointed(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        return self.unet_fn(self.unet, x, t, condition)
+    def _call(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        if self.executor.backbone_fn is not None:
+            return self.executor.backbone_fn(self.forward, self.backbone, x, t, condition)
+        return self.forward(self.backbone, x, t, condition)

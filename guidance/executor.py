@@ -4,12 +4,13 @@
 trainers and the HTTP service; what differs between them is only *where* the modules are evaluated. An
 :class:`Executor` says that:
 
-- ``unet_fn``: how a UNet call runs (a :data:`UNetFn`; None: :func:`call_unet` here);
+- ``backbone_fn``: how a backbone call runs (a :data:`BackboneFn`, given the family's forward; None: the
+  forward is called here);
 - ``run(fn, cost=...)``: one unit of other model work (prompt encoding, VAE decode, reward scoring, a
   backward pass), run where the model's modules may be used, with its estimated cost;
-- ``session(unet, latent_shape)``: a sampler loop is about to submit one UNet call per step (a batching
+- ``session(backbone, latent_shape)``: a sampler loop is about to submit one backbone call per step (a batching
   executor can then tell when every running loop has a call waiting);
-- ``differentiable_unet``: its ``unet_fn`` is differentiable by itself, recomputing each call in the backward
+- ``differentiable_backbone``: its ``backbone_fn`` is differentiable by itself, recomputing each call in the backward
   pass (so the denoiser must not add its own activation checkpointing around it).
 
 :class:`DirectExecutor` runs everything in the calling thread; the service's is
@@ -27,31 +28,32 @@ import torch
 
 T = TypeVar("T")
 BACKWARD_COST = 3.0  # a UNet call's backward pass with recomputation ≈ 1 forward + a backward of ≈ 2 forwards
-UNetFn = Callable[..., torch.Tensor]  # (unet, x, t, Condition) -> output, as diffsteer.guidance.denoiser.call_unet
+# (forward, backbone, x, t, Condition) -> output, where forward(backbone, x, t, Condition) is the family's call
+BackboneFn = Callable[..., torch.Tensor]
 
 
 class Executor(Protocol):
-    unet_fn: UNetFn | None
-    differentiable_unet: bool
+    backbone_fn: BackboneFn | None
+    differentiable_backbone: bool
 
     def run(self, fn: Callable[[], T], *, cost: float = 0.0) -> T:
         """Run ``fn()`` (a unit of model work costing ``cost`` UNet evaluations at native size) and return its value."""
 
-    def session(self, unet: torch.nn.Module, latent_shape: tuple[int, ...]) -> contextlib.AbstractContextManager:
+    def session(self, backbone: torch.nn.Module, latent_shape: tuple[int, ...]) -> contextlib.AbstractContextManager:
         """Announce a sampler loop over latents of ``latent_shape`` (per image) for the duration of the block."""
 
 
 class DirectExecutor:
     """Everything in the calling thread, in its grad mode: the library's and the trainers' executor."""
 
-    unet_fn: UNetFn | None = None
-    differentiable_unet = False
+    backbone_fn: BackboneFn | None = None
+    differentiable_backbone = False
 
     def run(self, fn: Callable[[], T], *, cost: float = 0.0) -> T:
         return fn()
 
     @contextlib.contextmanager
-    def session(self, unet: torch.nn.Module, latent_shape: tuple[int, ...]) -> Iterator[None]:
+    def session(self, backbone: torch.nn.Module, latent_shape: tuple[int, ...]) -> Iterator[None]:
         yield
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,40 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from safetensors import safe_open
 
-from diffsteer.guidance import tiny
+from diffsteer.guidance import tiny, tiny_transformers
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.families import FAMILIES, ModelFamily, family_of_components, family_of_pipeline
 from diffsteer.guidance.fast_paths import FastPaths, apply_fast_paths
 from diffsteer.proving_ground import shipped
 
 log = logging.getLogger(__name__)
 
 BUILTIN_FOLDERS = {"builtin:proving-ground": shipped.MODEL, "builtin:proving-ground-1step": shipped.ONE_STEP_MODEL}
-BUILTIN_MODELS = (*BUILTIN_FOLDERS, "builtin:tiny", "builtin:tiny-v", "builtin:tiny-sdxl")
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A random-weight model built from config: its builder, family and (for flow models) the native size that
+    keeps it tiny (the real families' 1024 would be slow even at toy width)."""
+
+    build: Callable[[], dict[str, Any]]
+    family: str
+    guidance_embeds: bool = False
+    native_size: int | None = None
+
+
+TINY_MODELS = {
+    "builtin:tiny": TinyModel(tiny.tiny_sd_components, "sd"),
+    "builtin:tiny-v": TinyModel(lambda: tiny.tiny_sd_components(prediction_type="v_prediction"), "sd"),
+    "builtin:tiny-sdxl": TinyModel(tiny.tiny_sdxl_components, "sdxl"),
+    "builtin:tiny-sd3": TinyModel(tiny_transformers.tiny_sd3_components, "sd3", native_size=32),
+    "builtin:tiny-flux": TinyModel(tiny_transformers.tiny_flux_components, "flux", True, native_size=32),
+    "builtin:tiny-flux-schnell": TinyModel(
+        lambda: tiny_transformers.tiny_flux_components(guidance_embeds=False), "flux", native_size=32
+    ),
+    "builtin:tiny-qwenimage": TinyModel(tiny_transformers.tiny_qwenimage_components, "qwenimage", native_size=32),
+}
+BUILTIN_MODELS = (*BUILTIN_FOLDERS, *TINY_MODELS)
 DEFAULT_MODEL = "builtin:proving-ground"
 
 
@@ -53,8 +79,10 @@ class ModelDefaults(pydantic.BaseModel):
         {"policy": "cfg:scale=1.5", "steps": 30, "native_size": 64, "max_size": 256}
 
     Used when a request names no policy or steps (CLI, service, OpenAI and A1111 routes), and as the model's
-    size limit. ``native_size`` defaults to the UNet's sample size × the VAE factor; ``max_size`` (largest width
-    or height) to no limit beyond the server's own.
+    size limit. Keys the file leaves out come from the model's family (SD3: CFG 7 and 28 steps, as diffusers'
+    pipeline; FLUX.1-dev: no true CFG, 28 steps; schnell: 4 steps; Qwen-Image: true CFG 4 with renorm, 50
+    steps; UNet models: none). ``native_size`` defaults to the family's (a UNet's sample size × the VAE factor,
+    1024 for the flow transformers); ``max_size`` (largest width or height) to no limit beyond the server's own.
     """
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -77,24 +105,54 @@ def read_model_defaults(folder: str | Path) -> ModelDefaults:
         raise InvalidInput("model", f"{path}: invalid model defaults: {e}") from None
 
 
+def with_family_defaults(
+    own: ModelDefaults, family: ModelFamily, backbone_config: dict[str, Any], native_size: int | None = None
+) -> ModelDefaults:
+    """A model's own recommendations over its family's."""
+    base = {**family.recommended(backbone_config), "native_size": native_size}
+    return ModelDefaults(**{**base, **own.model_dump(exclude_none=True)})
+
+
 def model_defaults(spec: str | None) -> ModelDefaults:
-    """The recommendations of the model ``spec`` names, without loading it (folders and the built-in default
-    carry a ``diffsteer.json``; tiny models, single files and hub ids have none)."""
+    """The recommendations of the model ``spec`` names, without loading its weights: its ``diffsteer.json`` (folders
+    and the built-in default carry one) over its family's, read from ``model_index.json`` and the backbone's
+    config. Single files and hub ids get theirs when loaded."""
     spec = canonical_spec(spec)
-    if spec in BUILTIN_FOLDERS:
-        return read_model_defaults(BUILTIN_FOLDERS[spec])
-    if not spec.startswith("builtin:") and Path(spec).is_dir():
-        return read_model_defaults(spec)
-    return ModelDefaults()
+    if spec in TINY_MODELS:
+        tiny_model = TINY_MODELS[spec]
+        config = {"guidance_embeds": tiny_model.guidance_embeds}
+        return with_family_defaults(ModelDefaults(), FAMILIES[tiny_model.family], config, tiny_model.native_size)
+    folder = BUILTIN_FOLDERS.get(spec) or (Path(spec) if not spec.startswith("builtin:") else None)
+    if folder is None or not Path(folder).is_dir():
+        return ModelDefaults()
+    own = read_model_defaults(folder)
+    index_path = Path(folder) / "model_index.json"
+    if not index_path.is_file():
+        return own
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    family = family_of_pipeline(index.get("_class_name", ""), spec)
+    config_path = Path(folder) / family.backbone_key / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    return with_family_defaults(own, family, config)
+
+
+def loaded_defaults(spec: str, model: DiffusionModel) -> ModelDefaults:
+    """The recommendations of a loaded model: its folder's ``diffsteer.json`` over its family's."""
+    folder = BUILTIN_FOLDERS.get(spec) or (spec if not spec.startswith("builtin:") and Path(spec).is_dir() else None)
+    own = read_model_defaults(folder) if folder else ModelDefaults()
+    native = TINY_MODELS[spec].native_size if spec in TINY_MODELS else None
+    return with_family_defaults(own, model.family, dict(model.backbone.config), native)
 
 
 @dataclass
 class DiffusionModel:
-    """The components of one checkpoint. Read-only during sampling: safe to share between requests."""
+    """The components of one checkpoint and the adapter of its family. Read-only during sampling: safe to share
+    between requests. ``text_encoders``/``tokenizers`` are in the family's pipeline order (SD3: CLIP-L, CLIP-G,
+    T5; FLUX: CLIP-L, T5)."""
 
     name: str
-    family: str  # "sd" or "sdxl"
-    unet: torch.nn.Module
+    family: ModelFamily
+    backbone: torch.nn.Module  # the UNet or the transformer
     vae: torch.nn.Module
     text_encoders: list[torch.nn.Module]
     tokenizers: list[Any]
@@ -104,81 +162,88 @@ class DiffusionModel:
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     @property
+    def unet(self) -> torch.nn.Module:
+        """The backbone of a UNet model (the trainers and UNet-only tools use this name)."""
+        if self.family.backbone_key != "unet":
+            raise InvalidInput("model", f"{self.name!r} is a {self.family.title} model: its backbone is a transformer")
+        return self.backbone
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.backbone.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.backbone.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        """The size a request without width/height gets: the model's native size."""
+        return self.native_size
 
     @property
     def native_size(self) -> int:
-        """The size the model was trained at: its ``diffsteer.json``'s, else :attr:`default_size`."""
-        return self.defaults.native_size or self.default_size
+        """The size the model was trained at: its ``diffsteer.json``'s, else its family's for its config."""
+        return self.defaults.native_size or self.family.native_size(self)
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        return self.family.prediction_type(self)
 
-    def components(self) -> dict[str, Any]:
-        """diffusers pipeline components (for reference pipelines and LoRA loading)."""
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels(self)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The shape of one image's latents [C, h, w] at a pixel size, in the sampler's (the VAE's) layout."""
+        factor = self.vae_scale_factor
+        return (self.latent_channels, height // factor, width // factor)
+
+    def fresh_scheduler(self) -> Any:
+        """A new instance of the checkpoint's own scheduler."""
         import diffusers
 
-        scheduler = getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
-        parts: dict[str, Any] = {
-            "unet": self.unet,
-            "vae": self.vae,
-            "scheduler": scheduler,
-            "image_encoder": None,
-            "feature_extractor": None,
-        }
-        if self.family == "sdxl":
-            parts.update(
-                text_encoder=self.text_encoders[0] if len(self.text_encoders) == 2 else None,
-                tokenizer=self.tokenizers[0] if len(self.tokenizers) == 2 else None,
-                text_encoder_2=self.text_encoders[-1],
-                tokenizer_2=self.tokenizers[-1],
-            )
-        else:
-            parts.update(text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], safety_checker=None)
-        return parts
+        return getattr(diffusers, self.scheduler_config["_class_name"]).from_config(self.scheduler_config)
 
     def to_pipeline(self):
-        """A diffusers pipeline over the same modules (shares weights; for references and LoRA tooling)."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        """The family's diffusers pipeline over the same modules (shares weights; for references and LoRA tooling)."""
+        return self.family.pipeline(self)
 
-        if self.family == "sdxl":
-            return StableDiffusionXLPipeline(
-                **self.components(), force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt
-            )
-        return StableDiffusionPipeline(**self.components(), requires_safety_checker=False)
+
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent side: 2^(downsampling blocks) of a KL VAE, 2^(temporal-downsample flags) of a causal video
+    VAE (Qwen-Image's, whose one spatial halving per flag is what matters for still images)."""
+    temporal = getattr(vae, "temperal_downsample", None)
+    if temporal is not None:
+        return 2 ** len(temporal)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+TEXT_ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZER_KEYS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def from_components(name: str, components: dict[str, Any], force_zeros_for_empty_prompt: bool = True) -> DiffusionModel:
-    """Bundle diffusers pipeline components (a dict like ``pipe.components``)."""
-    is_xl = components.get("text_encoder_2") is not None
-    encoders = (
-        [components.get("text_encoder"), components.get("text_encoder_2")] if is_xl else [components["text_encoder"]]
-    )
-    tokenizers = [components.get("tokenizer"), components.get("tokenizer_2")] if is_xl else [components["tokenizer"]]
-    pairs = [(e, t) for e, t in zip(encoders, tokenizers) if e is not None]
+    """Bundle diffusers pipeline components (a dict like ``pipe.components``) of any supported family."""
+    family = family_of_components(components)
+    pairs = [
+        (components.get(e), components.get(t))
+        for e, t in zip(TEXT_ENCODER_KEYS, TOKENIZER_KEYS)
+        if components.get(e) is not None
+    ]
     return DiffusionModel(
         name=name,
-        family="sdxl" if is_xl else "sd",
-        unet=components["unet"],
+        family=family,
+        backbone=components[family.backbone_key],
         vae=components["vae"],
         text_encoders=[e for e, _ in pairs],
         tokenizers=[t for _, t in pairs],
         scheduler_config={**components["scheduler"].config, "_class_name": type(components["scheduler"]).__name__},
-        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt if is_xl else False,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt if family.name == "sdxl" else False,
     )
 
 
@@ -267,11 +332,16 @@ def load_model(
         else:
             model = _load_diffusers_folder(spec, spec)
     model.name = name
-    model.defaults = model_defaults(spec)
+    model.defaults = loaded_defaults(spec, model)
     _place(model, device, dtype)
-    configure_attention(model.unet, device, attention)
+    if model.family.backbone_key == "unet":
+        configure_attention(model.backbone, device, attention)
+    elif attention == "xformers":
+        raise InvalidInput("attention", f"xformers is for UNet models; {model.family.title} transformers use SDPA")
     if paths.any:
-        model.extra["fast_paths"] = apply_fast_paths(model.unet, paths)
+        if model.family.backbone_key != "unet":
+            raise InvalidInput("fast_paths", f"the fast paths are for UNet models, not {model.family.title}")
+        model.extra["fast_paths"] = apply_fast_paths(model.backbone, paths)
     return model
 
 
@@ -289,12 +359,8 @@ def _load_builtin(spec: str) -> DiffusionModel:
         if not (folder / "model_index.json").is_file():
             raise InvalidInput("model", f"the built-in model {spec} is missing from {folder}")
         return _load_diffusers_folder(str(folder), spec)
-    if spec == "builtin:tiny":
-        return from_components(spec, tiny.tiny_sd_components())
-    if spec == "builtin:tiny-v":
-        return from_components(spec, tiny.tiny_sd_components(prediction_type="v_prediction"))
-    if spec == "builtin:tiny-sdxl":
-        return from_components(spec, tiny.tiny_sdxl_components())
+    if spec in TINY_MODELS:
+        return from_components(spec, TINY_MODELS[spec].build())
     raise InvalidInput(
         "model", f"unknown built-in model {spec!r}; accepted values: default, {', '.join(BUILTIN_MODELS)}"
     )
@@ -311,7 +377,8 @@ def _hub_error(spec: str, error: Exception) -> InvalidInput:
 
 
 def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
-    """Load each component of a diffusers layout (local folder or hub id) with its own class."""
+    """Load each component of a diffusers layout (local folder or hub id) with its own class; a pipeline of a
+    family not supported is refused naming it and the supported ones."""
     import diffusers
     import transformers
 
@@ -320,12 +387,8 @@ def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
     except (OSError, ValueError, HFValidationError) as e:
         raise _hub_error(name, e) from None
     class_name = index.get("_class_name", "")
-    if "unet" not in index or "vae" not in index:
-        raise InvalidInput(
-            "model",
-            f"{name!r} is a {class_name or 'diffusers'} checkpoint without a UNet and VAE; "
-            "accepted: Stable Diffusion 1.x/2.x, SDXL and their Turbo variants",
-        )
+    if "unet" not in index or "vae" not in index:  # other UNet pipelines (LCM, ...) load by their components
+        family_of_pipeline(class_name, name)
 
     def component(key: str):
         entry = index.get(key)
@@ -343,10 +406,8 @@ def _load_diffusers_folder(location: str, name: str) -> DiffusionModel:
             return cls.from_pretrained(location, subfolder=key, variant="fp16")
 
     try:
-        parts = {
-            k: component(k)
-            for k in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        }
+        keys = ("unet", "transformer", "vae", *TEXT_ENCODER_KEYS, *TOKENIZER_KEYS, "scheduler")
+        parts = {k: component(k) for k in keys}
     except OSError as e:
         raise _hub_error(name, e) from None
     return from_components(
@@ -363,23 +424,35 @@ def _read_model_index(location: str) -> dict[str, Any]:
 
 
 def _load_single_file(path: Path, config: str | None) -> DiffusionModel:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A single-file checkpoint: SD 1.x/2.x, SDXL and SD3/3.5 as whole pipelines (diffusers' ``from_single_file``);
+    a FLUX.1 file holds the transformer only, whose other components come from ``config``."""
+    import diffusers
 
     if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
         raise InvalidInput("model", f"file {str(path)!r} is not a checkpoint; accepted: .safetensors, .ckpt")
     try:
-        is_xl = _single_file_is_sdxl(path)
+        family = single_file_family(path)
     except Exception as e:  # safetensors/pickle errors for corrupt or foreign files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InvalidInput("model", f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {first_line}") from None
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     kwargs: dict[str, Any] = {}
     if config is not None:
         kwargs["config"] = config
-    if not is_xl:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_single_file(str(path), **kwargs)
+        if family == "flux":
+            if config is None:
+                raise ValueError("a FLUX.1 single file holds only the transformer; `config` must name its pipeline")
+            model = _load_diffusers_folder(config, str(path))
+            model.backbone = diffusers.FluxTransformer2DModel.from_single_file(
+                str(path), config=config, subfolder="transformer"
+            )
+            return model
+        cls = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+        if family == "sd":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = getattr(diffusers, cls[family]).from_single_file(str(path), **kwargs)
+    except InvalidInput:
+        raise
     except Exception as e:  # diffusers raises many types here (missing config, bad keys)
         raise InvalidInput(
             "model",
@@ -389,19 +462,26 @@ def _load_single_file(path: Path, config: str | None) -> DiffusionModel:
     return from_components(str(path), pipe.components)
 
 
-def _single_file_is_sdxl(path: Path) -> bool:
+def single_file_family(path: Path) -> str:
+    """The family of a single-file checkpoint, from its tensor names (original Stability/BFL layouts)."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
-            keys = f.keys()
+            keys = list(f.keys())
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-        keys = state.get("state_dict", state).keys()
-    return any(k.startswith("conditioner.embedders.1") for k in keys)
+        keys = list(state.get("state_dict", state).keys())
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any(".joint_blocks." in f".{k}" for k in keys):
+        return "sd3"
+    if any(".double_blocks." in f".{k}" for k in keys):
+        return "flux"
+    return "sd"
 
 
 def _place(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> None:
     vae_dtype = torch.float32 if dtype == torch.float16 and getattr(model.vae.config, "force_upcast", False) else dtype
-    for module in [model.unet, model.vae, *model.text_encoders]:
+    for module in [model.backbone, model.vae, *model.text_encoders]:
         target = vae_dtype if module is model.vae else dtype
         module.to(device=device)
         if next(module.parameters()).dtype != target:

@@ -108,6 +108,13 @@ class GenerationParams(pydantic.BaseModel):
     width: int | None = pydantic.Field(None, ge=8, description="Width in pixels, a multiple of 8.")
     height: int | None = pydantic.Field(None, ge=8, description="Height in pixels, a multiple of 8.")
     eta: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="DDIM η (stochasticity); other schedulers ignore it.")
+    distilled_guidance: float | None = pydantic.Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="The guidance scale a guidance-distilled model (FLUX.1-dev) takes as an input; default 3.5, "
+        "as diffusers' FluxPipeline. The policy's guidance is true CFG on top of it. Refused by other models.",
+    )
 
     @pydantic.field_validator("scheduler")
     @classmethod

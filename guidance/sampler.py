@@ -28,13 +28,15 @@ from diffsteer.guidance.denoiser import Denoiser, StepInfo
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.events import StepCallback, StepEvent
 from diffsteer.guidance.executor import DIRECT, Executor
+from diffsteer.guidance.families.flow_shift import static_shift
 from diffsteer.guidance.latents import decode_pixels, to_pil
 from diffsteer.guidance.models import DiffusionModel
+from diffsteer.guidance.parameterisation import NoiseLevel
 from diffsteer.guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState, SamplingContext
 from diffsteer.guidance.registry import build_policy
 from diffsteer.guidance.request import GenerationParams, Limits
 from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
-from diffsteer.guidance.schedulers import a1111_sampler, build_scheduler
+from diffsteer.guidance.schedulers import a1111_sampler, build_scheduler, check_scheduler_name
 
 
 @dataclass
@@ -91,13 +93,27 @@ def initial_noise(
     return noise.to(device), generators
 
 
-def step_alpha_bars(scheduler: Any, timesteps: torch.Tensor) -> list[float]:
-    """ᾱ at each step: from σ (ᾱ = 1/(1+σ²)) for σ-based schedulers, else from ``alphas_cumprod[t]``."""
+def step_levels(scheduler: Any, timesteps: torch.Tensor, schedule: str = "vp") -> list[NoiseLevel]:
+    """The noise level at each step. Flow models: σ from the scheduler's σ grid, or t / num_train_timesteps
+    (every flow scheduler sets timesteps = σ·T). VP models: ᾱ from σ (ᾱ = 1/(1+σ²)) for σ-based schedulers,
+    else from ``alphas_cumprod[t]``."""
     sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is not None and len(sigmas) == len(timesteps) + 1:
-        return [float(1.0 / (1.0 + float(s) ** 2)) for s in sigmas[:-1]]
+    aligned = sigmas is not None and len(sigmas) == len(timesteps) + 1
+    if schedule == "flow":
+        if aligned:
+            return [NoiseLevel.flow(float(s)) for s in sigmas[:-1]]
+        total = float(scheduler.config.num_train_timesteps)
+        return [NoiseLevel.flow(float(t) / total) for t in timesteps]
+    if aligned:
+        return [NoiseLevel.vp(1.0 / (1.0 + float(s) ** 2)) for s in sigmas[:-1]]
     acp = scheduler.alphas_cumprod
-    return [float(acp[int(round(float(t)))]) for t in timesteps]
+    return [NoiseLevel.vp(float(acp[int(round(float(t)))])) for t in timesteps]
+
+
+def scale_model_input(scheduler: Any, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's model input (flow-matching schedulers have no input scaling)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)
 
 
 def scheduler_step_kwargs(scheduler: Any, eta: float, generators: list[torch.Generator]) -> dict[str, Any]:
@@ -138,8 +154,11 @@ def denoise(
     callback: StepCallback | None = None,
     grad_at_step: GradAtStep | None = None,
     step_times: list[float] | None = None,
+    schedule: str = "vp",
+    patch: int = 1,
 ) -> torch.Tensor:
-    """Run the reverse process from ``latents`` (already scaled by ``init_noise_sigma``).
+    """Run the reverse process from ``latents`` (already scaled by ``init_noise_sigma``) of a model with noise
+    ``schedule`` ("vp" or "flow") and latent ``patch`` size.
 
     ``grad_at_step(i)`` decides, per step, whether autograd records it (default: the ambient grad mode), so a
     trainer can backpropagate through the last K steps only. A step's input is detached where the step before
@@ -148,15 +167,15 @@ def denoise(
     that did not ask is detached, so no gradient reaches an image's steps before its own window. (State a
     policy carries between steps, such as APG's momentum, is not cut for those images.)
     """
-    alpha_bars = step_alpha_bars(scheduler, timesteps)
+    levels = step_levels(scheduler, timesteps, schedule)
     prediction_type = denoiser.prediction_type
     start = time.perf_counter()
     for i, t in enumerate(timesteps):
         t0 = time.perf_counter()
         record, keep = step_recording(grad_at_step, i)
         with torch.set_grad_enabled(record):
-            x_in = scheduler.scale_model_input(latents, t)
-            info = StepInfo(i, len(timesteps), t, alpha_bars[i], prediction_type)
+            x_in = scale_model_input(scheduler, latents, t)
+            info = StepInfo(i, len(timesteps), t, levels[i], prediction_type, patch)
             guided = policy.step(state, x_in, info, denoiser)
             latents = scheduler.step(guided, t, latents, **(step_kwargs or {}), return_dict=False)[0]
             if keep is not None:
@@ -173,15 +192,28 @@ def denoise(
 
 
 def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any, torch.Tensor]:
-    """A fresh scheduler for one run, with its timesteps set."""
-    scheduler = build_scheduler(params.scheduler, model.scheduler_config)
+    """A fresh scheduler for one run, with its timesteps set as the family's pipeline sets them for the request's
+    size (custom σ grid, dynamic shift μ); a flow scheduler without dynamic shifting gets the equivalent static
+    shift exp(μ) instead."""
+    height, width = image_size(model, params)
+    family, config = model.family, model.scheduler_config
+    options = family.timestep_options(config, params.steps, family.tokens(model, height, width))
+    shift = static_shift(config, options.get("mu"))
+    scheduler = build_scheduler(params.scheduler, config, family.schedule, shift)
+    if type(scheduler).__name__ != config["_class_name"]:
+        options = {}  # another flow solver: its own grid with the static shift
     try:
-        scheduler.set_timesteps(params.steps, device=model.device)
+        scheduler.set_timesteps(params.steps, device=model.device, **options)
     except ValueError as e:  # e.g. more steps than the scheduler's training timesteps
         raise InvalidInput("steps", f"{params.steps} is not supported by scheduler {params.scheduler!r}: {e}") from None
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     return scheduler, scheduler.timesteps
+
+
+def image_size(model: DiffusionModel, params: GenerationParams) -> tuple[int, int]:
+    """(height, width) of a request's images: its own, else the model's native size."""
+    return params.height or model.default_size, params.width or model.default_size
 
 
 def sampling_context(
@@ -191,6 +223,7 @@ def sampling_context(
         num_steps=len(timesteps),
         batch_size=params.num_images,
         prediction_type=model.prediction_type,
+        schedule=model.family.schedule,
         has_negative_prompt=bool(params.negative_prompt),
         requested_steps=params.steps,
         prompts=tuple(params.prompts),
@@ -228,6 +261,14 @@ def check_request(
     limits = limits or Limits()
     params = GenerationParams.parse(params, limits)
     params = params.with_model_defaults(model.defaults, params.model_fields_set, limits)
+    check_scheduler_name(params.scheduler, schedule=model.family.schedule)
+    model.family.check_size(model, *image_size(model, params))
+    if params.distilled_guidance is not None and not model.family.takes_distilled_guidance(model):
+        raise InvalidInput(
+            "distilled_guidance",
+            f"{model.name!r} ({model.family.title}) takes no distilled guidance input; only guidance-distilled "
+            "models such as FLUX.1-dev do. Leave it out, or steer with the policy",
+        )
     policy = build_policy(params.policy)
     cost = generation_cost(params, policy, model.native_size)
     check_cost(cost, model.native_size, limits.max_cost, limits.max_area_factor)
@@ -299,19 +340,20 @@ class PreparedGeneration:
         scheduler, timesteps, state = self.scheduler_and_state()
         checkpointing = self.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         denoiser = Denoiser(
-            self.model.unet,
+            self.model.backbone,
             self.conditions,
             self.model.prediction_type,
             aliases=self.aliases,
-            gradient_checkpointing=checkpointing and not self.executor.differentiable_unet,
+            gradient_checkpointing=checkpointing and not self.executor.differentiable_backbone,
             executor=self.executor,
+            forward=self.model.family.forward,
         )
         fresh_noise, generators = initial_noise(self.seeds, tuple(self.noise.shape[1:]), self.noise.device)
         noise = fresh_noise if noise is None else noise
         step_times: list[float] = []
-        with self.executor.session(self.model.unet, tuple(self.noise.shape[1:])):
+        with self.executor.session(self.model.backbone, tuple(self.noise.shape[1:])):
             latents = denoise(
-                noise * scheduler.init_noise_sigma,
+                noise * getattr(scheduler, "init_noise_sigma", 1.0),
                 scheduler,
                 timesteps,
                 denoiser,
@@ -321,6 +363,8 @@ class PreparedGeneration:
                 callback=callback,
                 grad_at_step=grad_at_step,
                 step_times=step_times,
+                schedule=self.model.family.schedule,
+                patch=self.model.family.patch_size(self.model),
             )
         return Trajectory(latents, denoiser, state, step_times)
 
@@ -341,15 +385,20 @@ def prepare(
         params if isinstance(params, CheckedRequest) else check_request(model, params, limits=limits, rewards=rewards)
     )
     params, policy = checked.params, checked.policy
-    height = params.height or model.default_size
-    width = params.width or model.default_size
+    height, width = image_size(model, params)
     conditions, aliases = executor.run(
         lambda: encode_conditions(
-            model, params.prompts, params.negative_prompt, policy.conditions, height=height, width=width
+            model,
+            params.prompts,
+            params.negative_prompt,
+            policy.conditions,
+            height=height,
+            width=width,
+            distilled_guidance=params.distilled_guidance,
         )
     )
     seeds = list(params.seeds) if params.seeds is not None else resolve_seeds(params.seed, params.num_images)
-    shape = (model.unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    shape = model.latent_shape(height, width)
     noise, _ = initial_noise(seeds, shape, model.device)
     return PreparedGeneration(
         model,

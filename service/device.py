@@ -1,7 +1,7 @@
 """The device worker: one thread that runs every UNet call of every request, batching them across requests.
 
 Each request runs its own sampler loop in its own thread (see :mod:`diffsteer.service.queue`) with a
-:class:`DeviceExecutor` of its own; the loop's ``Denoiser`` calls the UNet through the executor's ``unet_fn``,
+:class:`DeviceExecutor` of its own; the loop's ``Denoiser`` calls the backbone through the executor's ``backbone_fn``,
 which hands ``(x, t, Condition)`` to this worker and waits.
 The worker takes the oldest call, gathers the calls of other requests that can share a UNet forward pass
 (same UNet, same LoRA set, same latent and condition shapes), concatenates their rows with each row's own
@@ -53,7 +53,7 @@ from typing import Any, Protocol
 
 import torch
 
-from diffsteer.guidance.denoiser import Condition, call_unet, concat_conditions
+from diffsteer.guidance.denoiser import BackboneForward, Condition, concat_conditions
 from diffsteer.guidance.events import GenerationCancelled
 from diffsteer.guidance.executor import BACKWARD_COST
 
@@ -103,16 +103,17 @@ class Flow:
 
 @dataclass(eq=False)
 class _Work:
-    kind: str  # "unet" | "task"
+    kind: str  # "backbone" | "task"
     control: AdapterControl
     adapters: AdapterSet | None  # None: the task does not care which adapters are active
     flow: Flow | None = None
-    cost: float = 0.0  # UNet evaluations at the model's native size this unit stands for
+    cost: float = 0.0  # backbone evaluations at the model's native size this unit stands for
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
     group: tuple | None = None
     session: tuple | None = None
-    unet: torch.nn.Module | None = None
+    forward: BackboneForward | None = None
+    backbone: torch.nn.Module | None = None
     x: torch.Tensor | None = None
     t: torch.Tensor | None = None
     condition: Condition | None = None
@@ -175,13 +176,13 @@ class DeviceWorker:
             self._cv.notify_all()  # an anticipation wait for it is over
 
     @staticmethod
-    def session_key(unet: torch.nn.Module, adapters: AdapterSet, latent_shape: tuple[int, ...]) -> tuple:
-        return (id(unet), adapters, tuple(latent_shape))
+    def session_key(backbone: torch.nn.Module, adapters: AdapterSet, latent_shape: tuple[int, ...]) -> tuple:
+        return (id(backbone), adapters, tuple(latent_shape))
 
     @contextlib.contextmanager
-    def session(self, unet: torch.nn.Module, adapters: AdapterSet, latent_shape: tuple[int, ...]) -> Iterator[None]:
-        """Announce a sampler loop that will submit one UNet call at a time for these latents."""
-        key = self.session_key(unet, adapters, latent_shape)
+    def session(self, backbone: torch.nn.Module, adapters: AdapterSet, latent_shape: tuple[int, ...]) -> Iterator[None]:
+        """Announce a sampler loop that will submit one backbone call at a time for these latents."""
+        key = self.session_key(backbone, adapters, latent_shape)
         with self._cv:
             self._sessions[key] += 1
         try:
@@ -193,9 +194,10 @@ class DeviceWorker:
                     del self._sessions[key]
                 self._cv.notify_all()  # a gathering batch may now be complete
 
-    def submit_unet(
+    def submit_backbone(
         self,
-        unet: torch.nn.Module,
+        forward: BackboneForward,
+        backbone: torch.nn.Module,
         x: torch.Tensor,
         t: torch.Tensor,
         condition: Condition,
@@ -205,25 +207,27 @@ class DeviceWorker:
         cost: float,
     ) -> concurrent.futures.Future:
         work = _Work(
-            "unet",
+            "backbone",
             control,
             adapters,
             flow,
             cost,
-            unet=unet,
+            forward=forward,
+            backbone=backbone,
             x=x,
             t=t,
             condition=condition,
             group=(
-                id(unet),
+                id(backbone),
                 adapters,
                 tuple(x.shape[1:]),
                 x.dtype,
                 x.device,
                 tuple(condition.hidden_states.shape[1:]),
                 tuple(sorted((k, tuple(v.shape[1:])) for k, v in condition.added.items())),
+                condition.mask is None,
             ),
-            session=self.session_key(unet, adapters, tuple(x.shape[1:])),
+            session=self.session_key(backbone, adapters, tuple(x.shape[1:])),
         )
         return self._submit(work)
 
@@ -309,7 +313,7 @@ class DeviceWorker:
         """Compatible calls in arrival order within the row budget; True when the batch cannot grow."""
         batch, rows, full = [first], first.rows, first.rows >= self.max_rows
         for work in self._pending:
-            if work is first or work.kind != "unet" or work.group != first.group:
+            if work is first or work.kind != "backbone" or work.group != first.group:
                 continue
             if rows + work.rows > self.max_rows:
                 full = True
@@ -336,7 +340,7 @@ class DeviceWorker:
                 self._last = None
                 break
             self._vclock = max(self._vclock, first.flow.vtime)
-            if first.kind != "unet" or not self.batching:
+            if first.kind != "backbone" or not self.batching:
                 self._remove([first])
                 return [first]
             deadline = first.enqueued + self.window_s
@@ -401,13 +405,13 @@ class DeviceWorker:
             return
         start = time.perf_counter()
         if len(batch) == 1:
-            out = call_unet(first.unet, first.x, first.t, first.condition)
+            out = first.forward(first.backbone, first.x, first.t, first.condition)
             outputs = [out]
         else:
             x = torch.cat([w.x for w in batch])
             t = torch.cat([_row_timesteps(w.t, w.rows) for w in batch]).to(x.device)
             condition = concat_conditions([w.condition for w in batch])
-            out = call_unet(first.unet, x, t, condition)
+            out = first.forward(first.backbone, x, t, condition)
             outputs = list(out.split([w.rows for w in batch]))
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
@@ -432,7 +436,7 @@ class DeviceExecutor:
     backward is one unit that recomputes the call with autograd and returns the gradient in its input (the
     model's parameters and the prompt conditions get none: nothing served trains them)."""
 
-    differentiable_unet = True
+    differentiable_backbone = True
 
     def __init__(
         self,
@@ -452,41 +456,57 @@ class DeviceExecutor:
     def run(self, fn: Callable[[], Any], *, cost: float = 0.0) -> Any:
         return self.worker.run_task(fn, self.control, self.adapters, flow=self.flow, cost=cost)
 
-    def session(self, unet: torch.nn.Module, latent_shape: tuple[int, ...]) -> contextlib.AbstractContextManager:
-        return self.worker.session(unet, self.adapters, latent_shape)
+    def session(self, backbone: torch.nn.Module, latent_shape: tuple[int, ...]) -> contextlib.AbstractContextManager:
+        return self.worker.session(backbone, self.adapters, latent_shape)
 
-    def unet_fn(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+    def backbone_fn(
+        self,
+        forward: BackboneForward,
+        backbone: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition,
+    ) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return _UNetOnWorker.apply(x, self, unet, t, condition)
-        return self._forward(unet, x, t, condition)
+            return _BackboneOnWorker.apply(x, self, forward, backbone, t, condition)
+        return self._forward(forward, backbone, x, t, condition)
 
-    def _forward(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+    def _forward(
+        self,
+        forward: BackboneForward,
+        backbone: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition,
+    ) -> torch.Tensor:
         cost = unet_call_cost(x, self.native_area)
-        return self.worker.submit_unet(unet, x, t, condition, self.control, self.adapters, self.flow, cost).result()
+        return self.worker.submit_backbone(
+            forward, backbone, x, t, condition, self.control, self.adapters, self.flow, cost
+        ).result()
 
 
-class _UNetOnWorker(torch.autograd.Function):
-    """A UNet call through the worker whose backward pass is another unit there (recompute, then the VJP)."""
+class _BackboneOnWorker(torch.autograd.Function):
+    """A backbone call through the worker whose backward pass is another unit there (recompute, then the VJP)."""
 
     @staticmethod
-    def forward(ctx, x, executor, unet, t, condition):  # noqa: ANN001 - autograd's signature
-        ctx.executor, ctx.unet, ctx.t, ctx.condition = executor, unet, t, condition
+    def forward(ctx, x, executor, call, backbone, t, condition):  # noqa: ANN001 - autograd's signature
+        ctx.executor, ctx.call, ctx.backbone, ctx.t, ctx.condition = executor, call, backbone, t, condition
         ctx.save_for_backward(x)
-        return executor._forward(unet, x.detach(), t, condition)
+        return executor._forward(call, backbone, x.detach(), t, condition)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
         (x,) = ctx.saved_tensors
-        executor, unet, t, condition = ctx.executor, ctx.unet, ctx.t, ctx.condition
+        executor, call, backbone, t, condition = ctx.executor, ctx.call, ctx.backbone, ctx.t, ctx.condition
 
         def vjp() -> torch.Tensor:
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
-                out = call_unet(unet, leaf, t, condition)
+                out = call(backbone, leaf, t, condition)
                 return torch.autograd.grad(out, leaf, grad)[0]
 
         cost = BACKWARD_COST * unet_call_cost(x, executor.native_area)
-        return executor.run(vjp, cost=cost), None, None, None, None
+        return executor.run(vjp, cost=cost), None, None, None, None, None
 
 
 def _row_timesteps(t: torch.Tensor | float | int, rows: int) -> torch.Tensor:

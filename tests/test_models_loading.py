@@ -101,7 +101,7 @@ def assert_same_images(reference, loaded, request=REQUEST):
 
 def test_sd_folder_loads_and_reproduces_builtin(folders, sd_model):
     model = load_model(str(folders["sd"]), device="cpu")
-    assert model.family == "sd"
+    assert model.family.name == "sd"
     assert model.prediction_type == "epsilon"
     assert model.name == str(folders["sd"])
     assert len(model.text_encoders) == len(model.tokenizers) == 1
@@ -115,7 +115,7 @@ def test_sd_folder_loads_and_reproduces_builtin(folders, sd_model):
 
 def test_sdxl_folder_loads_and_reproduces_builtin(folders, sdxl_model):
     model = load_model(str(folders["sdxl"]), device="cpu")
-    assert model.family == "sdxl"
+    assert model.family.name == "sdxl"
     assert model.prediction_type == "epsilon"
     assert len(model.text_encoders) == len(model.tokenizers) == 2
     assert model.force_zeros_for_empty_prompt is sdxl_model.force_zeros_for_empty_prompt is True
@@ -125,7 +125,7 @@ def test_sdxl_folder_loads_and_reproduces_builtin(folders, sdxl_model):
 
 def test_v_prediction_folder_keeps_prediction_type(folders, vpred_model, sd_model):
     model = load_model(str(folders["v"]), device="cpu")
-    assert model.family == "sd"
+    assert model.family.name == "sd"
     assert model.prediction_type == "v_prediction"
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     assert_same_images(vpred_model, model)
@@ -143,7 +143,7 @@ def test_relative_folder_shaped_like_a_hub_id_loads_locally(folders, monkeypatch
     if not target.exists():
         target.symlink_to(folders["sd"], target_is_directory=True)
     model = load_model("someorg/sd", device="cpu")
-    assert model.family == "sd" and model.name == "someorg/sd"
+    assert model.family.name == "sd" and model.name == "someorg/sd"
     assert no_network == []
 
 
@@ -155,7 +155,7 @@ def test_folder_with_fp16_variant_only_loads(tmp_path, sd_model):
     assert any(p.name.endswith(".fp16.safetensors") for p in (tmp_path / "m" / "unet").iterdir())
     assert not (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     model = load_model(str(tmp_path / "m"), device="cpu")
-    assert model.family == "sd"
+    assert model.family.name == "sd"
     torch.testing.assert_close(model.unet.conv_in.weight, sd_model.unet.conv_in.weight, rtol=0, atol=0)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsteer.guidance.parameterisation import from_eps, from_x0, to_eps, to_x0
+from diffsteer.guidance.parameterisation import NoiseLevel, from_eps, from_x0, to_eps, to_x0
 from diffsteer.guidance.policies.apg import apg_update
 from diffsteer.guidance.policies.cfg import cfg_combine, rescale_guidance, scheduled_scale
 from diffsteer.guidance.policies.cfg_zero_star import cfg_zero_star_combine, optimised_scale
@@ -125,10 +125,11 @@ def test_prediction_space_conversions(prediction_type):
     x0, eps = torch.tensor(rand(2, 3)), torch.tensor(rand(2, 3))
     x = a * x0 + s * eps
     output = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction_type]
-    torch.testing.assert_close(to_x0(output, x, ab, prediction_type), x0)
-    torch.testing.assert_close(to_eps(output, x, ab, prediction_type), eps)
-    torch.testing.assert_close(from_x0(x0, x, ab, prediction_type), output)
-    torch.testing.assert_close(from_eps(eps, x, ab, prediction_type), output)
+    level = NoiseLevel.vp(ab)
+    torch.testing.assert_close(to_x0(output, x, level, prediction_type), x0)
+    torch.testing.assert_close(to_eps(output, x, level, prediction_type), eps)
+    torch.testing.assert_close(from_x0(x0, x, level, prediction_type), output)
+    torch.testing.assert_close(from_eps(eps, x, level, prediction_type), output)
 
 
 def _pixels(model, policy, **kw):

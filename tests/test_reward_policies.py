@@ -16,7 +16,7 @@ from diffsteer.guidance.latents import decode
 from diffsteer.guidance.parameterisation import to_x0
 from diffsteer.guidance.policies.cfg import cfg_combine
 from diffsteer.guidance.policies.reno import clip_per_image, noise_norm_penalty
-from diffsteer.guidance.sampler import generate, make_scheduler, prepare, step_alpha_bars
+from diffsteer.guidance.sampler import generate, make_scheduler, prepare, step_levels
 from diffsteer.rewards import build_reward
 
 REWARD = "saturation:1"
@@ -115,20 +115,20 @@ def first_step_candidate_x0(model, params: dict, candidates: list[float]):
     the first step), for checking which candidate dynamic CFG picks."""
     prepared = prepare(model, params)
     scheduler, timesteps = make_scheduler(model, prepared.params)
-    ab = step_alpha_bars(scheduler, timesteps)[0]
+    level = step_levels(scheduler, timesteps)[0]
     x = scheduler.scale_model_input(prepared.noise * scheduler.init_noise_sigma, timesteps[0])
     denoiser = Denoiser(model.unet, prepared.conditions, model.prediction_type, aliases=prepared.aliases)
-    info = StepInfo(0, len(timesteps), timesteps[0], ab, model.prediction_type)
+    info = StepInfo(0, len(timesteps), timesteps[0], level, model.prediction_type)
     with torch.no_grad():
         out = denoiser(x, info, ["uncond", "cond"])
         x0s = [
             [
-                to_x0(cfg_combine(out["cond"][b : b + 1], out["uncond"][b : b + 1], w), x[b : b + 1], ab, "epsilon")
+                to_x0(cfg_combine(out["cond"][b : b + 1], out["uncond"][b : b + 1], w), x[b : b + 1], level, "epsilon")
                 for w in candidates
             ]
             for b in range(x.shape[0])
         ]
-    return prepared, ab, x0s
+    return prepared, level.alpha_bar, x0s
 
 
 def test_dynamic_cfg_picks_the_candidate_a_direct_computation_picks(sd_model):

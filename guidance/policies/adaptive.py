@@ -68,8 +68,8 @@ class AdaptiveGuidance(GuidancePolicy):
         convert = to_x0 if p.space == "x0" else to_eps
         xa = x[active]
         gamma = cosine_similarity(
-            convert(cond[active], xa, info.alpha_bar, info.prediction_type),
-            convert(uncond, xa, info.alpha_bar, info.prediction_type),
+            convert(cond[active], xa, info.level, info.prediction_type),
+            convert(uncond, xa, info.level, info.prediction_type),
         )
         step_cos: list[float | None] = [None] * len(state.switch_step)
         for i, g in zip(active.tolist(), gamma.tolist()):

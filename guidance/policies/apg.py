@@ -18,6 +18,8 @@ follow the paper and work on x0, where the projection onto D_c is meaningful (th
 part of the update that changes the image's intensity, which is what oversaturates) and where the
 threshold r is in image-latent units independent of the noise level. With η = 1, β = 0 and no threshold both
 reduce to plain CFG, since conversion to x0 is affine with the same coefficients for both predictions.
+``space="output"`` is diffusers' variant, kept for comparison: the same steps on the raw model output (ε, v or
+flow velocity), returned as u + w·(Δ⊥ + η·Δ∥). On flow models x0 = x_t − σ·v (the paper's space, as for UNets).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class APGParams(PolicyParams):
     norm_threshold: float = pydantic.Field(
         0.0, ge=0.0, description="Rescaling radius r for ‖Δ‖ in x0 units; 0 disables the rescaling."
     )
+    space: Literal["x0", "output"] = pydantic.Field(
+        "x0",
+        description="x0: the paper's APG on denoised predictions, D_c + (w−1)·update. output: diffusers' "
+        "AdaptiveProjectedGuidance on the raw model output, u + w·update.",
+    )
 
 
 @dataclass
@@ -65,12 +72,17 @@ class APG(GuidancePolicy):
         if p.scale <= 1.0:
             return denoiser(x, info, ["cond"])["cond"]
         out = denoiser(x, info, ["uncond", "cond"])
-        d_cond = to_x0(out["cond"], x, info.alpha_bar, info.prediction_type)
-        d_uncond = to_x0(out["uncond"], x, info.alpha_bar, info.prediction_type)
+        if p.space == "output":
+            guided, state.running = apg_update(
+                out["cond"], out["uncond"], state.running, p.scale, p.eta, p.momentum, p.norm_threshold, True
+            )
+            return guided
+        d_cond = to_x0(out["cond"], x, info.level, info.prediction_type)
+        d_uncond = to_x0(out["uncond"], x, info.level, info.prediction_type)
         guided, state.running = apg_update(
             d_cond, d_uncond, state.running, p.scale, p.eta, p.momentum, p.norm_threshold
         )
-        return from_x0(guided, x, info.alpha_bar, info.prediction_type)
+        return from_x0(guided, x, info.level, info.prediction_type)
 
 
 def apg_update(
@@ -81,8 +93,10 @@ def apg_update(
     eta: float,
     momentum: float,
     norm_threshold: float,
+    from_uncond: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One APG step on denoised predictions; returns (D̂, new running difference)."""
+    """One APG step; returns (guided prediction, new running difference). The guided prediction is
+    D_c + (w−1)·update (the paper), or u + w·update with ``from_uncond`` (diffusers' raw-output variant)."""
     diff = d_cond - d_uncond
     if running is not None:
         diff = diff + momentum * running
@@ -90,7 +104,10 @@ def apg_update(
     if norm_threshold > 0:
         diff = diff * torch.clamp(norm_threshold / per_image_norm(diff), max=1.0)
     parallel, orthogonal = project(diff, d_cond)
-    return d_cond + (scale - 1.0) * (orthogonal + eta * parallel), running
+    update = orthogonal + eta * parallel
+    if from_uncond:
+        return d_uncond + scale * update, running
+    return d_cond + (scale - 1.0) * update, running
 
 
 def per_image_norm(t: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ class SamplingContext:
     batch_size: int
     prediction_type: str
     has_negative_prompt: bool
+    schedule: str = "vp"  # the model's noise schedule: "vp" or "flow"
     requested_steps: int | None = None  # the request's `steps`
     prompts: tuple[str, ...] = ()  # one per image
     model: DiffusionModel | None = None  # for policies that decode or score (dynamic CFG, ReNO)

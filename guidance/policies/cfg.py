@@ -1,14 +1,22 @@
 """Classifier-free guidance with rescale, guidance intervals and per-step scale schedules.
 
 - CFG: Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6:
-  ε̃ = ε_u + w·(ε_c − ε_u), applied here to the model output in its own prediction space (as diffusers).
+  ε̃ = ε_u + w·(ε_c − ε_u), applied here to the model output in its own prediction space (as diffusers): ε, v,
+  or the flow velocity (true CFG on flow models; equal to CFG on x0 or ε, since the maps between them are
+  affine with the same coefficients for both predictions). On guidance-distilled models (FLUX.1-dev) it acts
+  on top of the distilled guidance input.
 - Guidance rescale φ: Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
   Sec. 3.4, eqs. 15–16: x_rescaled = x_cfg · σ(x_c)/σ(x_cfg), x_final = φ·x_rescaled + (1−φ)·x_cfg, with σ the
   per-image standard deviation. Like diffusers we apply it to the model output.
 - Guidance interval: Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
   Distribution Quality in Diffusion Models", eq. 4: guidance only for σ ∈ (σ_lo, σ_hi], the conditional
   prediction alone elsewhere. We offer the interval in σ and in fractions of the sampling steps; outside it
-  the unconditional evaluation is not made at all.
+  the unconditional evaluation is not made at all. σ is the model's own: the flow σ ∈ [0, 1] on flow models,
+  after the family's shift (a shifted schedule spends more steps at high σ, so the same σ interval covers
+  other step fractions), and the noise-to-signal ratio √((1−ᾱ)/ᾱ) on UNet models.
+- Renorm (``renorm``): the guided prediction rescaled, per latent token (the channels of each patch × patch
+  block), to the conditional prediction's norm: CFG-Renorm (Lumina-Image 2.0, Qin et al. 2025, Sec. 4.2;
+  Qwen-Image's pipeline applies it after its true CFG), which keeps high scales from inflating the velocity.
 - Schedules of w over the steps (constant, linear, cosine, or an explicit list), as in the dynamic-CFG
   literature (e.g. Wang et al. 2024, "Analysis of Classifier-Free Guidance Weight Schedulers").
 
@@ -58,6 +66,9 @@ class CFGParams(PolicyParams):
     sigma_high: float | None = pydantic.Field(
         None, ge=0.0, description="Guidance only where σ ≤ sigma_high (Kynkäänniemi et al. 2024)."
     )
+    renorm: bool = pydantic.Field(
+        False, description="Rescale the guided prediction per latent token to the conditional one's norm (CFG-Renorm)."
+    )
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> CFGParams:
@@ -97,6 +108,8 @@ class CFG(GuidancePolicy):
         guided = cfg_combine(out["cond"], out["uncond"], w)
         if p.rescale > 0:
             guided = rescale_guidance(guided, out["cond"], p.rescale)
+        if p.renorm:
+            guided = renorm_per_token(guided, out["cond"], info.patch)
         return guided
 
 
@@ -144,3 +157,15 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     dims = list(range(1, guided.ndim))
     rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
     return phi * rescaled + (1.0 - phi) * guided
+
+
+def renorm_per_token(guided: torch.Tensor, cond: torch.Tensor, patch: int) -> torch.Tensor:
+    """CFG-Renorm: ``guided`` · ‖cond‖/‖guided‖, norms over the channels of each ``patch`` × ``patch`` block of
+    latents (one transformer token), as Qwen-Image's pipeline computes them on its packed tokens."""
+    b, c, h, w = guided.shape
+    blocks = (b, c, h // patch, patch, w // patch, patch)
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(t.reshape(blocks), dim=(1, 3, 5), keepdim=True)
+
+    return (guided.reshape(blocks) * (norm(cond) / norm(guided))).reshape(b, c, h, w)

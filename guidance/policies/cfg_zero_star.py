@@ -6,10 +6,12 @@ Fan et al. 2025, "CFG-Zero*: Improved Classifier-Free Guidance for Flow Matching
     v̂  = (1 − w)·s*·v_u + w·v_c = s*·v_u + w·(v_c − s*·v_u)   (eq. 10)
     zero-init: the first K steps output a zero velocity (Sec. 3.3), i.e. the sample does not move.
 
-Stable Diffusion models are not flow-matching models, so we apply the method to their ε prediction, the
-velocity of the probability-flow ODE in σ space (dx/dσ = ε for x = x0 + σ·ε): "zero velocity" is then ε = 0,
-under which DDIM and Euler leave x/√ᾱ unchanged — the sample does not move, as in the paper. Zero-init is off
-by default because SD-family samplers do not show the early-step error it corrects in flow models.
+On flow-matching models (SD3, FLUX, Qwen-Image) it acts on the flow velocity v, as in the paper. UNet models
+are not flow-matching models, so there we apply the method to their ε prediction, the velocity of the
+probability-flow ODE in σ space (dx/dσ = ε for x = x0 + σ·ε): "zero velocity" is then ε = 0, under which DDIM
+and Euler leave x/√ᾱ unchanged — the sample does not move, as in the paper. Both are
+:func:`~diffsteer.guidance.parameterisation.to_velocity`. Zero-init is off by default (the paper uses it on
+flow models, with K ≈ 4% of the steps).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pydantic
 import torch
 
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
-from diffsteer.guidance.parameterisation import from_eps, to_eps
+from diffsteer.guidance.parameterisation import from_velocity, to_velocity
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 
 
@@ -28,7 +30,7 @@ class CFGZeroStarParams(PolicyParams):
     name: Literal["cfg_zero_star"] = "cfg_zero_star"
     scale: float = pydantic.Field(7.5, ge=0.0, le=100.0, description="Guidance scale w; ≤ 1 disables guidance.")
     zero_init_steps: int = pydantic.Field(
-        0, ge=0, le=10_000, description="Number of first steps that output zero velocity (ε = 0)."
+        0, ge=0, le=10_000, description="Number of first steps that output zero velocity (v = 0; ε = 0 on UNet models)."
     )
 
 
@@ -41,15 +43,16 @@ class CFGZeroStar(GuidancePolicy):
         p = self.params
         if info.index < p.zero_init_steps:
             state.trace["zero_init_steps"] = info.index + 1
-            return from_eps(torch.zeros_like(x), x, info.alpha_bar, info.prediction_type)
+            return from_velocity(torch.zeros_like(x), x, info.level, info.prediction_type)
         if p.scale <= 1.0:
             return denoiser(x, info, ["cond"])["cond"]
         out = denoiser(x, info, ["uncond", "cond"])
-        eps_c = to_eps(out["cond"], x, info.alpha_bar, info.prediction_type)
-        eps_u = to_eps(out["uncond"], x, info.alpha_bar, info.prediction_type)
-        s_star = optimised_scale(eps_c, eps_u)
+        v_c = to_velocity(out["cond"], x, info.level, info.prediction_type)
+        v_u = to_velocity(out["uncond"], x, info.level, info.prediction_type)
+        s_star = optimised_scale(v_c, v_u)
         state.trace.setdefault("s_star", []).append(s_star.flatten().tolist())
-        return from_eps(cfg_zero_star_combine(eps_c, eps_u, s_star, p.scale), x, info.alpha_bar, info.prediction_type)
+        guided = cfg_zero_star_combine(v_c, v_u, s_star, p.scale)
+        return from_velocity(guided, x, info.level, info.prediction_type)
 
 
 def optimised_scale(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:

@@ -230,7 +230,7 @@ def candidate_x0(
 ) -> torch.Tensor:
     """[K·B, ...] the clean-latent prediction of every candidate scale, candidate-major: row k·B + b is image b
     at scale w_k, x0(ε_u + w_k·(ε_c − ε_u))."""
-    return torch.cat([to_x0(cfg_combine(cond, uncond, w), x, info.alpha_bar, info.prediction_type) for w in candidates])
+    return torch.cat([to_x0(cfg_combine(cond, uncond, w), x, info.level, info.prediction_type) for w in candidates])
 
 
 @torch.no_grad()

@@ -64,16 +64,16 @@ class LinearAG(GuidancePolicy):
         evaluate = not state.history or i < p.warmup_steps or (i - p.warmup_steps) % p.period == 0
         if evaluate:
             out = denoiser(x, info, ["uncond", "cond"])
-            eps_c = to_eps(out["cond"], x, info.alpha_bar, info.prediction_type)
-            eps_u = to_eps(out["uncond"], x, info.alpha_bar, info.prediction_type)
+            eps_c = to_eps(out["cond"], x, info.level, info.prediction_type)
+            eps_u = to_eps(out["uncond"], x, info.level, info.prediction_type)
             state.history = [*state.history[-1:], (i, eps_u - eps_c)]
         else:
             cond = denoiser(x, info, ["cond"])["cond"]
-            eps_c = to_eps(cond, x, info.alpha_bar, info.prediction_type)
+            eps_c = to_eps(cond, x, info.level, info.prediction_type)
             eps_u = eps_c + estimate_difference(state.history, i, p.extrapolate)
             state.estimated_steps.append(i)
         state.trace["estimated_steps"] = state.estimated_steps
-        return from_eps(cfg_combine(eps_c, eps_u, p.scale), x, info.alpha_bar, info.prediction_type)
+        return from_eps(cfg_combine(eps_c, eps_u, p.scale), x, info.level, info.prediction_type)
 
 
 def estimate_difference(history: list[tuple[int, torch.Tensor]], step: int, extrapolate: bool) -> torch.Tensor:

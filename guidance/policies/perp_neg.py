@@ -45,10 +45,10 @@ class PerpNeg(GuidancePolicy):
         if p.scale <= 1.0:
             return denoiser(x, info, ["cond"])["cond"]
         out = denoiser(x, info, ["empty", "negative", "cond"])
-        eps = {k: to_eps(v, x, info.alpha_bar, info.prediction_type) for k, v in out.items()}
+        eps = {k: to_eps(v, x, info.level, info.prediction_type) for k, v in out.items()}
         w_neg = p.scale if p.negative_scale is None else p.negative_scale
         guided = perp_neg_combine(eps["cond"], eps["empty"], eps["negative"], p.scale, w_neg)
-        return from_eps(guided, x, info.alpha_bar, info.prediction_type)
+        return from_eps(guided, x, info.level, info.prediction_type)
 
 
 def perp_neg_combine(
