@@ -21,7 +21,7 @@ def pg_model():
 def test_default_model_is_the_proving_ground(pg_model):
     model = load_model(None, device="cpu")
     assert model.name == "builtin:proving-ground"
-    assert model.default_size == 64 and model.family == "sd"
+    assert model.default_size == 64 and model.family.name == "sd"
 
 
 @pytest.mark.parametrize("folder", [PROVING_GROUND_MODEL, PROVING_GROUND_1STEP_MODEL], ids=["model", "model-1step"])
