@@ -153,7 +153,7 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
     from diffsteer.guidance.denoiser import Denoiser, StepInfo
     from diffsteer.guidance.models import load_model
     from diffsteer.guidance.parameterisation import to_x0
-    from diffsteer.guidance.sampler import make_scheduler, prepare, step_alpha_bars
+    from diffsteer.guidance.sampler import make_scheduler, prepare, step_levels
     from diffsteer.training.latent_evaluator import record_candidate_groups
 
     model = load_model("builtin:proving-ground")
@@ -166,20 +166,20 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
     step = int(np.sort(rng.choice(3, 1, replace=False))[0])
     prepared = prepare(model, params)
     scheduler, timesteps = make_scheduler(model, prepared.params)
-    bars = step_alpha_bars(scheduler, timesteps)
+    levels = step_levels(scheduler, timesteps)
     denoiser = Denoiser(model.unet, prepared.conditions, model.prediction_type, aliases=prepared.aliases)
     latents = prepared.noise * scheduler.init_noise_sigma
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(latents, t)
-            out = denoiser(x, StepInfo(i, 3, t, bars[i], model.prediction_type), ["uncond", "cond"])
+            out = denoiser(x, StepInfo(i, 3, t, levels[i], model.prediction_type), ["uncond", "cond"])
             if i == step:
                 for k, w in enumerate((1.0, 4.0)):
                     expected = to_x0(
-                        out["uncond"] + w * (out["cond"] - out["uncond"]), x, bars[i], model.prediction_type
+                        out["uncond"] + w * (out["cond"] - out["uncond"]), x, levels[i], model.prediction_type
                     )
                     torch.testing.assert_close(groups.x0[0, k], expected[0], atol=1e-5, rtol=1e-5)
-                assert float(groups.alpha_bar[0]) == pytest.approx(bars[i])
+                assert float(groups.alpha_bar[0]) == pytest.approx(float(levels[i].alpha_bar))
                 break
             guided = out["uncond"] + scale * (out["cond"] - out["uncond"])
             latents = scheduler.step(guided, t, latents, return_dict=False)[0]

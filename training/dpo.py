@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffsteer.guidance.conditioning import encode_conditions
-from diffsteer.guidance.denoiser import call_unet, concat_conditions
+from diffsteer.guidance.denoiser import call_unet
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.families.base import concat_conditions
 from diffsteer.guidance.latents import encode
+from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, from_x0_and_eps
 from diffsteer.training.cli import run_method
 from diffsteer.training.preference_data import load_preference_pairs
 from diffsteer.training.trainer import Trainer, TrainerConfig, with_default
@@ -130,17 +132,17 @@ def adapters_disabled(unet: torch.nn.Module):
         unet.enable_adapters()
 
 
-def training_target(
-    noise: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
-) -> torch.Tensor:
-    """What the UNet should output at x_t = √ᾱ x0 + √(1 − ᾱ) ε: ε (epsilon) or v = √ᾱ ε − √(1 − ᾱ) x0."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    raise InvalidInput(
-        "model", f"prediction type {prediction_type!r} is not supported for preference training (epsilon, v_prediction)"
-    )
+PREFERENCE_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_preference_prediction_type(prediction_type: str) -> None:
+    """Preference training compares ε- or v-prediction errors: the model must predict one of them (its target at
+    x_t is :func:`diffsteer.guidance.parameterisation.from_x0_and_eps`)."""
+    if prediction_type not in PREFERENCE_PREDICTION_TYPES:
+        raise InvalidInput(
+            "model",
+            f"prediction type {prediction_type!r} is not supported for preference training (epsilon, v_prediction)",
+        )
 
 
 def image_tensor(image, size: tuple[int, int]) -> torch.Tensor:
@@ -164,8 +166,6 @@ class DPOTrainer(Trainer):
     # ------------------------------------------------------------------ data
 
     def build(self) -> None:
-        import diffusers
-
         c = self.config
         if not c.data:
             raise InvalidInput(
@@ -173,13 +173,11 @@ class DPOTrainer(Trainer):
             )
         dataset = load_preference_pairs(c.data, score_fields=c.score_fields)
         self.pairs = self.select_pairs(dataset)
-        scheduler = getattr(diffusers, self.model.scheduler_config["_class_name"]).from_config(
-            self.model.scheduler_config
-        )
+        check_preference_prediction_type(self.model.prediction_type)
+        scheduler = self.model.fresh_scheduler()
         self.alpha_bars = scheduler.alphas_cumprod.float().to(self.device)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.image_size = (c.height or self.model.default_size, c.width or self.model.default_size)
-        training_target(torch.zeros(1), torch.zeros(1), torch.ones(1), self.model.prediction_type)  # supported?
         super().build()
         self.reference_unet = None
         if c.trainable == "full":  # a frozen copy of the initial weights is the reference
@@ -224,13 +222,16 @@ class DPOTrainer(Trainer):
             with adapters_disabled(self.model.unet):
                 return self.unet_call(self.model.unet, x, t, condition)
 
+    def level(self, t: torch.Tensor) -> NoiseLevel:
+        """The noise level of each sample's training timestep ``t`` [N], broadcasting over [N, C, h, w]."""
+        return NoiseLevel.vp(self.alpha_bars[t].view(-1, 1, 1, 1))
+
     def noisy_latents(
         self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, ε) for clean latents ``x0`` [2B] at ``t`` [2B]: Diffusion-DPO's forward process with the given
         noise (the same for both images of a pair). SmPO replaces this with ReNoise inversion."""
-        ab = self.alpha_bars[t].view(-1, 1, 1, 1)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, noise
+        return add_noise(x0, noise, self.level(t)), noise
 
     def pair_loss(self, errors: dict[str, torch.Tensor], preference: torch.Tensor) -> torch.Tensor:
         """Per-pair Diffusion-DPO loss with the preferred image as the winner (p is 1 or 0)."""
@@ -255,7 +256,7 @@ class DPOTrainer(Trainer):
         t = torch.cat([batch.timesteps, batch.timesteps]).to(device)
         with self.autocast():
             x_t, eps = self.noisy_latents(x0, t, noise, condition)
-            target = training_target(eps, x0, self.alpha_bars[t].view(-1, 1, 1, 1), self.model.prediction_type)
+            target = from_x0_and_eps(x0, eps, self.level(t), self.model.prediction_type)
             model_err = per_sample_mse(self.unet_call(self.model.unet, x_t, t, condition), target)
             ref_err = per_sample_mse(self.reference_prediction(x_t, t, condition), target)
         errors = {"model_0": model_err[:b], "model_1": model_err[b:], "ref_0": ref_err[:b], "ref_1": ref_err[b:]}

@@ -78,7 +78,7 @@ from tqdm import tqdm
 from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.denoiser import Denoiser, StepInfo, call_unet
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.parameterisation import from_x0, to_x0
+from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, from_x0, to_eps, to_x0
 from diffsteer.guidance.policies.base import SamplingContext
 from diffsteer.guidance.registry import build_policy
 from diffsteer.guidance.sampler import initial_noise, prepare
@@ -230,11 +230,6 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Logistic loss of the discriminator: softplus(−D(real)) + softplus(D(fake)); at its optimum D = log(p/q)."""
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
-
-
-def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_next: float | torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) move to the next timestep: √ᾱ'·x̂0 + √(1−ᾱ')·ε̂ (Song et al. 2021, eq. 12)."""
-    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps
 
 
 def student_scheduler_config(teacher_config: dict[str, Any], first_timestep: int | None = None) -> dict[str, Any]:
@@ -634,7 +629,7 @@ class FDistillTrainer(Trainer):
     def student_model(self, unet: torch.nn.Module | None = None):
         """A DiffusionModel that samples the student (the EMA by default) with its own scheduler config."""
         unet = unet if unet is not None else (self.student_ema if self.student_ema is not None else self.student)
-        return dataclasses.replace(self.model, unet=unet, scheduler_config=self.student_config)
+        return dataclasses.replace(self.model, backbone=unet, scheduler_config=self.student_config)
 
     def eval_model(self):
         return self.student_model()
@@ -691,8 +686,9 @@ class FDistillTrainer(Trainer):
         size = self.model.default_size // self.model.vae_scale_factor
         return initial_noise(seeds, (unet.in_channels, size, size), self.device)[0]
 
-    def _ab(self, t: torch.Tensor) -> torch.Tensor:
-        return self.alphas_cumprod[t.cpu()].to(self.device, torch.float32).view(-1, 1, 1, 1)
+    def _level(self, t: torch.Tensor) -> NoiseLevel:
+        """Each image's noise level at training timestep ``t`` [B] (float32 ᾱ, broadcasting over [B, C, h, w])."""
+        return NoiseLevel.vp(self.alphas_cumprod[t.cpu()].to(self.device, torch.float32).view(-1, 1, 1, 1))
 
     def _encode(self, prompts: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
         size = self.model.default_size
@@ -715,7 +711,7 @@ class FDistillTrainer(Trainer):
 
     def _x0(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
         out = call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
-        return to_x0(out, x, self._ab(t), self.model.prediction_type)
+        return to_x0(out, x, self._level(t), self.model.prediction_type)
 
     def generate(self, batch: DistillBatch, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
         """The student's clean latents from the batch's noise (see :meth:`generate_from`)."""
@@ -731,10 +727,10 @@ class FDistillTrainer(Trainer):
             tt = torch.full((x.shape[0],), t, dtype=torch.long)
             if i == student_step:
                 return self._x0(unet, x, tt, condition)
-            with torch.no_grad():
+            with torch.no_grad():  # a deterministic DDIM (η = 0) move to the next step: x̂0 and the ε it implies
                 x0 = self._x0(unet, x, tt, condition)
-                eps = eps_from_x0(x0, x, self._ab(tt))
-                x = ddim_step(x0, eps, float(self.alphas_cumprod[self.student_ts[i + 1]]))
+                eps = to_eps(x0, x, self._level(tt), "sample")
+                x = add_noise(x0, eps, NoiseLevel.vp(float(self.alphas_cumprod[self.student_ts[i + 1]])))
         raise AssertionError("student_step is beyond the student's steps")
 
     @torch.no_grad()
@@ -747,8 +743,10 @@ class FDistillTrainer(Trainer):
             rows = (t == value).nonzero().flatten()
             conds = {k: v.rows(rows.to(v.hidden_states.device)) for k, v in conditions.items()}
             denoiser = Denoiser(self.model.unet, conds, self.model.prediction_type, aliases=aliases)
-            ab = float(self.alphas_cumprod[value])
-            info = StepInfo(T - 1 - value, T, torch.tensor(value, device=self.device), ab, self.model.prediction_type)
+            level = NoiseLevel.vp(float(self.alphas_cumprod[value]))
+            info = StepInfo(
+                T - 1 - value, T, torch.tensor(value, device=self.device), level, self.model.prediction_type
+            )
             state = self.teacher_policy.start(
                 SamplingContext(
                     num_steps=T,
@@ -760,7 +758,7 @@ class FDistillTrainer(Trainer):
                 )
             )
             guided = self.teacher_policy.step(state, x[rows], info, denoiser).float()
-            out[rows] = to_x0(guided, x[rows], ab, self.model.prediction_type)
+            out[rows] = to_x0(guided, x[rows], level, self.model.prediction_type)
         return out
 
     def _logits(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
@@ -777,18 +775,16 @@ class FDistillTrainer(Trainer):
         with self.autocast():
             with torch.no_grad():
                 gen = self.generate(batch, cond).float()
-            ab = self._ab(batch.timesteps)
-            eps = self._gaussian(batch.forward_seeds)
-            x_t = ab.sqrt() * gen + (1 - ab).sqrt() * eps
-            target = from_x0(gen, x_t, ab, self.model.prediction_type)
+            level = self._level(batch.timesteps)
+            x_t = add_noise(gen, self._gaussian(batch.forward_seeds), level)
+            target = from_x0(gen, x_t, level, self.model.prediction_type)
             out = self._unet_out(self.fake_score, x_t, batch.timesteps, cond)
             fake_loss = F.mse_loss(out, target)
             metrics = {"loss.fake_score": float(fake_loss.detach())}
             disc_loss = None
             if self.discriminator is not None:
                 real = self.real_latents(batch, conditions)
-                ab_r = self._ab(batch.real_t)
-                real_t = ab_r.sqrt() * real + (1 - ab_r).sqrt() * self._gaussian(batch.real_seeds)
+                real_t = add_noise(real, self._gaussian(batch.real_seeds), self._level(batch.real_t))
                 with torch.no_grad():
                     f_fake = mid_block_features(self.model.unet, x_t, batch.timesteps.to(self.device), cond)
                     f_real = mid_block_features(self.model.unet, real_t, batch.real_t.to(self.device), cond)
@@ -813,8 +809,7 @@ class FDistillTrainer(Trainer):
         cond = conditions["cond"]
         with self.autocast():
             gen = self.generate(batch, cond).float()
-            ab = self._ab(batch.timesteps)
-            x_t = ab.sqrt() * gen + (1 - ab).sqrt() * self._gaussian(batch.forward_seeds)
+            x_t = add_noise(gen, self._gaussian(batch.forward_seeds), self._level(batch.timesteps))
             with torch.no_grad():
                 fake_x0 = self._x0(self.fake_score, x_t.detach(), batch.timesteps, cond)
                 real_x0 = self.teacher_x0(x_t.detach(), batch.timesteps, conditions, aliases)
@@ -906,18 +901,13 @@ class FDistillTrainer(Trainer):
         """The student as a whole diffusers pipeline whose scheduler is the student's (one DDIM step from noise
         is its sample), with ``diffsteer.json`` recommending its steps and no guidance."""
         saved = self.model
-        self.model = self.student_model(saved.unet)
+        self.model = self.student_model(saved.backbone)
         try:
             path = super().export_pipeline(directory)
         finally:
             self.model = saved
         write_model_defaults(path, self.config.steps)
         return path
-
-
-def eps_from_x0(x0: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """ε̂ implied by x̂0 at x: (x − √ᾱ·x̂0) / √(1−ᾱ)."""
-    return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
 
 def write_model_defaults(folder: Path, steps: int) -> None:

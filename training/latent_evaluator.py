@@ -68,12 +68,12 @@ from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.latent_evaluators import KINDS, EvaluatorSpec, LatentEvaluators, PromptInputs, text_probe
 from diffsteer.guidance.latents import decode, encode
-from diffsteer.guidance.parameterisation import to_x0
+from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
 from diffsteer.guidance.policies.cfg import cfg_combine
 from diffsteer.guidance.request import GenerationParams, Limits
 from diffsteer.guidance.reward_models import get_reward
-from diffsteer.guidance.sampler import make_scheduler, prepare, step_alpha_bars
+from diffsteer.guidance.sampler import make_scheduler, prepare, step_levels
 from diffsteer.guidance.schedulers import build_scheduler
 from diffsteer.proving_ground import TrainingScenes
 from diffsteer.training.checkpoints import atomic_torch_save
@@ -264,7 +264,7 @@ class _RecordingCFG(GuidancePolicy):
             idx = torch.as_tensor(rows)
             x0 = torch.stack(
                 [
-                    to_x0(cfg_combine(cond[idx], uncond[idx], w), x[idx], info.alpha_bar, info.prediction_type)
+                    to_x0(cfg_combine(cond[idx], uncond[idx], w), x[idx], info.level, info.prediction_type)
                     for w in self.candidates
                 ],
                 dim=1,
@@ -465,7 +465,8 @@ class LatentEvaluatorTrainer(Trainer):
         params = GenerationParams.parse(self.generation_params(self.train_prompts[:1], [0]))
         scheduler, timesteps = make_scheduler(self.model, params)
 
-        bars = torch.tensor(step_alpha_bars(scheduler, timesteps), dtype=torch.float64)
+        levels = step_levels(scheduler, timesteps, self.model.family.schedule)
+        bars = torch.tensor([float(level.alpha_bar) for level in levels], dtype=torch.float64)
         lam = torch.log(bars) - torch.log1p(-bars)
         bounds = (float(lam.min()) - 1.0, float(lam.max()) + 1.0)
         text_dim = int(encode_prompts(self.model, ["x"]).shape[-1])
@@ -614,8 +615,7 @@ class LatentEvaluatorTrainer(Trainer):
             pixels, captions = self.real.get(rng.integers(0, 2**31 - 1, g))
             z = encode(self.model.vae, pixels)
             eps = torch.from_numpy(rng.standard_normal(z.shape)).to(z)
-            a = groups.alpha_bar.to(z).view(-1, 1, 1, 1)
-            x_t = a.sqrt() * z + (1 - a).sqrt() * eps
+            x_t = add_noise(z, eps, NoiseLevel.vp(groups.alpha_bar.to(z).view(-1, 1, 1, 1)))
             hidden = encode_prompts(self.model, captions).to(self.model.dtype)
             t = torch.stack([self._timestep(float(a)) for a in groups.alpha_bar])  # one timestep per row
             with self.autocast():
@@ -623,7 +623,10 @@ class LatentEvaluatorTrainer(Trainer):
             groups.real_x0 = torch.cat(
                 [
                     to_x0(
-                        out[i : i + 1].float(), x_t[i : i + 1], float(groups.alpha_bar[i]), self.model.prediction_type
+                        out[i : i + 1].float(),
+                        x_t[i : i + 1],
+                        NoiseLevel.vp(float(groups.alpha_bar[i])),
+                        self.model.prediction_type,
                     )
                     for i in range(g)
                 ]

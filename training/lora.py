@@ -77,7 +77,7 @@ def save_lora_weights(model: DiffusionModel, directory: str | Path) -> Path:
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    pipeline_cls = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls = StableDiffusionXLPipeline if model.family.name == "sdxl" else StableDiffusionPipeline
     directory = Path(directory)
     metadata = model.unet.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: sorted, so the file repeats byte for byte

@@ -31,20 +31,15 @@ from collections.abc import Callable
 
 import torch
 
+from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, to_x0
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], timesteps [B] long) -> ε [B, ...]
 
 
-def ddim_move(
-    x: torch.Tensor, eps: torch.Tensor, alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor
-) -> torch.Tensor:
-    """One deterministic DDIM step from noise level ᾱ_from to ᾱ_to (up or down), ᾱ broadcastable to x."""
-    x0 = (x - (1 - alpha_bar_from).sqrt() * eps) / alpha_bar_from.sqrt()
-    return alpha_bar_to.sqrt() * x0 + (1 - alpha_bar_to).sqrt() * eps
-
-
-def noise_from_inverted(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """The ε with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε: the noise target of a latent carried to t by inversion."""
-    return (x_t - alpha_bar_t.sqrt() * x0) / (1 - alpha_bar_t).sqrt()
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, level_from: NoiseLevel, level_to: NoiseLevel) -> torch.Tensor:
+    """One deterministic DDIM step from ``level_from`` to ``level_to`` (up or down): x̂0 of ε at x, noised again
+    with the same ε."""
+    return add_noise(to_x0(eps, x, level_from, "epsilon"), eps, level_to)
 
 
 def inversion_grid(t: torch.Tensor, steps: int) -> torch.Tensor:
@@ -54,8 +49,13 @@ def inversion_grid(t: torch.Tensor, steps: int) -> torch.Tensor:
     return (t[:, None].double() * fractions[None]).round().long()
 
 
-def _per_sample(alpha_bars: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return alpha_bars[t].reshape(-1, *([1] * (ndim - 1)))
+def _per_sample(alpha_bars: torch.Tensor, t: torch.Tensor, ndim: int) -> NoiseLevel:
+    return NoiseLevel.vp(alpha_bars[t].reshape(-1, *([1] * (ndim - 1))))
+
+
+def _clean(x: torch.Tensor) -> NoiseLevel:
+    """ᾱ = 1 for every sample of ``x``."""
+    return NoiseLevel.vp(torch.ones((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device))
 
 
 @torch.no_grad()
@@ -68,18 +68,18 @@ def renoise_invert(
         raise ValueError(f"renoise_iterations must be non-negative, got {renoise_iterations}")
     alpha_bars = alpha_bars.to(device=x0.device, dtype=torch.float32)
     z = x0
-    ab_from = torch.ones((x0.shape[0],) + (1,) * (x0.ndim - 1), device=x0.device)
+    level_from = _clean(x0)
     for k in range(grid.shape[1]):
         t = grid[:, k]
-        ab_to = _per_sample(alpha_bars, t, x0.ndim)
+        level_to = _per_sample(alpha_bars, t, x0.ndim)
         predictions = [eps_fn(z, t)]
-        estimate = ddim_move(z, predictions[0], ab_from, ab_to)
+        estimate = ddim_move(z, predictions[0], level_from, level_to)
         for _ in range(renoise_iterations):
             predictions.append(eps_fn(estimate, t))
-            estimate = ddim_move(z, predictions[-1], ab_from, ab_to)
+            estimate = ddim_move(z, predictions[-1], level_from, level_to)
         if renoise_iterations:
-            estimate = ddim_move(z, torch.stack(predictions).mean(0), ab_from, ab_to)
-        z, ab_from = estimate, ab_to
+            estimate = ddim_move(z, torch.stack(predictions).mean(0), level_from, level_to)
+        z, level_from = estimate, level_to
     return z
 
 
@@ -87,9 +87,9 @@ def renoise_invert(
 def ddim_reconstruct(eps_fn: EpsFn, z: torch.Tensor, grid: torch.Tensor, alpha_bars: torch.Tensor) -> torch.Tensor:
     """Denoise ``z`` (at the grid's last timestep) back down the same grid to the clean latent with DDIM."""
     alpha_bars = alpha_bars.to(device=z.device, dtype=torch.float32)
-    ones = torch.ones((z.shape[0],) + (1,) * (z.ndim - 1), device=z.device)
+    clean = _clean(z)
     for k in reversed(range(grid.shape[1])):
         t = grid[:, k]
-        ab_to = _per_sample(alpha_bars, grid[:, k - 1], z.ndim) if k else ones
-        z = ddim_move(z, eps_fn(z, t), _per_sample(alpha_bars, t, z.ndim), ab_to)
+        level_to = _per_sample(alpha_bars, grid[:, k - 1], z.ndim) if k else clean
+        z = ddim_move(z, eps_fn(z, t), _per_sample(alpha_bars, t, z.ndim), level_to)
     return z

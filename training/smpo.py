@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.parameterisation import to_eps
 from diffsteer.training.cli import run_method
 from diffsteer.training.dpo import DPOConfig, DPOTrainer, preference_margin
-from diffsteer.training.renoise import inversion_grid, noise_from_inverted, renoise_invert
+from diffsteer.training.renoise import inversion_grid, renoise_invert
 from diffsteer.training.trainer import with_default
 
 # SmPO's normalisation bounds for PickScore (the raw cosine of its CLIP-H embeddings, as its preprocessing
@@ -216,14 +217,12 @@ class SmPOTrainer(DPOTrainer):
 
         def eps(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             out = self.unet_call(self.model.unet, x, timesteps, condition).float()
-            if self.model.prediction_type == "v_prediction":  # ε = √ᾱ v + √(1 − ᾱ) x
-                ab = self.alpha_bars[timesteps].view(-1, 1, 1, 1)
-                return ab.sqrt() * out + (1 - ab).sqrt() * x
-            return out
+            return to_eps(out, x, self.level(timesteps), self.model.prediction_type)
 
         grid = inversion_grid(t, c.inversion_steps)
         x_t = renoise_invert(eps, x0, grid, self.alpha_bars, c.renoise_iterations)
-        return x_t, noise_from_inverted(x_t, x0, self.alpha_bars[t].view(-1, 1, 1, 1))
+        # the ε with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε: the x0 "prediction" is the clean latent itself
+        return x_t, to_eps(x0, x_t, self.level(t), "sample")
 
     def pair_loss(self, errors: dict[str, torch.Tensor], preference: torch.Tensor) -> torch.Tensor:
         return smpo_loss(

@@ -824,7 +824,7 @@ class Trainer:
         unet, vae = merged_unet(self.export_unet()), self.model.vae
         if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
             unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
-        pipe = dataclasses.replace(self.model, unet=unet, vae=vae).to_pipeline()
+        pipe = dataclasses.replace(self.model, backbone=unet, vae=vae).to_pipeline()
         with atomic_directory(directory) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return directory
