@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffsteer.guidance import fast_paths as fp
-from diffsteer.guidance.denoiser import Condition
+from diffsteer.guidance.denoiser import Condition, call_unet
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.fast_paths import (
     FastPaths,
@@ -259,7 +259,7 @@ def test_worker_buckets_by_condition_shape_and_dtype():
         cond = Condition(torch.full((1, tokens, 3), float(i), dtype=dtype))
         with worker.session(unet, (), shape):
             barrier.wait()
-            results[i] = DeviceExecutor(worker, None).unet_fn(unet, x, torch.tensor(10.0), cond)
+            results[i] = DeviceExecutor(worker, None).backbone_fn(call_unet, unet, x, torch.tensor(10.0), cond)
 
     threads = [threading.Thread(target=call, args=(i, *spec)) for i, spec in enumerate(calls)]
     try:
