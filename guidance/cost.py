@@ -1,8 +1,12 @@
 """What a generation costs, and the limits on it.
 
-The unit is one UNet evaluation of one image at the model's native size. A request costs
+The unit is one backbone evaluation of one image at the model's native size. A request costs
 
-    images × (width·height / native²) × steps × policy.cost_per_step() × policy.cost_multiplier()
+    images × size factor × steps × policy.cost_per_step() × policy.cost_multiplier()
+
+where the size factor is one evaluation at the request's size over one at the native size: the area ratio
+width·height / native² for UNets, and for transformers, whose attention also grows with the square of the
+sequence, the family's token-count model (:meth:`diffsteer.guidance.families.base.ModelFamily.relative_cost`).
 
 (CFG evaluates 2 conditions per step; ReNO's iterations each sample and backpropagate; dynamic CFG also
 decodes and scores its candidates). Limits in these units hold for every model alike: a size that is cheap
@@ -31,23 +35,28 @@ class GenerationCost:
     width_factor: float  # width / native size
     height_factor: float
     steps: int
-    per_step: float  # the policy's UNet evaluations per image and step
+    per_step: float  # the policy's backbone evaluations per image and step
     multiplier: float  # the policy's passes (an outer loop's)
     policy_field: str  # the policy parameter behind per_step × multiplier
+    size_factor: float | None = None  # one evaluation at this size over one at the native size (None: area)
 
     @property
     def area_factor(self) -> float:
         return self.width_factor * self.height_factor
 
     @property
+    def evaluation_factor(self) -> float:
+        return self.area_factor if self.size_factor is None else self.size_factor
+
+    @property
     def total(self) -> float:
-        return self.images * self.area_factor * self.steps * self.per_step * self.multiplier
+        return self.images * self.evaluation_factor * self.steps * self.per_step * self.multiplier
 
     def main_field(self) -> str:
         """The field whose value is furthest above an ordinary request's."""
         size_field = "width" if self.width_factor >= self.height_factor else "height"
         excess = {
-            size_field: self.area_factor,
+            size_field: self.evaluation_factor,
             "steps": self.steps / REFERENCE_STEPS,
             "num_images": float(self.images),
             self.policy_field: self.per_step * self.multiplier / REFERENCE_PER_STEP,
@@ -56,12 +65,16 @@ class GenerationCost:
 
     def describe(self) -> str:
         return (
-            f"{self.images} image(s) × {self.area_factor:g}× the model's native area × {self.steps} steps × "
+            f"{self.images} image(s) × {self.evaluation_factor:g}× an evaluation at native size × {self.steps} steps × "
             f"{self.per_step:g} evaluations per step × {self.multiplier:g} passes = {self.total:g}"
         )
 
 
-def generation_cost(params: GenerationParams, policy: GuidancePolicy, native_size: int) -> GenerationCost:
+def generation_cost(
+    params: GenerationParams, policy: GuidancePolicy, native_size: int, size_factor: float | None = None
+) -> GenerationCost:
+    """The cost of a request; ``size_factor``: one evaluation at its size over one at native size (None: the
+    area ratio)."""
     width = params.width or native_size
     height = params.height or native_size
     return GenerationCost(
@@ -72,6 +85,7 @@ def generation_cost(params: GenerationParams, policy: GuidancePolicy, native_siz
         per_step=policy.cost_per_step(),
         multiplier=policy.cost_multiplier(),
         policy_field=f"policy.{policy.cost_field}" if policy.cost_field else "policy",
+        size_factor=size_factor,
     )
 
 
@@ -87,6 +101,6 @@ def check_cost(cost: GenerationCost, native_size: int, max_cost: float | None, m
     if max_cost is not None and cost.total > max_cost:
         raise InvalidInput(
             cost.main_field(),
-            f"the request costs {cost.total:g} UNet evaluations at the model's native size ({cost.describe()}), above "
+            f"the request costs {cost.total:g} backbone evaluations at the model's native size ({cost.describe()}), above "
             f"this server's max_cost of {max_cost:g}; reduce {cost.main_field()} (or steps, num_images, the size)",
         )

@@ -270,7 +270,9 @@ def check_request(
             "models such as FLUX.1-dev do. Leave it out, or steer with the policy",
         )
     policy = build_policy(params.policy)
-    cost = generation_cost(params, policy, model.native_size)
+    height, width = image_size(model, params)
+    size_factor = model.family.relative_cost(model, height, width, model.native_size)
+    cost = generation_cost(params, policy, model.native_size, size_factor)
     check_cost(cost, model.native_size, limits.max_cost, limits.max_area_factor)
     scheduler, timesteps = make_scheduler(model, params)
     rewards = rewards or DEFAULT_REWARDS

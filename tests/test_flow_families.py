@@ -192,3 +192,19 @@ def test_saved_flow_folder_loads_with_its_family(tmp_path, flux_dev):
     a, _ = ours(flux_dev, 32, 32, 2, "cfg:scale=1")
     b, _ = ours(loaded, 32, 32, 2, "cfg:scale=1")
     assert_same_image(a, b)
+
+
+def test_transformer_cost_grows_with_image_and_text_tokens(flux_dev, sd_model):
+    from diffsteer.guidance.sampler import check_request
+
+    # tiny FLUX: width d = 2 heads × 16 = 32; 32 px native = 8×8 packed tokens, 64 px = 16×16; T5 text 512 tokens
+    def cost(length):
+        return length * (1 + length / (6 * 32))
+
+    checked = check_request(
+        flux_dev, {"prompt": PROMPT, "width": 64, "height": 64, "steps": 10, "policy": "cfg:scale=3"}
+    )
+    assert checked.cost.evaluation_factor == pytest.approx(cost(256 + 512) / cost(64 + 512))
+    assert checked.cost.total == pytest.approx(checked.cost.evaluation_factor * 10 * 2)
+    unet = check_request(sd_model, {"prompt": PROMPT, "width": 64, "height": 64, "steps": 10})
+    assert unet.cost.evaluation_factor == pytest.approx(4.0)  # UNets: the area ratio

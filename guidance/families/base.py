@@ -140,6 +140,26 @@ class ModelFamily(ABC):
         patch = self.patch_size(model) * model.vae_scale_factor
         return (height // patch) * (width // patch)
 
+    def text_tokens(self, model: DiffusionModel) -> int:
+        """Text tokens a transformer attends to jointly with the image's (0 for UNets' cross-attention)."""
+        return 0
+
+    def relative_cost(self, model: DiffusionModel, height: int, width: int, native: int) -> float:
+        """One backbone evaluation at ``height`` × ``width`` over one at ``native`` × ``native``. UNets: the area
+        ratio (convolutions dominate). Transformers: a block's matmuls cost ≈ 24·L·d² (projections and MLP)
+        plus 4·L²·d (attention) for a sequence of L = image + text tokens of width d, so cost ∝ L·(1 + L/(6d))."""
+        if self.backbone_key == "unet":
+            return height * width / (native * native)
+        config = model.backbone.config
+        width_d = int(config.num_attention_heads) * int(config.attention_head_dim)
+        text = self.text_tokens(model)
+
+        def cost(h: int, w: int) -> float:
+            length = self.tokens(model, h, w) + text
+            return length * (1.0 + length / (6.0 * width_d))
+
+        return cost(height, width) / cost(native, native)
+
     def native_size(self, model: DiffusionModel) -> int:
         return int(getattr(model.backbone.config, "sample_size", 128)) * model.vae_scale_factor
 

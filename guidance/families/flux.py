@@ -95,6 +95,9 @@ class Flux(ModelFamily):
     def latent_channels(self, model):
         return int(model.backbone.config.in_channels) // 4
 
+    def text_tokens(self, model):
+        return T5_MAX_LENGTH  # T5 512
+
     def patch_size(self, model):
         return 2
 

@@ -23,6 +23,7 @@ PROMPT_TEMPLATE = (
 TEMPLATE_TOKENS = 34  # tokens of the template before the prompt, dropped from the states
 MAX_TOKENS = 1024  # the pipeline's tokenizer_max_length
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length
+TYPICAL_PROMPT_TOKENS = 64  # for the cost estimate only
 
 
 class QwenImage(ModelFamily):
@@ -65,6 +66,9 @@ class QwenImage(ModelFamily):
 
     def latent_channels(self, model):
         return int(model.backbone.config.in_channels) // 4
+
+    def text_tokens(self, model):
+        return TYPICAL_PROMPT_TOKENS  # a typical prompt; the states are as long as the prompt
 
     def patch_size(self, model):
         return 2

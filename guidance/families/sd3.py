@@ -61,6 +61,9 @@ class StableDiffusion3(ModelFamily):
             return_dict=False,
         )[0]
 
+    def text_tokens(self, model):
+        return 77 + T5_MAX_LENGTH  # CLIP 77 + T5 256
+
     def patch_size(self, model):
         return int(model.backbone.config.patch_size)
 
