@@ -1,4 +1,4 @@
-"""Load Stable-Diffusion-family checkpoints into one bundle the sampler understands.
+"""Load checkpoints of every supported family into one bundle the sampler understands.
 
 ``load_model(spec)`` accepts:
 
@@ -6,13 +6,20 @@
   its synthetic shapes world (64×64, shipped in the package; see ``proving_ground/build_model.py``);
 - ``"builtin:proving-ground-1step"``: its one-step student, distilled by f-distill (``training/fdistill.py``;
   one DDIM step, no guidance, by its ``diffsteer.json``);
-- ``"builtin:tiny"`` / ``"builtin:tiny-sdxl"`` / ``"builtin:tiny-v"``: tiny random-weight models built from config;
-- a local diffusers folder (``model_index.json``): SD 1.x, SD 2.x (ε or v-prediction), SDXL, SD-Turbo, SDXL-Turbo;
-- a single ``.safetensors`` / ``.ckpt`` file (needs the matching diffusers config, from ``config=`` or the hub);
+- tiny random-weight models built from config (:data:`TINY_MODELS`): ``builtin:tiny`` / ``builtin:tiny-v`` /
+  ``builtin:tiny-sdxl`` (UNets), ``builtin:tiny-sd3``, ``builtin:tiny-flux`` (guidance-distilled, as FLUX.1-dev),
+  ``builtin:tiny-flux-schnell``, ``builtin:tiny-qwenimage``;
+- a local diffusers folder (``model_index.json``) of a supported family (:mod:`diffsteer.guidance.families`):
+  SD 1.x, SD 2.x (ε or v-prediction), SDXL, their Turbo variants, SD3/3.5, FLUX.1 dev/schnell, Qwen-Image;
+  another family is refused naming it and the supported ones;
+- a single ``.safetensors`` / ``.ckpt`` file: SD 1.x/2.x, SDXL and SD3/3.5 whole (they need the matching diffusers
+  config, from ``config=`` or the hub); a FLUX.1 transformer file with ``config=`` naming the pipeline folder
+  that supplies the other components;
 - a hub id (``org/name``) where the network allows; offline, a clear error.
 
-fp32 on CPU; fp16 (or bf16) on CUDA with PyTorch SDPA attention, and xformers attention when it is installed
-and works on the device, falling back quietly when it does not.
+fp32 on CPU; fp16 (or bf16) on CUDA with PyTorch SDPA attention. UNets take xformers attention when it is
+installed and works on the device, falling back quietly when it does not; transformers keep their own SDPA
+processors.
 """
 
 from __future__ import annotations
@@ -278,11 +285,17 @@ def canonical_spec(spec: str | None) -> str:
     return spec
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, family: ModelFamily | None = None
+) -> torch.dtype:
+    """``auto``: fp32 on CPU; on CUDA fp16 for UNets and bf16 for the flow transformers (their activations
+    overflow fp16, which is why their pipelines are run in bf16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if family is not None and family.schedule == "flow" else torch.float16
     table = {
         "fp32": torch.float32,
         "float32": torch.float32,
@@ -312,7 +325,7 @@ def load_model(
     ``fast_paths``: a :class:`diffsteer.guidance.fast_paths.FastPaths` or its spec string (default: none)."""
     paths = FastPaths.parse(fast_paths)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    resolve_dtype(dtype, device)  # a bad value is refused before anything loads
     name = DEFAULT_MODEL if spec in (None, "", "default") else spec
     spec = canonical_spec(spec)
     if spec.startswith("builtin:"):
@@ -333,7 +346,7 @@ def load_model(
             model = _load_diffusers_folder(spec, spec)
     model.name = name
     model.defaults = loaded_defaults(spec, model)
-    _place(model, device, dtype)
+    _place(model, device, resolve_dtype(dtype, device, model.family))
     if model.family.backbone_key == "unet":
         configure_attention(model.backbone, device, attention)
     elif attention == "xformers":
