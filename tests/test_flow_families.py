@@ -208,3 +208,28 @@ def test_transformer_cost_grows_with_image_and_text_tokens(flux_dev, sd_model):
     assert checked.cost.total == pytest.approx(checked.cost.evaluation_factor * 10 * 2)
     unet = check_request(sd_model, {"prompt": PROMPT, "width": 64, "height": 64, "steps": 10})
     assert unet.cost.evaluation_factor == pytest.approx(4.0)  # UNets: the area ratio
+
+
+def test_ab_run_compares_policies_on_a_flow_model(tmp_path):
+    from diffsteer.evaluation.ab import run_ab
+
+    results = run_ab(
+        {
+            "arms": ["plain=cfg:scale=1", "true_cfg=cfg:scale=4", "apg=apg:scale=4@builtin:tiny-flux-schnell"],
+            "model": "builtin:tiny-flux",
+            "prompts": ["a red cat", "a blue dog", "a green tree"],
+            "seeds": 2,
+            "steps": 3,
+            "metrics": ["saturation", "nfe"],
+            "output_dir": str(tmp_path / "ab"),
+            "report": False,
+            "n_resamples": 200,
+        }
+    )
+    assert {name: arm["nfe"]["mean"] for name, arm in results["summary"].items()} == {
+        "plain": 3,
+        "true_cfg": 6,
+        "apg": 6,
+    }
+    assert [arm["model"] for arm in results["arms"]] == ["builtin:tiny-flux"] * 2 + ["builtin:tiny-flux-schnell"]
+    assert (tmp_path / "ab" / "results.json").is_file()
