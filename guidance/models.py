@@ -72,6 +72,7 @@ TINY_MODELS = {
         lambda: tiny_transformers.tiny_flux_components(guidance_embeds=False), "flux", native_size=32
     ),
     "builtin:tiny-qwenimage": TinyModel(tiny_transformers.tiny_qwenimage_components, "qwenimage", native_size=32),
+    "builtin:tiny-zimage": TinyModel(tiny_transformers.tiny_zimage_components, "zimage", native_size=32),
 }
 BUILTIN_MODELS = (*BUILTIN_FOLDERS, *TINY_MODELS)
 DEFAULT_MODEL = "builtin:proving-ground"

@@ -1,12 +1,15 @@
-"""Tiny flow-matching transformer pipelines built from config: SD3 / SD3.5, FLUX.1 (dev and schnell), Qwen-Image.
+"""Tiny flow-matching transformer pipelines built from config: SD3 / SD3.5, FLUX.1 (dev and schnell), Qwen-Image,
+Z-Image.
 
 Like ``tiny.py`` for the UNet families, these are random-weight models at toy size, for the tests and for users
 trying the sampler offline: each builder returns the keyword arguments of the diffusers pipeline
-(``StableDiffusion3Pipeline(**tiny_sd3_components())``, ``FluxPipeline``, ``QwenImagePipeline``), and the pipeline
-runs the same code paths as the real checkpoint (MMDiT with three text encoders, packed 2x2 latents with rotary
-positions and guidance embedding, a Qwen2.5-VL text encoder behind a chat template, a causal 3-D VAE, dynamic
-timestep shifting). Nothing is downloaded: the CLIP tokenizers come from ``tiny.py``, and the T5 (Unigram) and
-Qwen2 (byte-level BPE) tokenizers are written here. Weights depend only on ``seed``.
+(``StableDiffusion3Pipeline(**tiny_sd3_components())``, ``FluxPipeline``, ``QwenImagePipeline``,
+``ZImagePipeline``), and the pipeline runs the same code paths as the real checkpoint (MMDiT with three text
+encoders, packed 2x2 latents with rotary positions and guidance embedding, a Qwen2.5-VL text encoder behind a chat
+template, a causal 3-D VAE, dynamic timestep shifting, Z-Image's single-stream transformer over per-image token
+lists with a Qwen3 text encoder). Nothing is downloaded: the CLIP tokenizers come from ``tiny.py``, and the T5
+(Unigram) and Qwen2/Qwen3 (byte-level BPE, the latter with a chat template) tokenizers are written here. Weights
+depend only on ``seed``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from diffusers import (
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
+    ZImageTransformer2DModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -410,4 +416,118 @@ def tiny_qwenimage_components(seed: int = 0, **transformer_overrides) -> dict:
         "text_encoder": tiny_qwen25vl_encoder(tokenizer, hidden=config["joint_attention_dim"], seed=seed + 2),
         "tokenizer": tokenizer,
         "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER),
+    }
+
+
+# Qwen3's chat format as ZImagePipeline uses it (one user message, the generation prompt, thinking enabled: no
+# empty think block); written here, not Qwen's own template, which also formats tools and reasoning turns.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+QWEN3_THINK = ("<think>", "</think>")
+ZIMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}  # Z-Image-Turbo's
+
+
+def write_qwen3_tokenizer(directory: str | Path, words: tuple[str, ...] = DEFAULT_WORDS) -> Path:
+    """Write a Qwen3 tokenizer: :func:`write_qwen2_tokenizer`'s byte-level BPE with Qwen3's ``<think>`` /
+    ``</think>`` added tokens and :data:`QWEN3_CHAT_TEMPLATE`."""
+    directory = write_qwen2_tokenizer(directory, words)
+    vocab = json.loads((directory / "vocab.json").read_text())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    for token in QWEN3_THINK:
+        vocab[token] = len(vocab)
+        config["added_tokens_decoder"][str(vocab[token])] = {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": False,
+        }
+    config["chat_template"] = QWEN3_CHAT_TEMPLATE
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@lru_cache(maxsize=1)
+def _qwen3_dir() -> str:
+    return str(write_qwen3_tokenizer(Path(tempfile.mkdtemp(prefix="diffsteer-qwen3tok-"))))
+
+
+def tiny_qwen3_tokenizer() -> Qwen2TokenizerFast:
+    """The local Qwen3 tokenizer (Qwen2's class, Qwen3's chat template) over ``DEFAULT_WORDS``."""
+    return Qwen2TokenizerFast.from_pretrained(_qwen3_dir())
+
+
+def tiny_qwen3_encoder(tokenizer, hidden: int = 32, num_layers: int = 2, seed: int = 0) -> Qwen3Model:
+    """A Qwen3 language model without its head (qk-norm, grouped-query attention), as Z-Image's text encoder;
+    two layers, so that the penultimate hidden states ZImagePipeline takes come from a layer, not the embedding."""
+    torch.manual_seed(seed)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    return Qwen3Model(config).eval()
+
+
+def tiny_zimage_components(seed: int = 0, *, text_width: int = 32, **transformer_overrides) -> dict:
+    """Components of a tiny Z-Image pipeline (``ZImagePipeline(**components)``): the single-stream transformer
+    (noise and context refiners, 3-axis rotary positions, per-image token lists padded to multiples of 32, its
+    image and caption pad tokens set to random values rather than zeros so that tests see them), FLUX's VAE
+    normalisation on a two-block KL VAE (vae_scale_factor 2, 4 channels), a Qwen3 text encoder behind the chat
+    template, and Z-Image-Turbo's static shift-3 scheduler. The pipeline's default size (1024 px) is big here."""
+    tokenizer = tiny_qwen3_tokenizer()
+    latent_channels = 4
+    config = dict(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=latent_channels,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        qk_norm=True,
+        cap_feat_dim=text_width,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 512, 512],
+    )
+    config.update(transformer_overrides)
+    if sum(config["axes_dims"]) != config["dim"] // config["n_heads"]:
+        raise ValueError(f"axes_dims {config['axes_dims']} must sum to the head width dim / n_heads")
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(**config).eval()
+    with torch.no_grad():
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    return {
+        "transformer": transformer,
+        "vae": tiny_flow_vae(
+            scaling_factor=0.3611, shift_factor=0.1159, seed=seed + 1, latent_channels=latent_channels
+        ),
+        "text_encoder": tiny_qwen3_encoder(tokenizer, hidden=text_width, seed=seed + 2),
+        "tokenizer": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER),
     }

@@ -10,9 +10,10 @@ from diffsteer.guidance.families.flux import Flux
 from diffsteer.guidance.families.qwenimage import QwenImage
 from diffsteer.guidance.families.sd3 import StableDiffusion3
 from diffsteer.guidance.families.unet import StableDiffusion, StableDiffusionXL
+from diffsteer.guidance.families.zimage import ZImage
 
 FAMILIES: dict[str, ModelFamily] = {
-    f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), QwenImage())
+    f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), QwenImage(), ZImage())
 }
 
 __all__ = ["FAMILIES", "Condition", "ModelFamily", "concat_conditions", "family_of_pipeline", "family_of_components"]
@@ -44,6 +45,7 @@ def family_of_components(components: dict[str, Any]) -> ModelFamily:
         "SD3Transformer2DModel": "sd3",
         "FluxTransformer2DModel": "flux",
         "QwenImageTransformer2DModel": "qwenimage",
+        "ZImageTransformer2DModel": "zimage",
     }
     if kind in by_backbone:
         return FAMILIES[by_backbone[kind]]
