@@ -140,6 +140,11 @@ class ModelFamily(ABC):
         patch = self.patch_size(model) * model.vae_scale_factor
         return (height // patch) * (width // patch)
 
+    def model_width(self, model: DiffusionModel) -> int:
+        """A transformer's hidden width d (heads × head size in the diffusers configs)."""
+        config = model.backbone.config
+        return int(config.num_attention_heads) * int(config.attention_head_dim)
+
     def text_tokens(self, model: DiffusionModel) -> int:
         """Text tokens a transformer attends to jointly with the image's (0 for UNets' cross-attention)."""
         return 0
@@ -150,8 +155,7 @@ class ModelFamily(ABC):
         plus 4·L²·d (attention) for a sequence of L = image + text tokens of width d, so cost ∝ L·(1 + L/(6d))."""
         if self.backbone_key == "unet":
             return height * width / (native * native)
-        config = model.backbone.config
-        width_d = int(config.num_attention_heads) * int(config.attention_head_dim)
+        width_d = self.model_width(model)
         text = self.text_tokens(model)
 
         def cost(h: int, w: int) -> float:

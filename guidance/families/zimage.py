@@ -83,16 +83,8 @@ class ZImage(ModelFamily):
     def native_size(self, model):
         return 1024  # ZImagePipeline's default height and width
 
-    def relative_cost(self, model, height, width, native):
-        """The base estimate L·(1 + L/(6d)) with Z-Image's width d (its config names it ``dim``)."""
-        width_d = int(model.backbone.config.dim)
-        text = self.text_tokens(model)
-
-        def cost(h: int, w: int) -> float:
-            length = self.tokens(model, h, w) + text
-            return length * (1.0 + length / (6.0 * width_d))
-
-        return cost(height, width) / cost(native, native)
+    def model_width(self, model):
+        return int(model.backbone.config.dim)
 
     def recommended(self, backbone_config):
         # ZImagePipeline's guidance_scale 5 (c + 5(c − u) = u + 6(c − u)) and 50 steps; Z-Image-Turbo's model
