@@ -172,3 +172,47 @@ def test_cfg_zero_star_zero_init_leaves_the_sample_in_place(sd_model):
     expected = prepared.noise * math.sqrt(final_alpha_bar) / math.sqrt(float(acp[int(timesteps[0])]))
     torch.testing.assert_close(run.latents, expected, atol=1e-5, rtol=1e-5)
     assert run.denoiser.unet_calls == 0
+
+
+def test_linear_ag_and_perp_neg_combine_eps_on_vp_models():
+    """On VP models both combine ε (the velocity of the VP sampling ODE); for a v-prediction model
+    ε = s·x + a·v and back v = (ε − s·x)/a."""
+    from diffsteer.guidance.denoiser import StepInfo
+    from diffsteer.guidance.policies.base import PolicyState
+    from diffsteer.guidance.policies.linear_ag import LinearAG, LinearAGParams
+    from diffsteer.guidance.policies.perp_neg import PerpNeg, PerpNegParams
+
+    levels = [0.3, 0.6]  # ᾱ at steps 0 and 1
+    xs = [rand(2, 4, 3, 3) for _ in levels]
+    outs = [{k: rand(2, 4, 3, 3) for k in ("cond", "uncond", "empty", "negative")} for _ in levels]
+
+    def eps(i, name):
+        return math.sqrt(1 - levels[i]) * xs[i] + math.sqrt(levels[i]) * outs[i][name]
+
+    def back(i, e):
+        return (e - math.sqrt(1 - levels[i]) * xs[i]) / math.sqrt(levels[i])
+
+    def info(i):
+        return StepInfo(i, len(levels), torch.tensor(500 - 100 * i), NoiseLevel.vp(levels[i]), "v_prediction")
+
+    def denoiser(x, step, request):
+        return {k: torch.tensor(outs[step.index][k]) for k in request}
+
+    out = PerpNeg(PerpNegParams(scale=5.0, negative_scale=2.0)).step(
+        PolicyState(), torch.tensor(xs[0]), info(0), denoiser
+    )
+    guided = np.empty_like(xs[0])
+    for b in range(2):
+        pos, neg = (eps(0, "cond") - eps(0, "empty"))[b].ravel(), (eps(0, "negative") - eps(0, "empty"))[b].ravel()
+        perp = neg - np.dot(neg, pos) / np.dot(pos, pos) * pos
+        guided[b] = (eps(0, "empty")[b].ravel() + 5.0 * pos - 2.0 * perp).reshape(guided[b].shape)
+    np.testing.assert_allclose(out.numpy(), back(0, guided), rtol=1e-9, atol=1e-12)
+
+    policy = LinearAG(LinearAGParams(scale=4.0, warmup_steps=0, period=2))  # step 1 estimated from step 0
+    state = policy.start(None)
+    policy.step(state, torch.tensor(xs[0]), info(0), denoiser)
+    out = policy.step(state, torch.tensor(xs[1]), info(1), denoiser)
+    e_u = eps(1, "cond") + (eps(0, "uncond") - eps(0, "cond"))
+    expected = back(1, e_u + 4.0 * (eps(1, "cond") - e_u))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert state.estimated_steps == [1]

@@ -7,9 +7,14 @@ unconditional predictions agree. AG runs full CFG while the cosine similarity
     γ_t = ⟨D_c, D_u⟩ / (‖D_c‖·‖D_u‖)
 
 stays below a threshold γ̄, and from the first step where γ_t ≥ γ̄ on uses the conditional prediction alone:
-one UNet evaluation per step instead of two. The decision is per image, so a batch member's schedule never
-depends on its neighbours. The similarity is taken on the denoised predictions (x0) by default; ``space="eps"``
-takes it on the noise predictions, the quantity plotted in the paper's Fig. 2.
+one backbone evaluation per step instead of two. The decision is per image, so a batch member's schedule never
+depends on its neighbours. Guidance itself is CFG on the model output (ε, v or the flow velocity: the same as
+on x0, the maps between them being affine and equal for both predictions).
+
+Space of the cosine: the denoised predictions x0 by default, on VP and flow models alike (x0 = x_t − σ·v on flow
+models). ``space="eps"`` takes it on the noise predictions, the quantity plotted in the paper's Fig. 2; VP models
+only: on a flow model ε = x_t + (1 − σ)·v, so ε_c = ε_u = x_t at σ = 1, the first step of every flow schedule,
+γ = 1 there whatever the prompt, and AG would stop guiding after its first step. It is refused on flow models.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pydantic
 import torch
 
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.parameterisation import to_eps, to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState, SamplingContext
 from diffsteer.guidance.policies.cfg import cfg_combine
@@ -33,7 +39,7 @@ class AGParams(PolicyParams):
         0.99, ge=-1.0, le=1.0, description="Cosine-similarity threshold γ̄ from which on guidance stops."
     )
     space: Literal["x0", "eps"] = pydantic.Field(
-        "x0", description="Predictions compared by the cosine: denoised (x0) or noise (eps)."
+        "x0", description="Predictions compared by the cosine: denoised (x0) or noise (eps; VP models only)."
     )
 
 
@@ -50,6 +56,12 @@ class AdaptiveGuidance(GuidancePolicy):
     summary = "Adaptive Guidance: CFG until cond/uncond cosine ≥ γ̄, then conditional-only steps."
 
     def start(self, ctx: SamplingContext) -> AGState:
+        if self.params.space == "eps" and ctx.schedule == "flow":
+            raise InvalidInput(
+                "policy.space",
+                "eps is not usable on flow-matching models: there ε = x_t + (1 − σ)·v, so the conditional and "
+                "unconditional ε agree at σ = 1 (the first step) whatever the prompt; use x0",
+            )
         return AGState(switched=torch.zeros(ctx.batch_size, dtype=torch.bool), switch_step=[None] * ctx.batch_size)
 
     def step(self, state: AGState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:

@@ -19,7 +19,8 @@ part of the update that changes the image's intensity, which is what oversaturat
 threshold r is in image-latent units independent of the noise level. With η = 1, β = 0 and no threshold both
 reduce to plain CFG, since conversion to x0 is affine with the same coefficients for both predictions.
 ``space="output"`` is diffusers' variant, kept for comparison: the same steps on the raw model output (ε, v or
-flow velocity), returned as u + w·(Δ⊥ + η·Δ∥). On flow models x0 = x_t − σ·v (the paper's space, as for UNets).
+flow velocity), returned as u + w·(Δ⊥ + η·Δ∥). On flow models the default works on x0 = x_t − σ·v (the paper's
+space, as for UNets) and returns v̂ = (x_t − D̂)/σ.
 """
 
 from __future__ import annotations

@@ -7,16 +7,18 @@
   on top of the distilled guidance input.
 - Guidance rescale φ: Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
   Sec. 3.4, eqs. 15–16: x_rescaled = x_cfg · σ(x_c)/σ(x_cfg), x_final = φ·x_rescaled + (1−φ)·x_cfg, with σ the
-  per-image standard deviation. Like diffusers we apply it to the model output.
+  per-image standard deviation. Like diffusers we apply it to the model output (ε, v, or the flow velocity on
+  flow models; not equivalent to rescaling x0, as a standard deviation is not affine-equivariant).
 - Guidance interval: Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
   Distribution Quality in Diffusion Models", eq. 4: guidance only for σ ∈ (σ_lo, σ_hi], the conditional
   prediction alone elsewhere. We offer the interval in σ and in fractions of the sampling steps; outside it
   the unconditional evaluation is not made at all. σ is the model's own: the flow σ ∈ [0, 1] on flow models,
   after the family's shift (a shifted schedule spends more steps at high σ, so the same σ interval covers
   other step fractions), and the noise-to-signal ratio √((1−ᾱ)/ᾱ) on UNet models.
-- Renorm (``renorm``): the guided prediction rescaled, per latent token (the channels of each patch × patch
-  block), to the conditional prediction's norm: CFG-Renorm (Lumina-Image 2.0, Qin et al. 2025, Sec. 4.2;
-  Qwen-Image's pipeline applies it after its true CFG), which keeps high scales from inflating the velocity.
+- Renorm (``renorm``): the guided model output (the flow velocity on flow models) rescaled, per latent token
+  (the channels of each patch × patch block), to the conditional output's norm: CFG-Renorm (Lumina-Image 2.0,
+  Qin et al. 2025, Sec. 4.2; Qwen-Image's pipeline applies it after its true CFG), which keeps high scales from
+  inflating the velocity.
 - Schedules of w over the steps (constant, linear, cosine, or an explicit list), as in the dynamic-CFG
   literature (e.g. Wang et al. 2024, "Analysis of Classifier-Free Guidance Weight Schedulers").
 

@@ -7,8 +7,11 @@ evaluators scoring candidate scales, greedily (Sec. 3):
     for each candidate w_k:  ε_k = ε_u + w_k·(ε_c − ε_u),  ẑ0_k = x0(ε_k)
     w* = argmax_k  Σ_j λ_j·E_j(ẑ0_k, t, prompt)
 
-The candidates are combinations of the same two predictions, so choosing costs no extra UNet evaluation: only
-scoring the K candidates. Two kinds of evaluators (``evaluator``):
+The candidates are combinations of the same two predictions, so choosing costs no extra backbone evaluation:
+only scoring the K candidates. The combination is CFG on the model output (ε, v or, on flow models, the velocity
+v, whose candidate is ẑ0_k = x_t − σ·v_k); the evaluators score x0, and the latent ones read the step's noise as
+the ᾱ of the same signal-to-noise ratio (:attr:`StepInfo.alpha_bar`: (1 − σ)²/((1 − σ)² + σ²) on flow models).
+Two kinds of evaluators (``evaluator``):
 
 * ``latent`` (the paper's design, and the default where the model has them: ``auto``): the model's small
   latent-space evaluators (:mod:`diffsteer.guidance.latent_evaluators`) read ẑ0_k and the step's noise level directly,
@@ -256,7 +259,8 @@ def latent_scores(
 
 
 def native_latent_area(model: DiffusionModel) -> int:
-    size = int(model.unet.config.sample_size)
+    """Latent pixels of one image at the model's native size (UNets and transformers alike)."""
+    size = model.native_size // model.vae_scale_factor
     return size * size
 
 

@@ -6,16 +6,22 @@ predictions already computed along the trajectory, and fit its coefficients offl
 set of trajectories. That fit needs a calibration dataset per model and sampler, which a serving system does
 not have; our estimator is an online, calibration-free member of the same affine family:
 
-    Δ_j = ε_u(j) − ε_c(j)                       at steps j with a real unconditional evaluation,
+    Δ_j = u_u(j) − u_c(j)                       at steps j with a real unconditional evaluation,
     Δ̂_i = Δ_j + (i − j)/(j − k) · (Δ_j − Δ_k)   at a skipped step i (j, k: the last two real steps),
-    ε̂_u(i) = ε_c(i) + Δ̂_i,                    ε̃ = ε̂_u + w·(ε_c − ε̂_u).
+    û_u(i) = u_c(i) + Δ̂_i,                    ũ = û_u + w·(u_c − û_u),
+
+with u the velocity of the sampling ODE (:func:`~diffsteer.guidance.parameterisation.to_velocity`): the noise
+prediction ε on VP models, the flow velocity v = ε − x0 on flow models.
 
 Why this estimator: the guidance direction Δ varies smoothly with the step (its cosine to the previous step's
 is close to 1 after the first few steps, the observation AG itself rests on), so carrying it forward, with a
 first-order correction, is accurate exactly where AG would switch guidance off, yet unlike AG it keeps
-applying guidance. It works in ε space, where Δ is the guidance direction itself. The first
-``warmup_steps`` steps, where the direction changes fastest, are always evaluated; after that one step in
-``period`` is. ``extrapolate=false`` drops the first-order term (Δ̂_i = Δ_j).
+applying guidance. It works in that velocity space, where Δ is the guidance direction itself and, unlike
+x0 differences (x0_u − x0_c = −σ·Δ), is not scaled by the step's σ. On flow models this is not ε: there
+ε = x_t + (1 − σ)·v, so ε_u − ε_c = (1 − σ)·Δ vanishes at σ = 1, the first step of every flow schedule, and ε
+does not determine the model output at that step. The first ``warmup_steps`` steps, where the direction changes
+fastest, are always evaluated; after that one step in ``period`` is. ``extrapolate=false`` drops the first-order
+term (Δ̂_i = Δ_j).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pydantic
 import torch
 
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
-from diffsteer.guidance.parameterisation import from_eps, to_eps
+from diffsteer.guidance.parameterisation import from_velocity, to_velocity
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 from diffsteer.guidance.policies.cfg import cfg_combine
 
@@ -64,16 +70,16 @@ class LinearAG(GuidancePolicy):
         evaluate = not state.history or i < p.warmup_steps or (i - p.warmup_steps) % p.period == 0
         if evaluate:
             out = denoiser(x, info, ["uncond", "cond"])
-            eps_c = to_eps(out["cond"], x, info.level, info.prediction_type)
-            eps_u = to_eps(out["uncond"], x, info.level, info.prediction_type)
-            state.history = [*state.history[-1:], (i, eps_u - eps_c)]
+            u_c = to_velocity(out["cond"], x, info.level, info.prediction_type)
+            u_u = to_velocity(out["uncond"], x, info.level, info.prediction_type)
+            state.history = [*state.history[-1:], (i, u_u - u_c)]
         else:
             cond = denoiser(x, info, ["cond"])["cond"]
-            eps_c = to_eps(cond, x, info.level, info.prediction_type)
-            eps_u = eps_c + estimate_difference(state.history, i, p.extrapolate)
+            u_c = to_velocity(cond, x, info.level, info.prediction_type)
+            u_u = u_c + estimate_difference(state.history, i, p.extrapolate)
             state.estimated_steps.append(i)
         state.trace["estimated_steps"] = state.estimated_steps
-        return from_eps(cfg_combine(eps_c, eps_u, p.scale), x, info.level, info.prediction_type)
+        return from_velocity(cfg_combine(u_c, u_u, p.scale), x, info.level, info.prediction_type)
 
 
 def estimate_difference(history: list[tuple[int, torch.Tensor]], step: int, extrapolate: bool) -> torch.Tensor:

@@ -11,6 +11,12 @@ Unlike CFG with a negative prompt, which pushes away from everything the negativ
 positive one, only the part of the negative direction orthogonal to the positive one is removed. Without a
 negative prompt ε_neg = ε_∅ and this is plain CFG against the empty prompt (the "negative" evaluation is then
 not made: it is the same condition as the empty one).
+
+Space: the velocity of the sampling ODE (:func:`~diffsteer.guidance.parameterisation.to_velocity`): the paper's
+ε on VP models, the flow velocity v on flow models. There ε = x_t + (1 − σ)·v, an affine map with one
+coefficient for every condition, under which the ratio ⟨Δ_neg, Δ_pos⟩/‖Δ_pos‖² is unchanged and the weights of
+ε_∅, ε_pos, ε_neg (summing to 1) carry over: on v it equals Perp-Neg on ε wherever ε determines the output
+(σ < 1), and it is defined at σ = 1, the first flow step, where ε = x_t for every condition.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import pydantic
 import torch
 
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
-from diffsteer.guidance.parameterisation import from_eps, to_eps
+from diffsteer.guidance.parameterisation import from_velocity, to_velocity
 from diffsteer.guidance.policies.apg import project
 from diffsteer.guidance.policies.base import GuidancePolicy, PolicyParams, PolicyState
 
@@ -45,10 +51,10 @@ class PerpNeg(GuidancePolicy):
         if p.scale <= 1.0:
             return denoiser(x, info, ["cond"])["cond"]
         out = denoiser(x, info, ["empty", "negative", "cond"])
-        eps = {k: to_eps(v, x, info.level, info.prediction_type) for k, v in out.items()}
+        u = {k: to_velocity(v, x, info.level, info.prediction_type) for k, v in out.items()}
         w_neg = p.scale if p.negative_scale is None else p.negative_scale
-        guided = perp_neg_combine(eps["cond"], eps["empty"], eps["negative"], p.scale, w_neg)
-        return from_eps(guided, x, info.level, info.prediction_type)
+        guided = perp_neg_combine(u["cond"], u["empty"], u["negative"], p.scale, w_neg)
+        return from_velocity(guided, x, info.level, info.prediction_type)
 
 
 def perp_neg_combine(

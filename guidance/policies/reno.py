@@ -14,8 +14,11 @@ returns the best iterate by reward (Sec. 4.1). K is computed in float32: in fp16
 summed and the gradient is clipped per image, so an image's result does not depend on its batch.
 
 The inner sampler is the request's own (scheduler, steps) with plain CFG at ``scale`` (≤ 1: conditional only,
-as SD-Turbo and SDXL-Turbo are sampled). Backpropagation goes through every UNet call (recomputed in the
-backward pass, as gradient checkpointing does) and the VAE decoder.
+as SD-Turbo, SDXL-Turbo and FLUX.1-schnell are sampled). Backpropagation goes through every backbone call
+(recomputed in the backward pass, as gradient checkpointing does), the scheduler's steps and the VAE decoder.
+On flow models (the paper also steers FLUX.1-schnell) ε is the sample at σ = 1 (``init_noise_sigma`` 1), the
+steps are the flow scheduler's (Euler: x ← x + (σ_next − σ)·v), and the reward reads the decoded clean latents
+as on VP models; K(ε) is the same, ε being a standard Gaussian in both.
 """
 
 from __future__ import annotations
