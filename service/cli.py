@@ -41,10 +41,10 @@ def output_paths(output: str, count: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from diffsteer.guidance.images import encode_image
     from diffsteer.guidance.models import load_model, model_defaults
     from diffsteer.guidance.request import GenerationParams, Limits
     from diffsteer.guidance.sampler import generate
+    from diffsteer.service.infotext import encode_output, request_metadata
 
     width = height = None
     if args.size is not None:
@@ -64,6 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "width": width,
             "height": height,
             "eta": args.eta,
+            "distilled_guidance": args.distilled_guidance,
         },
         limits,
     ).with_model_defaults(defaults, set(named), limits)  # what generate() fills too; here before the model loads
@@ -81,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = generate(model, params, callback=progress, limits=limits)
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_image(result.images[k], "png", result.metadata(k)))
+        path.write_bytes(encode_output(result.images[k], "png", request_metadata(model, result, k)))
         if not args.quiet:
             print(f"{path}  seed={result.seeds[k]}  nfe={result.nfe[k]}")
     if result.trace and args.trace:
@@ -145,11 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--steps", type=int, default=None, help="denoising steps (default: the model's recommended, else 30)"
     )
-    gen.add_argument("--scheduler", default="default", help=f"one of: {', '.join(scheduler_names())}")
+    gen.add_argument(
+        "--scheduler",
+        default="default",
+        help=f"one of: {', '.join(scheduler_names())} (flow-matching models, SD3/FLUX/Qwen-Image: "
+        f"{', '.join(scheduler_names('flow'))})",
+    )
     gen.add_argument("--seed", type=int, default=None, help="seed of the first image (random when absent)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--size", default=None, help="WxH, multiples of 8 (default: the model's native size)")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    gen.add_argument(
+        "--distilled-guidance",
+        type=float,
+        default=None,
+        help="the guidance scale a guidance-distilled model (FLUX.1-dev) takes as an input (default 3.5); "
+        "the policy's guidance is true CFG on top of it. Other models refuse it",
+    )
     gen.add_argument("--model", default=None, help="diffusers folder, .safetensors file, hub id, or builtin:NAME")
     gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")

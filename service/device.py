@@ -1,15 +1,20 @@
-"""The device worker: one thread that runs every UNet call of every request, batching them across requests.
+"""The device worker: one thread that runs every backbone call (UNet or transformer) of every request, batching
+them across requests.
 
 Each request runs its own sampler loop in its own thread (see :mod:`diffsteer.service.queue`) with a
 :class:`DeviceExecutor` of its own; the loop's ``Denoiser`` calls the backbone through the executor's ``backbone_fn``,
-which hands ``(x, t, Condition)`` to this worker and waits.
-The worker takes the oldest call, gathers the calls of other requests that can share a UNet forward pass
-(same UNet, same LoRA set, same latent and condition shapes), concatenates their rows with each row's own
-timestep (the UNet accepts a ``[B]`` timestep tensor), runs ONE forward pass and splits the output back.
+which hands ``(forward, backbone, x, t, Condition)`` to this worker and waits (``forward`` is the model family's
+backbone call, :meth:`diffsteer.guidance.families.base.ModelFamily.forward`).
+The worker takes the oldest call, gathers the calls of other requests that can share a forward pass
+(same backbone, same LoRA set, same latent and condition shapes), concatenates their rows with each row's own
+timestep (every family's backbone accepts a ``[B]`` timestep tensor), runs ONE forward pass and splits the output
+back. Families whose backbone honours the condition's text mask (Qwen-Image, Z-Image: their texts are as long as
+their prompts) also batch calls whose texts differ in length: ``concat_conditions`` zero-pads and masks them.
 
 Exactness: every operation of a Stable-Diffusion UNet acts on each row on its own (convolutions, group norm,
-attention), and the UNet casts timesteps to float32 itself before embedding them, so a request's rows get
-the same values batched as alone, up to floating-point reassociation in the kernels (~1e-6 on CPU). A batch
+attention), and the UNet casts timesteps to float32 itself before embedding them; the flow transformers likewise
+act per row (their attention is within a row's image and text tokens, masked text tokens excluded), so a request's
+rows get the same values batched as alone, up to floating-point reassociation in the kernels (~1e-6 on CPU). A batch
 of one call passes its arguments through untouched: unbatched results are bit-identical to the library's.
 
 Gathering stops at the first of: every sampler loop of that (model, LoRA set, shape) has a call waiting,
@@ -17,7 +22,7 @@ the batch holds ``max_rows`` rows, or ``window_s`` has passed since the call arr
 announce themselves with :meth:`session`, which is what makes the first condition (and so low latency at
 full batches) possible.
 
-Fair scheduling by cost. Every unit of work (a UNet call, forward or backward; an encode, decode or scoring
+Fair scheduling by cost. Every unit of work (a backbone call, forward or backward; an encode, decode or scoring
 task) belongs to a :class:`Flow`, one per request, with a weight. The worker runs the unit of the flow with
 the least virtual time, and charges each flow the device time its units took divided by its weight (start-time
 fair queuing, Goyal, Vin & Cheng 1996, with measured service as in Linux's CFS): a flow that was idle starts at
@@ -30,12 +35,12 @@ call a moment after the previous one returns, so after a flow's unit the worker 
 flow whose request was cancelled fail with GenerationCancelled instead of running, so a cancel frees the
 worker within the unit in flight. Work submitted without a flow shares one default flow (first come, first served).
 
-The worker also runs, one at a time with the UNet calls, every other use of modules that a LoRA adapter
+The worker also runs, one at a time with the backbone calls, every other use of modules that a LoRA adapter
 changes (text encoding) and the VAE decode, through :meth:`run_task`. Since nothing else touches those
 modules, the worker can switch the active LoRA adapters before each batch (batches never mix LoRA sets)
 without any request seeing another's adapters.
 
-Outputs are computed under ``torch.no_grad()``; :class:`DeviceExecutor` makes a UNet call differentiable by
+Outputs are computed under ``torch.no_grad()``; :class:`DeviceExecutor` makes a backbone call differentiable by
 running its backward pass as a unit of its own (ReNO).
 """
 
@@ -205,7 +210,15 @@ class DeviceWorker:
         adapters: AdapterSet,
         flow: Flow | None,
         cost: float,
+        *,
+        pad_text: bool = False,
     ) -> concurrent.futures.Future:
+        """Queue one backbone call ``forward(backbone, x, t, condition)``; it shares a batch with the calls of the
+        same backbone, LoRA set, latent shape and condition shapes. ``pad_text``: the backbone honours the
+        condition's mask (Qwen-Image, Z-Image), so calls whose texts differ in length share a batch too, zero-padded
+        and masked by ``concat_conditions``."""
+        states = tuple(condition.hidden_states.shape[1:])  # (text length, width)
+        text = states[1:] if pad_text else (states, condition.mask is None)
         work = _Work(
             "backbone",
             control,
@@ -223,9 +236,9 @@ class DeviceWorker:
                 tuple(x.shape[1:]),
                 x.dtype,
                 x.device,
-                tuple(condition.hidden_states.shape[1:]),
+                pad_text,
+                text,
                 tuple(sorted((k, tuple(v.shape[1:])) for k, v in condition.added.items())),
-                condition.mask is None,
             ),
             session=self.session_key(backbone, adapters, tuple(x.shape[1:])),
         )
@@ -423,10 +436,31 @@ class DeviceWorker:
             self.on_batch(sum(w.rows for w in batch), len(batch), elapsed)
 
 
+CallCost = Callable[[torch.Tensor], float]  # a backbone call's latents -> its cost
+
+
 def unet_call_cost(x: torch.Tensor, native_area: int | None) -> float:
     """Rows × latent area relative to the model's native latent area: UNet evaluations at native size."""
     area = int(x.shape[-2]) * int(x.shape[-1])
     return int(x.shape[0]) * area / (native_area or area)
+
+
+def backbone_call_cost(model: Any) -> CallCost:
+    """The cost of a backbone call of ``model`` (a :class:`diffsteer.guidance.models.DiffusionModel`) in the
+    units of :mod:`diffsteer.guidance.cost`: rows × one evaluation at the latents' size over one at the model's
+    native size, by the family's own model of it (UNets: the area ratio, :func:`unet_call_cost`; transformers:
+    image + text tokens with their attention term, ``ModelFamily.relative_cost``), so that a request's units
+    add up to the cost its admission was checked against."""
+    factor, native = model.vae_scale_factor, model.native_size
+    per_row: dict[tuple[int, int], float] = {}
+
+    def cost(x: torch.Tensor) -> float:
+        size = (int(x.shape[-2]) * factor, int(x.shape[-1]) * factor)
+        if size not in per_row:
+            per_row[size] = float(model.family.relative_cost(model, size[0], size[1], native))
+        return int(x.shape[0]) * per_row[size]
+
+    return cost
 
 
 class DeviceExecutor:
@@ -446,12 +480,16 @@ class DeviceExecutor:
         control: AdapterControl = NO_ADAPTERS,
         adapters: AdapterSet = (),
         native_area: int | None = None,
+        call_cost: CallCost | None = None,
+        pad_text: bool = False,
     ):
         self.worker = worker
         self.flow = flow
         self.control = control
         self.adapters = adapters
         self.native_area = native_area
+        self.call_cost = call_cost or (lambda x: unet_call_cost(x, native_area))
+        self.pad_text = pad_text
 
     def run(self, fn: Callable[[], Any], *, cost: float = 0.0) -> Any:
         return self.worker.run_task(fn, self.control, self.adapters, flow=self.flow, cost=cost)
@@ -479,9 +517,17 @@ class DeviceExecutor:
         t: torch.Tensor,
         condition: Condition,
     ) -> torch.Tensor:
-        cost = unet_call_cost(x, self.native_area)
         return self.worker.submit_backbone(
-            forward, backbone, x, t, condition, self.control, self.adapters, self.flow, cost
+            forward,
+            backbone,
+            x,
+            t,
+            condition,
+            self.control,
+            self.adapters,
+            self.flow,
+            self.call_cost(x),
+            pad_text=self.pad_text,
         ).result()
 
 
@@ -505,7 +551,7 @@ class _BackboneOnWorker(torch.autograd.Function):
                 out = call(backbone, leaf, t, condition)
                 return torch.autograd.grad(out, leaf, grad)[0]
 
-        cost = BACKWARD_COST * unet_call_cost(x, executor.native_area)
+        cost = BACKWARD_COST * executor.call_cost(x)
         return executor.run(vjp, cost=cost), None, None, None, None, None
 
 

@@ -12,9 +12,9 @@ One request, from route to pixels (each step once)::
           -> queue thread: Engine._run      the model (loaded now if it was not; Engine.check then, only for a
                                             plan made before the model was loaded), then Engine.sample:
                                             sampler.generate(model, checked, executor=DeviceExecutor(flow)),
-                                            every unit (encode, each UNet call, ReNO's backward passes, dynamic
+                                            every unit (encode, each backbone call, ReNO's backward passes, dynamic
                                             CFG's scoring, decode) on the device worker, in the request's flow,
-                                            which schedules flows fairly by cost and batches UNet calls; the step
+                                            which schedules flows fairly by cost and batches backbone calls; the step
                                             callback reports progress, and a cancelled flow's units stop
           -> Outcome                        encoded images + metadata, on the ticket's future
 
@@ -25,6 +25,7 @@ their batches is ``Engine.sample(model, Engine.check(model, params))``.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import secrets
@@ -32,16 +33,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffsteer.guidance.errors import unknown_choice
+from diffsteer.guidance.errors import InvalidInput, unknown_choice
 from diffsteer.guidance.events import StepCallback, StepEvent
-from diffsteer.guidance.images import encode_image
+from diffsteer.guidance.families import FAMILIES, ModelFamily, family_of_pipeline
 from diffsteer.guidance.models import (
+    BUILTIN_FOLDERS,
     DEFAULT_MODEL,
+    TINY_MODELS,
     DiffusionModel,
     ModelCache,
     ModelDefaults,
@@ -51,9 +56,18 @@ from diffsteer.guidance.models import (
 from diffsteer.guidance.request import GenerationParams
 from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
 from diffsteer.guidance.sampler import CheckedRequest, GenerationResult, check_request, generate
-from diffsteer.service.device import NO_ADAPTERS, AdapterControl, AdapterSet, DeviceExecutor, DeviceWorker
+from diffsteer.guidance.schedulers import scheduler_names
+from diffsteer.service.device import (
+    NO_ADAPTERS,
+    AdapterControl,
+    AdapterSet,
+    DeviceExecutor,
+    DeviceWorker,
+    backbone_call_cost,
+)
 from diffsteer.service.errors import ServiceError
-from diffsteer.service.lora import LoraControl, LoraLibrary
+from diffsteer.service.infotext import encode_output, request_metadata
+from diffsteer.service.lora import LoraControl, LoraLibrary, describe_target
 from diffsteer.service.metrics import Metrics
 from diffsteer.service.preview import LatentPreviewer
 from diffsteer.service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
@@ -72,6 +86,77 @@ Attach = Callable[[Ticket], None]  # the caller's hold on a ticket before it is 
 
 def canonical_model(spec: str | None) -> str:
     return DEFAULT_MODEL if spec in (None, "", "default") else spec
+
+
+# Families whose backbone call honours the condition's text mask, so calls with texts of different lengths
+# share a batch on the device worker (zero-padded and masked): those whose texts are as long as their prompts.
+MASKED_TEXT_FAMILIES = frozenset({"qwenimage", "zimage"})
+
+
+def pads_text(model: DiffusionModel) -> bool:
+    """Whether ``model``'s backbone calls with texts of different lengths can share a batch (padded, masked)."""
+    return model.family.name in MASKED_TEXT_FAMILIES
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What a client must know of a model to build valid requests: its family, noise schedule, the
+    scheduler names it accepts and whether it takes ``distilled_guidance``."""
+
+    family: ModelFamily
+    distilled_guidance: bool
+    size_multiple: int | None = None  # known once the model is loaded (the VAE's factor × patch size)
+
+    @property
+    def schedulers(self) -> list[str]:
+        return scheduler_names(self.family.schedule)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family.name,
+            "family_title": self.family.title,
+            "schedule": self.family.schedule,
+            "schedulers": self.schedulers,
+            "distilled_guidance": self.distilled_guidance,
+            "size_multiple": self.size_multiple,
+        }
+
+
+class _ConfigOnly:
+    """The part of a model an adapter's config questions read (``backbone.config``), without the weights."""
+
+    def __init__(self, name: str, config: dict[str, Any]):
+        self.name = name
+        self.backbone = SimpleNamespace(config=SimpleNamespace(**config))
+
+
+def loaded_traits(model: DiffusionModel) -> ModelTraits:
+    family = model.family
+    return ModelTraits(family, family.takes_distilled_guidance(model), family.size_multiple(model))
+
+
+def offered_traits(spec: str) -> ModelTraits | None:
+    """The traits of a model from its files, without loading it: built-ins, and diffusers folders by their
+    ``model_index.json`` and backbone config. None where only loading tells (hub ids, single files)."""
+    spec = canonical_spec(spec)
+    if spec in TINY_MODELS:
+        tiny = TINY_MODELS[spec]
+        family = FAMILIES[tiny.family]
+        return ModelTraits(
+            family, family.takes_distilled_guidance(_ConfigOnly(spec, {"guidance_embeds": tiny.guidance_embeds}))
+        )
+    folder = BUILTIN_FOLDERS.get(spec) or (Path(spec) if not spec.startswith("builtin:") else None)
+    index_path = Path(folder) / "model_index.json" if folder is not None else None
+    if index_path is None or not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        family = family_of_pipeline(index.get("_class_name", ""), spec)
+        config_path = Path(folder) / family.backbone_key / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (OSError, ValueError, InvalidInput):
+        return None  # loading it will say what is wrong
+    return ModelTraits(family, family.takes_distilled_guidance(_ConfigOnly(spec, config)))
 
 
 @dataclass
@@ -108,6 +193,7 @@ class Outcome:
             "model": r.model,
             "scheduler": r.params.scheduler,
             "steps": r.params.steps,
+            "distilled_guidance": self.distilled_guidance,
             "width": first.width,
             "height": first.height,
             "lora": [{"name": n, "weight": w} for n, w in self.adapters],
@@ -115,6 +201,11 @@ class Outcome:
             "trace": jsonable(r.trace),
             "metadata": self.metadata,
         }
+
+    @property
+    def distilled_guidance(self) -> float | None:
+        """The distilled guidance scale the model ran with (None: a model without that input)."""
+        return self.metadata[0].get("distilled_guidance") if self.metadata else None
 
     def summary(self) -> dict[str, Any]:
         return {"seeds": self.result.seeds, "nfe": self.result.nfe}
@@ -159,6 +250,7 @@ class Engine:
         self._controls: dict[int, AdapterControl] = {}
         self._controls_lock = threading.Lock()
         self._defaults: dict[str, ModelDefaults] = {}
+        self._traits: dict[str, ModelTraits | None] = {}
         self.device: DeviceWorker | None = None
         self.queue: WorkQueue | None = None
         # A/B runs (diffsteer.service.ab), apart so they never take a generation slot
@@ -238,7 +330,7 @@ class Engine:
         limits = self.limits.for_model(defaults)
         params = request.generation_params().with_model_defaults(defaults, request.model_fields_set, limits)
         params.check_limits(limits)
-        adapters = self.loras.normalise(request.lora)
+        adapters = self.loras.normalise(request.lora, self.lora_target(model) if request.lora else None)
         if params.seed is None and params.seeds is None:
             params = params.model_copy(update={"seed": secrets.randbelow(2**32)})
         loaded = self.loaded_model(model)
@@ -262,6 +354,29 @@ class Engine:
             with self._controls_lock:
                 self._defaults[spec] = found
         return found
+
+    def model_traits(self, spec: str) -> ModelTraits | None:
+        """The traits of an offered model (:class:`ModelTraits`): from the loaded model, else from its files
+        (read once); None for a model only loading describes (a hub id or single file not loaded yet)."""
+        loaded = self.loaded_model(spec)
+        if loaded is not None:
+            return loaded_traits(loaded)
+        with self._controls_lock:
+            if spec in self._traits:
+                return self._traits[spec]
+        found = offered_traits(spec)
+        with self._controls_lock:
+            self._traits[spec] = found
+        return found
+
+    def lora_target(self, spec: str) -> tuple[str, str] | None:
+        """What LoRAs for an offered model change: its backbone's key and its description (None: not known
+        before loading; the load then refuses a LoRA that does not fit)."""
+        traits = self.model_traits(spec)
+        if traits is None:
+            return None
+        family = traits.family
+        return family.backbone_key, describe_target(spec, family.title, family.backbone_key)
 
     def resolve_model(self, spec: str | None, field: str = "model") -> str:
         """The canonical name of a model this server offers (None and "default": the default model)."""
@@ -358,13 +473,8 @@ class Engine:
             stopped=lambda: ticket.stop_reason is not None,
             on_cost=ticket.add_cost_done,
         )
-        metadata = []
-        for k in range(len(result.images)):
-            meta = result.metadata(k)
-            if plan.adapters:
-                meta["lora"] = ",".join(f"{n}:{w:g}" for n, w in plan.adapters)
-            metadata.append(jsonable(meta))
-        encoded = [encode_image(img, plan.output_format, meta) for img, meta in zip(result.images, metadata)]
+        metadata = [jsonable(request_metadata(model, result, k, plan.adapters)) for k in range(len(result.images))]
+        encoded = [encode_output(img, plan.output_format, meta) for img, meta in zip(result.images, metadata)]
         timings = {
             "queued_s": queued_s,
             "load_s": t_loaded - t_start,
@@ -394,9 +504,13 @@ class Engine:
         ``stopped()`` True fails its waiting units (cancel)."""
         assert self.device is not None
         flow = self.device.flow(self.lane_weight(checked.cost.total), stopped=stopped, on_cost=on_cost)
-        size = int(model.unet.config.sample_size)
         executor = DeviceExecutor(
-            self.device, flow, control=self.control_for(model), adapters=adapters, native_area=size * size
+            self.device,
+            flow,
+            control=self.control_for(model),
+            adapters=adapters,
+            call_cost=backbone_call_cost(model),
+            pad_text=pads_text(model),
         )
         try:
             result = generate(model, checked, callback=callback, executor=executor, rewards=self.rewards)
@@ -419,11 +533,13 @@ class Engine:
             row: dict[str, Any] = {"name": spec, "default": spec == self.default_model, "loaded": model is not None}
             if model is not None:
                 row.update(
-                    family=model.family,
                     native_size=model.native_size,
                     prediction_type=model.prediction_type,
                     scheduler=model.scheduler_config.get("_class_name"),
                 )
+            traits = self.model_traits(spec)
+            if traits is not None:
+                row.update(traits.describe())
             defaults = self.model_defaults(spec)
             row["defaults"] = {
                 **defaults.model_dump(),

@@ -80,17 +80,26 @@ class Metrics:
         )  # succeeded failed cancelled timeout rejected
         self.images = Counter("diffsteer_images_generated", "Images generated", ["model"], registry=r)
         self.nfe = Counter(
-            "diffsteer_nfe", "UNet evaluations (per image) of finished generations", ["model"], registry=r
+            "diffsteer_nfe",
+            "Backbone (UNet or transformer) evaluations (per image) of finished generations",
+            ["model"],
+            registry=r,
         )
         self.batch_rows = Histogram(
-            "diffsteer_unet_batch_rows", "Latent rows per UNet call", buckets=ROW_BUCKETS, registry=r
+            "diffsteer_unet_batch_rows",
+            "Latent rows per backbone (UNet or transformer) call",
+            buckets=ROW_BUCKETS,
+            registry=r,
         )
         self.batch_requests = Histogram(
-            "diffsteer_unet_batch_requests", "Requests sharing one UNet call", buckets=ROW_BUCKETS, registry=r
+            "diffsteer_unet_batch_requests",
+            "Requests sharing one backbone (UNet or transformer) call",
+            buckets=ROW_BUCKETS,
+            registry=r,
         )
         self.unet_seconds = Histogram(
             "diffsteer_unet_call_duration_seconds",
-            "Duration of one (batched) UNet call",
+            "Duration of one (batched) backbone (UNet or transformer) call",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

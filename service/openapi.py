@@ -17,7 +17,8 @@ are missing, and the server's configured limits are nowhere. :func:`build_openap
 
 Constraints between fields that JSON Schema cannot state (a ``cfg`` ``scales`` list has one value per step,
 ``interval_start < interval_end``, ``seeds`` has ``num_images`` values, A1111's Karras schedule only with
-DPM++ 2M, an A/B run's arms × prompts × seeds ≤ ``ab_max_images``...) are in the descriptions and answered 422
+DPM++ 2M, the schedulers and ``distilled_guidance`` a model takes (``GET /models``), an A/B run's arms × prompts
+× seeds ≤ ``ab_max_images``...) are in the descriptions and answered 422
 naming the field; :data:`CROSS_FIELD` lists the fields whose errors can come from them.
 """
 
@@ -56,6 +57,7 @@ CROSS_FIELD = {
     "n",
     "scheduler",
     "sampler_name",
+    "distilled_guidance",
     "arms",
     "prompts",
     "metrics",

@@ -1,10 +1,11 @@
 """Cheap progress previews: a linear latent -> RGB map fitted per model, applied to the current latents.
 
-Decoding with the VAE at every step would cost about as much as a UNet call at full size. Instead, once per
+Decoding with the VAE at every step would cost about as much as a backbone call at full size. Instead, once per
 model, the VAE *encodes* a few smooth random colour fields and a least-squares fit finds the affine map from
 a latent pixel (C channels) to the mean RGB of the image patch it covers. A preview is that map applied to
 the latents after a step (x_t, still noisy early on), at latent resolution (1/8 of the image for SD): no
-network evaluation at all. The fit adapts to any VAE (SD, SDXL, the tiny test models) without tables.
+network evaluation at all. The fit adapts to any VAE (SD, SDXL, SD3/FLUX's 16 channels, Qwen-Image's video VAE,
+the tiny test models) without tables.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffsteer.guidance.latents import to_sampler_latents
+from diffsteer.guidance.latents import encode
 from diffsteer.guidance.models import DiffusionModel
 
 
@@ -60,12 +61,10 @@ class LatentPreviewer:
         self._lock = threading.Lock()
 
     def fit(self, model: DiffusionModel) -> torch.Tensor:
-        vae = model.vae
         size = max(self.size, 4 * model.vae_scale_factor)
         images = colour_fields(self.count, size)
         with torch.no_grad():
-            posterior = vae.encode((images * 2 - 1).to(device=model.device, dtype=vae.dtype)).latent_dist
-            z = to_sampler_latents(vae, posterior.mean.float()).cpu()
+            z = encode(model.vae, images).cpu()  # every family's VAE (Qwen-Image's codes frames), normalised
         target = F.avg_pool2d(images, model.vae_scale_factor)
         return fit_affine(z, target)
 

@@ -70,7 +70,7 @@ class Ticket:
         self._lock = threading.Lock()
         self._stop: BaseException | None = None
         self.listeners: list[Callable[[str, Any], None]] = []
-        self.cost = 0.0  # estimated, in UNet evaluations at native size (diffsteer.guidance.cost); 0: unknown
+        self.cost = 0.0  # estimated, in backbone evaluations at native size (diffsteer.guidance.cost); 0: unknown
         self.cost_done = 0.0  # of it, the units the device worker has finished
 
     def add_cost_done(self, cost: float) -> None:

@@ -89,14 +89,17 @@ class GenerateResponse(pydantic.BaseModel):
     images: list[str] = pydantic.Field(description="Base64-encoded images.")
     format: OutputFormat
     seeds: list[int]
-    nfe: list[int] = pydantic.Field(description="UNet evaluations per image.")
+    nfe: list[int] = pydantic.Field(description="Backbone (UNet or transformer) evaluations per image.")
     unet_calls: int = pydantic.Field(
-        description="UNet calls this request asked for (shared calls count once per request)."
+        description="Backbone calls this request asked for (shared calls count once per request)."
     )
     policy: str = pydantic.Field(description="The policy as a spec string (non-default parameters).")
     model: str
     scheduler: str
     steps: int
+    distilled_guidance: float | None = pydantic.Field(
+        None, description="The distilled guidance scale the model ran with (guidance-distilled models; else null)."
+    )
     width: int
     height: int
     lora: list[LoraRef]
@@ -257,7 +260,22 @@ class ModelInfo(pydantic.BaseModel):
     name: str
     default: bool
     loaded: bool
-    family: str | None = None
+    family: str | None = pydantic.Field(
+        None, description="The model's family: sd, sdxl, sd3, flux or qwenimage (None: known once loaded)."
+    )
+    family_title: str | None = pydantic.Field(None, description="The family for people, e.g. 'FLUX.1'.")
+    schedule: Literal["vp", "flow"] | None = pydantic.Field(
+        None, description="The noise schedule: 'vp' (SD, SDXL) or 'flow' (flow matching: SD3, FLUX, Qwen-Image)."
+    )
+    schedulers: list[str] | None = pydantic.Field(
+        None, description="The `scheduler` values this model accepts (flow models: the samplers with a flow form)."
+    )
+    distilled_guidance: bool | None = pydantic.Field(
+        None, description="Whether the model takes `distilled_guidance` (guidance-distilled models: FLUX.1-dev)."
+    )
+    size_multiple: int | None = pydantic.Field(
+        None, description="Width and height must be multiples of this (loaded models)."
+    )
     native_size: int | None = None
     prediction_type: str | None = None
     scheduler: str | None = None
@@ -293,6 +311,7 @@ class OpenAIDiffsteerInfo(pydantic.BaseModel):
     model: str
     steps: int
     scheduler: str
+    distilled_guidance: float | None = None
 
 
 class OpenAIImagesResponse(pydantic.BaseModel):

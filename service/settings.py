@@ -119,7 +119,8 @@ class ServiceSettings(BaseSettings):
     )
     fast_paths: str = pydantic.Field(
         "none",
-        description="UNet fast paths, comma-separated: compile, channels_last, cuda_graphs (compile_mode=..., "
+        description="UNet fast paths (UNet models only: a transformer model fails to load with them), "
+        "comma-separated: compile, channels_last, cuda_graphs (compile_mode=..., "
         "max_graphs=N); see guidance/fast_paths.py, and BENCHMARKS.md, section GPU suite and fast paths, for what "
         "each gains.",
     )
@@ -140,7 +141,7 @@ class ServiceSettings(BaseSettings):
     max_concurrent: int | None = pydantic.Field(
         None,
         ge=1,
-        description="Generations whose sampler loops run at once (their UNet calls all go through the one device "
+        description="Generations whose sampler loops run at once (their backbone calls all go through the one device "
         "worker). Default: max_batch_requests with batching, 1 without.",
     )
     queue_size: int = pydantic.Field(16, ge=0, description="Requests that may wait for a free slot; beyond that: 429.")
@@ -157,11 +158,15 @@ class ServiceSettings(BaseSettings):
         description="Bytes of results (base64 images) finished jobs may hold in all (oldest "
         "dropped first); a single job above it is dropped at the next purge.",
     )
-    batching: bool = pydantic.Field(True, description="Denoise concurrent compatible requests in shared UNet calls.")
-    max_batch_rows: int = pydantic.Field(16, ge=1, description="Most latent rows in one shared UNet call.")
+    batching: bool = pydantic.Field(
+        True, description="Denoise concurrent compatible requests in shared backbone calls."
+    )
+    max_batch_rows: int = pydantic.Field(16, ge=1, description="Most latent rows in one shared backbone call.")
     max_batch_requests: int = pydantic.Field(8, ge=1, description="Default max_concurrent when batching is on.")
     batch_window_ms: float = pydantic.Field(
-        5.0, ge=0, description="How long the device worker waits for other requests' UNet calls before running a batch."
+        5.0,
+        ge=0,
+        description="How long the device worker waits for other requests' backbone calls before running a batch.",
     )
 
     # --- A/B evaluations (POST /ab) -------------------------------------------------------------------
@@ -189,9 +194,10 @@ class ServiceSettings(BaseSettings):
     max_cost: float = pydantic.Field(
         32_768.0,
         gt=0,
-        description="Most work one request may ask for, in UNet evaluations of one image at the model's "
-        "native size: images x area/native area x steps x the policy's evaluations per step x its passes (ReNO's "
-        "iterations); beyond that: 422 naming the field that contributes most (diffsteer.guidance.cost).",
+        description="Most work one request may ask for, in backbone (UNet or transformer) evaluations of one image "
+        "at the model's native size: images x (one evaluation at its size / one at native size) x steps x the "
+        "policy's evaluations per step x its passes (ReNO's iterations); beyond that: 422 naming the field that "
+        "contributes most (diffsteer.guidance.cost).",
     )
     max_area_factor: float = pydantic.Field(
         16.0,

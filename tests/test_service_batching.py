@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_service_support import UNetGate, app_client, engine_of, one_thread  # noqa: F401
 
-from diffsteer.guidance.denoiser import Condition
+from diffsteer.guidance.denoiser import Condition, call_unet
 from diffsteer.guidance.sampler import generate
 from diffsteer.service.device import DeviceExecutor, DeviceWorker, _row_timesteps
 from diffsteer.service.schemas import GenerateRequest
@@ -124,7 +124,7 @@ def run_calls(worker, unet, specs, sessions=True):
         ctx = worker.session(unet, (), shape) if sessions else _null()
         with ctx:
             start.wait()
-            results[i] = DeviceExecutor(worker, None).unet_fn(unet, x, torch.tensor(t), cond)
+            results[i] = DeviceExecutor(worker, None).backbone_fn(call_unet, unet, x, torch.tensor(t), cond)
 
     threads = []
     for i, (rows, t, shape) in enumerate(specs):
@@ -196,8 +196,8 @@ def test_a_failing_unet_call_reaches_its_callers_and_the_worker_survives():
 
         def call():
             try:
-                DeviceExecutor(worker, None).unet_fn(
-                    broken, torch.ones(1, 4, 2, 2), torch.tensor(1), Condition(torch.ones(1, 2, 3))
+                DeviceExecutor(worker, None).backbone_fn(
+                    call_unet, broken, torch.ones(1, 4, 2, 2), torch.tensor(1), Condition(torch.ones(1, 2, 3))
                 )
             except RuntimeError as e:
                 errors.append(str(e))

@@ -53,7 +53,7 @@ def sampler_loop(
         for _ in range(calls):
             if stop is not None and stop.is_set():
                 break
-            executor.unet_fn(unet, torch.ones(1, 4, side, side), torch.tensor(1.0), cond)
+            executor.backbone_fn(call_unet, unet, torch.ones(1, 4, side, side), torch.tensor(1.0), cond)
             done.append(time.monotonic())
     worker.close_flow(flow)
 
@@ -125,7 +125,8 @@ def test_units_of_a_stopped_flow_fail_without_running():
         holding.start()
         assert blocking.wait(30)  # the worker is busy with another flow's unit
         futures = [
-            worker.submit_unet(
+            worker.submit_backbone(
+                call_unet,
                 unet,
                 torch.ones(1, 4, 4, 4),
                 torch.tensor(1.0),
@@ -161,7 +162,7 @@ def test_gradients_through_the_worker_equal_direct_autograd(sd_model):
     try:
         executor = DeviceExecutor(worker, worker.flow())
         with torch.enable_grad():
-            out = executor.unet_fn(unet, x, t, cond)
+            out = executor.backbone_fn(call_unet, unet, x, t, cond)
             (through,) = torch.autograd.grad((out * weights).sum(), x)
     finally:
         worker.close()

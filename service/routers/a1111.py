@@ -1,15 +1,22 @@
 """AUTOMATIC1111 web UI API: ``POST /sdapi/v1/txt2img`` and the listings its clients read.
 
 Request fields used: ``prompt``, ``negative_prompt``, ``steps``, ``cfg_scale``, ``seed`` (-1: random),
-``width``, ``height`` (default: the model's native size), ``batch_size`` x ``n_iter`` images, ``sampler_name`` (or ``sampler_index``) and
-``scheduler`` (A1111 1.9+: ``automatic`` or ``karras``), ``eta``, ``override_settings.sd_model_checkpoint``
-(a model of this server). Extensions: ``policy`` (when its ``scale`` is not given, ``cfg_scale`` fills it),
-``lora``. Without ``policy`` and ``cfg_scale`` the model's recommended policy is used, without ``steps`` its
-recommended steps (``diffsteer.guidance.models.ModelDefaults``). Fields A1111 clients send with defaults are accepted and ignored; features this server does not
-have (hires fix, face restoration, tiling, variation seeds, styles, scripts) are refused with 422 when asked
-for. Response: ``{"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}`` with
-``seed``/``all_seeds``/``infotexts`` like A1111; ``sampler_name``, ``scheduler`` (schedule type) and
-``cfg_scale`` in ``info`` are those the PNGs' infotexts carry (A1111's names: ``DPM++ 2M`` + ``Karras``).
+``width``, ``height`` (default: the model's native size), ``batch_size`` x ``n_iter`` images, ``sampler_name``
+(or ``sampler_index``) and ``scheduler`` (A1111 1.9+: ``automatic`` or ``karras``), ``eta``,
+``override_settings.sd_model_checkpoint`` (a model of this server). Extensions: ``policy`` (when its ``scale``
+is not given, ``cfg_scale`` fills it), ``lora``. Without ``policy`` and ``cfg_scale`` the model's recommended
+policy is used, without ``steps`` its recommended steps (``diffsteer.guidance.models.ModelDefaults``). Fields
+A1111 clients send with defaults are accepted and ignored; features this server does not have (hires fix, face
+restoration, tiling, variation seeds, styles, scripts) are refused with 422 when asked for. Response:
+``{"images": [base64 PNG...], "parameters": {...}, "info": "<JSON string>"}`` with ``seed``/``all_seeds``/
+``infotexts`` like A1111; ``sampler_name``, ``scheduler`` (schedule type) and ``cfg_scale`` in ``info`` are
+those the PNGs' infotexts carry (A1111's names: ``DPM++ 2M`` + ``Karras``).
+
+Flow-matching models (SD3, FLUX.1, Qwen-Image) as Forge serves them: samplers ``Euler``, ``Heun``,
+``DPM++ 2M``, ``UniPC`` with schedule type ``Simple`` (or ``Automatic``), the flow forms of those samplers on the
+model's own σ grid; other samplers are refused naming ``sampler_name`` and the accepted ones. Forge's
+``distilled_cfg_scale`` (sent on every request) is the ``distilled_guidance`` of models that take it (FLUX.1-dev)
+and ignored by the others; infotexts carry it as Forge writes it (``Distilled CFG Scale: 3.5``).
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.images import a1111_parameters
 from diffsteer.guidance.registry import parse_json_object, parse_spec_string, policy_class
+from diffsteer.guidance.schedulers import A1111_FLOW_SAMPLERS
 from diffsteer.service.deps import get_engine, require_api_key
-from diffsteer.service.engine import Engine
-from diffsteer.service.routers.common import CLIENT_CLOSED, run_translated
+from diffsteer.service.engine import Engine, ModelTraits
+from diffsteer.service.infotext import infotext
+from diffsteer.service.routers.common import CLIENT_CLOSED, ClientFieldError, run_translated
 from diffsteer.service.schemas import (
     A1111Model,
     A1111Options,
@@ -70,7 +78,6 @@ SAMPLER_LABELS = {
     "unipc": "UniPC",
     "lcm": "LCM",
 }
-A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
 
 
 class A1111Overrides(pydantic.BaseModel):
@@ -97,6 +104,13 @@ class Txt2ImgRequest(pydantic.BaseModel):
     sampler_index: str | None = None
     scheduler: str | None = None
     eta: float | None = None
+    distilled_cfg_scale: float | None = pydantic.Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="Forge's distilled guidance scale: the `distilled_guidance` of models that take it (FLUX.1-dev; "
+        "default 3.5); ignored by the others, as Forge clients send it on every request.",
+    )
     override_settings: A1111Overrides | None = None
     # features this server does not have: refused when asked for
     enable_hr: bool | None = False
@@ -117,7 +131,21 @@ class Txt2ImgRequest(pydantic.BaseModel):
         return json_body(data)
 
 
-def resolve_sampler(name: str | None, scheduler: str | None) -> str:
+# A1111/Forge sampler name (lower case) -> our scheduler, on flow-matching models (Forge's names for FLUX/SD3)
+FLOW_SAMPLERS = {label.lower(): ours for ours, (label, _) in A1111_FLOW_SAMPLERS.items()}
+FLOW_SAMPLER_LABELS = [label for label, _ in A1111_FLOW_SAMPLERS.values()]
+# A1111 "Schedule type" (lower case) -> its label: on VP models, on flow models (Forge's "Simple": the model's
+# own shifted σ grid, which every flow scheduler here samples), and where the model is not known yet
+VP_SCHEDULE_TYPES = {"automatic": "Automatic", "karras": "Karras"}
+FLOW_SCHEDULE_TYPES = {"automatic": "Automatic", "simple": "Simple"}
+A1111_SCHEDULERS = {**VP_SCHEDULE_TYPES, **FLOW_SCHEDULE_TYPES}
+
+
+def resolve_sampler(name: str | None, scheduler: str | None, schedule: str | None = None, model: str = "") -> str:
+    """Our scheduler for A1111's ``sampler_name`` and ``scheduler`` (schedule type) on a model of noise
+    ``schedule`` ("vp", "flow"; None: not known before loading, where "Simple" is let through)."""
+    if schedule == "flow":
+        return resolve_flow_sampler(name, scheduler, model)
     if name is None or not name.strip():
         base = "default"
     else:
@@ -127,14 +155,45 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> str:
             raise InvalidInput("sampler_name", f"unknown sampler {name!r}; accepted values: {accepted}")
         base = SAMPLERS[key]
     kind = (scheduler or "automatic").strip().lower()
-    if kind not in A1111_SCHEDULERS:
-        raise InvalidInput("scheduler", f"unsupported scheduler {scheduler!r}; accepted values: Automatic, Karras")
+    if kind == "simple" and schedule is None:
+        kind = "automatic"
+    if kind not in VP_SCHEDULE_TYPES:
+        on = f" on {model}" if model else ""
+        raise ClientFieldError(
+            "scheduler",
+            f"unsupported scheduler {scheduler!r}{on}; accepted values: {', '.join(VP_SCHEDULE_TYPES.values())}"
+            + (" (Simple: on flow-matching models)" if kind == "simple" else ""),
+        )
     if kind == "karras" and base == "default":
         base = "dpmpp_2m"  # A1111's own default sampler, the one our Karras schedule exists for
     if kind == "karras" and base != "dpmpp_2m_karras":
         if base != "dpmpp_2m":
-            raise InvalidInput("scheduler", f"Karras sigmas are available with 'DPM++ 2M' only, not {name!r}")
+            raise ClientFieldError("scheduler", f"Karras sigmas are available with 'DPM++ 2M' only, not {name!r}")
         base = "dpmpp_2m_karras"
+    return base
+
+
+def resolve_flow_sampler(name: str | None, scheduler: str | None, model: str) -> str:
+    """On a flow-matching model: Forge's samplers for FLUX/SD3 (Euler, Heun, DPM++ 2M, UniPC) with the schedule
+    type Simple (or Automatic, the same: the model's own σ grid); others are refused naming the accepted ones."""
+    if name is None or not name.strip():
+        base = "default"
+    else:
+        key = name.strip().lower()
+        if key not in FLOW_SAMPLERS:
+            problem = f"{name!r} has no flow-matching form" if key in SAMPLERS else f"unknown sampler {name!r}"
+            raise InvalidInput(
+                "sampler_name",
+                f"{problem}; accepted values on {model}, a flow-matching model: {', '.join(FLOW_SAMPLER_LABELS)}",
+            )
+        base = FLOW_SAMPLERS[key]
+    kind = (scheduler or "automatic").strip().lower()
+    if kind not in FLOW_SCHEDULE_TYPES:
+        raise ClientFieldError(
+            "scheduler",
+            f"unsupported scheduler {scheduler!r} on {model}, a flow-matching model; accepted values: "
+            f"{', '.join(FLOW_SCHEDULE_TYPES.values())}",
+        )
     return base
 
 
@@ -174,16 +233,21 @@ def unsupported(body: Txt2ImgRequest) -> None:
             raise InvalidInput(field, message)
 
 
-def to_generate_request(body: Txt2ImgRequest) -> GenerateRequest:
+def to_generate_request(body: Txt2ImgRequest, engine: Engine | None = None) -> GenerateRequest:
+    """The GenerateRequest of an A1111 body; with ``engine``, samplers and Forge's ``distilled_cfg_scale`` are
+    mapped for the model the request names (:meth:`Engine.model_traits`)."""
     unsupported(body)
     if body.seed < -1:
         raise InvalidInput("seed", f"{body.seed}: -1 (a random seed) or a seed ≥ 0")
     checkpoint = body.override_settings.sd_model_checkpoint if body.override_settings is not None else None
     model = body.model if body.model is not None else checkpoint
+    name, traits = offered_model(engine, model)
+    schedule = traits.family.schedule if traits is not None else None
+    label = f"{name} ({traits.family.title})" if traits is not None else ""
     data: dict[str, Any] = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt or None,
-        "scheduler": resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler),
+        "scheduler": resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler, schedule, label),
         "seed": None if body.seed < 0 else body.seed,
         "width": body.width,
         "height": body.height,
@@ -199,10 +263,24 @@ def to_generate_request(body: Txt2ImgRequest) -> GenerateRequest:
         data["policy"] = resolve_policy(body.policy, body.cfg_scale)
     if body.eta is not None:
         data["eta"] = body.eta
+    if body.distilled_cfg_scale is not None and traits is not None and traits.distilled_guidance:
+        data["distilled_guidance"] = body.distilled_cfg_scale
     return GenerateRequest.model_validate(data)
 
 
-FIELD_NAMES = {"num_images": "batch_size", "scheduler": "sampler_name"}
+def offered_model(engine: Engine | None, model: str | None) -> tuple[str, ModelTraits | None]:
+    """The canonical name and traits of the model a request names (traits None: no engine, or known only once
+    loaded); an unknown name is left to the request's validation, which names the field."""
+    if engine is None:
+        return model or "", None
+    try:
+        name = engine.resolve_model(model)
+    except InvalidInput:
+        return model or "", None
+    return name, engine.model_traits(name)
+
+
+FIELD_NAMES = {"num_images": "batch_size", "scheduler": "sampler_name", "distilled_guidance": "distilled_cfg_scale"}
 
 
 def a1111_field(field: str) -> str:
@@ -212,7 +290,7 @@ def a1111_field(field: str) -> str:
 
 @router.post("/txt2img", response_model=Txt2ImgResponse, summary="AUTOMATIC1111-compatible text to image")
 async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depends(get_engine)) -> Response:
-    outcome = await run_translated(request, engine, lambda: to_generate_request(body), a1111_field)
+    outcome = await run_translated(request, engine, lambda: to_generate_request(body, engine), a1111_field)
     if outcome is None:
         return Response(status_code=CLIENT_CLOSED)
     r = outcome.result
@@ -233,6 +311,7 @@ async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depen
         "sampler_name": meta.get("sampler"),
         "scheduler": meta.get("schedule_type") or "Automatic",
         "cfg_scale": meta.get("cfg_scale"),
+        "distilled_cfg_scale": meta.get("distilled_guidance"),
         "steps": r.params.steps,
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
@@ -247,7 +326,7 @@ async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depen
         "clip_skip": 1,
         "is_using_inpainting_conditioning": False,
         "index_of_first_image": 0,
-        "infotexts": [a1111_parameters(m) for m in outcome.metadata],
+        "infotexts": [infotext(m) for m in outcome.metadata],
         "version": "diffsteer",
         "policy": r.params.policy.spec(),
         "nfe": r.nfe,

@@ -35,6 +35,11 @@ class ClientGone(Exception):
     pass
 
 
+class ClientFieldError(InvalidInput):
+    """Bad input already named in a compatibility route's own field names (A1111's ``scheduler``, its schedule
+    type), which :func:`run_translated` must not rename as if it were ours."""
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the request body was already read)."""
     while True:
@@ -85,6 +90,8 @@ async def run_translated(
     except pydantic.ValidationError as e:
         field, message, _ = describe_validation(e.errors())
         raise InvalidInput(rename(field), message) from None
+    except ClientFieldError:
+        raise
     except InvalidInput as e:
         raise InvalidInput(rename(e.field), e.reason) from None
     try:

@@ -5,7 +5,8 @@ refused with 400, as this server keeps no image store), ``output_format`` (png, 
 model of this server; OpenAI's own names such as ``dall-e-3`` or ``gpt-image-1`` mean the default model).
 ``quality``, ``style``, ``user``, ``safety_identifier``, ``moderation`` and ``output_compression`` are
 accepted and ignored. Guidance options are extra fields: ``policy``, ``steps``, ``seed``, ``seeds``,
-``negative_prompt``, ``scheduler``, ``eta``, ``lora`` (in the official client: ``extra_body={...}``).
+``negative_prompt``, ``scheduler``, ``eta``, ``distilled_guidance`` (guidance-distilled models: FLUX.1-dev),
+``lora`` (in the official client: ``extra_body={...}``).
 Errors are 400 with OpenAI's error shape (plus ``field``).
 """
 
@@ -61,6 +62,13 @@ class OpenAIImageRequest(pydantic.BaseModel):
     seed: int | None = None
     seeds: list[int] | None = None
     eta: float | None = None
+    distilled_guidance: float | None = pydantic.Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="The guidance scale a guidance-distilled model (FLUX.1-dev) takes as an input (default 3.5); "
+        "refused by models without that input (GET /models: distilled_guidance).",
+    )
     lora: list[LoraRef] | None = None
 
 
@@ -100,7 +108,17 @@ def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateReq
         "output_format": body.output_format or "png",
         "model": model,
     }
-    for key in ("negative_prompt", "policy", "steps", "scheduler", "seed", "seeds", "eta", "lora"):
+    for key in (
+        "negative_prompt",
+        "policy",
+        "steps",
+        "scheduler",
+        "seed",
+        "seeds",
+        "eta",
+        "distilled_guidance",
+        "lora",
+    ):
         value = getattr(body, key)
         if value is not None:
             data[key] = value
@@ -131,6 +149,7 @@ async def images_generations(
                 "model": r.model,
                 "steps": r.params.steps,
                 "scheduler": r.params.scheduler,
+                "distilled_guidance": outcome.distilled_guidance,
             },
         }
     )

@@ -9,6 +9,8 @@ const AB_RUNS = "diffsteer.abRuns";
 
 const state = {
   policies: [],          // rows of GET /policies: {name, summary, parameters, schema}
+  models: [],            // rows of GET /models: {name, family, schedulers, distilled_guidance, ...}
+  schedulers: [],        // every scheduler name (GET /policies)
   loras: [],
   readers: {},           // slot -> () => policy object
   active: new Map(),     // job id -> AbortController of its event stream
@@ -37,8 +39,11 @@ async function load() {
   try {
     const [models, policies] = await Promise.all([call("GET", "/models"), call("GET", "/policies")]);
     state.loras = models.loras;
-    $("model").replaceChildren(...models.models.map((m) => new Option(m.name + (m.default ? " (default)" : ""), m.name, m.default, m.default)));
-    $("scheduler").replaceChildren(...policies.schedulers.map((s) => new Option(s, s)));
+    state.models = models.models;
+    state.schedulers = policies.schedulers;
+    $("model").replaceChildren(...models.models.map((m) => new Option(modelLabel(m), m.name, m.default, m.default)));
+    $("model").onchange = showModel;
+    showModel();
     state.policies = policies.policies;
     for (const fieldset of document.querySelectorAll("fieldset.policy")) setUpPolicy(fieldset);
     $("add-lora").disabled = state.loras.length === 0;
@@ -49,6 +54,32 @@ async function load() {
     $("generate").disabled = true;
     setStatus(error.status === 401 ? "This server needs an API key (top right)." : String(error.message), true);
   }
+}
+
+function modelLabel(m) {
+  const family = m.family_title ? ` · ${m.family_title}` : "";
+  return m.name + family + (m.default ? " (default)" : "");
+}
+
+// The chosen model's schedulers (flow-matching models take fewer), its distilled guidance input (FLUX.1-dev)
+// and its recommendations.
+function showModel() {
+  const model = state.models.find((m) => m.name === $("model").value) || {};
+  const names = model.schedulers || state.schedulers;
+  const previous = $("scheduler").value;
+  $("scheduler").replaceChildren(...names.map((s) => new Option(s, s)));
+  $("scheduler").value = names.includes(previous) ? previous : "default";
+  $("distilled-field").hidden = !model.distilled_guidance;
+  const d = model.defaults || {};
+  const parts = [
+    model.family_title && `${model.family_title} (${model.schedule === "flow" ? "flow matching" : "diffusion"})`,
+    d.native_size && `native ${d.native_size} px`,
+    model.size_multiple && `sizes in multiples of ${model.size_multiple}`,
+    d.policy && `recommended policy ${d.policy}`,
+    d.steps && `${d.steps} steps`,
+  ].filter(Boolean);
+  $("model-info").textContent = parts.join(" · ");
+  for (const id of ["width", "height"]) $(id).step = String(model.size_multiple || 8);
 }
 
 function setUpPolicy(fieldset) {
@@ -96,6 +127,8 @@ function baseRequest() {
       name: row.querySelector(".lora-name").value, weight: Number(row.querySelector(".lora-weight").value),
     })),
   };
+  const distilled = $("distilled-field").hidden ? "" : $("distilled-guidance").value.trim();
+  if (distilled !== "") body.distilled_guidance = Number(distilled);
   // one seed for every run of this submission, so side-by-side images differ by their policy only
   body.seed = optionalInt("seed") ?? Math.floor(Math.random() * MAX_SEED);
   return body;
