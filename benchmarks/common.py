@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import statistics
 import time
@@ -106,6 +107,125 @@ def sdxl_unet(seed: int = 0):
     ).eval()
 
 
+# The real transformer configs (the checkpoints' transformer/config.json), for random-weight models of their size.
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+FLUX1_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside the block get parameters of ``dtype`` (with ``torch.device(...)``: a large model is
+    created in bf16 directly on the GPU, never in fp32 nor on the CPU)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def flow_vae(scaling_factor: float, shift_factor: float, seed: int = 0):
+    """The SD3 / FLUX.1 VAE architecture (KL, 16 latent channels, factor 8, no quant convs; 84M), random weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+        sample_size=1024,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def sd35_medium_components(seed: int = 0) -> dict:
+    """``StableDiffusion3Pipeline`` components around SD3.5 Medium's MMDiT at its real config (2.5B), random weights:
+    SD3's VAE, and two small random CLIP encoders with projections to the real pooled widths (768 + 1280 = 2048)
+    and no T5, so the family fills T5's 256 tokens with zeros as for a checkpoint shipped without T5: the
+    transformer sees the real 77 + 256 = 333 text tokens of the real width. For the backbone's cost (the real text
+    encoders' cost, a one-off per prompt, is not measured). Build under ``torch.device`` and
+    :func:`default_dtype`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from diffsteer.guidance.tiny import tiny_text_encoder, tiny_tokenizer
+    from diffsteer.guidance.tiny_transformers import SD3_SCHEDULER
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER).eval()
+    return {
+        "transformer": transformer,
+        "vae": flow_vae(scaling_factor=1.5305, shift_factor=0.0609, seed=seed + 1),
+        "text_encoder": tiny_text_encoder(len(tokenizer), hidden=32, projection_dim=768, seed=seed + 2),
+        "text_encoder_2": tiny_text_encoder(len(tokenizer), hidden=64, projection_dim=1280, seed=seed + 3),
+        "text_encoder_3": None,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tiny_tokenizer(),
+        "tokenizer_3": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def flux_dev_components(seed: int = 0) -> dict:
+    """``FluxPipeline`` components around FLUX.1-dev's transformer at its real config (12B, guidance-distilled),
+    random weights: FLUX's VAE, a small random CLIP text model of the real pooled width (768) and a one-layer
+    random T5 encoder of the real width (4096) behind the 512-token T5 tokenizer, so the transformer sees the real
+    512 text tokens. For the backbone's cost. Build under ``torch.device`` and :func:`default_dtype`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from diffsteer.guidance.tiny import tiny_text_encoder, tiny_tokenizer
+    from diffsteer.guidance.tiny_transformers import FLUX_SCHEDULER, tiny_t5_encoder, tiny_t5_tokenizer
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_t5_tokenizer(max_length=512)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER).eval()
+    return {
+        "transformer": transformer,
+        "vae": flow_vae(scaling_factor=0.3611, shift_factor=0.1159, seed=seed + 1),
+        "text_encoder": tiny_text_encoder(len(tokenizer), hidden=768, seed=seed + 2),
+        "text_encoder_2": tiny_t5_encoder(len(tokenizer_2), d_model=4096, seed=seed + 3),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def save_sd15_random(path: str, dtype: torch.dtype | None = None) -> str:
     """Write the random-weight SD-1.5 architecture as a diffusers folder (for tools that take a model path);
     ``dtype`` (e.g. fp16) halves what is written."""
@@ -119,9 +239,17 @@ def save_sd15_random(path: str, dtype: torch.dtype | None = None) -> str:
 
 
 def load_arch(arch: str, device: str, dtype: str | None):
-    """``tiny`` (the built-in model), ``default`` (the shipped default), ``sd15`` (random weights) or a
-    diffusers folder."""
-    from diffsteer.guidance.models import _place, configure_attention, from_components, load_model, resolve_dtype
+    """``tiny`` (the built-in model), ``default`` (the shipped default), ``sd15`` (random weights), the name of a
+    built-in tiny model without its ``builtin:`` prefix (``tiny-flux``, ``tiny-flux-schnell``, ``tiny-sd3``,
+    ``tiny-qwenimage``, ``tiny-sdxl``...) or a diffusers folder."""
+    from diffsteer.guidance.models import (
+        TINY_MODELS,
+        _place,
+        configure_attention,
+        from_components,
+        load_model,
+        resolve_dtype,
+    )
 
     if arch == "sd15":
         model = from_components("sd15-random", sd15_components())
@@ -129,6 +257,8 @@ def load_arch(arch: str, device: str, dtype: str | None):
         _place(model, dev, resolve_dtype(dtype, dev))
         configure_attention(model.unet, dev, "sdpa")
         return model
+    if f"builtin:{arch}" in TINY_MODELS:
+        return load_model(f"builtin:{arch}", device=device, dtype=dtype)
     if arch not in ("tiny", "default"):
         return load_model(arch, device=device, dtype=dtype, attention="sdpa")
     return load_model("builtin:tiny" if arch == "tiny" else None, device=device, dtype=dtype)
@@ -170,16 +300,47 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Run each function ``repeats`` times, interleaved (A B A B ...) so drift hits both; median seconds."""
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    *,
+    alternate: bool = False,
+    collect: bool = False,
+    cpu_times: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
+    """Wall seconds of each of ``repeats`` runs of each function, interleaved (A B A B ...) so drift hits both.
+    ``alternate``: every other round runs in reverse order (A B B A ...), so neither always runs right after the
+    other; ``collect``: a full garbage collection before each run (outside the timing), so that one function's
+    garbage is not collected on the other's clock; ``cpu_times``, if given, receives each run's CPU seconds of
+    this process (all its threads), which other processes on a shared machine disturb far less than wall time."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    items = list(fns.items())
+    for round_ in range(repeats):
+        for name, fn in reversed(items) if alternate and round_ % 2 else items:
+            if collect:
+                gc.collect()
             sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - c0)
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    *,
+    alternate: bool = False,
+    collect: bool = False,
+) -> dict[str, float]:
+    """Run each function ``repeats`` times, interleaved (A B A B ...) so drift hits both; median seconds.
+    ``alternate`` and ``collect`` as in :func:`interleaved_times`."""
+    times = interleaved_times(fns, repeats, device, alternate=alternate, collect=collect)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

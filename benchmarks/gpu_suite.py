@@ -28,7 +28,17 @@ Rows (``--rows`` picks some; order = priority when the budget runs short):
   gradient checkpointing on and off: step time and peak memory against K = 1 with checkpointing — goal < 12 GB
   at K = 1;
 - ``mfu_sdxl``: as ``mfu``, the SDXL base UNet at 1024², 8 rows;
-- ``compile``: ``torch.compile`` of the UNet (default mode), alone and with CUDA graphs, against eager (16 rows).
+- ``compile``: ``torch.compile`` of the UNet (default mode), alone and with CUDA graphs, against eager (16 rows);
+- ``flow_sd35m``: SD3.5 Medium's MMDiT at its real config (2.2B), random weights, bf16, 1024² (4096 image tokens
+  and the real 333 text tokens; small random text encoders: the row measures the backbone): the backbone call at
+  1, 2 (one cfg step) and 8 rows with its FLOPs, TFLOPS and MFU against the dense bf16 peak (goal ≥ 40%), the
+  batching gain (rows/s at 8 rows over 1 row), peak memory against the weights, and ``generate`` (cfg 7, 4 steps)
+  at batch 1 and 4 in images/s against the backbone calls alone;
+- ``flow_flux``: the same for FLUX.1-dev's transformer at its real config (11.9B, guidance-distilled, the real 512
+  T5 tokens), built in bf16 directly on the device; ``generate`` with cfg 1 on the distilled guidance 3.5.
+
+The two flow rows come last: in the default budget they run only if the rows before them leave time; on their
+own (``--rows flow_sd35m,flow_flux``) they take about 2-3 minutes on an H100 (FLUX.1-dev-size needs ~30 GB).
 """
 
 from __future__ import annotations
@@ -84,6 +94,8 @@ ROWS: dict[str, float] = {
     "alignprop": 130,
     "mfu_sdxl": 60,
     "compile": 150,
+    "flow_sd35m": 75,
+    "flow_flux": 120,
 }
 SMOKE_ROW_CAP = 600  # CPU, tiny models; generous because a shared machine can be 10x slower than idle
 PROMPT = "a red circle to the left of a blue square"
@@ -357,7 +369,7 @@ def _mfu(s: Setup, unet, rows: int, label: str, row: str) -> list[dict]:
         line(
             row,
             f"{label}, {rows} rows, {str(dtype).removeprefix('torch.')}: {flops / 1e9:.4g} GFLOP per call, {seconds * 1e3:.1f} ms",
-            round(achieved, 2),
+            round(achieved, 3),
             "TFLOPS",
             baseline=f"dense bf16 peak of {name}" if peak else "no known peak for this device",
             baseline_value=peak,
@@ -637,6 +649,215 @@ def row_alignprop(s: Setup, remaining: float) -> list[dict]:
     return out
 
 
+# -- flow-matching transformers at real size ------------------------------------------------------------------
+
+
+def count_text(n: float) -> str:
+    """A parameter count as people write it: 47.1k, 2.24B."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def flop_text(flops: float) -> str:
+    return f"{flops / 1e12:.4g} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.4g} GFLOP"
+
+
+def seconds_per_call(fn: Callable[[], Any], device, *, repeats: int, target_s: float = 0.5) -> float:
+    """Median seconds of one call of ``fn``, after one warm-up, timed in blocks of as many calls as fill about
+    ``target_s`` (1 to 10)."""
+    from benchmarks.common import interleaved_medians, sync
+
+    sync(device)
+    t0 = time.perf_counter()
+    fn()  # warm-up, and the block size
+    sync(device)
+    calls = max(1, min(10, int(target_s / max(time.perf_counter() - t0, 1e-9))))
+    return interleaved_medians({"f": lambda: [fn() for _ in range(calls)]}, repeats, device)["f"] / calls
+
+
+def _flow_row(s: Setup, row: str, label: str, build: Callable[[], dict], policy: str, passes: int) -> list[dict]:
+    """A flow transformer built on the device in bf16 (fp32 on a CPU): its backbone call (as the sampler makes it,
+    through the family's ``forward``) at 1, 2, 8 rows and at the rows of the generations, its MFU and batching
+    gain, peak memory, and ``generate`` end to end (``policy``, ``passes`` rows per image) at batch 1 and 4 against
+    the backbone calls alone."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import default_dtype, interleaved_medians
+    from diffsteer.guidance.models import _place, from_components
+    from diffsteer.guidance.sampler import generate
+
+    dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32  # bf16 is slow on most CPUs
+    dtype_name = str(dtype).removeprefix("torch.")
+    with torch.device(s.device), default_dtype(dtype):
+        model = from_components(f"{row}-random", build())
+    for module in (model.backbone, model.vae, *model.text_encoders):
+        tensors = [*module.parameters(), *module.buffers()]
+        if any(v.is_floating_point() and v.dtype != dtype for v in tensors):
+            module.to(dtype)  # buffers made in fp32 (positions), as loading a checkpoint in bf16 would
+    _place(model, s.device, dtype)
+    family, backbone = model.family, model.backbone
+    size = 32 if s.smoke else 1024
+    steps = 2 if s.smoke else 4
+    batches = (1, 4)
+    condition = family.encode_prompts(model, [PROMPT], height=size, width=size)[0]
+    condition = family.with_request_inputs(model, condition, None)  # FLUX.1-dev: the distilled guidance 3.5
+    image_tokens, text_tokens = family.tokens(model, size, size), int(condition.hidden_states.shape[1])
+    weights_gb = sum(p.numel() * p.element_size() for p in backbone.parameters()) / 1e9
+    params = sum(p.numel() for p in backbone.parameters())
+    shape = model.latent_shape(size, size)
+    t = torch.tensor(500.0, device=s.device)
+
+    def inputs(rows: int):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, *shape, generator=g).to(s.device, dtype)
+        return x, condition.rows(torch.zeros(rows, dtype=torch.long, device=s.device))
+
+    name = device_name(s.device)
+    peak = bf16_peak_tflops(name) if s.device.type == "cuda" else None
+    out: list[dict] = []
+    with torch.no_grad():
+        x, c = inputs(1)
+        with FlopCounterMode(display=False) as counter:
+            family.forward(backbone, x, t, c)
+        flops_per_row = counter.get_total_flops()  # every op is per row: a call of N rows costs N times this
+        rows_list = sorted({1, 2, 8, *(b * passes for b in batches)})
+        seconds: dict[int, float] = {}
+        memory: dict[int, float] = {}
+        for rows in rows_list:
+            x, c = inputs(rows)
+            mem: dict[str, float] = {}
+            with peak_memory(s.device, mem):
+                family.forward(backbone, x, t, c)
+            memory[rows] = mem["peak_bytes"] / 1e9
+            seconds[rows] = seconds_per_call(
+                lambda x=x, c=c: family.forward(backbone, x, t, c), s.device, repeats=s.repeats
+            )
+            del x, c
+            achieved = rows * flops_per_row / seconds[rows] / 1e12
+            out.append(
+                line(
+                    row,
+                    f"{label} call, {rows} row{'s' if rows > 1 else ''}, {dtype_name}, {size}² ({image_tokens} image "
+                    f"+ {text_tokens} text tokens): {flop_text(rows * flops_per_row)}",
+                    seconds[rows],
+                    "s",
+                    rows=rows,
+                    rows_per_s=rows / seconds[rows],
+                    tflops=round(achieved, 2),
+                    mfu=None if peak is None else round(achieved / peak, 4),
+                    peak_gb=round(memory[rows], 3),
+                    flops_per_call=rows * flops_per_row,
+                    image_tokens=image_tokens,
+                    text_tokens=text_tokens,
+                )
+            )
+    achieved = 8 * flops_per_row / seconds[8] / 1e12
+    mfu = achieved / peak if peak else None
+    out.append(
+        line(
+            row,
+            f"MFU, {label} call, 8 rows, {dtype_name}",
+            round(achieved, 3),
+            "TFLOPS",
+            baseline=f"dense bf16 peak of {name}" if peak else "no known peak for this device",
+            baseline_value=peak,
+            ratio=mfu,
+            goal="MFU ≥ 40%",
+            met=None if mfu is None else mfu >= 0.40,
+        )
+    )
+    out.append(
+        line(
+            row,
+            f"batching gain: rows/s at 8 rows per call over 1 row per call, {size}²",
+            8 / seconds[8],
+            "rows/s",
+            baseline="1 row per call",
+            baseline_value=1 / seconds[1],
+        )
+    )
+    out.append(
+        line(
+            row,
+            f"peak memory, {label} call, 8 rows"
+            + (" (CUDA, allocated)" if s.device.type == "cuda" else " (process peak RSS)"),
+            round(memory[8], 3),
+            "GB",
+            baseline=f"the transformer's weights ({count_text(params)} parameters, {dtype_name})",
+            baseline_value=weights_gb,
+        )
+    )
+    request = {"prompt": PROMPT, "steps": steps, "seed": 1, "width": size, "height": size, "policy": policy}
+    request["scheduler"] = "default"  # the family's FlowMatchEuler, as its pipeline
+    for batch in batches:
+        params = {**request, "num_images": batch}
+        mem = {}
+        with peak_memory(s.device, mem):
+            result = generate(model, params)  # warm-up, and the peak of a whole generation
+        m = interleaved_medians({"g": lambda params=params: generate(model, params)}, s.repeats, s.device)["g"]
+        rows = batch * passes
+        backbone_only = steps * seconds[rows]
+        out.append(
+            line(
+                row,
+                f"generate end to end, {policy}, {steps} steps, batch {batch} ({rows} row{'s' if rows > 1 else ''} "
+                f"per call), {size}²",
+                batch / m,
+                "images/s",
+                baseline=f"the backbone calls alone ({steps} × the {rows}-row call, measured above)",
+                baseline_value=batch / backbone_only,
+                batch=batch,
+                seconds=m,
+                nfe=result.nfe[0],
+                phases={k: round(v, 4) for k, v in result.phases.items()},
+                peak_gb=round(mem["peak_bytes"] / 1e9, 3),
+            )
+        )
+    return out
+
+
+def row_flow_sd35m(s: Setup) -> list[dict]:
+    """SD3.5 Medium's MMDiT (real config, 2.2B, random weights, bf16) at 1024²: 4096 image tokens and the real
+    333 text tokens (77 CLIP + 256 T5 positions; the text encoders are small random ones and T5's states zeros,
+    :func:`benchmarks.common.sd35_medium_components`): the rows measure the backbone. cfg at 7 (two rows per
+    image, as ``StableDiffusion3Pipeline``). Smoke: the tiny SD3.5-Medium-style model (dual attention) at 32²."""
+
+    def build():
+        if s.smoke:
+            from diffsteer.guidance.tiny_transformers import tiny_sd3_components
+
+            parts = tiny_sd3_components(dual_attention_layers=(0,))
+            return {**parts, "text_encoder_3": None, "tokenizer_3": None}  # T5's positions as zeros, as below
+        from benchmarks.common import sd35_medium_components
+
+        return sd35_medium_components()
+
+    label = "tiny SD3.5-M-style MMDiT" if s.smoke else "SD3.5-Medium MMDiT"
+    return _flow_row(s, "flow_sd35m", label, build, "cfg:scale=7", passes=2)
+
+
+def row_flow_flux(s: Setup) -> list[dict]:
+    """FLUX.1-dev's transformer (real config, 11.9B, random weights, bf16, built on the device) at 1024²: 4096
+    image tokens and the real 512 T5 tokens (a small random CLIP and a one-layer random T5 of the real width,
+    :func:`benchmarks.common.flux_dev_components`): the rows measure the backbone. cfg at 1 on the distilled
+    guidance 3.5 (one row per image, as ``FluxPipeline``'s defaults). Smoke: the tiny FLUX.1-dev model at 32²."""
+
+    def build():
+        if s.smoke:
+            from diffsteer.guidance.tiny_transformers import tiny_flux_components
+
+            return tiny_flux_components()
+        from benchmarks.common import flux_dev_components
+
+        return flux_dev_components()
+
+    label = "tiny FLUX.1-dev transformer" if s.smoke else "FLUX.1-dev transformer"
+    return _flow_row(s, "flow_flux", label, build, "cfg:scale=1", passes=1)
+
+
 ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
     "sampler": row_sampler,
     "serving": row_serving,
@@ -647,6 +868,8 @@ ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
     "alignprop": row_alignprop,
     "compile": row_compile,
     "mfu_sdxl": row_mfu_sdxl,
+    "flow_sd35m": row_flow_sd35m,
+    "flow_flux": row_flow_flux,
 }
 
 

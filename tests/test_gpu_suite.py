@@ -40,6 +40,21 @@ def test_smoke_run_measures_every_row(tmp_path):
     assert len(alignprop) == 4 and all(ln["value"] > 0 for ln in alignprop)
     reno = by_row["reno"]["lines"]
     assert reno[0]["iterations_run"] == 3 and reno[0]["value"] > reno[0]["baseline_value"]
+    for row, text_tokens, passes in (("flow_sd35m", 333, 2), ("flow_flux", 512, 1)):
+        lines = by_row[row]["lines"]
+        calls = [ln for ln in lines if ln["unit"] == "s"]
+        assert [ln["rows"] for ln in calls] == sorted({1, 2, 8, passes, 4 * passes}), row
+        assert all(ln["text_tokens"] == text_tokens and ln["image_tokens"] == 64 for ln in calls), row  # real text
+        assert all(ln["value"] > 0 and ln["flops_per_call"] == ln["rows"] * calls[0]["flops_per_call"] for ln in calls)
+        (mfu,) = [ln for ln in lines if ln["unit"] == "TFLOPS"]
+        assert mfu["value"] > 0 and mfu["goal"] == "MFU ≥ 40%" and mfu["met"] is None  # no peak known for a CPU
+        (gain,) = [ln for ln in lines if ln["unit"] == "rows/s"]
+        assert gain["ratio"] == pytest.approx(gain["value"] / gain["baseline_value"], rel=1e-3) and gain["ratio"] > 0
+        (memory,) = [ln for ln in lines if ln["unit"] == "GB"]
+        assert memory["value"] > 0 and memory["baseline_value"] > 0
+        generated = [ln for ln in lines if ln["unit"] == "images/s"]
+        assert [ln["batch"] for ln in generated] == [1, 4], row
+        assert all(ln["value"] > 0 and 0 < ln["ratio"] and ln["nfe"] == 2 * passes for ln in generated), row
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| row | measure | value | baseline" in table and "| reno |" in table
 
