@@ -23,7 +23,8 @@ def a1111_quote(value: Any) -> str:
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The ``parameters`` text A1111 writes, which many tools (civitai, image browsers, A1111's own "PNG info")
     read back: the prompt, ``Negative prompt: ...``, then one line of ``key: value`` pairs with A1111's sampler
-    names (``Sampler: DPM++ 2M, Schedule type: Karras``) and values quoted where needed."""
+    names (``Sampler: DPM++ 2M, Schedule type: Karras``; Forge's ``Distilled CFG Scale`` for guidance-distilled
+    models) and values quoted where needed."""
     lines = [str(meta.get("prompt", ""))]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
@@ -32,6 +33,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Sampler", meta.get("sampler") or meta.get("scheduler")),
         ("Schedule type", meta.get("schedule_type")),
         ("CFG scale", meta.get("cfg_scale")),
+        ("Distilled CFG Scale", meta.get("distilled_guidance")),  # Forge's key (guidance-distilled models)
         ("Seed", meta.get("seed")),
         ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta else None),
         ("Model", meta.get("model")),

@@ -122,27 +122,39 @@ def with_family_defaults(
     return ModelDefaults(**{**base, **own.model_dump(exclude_none=True)})
 
 
-def model_defaults(spec: str | None) -> ModelDefaults:
-    """The recommendations of the model ``spec`` names, without loading its weights: its ``diffsteer.json`` (folders
-    and the built-in default carry one) over its family's, read from ``model_index.json`` and the backbone's
-    config. Single files and hub ids get theirs when loaded."""
+def model_family(spec: str | None) -> tuple[ModelFamily, dict[str, Any]] | None:
+    """The family of the model ``spec`` names and its backbone config, from its files without loading weights
+    (built-in models and diffusers folders); None where only loading tells (hub ids, single files, folders the
+    loader will refuse)."""
     spec = canonical_spec(spec)
     if spec in TINY_MODELS:
-        tiny_model = TINY_MODELS[spec]
-        config = {"guidance_embeds": tiny_model.guidance_embeds}
-        return with_family_defaults(ModelDefaults(), FAMILIES[tiny_model.family], config, tiny_model.native_size)
+        return FAMILIES[TINY_MODELS[spec].family], {"guidance_embeds": TINY_MODELS[spec].guidance_embeds}
     folder = BUILTIN_FOLDERS.get(spec) or (Path(spec) if not spec.startswith("builtin:") else None)
-    if folder is None or not Path(folder).is_dir():
-        return ModelDefaults()
-    own = read_model_defaults(folder)
-    index_path = Path(folder) / "model_index.json"
-    if not index_path.is_file():
+    index_path = Path(folder) / "model_index.json" if folder is not None else None
+    if index_path is None or not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        family = family_of_pipeline(index.get("_class_name", ""), spec)
+        config_path = Path(folder) / family.backbone_key / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (OSError, ValueError, InvalidInput):
+        return None
+    return family, config
+
+
+def model_defaults(spec: str | None) -> ModelDefaults:
+    """The recommendations of the model ``spec`` names, without loading its weights: its ``diffsteer.json`` (folders
+    and the built-in default carry one) over its family's (:func:`model_family`). Single files and hub ids get
+    theirs when loaded."""
+    spec = canonical_spec(spec)
+    folder = BUILTIN_FOLDERS.get(spec) or (Path(spec) if not spec.startswith("builtin:") else None)
+    own = read_model_defaults(folder) if folder is not None and Path(folder).is_dir() else ModelDefaults()
+    found = model_family(spec)
+    if found is None:
         return own
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    family = family_of_pipeline(index.get("_class_name", ""), spec)
-    config_path = Path(folder) / family.backbone_key / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    return with_family_defaults(own, family, config)
+    native = TINY_MODELS[spec].native_size if spec in TINY_MODELS else None
+    return with_family_defaults(own, *found, native)
 
 
 def loaded_defaults(spec: str, model: DiffusionModel) -> ModelDefaults:

@@ -53,6 +53,7 @@ class GenerationResult:
     model: str
     sampler: tuple[str, str | None] = ("", None)  # A1111's sampler name and schedule type (infotexts)
     phases: dict[str, float] = field(default_factory=dict)  # wall time of encode, optimise, denoise, decode
+    distilled_guidance: float | None = None  # the distilled guidance input it ran with (FLUX.1-dev), else None
 
     def metadata(self, index: int) -> dict[str, Any]:
         """Generation parameters of image ``index`` (for PNG text chunks and API responses)."""
@@ -63,6 +64,7 @@ class GenerationResult:
             "seed": self.seeds[index],
             "policy": p.policy.spec(),
             "cfg_scale": getattr(p.policy, "scale", None),
+            "distilled_guidance": self.distilled_guidance,
             "steps": p.steps,
             "scheduler": p.scheduler,
             "sampler": self.sampler[0] or a1111_sampler(p.scheduler)[0],
@@ -263,7 +265,7 @@ def check_request(
     params = params.with_model_defaults(model.defaults, params.model_fields_set, limits)
     check_scheduler_name(params.scheduler, schedule=model.family.schedule)
     model.family.check_size(model, *image_size(model, params))
-    if params.distilled_guidance is not None and not model.family.takes_distilled_guidance(model):
+    if params.distilled_guidance is not None and not model.family.takes_distilled_guidance(model.backbone.config):
         raise InvalidInput(
             "distilled_guidance",
             f"{model.name!r} ({model.family.title}) takes no distilled guidance input; only guidance-distilled "
@@ -480,4 +482,7 @@ def generation_result(
         params=prepared.params,
         model=prepared.model.name,
         sampler=a1111_sampler(prepared.params.scheduler, prepared.model.scheduler_config),
+        distilled_guidance=prepared.model.family.distilled_guidance_used(
+            prepared.model, prepared.params.distilled_guidance
+        ),
     )

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.images import encode_image
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -44,7 +45,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffsteer.guidance.models import load_model, model_defaults
     from diffsteer.guidance.request import GenerationParams, Limits
     from diffsteer.guidance.sampler import generate
-    from diffsteer.service.infotext import encode_output, request_metadata
 
     width = height = None
     if args.size is not None:
@@ -82,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = generate(model, params, callback=progress, limits=limits)
     for k, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode_output(result.images[k], "png", request_metadata(model, result, k)))
+        path.write_bytes(encode_image(result.images[k], "png", result.metadata(k)))
         if not args.quiet:
             print(f"{path}  seed={result.seeds[k]}  nfe={result.nfe[k]}")
     if result.trace and args.trace:

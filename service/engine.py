@@ -25,7 +25,6 @@ their batches is ``Engine.sample(model, Engine.check(model, params))``.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 import secrets
@@ -33,25 +32,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffsteer.guidance.errors import InvalidInput, unknown_choice
+from diffsteer.guidance.errors import unknown_choice
 from diffsteer.guidance.events import StepCallback, StepEvent
-from diffsteer.guidance.families import FAMILIES, ModelFamily, family_of_pipeline
+from diffsteer.guidance.families import ModelFamily
+from diffsteer.guidance.images import encode_image
 from diffsteer.guidance.models import (
-    BUILTIN_FOLDERS,
     DEFAULT_MODEL,
-    TINY_MODELS,
     DiffusionModel,
     ModelCache,
     ModelDefaults,
     canonical_spec,
     model_defaults,
+    model_family,
 )
 from diffsteer.guidance.request import GenerationParams
 from diffsteer.guidance.reward_models import DEFAULT_REWARDS, RewardModels
@@ -66,7 +63,6 @@ from diffsteer.service.device import (
     backbone_call_cost,
 )
 from diffsteer.service.errors import ServiceError
-from diffsteer.service.infotext import encode_output, request_metadata
 from diffsteer.service.lora import LoraControl, LoraLibrary, describe_target
 from diffsteer.service.metrics import Metrics
 from diffsteer.service.preview import LatentPreviewer
@@ -86,16 +82,6 @@ Attach = Callable[[Ticket], None]  # the caller's hold on a ticket before it is 
 
 def canonical_model(spec: str | None) -> str:
     return DEFAULT_MODEL if spec in (None, "", "default") else spec
-
-
-# Families whose backbone call honours the condition's text mask, so calls with texts of different lengths
-# share a batch on the device worker (zero-padded and masked): those whose texts are as long as their prompts.
-MASKED_TEXT_FAMILIES = frozenset({"qwenimage", "zimage"})
-
-
-def pads_text(model: DiffusionModel) -> bool:
-    """Whether ``model``'s backbone calls with texts of different lengths can share a batch (padded, masked)."""
-    return model.family.name in MASKED_TEXT_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -122,41 +108,19 @@ class ModelTraits:
         }
 
 
-class _ConfigOnly:
-    """The part of a model an adapter's config questions read (``backbone.config``), without the weights."""
-
-    def __init__(self, name: str, config: dict[str, Any]):
-        self.name = name
-        self.backbone = SimpleNamespace(config=SimpleNamespace(**config))
-
-
 def loaded_traits(model: DiffusionModel) -> ModelTraits:
     family = model.family
-    return ModelTraits(family, family.takes_distilled_guidance(model), family.size_multiple(model))
+    return ModelTraits(family, family.takes_distilled_guidance(model.backbone.config), family.size_multiple(model))
 
 
 def offered_traits(spec: str) -> ModelTraits | None:
-    """The traits of a model from its files, without loading it: built-ins, and diffusers folders by their
-    ``model_index.json`` and backbone config. None where only loading tells (hub ids, single files)."""
-    spec = canonical_spec(spec)
-    if spec in TINY_MODELS:
-        tiny = TINY_MODELS[spec]
-        family = FAMILIES[tiny.family]
-        return ModelTraits(
-            family, family.takes_distilled_guidance(_ConfigOnly(spec, {"guidance_embeds": tiny.guidance_embeds}))
-        )
-    folder = BUILTIN_FOLDERS.get(spec) or (Path(spec) if not spec.startswith("builtin:") else None)
-    index_path = Path(folder) / "model_index.json" if folder is not None else None
-    if index_path is None or not index_path.is_file():
+    """The traits of a model from its files, without loading it (:func:`model_family`); None where only
+    loading tells (hub ids, single files)."""
+    found = model_family(spec)
+    if found is None:
         return None
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        family = family_of_pipeline(index.get("_class_name", ""), spec)
-        config_path = Path(folder) / family.backbone_key / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except (OSError, ValueError, InvalidInput):
-        return None  # loading it will say what is wrong
-    return ModelTraits(family, family.takes_distilled_guidance(_ConfigOnly(spec, config)))
+    family, config = found
+    return ModelTraits(family, family.takes_distilled_guidance(config))
 
 
 @dataclass
@@ -473,8 +437,8 @@ class Engine:
             stopped=lambda: ticket.stop_reason is not None,
             on_cost=ticket.add_cost_done,
         )
-        metadata = [jsonable(request_metadata(model, result, k, plan.adapters)) for k in range(len(result.images))]
-        encoded = [encode_output(img, plan.output_format, meta) for img, meta in zip(result.images, metadata)]
+        metadata = [jsonable(image_metadata(result, k, plan.adapters)) for k in range(len(result.images))]
+        encoded = [encode_image(img, plan.output_format, meta) for img, meta in zip(result.images, metadata)]
         timings = {
             "queued_s": queued_s,
             "load_s": t_loaded - t_start,
@@ -510,7 +474,7 @@ class Engine:
             control=self.control_for(model),
             adapters=adapters,
             call_cost=backbone_call_cost(model),
-            pad_text=pads_text(model),
+            pad_text=model.family.variable_text,
         )
         try:
             result = generate(model, checked, callback=callback, executor=executor, rewards=self.rewards)
@@ -547,3 +511,13 @@ class Engine:
             }
             rows.append(row)
         return rows
+
+
+def image_metadata(
+    result: GenerationResult, index: int, adapters: tuple[tuple[str, float], ...] = ()
+) -> dict[str, Any]:
+    """Image ``index``'s parameters (:meth:`GenerationResult.metadata`) with the LoRA adapters it ran with."""
+    meta = result.metadata(index)
+    if adapters:
+        meta["lora"] = ",".join(f"{n}:{w:g}" for n, w in adapters)
+    return meta

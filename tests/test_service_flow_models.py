@@ -133,7 +133,7 @@ def test_distilled_guidance_reaches_a_distilled_model(client):
     assert np.abs(image_array(five["images"][0]) - library_image(FLUX, client, distilled_guidance=5)).max() == 0
     assert five["distilled_guidance"] == 5 and five["metadata"][0]["distilled_guidance"] == 5
     text = Image.open(io.BytesIO(base64.b64decode(five["images"][0]))).text["parameters"]
-    assert "CFG scale: 2.0, Distilled CFG Scale: 5, Seed: 7" in text  # where Forge writes it
+    assert "CFG scale: 2.0, Distilled CFG Scale: 5.0, Seed: 7" in text  # where Forge writes it
     default = post_ok(client, "/generate", {**BODY, "distilled_guidance": 3.5})
     assert default["images"] == base["images"]
 
@@ -513,7 +513,7 @@ def test_cli_generates_with_distilled_guidance(tmp_path, capsys):
     assert main([*argv, "-q", "-o", str(out)]) == 0
     image = Image.open(out)
     info = parse_generation_parameters(image.text["parameters"])
-    assert (info["Distilled CFG Scale"], info["Sampler"], info["Schedule type"]) == ("5", "Euler", "Simple")
+    assert (info["Distilled CFG Scale"], info["Sampler"], info["Schedule type"]) == ("5.0", "Euler", "Simple")
     expected = generate(
         load_model(FLUX, device="cpu"), {"prompt": "a cat", "steps": 3, "seed": 1, "distilled_guidance": 5}
     )

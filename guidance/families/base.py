@@ -10,7 +10,7 @@ service see latents [B, C, h, w] in the VAE's layout, conditions and model outpu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -93,9 +93,16 @@ class ModelFamily(ABC):
         """The condition to use for the empty prompt instead of encoding it (SDXL's zeros), or None."""
         return None
 
-    def takes_distilled_guidance(self, model: DiffusionModel) -> bool:
-        """Whether the backbone takes a distilled guidance scale as an input (FLUX.1-dev)."""
+    variable_text: ClassVar[bool] = False  # conditions are as long as their prompt (padded and masked in batches)
+
+    def takes_distilled_guidance(self, backbone_config: Mapping[str, Any]) -> bool:
+        """Whether a backbone of this config takes a distilled guidance scale as an input (FLUX.1-dev)."""
         return False
+
+    def distilled_guidance_used(self, model: DiffusionModel, requested: float | None) -> float | None:
+        """The distilled guidance scale a generation runs with: the request's, else the family's default; None
+        for models without that input."""
+        return None
 
     def with_request_inputs(
         self, model: DiffusionModel, condition: Condition, distilled_guidance: float | None

@@ -53,8 +53,8 @@ class Flux(ModelFamily):
     backbone_key = "transformer"
     schedule = "flow"
 
-    def takes_distilled_guidance(self, model):
-        return bool(getattr(model.backbone.config, "guidance_embeds", False))
+    def takes_distilled_guidance(self, backbone_config):
+        return bool(backbone_config.get("guidance_embeds", False))
 
     @torch.no_grad()
     def encode_prompts(self, model, texts, *, height, width):
@@ -69,10 +69,15 @@ class Flux(ModelFamily):
             for i in range(len(texts))
         ]
 
+    def distilled_guidance_used(self, model, requested):
+        if not self.takes_distilled_guidance(model.backbone.config):
+            return None
+        return DEFAULT_DISTILLED_GUIDANCE if requested is None else float(requested)
+
     def with_request_inputs(self, model, condition, distilled_guidance):
-        if not self.takes_distilled_guidance(model):
+        scale = self.distilled_guidance_used(model, distilled_guidance)
+        if scale is None:
             return condition
-        scale = DEFAULT_DISTILLED_GUIDANCE if distilled_guidance is None else distilled_guidance
         rows = condition.hidden_states.shape[0]
         guidance = torch.full((rows,), float(scale), dtype=torch.float32, device=condition.hidden_states.device)
         return Condition(condition.hidden_states, {**condition.added, "guidance": guidance}, condition.mask)

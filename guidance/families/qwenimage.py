@@ -32,6 +32,7 @@ class QwenImage(ModelFamily):
     pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
     backbone_key = "transformer"
     schedule = "flow"
+    variable_text = True
 
     @torch.no_grad()
     def encode_prompts(self, model, texts, *, height, width):

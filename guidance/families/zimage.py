@@ -43,6 +43,7 @@ class ZImage(ModelFamily):
     pipelines = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
     backbone_key = "transformer"
     schedule = "flow"
+    variable_text = True
 
     @torch.no_grad()
     def encode_prompts(self, model, texts, *, height, width):

@@ -31,11 +31,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.images import a1111_parameters
 from diffsteer.guidance.registry import parse_json_object, parse_spec_string, policy_class
 from diffsteer.guidance.schedulers import A1111_FLOW_SAMPLERS
 from diffsteer.service.deps import get_engine, require_api_key
 from diffsteer.service.engine import Engine, ModelTraits
-from diffsteer.service.infotext import infotext
 from diffsteer.service.routers.common import CLIENT_CLOSED, ClientFieldError, run_translated
 from diffsteer.service.schemas import (
     A1111Model,
@@ -326,7 +326,7 @@ async def txt2img(request: Request, body: Txt2ImgRequest, engine: Engine = Depen
         "clip_skip": 1,
         "is_using_inpainting_conditioning": False,
         "index_of_first_image": 0,
-        "infotexts": [infotext(m) for m in outcome.metadata],
+        "infotexts": [a1111_parameters(m) for m in outcome.metadata],
         "version": "diffsteer",
         "policy": r.params.policy.spec(),
         "nfe": r.nfe,
