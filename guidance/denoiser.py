@@ -145,7 +145,7 @@ class Denoiser:
 
         outputs: dict[str, torch.Tensor] = {}
         if keys:
-            out = self._evaluate(torch.cat(xs), step.timestep, concat_conditions(conds))
+            out = self._evaluate(torch.cat(xs) if len(xs) > 1 else xs[0], step.timestep, concat_conditions(conds))
             self.unet_calls += 1
             for key, chunk in zip(keys, out.split(sizes)):
                 for name in unique[key]:

@@ -366,9 +366,12 @@ def load_model(
     elif attention == "xformers":
         raise InvalidInput("attention", f"xformers is for UNet models; {model.family.title} transformers use SDPA")
     if paths.any:
-        if model.family.backbone_key != "unet":
-            raise InvalidInput("fast_paths", f"the fast paths are for UNet models, not {model.family.title}")
-        model.extra["fast_paths"] = apply_fast_paths(model.backbone, paths)
+        if model.family.backbone_key == "unet":
+            model.extra["fast_paths"] = apply_fast_paths(model.backbone, paths)
+        else:  # a server-wide setting must not keep the transformer models from loading
+            log.warning(
+                "fast paths %s are for UNet models; %s (%s) loads without them", paths, name, model.family.title
+            )
     return model
 
 

@@ -95,6 +95,16 @@ class CFG(GuidancePolicy):
     Params = CFGParams
     summary = "Classifier-free guidance with rescale, intervals and scale schedules."
 
+    @property
+    def conditions(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Without a guided step (every scheduled scale ≤ 1, e.g. FLUX.1-dev's default) the unconditional branch
+        is never evaluated, so it is not encoded either (a T5-XXL pass saved on FLUX)."""
+        p = self.params
+        highest = (
+            max(p.scales) if p.scales is not None else max(p.scale, p.scale_end if p.schedule != "constant" else 0)
+        )
+        return ("cond", "uncond") if highest > 1.0 else ("cond",)
+
     def start(self, ctx: SamplingContext) -> CFGState:
         check_scales_length(self.params.scales, ctx.requested_steps or ctx.num_steps)
         return CFGState()
