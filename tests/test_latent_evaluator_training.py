@@ -157,7 +157,7 @@ def test_groups_hold_the_candidates_of_the_recorded_steps(tmp_path):
     from diffsteer.training.latent_evaluator import record_candidate_groups
 
     model = load_model("builtin:proving-ground")
-    params = {"prompt": ["a red circle"], "seeds": [7], "steps": 3, "scheduler": "ddim", "policy": "cfg:scale=1"}
+    params = {"prompt": ["a red circle"], "seeds": [7], "steps": 3, "scheduler": "ddim", "policy": "cfg:scale=4"}
     rng = np.random.default_rng(0)
     groups = record_candidate_groups(
         model, params["prompt"], params["seeds"], np.random.default_rng(0), params, (1.0, 4.0), 1

@@ -346,7 +346,9 @@ def record_candidate_groups(
     record = np.stack([np.sort(rng.choice(steps, records_per_image, replace=False)) for _ in range(n)])
     limits = Limits(max_num_images=max(n, Limits.max_num_images))
     with autocast():
-        prepared = prepare(model, params, limits=limits)
+        # prepared as guided CFG, so that the unconditional prompt is encoded; the recording policy then runs
+        guided = {**params, "policy": {"name": "cfg", "scale": max(2.0, *map(float, candidates))}}
+        prepared = prepare(model, guided, limits=limits)
         prepared = dataclasses.replace(
             prepared, policy=_RecordingCFG(scales, record, tuple(candidates)), first_run=None
         )

@@ -94,7 +94,7 @@ class Txt2ImgRequest(pydantic.BaseModel):
     prompt: str = ""
     negative_prompt: str | None = ""
     steps: int = 20
-    cfg_scale: float = 7.0
+    cfg_scale: float = pydantic.Field(7.0, ge=0.0, le=100.0)
     seed: int = -1
     width: int | None = pydantic.Field(None, description="Default: the model's native size.")
     height: int | None = pydantic.Field(None, description="Default: the model's native size.")
