@@ -71,17 +71,21 @@ class GenerationCost:
 
 
 def generation_cost(
-    params: GenerationParams, policy: GuidancePolicy, native_size: int, size_factor: float | None = None
+    params: GenerationParams,
+    policy: GuidancePolicy,
+    native_size: int,
+    size_factor: float | None = None,
+    steps: int | None = None,
 ) -> GenerationCost:
     """The cost of a request; ``size_factor``: one evaluation at its size over one at native size (None: the
-    area ratio)."""
+    area ratio); ``steps``: the steps that run (fewer than requested for img2img; None: the request's)."""
     width = params.width or native_size
     height = params.height or native_size
     return GenerationCost(
         images=params.num_images,
         width_factor=width / native_size,
         height_factor=height / native_size,
-        steps=params.steps,
+        steps=params.steps if steps is None else steps,
         per_step=policy.cost_per_step(),
         multiplier=policy.cost_multiplier(),
         policy_field=f"policy.{policy.cost_field}" if policy.cost_field else "policy",

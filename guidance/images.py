@@ -37,6 +37,8 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Seed", meta.get("seed")),
         ("Size", f"{meta['width']}x{meta['height']}" if "width" in meta else None),
         ("Model", meta.get("model")),
+        ("Denoising strength", meta.get("denoising_strength")),  # img2img and inpainting, as A1111
+        ("Mask blur", meta.get("mask_blur")),
         ("Policy", meta.get("policy")),
         ("Lora", meta.get("lora")),
         ("Eta", meta.get("eta") or None),

@@ -80,3 +80,16 @@ def encode(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     if is_video_vae(vae):
         z = z[:, :, 0]
     return to_sampler_latents(vae, z)
+
+
+def sample_latents(vae: torch.nn.Module, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One VAE posterior sample of the image ``pixels`` ([1, 3, H, W] in [0, 1]) per generator, in the sampler's
+    latents [len(generators), C, h, w]: what diffusers' img2img and inpainting pipelines start from."""
+    images = (pixels * 2 - 1).to(device=vae.device, dtype=vae.dtype)
+    if is_video_vae(vae):
+        images = images.unsqueeze(2)
+    posterior = vae.encode(images).latent_dist
+    z = torch.cat([posterior.sample(generator=g) for g in generators]).float()
+    if is_video_vae(vae):
+        z = z[:, :, 0]
+    return to_sampler_latents(vae, z)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import pydantic
+from PIL import Image
 
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
 from diffsteer.guidance.models import DEFAULTS_FILE, ModelDefaults
@@ -73,6 +76,18 @@ def _prompt(value: Any) -> str | list[str]:
     raise InvalidInput("prompt", f"expected a string or a list of strings, got {type(value).__name__}")
 
 
+def _image_text(value: Any) -> Any:
+    """An image field's value: base64 text (or a data URL) as given; a PIL image (the Python API) as PNG base64."""
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return value
+
+
+ImageText = Annotated[str, pydantic.BeforeValidator(_image_text)]
+
+
 def _negative_prompt(value: Any) -> Any:
     return check_text(value, "negative_prompt") if isinstance(value, str) else value
 
@@ -108,6 +123,24 @@ class GenerationParams(pydantic.BaseModel):
     width: int | None = pydantic.Field(None, ge=8, description="Width in pixels, a multiple of 8.")
     height: int | None = pydantic.Field(None, ge=8, description="Height in pixels, a multiple of 8.")
     eta: float = pydantic.Field(0.0, ge=0.0, le=1.0, description="DDIM η (stochasticity); other schedulers ignore it.")
+    init_image: ImageText | None = pydantic.Field(
+        None,
+        description="img2img: the image to start from (base64 or a data:image URL; a PIL image from Python), noised "
+        "by `strength`. Without width/height the generation has its size, rounded down to the model's multiple.",
+    )
+    strength: float = pydantic.Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="How much of init_image is noised away (diffusers' strength, A1111's denoising_strength): the "
+        "last strength × steps steps run; 1 starts from pure noise where a mask is given.",
+    )
+    mask: ImageText | None = pydantic.Field(
+        None, description="Inpainting: white repaints, black keeps init_image (base64 or a data URL); needs init_image."
+    )
+    mask_blur: int = pydantic.Field(
+        0, ge=0, le=64, description="Gaussian blur of the mask in pixels before it is binarised (A1111's mask_blur)."
+    )
     distilled_guidance: float | None = pydantic.Field(
         None,
         ge=0.0,
@@ -141,6 +174,12 @@ class GenerationParams(pydantic.BaseModel):
                 raise InvalidInput("seeds", "give either seed or seeds, not both")
             if len(self.seeds) != self.num_images:
                 raise InvalidInput("seeds", f"has {len(self.seeds)} values for {self.num_images} images")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _mask_needs_image(self) -> GenerationParams:
+        if self.mask is not None and self.init_image is None:
+            raise InvalidInput("mask", "an inpainting mask needs init_image, the image it masks")
         return self
 
     @property

@@ -29,6 +29,17 @@ from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.events import StepCallback, StepEvent
 from diffsteer.guidance.executor import DIRECT, Executor
 from diffsteer.guidance.families.flow_shift import static_shift
+from diffsteer.guidance.image_conditioning import (
+    ImageConditioning,
+    RequestImages,
+    decode_request_images,
+    default_size,
+    first_step,
+    keep_unmasked,
+    prepare_image_conditioning,
+    start_latents,
+    with_inpainting_inputs,
+)
 from diffsteer.guidance.latents import decode_pixels, to_pil
 from diffsteer.guidance.models import DiffusionModel
 from diffsteer.guidance.parameterisation import NoiseLevel
@@ -65,6 +76,8 @@ class GenerationResult:
             "policy": p.policy.spec(),
             "cfg_scale": getattr(p.policy, "scale", None),
             "distilled_guidance": self.distilled_guidance,
+            "denoising_strength": p.strength if p.init_image is not None else None,
+            "mask_blur": p.mask_blur if p.mask is not None else None,
             "steps": p.steps,
             "scheduler": p.scheduler,
             "sampler": self.sampler[0] or a1111_sampler(p.scheduler)[0],
@@ -91,23 +104,30 @@ def initial_noise(
     Returns the noise and the generators, which ancestral schedulers keep drawing from.
     """
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return draw_noise(generators, shape, device), generators
+
+
+def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One unit Gaussian draw of ``shape`` per image, from its CPU generator, on ``device``."""
     noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
-    return noise.to(device), generators
+    return noise.to(device)
 
 
 def step_levels(scheduler: Any, timesteps: torch.Tensor, schedule: str = "vp") -> list[NoiseLevel]:
-    """The noise level at each step. Flow models: σ from the scheduler's σ grid, or t / num_train_timesteps
+    """The noise level at each of ``timesteps`` (the scheduler's, or their last ones). Flow models: σ from the scheduler's σ grid, or t / num_train_timesteps
     (every flow scheduler sets timesteps = σ·T). VP models: ᾱ from σ (ᾱ = 1/(1+σ²)) for σ-based schedulers,
     else from ``alphas_cumprod[t]``."""
     sigmas = getattr(scheduler, "sigmas", None)
-    aligned = sigmas is not None and len(sigmas) == len(timesteps) + 1
+    # the timesteps may be the schedule's last steps only (img2img): the σ of a suffix are the grid's last ones
+    skipped = len(sigmas) - 1 - len(timesteps) if sigmas is not None else -1
+    aligned = sigmas is not None and len(sigmas) == len(getattr(scheduler, "timesteps", [])) + 1 and skipped >= 0
     if schedule == "flow":
         if aligned:
-            return [NoiseLevel.flow(float(s)) for s in sigmas[:-1]]
+            return [NoiseLevel.flow(float(s)) for s in sigmas[skipped:-1]]
         total = float(scheduler.config.num_train_timesteps)
         return [NoiseLevel.flow(float(t) / total) for t in timesteps]
     if aligned:
-        return [NoiseLevel.vp(1.0 / (1.0 + float(s) ** 2)) for s in sigmas[:-1]]
+        return [NoiseLevel.vp(1.0 / (1.0 + float(s) ** 2)) for s in sigmas[skipped:-1]]
     acp = scheduler.alphas_cumprod
     return [NoiseLevel.vp(float(acp[int(round(float(t)))])) for t in timesteps]
 
@@ -158,9 +178,11 @@ def denoise(
     step_times: list[float] | None = None,
     schedule: str = "vp",
     patch: int = 1,
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``latents`` (already scaled by ``init_noise_sigma``) of a model with noise
-    ``schedule`` ("vp" or "flow") and latent ``patch`` size.
+    ``schedule`` ("vp" or "flow") and latent ``patch`` size. ``after_step(i, latents)``, when given, is applied after
+    step ``i`` (inpainting's unmasked part, :mod:`.image_conditioning`).
 
     ``grad_at_step(i)`` decides, per step, whether autograd records it (default: the ambient grad mode), so a
     trainer can backpropagate through the last K steps only. A step's input is detached where the step before
@@ -180,6 +202,8 @@ def denoise(
             info = StepInfo(i, len(timesteps), t, levels[i], prediction_type, patch)
             guided = policy.step(state, x_in, info, denoiser)
             latents = scheduler.step(guided, t, latents, **(step_kwargs or {}), return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(i, latents)
             if keep is not None:
                 latents = torch.where(keep.to(latents.device).view(-1, 1, 1, 1), latents, latents.detach())
         if latents.device.type == "cuda":
@@ -208,9 +232,16 @@ def make_scheduler(model: DiffusionModel, params: GenerationParams) -> tuple[Any
         scheduler.set_timesteps(params.steps, device=model.device, **options)
     except ValueError as e:  # e.g. more steps than the scheduler's training timesteps
         raise InvalidInput("steps", f"{params.steps} is not supported by scheduler {params.scheduler!r}: {e}") from None
+    start = 0
+    if params.init_image is not None:  # img2img: the last strength × steps steps
+        start = first_step(params.steps, params.strength, model.family.schedule) * scheduler.order
+        if start >= len(scheduler.timesteps):
+            raise InvalidInput(
+                "strength", f"{params.strength} leaves no step to run of {params.steps}; raise strength or steps"
+            )
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    return scheduler, scheduler.timesteps
+        scheduler.set_begin_index(start)
+    return scheduler, scheduler.timesteps[start:]
 
 
 def image_size(model: DiffusionModel, params: GenerationParams) -> tuple[int, int]:
@@ -247,6 +278,7 @@ class CheckedRequest:
     state: PolicyState
     rewards: RewardModels
     cost: GenerationCost
+    images: RequestImages | None = None  # the decoded init image and mask of an image-conditioned request
 
 
 def check_request(
@@ -263,6 +295,11 @@ def check_request(
     limits = limits or Limits()
     params = GenerationParams.parse(params, limits)
     params = params.with_model_defaults(model.defaults, params.model_fields_set, limits)
+    images = decode_request_images(params.init_image, params.mask)
+    if images is not None and (params.width is None or params.height is None):
+        height, width = default_size(model, images.init)
+        params = params.model_copy(update={"height": params.height or height, "width": params.width or width})
+        params.check_limits(limits)
     check_scheduler_name(params.scheduler, schedule=model.family.schedule)
     model.family.check_size(model, *image_size(model, params))
     if params.distilled_guidance is not None and not model.family.takes_distilled_guidance(model.backbone.config):
@@ -274,12 +311,15 @@ def check_request(
     policy = build_policy(params.policy)
     height, width = image_size(model, params)
     size_factor = model.family.relative_cost(model, height, width, model.native_size)
-    cost = generation_cost(params, policy, model.native_size, size_factor)
+    steps = params.steps
+    if params.init_image is not None:
+        steps -= first_step(params.steps, params.strength, model.family.schedule)
+    cost = generation_cost(params, policy, model.native_size, size_factor, steps)
     check_cost(cost, model.native_size, limits.max_cost, limits.max_area_factor)
     scheduler, timesteps = make_scheduler(model, params)
     rewards = rewards or DEFAULT_REWARDS
     state = policy.start(sampling_context(model, params, timesteps, rewards))
-    return CheckedRequest(params, policy, scheduler, timesteps, state, rewards, cost)
+    return CheckedRequest(params, policy, scheduler, timesteps, state, rewards, cost, images)
 
 
 @dataclass
@@ -314,11 +354,25 @@ class PreparedGeneration:
     gradient_checkpointing: bool = False
     rewards: RewardModels = DEFAULT_REWARDS
     first_run: tuple[Any, torch.Tensor, PolicyState] | None = None  # (scheduler, timesteps, state) of the check
+    image: ImageConditioning | None = None  # img2img / inpainting
+    generator_states: list[torch.Tensor] | None = None  # each image's generator after its noise (ancestral steps)
 
     @property
     def prompts(self) -> list[str]:
         """One prompt per image."""
         return self.params.prompts
+
+    def generators(self) -> list[torch.Generator]:
+        """Each image's CPU generator as the preparation left it (after the noise and any VAE samples): fresh
+        for every run, so that ancestral schedulers draw the same values in each."""
+        if self.generator_states is None:
+            return initial_noise(self.seeds, tuple(self.noise.shape[1:]), self.noise.device)[1]
+        generators = []
+        for state in self.generator_states:
+            generator = torch.Generator("cpu")
+            generator.set_state(state)
+            generators.append(generator)
+        return generators
 
     def scheduler_and_state(self) -> tuple[Any, torch.Tensor, PolicyState]:
         if self.first_run is not None:
@@ -352,12 +406,21 @@ class PreparedGeneration:
             executor=self.executor,
             forward=self.model.family.forward,
         )
-        fresh_noise, generators = initial_noise(self.seeds, tuple(self.noise.shape[1:]), self.noise.device)
-        noise = fresh_noise if noise is None else noise
+        generators = self.generators()
+        noise = self.noise if noise is None else noise
+        schedule = self.model.family.schedule
+        after_step = None
+        if self.image is None:
+            start = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        else:
+            levels = step_levels(scheduler, timesteps, schedule)
+            start = start_latents(scheduler, self.image, noise, timesteps[0], levels[0])
+            if self.image.blend:
+                after_step = keep_unmasked(scheduler, self.image, noise, timesteps, levels)
         step_times: list[float] = []
         with self.executor.session(self.model.backbone, tuple(self.noise.shape[1:])):
             latents = denoise(
-                noise * getattr(scheduler, "init_noise_sigma", 1.0),
+                start,
                 scheduler,
                 timesteps,
                 denoiser,
@@ -367,8 +430,9 @@ class PreparedGeneration:
                 callback=callback,
                 grad_at_step=grad_at_step,
                 step_times=step_times,
-                schedule=self.model.family.schedule,
+                schedule=schedule,
                 patch=self.model.family.patch_size(self.model),
+                after_step=after_step,
             )
         return Trajectory(latents, denoiser, state, step_times)
 
@@ -403,7 +467,24 @@ def prepare(
     )
     seeds = list(params.seeds) if params.seeds is not None else resolve_seeds(params.seed, params.num_images)
     shape = model.latent_shape(height, width)
-    noise, _ = initial_noise(seeds, shape, model.device)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    image = None
+    if checked.images is None:
+        noise = draw_noise(generators, shape, model.device)
+    else:
+        image, noise, inputs = executor.run(
+            lambda: prepare_image_conditioning(
+                model,
+                checked.images,
+                params.strength,
+                params.mask_blur,
+                height,
+                width,
+                generators,
+                lambda: draw_noise(generators, shape, model.device),
+            )
+        )
+        conditions = with_inpainting_inputs(conditions, inputs)
     return PreparedGeneration(
         model,
         params,
@@ -418,6 +499,8 @@ def prepare(
         gradient_checkpointing,
         checked.rewards,
         (checked.scheduler, checked.timesteps, checked.state),
+        image,
+        [g.get_state() for g in generators],
     )
 
 

@@ -6,6 +6,7 @@ Bad input exits with status 2 and one line naming the option or field and the ac
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,28 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
 
 
+def read_image_file(path: str, option: str) -> str:
+    """A file's bytes as base64 text (the request's image fields); InvalidInput naming ``option`` if unreadable."""
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    except OSError as e:
+        raise InvalidInput(option, f"cannot read {path!r}: {e.strerror or e}") from None
+
+
+def image_options(args: argparse.Namespace) -> dict[str, object]:
+    """The image-conditioning fields the command line names (img2img, inpainting)."""
+    options: dict[str, object] = {}
+    if args.init_image is not None:
+        options["init_image"] = read_image_file(args.init_image, "--init-image")
+    if args.mask is not None:
+        options["mask"] = read_image_file(args.mask, "--mask")
+    if args.strength is not None:
+        options["strength"] = args.strength
+    if args.mask_blur is not None:
+        options["mask_blur"] = args.mask_blur
+    return options
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -65,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "height": height,
             "eta": args.eta,
             "distilled_guidance": args.distilled_guidance,
+            **image_options(args),
         },
         limits,
     ).with_model_defaults(defaults, set(named), limits)  # what generate() fills too; here before the model loads
@@ -163,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the guidance scale a guidance-distilled model (FLUX.1-dev) takes as an input (default 3.5); "
         "the policy's guidance is true CFG on top of it. Other models refuse it",
     )
+    gen.add_argument(
+        "--init-image", default=None, help="img2img: the image to start from (its size unless --size is given)"
+    )
+    gen.add_argument(
+        "--strength", type=float, default=None, help="how much of the init image is noised away (default 0.8)"
+    )
+    gen.add_argument("--mask", default=None, help="inpainting mask image: white repaints, black keeps the init image")
+    gen.add_argument("--mask-blur", type=int, default=None, help="Gaussian blur of the mask in pixels (default 0)")
     gen.add_argument("--model", default=None, help="diffusers folder, .safetensors file, hub id, or builtin:NAME")
     gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")

@@ -124,6 +124,11 @@ class ModelFamily(ABC):
     def latent_channels(self, model: DiffusionModel) -> int:
         return int(model.backbone.config.in_channels)
 
+    def inpainting_inputs(self, model: DiffusionModel) -> bool:
+        """Whether the backbone takes a latent mask and masked-image latents beside the sample (a 9-channel
+        inpainting UNet); other models inpaint by keeping the unmasked part after every step."""
+        return False
+
     def patch_size(self, model: DiffusionModel) -> int:
         """Latent pixels per token side (1 for UNets)."""
         return 1

@@ -44,13 +44,19 @@ class StableDiffusion(ModelFamily):
         return [Condition(hidden[i : i + 1]) for i in range(len(texts))]
 
     def forward(self, backbone, x, t, condition):
+        added = dict(condition.added)
+        inpaint = added.pop("inpaint", None)  # an inpainting UNet's latent mask and masked-image latents
+        if inpaint is not None:
+            x = torch.cat([x, inpaint.to(x.dtype)], dim=1)
         return backbone(
-            x,
-            t,
-            encoder_hidden_states=condition.hidden_states,
-            added_cond_kwargs=condition.added or None,
-            return_dict=False,
+            x, t, encoder_hidden_states=condition.hidden_states, added_cond_kwargs=added or None, return_dict=False
         )[0]
+
+    def latent_channels(self, model):
+        return int(model.vae.config.latent_channels)
+
+    def inpainting_inputs(self, model):
+        return int(model.backbone.config.in_channels) > self.latent_channels(model)
 
     def pipeline_kwargs(self, model) -> dict[str, Any]:
         return {
@@ -66,9 +72,10 @@ class StableDiffusion(ModelFamily):
         }
 
     def pipeline(self, model):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-        return StableDiffusionPipeline(**self.pipeline_kwargs(model))
+        cls = StableDiffusionInpaintPipeline if self.inpainting_inputs(model) else StableDiffusionPipeline
+        return cls(**self.pipeline_kwargs(model))
 
 
 class StableDiffusionXL(StableDiffusion):

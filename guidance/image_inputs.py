@@ -1,0 +1,95 @@
+"""Images a request brings (an init image, an inpainting mask): decoding, checking and preprocessing.
+
+A request carries images as base64 text (optionally a ``data:image/...;base64,`` URL), or, from Python, as PIL
+images. Decoding refuses what is not an image, a truncated file, and an image above the pixel limit before its
+pixels are decoded (a decompression bomb), naming the field; the EXIF orientation is applied, and palette, 16-bit,
+CMYK and alpha images become RGB (a mask: its luminance, or for an RGBA mask whose transparency marks the area to
+edit, as OpenAI's edit route defines it, the caller converts it first).
+
+Preprocessing follows diffusers' ``VaeImageProcessor``: resized to the generation's size with Lanczos when it
+differs, values in [0, 1] (the VAE gets them as [-1, 1]); masks are binarised at 0.5 (white = repaint), after an
+optional Gaussian blur of ``mask_blur`` pixels (A1111's field), which smooths the mask's outline.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from diffsteer.guidance.errors import InvalidInput
+
+DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+MAX_PIXELS = 4096 * 4096  # per decoded image; the generation's own size limits are checked separately
+
+ImageInput = str | bytes | Image.Image
+
+
+def decode_image(value: ImageInput, field: str, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A PIL image from base64 text, a data URL, raw bytes or an image; InvalidInput naming ``field`` for
+    anything that is not a whole image within ``max_pixels``."""
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        data = value
+        if isinstance(value, str):
+            try:
+                data = base64.b64decode(DATA_URL.sub("", value.strip()), validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput(field, "is not base64-encoded image data (or a data:image/...;base64 URL)") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise InvalidInput(field, f"{width}x{height} is above the limit of {max_pixels} pixels")
+                image.load()
+        except InvalidInput:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InvalidInput(field, f"cannot be read as an image ({type(e).__name__})") from None
+    if image.width * image.height > max_pixels:
+        raise InvalidInput(field, f"{image.width}x{image.height} is above the limit of {max_pixels} pixels")
+    return ImageOps.exif_transpose(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any mode (palette, CMYK, greyscale, 16-bit greyscale scaled to 8 bits); alpha is dropped, as
+    diffusers' ``convert("RGB")`` does."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def to_luminance(image: Image.Image) -> Image.Image:
+    return to_rgb(image).convert("L")
+
+
+def resized(image: Image.Image, height: int, width: int) -> Image.Image:
+    """``image`` at width × height (Lanczos, as diffusers' image processor), unchanged when already that size."""
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def image_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """[1, 3, H, W] float in [0, 1]."""
+    array = np.asarray(resized(to_rgb(image), height, width), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def mask_tensor(mask: Image.Image, height: int, width: int, blur: int = 0) -> torch.Tensor:
+    """[1, 1, H, W] of 0/1 (1 = repaint): the mask's luminance at the generation's size, blurred by ``blur``
+    pixels, binarised at 0.5."""
+    grey = resized(to_luminance(mask), height, width)
+    if blur > 0:
+        grey = grey.filter(ImageFilter.GaussianBlur(blur))
+    array = np.asarray(grey, dtype=np.float32) / 255.0
+    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
