@@ -18,8 +18,9 @@ are missing, and the server's configured limits are nowhere. :func:`build_openap
 Constraints between fields that JSON Schema cannot state (a ``cfg`` ``scales`` list has one value per step,
 ``interval_start < interval_end``, ``seeds`` has ``num_images`` values, A1111's Karras schedule only with
 DPM++ 2M, the schedulers and ``distilled_guidance`` a model takes (``GET /models``), an A/B run's arms × prompts
-× seeds ≤ ``ab_max_images``...) are in the descriptions and answered 422
-naming the field; :data:`CROSS_FIELD` lists the fields whose errors can come from them.
+× seeds ≤ ``ab_max_images``, a ``mask`` only with an ``init_image``, a ``strength`` that leaves a step to run...)
+and what a string must hold beyond its type (an image in ``init_image`` and ``mask``) are in the descriptions and
+answered 422 naming the field; :data:`CROSS_FIELD` lists the fields whose errors can come from them.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ CROSS_FIELD = {
     "scheduler",
     "sampler_name",
     "distilled_guidance",
+    "init_image",
+    "mask",
+    "strength",
     "arms",
     "prompts",
     "metrics",
