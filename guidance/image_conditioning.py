@@ -13,6 +13,9 @@ Not a second pipeline: the sampler's loop with three changes, for every family a
   beside the sample at every call (:meth:`diffsteer.guidance.families.unet.StableDiffusion.forward`), carried as
   an added input of every condition so that batching, CFG and every policy see them like any other.
 
+What the area to repaint starts from is A1111's "masked content" (``inpainting_fill``): the init image, its
+surroundings' colours blurred in (:func:`diffsteer.guidance.image_inputs.fill_masked`), noise, or zeros.
+
 The init image's latents are VAE samples drawn from each image's generator before its noise (the masked image's
 after it), so a seed gives diffusers' image for the same seed.
 """
@@ -27,7 +30,7 @@ from PIL import Image
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.families.base import Condition
-from diffsteer.guidance.image_inputs import decode_image, image_tensor, mask_tensor
+from diffsteer.guidance.image_inputs import decode_image, fill_masked, image_tensor, mask_tensor
 from diffsteer.guidance.latents import sample_latents
 from diffsteer.guidance.models import DiffusionModel
 from diffsteer.guidance.parameterisation import NoiseLevel, add_noise
@@ -74,6 +77,7 @@ def prepare_image_conditioning(
     images: RequestImages,
     strength: float,
     mask_blur: int,
+    inpainting_fill: str,
     height: int,
     width: int,
     generators: list[torch.Generator],
@@ -87,6 +91,8 @@ def prepare_image_conditioning(
     mask = None if images.mask is None else mask_tensor(images.mask, height, width, mask_blur)
     from_noise = mask is not None and strength >= 1.0
     needs_init = mask is None or not inpaint_inputs or not from_noise
+    if mask is not None and inpainting_fill == "fill":
+        pixels = fill_masked(pixels, mask)
     init_latents = sample_latents(model.vae, pixels, generators) if needs_init else None
     noise = draw_noise()
     added = None
@@ -94,6 +100,9 @@ def prepare_image_conditioning(
     if mask is not None:
         h, w = noise.shape[-2:]
         latent_mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(noise).expand(noise.shape[0], -1, -1, -1)
+        if init_latents is not None and inpainting_fill in ("latent_noise", "latent_nothing"):
+            replacement = noise if inpainting_fill == "latent_noise" else torch.zeros_like(noise)
+            init_latents = init_latents.to(noise) * (1 - latent_mask) + replacement * latent_mask
         if inpaint_inputs:
             masked = pixels * (mask < 0.5) + 0.5 * (mask >= 0.5)  # the masked pixels grey: 0 in the VAE's [-1, 1]
             masked_latents = sample_latents(model.vae, masked, generators).to(noise)

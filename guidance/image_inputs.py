@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
+from scipy.ndimage import gaussian_filter
 
 from diffsteer.guidance.errors import InvalidInput
 
@@ -93,3 +94,21 @@ def mask_tensor(mask: Image.Image, height: int, width: int, blur: int = 0) -> to
         grey = grey.filter(ImageFilter.GaussianBlur(blur))
     array = np.asarray(grey, dtype=np.float32) / 255.0
     return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def fill_masked(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A1111's "fill" of the area to repaint: each masked pixel takes the colours around the mask, blurred
+    (normalised Gaussian averages of the unmasked pixels, coarse radii first and finer ones where they reach),
+    so that the init latents of that area carry the surroundings' colours and no trace of what was there.
+    ``pixels`` [1, 3, H, W] in [0, 1], ``mask`` [1, 1, H, W] of 0/1 (1 = repaint)."""
+    keep = (1.0 - mask[0, 0]).double().numpy()
+    image = pixels[0].double().numpy()
+    filled = image.mean(axis=(1, 2), keepdims=True) * np.ones_like(image)  # where no radius reaches: the mean
+    for sigma in (64.0, 16.0, 4.0, 1.0):
+        weight = gaussian_filter(keep, sigma)
+        reached = weight > 1e-3
+        for c in range(image.shape[0]):
+            estimate = gaussian_filter(image[c] * keep, sigma) / np.maximum(weight, 1e-12)
+            filled[c] = np.where(reached, estimate, filled[c])
+    out = image * keep + filled * (1.0 - keep)
+    return torch.from_numpy(out).to(pixels.dtype)[None]

@@ -6,7 +6,7 @@ import base64
 import dataclasses
 import io
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from PIL import Image
@@ -140,6 +140,12 @@ class GenerationParams(pydantic.BaseModel):
     )
     mask_blur: int = pydantic.Field(
         0, ge=0, le=64, description="Gaussian blur of the mask in pixels before it is binarised (A1111's mask_blur)."
+    )
+    inpainting_fill: Literal["original", "fill", "latent_noise", "latent_nothing"] = pydantic.Field(
+        "original",
+        description="What the area to repaint starts from (A1111's masked content): the init image (original), "
+        "the colours around the mask blurred into it (fill), pure noise (latent_noise) or zero latents "
+        "(latent_nothing).",
     )
     distilled_guidance: float | None = pydantic.Field(
         None,

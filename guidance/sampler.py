@@ -478,6 +478,7 @@ def prepare(
                 checked.images,
                 params.strength,
                 params.mask_blur,
+                params.inpainting_fill,
                 height,
                 width,
                 generators,

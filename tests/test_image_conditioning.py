@@ -225,3 +225,34 @@ def test_cli_img2img_and_inpainting(tmp_path, sd):
     )
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected.images[0]))
     assert main([*argv, "--init-image", str(tmp_path / "missing.png"), "-q", "-o", str(out)]) == 2
+
+
+def test_fill_paints_the_masked_area_with_the_surroundings():
+    from diffsteer.guidance.image_inputs import fill_masked
+
+    pixels = torch.zeros(1, 3, 32, 32)
+    pixels[:, 0] = 0.8  # a red image ...
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    pixels[..., 8:24, 8:24] = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1)  # ... with a blue square to repaint
+    filled = fill_masked(pixels, mask)
+    torch.testing.assert_close(
+        filled[..., 8:24, 8:24], torch.tensor([0.8, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    )
+    torch.testing.assert_close(filled * (1 - mask), pixels * (1 - mask))
+
+
+@pytest.mark.parametrize("fill", ["fill", "latent_noise", "latent_nothing"])
+def test_masked_content_options_change_only_the_start_of_the_masked_area(sd, fill):
+    from diffsteer.guidance.sampler import prepare
+
+    params = {"prompt": PROMPT, "steps": 4, "seed": 5, "init_image": picture(), "mask": square_mask(), "strength": 0.7}
+    original = prepare(sd, params).image.init_latents
+    changed = prepare(sd, {**params, "inpainting_fill": fill}).image
+    outside = 1 - changed.mask
+    torch.testing.assert_close(
+        changed.init_latents * outside, original * outside, atol=1e-5, rtol=0
+    ) if fill != "fill" else None
+    assert not torch.allclose(changed.init_latents * changed.mask, original * changed.mask)
+    if fill == "latent_nothing":
+        assert float((changed.init_latents * changed.mask).abs().max()) == 0.0
