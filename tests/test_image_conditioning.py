@@ -255,3 +255,27 @@ def test_masked_content_options_change_only_the_start_of_the_masked_area(sd, fil
     assert not torch.allclose(changed.init_latents * changed.mask, original * changed.mask)
     if fill == "latent_nothing":
         assert float((changed.init_latents * changed.mask).abs().max()) == 0.0
+
+
+def test_reno_optimises_the_noise_added_to_the_init_latents(sd):
+    """ReNO on an inpainting request: its noise is what the init latents are noised with, the masked area is what
+    its reward sees change, and rerunning from the returned noise gives the best iterate."""
+    from diffsteer.guidance.sampler import prepare
+
+    reward = "saturation:1"  # weight-free: nothing to download
+    params = {
+        "prompt": PROMPT,
+        "seeds": [3],
+        "steps": 3,
+        "init_image": picture(),
+        "mask": square_mask(),
+        "strength": 0.7,
+        "policy": {"name": "reno", "reward": reward, "iterations": 2, "scale": 1.0},
+    }
+    prepared = prepare(sd, params)
+    outer = prepared.policy.optimise_noise(prepared)
+    trace = outer.trace["reno"]
+    assert trace["reward_best"][0] >= trace["reward_initial"][0]
+    assert len({s[0] for s in trace["reward_curve"]}) > 1
+    result = generate(sd, params)
+    assert result.nfe[0] == outer.nfe + 2  # the final run: ⌊3 × 0.7⌋ = 2 steps, one evaluation each (unguided)
