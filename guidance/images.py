@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from typing import Any
 
+import piexif
+import piexif.helper
 from PIL import Image, PngImagePlugin
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -65,11 +68,29 @@ def encode_image(image: Image.Image, fmt: str = "png", meta: dict[str, Any] | No
     if fmt == "png":
         image.save(buf, format="PNG", pnginfo=png_info(meta) if meta else None)
     else:
-        exif = Image.Exif()
-        if meta:
-            exif[0x9286] = a1111_parameters(meta)  # UserComment, where A1111 stores it for JPEG/WebP
-        image.save(buf, format=FORMATS[fmt], quality=quality, exif=exif)
+        image.save(
+            buf, format=FORMATS[fmt], quality=quality, exif=exif_parameters(a1111_parameters(meta)) if meta else b""
+        )
     return buf.getvalue()
+
+
+def exif_parameters(text: str) -> bytes:
+    """EXIF bytes holding ``text`` where A1111 reads a JPEG's or WebP's infotext: the Exif sub-IFD's UserComment,
+    with its 8-byte charset header (``UNICODE``, UTF-16 big-endian), as ``piexif.helper.UserComment`` writes it."""
+    comment = piexif.helper.UserComment.dump(text, encoding="unicode")
+    return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
+
+
+def read_exif_parameters(image: Image.Image) -> str | None:
+    """The infotext of a JPEG/WebP written as :func:`exif_parameters` writes it (None: there is none)."""
+    raw = image.info.get("exif")
+    if not raw:
+        return None
+    try:
+        comment = piexif.load(raw).get("Exif", {}).get(piexif.ExifIFD.UserComment)
+        return piexif.helper.UserComment.load(comment) if comment else None
+    except (ValueError, struct.error, piexif.InvalidImageDataError):
+        return None
 
 
 def read_png_metadata(data: bytes | str) -> dict[str, Any]:

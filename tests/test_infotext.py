@@ -163,3 +163,20 @@ def test_txt2img_pngs_and_info_agree(one_thread):  # noqa: F811
 
 
 from test_service_support import one_thread  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_jpeg_and_webp_infotext_is_where_a1111_reads_it(fmt):
+    """A1111 reads a JPEG's or WebP's parameters with piexif from the Exif sub-IFD's UserComment (charset header)."""
+    import piexif
+    import piexif.helper
+
+    from diffsteer.guidance.images import read_exif_parameters
+
+    meta = {"prompt": "a cät, with ünicode: yes", "steps": 3, "seed": 7, "width": 8, "height": 8, "sampler": "Euler"}
+    data = encode_image(Image.new("RGB", (8, 8), "red"), fmt, meta)
+    image = Image.open(io.BytesIO(data))
+    comment = piexif.load(image.info["exif"])["Exif"][piexif.ExifIFD.UserComment]
+    assert piexif.helper.UserComment.load(comment) == a1111_parameters(meta)
+    assert read_exif_parameters(image) == a1111_parameters(meta)
+    assert read_exif_parameters(Image.open(io.BytesIO(encode_image(Image.new("RGB", (8, 8)), fmt)))) is None
