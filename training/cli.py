@@ -2,6 +2,8 @@
 
     diffsteer train alignprop --config alignprop.yaml [--resume] [--set key=value ...]
     diffsteer train alignprop --print-config            # every field with its default and help, as YAML
+    diffsteer train smpo --config smpo-proving-ground    # a shipped config, by name
+    diffsteer train smpo --help                          # the options and smpo's config fields
 
 The same entry point runs in several processes: ``torchrun --nproc_per_node N -m diffsteer.training.alignprop --config ...``
 (or ``accelerate launch --multi_gpu --num_processes N -m diffsteer.training.alignprop ...``); see :mod:`diffsteer.training.trainer`.
@@ -16,7 +18,7 @@ import importlib
 import sys
 
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.training.config_io import load_config, render_yaml
+from diffsteer.training.config_io import load_config, render_yaml, shipped_configs
 from diffsteer.training.trainer import TrainingInterrupted
 
 # method -> (module, config class, trainer class)
@@ -31,15 +33,32 @@ METHODS: dict[str, tuple[str, str, str]] = {
 
 def add_train_parser(subparsers) -> None:
     train = subparsers.add_parser(
-        "train", help="fine-tune or distil a model (AlignProp, f-distill, ...) from a YAML config"
+        "train",
+        help="fine-tune or distil a model (AlignProp, f-distill, ...) from a YAML config",
+        add_help=False,  # `train METHOD --help` lists that method's fields: see run_parsed
     )
-    train.add_argument("method", choices=sorted(METHODS), help="training method")
+    train.add_argument("method", nargs="?", choices=sorted(METHODS), help="training method")
+    train.add_argument("-h", "--help", action="store_true", help="show this help and the method's config fields")
     add_method_arguments(train)
-    train.set_defaults(func=lambda args: run_parsed(args.method, args))
+    train.set_defaults(func=lambda args: run_train(args, train))
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.method is None:
+        if args.help:
+            print(parser.format_help(), end="")
+            return 0
+        parser.error(f"name a training method: {', '.join(sorted(METHODS))}")
+    return run_parsed(args.method, args, parser)
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML config file (fields: see --print-config)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML config file, or the name of a shipped one ({', '.join(shipped_configs())}); "
+        "fields: see --help or --print-config",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -58,9 +77,14 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_parsed(method: str, args: argparse.Namespace) -> int:
+def run_parsed(method: str, args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     module_name, config_name, trainer_name = METHODS[method]
     module = importlib.import_module(module_name)
+    if getattr(args, "help", False) and parser is not None:
+        print(parser.format_help())
+        print(f"{method}'s config fields (in the --config file, or --set KEY=VALUE), with their defaults:\n")
+        print(render_yaml(load_config(getattr(module, config_name))), end="")
+        return 0
     config = load_config(getattr(module, config_name), args.config, args.overrides)
     if args.print_config:
         print(render_yaml(config), end="")

@@ -150,13 +150,34 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs that ship with the package (``training/configs/NAME.yaml``)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(path: str | Path) -> Path:
+    """A config file: ``path`` itself, else the shipped config of that name (``smpo-proving-ground``, with or
+    without ``.yaml``); InvalidInput naming ``--config`` and the shipped names when it is neither."""
+    file = Path(path).expanduser()
+    if file.is_file():
+        return file
+    shipped = SHIPPED_CONFIGS / f"{Path(str(path)).name.removesuffix('.yaml')}.yaml"
+    if Path(str(path)).name == str(path) and shipped.is_file():
+        return shipped
+    raise InvalidInput(
+        "--config", f"{str(file)!r} is neither a file nor a shipped config; shipped: {', '.join(shipped_configs())}"
+    )
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """The config in the YAML/JSON file ``path`` (None: the defaults), with ``KEY=VALUE`` overrides applied."""
+    """The config in the YAML/JSON file ``path`` or the shipped config of that name (None: the defaults), with
+    ``KEY=VALUE`` overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise InvalidInput("--config", f"{str(file)!r} is not a file")
+        file = config_file(path)
         try:
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
