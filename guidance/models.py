@@ -333,10 +333,14 @@ def load_model(
     config: str | None = None,
     attention: str = "auto",
     fast_paths: Any = None,
+    latent_evaluators: str | None = None,
 ) -> DiffusionModel:
     """Load a model (see the module docstring for ``spec``); ``config`` is the diffusers config folder or hub id
     for single-file checkpoints; ``attention`` is ``auto`` (xformers if usable, else SDPA), ``sdpa`` or ``xformers``;
-    ``fast_paths``: a :class:`diffsteer.guidance.fast_paths.FastPaths` or its spec string (default: none)."""
+    ``fast_paths``: a :class:`diffsteer.guidance.fast_paths.FastPaths` or its spec string (default: none);
+    ``latent_evaluators``: a folder of latent evaluators for dynamic CFG's ``evaluator=latent`` (and ``auto``), or
+    ``shipped`` for the proving ground's (``builtin:proving-ground`` only); default: the model folder's own
+    ``latent_evaluators/`` if it has one."""
     paths = FastPaths.parse(fast_paths)
     device = resolve_device(device)
     resolve_dtype(dtype, device)  # a bad value is refused before anything loads
@@ -360,6 +364,8 @@ def load_model(
             model = _load_diffusers_folder(spec, spec)
     model.name = name
     model.defaults = loaded_defaults(spec, model)
+    if latent_evaluators is not None:
+        model.extra["latent_evaluators"] = str(latent_evaluator_folder(latent_evaluators, spec))
     _place(model, device, resolve_dtype(dtype, device, model.family))
     if model.family.backbone_key == "unet":
         configure_attention(model.backbone, device, attention)
@@ -373,6 +379,23 @@ def load_model(
                 "fast paths %s are for UNet models; %s (%s) loads without them", paths, name, model.family.title
             )
     return model
+
+
+def latent_evaluator_folder(value: str, spec: str) -> Path:
+    """The latent evaluators ``value`` names for the model ``spec``: ``shipped`` (the proving ground's, trained for
+    ``builtin:proving-ground``) or a folder holding ``latent_evaluators.json``; InvalidInput naming the field."""
+    if value == "shipped":
+        if spec != DEFAULT_MODEL:
+            raise InvalidInput(
+                "latent_evaluators", f"the shipped latent evaluators are {DEFAULT_MODEL}'s, not {spec!r}'s"
+            )
+        return shipped.LATENT_EVALUATORS
+    folder = Path(value).expanduser()
+    if not (folder / "latent_evaluators.json").is_file():
+        raise InvalidInput(
+            "latent_evaluators", f"{value!r} is not a folder of latent evaluators (latent_evaluators.json); or: shipped"
+        )
+    return folder.resolve()
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -543,12 +566,14 @@ def configure_attention(unet: torch.nn.Module, device: torch.device, attention: 
 
 
 class ModelCache:
-    """Loaded models by spec; loading is serialised, lookups are not."""
+    """Loaded models by spec; loading is serialised, lookups are not. ``latent_evaluators`` maps a model spec to
+    its :func:`load_model` ``latent_evaluators``."""
 
-    def __init__(self, **load_kwargs: Any):
+    def __init__(self, latent_evaluators: dict[str, str] | None = None, **load_kwargs: Any):
         self._models: dict[str, DiffusionModel] = {}
         self._lock = threading.Lock()
         self._load_kwargs = load_kwargs
+        self._evaluators = {canonical_spec(k): v for k, v in (latent_evaluators or {}).items()}
 
     def get(self, spec: str | None = None) -> DiffusionModel:
         key = canonical_spec(spec)
@@ -557,7 +582,7 @@ class ModelCache:
             with self._lock:
                 model = self._models.get(key)
                 if model is None:
-                    model = load_model(key, **self._load_kwargs)
+                    model = load_model(key, latent_evaluators=self._evaluators.get(key), **self._load_kwargs)
                     self._models[key] = model
         return model
 

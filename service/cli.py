@@ -94,7 +94,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ).with_model_defaults(defaults, set(named), limits)  # what generate() fills too; here before the model loads
     paths = output_paths(args.output, params.num_images)
     model = load_model(
-        args.model, device=args.device, dtype=args.dtype, config=args.model_config, fast_paths=args.fast_paths
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=args.model_config,
+        fast_paths=args.fast_paths,
+        latent_evaluators=args.latent_evaluators,
     )
     with tqdm(total=params.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
 
@@ -197,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask-blur", type=int, default=None, help="Gaussian blur of the mask in pixels (default 0)")
     gen.add_argument("--model", default=None, help="diffusers folder, .safetensors file, hub id, or builtin:NAME")
     gen.add_argument("--model-config", default=None, help="diffusers config folder for single-file checkpoints")
+    gen.add_argument(
+        "--latent-evaluators",
+        default=None,
+        help="latent evaluators for dynamic_cfg's evaluator=latent/auto: a folder, or 'shipped' (the proving ground's)",
+    )
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     gen.add_argument("--dtype", default=None, help="auto, fp32, fp16, bf16")
     gen.add_argument(

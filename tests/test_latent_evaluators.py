@@ -403,3 +403,17 @@ def test_the_shipped_proving_ground_evaluators_load_and_score_with_their_reward(
             "alignment", latents, 1.0, evaluators.prompt_inputs(plain.conditions["cond"].hidden_states, prompts)
         )
     np.testing.assert_allclose(reno.trace["reno"]["reward_initial"], expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_shipped_evaluators_are_opt_in_from_the_cli(tmp_path, capsys):
+    from diffsteer.service.cli import main
+
+    argv = ["generate", "a red circle", "--steps", "3", "--seed", "1", "-q", "--trace", "-o", str(tmp_path / "a.png")]
+    policy = ["--policy", "dynamic_cfg:evaluator=latent,candidates=[1.5,3]"]
+    assert main([*argv, *policy]) == 2  # the default model's evaluators are not used unless asked for
+    assert "latent" in capsys.readouterr().err
+    assert main([*argv, *policy, "--latent-evaluators", "shipped"]) == 0
+    assert "scale_schedule" in capsys.readouterr().out
+    assert main([*argv, "--model", "builtin:tiny", "--latent-evaluators", "shipped"]) == 2
+    assert "latent_evaluators" in capsys.readouterr().err
+    assert main([*argv, "--latent-evaluators", str(tmp_path)]) == 2
