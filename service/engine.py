@@ -205,6 +205,7 @@ class Engine:
             dtype=settings.dtype,
             config=settings.model_config_dir,
             fast_paths=settings.fast_paths,
+            latent_evaluators=settings.latent_evaluators,
         )
         self.loras = LoraLibrary(settings.lora_dir)
         self.rewards = RewardModels(settings.rewards) if settings.rewards else DEFAULT_REWARDS

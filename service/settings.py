@@ -119,10 +119,16 @@ class ServiceSettings(BaseSettings):
     )
     fast_paths: str = pydantic.Field(
         "none",
-        description="UNet fast paths (UNet models only: a transformer model fails to load with them), "
+        description="UNet fast paths (transformer models load without them, with a warning), "
         "comma-separated: compile, channels_last, cuda_graphs (compile_mode=..., "
         "max_graphs=N); see guidance/fast_paths.py, and BENCHMARKS.md, section GPU suite and fast paths, for what "
         "each gains.",
+    )
+    latent_evaluators: dict[str, str] = pydantic.Field(
+        default_factory=dict,
+        description="Latent evaluators per model, for dynamic_cfg's evaluator=latent (and auto): model spec -> a "
+        "folder holding latent_evaluators.json, or 'shipped' for builtin:proving-ground's. Opt-in: without an entry a "
+        "model uses its folder's own latent_evaluators/ if it has one.",
     )
     lora_dir: Path | None = pydantic.Field(
         None,

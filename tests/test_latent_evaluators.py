@@ -417,3 +417,20 @@ def test_shipped_evaluators_are_opt_in_from_the_cli(tmp_path, capsys):
     assert main([*argv, "--model", "builtin:tiny", "--latent-evaluators", "shipped"]) == 2
     assert "latent_evaluators" in capsys.readouterr().err
     assert main([*argv, "--latent-evaluators", str(tmp_path)]) == 2
+
+
+def test_shipped_evaluators_are_opt_in_in_the_service():
+    from test_service_support import app_client
+
+    body = {
+        "prompt": "a red circle",
+        "steps": 3,
+        "seed": 1,
+        "policy": "dynamic_cfg:evaluator=latent,candidates=[1.5,3]",
+    }
+    with app_client(model="builtin:proving-ground", latent_evaluators={"builtin:proving-ground": "shipped"}) as client:
+        response = client.post("/generate", json=body)
+        assert response.status_code == 200, response.text
+    with app_client(model="builtin:proving-ground") as client:
+        response = client.post("/generate", json=body)
+        assert response.status_code == 422 and "latent" in response.text
