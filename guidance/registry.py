@@ -9,6 +9,7 @@ numbers, ``true``/``false``, ``null``, lists like ``[7,5,3]``; anything else is 
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,11 +67,14 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
     if isinstance(spec, str):
         spec = spec.strip()
         strict = spec.startswith("{")
+        if not strict:  # JSON text may hold whitespace; its strings are checked once parsed
+            check_policy_text(spec, field)
         data = parse_json_object(spec, field) if strict else parse_spec_string(spec, field)
     elif isinstance(spec, Mapping):
         data = dict(spec)
     else:
         raise InvalidInput(field, f"expected a spec string or an object, got {type(spec).__name__}")
+    check_policy_text(data, field)
     name = data.pop("name", None)
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"{field}.name", f"missing; accepted values: {', '.join(policy_names())}")
@@ -94,6 +98,24 @@ def parse_policy(spec: PolicySpec, field: str = "policy") -> PolicyParams:
 def build_policy(spec: PolicySpec, field: str = "policy") -> GuidancePolicy:
     params = parse_policy(spec, field)
     return _POLICIES[params.name](params)  # type: ignore[attr-defined]
+
+
+def check_policy_text(value: Any, field: str = "policy") -> None:
+    """Every string of a policy (the spec, an object's keys and values) is valid Unicode without control characters:
+    they would otherwise reach error messages, logs and response headers. InvalidInput names the field and the
+    position, never echoing the character."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if unicodedata.category(ch) in ("Cc", "Cs"):
+                kind = "a lone surrogate" if unicodedata.category(ch) == "Cs" else "a control character"
+                raise InvalidInput(field, f"contains {kind} (U+{ord(ch):04X}) at position {i}")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_policy_text(key, field)
+            check_policy_text(item, f"{field}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_policy_text(item, f"{field}.{i}")
 
 
 def parse_spec_string(spec: str, field: str = "policy") -> dict[str, Any]:

@@ -22,15 +22,21 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 STRICT = pydantic.ConfigDict(strict=True)
 
 
-def integral_floats_to_int(data: Any) -> Any:
+MAX_BODY_NESTING = 32  # no field of any request nests deeper; a deeper body is refused before any recursive walk
+
+
+def integral_floats_to_int(data: Any, path: str = "", depth: int = 0) -> Any:
     """JSON Schema's ``integer`` includes ``16.0``; strict validation does not: integral floats become ints
-    (float fields accept ints), everywhere in a request body."""
+    (float fields accept ints), everywhere in a request body. A body nested deeper than :data:`MAX_BODY_NESTING`
+    is refused naming the field it is deep in (hundreds of levels would otherwise exhaust the recursion)."""
     if isinstance(data, float) and data.is_integer():
         return int(data)
+    if isinstance(data, dict | list) and depth >= MAX_BODY_NESTING:
+        raise InvalidInput(path.split(".")[0] or "body", f"nested more than {MAX_BODY_NESTING} levels deep")
     if isinstance(data, dict):
-        return {k: integral_floats_to_int(v) for k, v in data.items()}
+        return {k: integral_floats_to_int(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in data.items()}
     if isinstance(data, list):
-        return [integral_floats_to_int(v) for v in data]
+        return [integral_floats_to_int(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(data)]
     return data
 
 

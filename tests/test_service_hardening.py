@@ -49,6 +49,40 @@ def test_deeply_nested_policy_is_a_4xx_naming_the_policy(client, route, policy):
     assert error["field"].split(".")[0] == field and "nested" in error["message"], error
 
 
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("levels", [478, 975])
+def test_json_nested_hundreds_of_levels_in_any_field_is_a_4xx(client, route, levels):
+    """Not only the policy: any field nested that deep was a 500 (the body's recursive walk); it is refused
+    before any walk, naming the field."""
+    body = ROUTES[route]("cfg")
+    field = "prompts" if route == "/ab" else "prompt"
+    body.pop(field, None)
+    text = json.dumps(body)[:-1] + f', "{field}": ' + "[" * levels + "1" + "]" * levels + "}"  # too deep for json.dumps
+    r = client.post(route, content=text.encode(), headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])
+    assert r.json()["error"]["field"] in (field, "body"), r.json()
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"name": "cfg", "\ud800": 1},  # a lone surrogate as a parameter *name*
+        "cfg:scale=3,\udfff=1",
+        "cfg:scale=3\x07",  # control characters would reach logs and the X-Diffsteer-Policy header
+        "cfg:sc\r\nale=3",
+        {"name": "cfg\n"},
+    ],
+)
+def test_policy_text_with_surrogates_or_control_characters_is_a_4xx(client, route, policy):
+    r = post(client, route, ROUTES[route](policy if route != "/ab" or isinstance(policy, str) else "cfg"))
+    if route == "/ab" and not isinstance(policy, str):
+        return  # A/B arms take spec strings only
+    assert r.status_code in (400, 422), (r.status_code, r.text[:300])
+    message = r.json()["error"]["message"]
+    assert "surrogate" in message or "control character" in message, message
+
+
 @pytest.mark.parametrize(
     ("route", "body", "field"),
     [
