@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 
 from fastapi import Depends, Request
@@ -17,6 +16,7 @@ from fastapi import Depends, Request
 from diffsteer.service.engine import Engine, Plan
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.jobs import JobStore
+from diffsteer.service.owners import key_fingerprint
 from diffsteer.service.schemas import GenerateRequest
 
 
@@ -71,17 +71,13 @@ async def require_api_key(request: Request, engine: Engine = Depends(get_engine)
     _check(request, engine)
 
 
-def key_fingerprint(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
 async def job_owner(request: Request, engine: Engine = Depends(get_engine)) -> str | None:
     """Who owns the jobs a request creates and may see: its API key's fingerprint; None without keys configured.
     (Used after :func:`require_api_key`, so the key is a valid one.)"""
     if not engine.settings.api_keys:
         return None
     key = presented_key(request)
-    return key_fingerprint(key) if key is not None else None
+    return key_fingerprint(key, engine.owner_secret) if key is not None else None
 
 
 async def require_api_key_for_metrics(request: Request, engine: Engine = Depends(get_engine)) -> None:

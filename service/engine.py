@@ -65,6 +65,7 @@ from diffsteer.service.device import (
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.lora import LoraControl, LoraLibrary, describe_target
 from diffsteer.service.metrics import Metrics
+from diffsteer.service.owners import owner_secret
 from diffsteer.service.preview import LatentPreviewer
 from diffsteer.service.queue import Cancelled, QueueFull, ShuttingDown, Ticket, TimedOut, WorkQueue
 from diffsteer.service.schemas import GenerateRequest
@@ -239,6 +240,8 @@ class Engine:
         self.queue = WorkQueue(s.concurrency, s.queue_size, throughput=self.device.throughput)
         if s.ab_dir is not None:
             s.ab_dir.expanduser().mkdir(parents=True, exist_ok=True)  # an unusable ab_dir fails the start, not a run
+        self.owner_secret = owner_secret(s.ab_dir)
+        if s.ab_dir is not None:
             self.ab_queue = WorkQueue(s.ab_concurrent, s.ab_queue_size, name="diffsteer-ab")
         if s.preload:
             threading.Thread(target=self._preload, name="diffsteer-preload", daemon=True).start()

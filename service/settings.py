@@ -251,6 +251,14 @@ class ServiceSettings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @pydantic.field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[pydantic.SecretStr]) -> list[pydantic.SecretStr]:
+        for i, key in enumerate(value):
+            if not key.get_secret_value().strip():
+                raise ValueError(f"api_keys.{i} is empty: an empty key would let every client in; remove it")
+        return value
+
     @pydantic.field_validator("fast_paths")
     @classmethod
     def _fast_paths(cls, value: str) -> str:

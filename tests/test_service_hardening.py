@@ -316,3 +316,26 @@ def test_serve_takes_a_lora_dir(monkeypatch, tmp_path):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.setdefault("app", app))
     assert main(["serve", "--lora-dir", str(tmp_path), "--model", "builtin:tiny"]) == 0
     assert captured["app"].state.settings.lora_dir == tmp_path
+
+
+def test_an_empty_api_key_is_refused_at_start():
+    import pydantic
+
+    from diffsteer.service.settings import ServiceSettings
+
+    with pytest.raises(pydantic.ValidationError, match="api_keys.1 is empty"):
+        ServiceSettings(api_keys=["good-key", "  "])
+
+
+def test_owners_are_keyed_hashes_that_survive_a_restart(tmp_path):
+    import hashlib
+
+    from diffsteer.service.owners import key_fingerprint, owner_secret
+
+    secret = owner_secret(tmp_path)
+    assert owner_secret(tmp_path) == secret and len(secret) == 32  # the same after a restart
+    assert (tmp_path / ".owner-secret").stat().st_mode & 0o777 == 0o600
+    fingerprint = key_fingerprint("sk-test", secret)
+    assert fingerprint != hashlib.sha256(b"sk-test").hexdigest()  # not checkable against guessed keys without it
+    assert fingerprint == key_fingerprint("sk-test", owner_secret(tmp_path))
+    assert owner_secret(None) != owner_secret(None)
