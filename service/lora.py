@@ -77,11 +77,16 @@ class LoraLibrary:
             return []
         found = set()
         for entry in self.folder.iterdir():
-            if entry.is_file() and entry.suffix == ".safetensors":
+            if entry.suffix == ".safetensors" and self.inside(entry):
                 found.add(entry.stem)
-            elif entry.is_dir() and (entry / WEIGHTS_FILE).is_file():
+            elif entry.is_dir() and self.inside(entry / WEIGHTS_FILE):
                 found.add(entry.name)
         return sorted(n for n in found if LORA_NAME.match(n))
+
+    def inside(self, candidate: Path) -> bool:
+        """Whether ``candidate`` is a file whose real path (symlinks followed) stays inside the LoRA folder."""
+        resolved = candidate.resolve()
+        return resolved.is_file() and self.folder in resolved.parents
 
     def path(self, name: str, field: str = "lora.name") -> Path:
         if self.folder is None:
@@ -89,9 +94,8 @@ class LoraLibrary:
         if not isinstance(name, str) or not LORA_NAME.match(name) or ".." in name:
             raise InvalidInput(field, f"invalid LoRA name {name!r}: letters, digits, '.', '_' and '-' only")
         for candidate in (self.folder / f"{name}.safetensors", self.folder / name / WEIGHTS_FILE):
-            resolved = candidate.resolve()
-            if resolved.is_file() and self.folder in resolved.parents:
-                return resolved
+            if self.inside(candidate):
+                return candidate.resolve()
         available = self.names()
         listing = ", ".join(available) if available else "none"
         raise InvalidInput(field, f"unknown LoRA {name!r}; available: {listing}")
@@ -123,6 +127,7 @@ class LoraControl:
         self._pipe = None
         self._loaded: collections.OrderedDict[str, str] = collections.OrderedDict()  # name -> adapter name
         self._ids = itertools.count()
+        self._failed: dict[str, tuple[tuple[float, int], str]] = {}  # name -> (file's mtime and size, message)
         self.active: AdapterSet = ()
 
     @property
@@ -139,6 +144,11 @@ class LoraControl:
             self._loaded.move_to_end(name)
             return self._loaded[name]
         path = self.library.path(name)
+        stat = path.stat()
+        version = (stat.st_mtime, stat.st_size)
+        failed = self._failed.get(name)
+        if failed is not None and failed[0] == version:  # the same file failed before: not loaded again
+            raise InvalidInput("lora.name", failed[1])
         keys = lora_keys(path)  # None: unreadable, left to diffusers' own error
         if keys is not None:
             self._check_target(name, keys)
@@ -147,7 +157,11 @@ class LoraControl:
             self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
         except Exception as e:  # diffusers/peft raise many types for bad files
             self._discard(adapter)
-            raise InvalidInput("lora.name", f"cannot load LoRA {name!r}: {type(e).__name__}: {e}") from None
+            log.warning("LoRA %s failed to load on %s: %s: %s", name, self.model.name, type(e).__name__, e)
+            # the client learns which adapter and what kind of failure, not the server's paths or library internals
+            message = f"cannot load LoRA {name!r}: not a LoRA in diffusers format that fits {self._describe_model()}"
+            self._failed[name] = (version, message)
+            raise InvalidInput("lora.name", message) from None
         self._check_loaded(name, adapter, keys or [])
         self._loaded[name] = adapter
         log.info("loaded LoRA %s as %s on %s", name, adapter, self.model.name)

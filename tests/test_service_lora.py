@@ -35,6 +35,9 @@ def lora_dir(tmp_path_factory):
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
     StableDiffusionPipeline.save_lora_weights(str(folder / "style"), unet_lora_layers=layers)
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.safetensors"
+    outside.write_bytes((folder / "style" / "pytorch_lora_weights.safetensors").read_bytes())
+    (folder / "escape.safetensors").symlink_to(outside)  # a link out of lora_dir: neither listed nor loadable
     return folder
 
 
@@ -105,7 +108,20 @@ def test_bad_lora_requests(client, lora, field, text):
     assert r.json()["error"]["field"] == field and text in r.json()["error"]["message"]
 
 
-def test_unreadable_lora_fails_cleanly(client):
+def test_unreadable_lora_fails_cleanly(client, lora_dir, caplog):
     r = client.post("/generate", json={**BODY, "lora": [{"name": "broken"}]})
-    assert r.status_code == 422 and "cannot load LoRA 'broken'" in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and "cannot load LoRA 'broken'" in message
+    assert str(lora_dir) not in message and "Error" not in message  # no server path, no library internals
     assert image(client)["images"] == image(client, seed=5)["images"]  # the server goes on serving
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = client.post("/generate", json={**BODY, "lora": [{"name": "broken"}]})
+    assert again.status_code == 422 and again.json()["error"]["message"] == message
+    assert not [r for r in caplog.records if "failed to load" in r.getMessage()]  # remembered, not loaded again
+
+
+def test_a_lora_linking_out_of_the_folder_is_neither_listed_nor_loaded(client):
+    assert "escape" not in client.get("/models").text
+    r = client.post("/generate", json={**BODY, "lora": [{"name": "escape"}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "lora.0.name"
