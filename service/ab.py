@@ -97,15 +97,24 @@ def check_image_count(engine: Engine, arms: int, per_arm: int, what: str) -> Non
 
 
 def check_limits(engine: Engine, plan: ABPlan) -> None:
-    """Every batch of the run within the limits a /generate request has."""
+    """Every batch of the run within what a /generate request to its arm's model may ask: the server's limits
+    tightened by the model's maximum size, and its cost (``Engine.check``, as /generate), before anything runs."""
     config, items = plan.config, plan.items
     check_image_count(engine, len(plan.arms), len(items), "(prompt, seed) items")
     longest = max((item.prompt for item in items), key=len)
     for arm in plan.arms:
         batch = GenerationParams(
-            prompt=longest, steps=config.steps, num_images=config.batch_size, width=arm.width, height=arm.height
+            prompt=longest,
+            steps=config.steps,
+            num_images=config.batch_size,
+            width=arm.width,
+            height=arm.height,
+            scheduler=config.scheduler,
+            policy=arm.config.policy,
         )
         batch.check_limits(engine.limits)
+        largest = batch.model_copy(update={"num_images": min(config.batch_size, len(items))})  # what runs at once
+        engine.check(arm.model, largest)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -320,3 +320,17 @@ def test_served_file_refuses_paths_outside_the_run(tmp_path):
         with pytest.raises(ServiceError) as e:
             served_file(tmp_path, path)
         assert e.value.status == 404
+
+
+def test_ab_checks_the_models_maximum_size_and_the_cost_up_front(tmp_path, one_thread):  # noqa: F811
+    """As /generate: a size above the model's max_size and a run whose batches cost more than max_cost are
+    refused before anything is queued, naming the field."""
+    from test_service_support import app_client
+
+    body = {"arms": ["a=cfg:scale=2", "b=apg:scale=2"], "prompts": ["a red circle"], "steps": 2}
+    with app_client(ab_dir=str(tmp_path / "ab"), max_cost=10.0) as client:
+        r = client.post("/ab", json={**body, "width": 64, "height": 64})
+        assert r.status_code == 422 and r.json()["error"]["field"] in ("width", "height", "steps", "batch_size")
+        assert client.post("/ab", json=body).status_code == 202
+        r = client.post("/ab", json={**body, "steps": 40})
+        assert r.status_code == 422, r.text
