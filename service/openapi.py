@@ -35,6 +35,7 @@ from diffsteer.guidance.registry import policy_names, policy_schemas
 from diffsteer.guidance.request import MAX_SEED
 from diffsteer.guidance.schedulers import scheduler_names
 from diffsteer.service.routers.a1111 import A1111_SCHEDULERS, SAMPLER_LABELS
+from diffsteer.service.routers.openai_images import EDIT_FORM, edit_form_schema
 from diffsteer.service.settings import ServiceSettings
 
 REF = "#/components/schemas/"
@@ -62,6 +63,7 @@ CROSS_FIELD = {
     "init_image",
     "mask",
     "strength",
+    "image",
     "arms",
     "prompts",
     "metrics",
@@ -133,6 +135,7 @@ def build_openapi(
     schema["info"]["x-diffsteer-limits"] = limits
     _bound_generate(components["GenerateRequest"], limits)
     _bound_openai(components["OpenAIImageRequest"], limits)
+    components[EDIT_FORM] = _bound_openai_edit(edit_form_schema(), limits)
     _bound_a1111(components["Txt2ImgRequest"], limits)
     _bound_ab(components["ABRequest"], components["ArmConfig"], limits)
     auth = bool(settings.api_keys)
@@ -344,6 +347,18 @@ def _bound_openai(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     schema["not"] = {"required": ["seed", "seeds"]}
 
 
+def _bound_openai_edit(schema: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """The edit form (/v1/images/edits): a generation's bounds; its size defaults to the image's."""
+    _bound_openai(schema, limits)
+    size = schema["properties"]["size"]
+    size["anyOf"][0]["description"] = (
+        f'"WxH" (ASCII digits; multiples of 8, width ≤ {limits["max_width"]}, height ≤ {limits["max_height"]}) or '
+        '"auto"; "auto" or absent: the image\'s size, rounded down to the model\'s multiple (within the same limits).'
+    )
+    schema["description"] += f" The whole body is at most max_body_bytes ({limits['max_body_bytes']} bytes)."
+    return schema
+
+
 def _bound_a1111(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     props = schema["properties"]
     text = _text(limits)
@@ -426,9 +441,15 @@ QUEUED = {
     ("post", "/jobs"),
     ("post", "/ab"),
     ("post", "/v1/images/generations"),
+    ("post", "/v1/images/edits"),
     ("post", "/sdapi/v1/txt2img"),
 }
-WAITING = {("post", "/generate"), ("post", "/v1/images/generations"), ("post", "/sdapi/v1/txt2img")}
+WAITING = {
+    ("post", "/generate"),
+    ("post", "/v1/images/generations"),
+    ("post", "/v1/images/edits"),
+    ("post", "/sdapi/v1/txt2img"),
+}
 OPEN = {"/healthz", "/readyz"}
 
 

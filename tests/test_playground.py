@@ -174,3 +174,78 @@ def test_an_ab_run_links_its_report(page, server):
     report = httpx.get(f"{server.url}{href}", auth=("any", KEY), timeout=60)
     assert report.status_code == 200 and "<html" in report.text.lower()
     assert page.evaluate("JSON.parse(sessionStorage.getItem('diffsteer.abRuns'))[0].report") == href
+
+
+def data_url_image(url: str) -> Image.Image:
+    head, _, data = url.partition(",")
+    assert head == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def painted_count(page) -> int:
+    return page.evaluate(
+        """() => { const c = document.getElementById('mask-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] >= 128; return n; }"""
+    )
+
+
+def test_an_init_image_with_a_painted_mask(page, server):
+    page.uncheck("#side-by-side")
+    page.fill("#steps", "4")
+    page.fill("#seed", "7")
+    page.fill("#width", "")
+    page.fill("#height", "")
+    page.select_option('fieldset[data-slot="A"] .policy-name', "cfg")
+    rng = np.random.default_rng(3)
+    upload = (rng.random((48, 64, 3)) * 255).astype(np.uint8)  # 64 wide, 48 high: the generation's size
+    buffer = io.BytesIO()
+    Image.fromarray(upload).save(buffer, format="PNG")
+    page.set_input_files(
+        "#init-image", files=[{"name": "in.png", "mimeType": "image/png", "buffer": buffer.getvalue()}]
+    )
+    canvas = page.wait_for_selector("#mask-canvas:visible")
+    assert page.eval_on_selector("#init-preview", "img => img.src").startswith("data:image/png")
+    assert page.evaluate(
+        "[document.getElementById('mask-canvas').width, document.getElementById('mask-canvas').height]"
+    ) == [64, 48]
+    page.fill("#strength", "0.75")
+    assert page.inner_text("#strength-value") == "0.75"
+
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=5)
+    page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=5)
+    page.mouse.up()
+    painted = painted_count(page)
+    assert 0 < painted < 64 * 48
+    page.click("#mask-invert")
+    assert painted_count(page) == 64 * 48 - painted
+    page.click("#mask-invert")
+    assert painted_count(page) == painted
+
+    before = page.locator(".gallery-entry").count()
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/jobs")) as sent:
+        page.click("#generate")
+    body = sent.value.post_data_json
+    page.wait_for_function(f"document.querySelectorAll('.gallery-entry').length > {before}")
+    assert body["strength"] == 0.75 and body["width"] is None and body["height"] is None
+    assert np.array_equal(np.asarray(data_url_image(body["init_image"]).convert("RGB")), upload)
+    mask = np.asarray(data_url_image(body["mask"]).convert("L"))
+    assert mask.shape == (48, 64) and set(np.unique(mask)) == {0, 255}
+    assert int((mask == 255).sum()) == painted
+    assert mask[24, 32] == 255 and mask[0, 0] == 0 and mask[47, 63] == 0  # the stroke across the middle only
+
+    png = gallery_png(page, ".gallery-entry figure img")
+    out = Image.open(io.BytesIO(png))
+    assert out.size == (64, 48)
+    assert "Denoising strength: 0.75" in out.text["parameters"]
+    assert np.array_equal(np.asarray(out.convert("RGB")), api_pixels(server, body))  # what the API gives for it
+
+    page.click("#mask-clear")
+    assert painted_count(page) == 0
+    page.click("#init-remove")
+    assert page.locator("#init-tools").is_hidden() and page.input_value("#init-image") == ""

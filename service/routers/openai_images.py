@@ -1,4 +1,5 @@
-"""OpenAI images API: ``POST /v1/images/generations`` (and ``GET /v1/models``), for the official clients.
+"""OpenAI images API: ``POST /v1/images/generations``, ``POST /v1/images/edits`` (and ``GET /v1/models``), for
+the official clients.
 
 Fields: ``prompt``, ``n``, ``size`` ("WxH" or "auto"), ``response_format`` (``b64_json`` only; ``url`` is
 refused with 400, as this server keeps no image store), ``output_format`` (png, jpeg, webp), ``model`` (a
@@ -8,23 +9,54 @@ accepted and ignored. Guidance options are extra fields: ``policy``, ``steps``, 
 ``negative_prompt``, ``scheduler``, ``eta``, ``distilled_guidance`` (guidance-distilled models: FLUX.1-dev),
 ``lora`` (in the official client: ``extra_body={...}``).
 Errors are 400 with OpenAI's error shape (plus ``field``).
+
+Edits (``/v1/images/edits``) are a multipart form: ``image`` (a file: PNG, JPEG or WebP; one image), optional
+``mask`` (a file of the image's size whose fully transparent pixels, alpha 0, mark where to edit, as OpenAI
+defines it; a mask of another size is refused, not resized, as OpenAI does, and so is one without an alpha channel
+or without a transparent pixel) and the fields above. Without a mask the image's own alpha channel is the mask when it has fully
+transparent pixels; with neither, the whole image is edited (img2img). The mask becomes the core's inpainting mask
+(alpha 0 -> white, repaint; anything else -> black, keep). Further extensions: ``strength`` (default 1.0 with a
+mask: the masked area is repainted from pure noise, as OpenAI's edits do; 0.8 without one: img2img that keeps the
+image's composition), ``mask_blur`` and ``inpainting_fill`` (see ``/generate``). ``size`` absent or "auto": the
+image's size, rounded down to the model's size multiple. Form fields hold text: text fields (``prompt``,
+``size``, ``model``, a policy spec...) as they are, other fields their JSON value (``n=2``, ``seeds=[1,2]``, a
+policy object); ``null`` is the same as leaving a field out; the official client's bracket keys
+(``extra_body={"policy": {"name": "cfg", "scale": 4}}`` arrives as ``policy[name]``, ``policy[scale]``) are read
+back into objects and lists. Uploads count against the service's ``max_body_bytes`` like any request body.
 """
 
 from __future__ import annotations
 
 import base64
+import io
+import json
+import re
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pydantic
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.image_inputs import decode_image
 from diffsteer.service.deps import get_engine, require_api_key
 from diffsteer.service.engine import Engine
+from diffsteer.service.errors import ServiceError
 from diffsteer.service.routers.common import CLIENT_CLOSED, run_translated
-from diffsteer.service.schemas import GenerateRequest, LoraRef, OpenAIImagesResponse, OpenAIModelList, json_body
+from diffsteer.service.schemas import (
+    MAX_BODY_NESTING,
+    GenerateRequest,
+    LoraRef,
+    OpenAIDiffsteerInfo,
+    OpenAIImagesResponse,
+    OpenAIModelList,
+    json_body,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -89,7 +121,10 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(parts[0]), int(parts[1])
 
 
-def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateRequest:
+def to_generate_request(
+    body: OpenAIImageRequest, engine: Engine, extra: dict[str, Any] | None = None
+) -> GenerateRequest:
+    """The native request for ``body``, with ``extra`` fields (an edit's init image, mask and strength)."""
     if body.stream:
         raise InvalidInput("stream", "streaming is not supported; leave it out or false")
     if body.response_format == "url":
@@ -124,16 +159,12 @@ def to_generate_request(body: OpenAIImageRequest, engine: Engine) -> GenerateReq
             data[key] = value
     if "seeds" in data:
         data.pop("num_images")
+    data.update(extra or {})
     return GenerateRequest.model_validate(data)
 
 
-@router.post("/images/generations", response_model=OpenAIImagesResponse, summary="OpenAI-compatible image generation")
-async def images_generations(
-    request: Request, body: OpenAIImageRequest, engine: Engine = Depends(get_engine)
-) -> Response:
-    outcome = await run_translated(request, engine, lambda: to_generate_request(body, engine), openai_field)
-    if outcome is None:
-        return Response(status_code=CLIENT_CLOSED)
+def images_response(outcome: Any, **info: Any) -> JSONResponse:
+    """OpenAI's images answer for a finished generation; ``info`` joins the ``diffsteer`` block."""
     r = outcome.result
     return JSONResponse(
         {
@@ -150,8 +181,339 @@ async def images_generations(
                 "steps": r.params.steps,
                 "scheduler": r.params.scheduler,
                 "distilled_guidance": outcome.distilled_guidance,
+                **info,
             },
         }
+    )
+
+
+@router.post("/images/generations", response_model=OpenAIImagesResponse, summary="OpenAI-compatible image generation")
+async def images_generations(
+    request: Request, body: OpenAIImageRequest, engine: Engine = Depends(get_engine)
+) -> Response:
+    outcome = await run_translated(request, engine, lambda: to_generate_request(body, engine), openai_field)
+    if outcome is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return images_response(outcome)
+
+
+# --- edits ----------------------------------------------------------------------------------------------------
+
+MASK_STRENGTH = 1.0  # an edit with a mask repaints the area from pure noise, as OpenAI's edits do
+IMAGE_STRENGTH = 0.8  # an edit without one: img2img keeping the image's composition (diffusers' default)
+
+
+class OpenAIImageEditRequest(OpenAIImageRequest):
+    """The form fields of an edit besides its files (``image``, ``mask``): a generation's, and img2img's."""
+
+    size: str | None = pydantic.Field(
+        None,
+        description='"WxH" (multiples of 8), or "auto" or absent: the image\'s size, rounded down to the model\'s '
+        "size multiple.",
+    )
+    input_fidelity: Literal["high", "low"] | None = pydantic.Field(None, description="Accepted and ignored.")
+    strength: float | None = pydantic.Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=f"How much of the image is noised away (the native `strength`); default {MASK_STRENGTH} with a "
+        f"mask (the masked area is repainted from noise, as OpenAI's edits do), {IMAGE_STRENGTH} without one.",
+    )
+    mask_blur: int | None = pydantic.Field(
+        None, ge=0, le=64, description="Gaussian blur of the mask in pixels before it is binarised (default 0)."
+    )
+    inpainting_fill: Literal["original", "fill", "latent_noise", "latent_nothing"] | None = pydantic.Field(
+        None, description="What the area to edit starts from below strength 1 (the native field; default original)."
+    )
+
+
+class OpenAIEditInfo(OpenAIDiffsteerInfo):
+    strength: float = pydantic.Field(description="The strength the edit ran with.")
+    mask: Literal["mask", "alpha"] | None = pydantic.Field(
+        description="Where the area to edit came from: the mask file, the image's own alpha channel, or null "
+        "(no transparent pixels: the whole image was edited, img2img)."
+    )
+    width: int
+    height: int
+
+
+class OpenAIImagesEditResponse(OpenAIImagesResponse):
+    diffsteer: OpenAIEditInfo
+
+
+EDIT_FORM = "OpenAIImageEditForm"  # the form's schema in the OpenAPI document (service/openapi.py bounds it)
+FILE_FIELDS = ("image", "image[]", "mask")
+# fields whose form value is their text (the others': their JSON value)
+TEXT_FIELDS = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "size",
+        "model",
+        "quality",
+        "style",
+        "user",
+        "safety_identifier",
+        "moderation",
+        "background",
+        "scheduler",
+        "response_format",
+        "output_format",
+        "input_fidelity",
+        "inpainting_fill",
+    }
+)
+LIST_FIELDS = frozenset({"seeds", "lora"})
+MAX_FORM_FIELDS = 256
+MAX_FORM_FILES = 4
+_FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+
+
+def edit_form_schema() -> dict[str, Any]:
+    """The multipart form of an edit as JSON schema (before :mod:`diffsteer.service.openapi` bounds it)."""
+    schema = OpenAIImageEditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    files = {
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "The image to edit: one PNG, JPEG or WebP file. Without a mask, its fully transparent "
+            "pixels (alpha 0), if any, mark where to edit.",
+        },
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "A PNG of the image's size whose fully transparent pixels (alpha 0) mark where to edit "
+            "(OpenAI's masks); an image without an alpha channel is refused.",
+        },
+    }
+    schema["properties"] = {**files, **schema["properties"]}
+    schema["required"] = ["image", "prompt"]
+    schema["title"] = EDIT_FORM
+    schema["description"] = (
+        "multipart/form-data. Text fields as they are; other fields their JSON value (n=2, seeds=[1,2], a policy "
+        "object); null the same as leaving a field out."
+    )
+    return schema
+
+
+def _text_or_json(name: str, text: str) -> Any:
+    """A form field's value: text fields as they are; others their JSON value when the text is JSON."""
+    if name in TEXT_FIELDS or (name in ("policy", "name") and not text.lstrip().startswith("{")):
+        return text
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def _assign(target: dict[str, Any], name: str, path: list[str], values: list[str], field: str) -> None:
+    """Put ``values`` (a form key's, in order) at ``name`` + ``path`` (its bracket segments: ``[]`` a list,
+    ``[key]`` an object), as the official client flattens objects and lists."""
+    if not path:
+        if name in target:
+            raise InvalidInput(field, "is given more than once")
+        if len(values) > 1:
+            raise InvalidInput(field, f"is given {len(values)} times; give it once")
+        target[name] = _text_or_json(name, values[0])
+        return
+    head, rest = path[0], path[1:]
+    if head == "":
+        items = target.setdefault(name, [])
+        if not isinstance(items, list):
+            raise InvalidInput(field, "mixes a list with another kind of value")
+        if not rest:
+            items.extend(_text_or_json(name, v) for v in values)
+            return
+        if rest[0] == "":
+            raise InvalidInput(field, "lists of lists are not supported in a form; send the field as JSON")
+        for i, value in enumerate(values):
+            if i == len(items):
+                items.append({})
+            if not isinstance(items[i], dict):
+                raise InvalidInput(field, "mixes a list of objects with other values")
+            _assign(items[i], rest[0], rest[1:], [value], field)
+        return
+    node = target.setdefault(name, {})
+    if not isinstance(node, dict):
+        raise InvalidInput(field, "mixes an object with another kind of value")
+    _assign(node, head, rest, values, field)
+
+
+def form_fields(form: FormData, skip: tuple[str, ...] = FILE_FIELDS) -> dict[str, Any]:
+    """A multipart form's fields (all but ``skip``) as a request body: see the module docstring."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in form.multi_items():
+        if key in skip:
+            continue
+        if not isinstance(value, str):
+            raise InvalidInput(key, "expected a text field, got a file")
+        grouped.setdefault(key, []).append(value)
+    data: dict[str, Any] = {}
+    for key, values in grouped.items():
+        match = _FORM_KEY.match(key)
+        if match is None:
+            raise InvalidInput(key, "is not a field name (brackets as in name[key] or name[])")
+        name, path = match.group(1), re.findall(r"\[([^\[\]]*)\]", match.group(2))
+        if len(path) > MAX_BODY_NESTING:
+            raise InvalidInput(name, f"nested more than {MAX_BODY_NESTING} levels deep")
+        if not path and values == ["null"]:
+            continue  # null: the same as leaving the field out
+        if not path and name in LIST_FIELDS:
+            items = [_text_or_json(name, v) for v in values]
+            data[name] = items[0] if len(items) == 1 and isinstance(items[0], list) else items
+            continue
+        _assign(data, name, path, values, name)
+    return data
+
+
+async def read_upload(form: FormData, name: str, *, required: bool) -> bytes | None:
+    """The bytes of the form's file ``name`` (the official client sends a list of images as ``image[]``)."""
+    parts = form.getlist(name) + (form.getlist(f"{name}[]") if name == "image" else [])
+    if not parts:
+        if required:
+            raise InvalidInput(name, "is required: the image to edit, as a file part of the multipart form")
+        return None
+    if len(parts) > 1:
+        raise InvalidInput(name, f"this server edits one image at a time; got {len(parts)}")
+    part = parts[0]
+    if not isinstance(part, UploadFile):
+        raise InvalidInput(name, "expected a file part (with a filename), got a text field")
+    data = await part.read()
+    if not data:
+        if not required and not part.filename:
+            return None  # a browser form's empty file input
+        raise InvalidInput(name, "is an empty file")
+    return data
+
+
+@dataclass(frozen=True)
+class EditImages:
+    init_image: str  # the upload, base64
+    mask: str | None  # the core's mask (white = repaint) as base64 PNG
+    source: Literal["mask", "alpha"] | None  # where the mask came from
+
+
+def _repaint_area(image: Image.Image, field: str) -> Image.Image | None:
+    """White where ``image`` is fully transparent (alpha 0), black elsewhere; None without an alpha channel."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return None
+    try:
+        alpha = image.convert("RGBA").getchannel("A")
+    except (ValueError, OSError) as e:
+        raise InvalidInput(field, f"its alpha channel cannot be read ({type(e).__name__})") from None
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def read_edit_images(image: bytes, mask: bytes | None) -> EditImages:
+    """The init image and the core's mask of an edit: OpenAI's mask (alpha 0 = edit), else the image's own
+    transparent pixels, else none. InvalidInput names ``image`` or ``mask``."""
+    picture = decode_image(image, "image")
+    if mask is not None:
+        mask_image = decode_image(mask, "mask")
+        if mask_image.size != picture.size:
+            raise InvalidInput(
+                "mask",
+                f"is {mask_image.width}x{mask_image.height} but the image is {picture.width}x{picture.height}; "
+                "a mask must have the image's size (it is not resized)",
+            )
+        area = _repaint_area(mask_image, "mask")
+        if area is None:
+            raise InvalidInput(
+                "mask",
+                f"has no alpha channel (mode {mask_image.mode}); the area to edit is marked by fully transparent "
+                "pixels (alpha 0), as in OpenAI's masks",
+            )
+        if area.getextrema()[1] == 0:
+            raise InvalidInput("mask", "has no fully transparent pixel (alpha 0): nothing would be edited")
+        source: Literal["mask", "alpha"] | None = "mask"
+    else:
+        area = _repaint_area(picture, "image")
+        if area is not None and area.getextrema()[1] == 0:
+            area = None  # an alpha channel without transparent pixels: the whole image is edited
+        source = None if area is None else "alpha"
+    return EditImages(base64.b64encode(image).decode("ascii"), None if area is None else _png_base64(area), source)
+
+
+def edit_field_namer(size_given: bool):
+    """Our field names in an edit's errors as OpenAI's: the size comes from the image unless ``size`` was given."""
+    names = {**FIELD_NAMES, "init_image": "image"}
+    if not size_given:
+        names.update(width="image", height="image")
+
+    def rename(field: str) -> str:
+        head, dot, rest = field.partition(".")
+        return names.get(head, head) + dot + rest
+
+    return rename
+
+
+def edit_fields(body: OpenAIImageEditRequest, images: EditImages) -> dict[str, Any]:
+    """The native fields of an edit beyond a generation's."""
+    strength = body.strength
+    if strength is None:
+        strength = MASK_STRENGTH if images.mask is not None else IMAGE_STRENGTH
+    data: dict[str, Any] = {"init_image": images.init_image, "strength": strength}
+    if images.mask is not None:
+        data["mask"] = images.mask
+    for key in ("mask_blur", "inpainting_fill"):
+        value = getattr(body, key)
+        if value is not None:
+            data[key] = value
+    return data
+
+
+EDIT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{EDIT_FORM}"}}},
+    }
+}
+
+
+@router.post(
+    "/images/edits",
+    response_model=OpenAIImagesEditResponse,
+    summary="OpenAI-compatible image edit (img2img and inpainting)",
+    openapi_extra=EDIT_OPENAPI,
+)
+async def images_edits(request: Request, engine: Engine = Depends(get_engine)) -> Response:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise ServiceError(
+            400,
+            "expected a multipart/form-data body: the image (and mask) as file parts, prompt and the other fields "
+            "as form fields",
+            field="body",
+        )
+    async with request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS) as form:
+        body = OpenAIImageEditRequest.model_validate(form_fields(form))
+        image = await read_upload(form, "image", required=True)
+        mask = await read_upload(form, "mask", required=False)
+    assert image is not None
+    images = await run_in_threadpool(read_edit_images, image, mask)
+    size_given = body.size not in (None, "auto")
+    outcome = await run_translated(
+        request,
+        engine,
+        lambda: to_generate_request(body, engine, edit_fields(body, images)),
+        edit_field_namer(size_given),
+    )
+    if outcome is None:
+        return Response(status_code=CLIENT_CLOSED)
+    first = outcome.result.images[0]
+    return images_response(
+        outcome,
+        strength=outcome.result.params.strength,
+        mask=images.source,
+        width=first.width,
+        height=first.height,
     )
 
 

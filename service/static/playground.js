@@ -1,5 +1,6 @@
 // The playground: a form over POST /jobs with live progress (GET /jobs/{id}/events?preview=true), cancel
 // (DELETE /jobs/{id}), side-by-side runs of two policies on one seed, a gallery, and A/B runs (POST /ab).
+// An init image (img2img) and a mask painted over it (inpainting) go with a generation as data URLs.
 import { apiKey, call, events, setApiKey } from "./api.js";
 import { buildPolicyForm, policyLabel } from "./schema-form.js";
 
@@ -106,6 +107,136 @@ function addLoraRow() {
   $("lora-rows").append(row);
 }
 
+// --- init image and mask (img2img, inpainting) -----------------------------------------------------------
+
+const MASK_COLOUR = [255, 0, 128];  // how painted pixels show over the image; the request's mask has them white
+const init = { dataUrl: null, last: null };
+
+// Large images are scaled down to the chosen model's native size: the generation defaults to the image's size,
+// and the request body has a size limit (max_body_bytes).
+function workingSize(width, height) {
+  const model = state.models.find((m) => m.name === $("model").value) || {};
+  const limit = model.native_size || model.defaults?.native_size || 1024;
+  const scale = Math.min(1, limit / Math.max(width, height));
+  return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
+}
+
+async function loadInitImage() {
+  const file = $("init-image").files[0];
+  if (!file) return removeInitImage();
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file, { colorSpaceConversion: "none" });  // the file's own pixel values
+  } catch {
+    setStatus(`${file.name}: not an image this browser can read`, true);
+    return removeInitImage();
+  }
+  const [width, height] = workingSize(bitmap.width, bitmap.height);
+  const canvas = element("canvas", { width, height });
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, width, height);
+  const scaled = width !== bitmap.width ? ` (scaled down from ${bitmap.width}×${bitmap.height})` : "";
+  bitmap.close();
+  init.dataUrl = canvas.toDataURL("image/png");
+  $("init-preview").src = init.dataUrl;
+  const mask = $("mask-canvas");
+  mask.width = width;  // also clears it
+  mask.height = height;
+  $("init-tools").hidden = false;
+  $("init-info").textContent = `${width}×${height}${scaled}. Paint the area to repaint (sent as a white-on-black ` +
+    "mask); without paint the whole image is redrawn (img2img). Empty width/height: the image's size.";
+  setStatus("");
+}
+
+function removeInitImage() {
+  init.dataUrl = null;
+  $("init-image").value = "";
+  $("init-preview").removeAttribute("src");
+  $("init-tools").hidden = true;
+}
+
+function maskPoint(event) {
+  const canvas = $("mask-canvas");
+  const rect = canvas.getBoundingClientRect();
+  const scale = canvas.width / rect.width;
+  return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * (canvas.height / rect.height), scale };
+}
+
+function paintStroke(from, to) {
+  const ctx = $("mask-canvas").getContext("2d");
+  const width = Number($("brush-size").value) * to.scale;  // the brush's size on screen
+  ctx.strokeStyle = ctx.fillStyle = `rgb(${MASK_COLOUR.join(",")})`;
+  ctx.lineWidth = width;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.arc(to.x, to.y, width / 2, 0, 2 * Math.PI);
+  ctx.fill();
+  ctx.beginPath();
+  ctx.moveTo(from.x, from.y);
+  ctx.lineTo(to.x, to.y);
+  ctx.stroke();
+}
+
+function setUpMaskCanvas() {
+  const canvas = $("mask-canvas");
+  canvas.onpointerdown = (event) => {
+    event.preventDefault();
+    canvas.setPointerCapture(event.pointerId);
+    init.last = maskPoint(event);
+    paintStroke(init.last, init.last);
+  };
+  canvas.onpointermove = (event) => {
+    if (!init.last) return;
+    const point = maskPoint(event);
+    paintStroke(init.last, point);
+    init.last = point;
+  };
+  canvas.onpointerup = canvas.onpointercancel = () => { init.last = null; };
+}
+
+// Painted pixels (alpha at least half, so antialiased edges are decided one way) as 0/1 per pixel.
+function paintedPixels() {
+  const canvas = $("mask-canvas");
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  const painted = new Uint8Array(canvas.width * canvas.height);
+  for (let i = 0; i < painted.length; i++) painted[i] = data[4 * i + 3] >= 128 ? 1 : 0;
+  return painted;
+}
+
+function drawMask(painted) {
+  const canvas = $("mask-canvas");
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(canvas.width, canvas.height);
+  painted.forEach((on, i) => {
+    image.data.set(on ? [...MASK_COLOUR, 255] : [0, 0, 0, 0], 4 * i);
+  });
+  ctx.putImageData(image, 0, 0);
+}
+
+function invertMask() {
+  drawMask(paintedPixels().map((on) => 1 - on));
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+// The mask as the API takes it: white repaints, black keeps; null when nothing is painted.
+function maskDataUrl() {
+  const painted = paintedPixels();
+  if (!painted.some((on) => on)) return null;
+  const source = $("mask-canvas");
+  const canvas = element("canvas", { width: source.width, height: source.height });
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(source.width, source.height);
+  painted.forEach((on, i) => {
+    const v = on ? 255 : 0;
+    image.data.set([v, v, v, 255], 4 * i);
+  });
+  ctx.putImageData(image, 0, 0);
+  return canvas.toDataURL("image/png");
+}
+
 // --- requests ------------------------------------------------------------------------------------------
 
 function optionalInt(id) {
@@ -127,6 +258,12 @@ function baseRequest() {
       name: row.querySelector(".lora-name").value, weight: Number(row.querySelector(".lora-weight").value),
     })),
   };
+  if (init.dataUrl) {
+    body.init_image = init.dataUrl;
+    body.strength = Number($("strength").value);
+    const mask = maskDataUrl();
+    if (mask) body.mask = mask;
+  }
   const distilled = $("distilled-field").hidden ? "" : $("distilled-guidance").value.trim();
   if (distilled !== "") body.distilled_guidance = Number(distilled);
   // one seed for every run of this submission, so side-by-side images differ by their policy only
@@ -308,6 +445,13 @@ function main() {
     $("run-ab").hidden = !sideBySide();
   };
   $("add-lora").onclick = addLoraRow;
+  $("init-image").onchange = loadInitImage;
+  $("init-remove").onclick = removeInitImage;
+  $("mask-clear").onclick = clearMask;
+  $("mask-invert").onclick = invertMask;
+  $("strength").oninput = () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); };
+  $("brush-size").oninput = () => { $("brush-value").textContent = $("brush-size").value; };
+  setUpMaskCanvas();
   $("gen-form").onsubmit = generate;
   $("cancel").onclick = cancelAll;
   $("run-ab").onclick = runAb;
