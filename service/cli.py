@@ -152,7 +152,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=30
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=30,
+        **settings.uvicorn_options(),
     )
     return 0
 

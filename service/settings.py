@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
 from diffsteer.guidance.fast_paths import FastPaths
 from diffsteer.guidance.request import Limits
+from diffsteer.service.http import protocol_with_head_timeout
 
 
 def _split_list(value: Any) -> Any:
@@ -197,6 +198,29 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = pydantic.Field(
         1_000_000, ge=1024, description="Largest accepted request body; beyond that: 413."
     )
+    max_header_bytes: int = pydantic.Field(
+        65_536,
+        ge=4096,
+        le=16_777_216,
+        description="Largest accepted request head (request line and headers); beyond "
+        "that the connection is answered 400 and closed.",
+    )
+    max_connections: int = pydantic.Field(
+        512,
+        ge=8,
+        description="Open connections (and in-flight requests) the server holds at most; beyond that new ones get 503 "
+        "at once, so slow or idle clients cannot pin more file descriptors than this.",
+    )
+    header_timeout_s: float = pydantic.Field(
+        10.0,
+        gt=0.0,
+        le=300.0,
+        description="A connection whose request head is not complete after this many seconds "
+        "is closed (slow clients cannot hold sockets open).",
+    )
+    keep_alive_s: float = pydantic.Field(
+        5.0, gt=0.0, le=300.0, description="An idle keep-alive connection is closed after this many seconds."
+    )
     max_cost: float = pydantic.Field(
         32_768.0,
         gt=0,
@@ -263,6 +287,16 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _fast_paths(cls, value: str) -> str:
         return FastPaths.parse(value, field="fast_paths").spec()
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """The HTTP server's bounds on connections and request heads: h11 (whose head size limit is enforced) with a
+        head timeout (:mod:`diffsteer.service.http`), at most ``max_connections`` at once."""
+        return {
+            "http": protocol_with_head_timeout(self.header_timeout_s),
+            "h11_max_incomplete_event_size": self.max_header_bytes,
+            "limit_concurrency": self.max_connections,
+            "timeout_keep_alive": self.keep_alive_s,
+        }
 
     @property
     def concurrency(self) -> int:

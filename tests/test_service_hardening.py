@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -339,3 +340,36 @@ def test_owners_are_keyed_hashes_that_survive_a_restart(tmp_path):
     assert fingerprint != hashlib.sha256(b"sk-test").hexdigest()  # not checkable against guessed keys without it
     assert fingerprint == key_fingerprint("sk-test", owner_secret(tmp_path))
     assert owner_secret(None) != owner_secret(None)
+
+
+def test_an_8mb_header_is_refused_and_connections_are_bounded(one_thread):  # noqa: F811
+    """The server's head limit answers an 8 MB header with a 400 (the connection closed), and beyond
+    max_connections open connections new requests get an immediate 503: slow or idle clients cannot pin more
+    file descriptors than the stated bound."""
+    import httpx
+    from test_service_support import live_server
+
+    with live_server(max_connections=8, keep_alive_s=30.0, header_timeout_s=2.0) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            try:  # the server answers 400 and closes once the head passes its limit, before all 8 MB are sent
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (8 * 1024 * 1024) + b"\r\n\r\n")
+                head = sock.recv(64)
+            except (ConnectionResetError, BrokenPipeError):
+                head = b""
+        assert head.startswith(b"HTTP/1.1 400") or head == b""
+        slow = []
+        try:
+            for _ in range(12):  # clients that open a request and never finish its head
+                s = socket.create_connection(("127.0.0.1", server.port))
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                slow.append(s)
+            time.sleep(0.3)
+            assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 503  # beyond max_connections
+            time.sleep(2.5)  # header_timeout_s: the slow ones are closed by the server
+            for s in slow:
+                s.settimeout(2)
+                assert s.recv(1024) == b""  # closed
+            assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        finally:
+            for s in slow:
+                s.close()

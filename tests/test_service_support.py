@@ -165,7 +165,7 @@ def wait_idle(engine, timeout: float = 30.0) -> None:
 class LiveServer:
     """The app under a real uvicorn server on a loopback port, in a thread of this process."""
 
-    def __init__(self, app, log_level: str = "info"):
+    def __init__(self, app, log_level: str = "info", options: dict | None = None):
         import uvicorn
 
         self.app = app
@@ -174,7 +174,9 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level=log_level, log_config=None, lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level=log_level, log_config=None, lifespan="on", timeout_graceful_shutdown=5, **(options or {})
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -202,7 +204,8 @@ class LiveServer:
 def live_server(**overrides) -> Iterator[LiveServer]:
     from diffsteer.service.app import create_app
 
-    with LiveServer(create_app(settings(**overrides))) as server:
+    configured = settings(**overrides)
+    with LiveServer(create_app(configured), options=configured.uvicorn_options()) as server:
         yield server
 
 
