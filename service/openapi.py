@@ -63,6 +63,8 @@ CROSS_FIELD = {
     "init_image",
     "mask",
     "strength",
+    "denoising_strength",
+    "init_images.0",
     "image",
     "arms",
     "prompts",
@@ -137,6 +139,8 @@ def build_openapi(
     _bound_openai(components["OpenAIImageRequest"], limits)
     components[EDIT_FORM] = _bound_openai_edit(edit_form_schema(), limits)
     _bound_a1111(components["Txt2ImgRequest"], limits)
+    _bound_a1111(components["Img2ImgRequest"], limits)
+    _bound_a1111_options(components["A1111OptionsUpdate"], limits)
     _bound_ab(components["ABRequest"], components["ArmConfig"], limits)
     auth = bool(settings.api_keys)
     if auth:
@@ -399,6 +403,11 @@ def _bound_a1111(schema: dict[str, Any], limits: dict[str, Any]) -> None:
     _merge(props, "model", _nullable(model))
     _merge(props, "policy", _policy(nullable=True))
     _merge(props, "lora", _nullable(_lora(limits)))
+
+
+def _bound_a1111_options(schema: dict[str, Any], limits: dict[str, Any]) -> None:
+    """POST /sdapi/v1/options: the checkpoint is a model of this server."""
+    _merge(schema["properties"], "sd_model_checkpoint", _nullable({"type": "string", "enum": limits["models"]}))
 
 
 def _bound_ab(schema: dict[str, Any], arm: dict[str, Any], limits: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.service.device import WorkerClosed
-from diffsteer.service.engine import Engine, ModelUnavailable, Outcome, Plan
+from diffsteer.service.engine import Attach, Engine, ModelUnavailable, Outcome, Plan
 from diffsteer.service.errors import ServiceError, describe_validation
 from diffsteer.service.queue import Cancelled, ShuttingDown, Ticket, TimedOut
 
@@ -53,10 +53,11 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def run_plan(request: Request, engine: Engine, plan: Plan) -> Outcome:
-    """Queue ``plan`` (:meth:`Engine.submit`: 429/503 when refused) and wait for its outcome; cancels the work when
-    the client disconnects or time runs out."""
-    ticket = engine.submit(plan)
+async def run_plan(request: Request, engine: Engine, plan: Plan, attach: Attach | None = None) -> Outcome:
+    """Queue ``plan`` (:meth:`Engine.submit`: 429/503 when refused; ``attach``: the caller's hold on the ticket,
+    e.g. A1111's progress) and wait for its outcome; cancels the work when the client disconnects or time runs
+    out."""
+    ticket = engine.submit(plan, attach=attach)
     future = asyncio.wrap_future(ticket.future)
     future.add_done_callback(_retrieve)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -80,7 +81,11 @@ async def run_plan(request: Request, engine: Engine, plan: Plan) -> Outcome:
 
 
 async def run_translated(
-    request: Request, engine: Engine, build: Callable[[], Any], rename: Callable[[str], str]
+    request: Request,
+    engine: Engine,
+    build: Callable[[], Any],
+    rename: Callable[[str], str],
+    attach: Attach | None = None,
 ) -> Outcome | None:
     """A compatibility route's generation: ``build()`` makes the GenerateRequest, which is planned and run like
     ``/generate``; bad input is re-raised under the client API's own field names (``rename``). None when the
@@ -95,7 +100,7 @@ async def run_translated(
     except InvalidInput as e:
         raise InvalidInput(rename(e.field), e.reason) from None
     try:
-        return await run_plan(request, engine, plan)
+        return await run_plan(request, engine, plan, attach)
     except ClientGone:
         return None
 
