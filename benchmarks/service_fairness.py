@@ -105,21 +105,26 @@ def run_server(args, root: Path, label: str) -> dict:
             "scheduler": "euler",
             "width": size * args.large_factor,
             "height": size * args.large_factor,
+            "num_images": args.large_images,
         }
+        phases = set(args.phases.split(","))
         for _ in range(2):  # warm-up
             httpx.post(f"{server.url}/generate", json=light, timeout=600).raise_for_status()
         result: dict = {"server": label, "root": str(root), "native_size": size}
         alone_before = median_latency(server.url, light, args.repeats, args.light_timeout)
-        result["with_reno"] = with_heavy_job(server.url, reno, light, args)
-        result["with_large"] = with_heavy_job(server.url, large, light, args)
+        if "reno" in phases:
+            result["with_reno"] = with_heavy_job(server.url, reno, light, args)
+        if "large" in phases:
+            result["with_large"] = with_heavy_job(server.url, large, light, args)
         alone_after = median_latency(server.url, light, args.repeats, args.light_timeout)
         alone = statistics.fmean([alone_before, alone_after])
         result["alone_s"] = {"before": round(alone_before, 3), "after": round(alone_after, 3)}
         for phase in ("with_reno", "with_large"):
-            if "light_latency_s" in result[phase]:
+            if "light_latency_s" in result.get(phase, {}):
                 result[phase]["ratio_to_alone"] = round(result[phase]["light_latency_s"] / alone, 2)
         throughput_body = {"prompt": PROMPT, "steps": 20, "policy": "cfg:scale=3", "scheduler": "euler"}
-        result["throughput"] = drive(server.url, throughput_body, args.clients, args.requests, args.seconds)
+        if "throughput" in phases:
+            result["throughput"] = drive(server.url, throughput_body, args.clients, args.requests, args.seconds)
         print(json.dumps(result), file=sys.stderr)
         return result
     finally:
@@ -166,7 +171,9 @@ def markdown_table(results: list[dict]) -> str:
     for r in results:
 
         def cell(phase: str, key: str, r: dict = r) -> str:
-            p = r[phase]
+            p = r.get(phase)
+            if p is None:
+                return "—"
             if "refused" in p:
                 return f"refused {p['refused']}"
             return f"{p[key]}" + (f" ({p['ratio_to_alone']}×)" if key == "light_latency_s" else "")
@@ -175,7 +182,7 @@ def markdown_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['server']} | {alone['before']} / {alone['after']} | {cell('with_reno', 'light_latency_s')} | "
             f"{cell('with_reno', 'after_cancel_s')} | {cell('with_large', 'light_latency_s')} | "
-            f"{cell('with_large', 'after_cancel_s')} | {r['throughput']['throughput_images_per_s']} |"
+            f"{cell('with_large', 'after_cancel_s')} | {r.get('throughput', {}).get('throughput_images_per_s', '—')} |"
         )
     return "\n".join(lines)
 
@@ -196,6 +203,10 @@ def main() -> None:
     ap.add_argument("--reno-reward", default="clip:1")
     ap.add_argument("--large-factor", type=int, default=4, help="width and height = this × the native size")
     ap.add_argument("--large-steps", type=int, default=100)
+    ap.add_argument("--large-images", type=int, default=1, help="images in the large job (batched: one unit before)")
+    ap.add_argument(
+        "--phases", default="reno,large,throughput", help="which of reno, large, throughput to run (comma-separated)"
+    )
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)

@@ -74,6 +74,20 @@ def metric_sum(text: str, name: str) -> float:
     return total
 
 
+PACKAGES = ("guidance", "rewards", "training", "service", "proving_ground", "evaluation")
+
+
+def namespace_root(root: Path) -> Path:
+    """A folder from which ``import diffsteer.<package>`` finds the code at ``root``: the checkout's top-level folders
+    linked under ``diffsteer/`` (they install under that namespace), ahead of any installed copy on the path."""
+    shim = Path(tempfile.mkdtemp(prefix="diffsteer-root-"))
+    (shim / "diffsteer").mkdir()
+    for package in PACKAGES:
+        if (root / package).is_dir():
+            (shim / "diffsteer" / package).symlink_to((root / package).resolve())
+    return shim
+
+
 class Server:
     """``diffsteer serve`` in a subprocess from the code at ``root`` (default: this checkout)."""
 
@@ -99,7 +113,7 @@ class Server:
         if args.threads:
             env["DIFFSTEER_TORCH_THREADS"] = str(args.threads)
         env.update(env_overrides or {})
-        env["PYTHONPATH"] = str(root)
+        env["PYTHONPATH"] = str(namespace_root(root))
         cmd = [sys.executable, "-m", "diffsteer.service.cli", "serve", "--port", str(self.port), "--model", args.model]
         self.proc = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

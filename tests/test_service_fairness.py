@@ -312,3 +312,42 @@ def test_deleting_a_large_job_frees_the_worker_within_one_unet_call(one_thread):
             wait_idle(engine)
             assert gate.calls == 3  # the call in flight when the DELETE came, and none after
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_a_heavy_call_is_split_into_units_another_flow_can_run_between():
+    """A backbone call costing more than MAX_UNIT_COST goes to the worker as several row units (each at most that
+    cost), so a light flow's unit runs after the first of them, not after all; the rows' outputs equal one call's."""
+    from diffsteer.guidance.tiny import tiny_unet
+    from diffsteer.service.device import MAX_UNIT_COST
+
+    unet = tiny_unet(cross_dim=32).eval()
+    worker = DeviceWorker(batching=False)
+    order: list[str] = []
+    heavy_flow, light_flow = worker.flow(name="heavy"), worker.flow(name="light")
+    heavy = DeviceExecutor(worker, heavy_flow, call_cost=lambda x: 3.0 * int(x.shape[0]))  # 3 per row
+    light = DeviceExecutor(worker, light_flow, call_cost=lambda x: 1.0)
+    x = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = Condition(torch.randn(8, 77, 32, generator=torch.Generator().manual_seed(1)))
+    t = torch.tensor(10.0)
+
+    def traced(name):
+        def call(backbone, x, t, condition):
+            order.append(name)
+            return call_unet(backbone, x, t, condition)
+
+        return call
+
+    with torch.no_grad():
+        results: dict[str, torch.Tensor] = {}
+        heavy_thread = threading.Thread(
+            target=lambda: results.__setitem__("heavy", heavy.backbone_fn(traced("heavy"), unet, x, t, cond))
+        )
+        heavy_thread.start()
+        time.sleep(0.05)
+        light.backbone_fn(traced("light"), unet, x[:1], t, cond.rows(torch.tensor([0])))
+        heavy_thread.join()
+        direct = call_unet(unet, x, t, cond)
+    worker.close()
+    assert order.count("heavy") == -(-8 // int(MAX_UNIT_COST // 3))  # units of at most MAX_UNIT_COST
+    assert order.index("light") < len(order) - 1  # ran before the heavy call's last unit
+    torch.testing.assert_close(results["heavy"], direct, atol=1e-5, rtol=1e-5)
