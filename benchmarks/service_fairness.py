@@ -233,7 +233,7 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "results": results,
     }
-    if len(results) == 2:
+    if len(results) == 2 and all("throughput" in r for r in results):
         a, b = (r["throughput"]["throughput_images_per_s"] for r in results)
         report["throughput_ratio_candidate_over_baseline"] = round(a / b, 3) if a and b else None
     print(json.dumps(report, indent=2))

@@ -463,10 +463,6 @@ def backbone_call_cost(model: Any) -> CallCost:
     return cost
 
 
-# The most one backbone unit may cost (evaluations of one image at native size): a heavier call is split by rows
-MAX_UNIT_COST = 8.0
-
-
 class DeviceExecutor:
     """A :class:`diffsteer.guidance.executor.Executor` for one request: every unit on ``worker``, in the request's flow,
     with its LoRA ``adapters`` active. Inference UNet calls are batched with other requests'; with autograd on
@@ -521,35 +517,18 @@ class DeviceExecutor:
         t: torch.Tensor,
         condition: Condition,
     ) -> torch.Tensor:
-        """One backbone call through the worker. A call costing more than :data:`MAX_UNIT_COST` is split by rows
-        into units of at most that cost (at least one row each), submitted together: the fair scheduler can then
-        run another flow's units between them, so a light request waits for a slice of a heavy batch, not all of
-        it. Rows are independent in the backbone, so the split gives the rows' outputs as one call does."""
-        rows = int(x.shape[0])
-        per_row = self.call_cost(x[:1])
-        chunk = rows if per_row * rows <= MAX_UNIT_COST else max(1, int(MAX_UNIT_COST // per_row))
-        futures = []
-        for start in range(0, rows, chunk):
-            index = torch.arange(start, min(start + chunk, rows), device=x.device) if chunk < rows else None
-            part_x = x if index is None else x[index]
-            part_t = t if index is None or t.ndim == 0 or t.numel() == 1 else t[index]
-            part_condition = condition if index is None else condition.rows(index)
-            futures.append(
-                self.worker.submit_backbone(
-                    forward,
-                    backbone,
-                    part_x,
-                    part_t,
-                    part_condition,
-                    self.control,
-                    self.adapters,
-                    self.flow,
-                    self.call_cost(part_x),
-                    pad_text=self.pad_text,
-                )
-            )
-        outputs = [f.result() for f in futures]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return self.worker.submit_backbone(
+            forward,
+            backbone,
+            x,
+            t,
+            condition,
+            self.control,
+            self.adapters,
+            self.flow,
+            self.call_cost(x),
+            pad_text=self.pad_text,
+        ).result()
 
 
 class _BackboneOnWorker(torch.autograd.Function):
