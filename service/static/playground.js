@@ -7,6 +7,8 @@ import { buildPolicyForm, policyLabel } from "./schema-form.js";
 const $ = (id) => document.getElementById(id);
 const MAX_SEED = 2 ** 31 - 1;
 const AB_RUNS = "diffsteer.abRuns";
+// what the form starts from for a model without recommendations (GET /models: its `defaults`)
+const GENERIC = { policy: "cfg", steps: 20 };
 
 const state = {
   policies: [],          // rows of GET /policies: {name, summary, parameters, schema}
@@ -14,7 +16,8 @@ const state = {
   schedulers: [],        // every scheduler name (GET /policies)
   loras: [],
   readers: {},           // slot -> () => policy object
-  active: new Map(),     // job id -> AbortController of its event stream
+  renders: {},           // slot -> (policy name) => rebuilds the slot's parameter form with that policy's defaults
+  active: new Map(),     // job id -> {controller: AbortController of its event stream, final: DELETE's answer}
 };
 
 function setStatus(text, isError = false) {
@@ -44,9 +47,9 @@ async function load() {
     state.schedulers = policies.schedulers;
     $("model").replaceChildren(...models.models.map((m) => new Option(modelLabel(m), m.name, m.default, m.default)));
     $("model").onchange = showModel;
-    showModel();
     state.policies = policies.policies;
     for (const fieldset of document.querySelectorAll("fieldset.policy")) setUpPolicy(fieldset);
+    showModel();
     $("add-lora").disabled = state.loras.length === 0;
     $("lora-none").textContent = state.loras.length ? "" : "none on this server (lora_dir)";
     $("generate").disabled = false;
@@ -62,10 +65,14 @@ function modelLabel(m) {
   return m.name + family + (m.default ? " (default)" : "");
 }
 
+function selectedModel() {
+  return state.models.find((m) => m.name === $("model").value) || {};
+}
+
 // The chosen model's schedulers (flow-matching models take fewer), its distilled guidance input (FLUX.1-dev)
-// and its recommendations.
+// and its recommendations: choosing a model resets the steps and policy A to them.
 function showModel() {
-  const model = state.models.find((m) => m.name === $("model").value) || {};
+  const model = selectedModel();
   const names = model.schedulers || state.schedulers;
   const previous = $("scheduler").value;
   $("scheduler").replaceChildren(...names.map((s) => new Option(s, s)));
@@ -76,11 +83,94 @@ function showModel() {
     model.family_title && `${model.family_title} (${model.schedule === "flow" ? "flow matching" : "diffusion"})`,
     d.native_size && `native ${d.native_size} px`,
     model.size_multiple && `sizes in multiples of ${model.size_multiple}`,
-    d.policy && `recommended policy ${d.policy}`,
-    d.steps && `${d.steps} steps`,
   ].filter(Boolean);
   $("model-info").textContent = parts.join(" · ");
   for (const id of ["width", "height"]) $(id).step = String(model.size_multiple || 8);
+  applyRecommended();
+}
+
+// --- the model's recommended policy and steps ------------------------------------------------------------
+
+function splitTopLevel(body) {
+  // as the server's spec strings: commas inside [...] or {...} do not split
+  const items = [];
+  let depth = 0;
+  let current = "";
+  for (const ch of body) {
+    if ("[{".includes(ch)) depth += 1;
+    else if ("]}".includes(ch)) depth -= 1;
+    if (ch === "," && depth === 0) {
+      items.push(current);
+      current = "";
+    } else current += ch;
+  }
+  items.push(current);
+  return items.map((s) => s.trim()).filter(Boolean);
+}
+
+/** A policy spec string ('cfg:scale=1.5', or JSON object text) as {name, key: value, ...}; null if unreadable. */
+function parsePolicySpec(spec) {
+  const text = String(spec ?? "").trim();
+  if (text.startsWith("{")) {
+    try { return JSON.parse(text); } catch { return null; }
+  }
+  const colon = text.indexOf(":");
+  const policy = { name: (colon < 0 ? text : text.slice(0, colon)).trim() };
+  for (const item of colon < 0 ? [] : splitTopLevel(text.slice(colon + 1))) {
+    const eq = item.indexOf("=");
+    if (eq <= 0) return null;
+    const raw = item.slice(eq + 1).trim();
+    let value;
+    try { value = JSON.parse(raw); } catch { value = raw; }
+    policy[item.slice(0, eq).trim()] = value;
+  }
+  return policy.name ? policy : null;
+}
+
+// The chosen model's recommendation, or the generic defaults: {policy: object, steps, spec (for people), own}.
+function recommendation() {
+  const d = selectedModel().defaults || {};
+  const parsed = d.policy ? parsePolicySpec(d.policy) : null;
+  const known = parsed && state.policies.some((p) => p.name === parsed.name);
+  const policy = known ? parsed : { name: GENERIC.policy };
+  const steps = d.steps || GENERIC.steps;
+  const own = Boolean(known || d.steps);
+  return { policy, steps, spec: known ? d.policy : own ? `${GENERIC.policy} (generic)` : GENERIC.policy, own };
+}
+
+function setPolicy(slot, policy) {
+  const fieldset = document.querySelector(`fieldset.policy[data-slot="${slot}"]`);
+  fieldset.querySelector(".policy-name").value = policy.name;
+  state.renders[slot](policy.name);  // that policy's schema defaults first
+  for (const [key, value] of Object.entries(policy)) {
+    const el = key === "name" ? null : document.getElementById(`policy-${slot}-${key}`);
+    if (!el) continue;
+    if (el.type === "checkbox") el.checked = Boolean(value);
+    else if (value === null) el.value = "";
+    else el.value = typeof value === "object" ? JSON.stringify(value) : String(value);
+  }
+}
+
+// Steps and policy A from the chosen model's recommendation (GET /models: defaults.policy, defaults.steps).
+function applyRecommended() {
+  if (!state.policies.length) return;
+  const r = recommendation();
+  $("steps").value = String(r.steps);
+  setPolicy("A", r.policy);
+  showRecommended(false);
+}
+
+function showRecommended(edited) {
+  const r = recommendation();
+  const what = `${r.spec}, ${r.steps} steps`;
+  let text;
+  if (edited) text = `Edited; ${r.own ? "recommended for this model" : "the generic defaults"}: ${what}.`;
+  else if (!r.own) text = `No recommendations for this model: steps and policy A start from the generic ${what}.`;
+  else text = `Steps and policy A: recommended for this model (${what}); choosing another model resets them.`;
+  $("recommended-text").textContent = text;
+  $("recommended").dataset.state = edited ? "edited" : r.own ? "recommended" : "generic";
+  $("use-recommended").textContent = r.own ? "use recommended" : "reset";
+  $("use-recommended").hidden = !edited;
 }
 
 function setUpPolicy(fieldset) {
@@ -94,6 +184,7 @@ function setUpPolicy(fieldset) {
     fieldset.querySelector(".policy-summary").textContent = row.summary;
     state.readers[slot] = buildPolicyForm(fieldset.querySelector(".policy-params"), row.schema, `policy-${slot}`);
   };
+  state.renders[slot] = render;
   select.onchange = render;
   render();
 }
@@ -250,7 +341,7 @@ function baseRequest() {
     negative_prompt: $("negative").value.trim() || null,
     model: $("model").value || null,
     scheduler: $("scheduler").value,
-    steps: optionalInt("steps") ?? 20,
+    steps: optionalInt("steps") ?? recommendation().steps,
     num_images: optionalInt("num-images") ?? 1,
     width: optionalInt("width"),
     height: optionalInt("height"),
@@ -275,19 +366,42 @@ function sideBySide() {
   return $("side-by-side").checked;
 }
 
+// The outcome of one submission for the status line: a failure first, then a cancel, else done.
+function summarise(outcomes, seed) {
+  const failed = outcomes.find((o) => o.outcome === "failed");
+  if (failed) {
+    const which = outcomes.length > 1 ? ` (${failed.label})` : "";
+    return setStatus(`Failed${which}: ${failed.message}`, true);
+  }
+  if (outcomes.some((o) => o.outcome === "cancelled")) return setStatus("Cancelled");
+  if (outcomes.every((o) => o.outcome === "succeeded")) return setStatus(`Done · seed ${seed}`);
+  return setStatus("Ended without a result (the connection to the server was lost?)", true);
+}
+
 async function generate(event) {
   event.preventDefault();
+  if (state.active.size || $("generate").disabled) return;
   const base = baseRequest();
   const slots = sideBySide() ? ["A", "B"] : ["A"];
   const group = element("div", { class: "run-group" });
   $("runs").prepend(group);
-  setStatus(`seed ${base.seed}`);
-  const runs = slots.map((slot) => runJob({ ...base, policy: state.readers[slot]() }, slot, group));
-  const results = await Promise.all(runs);
-  const done = results.filter(Boolean);
-  if (done.length) addToGallery(done);
+  $("generate").disabled = true;
+  setStatus(`Running… seed ${base.seed}`);
+  try {
+    const outcomes = await Promise.all(slots.map((slot) => runJob({ ...base, policy: state.readers[slot]() }, slot, group)));
+    const done = outcomes.filter((o) => o.outcome === "succeeded");
+    if (done.length) addToGallery(done);
+    summarise(outcomes, base.seed);
+  } catch (error) {
+    setStatus(`Failed: ${error.message}`, true);
+  } finally {
+    $("generate").disabled = false;
+    $("cancel").disabled = state.active.size === 0;
+  }
 }
 
+// One job: its card under Runs with progress and previews, until it ends. Returns {outcome, message, slot,
+// label, result}; outcome is succeeded, failed, cancelled or ended (the stream stopped without a verdict).
 async function runJob(body, slot, group) {
   const label = `${slot}: ${policyLabel(body.policy)}`;
   const bar = element("progress", { max: body.steps, value: 0 });
@@ -296,22 +410,26 @@ async function runJob(body, slot, group) {
   const card = element("div", { class: "run", dataset: { slot } },
     element("div", { class: "run-label", textContent: label }), bar, stateText, previews);
   group.append(card);
+  const end = (outcome, message = "") => {
+    stateText.textContent = outcome === "cancelled" ? `cancelled at step ${bar.value}/${bar.max}`
+      : outcome === "failed" ? `failed: ${message}` : outcome;
+    card.classList.add(outcome);
+    return { outcome, message, slot, label, result: null };
+  };
   let job;
   try {
     job = await call("POST", "/jobs", body);
   } catch (error) {
-    stateText.textContent = "refused";
-    card.classList.add("failed");
-    setStatus(error.message, true);
-    return null;
+    return end("failed", error.message);
   }
   card.dataset.job = job.id;
-  const controller = new AbortController();
-  state.active.set(job.id, controller);
+  const entry = { controller: new AbortController(), final: null };
+  state.active.set(job.id, entry);
   $("cancel").disabled = false;
   let outcome = "ended";
+  let message = "";
   try {
-    for await (const e of events(`/jobs/${encodeURIComponent(job.id)}/events?preview=true`, controller.signal)) {
+    for await (const e of events(`/jobs/${encodeURIComponent(job.id)}/events?preview=true`, entry.controller.signal)) {
       if (e.event === "started") stateText.textContent = "running";
       else if (e.event === "step") {
         if (e.data.total) bar.max = e.data.total;
@@ -322,28 +440,52 @@ async function runJob(body, slot, group) {
         }
       } else if (["succeeded", "failed", "cancelled"].includes(e.event)) {
         outcome = e.event;
-        if (e.event === "failed") setStatus(`${label}: ${e.data.error?.message ?? "failed"}`, true);
+        message = e.data.error?.message ?? e.event;
       }
     }
   } catch (error) {
-    if (error.name !== "AbortError") setStatus(error.message, true);
+    if (error.name !== "AbortError") [outcome, message] = ["failed", error.message];
   } finally {
     state.active.delete(job.id);
     $("cancel").disabled = state.active.size === 0;
   }
-  stateText.textContent = outcome;
-  card.classList.add(outcome);
-  if (outcome !== "succeeded") return null;
-  const finished = await call("GET", `/jobs/${encodeURIComponent(job.id)}`);
+  // DELETE's answer when it came first (its stream aborted): a cancelled job, or one that had just finished
+  // (DELETE forgets a finished job; its answer carries the result)
+  const final = entry.final;
+  if (final && outcome === "ended") [outcome, message] = [final.status, final.error?.message ?? final.status];
+  if (outcome !== "succeeded") return end(outcome, message);
+  let result = final?.result;
+  if (!result) {
+    try {
+      result = (await call("GET", `/jobs/${encodeURIComponent(job.id)}`)).result;
+    } catch (error) {
+      return end("failed", error.message);
+    }
+  }
   bar.value = bar.max;
   card.remove();
   if (!group.children.length) group.remove();
-  return { slot, label, result: finished.result };
+  return { outcome, message: "", slot, label, result };
 }
 
 async function cancelAll() {
   const ids = [...state.active.keys()];
-  await Promise.all(ids.map((id) => call("DELETE", `/jobs/${encodeURIComponent(id)}`).catch((e) => setStatus(e.message, true))));
+  if (!ids.length) return;
+  $("cancel").disabled = true;
+  setStatus("Cancelling…");
+  await Promise.all(ids.map(async (id) => {
+    try {
+      const answer = await call("DELETE", `/jobs/${encodeURIComponent(id)}`);
+      const entry = state.active.get(id);
+      if (entry && ["succeeded", "failed", "cancelled"].includes(answer?.status)) {
+        entry.final = answer;
+        entry.controller.abort();
+      }
+    } catch (error) {
+      if (state.active.has(id)) setStatus(`Cancel failed: ${error.message}`, true);
+    }
+  }));
+  $("cancel").disabled = state.active.size === 0;
 }
 
 // --- gallery -------------------------------------------------------------------------------------------
@@ -409,23 +551,29 @@ async function runAb() {
                  scheduler: base.scheduler, model: base.model, width: base.width, height: base.height };
   const label = `A/B ${policyLabel(arms[0].policy)} vs ${policyLabel(arms[1].policy)}`;
   let job;
+  setStatus("A/B run: starting…");
   try {
     job = await call("POST", "/ab", body);
   } catch (error) {
-    setStatus(error.status === 403 ? "A/B runs are not enabled on this server (set ab_dir)." : error.message, true);
+    setStatus(error.status === 403 ? "A/B runs are not enabled on this server (set ab_dir)." : `A/B run failed: ${error.message}`, true);
     return;
   }
   const run = { id: job.id, label, status: "queued", report: null };
   saveAbRun(run);
+  setStatus("A/B run: queued (progress under A/B reports)");
   try {
     for await (const e of events(`/ab/${encodeURIComponent(job.id)}/events`)) {
       if (e.event === "progress") run.status = `${e.data.stage} ${e.data.done ?? ""}/${e.data.total ?? ""}`;
       else if (["succeeded", "failed", "cancelled"].includes(e.event)) run.status = e.event;
-      if (e.event === "succeeded") run.report = `/ab/${encodeURIComponent(job.id)}/report.html`;
+      if (e.event === "succeeded") {
+        run.report = `/ab/${encodeURIComponent(job.id)}/report.html`;
+        setStatus("A/B run done: its report is linked under A/B reports");
+      } else if (e.event === "failed") setStatus(`A/B run failed: ${e.data.error?.message ?? "failed"}`, true);
+      else if (e.event === "cancelled") setStatus("A/B run cancelled");
       saveAbRun(run);
     }
   } catch (error) {
-    setStatus(error.message, true);
+    setStatus(`A/B run failed: ${error.message}`, true);
   }
 }
 
@@ -453,6 +601,11 @@ function main() {
   $("brush-size").oninput = () => { $("brush-value").textContent = $("brush-size").value; };
   setUpMaskCanvas();
   $("gen-form").onsubmit = generate;
+  $("use-recommended").onclick = applyRecommended;
+  const edited = () => showRecommended(true);
+  $("steps").addEventListener("input", edited);
+  document.querySelector('fieldset.policy[data-slot="A"]').addEventListener("input", edited);
+  document.querySelector('fieldset.policy[data-slot="A"]').addEventListener("change", edited);
   $("cancel").onclick = cancelAll;
   $("run-ab").onclick = runAb;
   for (const run of abRuns().reverse()) renderAbRun(run);
