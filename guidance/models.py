@@ -582,7 +582,8 @@ class ModelCache:
             with self._lock:
                 model = self._models.get(key)
                 if model is None:
-                    model = load_model(key, latent_evaluators=self._evaluators.get(key), **self._load_kwargs)
+                    extra = {"latent_evaluators": self._evaluators[key]} if key in self._evaluators else {}
+                    model = load_model(key, **self._load_kwargs, **extra)
                     self._models[key] = model
         return model
 

@@ -221,7 +221,12 @@ def init_processes(requested_device: str) -> Processes:
         )
     devices: list[Any] = [None] * world_size
     dist.all_gather_object(devices, str(device))
-    check_devices_agree(devices)
+    try:
+        check_devices_agree(devices)
+    except InvalidInput:
+        if owns:  # leave the group before refusing: a live gloo group at exit can abort the interpreter
+            dist.destroy_process_group()
+        raise
     tensor_group = None
     if device.type == "cuda":
         torch.cuda.set_device(device)
