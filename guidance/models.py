@@ -10,8 +10,8 @@
   ``builtin:tiny-sdxl`` (UNets), ``builtin:tiny-sd3``, ``builtin:tiny-flux`` (guidance-distilled, as FLUX.1-dev),
   ``builtin:tiny-flux-schnell``, ``builtin:tiny-qwenimage``, ``builtin:tiny-zimage``;
 - a local diffusers folder (``model_index.json``) of a supported family (:mod:`diffsteer.guidance.families`):
-  SD 1.x, SD 2.x (ε or v-prediction), SDXL, their Turbo variants, SD3/3.5, FLUX.1 dev/schnell, Qwen-Image,
-  Z-Image;
+  SD 1.x, SD 2.x (ε or v-prediction), SDXL, their Turbo variants and 9-channel inpainting UNets, SD3/3.5,
+  FLUX.1 dev/schnell, Qwen-Image, Z-Image;
   another family is refused naming it and the supported ones;
 - a single ``.safetensors`` / ``.ckpt`` file: SD 1.x/2.x, SDXL and SD3/3.5 whole (they need the matching diffusers
   config, from ``config=`` or the hub); a FLUX.1 transformer file with ``config=`` naming the pipeline folder

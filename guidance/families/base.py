@@ -41,8 +41,9 @@ class DiffusionModel(Protocol):
 @dataclass
 class Condition:
     """One encoded condition for every image of the batch: the text states a backbone attends to, its added
-    inputs (SDXL's pooled text and time ids, SD3/FLUX's pooled projections, FLUX's distilled guidance) and,
-    for families with variable-length text (Qwen-Image), the mask of real tokens."""
+    inputs (SDXL's pooled text and time ids, SD3/FLUX's pooled projections, FLUX's distilled guidance, an
+    inpainting UNet's latent mask and masked-image latents) and, for families with variable-length text
+    (Qwen-Image, Z-Image), the mask of real tokens."""
 
     hidden_states: torch.Tensor  # [B, L, D]
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # every value has the batch's rows first
