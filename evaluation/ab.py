@@ -68,10 +68,11 @@ from diffsteer.evaluation.results import build_results, write_results
 from diffsteer.evaluation.runner import GenerateFn, Item, run_arm
 from diffsteer.guidance.errors import InvalidInput, from_pydantic
 from diffsteer.guidance.events import GenerationCancelled, StepEvent
+from diffsteer.guidance.image_conditioning import decode_request_images, default_size
 from diffsteer.guidance.images import encode_image
 from diffsteer.guidance.models import canonical_spec, load_model
 from diffsteer.guidance.registry import parse_json_object, parse_policy
-from diffsteer.guidance.request import Limits, check_multiple_of_8, check_text
+from diffsteer.guidance.request import ImageText, Limits, check_multiple_of_8, check_text
 from diffsteer.guidance.sampler import check_request
 from diffsteer.guidance.schedulers import check_scheduler_name
 
@@ -193,6 +194,22 @@ class ABConfig(pydantic.BaseModel):
     confidence: float = pydantic.Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the intervals.")
     report: bool = pydantic.Field(True, description="Write plots/ and report.html.")
     report_max_prompts: int = pydantic.Field(60, ge=0, description="Prompts shown as image grids in the report.")
+    init_image: ImageText | None = pydantic.Field(
+        None,
+        description="img2img for every arm: the image each generation starts from (base64 or a data URL; the CLI "
+        "reads a file). Without a size, the run takes the image's, rounded down to the model's multiple.",
+    )
+    strength: float = pydantic.Field(0.8, ge=0.0, le=1.0, description="How much of init_image is noised away.")
+    mask: ImageText | None = pydantic.Field(
+        None, description="Inpainting for every arm: white repaints, black keeps init_image; needs init_image."
+    )
+
+    @property
+    def image_fields(self) -> dict[str, Any]:
+        """The image-conditioning fields every generation of the run takes (none for text to image)."""
+        if self.init_image is None:
+            return {}
+        return {"init_image": self.init_image, "mask": self.mask, "strength": self.strength}
 
     @pydantic.field_validator("scheduler")
     @classmethod
@@ -217,6 +234,8 @@ class ABConfig(pydantic.BaseModel):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise InvalidInput("arms", f"arm names must be unique; repeated: {', '.join(repeated)}")
+        if self.mask is not None and self.init_image is None:
+            raise InvalidInput("mask", "an inpainting mask needs init_image, the image it masks")
         if self.baseline is not None and self.baseline not in names:
             raise InvalidInput("baseline", f"{self.baseline!r} is not an arm; arms: {', '.join(names)}")
         if self.metrics is None:
@@ -357,8 +376,12 @@ def prepare_ab(
             model = load(spec)
         except InvalidInput as e:
             raise InvalidInput("arms" if arm.model else "model", f"arm {arm.name!r}: {e.reason}") from None
-        width = config.width or model.default_size
-        height = config.height or model.default_size
+        images = decode_request_images(config.init_image, config.mask)
+        native_height, native_width = (
+            default_size(model, images.init) if images else (model.default_size, model.default_size)
+        )
+        width = config.width or native_width
+        height = config.height or native_height
         _preflight(arm, model, config, width, height, prompts.items[0].prompt, rewards)
         settings = {
             "policy": arm.policy_spec,
@@ -368,6 +391,9 @@ def prepare_ab(
             "width": width,
             "height": height,
         }
+        if images is not None:  # a rerun with another image or strength does not reuse this run's images
+            image_key = json.dumps(config.image_fields, sort_keys=True).encode()
+            settings["image"] = hashlib.sha256(image_key).hexdigest()
         signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         arms.append(ArmPlan(arm, model, canonical_spec(spec), width, height, signature))
     scorer = MetricScorer(metrics, device=arms[0].model.device, rewards=rewards, model=arms[0].model)
@@ -389,6 +415,7 @@ def _preflight(
                 "width": width,
                 "height": height,
                 "seed": 0,
+                **config.image_fields,
             },
             rewards=rewards,
         )
@@ -463,7 +490,7 @@ def run_ab(
                 steps=config.steps,
                 scheduler=config.scheduler,
                 batch_size=len(todo),
-                extra={"width": arm.width, "height": arm.height},
+                extra={"width": arm.width, "height": arm.height, **config.image_fields},
                 callback=on_step,
                 generate_fn=generate_fn,
             )

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from diffsteer.evaluation.ab import ABConfig, run_ab
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.image_inputs import read_image_file
 
 # ABConfig field -> the option that sets it (for error messages).
 OPTIONS: dict[str, str] = {
@@ -38,6 +39,9 @@ OPTIONS: dict[str, str] = {
     "n_resamples": "--bootstrap",
     "confidence": "--confidence",
     "report": "--no-report",
+    "init_image": "--init-image",
+    "mask": "--mask",
+    "strength": "--strength",
     "report_max_prompts": "--report-prompts",
 }
 
@@ -108,6 +112,12 @@ def config_from_args(args: argparse.Namespace) -> ABConfig:
         "report": not args.no_report,
         "report_max_prompts": args.report_prompts,
     }
+    if args.init_image is not None:
+        data["init_image"] = read_image_file(args.init_image, "--init-image")
+    if args.mask is not None:
+        data["mask"] = read_image_file(args.mask, "--mask")
+    if args.strength is not None:
+        data["strength"] = args.strength
     return ABConfig.parse(data)
 
 
@@ -189,6 +199,9 @@ def add_ab_parser(sub: Any) -> argparse.ArgumentParser:
     ab.add_argument("--confidence", type=float, default=0.95, help="confidence level (default 0.95)")
     ab.add_argument("--report-prompts", type=int, default=60, metavar="N", help="prompts shown as grids in the report")
     ab.add_argument("--no-report", action="store_true", help="skip plots and report.html")
+    ab.add_argument("--init-image", default=None, metavar="PNG", help="img2img for every arm: the image to start from")
+    ab.add_argument("--strength", type=float, default=None, help="how much of the init image is noised away (0.8)")
+    ab.add_argument("--mask", default=None, metavar="PNG", help="inpainting for every arm: white repaints")
     ab.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (reruns resume in it)")
     ab.add_argument("-q", "--quiet", action="store_true")
     ab.set_defaults(func=cmd_ab)

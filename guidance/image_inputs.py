@@ -61,6 +61,16 @@ def decode_image(value: ImageInput, field: str, *, max_pixels: int = MAX_PIXELS)
     return ImageOps.exif_transpose(image)
 
 
+def read_image_file(path: str, option: str) -> str:
+    """A file's bytes as base64 text (what a request's image fields hold), for command lines; InvalidInput naming
+    ``option`` when it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return base64.b64encode(file.read()).decode("ascii")
+    except OSError as e:
+        raise InvalidInput(option, f"cannot read {path!r}: {e.strerror or e}") from None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB of any mode (palette, CMYK, greyscale, 16-bit greyscale scaled to 8 bits); alpha is dropped, as
     diffusers' ``convert("RGB")`` does."""

@@ -6,12 +6,12 @@ Bad input exits with status 2 and one line naming the option or field and the ac
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 from pathlib import Path
 
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.image_inputs import read_image_file
 from diffsteer.guidance.images import encode_image
 
 
@@ -38,14 +38,6 @@ def output_paths(output: str, count: int) -> list[Path]:
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
-
-
-def read_image_file(path: str, option: str) -> str:
-    """A file's bytes as base64 text (the request's image fields); InvalidInput naming ``option`` if unreadable."""
-    try:
-        return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    except OSError as e:
-        raise InvalidInput(option, f"cannot read {path!r}: {e.strerror or e}") from None
 
 
 def image_options(args: argparse.Namespace) -> dict[str, object]:

@@ -279,3 +279,68 @@ def test_reno_optimises_the_noise_added_to_the_init_latents(sd):
     assert len({s[0] for s in trace["reward_curve"]}) > 1
     result = generate(sd, params)
     assert result.nfe[0] == outer.nfe + 2  # the final run: ⌊3 × 0.7⌋ = 2 steps, one evaluation each (unguided)
+
+
+def test_ab_runs_image_conditioned_arms(tmp_path, sd):
+    """Every arm starts from the same init image (and mask); the images equal the library's for that request."""
+    from diffsteer.evaluation.ab import run_ab
+
+    image, mask = picture(40, 24), square_mask(40, 24)
+    results = run_ab(
+        {
+            "arms": ["cfg=cfg:scale=7.5", "apg=apg:scale=7.5"],
+            "model": "builtin:tiny",
+            "prompts": [PROMPT],
+            "seeds": 1,
+            "seed": 5,
+            "steps": 4,
+            "metrics": ["nfe"],
+            "init_image": png_base64(image),
+            "mask": png_base64(mask),
+            "strength": 0.75,
+            "output_dir": str(tmp_path / "ab"),
+            "report": False,
+            "n_resamples": 200,
+        }
+    )
+    assert [(a["width"], a["height"]) for a in results["arms"]] == [(24, 40)] * 2  # the image's size
+    assert {name: arm["nfe"]["mean"] for name, arm in results["summary"].items()} == {"cfg": 6, "apg": 6}
+    saved = Image.open(next((tmp_path / "ab" / "images" / "cfg").glob("*.png"))).convert("RGB")
+    expected = generate(
+        sd,
+        {
+            "prompt": PROMPT,
+            "seeds": [5],
+            "steps": 4,
+            "policy": "cfg:scale=7.5",
+            "init_image": image,
+            "mask": mask,
+            "strength": 0.75,
+        },
+    )
+    assert np.array_equal(np.asarray(saved), np.asarray(expected.images[0]))
+
+
+def test_ab_cli_and_service_take_the_image_fields(tmp_path):
+    from test_service_support import app_client
+
+    from diffsteer.service.cli import main
+
+    picture().save(tmp_path / "in.png")
+    argv = ["ab", "--arm", "a=cfg:scale=2", "--arm", "b=cfg:scale=4", "--prompts", str(tmp_path / "p.txt")]
+    (tmp_path / "p.txt").write_text(PROMPT + "\n")
+    common = ["--model", "builtin:tiny", "--steps", "2", "--no-report", "-q", "--metrics", "nfe"]
+    assert main([*argv, *common, "--init-image", str(tmp_path / "in.png"), "-o", str(tmp_path / "out")]) == 0
+    assert main([*argv, *common, "--init-image", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x")]) == 2
+    body = {
+        "arms": ["a=cfg:scale=2", "b=cfg:scale=4"],
+        "prompts": [PROMPT],
+        "steps": 2,
+        "metrics": ["nfe"],
+        "report": False,
+        "init_image": png_base64(picture()),
+    }
+    with app_client(model="builtin:tiny", ab_dir=str(tmp_path / "abs")) as client:
+        assert client.post("/ab", json=body).status_code == 202
+        bad = client.post("/ab", json={**body, "init_image": "bm90IGFuIGltYWdl"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "init_image"
