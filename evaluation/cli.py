@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from diffsteer.evaluation.ab import ABConfig, run_ab
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.image_inputs import read_image_file
+from diffsteer.guidance.image_inputs import image_fields_from_options
 
 # ABConfig field -> the option that sets it (for error messages).
 OPTIONS: dict[str, str] = {
@@ -111,13 +111,8 @@ def config_from_args(args: argparse.Namespace) -> ABConfig:
         "confidence": args.confidence,
         "report": not args.no_report,
         "report_max_prompts": args.report_prompts,
+        **image_fields_from_options(args.init_image, args.mask, strength=args.strength),
     }
-    if args.init_image is not None:
-        data["init_image"] = read_image_file(args.init_image, "--init-image")
-    if args.mask is not None:
-        data["mask"] = read_image_file(args.mask, "--mask")
-    if args.strength is not None:
-        data["strength"] = args.strength
     return ABConfig.parse(data)
 
 

@@ -71,6 +71,17 @@ def read_image_file(path: str, option: str) -> str:
         raise InvalidInput(option, f"cannot read {path!r}: {e.strerror or e}") from None
 
 
+def image_fields_from_options(init_image: str | None, mask: str | None, **values: object) -> dict[str, object]:
+    """A request's image-conditioning fields from command-line options: the ``--init-image`` and ``--mask`` files
+    read as base64, the other ``values`` (strength, mask_blur, ...) as given; options left out (None) are left out."""
+    fields: dict[str, object] = {k: v for k, v in values.items() if v is not None}
+    if init_image is not None:
+        fields["init_image"] = read_image_file(init_image, "--init-image")
+    if mask is not None:
+        fields["mask"] = read_image_file(mask, "--mask")
+    return fields
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB of any mode (palette, CMYK, greyscale, 16-bit greyscale scaled to 8 bits); alpha is dropped, as
     diffusers' ``convert("RGB")`` does."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.image_inputs import read_image_file
+from diffsteer.guidance.image_inputs import image_fields_from_options
 from diffsteer.guidance.images import encode_image
 
 
@@ -40,20 +40,6 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
 
 
-def image_options(args: argparse.Namespace) -> dict[str, object]:
-    """The image-conditioning fields the command line names (img2img, inpainting)."""
-    options: dict[str, object] = {}
-    if args.init_image is not None:
-        options["init_image"] = read_image_file(args.init_image, "--init-image")
-    if args.mask is not None:
-        options["mask"] = read_image_file(args.mask, "--mask")
-    if args.strength is not None:
-        options["strength"] = args.strength
-    if args.mask_blur is not None:
-        options["mask_blur"] = args.mask_blur
-    return options
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -80,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "height": height,
             "eta": args.eta,
             "distilled_guidance": args.distilled_guidance,
-            **image_options(args),
+            **image_fields_from_options(args.init_image, args.mask, strength=args.strength, mask_blur=args.mask_blur),
         },
         limits,
     ).with_model_defaults(defaults, set(named), limits)  # what generate() fills too; here before the model loads
