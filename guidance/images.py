@@ -23,6 +23,15 @@ def a1111_quote(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+# our inpainting_fill -> A1111's "Masked content" label
+MASKED_CONTENT = {
+    "fill": "fill",
+    "original": "original",
+    "latent_noise": "latent noise",
+    "latent_nothing": "latent nothing",
+}
+
+
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The ``parameters`` text A1111 writes, which many tools (civitai, image browsers, A1111's own "PNG info")
     read back: the prompt, ``Negative prompt: ...``, then one line of ``key: value`` pairs with A1111's sampler
@@ -42,6 +51,10 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         ("Model", meta.get("model")),
         ("Denoising strength", meta.get("denoising_strength")),  # img2img and inpainting, as A1111
         ("Mask blur", meta.get("mask_blur")),
+        ("Inpaint area", meta.get("inpaint_area")),
+        ("Masked area padding", meta.get("masked_area_padding")),
+        ("Mask mode", meta.get("mask_mode")),
+        ("Masked content", MASKED_CONTENT.get(meta.get("masked_content"), meta.get("masked_content"))),
         ("Policy", meta.get("policy")),
         ("Lora", meta.get("lora")),
         ("Eta", meta.get("eta") or None),

@@ -78,6 +78,7 @@ class GenerationResult:
             "distilled_guidance": self.distilled_guidance,
             "denoising_strength": p.strength if p.init_image is not None else None,
             "mask_blur": p.mask_blur if p.mask is not None else None,
+            "masked_content": p.inpainting_fill if p.mask is not None else None,
             "steps": p.steps,
             "scheduler": p.scheduler,
             "sampler": self.sampler[0] or a1111_sampler(p.scheduler)[0],

@@ -100,6 +100,9 @@ def test_webuiapi_inpaints_and_keeps_the_unmasked_pixels(webui):
     assert info["denoising_strength"] == 0.75 and info["seed"] == 3 and info["width"] == 32
     text = info["infotexts"][0]
     assert "Denoising strength: 0.75" in text and "Mask blur: 4" in text and "Seed: 3" in text
+    # webuiapi's defaults, as A1111 writes them: inpaint_full_res=True, padding 0, inpainting_fill=0
+    assert "Inpaint area: Only masked" in text and "Masked area padding: 0" in text and "Masked content: fill" in text
+    assert "Mask mode" not in text
     assert result.parameters["init_images"] is None and result.parameters["mask"] is None  # include_init_images
     again = webui.img2img(
         images=[init], mask_image=rect_mask(32, 32, box), prompt="a red dot", seed=3, steps=4, width=32, height=32

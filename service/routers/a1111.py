@@ -567,12 +567,19 @@ def generation_size(
     return sizes[0], sizes[1]
 
 
-def finish_img2img(outcome: Outcome, images: Img2ImgImages, mask_blur: int) -> tuple[list[bytes], list[dict]]:
+def finish_img2img(outcome: Outcome, images: Img2ImgImages, body: Img2ImgRequest) -> tuple[list[bytes], list[dict]]:
     """The answer's PNGs and their metadata: composited as A1111 does where a mask was used (with the request's
-    ``mask_blur`` in the infotext: the core got the mask blurred already), the generation's own otherwise."""
+    ``mask_blur`` in the infotext: the core got the mask blurred already, and A1111's inpainting keys), the
+    generation's own otherwise."""
     if images.overlay is None:
         return outcome.encoded, outcome.metadata
-    metadata = [{**meta, "mask_blur": mask_blur} for meta in outcome.metadata]
+    inpainting = {
+        "mask_blur": body.mask_blur,
+        "inpaint_area": "Only masked" if body.inpaint_full_res else None,
+        "masked_area_padding": body.inpaint_full_res_padding if body.inpaint_full_res else None,
+        "mask_mode": "Inpaint not masked" if body.inpainting_mask_invert else None,
+    }
+    metadata = [{**meta, **inpainting} for meta in outcome.metadata]
     finished = [images.finish(image) for image in outcome.result.images]
     return [encode_image(image, "png", meta) for image, meta in zip(finished, metadata)], metadata
 
@@ -1018,7 +1025,7 @@ async def img2img(
     )
     if outcome is None:
         return Response(status_code=CLIENT_CLOSED)
-    encoded, metadata = await run_in_threadpool(finish_img2img, outcome, planned.images, body.mask_blur)
+    encoded, metadata = await run_in_threadpool(finish_img2img, outcome, planned.images, body)
     parameters = body.model_dump(mode="json")
     parameters["seed"] = outcome.result.seeds[0]
     if not body.include_init_images:  # as A1111: the images are not sent back unless asked for
