@@ -191,7 +191,28 @@ class ModelFamily(ABC):
         family's diffusers pipeline passes them (custom σ, the dynamic shift μ)."""
         return {}
 
-    @abstractmethod
     def pipeline(self, model: DiffusionModel) -> Any:
         """The family's diffusers pipeline over this model's modules (shares weights; for references, LoRA
-        loading and export)."""
+        loading and export): the backbone, VAE, a fresh scheduler and the text encoders and tokenizers under the
+        pipeline's names, with :meth:`pipeline_extras`."""
+        import diffusers
+
+        parts = {self.backbone_key: model.backbone, "vae": model.vae, "scheduler": model.fresh_scheduler()}
+        parts.update(self.text_modules(model))
+        parts.update(self.pipeline_extras(model))
+        return getattr(diffusers, self.pipeline_class(model))(**parts)
+
+    def pipeline_class(self, model: DiffusionModel) -> str:
+        return self.pipelines[0]
+
+    def text_modules(self, model: DiffusionModel) -> dict[str, Any]:
+        """``text_encoder``, ``text_encoder_2``, ... and their tokenizers, in the model's (the pipeline's) order."""
+        parts: dict[str, Any] = {}
+        for i, (encoder, tokenizer) in enumerate(zip(model.text_encoders, model.tokenizers)):
+            suffix = f"_{i + 1}" if i else ""
+            parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = encoder, tokenizer
+        return parts
+
+    def pipeline_extras(self, model: DiffusionModel) -> dict[str, Any]:
+        """Further constructor arguments of the family's pipeline (components it may lack, flags)."""
+        return {}

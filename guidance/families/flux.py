@@ -116,16 +116,3 @@ class Flux(ModelFamily):
 
     def timestep_options(self, scheduler_config, steps, tokens):
         return {"sigmas": linear_sigmas(steps), "mu": dynamic_shift_mu(tokens, scheduler_config)}
-
-    def pipeline(self, model):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline(
-            transformer=model.backbone,
-            vae=model.vae,
-            scheduler=model.fresh_scheduler(),
-            text_encoder=model.text_encoders[0],
-            tokenizer=model.tokenizers[0],
-            text_encoder_2=model.text_encoders[1],
-            tokenizer_2=model.tokenizers[1],
-        )

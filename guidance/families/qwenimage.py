@@ -82,14 +82,3 @@ class QwenImage(ModelFamily):
 
     def timestep_options(self, scheduler_config, steps, tokens):
         return {"sigmas": linear_sigmas(steps), "mu": dynamic_shift_mu(tokens, scheduler_config)}
-
-    def pipeline(self, model):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline(
-            transformer=model.backbone,
-            vae=model.vae,
-            scheduler=model.fresh_scheduler(),
-            text_encoder=model.text_encoders[0],
-            tokenizer=model.tokenizers[0],
-        )

@@ -75,18 +75,7 @@ class StableDiffusion3(ModelFamily):
             return {"mu": dynamic_shift_mu(tokens, scheduler_config, default_max_shift=1.16)}
         return {}
 
-    def pipeline(self, model):
-        from diffusers import StableDiffusion3Pipeline
-
-        has_t5 = len(model.text_encoders) == 3
-        return StableDiffusion3Pipeline(
-            transformer=model.backbone,
-            vae=model.vae,
-            scheduler=model.fresh_scheduler(),
-            text_encoder=model.text_encoders[0],
-            tokenizer=model.tokenizers[0],
-            text_encoder_2=model.text_encoders[1],
-            tokenizer_2=model.tokenizers[1],
-            text_encoder_3=model.text_encoders[2] if has_t5 else None,
-            tokenizer_3=model.tokenizers[2] if has_t5 else None,
-        )
+    def pipeline_extras(self, model):
+        if len(model.text_encoders) < 3:  # a checkpoint shipped without T5
+            return {"text_encoder_3": None, "tokenizer_3": None}
+        return {}

@@ -9,8 +9,6 @@ config's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from diffsteer.guidance.families.base import Condition, ModelFamily
@@ -58,24 +56,16 @@ class StableDiffusion(ModelFamily):
     def inpainting_inputs(self, model):
         return int(model.backbone.config.in_channels) > self.latent_channels(model)
 
-    def pipeline_kwargs(self, model) -> dict[str, Any]:
+    def pipeline_class(self, model):
+        return "StableDiffusionInpaintPipeline" if self.inpainting_inputs(model) else "StableDiffusionPipeline"
+
+    def pipeline_extras(self, model):
         return {
-            "unet": model.backbone,
-            "vae": model.vae,
-            "scheduler": model.fresh_scheduler(),
-            "text_encoder": model.text_encoders[0],
-            "tokenizer": model.tokenizers[0],
             "safety_checker": None,
             "feature_extractor": None,
             "image_encoder": None,
             "requires_safety_checker": False,
         }
-
-    def pipeline(self, model):
-        from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
-
-        cls = StableDiffusionInpaintPipeline if self.inpainting_inputs(model) else StableDiffusionPipeline
-        return cls(**self.pipeline_kwargs(model))
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -109,19 +99,23 @@ class StableDiffusionXL(StableDiffusion):
             {"text_embeds": torch.zeros_like(encoded.added["text_embeds"]), "time_ids": encoded.added["time_ids"]},
         )
 
-    def pipeline(self, model):
-        from diffusers import StableDiffusionXLPipeline
+    def pipeline_class(self, model):
+        return self.pipelines[0]
 
-        two = len(model.text_encoders) == 2
-        return StableDiffusionXLPipeline(
-            unet=model.backbone,
-            vae=model.vae,
-            scheduler=model.fresh_scheduler(),
-            text_encoder=model.text_encoders[0] if two else None,
-            tokenizer=model.tokenizers[0] if two else None,
-            text_encoder_2=model.text_encoders[-1],
-            tokenizer_2=model.tokenizers[-1],
-            image_encoder=None,
-            feature_extractor=None,
-            force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt,
-        )
+    def text_modules(self, model):
+        if len(model.text_encoders) == 2:
+            return super().text_modules(model)
+        # a refiner: only the second (projection) encoder
+        return {
+            "text_encoder": None,
+            "tokenizer": None,
+            "text_encoder_2": model.text_encoders[0],
+            "tokenizer_2": model.tokenizers[0],
+        }
+
+    def pipeline_extras(self, model):
+        return {
+            "image_encoder": None,
+            "feature_extractor": None,
+            "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+        }

@@ -94,14 +94,3 @@ class ZImage(ModelFamily):
 
     def timestep_options(self, scheduler_config, steps, tokens):
         return {"sigmas": z_image_sigmas(steps), "mu": dynamic_shift_mu(tokens, scheduler_config)}
-
-    def pipeline(self, model):
-        from diffusers import ZImagePipeline
-
-        return ZImagePipeline(
-            transformer=model.backbone,
-            vae=model.vae,
-            scheduler=model.fresh_scheduler(),
-            text_encoder=model.text_encoders[0],
-            tokenizer=model.tokenizers[0],
-        )
