@@ -132,36 +132,27 @@ def crop_region(mask: Image.Image, padding: int) -> tuple[int, int, int, int] | 
     return max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, mask.width), min(y2 + padding, mask.height)
 
 
+def grow_span(low: int, high: int, grow: int, limit: int) -> tuple[int, int]:
+    """[low, high) grown by ``grow`` split over both ends, shifted back inside [0, limit) where it sticks out."""
+    low, high = low - grow // 2, high + grow - grow // 2
+    if high >= limit:
+        low, high = low - (high - limit), limit
+    if low < 0:
+        low, high = 0, high - low
+    return low, min(high, limit)
+
+
 def expand_crop_region(
     region: tuple[int, int, int, int], width: int, height: int, image_width: int, image_height: int
 ) -> tuple[int, int, int, int]:
     """``region`` widened (or heightened) to the aspect ratio width:height, kept inside the image
     (A1111's ``expand_crop_region``)."""
     x1, y1, x2, y2 = region
-    ratio_region = (x2 - x1) / (y2 - y1)
     ratio = width / height
-    if ratio_region > ratio:
-        diff = int((x2 - x1) / ratio - (y2 - y1))
-        y1 -= diff // 2
-        y2 += diff - diff // 2
-        if y2 >= image_height:
-            y1 -= y2 - image_height
-            y2 = image_height
-        if y1 < 0:
-            y2 -= y1
-            y1 = 0
-        y2 = min(y2, image_height)
+    if (x2 - x1) / (y2 - y1) > ratio:
+        y1, y2 = grow_span(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), image_height)
     else:
-        diff = int((y2 - y1) * ratio - (x2 - x1))
-        x1 -= diff // 2
-        x2 += diff - diff // 2
-        if x2 >= image_width:
-            x1 -= x2 - image_width
-            x2 = image_width
-        if x1 < 0:
-            x2 -= x1
-            x1 = 0
-        x2 = min(x2, image_width)
+        x1, x2 = grow_span(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), image_width)
     return x1, y1, x2, y2
 
 
