@@ -370,13 +370,13 @@ def prepare_ab(
             raise InvalidInput("report", "the report's plots need matplotlib (pip install matplotlib)") from None
     load = model_loader or default_model_loader(config)
     arms: list[ArmPlan] = []
+    images = decode_request_images(config.init_image, config.mask)  # once for every arm
     for arm in config.arms:
         spec = arm.model or config.model
         try:
             model = load(spec)
         except InvalidInput as e:
             raise InvalidInput("arms" if arm.model else "model", f"arm {arm.name!r}: {e.reason}") from None
-        images = decode_request_images(config.init_image, config.mask)
         native_height, native_width = (
             default_size(model, images.init) if images else (model.default_size, model.default_size)
         )
