@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
-import torch
+from pipeline_reference import assert_same_image, pipeline_images
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.models import from_components, load_model, with_family_defaults
@@ -30,18 +30,7 @@ def ours(model, height, width, steps, policy, seed=7, **extra):
 
 
 def reference(model, height, width, steps, seed=7, **kwargs):
-    pipe = model.to_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    generator = [torch.Generator("cpu").manual_seed(seed)]
-    image = pipe(
-        PROMPT, height=height, width=width, num_inference_steps=steps, generator=generator, output_type="np", **kwargs
-    ).images[0]
-    return (image * 255).round().astype(int)
-
-
-def assert_same_image(a, b):
-    assert a.shape == b.shape
-    assert np.abs(a - b).max() <= 1, f"max difference {np.abs(a - b).max()} grey levels"
+    return pipeline_images(model.to_pipeline(), PROMPT, steps, [seed], height=height, width=width, **kwargs)[0]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 from PIL import Image
+from pipeline_reference import assert_same_image, pipeline_images
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.models import from_components, load_model
@@ -48,15 +49,7 @@ def ours(model, steps, policy, **extra):
 
 
 def theirs(pipe, steps, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    generator = [torch.Generator("cpu").manual_seed(5)]
-    out = pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images[0]
-    return (out * 255).round().astype(int)
-
-
-def assert_same_image(a, b):
-    assert a.shape == b.shape
-    assert np.abs(a - b).max() <= 1, f"max difference {np.abs(a - b).max()} grey levels"
+    return pipeline_images(pipe, PROMPT, steps, [5], **kwargs)[0]
 
 
 @pytest.fixture(scope="module")

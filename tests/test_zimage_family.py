@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from pipeline_reference import assert_same_image, pipeline_images
 
 from diffsteer.guidance.families import FAMILIES, family_of_pipeline
 from diffsteer.guidance.models import from_components, load_model, with_family_defaults
@@ -33,19 +33,8 @@ def ours(model, height, width, steps, policy, seed=7, prompt=PROMPT, **extra):
 
 
 def reference(model, height, width, steps, seed=7, prompt=PROMPT, **kwargs):
-    pipe = model.to_pipeline()
-    pipe.set_progress_bar_config(disable=True)
     seeds = seed if isinstance(seed, list) else [seed]
-    generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    images = pipe(
-        prompt, height=height, width=width, num_inference_steps=steps, generator=generator, output_type="np", **kwargs
-    ).images
-    return (images * 255).round().astype(int)
-
-
-def assert_same_image(a, b):
-    assert a.shape == b.shape
-    assert np.abs(a - b).max() <= 1, f"max difference {np.abs(a - b).max()} grey levels"
+    return pipeline_images(model.to_pipeline(), prompt, steps, seeds, height=height, width=width, **kwargs)
 
 
 @pytest.fixture(scope="module")
