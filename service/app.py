@@ -87,7 +87,11 @@ def create_app(settings: ServiceSettings | None = None, *, models: ModelCache | 
         app.include_router(router)
     app.mount(playground.ASSETS_PATH, playground.assets(), name="playground")
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -12,12 +12,16 @@ import binascii
 import hmac
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from diffsteer.service.engine import Engine, Plan
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.jobs import JobStore
 from diffsteer.service.owners import key_fingerprint
+from diffsteer.service.routers.common import json_or_form_body
 from diffsteer.service.schemas import GenerateRequest
+
+IMAGE_FIELDS = ("init_image", "mask")  # the generation fields a multipart form may send as file parts
 
 
 def get_engine(request: Request) -> Engine:
@@ -85,6 +89,8 @@ async def require_api_key_for_metrics(request: Request, engine: Engine = Depends
         _check(request, engine)
 
 
-def planned(body: GenerateRequest, engine: Engine = Depends(get_engine)) -> Plan:
-    """The request validated against the server's limits, models and LoRA folder (InvalidInput -> 422)."""
-    return engine.plan(body)
+async def planned(request: Request, engine: Engine = Depends(get_engine)) -> Plan:
+    """The request (a JSON :class:`GenerateRequest`, or the same fields as a multipart form with ``init_image`` and
+    ``mask`` as file parts) validated against the server's limits, models and LoRA folder (InvalidInput -> 422)."""
+    data = await json_or_form_body(request, IMAGE_FIELDS, engine.settings.max_upload_bytes)
+    return await run_in_threadpool(lambda: engine.plan(GenerateRequest.model_validate(data)))

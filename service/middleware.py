@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: the request body size limit (413)."""
+"""Pure ASGI middleware: the request body size limits (413): ``max_body_bytes`` for JSON bodies, and
+``max_upload_bytes`` for the bodies that upload images (:func:`is_upload`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,26 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# routes whose every body may upload images (A1111's img2img and png-info take base64 images in JSON)
+UPLOAD_ROUTES = frozenset({"/v1/images/edits", "/sdapi/v1/img2img", "/sdapi/v1/png-info"})
+# routes whose multipart forms upload images (their JSON bodies keep the JSON limit)
+FORM_UPLOAD_ROUTES = frozenset({"/generate", "/jobs"})
+
+
+def is_upload(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+    """Whether a request's body is an upload: a POST to an upload route, or a multipart form to /generate or /jobs."""
+    if scope.get("method") != "POST":
+        return False
+    path = scope.get("path", "").rstrip("/") or "/"
+    if path in UPLOAD_ROUTES:
+        return True
+    media = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+    return path in FORM_UPLOAD_ROUTES and media == b"multipart/form-data"
+
 
 class BodySizeLimit:
-    """Answer 413 to a body above ``max_bytes``.
+    """Answer 413 to a body above ``max_bytes``, or above ``max_upload_bytes`` for an upload (:func:`is_upload`;
+    default: ``max_bytes``), naming the limit.
 
     A declared Content-Length above the limit is refused before the app runs; otherwise the body is read (up to
     the limit, so chunked bodies are covered too) before the app runs, and replayed to it. Later ``receive``
@@ -22,9 +40,17 @@ class BodySizeLimit:
     (they have not sent the body). Bodies above ``drain_bytes`` are cut off as before.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int = 64 * 2**20, drain_s: float = 30.0):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        max_upload_bytes: int | None = None,
+        drain_bytes: int = 64 * 2**20,
+        drain_s: float = 30.0,
+    ):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_upload_bytes = max_bytes if max_upload_bytes is None else max_upload_bytes
         self.drain_bytes = drain_bytes
         self.drain_s = drain_s
 
@@ -43,9 +69,9 @@ class BodySizeLimit:
         except asyncio.TimeoutError:
             pass
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send, limit: int, setting: str) -> None:
         scope["diffsteer.status_override"] = 413
-        error = {"field": "body", "message": f"the request body is larger than {self.max_bytes} bytes"}
+        error = {"field": "body", "message": f"the request body is larger than {limit} bytes ({setting})"}
         if scope.get("path", "").startswith("/v1/"):
             error.update(type="invalid_request_error", param=None, code=None)
         data = json.dumps({"error": error}).encode()
@@ -67,14 +93,18 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", ()))
+        if is_upload(scope, headers):
+            limit, setting = self.max_upload_bytes, "max_upload_bytes"
+        else:
+            limit, setting = self.max_bytes, "max_body_bytes"
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
             declared = 0
-        if declared > self.max_bytes:
+        if declared > limit:
             if headers.get(b"expect", b"").lower() != b"100-continue" and declared <= self.drain_bytes:
                 await self._drain(receive, 0, True)
-            await self._reject(scope, send)
+            await self._reject(scope, send, limit, setting)
             return
         chunks: list[bytes] = []
         total = 0
@@ -84,9 +114,9 @@ class BodySizeLimit:
                 return
             body = message.get("body", b"")
             total += len(body)
-            if total > self.max_bytes:
+            if total > limit:
                 await self._drain(receive, total, message.get("more_body", False))
-                await self._reject(scope, send)
+                await self._reject(scope, send, limit, setting)
                 return
             chunks.append(body)
             if not message.get("more_body", False):

@@ -9,9 +9,10 @@ are missing, and the server's configured limits are nowhere. :func:`build_openap
   policy's own parameter schema (``PolicyParams_<name>``, from ``diffsteer.guidance.registry``).
 - Every operation documents every status it answers, each error with the :data:`ERROR_SCHEMA` body:
   400 (malformed JSON; OpenAI routes: all bad input), 401 (API keys), 403 (A/B disabled), 404 (unknown job),
-  405, 406, 413 (``max_body_bytes``), 422 (bad input, the field named), 429 (queue full), 503, 504.
+  405, 406, 413 (``max_body_bytes``; uploads: ``max_upload_bytes``), 422 (bad input, the field named), 429 (queue
+  full), 503, 504.
 - The limits (``max_steps``, ``max_width``/``max_height``, ``max_num_images``, ``max_prompt_chars``,
-  ``max_body_bytes``, the models and LoRA adapters offered) are ``maximum``/``maxLength``/``enum`` of the
+  ``max_body_bytes``, ``max_upload_bytes``, the models and LoRA adapters offered) are ``maximum``/``maxLength``/``enum`` of the
   fields they bound, and all of them are in ``info.x-diffsteer-limits``.
 - With API keys configured, the security schemes (bearer, ``X-API-Key``, HTTP Basic) and their use.
 
@@ -34,8 +35,11 @@ from fastapi.openapi.utils import get_openapi
 from diffsteer.guidance.registry import policy_names, policy_schemas
 from diffsteer.guidance.request import MAX_SEED
 from diffsteer.guidance.schedulers import scheduler_names
+from diffsteer.service.middleware import FORM_UPLOAD_ROUTES, UPLOAD_ROUTES
 from diffsteer.service.routers.a1111 import A1111_SCHEDULERS, SAMPLER_LABELS
+from diffsteer.service.routers.generate import GENERATE_FORM
 from diffsteer.service.routers.openai_images import EDIT_FORM, edit_form_schema
+from diffsteer.service.schemas import GenerateRequest
 from diffsteer.service.settings import ServiceSettings
 
 REF = "#/components/schemas/"
@@ -129,6 +133,7 @@ def build_openapi(
         description=__doc__.split("\n\n")[0],
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    _add_model_schema(components, GenerateRequest)  # /generate and /jobs read their body themselves (JSON or form)
     for name in ("HTTPValidationError", "ValidationError", "PolicyParams"):
         components.pop(name, None)
     components["ErrorResponse"] = ERROR_SCHEMA
@@ -136,6 +141,7 @@ def build_openapi(
     limits = _limits(settings, lora_names, models, max_size)
     schema["info"]["x-diffsteer-limits"] = limits
     _bound_generate(components["GenerateRequest"], limits)
+    components[GENERATE_FORM] = _generate_form(components["GenerateRequest"], limits)
     _bound_openai(components["OpenAIImageRequest"], limits)
     components[EDIT_FORM] = _bound_openai_edit(edit_form_schema(), limits)
     _bound_a1111(components["Txt2ImgRequest"], limits)
@@ -222,6 +228,7 @@ def _limits(
         "max_num_images": settings.max_num_images,
         "max_prompt_chars": settings.max_prompt_chars,
         "max_body_bytes": settings.max_body_bytes,
+        "max_upload_bytes": settings.max_upload_bytes,
         "ab_max_images": settings.ab_max_images,
         "models": ["default", *models],
         "loras": lora_names,
@@ -359,8 +366,35 @@ def _bound_openai_edit(schema: dict[str, Any], limits: dict[str, Any]) -> dict[s
         f'"WxH" (ASCII digits; multiples of 8, width ≤ {limits["max_width"]}, height ≤ {limits["max_height"]}) or '
         '"auto"; "auto" or absent: the image\'s size, rounded down to the model\'s multiple (within the same limits).'
     )
-    schema["description"] += f" The whole body is at most max_body_bytes ({limits['max_body_bytes']} bytes)."
+    schema["description"] += f" The whole body is at most max_upload_bytes ({limits['max_upload_bytes']} bytes)."
     return schema
+
+
+def _add_model_schema(components: dict[str, Any], model: type) -> None:
+    """``model``'s JSON schema, and the schemas it refers to, among the components (those already there kept)."""
+    schema = model.model_json_schema(ref_template=REF + "{model}")
+    for name, definition in schema.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components.setdefault(model.__name__, schema)
+
+
+def _generate_form(request: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """The multipart form of /generate and /jobs: the bounded JSON request's fields, with the images as files."""
+    form = copy.deepcopy(request)
+    for name, what in (("init_image", "The image to start from"), ("mask", "The inpainting mask (white repaints)")):
+        text = form["properties"][name]
+        form["properties"][name] = {
+            "anyOf": [{"type": "string", "format": "binary"}, *text["anyOf"]],
+            "description": f"{what}: a file part (PNG, JPEG or WebP), or as in the JSON body. " + text["description"],
+        }
+    form["title"] = GENERATE_FORM
+    form["description"] = (
+        "multipart/form-data: the JSON body's fields, init_image and mask as file parts. Text fields as they are; "
+        "other fields their JSON value (num_images=2, seeds=[1,2], a policy object) or in bracket keys "
+        "(policy[name]=cfg, policy[scale]=4); null the same as leaving a field out. The whole body is at most "
+        f"max_upload_bytes ({limits['max_upload_bytes']} bytes). " + request.get("description", "")
+    ).strip()
+    return form
 
 
 def _bound_a1111(schema: dict[str, Any], limits: dict[str, Any]) -> None:
@@ -500,6 +534,12 @@ def _document_statuses(
                     }
                 }
             },
+        }
+    if 413 in statuses and path in UPLOAD_ROUTES:
+        responses["413"] = {"description": "Request body larger than max_upload_bytes"}
+    elif 413 in statuses and path in FORM_UPLOAD_ROUTES:
+        responses["413"] = {
+            "description": "Request body larger than max_body_bytes (JSON) or max_upload_bytes (multipart form)"
         }
     for status in sorted(statuses):
         description = responses.get(str(status), {}).get("description") or STATUS_TEXT[status]

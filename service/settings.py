@@ -196,7 +196,18 @@ class ServiceSettings(BaseSettings):
     max_num_images: int = pydantic.Field(16, ge=1)
     max_prompt_chars: int = pydantic.Field(4000, ge=1)
     max_body_bytes: int = pydantic.Field(
-        1_000_000, ge=1024, description="Largest accepted request body; beyond that: 413."
+        1_000_000,
+        ge=1024,
+        description="Largest accepted request body (JSON routes); beyond that: 413. Bodies that upload images have "
+        "max_upload_bytes instead.",
+    )
+    max_upload_bytes: int = pydantic.Field(
+        16 * 2**20,
+        ge=1024,
+        le=1024 * 2**20,
+        description="Largest accepted body of a request that uploads images: POST /v1/images/edits, "
+        "/sdapi/v1/img2img, /sdapi/v1/png-info, and multipart forms on POST /generate and /jobs; beyond that: 413. "
+        "Every body is held in memory until it is read whole, so this times max_connections bounds that memory.",
     )
     max_header_bytes: int = pydantic.Field(
         65_536,

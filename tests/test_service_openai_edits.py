@@ -244,11 +244,12 @@ def test_missing_or_misplaced_image_and_other_bad_forms(server, oa):
     assert e.value.body["param"] == "size"
 
 
-def test_uploads_count_against_max_body_bytes_and_need_the_key(server, oa):
-    huge = os.urandom(server.app.state.settings.max_body_bytes + 1)
+def test_uploads_count_against_max_upload_bytes_and_need_the_key(server, oa):
+    huge = os.urandom(server.app.state.settings.max_upload_bytes + 1)
     with pytest.raises(openai.APIStatusError) as e:
         oa.images.edit(image=("in.png", huge), prompt=PROMPT)
     assert e.value.status_code == 413 and e.value.body["field"] == "body"
+    assert "max_upload_bytes" in e.value.body["message"]
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.images.edit(image=("in.png", GOOD), prompt=PROMPT)
@@ -261,7 +262,8 @@ def test_form_fields_read_text_json_and_brackets():
     from starlette.datastructures import FormData
 
     from diffsteer.guidance.errors import InvalidInput
-    from diffsteer.service.routers.openai_images import form_fields
+    from diffsteer.service.routers.common import form_fields
+    from diffsteer.service.routers.openai_images import FILE_FIELDS
 
     form = FormData(
         [
@@ -281,7 +283,7 @@ def test_form_fields_read_text_json_and_brackets():
             ("image", "skipped"),
         ]
     )
-    assert form_fields(form) == {
+    assert form_fields(form, skip=FILE_FIELDS) == {
         "prompt": "123",
         "n": 2,
         "policy": {"name": "cfg", "scale": 4.5, "scales": [1, 2]},

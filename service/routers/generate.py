@@ -1,4 +1,8 @@
-"""``POST /generate``: wait for the images (JSON with base64 images, or raw bytes on ``Accept: image/png``)."""
+"""``POST /generate``: wait for the images (JSON with base64 images, or raw bytes on ``Accept: image/png``).
+
+The body (here and on ``POST /jobs``) is a JSON :class:`GenerateRequest`, or its fields as a multipart form with
+``init_image`` and ``mask`` as file parts (:func:`diffsteer.service.deps.planned`); both are in the OpenAPI
+document (:data:`GENERATION_BODY`)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,17 @@ from diffsteer.service.routers.common import CLIENT_CLOSED, QUEUED_REQUEST_ERROR
 from diffsteer.service.schemas import GenerateResponse
 
 router = APIRouter(tags=["generate"], dependencies=[Depends(require_api_key)])
+
+GENERATE_FORM = "GenerateForm"  # the multipart form's schema in the OpenAPI document (service/openapi.py builds it)
+GENERATION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+            "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{GENERATE_FORM}"}},
+        },
+    }
+}
 
 ERRORS = {
     **QUEUED_REQUEST_ERRORS,
@@ -31,6 +46,7 @@ ERRORS = {
         },
     },
     summary="Generate images and wait for them",
+    openapi_extra=GENERATION_BODY,
 )
 async def generate(request: Request, plan: Plan = Depends(planned), engine: Engine = Depends(get_engine)) -> Response:
     raw = negotiate(request.headers.get("accept"), plan.output_format)

@@ -26,7 +26,7 @@ from diffsteer.service.deps import get_engine, get_jobs, job_owner, planned, req
 from diffsteer.service.engine import Engine, Plan
 from diffsteer.service.errors import ServiceError
 from diffsteer.service.jobs import Job, JobStore
-from diffsteer.service.routers.generate import ERRORS
+from diffsteer.service.routers.generate import ERRORS, GENERATION_BODY
 from diffsteer.service.schemas import JobStatus
 
 log = logging.getLogger("diffsteer.service.jobs")
@@ -45,7 +45,14 @@ def find_job(jobs: JobStore, job_id: str, kind: str, owner: str | None) -> Job:
     return job
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=ERRORS, summary="Start a generation job")
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobStatus,
+    responses=ERRORS,
+    summary="Start a generation job",
+    openapi_extra=GENERATION_BODY,
+)
 async def create_job(
     plan: Plan = Depends(planned),
     engine: Engine = Depends(get_engine),

@@ -22,15 +22,14 @@ image's size, rounded down to the model's size multiple. Form fields hold text: 
 ``size``, ``model``, a policy spec...) as they are, other fields their JSON value (``n=2``, ``seeds=[1,2]``, a
 policy object); ``null`` is the same as leaving a field out; the official client's bracket keys
 (``extra_body={"policy": {"name": "cfg", "scale": 4}}`` arrives as ``policy[name]``, ``policy[scale]``) are read
-back into objects and lists. Uploads count against the service's ``max_body_bytes`` like any request body.
+back into objects and lists (:mod:`diffsteer.service.routers.common`). The whole form is at most the service's
+``max_upload_bytes``.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,16 +39,22 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData, UploadFile
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.image_inputs import decode_image
 from diffsteer.service.deps import get_engine, require_api_key
 from diffsteer.service.engine import Engine
 from diffsteer.service.errors import ServiceError
-from diffsteer.service.routers.common import CLIENT_CLOSED, run_translated
+from diffsteer.service.routers.common import (
+    CLIENT_CLOSED,
+    MULTIPART,
+    form_fields,
+    media_type,
+    open_form,
+    read_upload,
+    run_translated,
+)
 from diffsteer.service.schemas import (
-    MAX_BODY_NESTING,
     GenerateRequest,
     LoraRef,
     OpenAIDiffsteerInfo,
@@ -243,30 +248,6 @@ class OpenAIImagesEditResponse(OpenAIImagesResponse):
 
 EDIT_FORM = "OpenAIImageEditForm"  # the form's schema in the OpenAPI document (service/openapi.py bounds it)
 FILE_FIELDS = ("image", "image[]", "mask")
-# fields whose form value is their text (the others': their JSON value)
-TEXT_FIELDS = frozenset(
-    {
-        "prompt",
-        "negative_prompt",
-        "size",
-        "model",
-        "quality",
-        "style",
-        "user",
-        "safety_identifier",
-        "moderation",
-        "background",
-        "scheduler",
-        "response_format",
-        "output_format",
-        "input_fidelity",
-        "inpainting_fill",
-    }
-)
-LIST_FIELDS = frozenset({"seeds", "lora"})
-MAX_FORM_FIELDS = 256
-MAX_FORM_FILES = 4
-_FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 
 
 def edit_form_schema() -> dict[str, Any]:
@@ -295,96 +276,6 @@ def edit_form_schema() -> dict[str, Any]:
         "object); null the same as leaving a field out."
     )
     return schema
-
-
-def _text_or_json(name: str, text: str) -> Any:
-    """A form field's value: text fields as they are; others their JSON value when the text is JSON."""
-    if name in TEXT_FIELDS or (name in ("policy", "name") and not text.lstrip().startswith("{")):
-        return text
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return text
-
-
-def _assign(target: dict[str, Any], name: str, path: list[str], values: list[str], field: str) -> None:
-    """Put ``values`` (a form key's, in order) at ``name`` + ``path`` (its bracket segments: ``[]`` a list,
-    ``[key]`` an object), as the official client flattens objects and lists."""
-    if not path:
-        if name in target:
-            raise InvalidInput(field, "is given more than once")
-        if len(values) > 1:
-            raise InvalidInput(field, f"is given {len(values)} times; give it once")
-        target[name] = _text_or_json(name, values[0])
-        return
-    head, rest = path[0], path[1:]
-    if head == "":
-        items = target.setdefault(name, [])
-        if not isinstance(items, list):
-            raise InvalidInput(field, "mixes a list with another kind of value")
-        if not rest:
-            items.extend(_text_or_json(name, v) for v in values)
-            return
-        if rest[0] == "":
-            raise InvalidInput(field, "lists of lists are not supported in a form; send the field as JSON")
-        for i, value in enumerate(values):
-            if i == len(items):
-                items.append({})
-            if not isinstance(items[i], dict):
-                raise InvalidInput(field, "mixes a list of objects with other values")
-            _assign(items[i], rest[0], rest[1:], [value], field)
-        return
-    node = target.setdefault(name, {})
-    if not isinstance(node, dict):
-        raise InvalidInput(field, "mixes an object with another kind of value")
-    _assign(node, head, rest, values, field)
-
-
-def form_fields(form: FormData, skip: tuple[str, ...] = FILE_FIELDS) -> dict[str, Any]:
-    """A multipart form's fields (all but ``skip``) as a request body: see the module docstring."""
-    grouped: dict[str, list[str]] = {}
-    for key, value in form.multi_items():
-        if key in skip:
-            continue
-        if not isinstance(value, str):
-            raise InvalidInput(key, "expected a text field, got a file")
-        grouped.setdefault(key, []).append(value)
-    data: dict[str, Any] = {}
-    for key, values in grouped.items():
-        match = _FORM_KEY.match(key)
-        if match is None:
-            raise InvalidInput(key, "is not a field name (brackets as in name[key] or name[])")
-        name, path = match.group(1), re.findall(r"\[([^\[\]]*)\]", match.group(2))
-        if len(path) > MAX_BODY_NESTING:
-            raise InvalidInput(name, f"nested more than {MAX_BODY_NESTING} levels deep")
-        if not path and values == ["null"]:
-            continue  # null: the same as leaving the field out
-        if not path and name in LIST_FIELDS:
-            items = [_text_or_json(name, v) for v in values]
-            data[name] = items[0] if len(items) == 1 and isinstance(items[0], list) else items
-            continue
-        _assign(data, name, path, values, name)
-    return data
-
-
-async def read_upload(form: FormData, name: str, *, required: bool) -> bytes | None:
-    """The bytes of the form's file ``name`` (the official client sends a list of images as ``image[]``)."""
-    parts = form.getlist(name) + (form.getlist(f"{name}[]") if name == "image" else [])
-    if not parts:
-        if required:
-            raise InvalidInput(name, "is required: the image to edit, as a file part of the multipart form")
-        return None
-    if len(parts) > 1:
-        raise InvalidInput(name, f"this server edits one image at a time; got {len(parts)}")
-    part = parts[0]
-    if not isinstance(part, UploadFile):
-        raise InvalidInput(name, "expected a file part (with a filename), got a text field")
-    data = await part.read()
-    if not data:
-        if not required and not part.filename:
-            return None  # a browser form's empty file input
-        raise InvalidInput(name, "is an empty file")
-    return data
 
 
 @dataclass(frozen=True)
@@ -484,17 +375,16 @@ EDIT_OPENAPI = {
     openapi_extra=EDIT_OPENAPI,
 )
 async def images_edits(request: Request, engine: Engine = Depends(get_engine)) -> Response:
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "multipart/form-data":
+    if media_type(request) != MULTIPART:
         raise ServiceError(
             400,
-            "expected a multipart/form-data body: the image (and mask) as file parts, prompt and the other fields "
+            f"expected a {MULTIPART} body: the image (and mask) as file parts, prompt and the other fields "
             "as form fields",
             field="body",
         )
-    async with request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS) as form:
-        body = OpenAIImageEditRequest.model_validate(form_fields(form))
-        image = await read_upload(form, "image", required=True)
+    async with open_form(request, engine.settings.max_upload_bytes) as form:
+        body = OpenAIImageEditRequest.model_validate(form_fields(form, skip=FILE_FIELDS, files=("image", "mask")))
+        image = await read_upload(form, "image", required=True, aliases=("image[]",))
         mask = await read_upload(form, "mask", required=False)
     assert image is not None
     images = await run_in_threadpool(read_edit_images, image, mask)
