@@ -1,7 +1,8 @@
 """What a generation reports while it runs, and how a caller stops it.
 
 A step callback receives a :class:`StepEvent` after every denoising step (and after every iteration of an
-outer loop such as ReNO's); raising :class:`GenerationCancelled` from it stops the generation.
+outer loop such as ReNO's); raising :class:`GenerationCancelled` from it stops the generation, raising
+:class:`GenerationInterrupted` after a denoising step ends the denoising there and still decodes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import torch
 
 class GenerationCancelled(Exception):
     """Raised by a step callback to stop a generation; the sampler lets it propagate."""
+
+
+class GenerationInterrupted(GenerationCancelled):
+    """Raised by a step callback after a denoising step to end the denoising there: the images are decoded as they
+    stand, from each one's clean-image estimate at that step (what A1111's interrupt answers). Anywhere else (an
+    outer loop such as ReNO's) it stops the generation as :class:`GenerationCancelled` does."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from diffsteer.guidance.conditioning import encode_conditions
 from diffsteer.guidance.cost import GenerationCost, check_cost, generation_cost
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.events import StepCallback, StepEvent
+from diffsteer.guidance.events import GenerationInterrupted, StepCallback, StepEvent
 from diffsteer.guidance.executor import DIRECT, Executor
 from diffsteer.guidance.families.flow_shift import static_shift
 from diffsteer.guidance.image_conditioning import (
@@ -42,7 +42,7 @@ from diffsteer.guidance.image_conditioning import (
 )
 from diffsteer.guidance.latents import decode_pixels, to_pil
 from diffsteer.guidance.models import DiffusionModel
-from diffsteer.guidance.parameterisation import NoiseLevel
+from diffsteer.guidance.parameterisation import NoiseLevel, to_x0
 from diffsteer.guidance.policies.base import GuidancePolicy, OuterLoopPolicy, PolicyState, SamplingContext
 from diffsteer.guidance.registry import build_policy
 from diffsteer.guidance.request import GenerationParams, Limits
@@ -185,6 +185,9 @@ def denoise(
     ``schedule`` ("vp" or "flow") and latent ``patch`` size. ``after_step(i, latents)``, when given, is applied after
     step ``i`` (inpainting's unmasked part, :mod:`.image_conditioning`).
 
+    A callback that raises :class:`GenerationInterrupted` ends the loop after its step, returning that step's
+    clean-image estimate x̂0 (from the guided output; the unmasked part kept as ``after_step`` keeps it).
+
     ``grad_at_step(i)`` decides, per step, whether autograd records it (default: the ambient grad mode), so a
     trainer can backpropagate through the last K steps only. A step's input is detached where the step before
     it did not record gradients, which makes the truncation explicit. It may also return a bool tensor [B]
@@ -212,9 +215,18 @@ def denoise(
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)
         if callback is not None:
-            callback(
-                StepEvent(i + 1, len(timesteps), int(denoiser.evaluations.sum()), time.perf_counter() - start, latents)
-            )
+            try:
+                callback(
+                    StepEvent(
+                        i + 1, len(timesteps), int(denoiser.evaluations.sum()), time.perf_counter() - start, latents
+                    )
+                )
+            except GenerationInterrupted:  # the images as they stand: this step's clean estimate
+                if i + 1 < len(timesteps):
+                    latents = to_x0(guided, x_in, levels[i], prediction_type)
+                    if after_step is not None:
+                        latents = after_step(len(timesteps) - 1, latents)  # the kept part as after the last step
+                break
     return latents
 
 

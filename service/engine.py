@@ -426,7 +426,7 @@ class Engine:
 
         def on_step(event: StepEvent) -> None:
             ticket.emit("step", event)
-            ticket.check()
+            ticket.check_step()
 
         checked = plan.checked
         if checked is None:  # the model was not loaded when the request was planned

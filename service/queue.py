@@ -6,6 +6,8 @@ cancelled (client gone, ``DELETE /jobs/{id}``, server shutdown) or timed out. A 
 runs, over the device's measured throughput) instead of dropping or blocking. Cancelling a running
 ticket resolves its future immediately; the worker notices at the next denoising step (the step callback
 raises :class:`~diffsteer.guidance.sampler.GenerationCancelled`) and its late result is discarded.
+Interrupting a running ticket (A1111's interrupt and skip) is not a cancel: its denoising ends at the next step
+and it finishes with the images as they stand.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from diffsteer.guidance.events import GenerationCancelled
+from diffsteer.guidance.events import GenerationCancelled, GenerationInterrupted
 
 log = logging.getLogger("diffsteer.service.queue")
 
@@ -69,6 +71,7 @@ class Ticket:
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._lock = threading.Lock()
         self._stop: BaseException | None = None
+        self.interrupted: str | None = None  # why its denoising was ended early (the images still come)
         self.listeners: list[Callable[[str, Any], None]] = []
         self.cost = 0.0  # estimated, in backbone evaluations at native size (diffsteer.guidance.cost); 0: unknown
         self.cost_done = 0.0  # of it, the units the device worker has finished
@@ -87,6 +90,15 @@ class Ticket:
 
     def expire(self) -> bool:
         return self._end(TimedOut(self.timeout_s))
+
+    def interrupt(self, reason: str) -> bool:
+        """End a running ticket's denoising at its next step and decode the images as they stand (A1111's
+        interrupt): it finishes with a result. False if it is not running (queued or over)."""
+        with self._lock:
+            if self.future.done() or self.state != "running" or self._stop is not None:
+                return False
+            self.interrupted = reason
+        return True
 
     def _end(self, error: BaseException) -> bool:
         with self._lock:
@@ -107,6 +119,13 @@ class Ticket:
             self.expire()
         if self._stop is not None:
             raise GenerationCancelled(str(self._stop))
+
+    def check_step(self) -> None:
+        """:meth:`check`, then raise GenerationInterrupted if this ticket was interrupted (the step callback: the
+        sampler ends the denoising there and decodes)."""
+        self.check()
+        if self.interrupted is not None:
+            raise GenerationInterrupted(self.interrupted)
 
     def emit(self, kind: str, data: Any = None) -> None:
         for listener in list(self.listeners):
@@ -226,8 +245,8 @@ class WorkQueue:
             ticket.emit("started")
             try:
                 result = ticket.work(ticket)
-            except GenerationCancelled:
-                ticket._resolve(error=ticket.stop_reason or Cancelled("cancelled"))
+            except GenerationCancelled as e:  # an interrupt outside the denoising loop (ReNO's outer loop) too
+                ticket._resolve(error=ticket.stop_reason or Cancelled(str(e) or "cancelled"))
             except BaseException as e:  # noqa: BLE001 - every outcome goes to the future
                 ticket._resolve(error=e)
             else:

@@ -1,5 +1,6 @@
 """A1111's everyday routes against a live server with the unmodified ``webuiapi`` client: progress of the caller's
-own requests (and ``util_wait_for_ready``), interrupt and skip, PNG info read back from generated images, the
+own requests (and ``util_wait_for_ready``), interrupt and skip (the running request answers with its images as
+they stand, checked against Euler's update), PNG info read back from generated images, the
 ``sd_model_checkpoint`` option, and the LoRA listing. Generations are held mid-way by a gate on the UNet."""
 
 from __future__ import annotations
@@ -9,11 +10,18 @@ import io
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from test_service_support import UNetGate, live_server, one_thread, wait_idle, wait_until  # noqa: F401
+
+from diffsteer.guidance.events import GenerationInterrupted
+from diffsteer.guidance.latents import decode_pixels
+from diffsteer.guidance.models import load_model
+from diffsteer.guidance.request import GenerationParams
+from diffsteer.guidance.sampler import generate, make_scheduler
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -122,22 +130,63 @@ def test_progress_of_a_running_request(webui, other, engine):
     webui.util_wait_for_ready(check_interval=0.1)
 
 
-def test_interrupt_stops_the_callers_request(webui, other, engine):
+def interrupted_at(model, step: int, **params):
+    """The library's images of ``params`` with the denoising interrupted after ``step``."""
+
+    def stop(event):
+        if event.step == step:
+            raise GenerationInterrupted("test")
+
+    return generate(model, params, callback=stop)
+
+
+def test_an_interrupt_decodes_the_clean_estimate_of_its_last_step():
+    """Checked against Euler's own update: x_{i+1} = x_i + (σ_{i+1} − σ_i) ε̂_i gives ε̂_i from two recorded
+    latents, and the image is the decoded x̂0 = x_i − σ_i ε̂_i (A1111's last "denoised")."""
+    model = load_model("builtin:tiny")
+    params = dict(prompt="a blue square", steps=6, seed=3, scheduler="euler", policy="cfg:scale=5")
+    seen = {}
+    generate(model, params, callback=lambda event: seen.setdefault(event.step, event.latents.clone()))
+    cut = interrupted_at(model, 3, **params)
+    scheduler, _ = make_scheduler(model, GenerationParams.model_validate(params))
+    sigmas = scheduler.sigmas
+    eps = (seen[3] - seen[2]) / (sigmas[3] - sigmas[2])
+    expected = decode_pixels(model, seen[2] - sigmas[2] * eps)
+    assert torch.allclose(cut.pixels, expected, atol=1e-5)
+    assert cut.nfe == [6]  # three CFG steps
+    full = interrupted_at(model, 6, **params)  # at the last step: the finished images
+    assert torch.equal(full.pixels, generate(model, params).pixels)
+
+
+def test_interrupt_answers_the_images_as_they_stand(webui, other, engine):
+    request = {**TXT2IMG, "sampler_name": "Euler", "eta": 0}
     with UNetGate(unet(engine), hold_at=3) as gate:
-        call = Call(webui.txt2img, **TXT2IMG)
+        call = Call(webui.txt2img, **request)
         assert gate.reached.wait(30)
         assert other.interrupt() == {}  # another caller's interrupt leaves it alone
         assert webui.get_progress()["state"]["job_count"] == 1
         assert webui.interrupt() == {}
-        progress = webui.get_progress()
-        assert idle(progress) and progress["state"]["interrupted"] is True
-        _, error = call.outcome()  # answered at once, before the step in flight ends
+        assert webui.get_progress()["state"]["interrupted"] is True
         gate.release.set()
+        result, error = call.outcome()  # the step in flight ends, then the images are decoded
         wait_idle(engine)
-        assert gate.calls == 3  # the call in flight finished; no further step ran
-    assert isinstance(error, RuntimeError)
-    status, text = error.args
-    assert status == 503 and "interrupted" in json.loads(text)["error"]["message"]
+        assert gate.calls == 3  # no further step ran
+    assert error is None, error
+    model = engine.models.get(engine.default_model)
+    expected = interrupted_at(
+        model,
+        3,
+        prompt=TXT2IMG["prompt"],
+        steps=10,
+        seed=4,
+        width=32,
+        height=32,
+        scheduler="euler",
+        policy="cfg:scale=5",
+    )
+    assert np.array_equal(np.asarray(result.images[0].convert("RGB")), np.asarray(expected.images[0]))
+    assert "Steps: 10" in result.info["infotexts"][0] and result.info["seed"] == 4
+    assert idle(webui.get_progress()) and webui.get_progress()["state"]["interrupted"] is True
     webui.txt2img(**{**TXT2IMG, "steps": 2})
     assert webui.get_progress()["state"]["interrupted"] is False  # cleared when the next request begins
 
@@ -152,11 +201,11 @@ def test_skip_spares_queued_requests_interrupt_does_not(webui, engine, how):
         progress = webui.get_progress()
         assert progress["progress"] == pytest.approx(0.01 + (2 / 10 + 0) / 2)
         assert getattr(webui, how)() == {}
-        _, first_error = first.outcome()
         gate.release.set()
+        first_result, first_error = first.outcome()
         result, second_error = second.outcome()
         wait_idle(engine)
-    assert first_error.args[0] == 503
+    assert first_error is None and first_result.images[0].size == (32, 32)  # the running one: its images so far
     if how == "skip":
         assert second_error is None and result.images[0].size == (32, 32)
         assert webui.get_progress()["state"]["skipped"] is False  # the second request began after the skip

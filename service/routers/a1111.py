@@ -31,10 +31,11 @@ API key; every caller is one without keys): ``progress`` 0.01 + the mean fractio
 formula), ``state.job_count`` their number, ``state.sampling_step``/``sampling_steps`` the running one's,
 ``current_image`` a latent preview of its first image (:mod:`diffsteer.service.preview`), ``eta_relative``; with
 nothing in flight ``progress`` and ``job_count`` are 0. ``POST /interrupt`` stops every one of the caller's
-requests, running (at its next step) or queued; ``POST /skip`` the running ones only, letting queued ones run
-(A1111's skip moves on to the next batch; here a request's images are one batch). A stopped request answers 503
-(code ``cancelled``, "interrupted"): A1111 would decode the latents it has, this server has no image to give
-before the last step. ``POST /options`` sets ``sd_model_checkpoint`` for the caller's A1111 requests that name no
+requests, running or queued; ``POST /skip`` the running ones only, letting queued ones run (A1111's skip moves on
+to the next batch; here a request's images are one batch). A running request stops at the end of its current
+step and answers 200 with its images as they stand, as A1111 does: each decoded from its clean-image estimate at
+that step (A1111's last "denoised" latent), with the request's infotext; a queued one interrupted answers 503
+(code ``cancelled``, "interrupted"). ``POST /options`` sets ``sd_model_checkpoint`` for the caller's A1111 requests that name no
 model (422 for a model this server does not offer; other options are accepted and ignored) and ``GET /options``
 returns it. ``POST /png-info`` reads the ``parameters`` text of a PNG (or the EXIF comment of a JPEG/WebP) with
 A1111's infotext rules; ``GET /loras`` lists the LoRA folder (names relative to it, never server paths) with each
@@ -670,14 +671,20 @@ class A1111Session:
             return self._flags.get(owner) or CallerFlags()
 
     def stop(self, owner: str | None, how: str) -> int:
-        """Cancel the caller's requests: ``interrupt`` every one, ``skip`` the running ones; how many were."""
+        """Stop the caller's requests: the running ones end their denoising at the next step and answer with
+        their images as they stand (``interrupt`` and ``skip``); ``interrupt`` also cancels the queued ones.
+        How many were stopped."""
         with self._lock:
             self._flags[owner] = CallerFlags(interrupted=how == "interrupt", skipped=how == "skip")
-            targets = [t for t in self._tasks if t.owner == owner and t.ticket is not None]
-        if how == "skip":
-            targets = [t for t in targets if t.started]
+            tickets = [t.ticket for t in self._tasks if t.owner == owner and t.ticket is not None]
         reason = "interrupted (POST /sdapi/v1/interrupt)" if how == "interrupt" else "skipped (POST /sdapi/v1/skip)"
-        return sum(t.ticket.cancel(reason) for t in targets if t.ticket is not None)
+        stopped = 0
+        for ticket in tickets:
+            if ticket.interrupt(reason):
+                stopped += 1
+            elif how == "interrupt" and ticket.state == "queued":
+                stopped += ticket.cancel(reason)
+        return stopped
 
     def checkpoint(self, owner: str | None) -> str | None:
         with self._lock:
@@ -968,7 +975,7 @@ QUEUED_ERRORS = {
     }
     for status, text in (
         (429, "Queue full; retry after Retry-After seconds"),
-        (503, "Shutting down, model unavailable, or the work was cancelled (interrupt, skip)"),
+        (503, "Shutting down, model unavailable, or the work was cancelled (an interrupt while queued)"),
         (504, "Not finished within request_timeout_s"),
     )
 }
