@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from diffsteer.training.fdistill import (
     regression_loss,
     student_scheduler_config,
     student_timesteps,
+    time_bin_totals,
     time_bins,
 )
 
@@ -127,6 +131,32 @@ def test_time_bin_normalisation_by_hand():
     assert running.tolist() == [1.0] * 10  # not modified in place
 
 
+def test_bin_totals_summed_over_shares_equal_the_whole_batch():
+    """The statistics are sums and counts, so summing those of any split of the batch (what the all-reduce does)
+    gives the whole batch's normaliser, and the split's local means would not: the weights of a batch of 8 split
+    in two and normalised per half are off by several percent."""
+    generator = torch.Generator().manual_seed(0)
+    ratio = torch.exp(torch.randn(8, generator=generator, dtype=torch.float64) * 1.5)
+    bins = time_bins(torch.randint(0, 1000, (8,), generator=generator), 4, 1000)
+    running = torch.ones(4, dtype=torch.float64)
+    halves = (slice(0, 4), slice(4, 8))
+    whole, whole_running = normalise_by_time_bin(ratio, bins, running, 0.5)
+    for mine, other in (halves, halves[::-1]):  # the all-reduce adds the other process's sums and counts
+
+        def add_bin_totals(totals, other=other):
+            return totals + time_bin_totals(ratio[other], bins[other], 4)
+
+        def add_h_total(totals, other=other):
+            return totals + torch.stack([ratio[other].sum(), torch.tensor(4.0, dtype=torch.float64)])
+
+        part, part_running = normalise_by_time_bin(ratio[mine], bins[mine], running, 0.5, add_bin_totals)
+        torch.testing.assert_close(part, whole[mine], rtol=1e-12, atol=0)
+        torch.testing.assert_close(part_running, whole_running, rtol=1e-12, atol=0)
+        torch.testing.assert_close(batch_normalised(ratio[mine], reduce=add_h_total), batch_normalised(ratio)[mine])
+    local = torch.cat([batch_normalised(ratio[h]) for h in halves])
+    assert float((local - batch_normalised(ratio)).abs().max()) > 0.01
+
+
 def test_student_schedule_starts_at_the_last_timestep_and_ends_at_x0():
     from diffsteer.guidance.models import load_model
 
@@ -197,6 +227,84 @@ def test_training_moves_every_network_and_resumes_exactly(tmp_path):
     assert any(r.startswith("4,train,loss.matching,") for r in rows)
     assert any(r.startswith("4,train,h_max,") for r in rows)
     assert any(r.startswith("4,train,loss.regression,") for r in rows)
+
+
+RANK_SCRIPT = """
+import json, sys, torch
+from diffsteer.training.fdistill import FDistillConfig, FDistillTrainer
+trainer = FDistillTrainer(FDistillConfig(**json.loads(sys.argv[1])))
+rank = trainer.processes.rank
+generator = torch.Generator().manual_seed(0)  # a fixed global batch of 8 logits; this process holds its half
+logits, t = torch.randn(8, 3, generator=generator) * 2, torch.randint(0, 1000, (8,), generator=generator)
+share = slice(4 * rank, 4 * rank + 4)
+weights = trainer.f_weights(logits[share], t[share])
+probe = {"weights": weights.tolist(), "running": trainer.ratio_running.tolist()}
+trainer.ratio_running = torch.ones_like(trainer.ratio_running)
+trainer.train()
+print(json.dumps({"probe": probe, "running": trainer.ratio_running.tolist()}))
+trainer.close()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_normalise_over_the_global_batch_and_equal_one_process(tmp_path):
+    """Two processes (gloo) with batch 2 each against one with batch 4: h(r)'s batch mean and the time bins'
+    running means are of the global batch (the normaliser equals the direct computation on all 8 images), every
+    process holds the same running means (the checkpoint's, which rank 0 writes, so a resume restores them for
+    every process), and the trained networks equal the one-process run's to rounding (batched kernels)."""
+    from test_service_support import free_port
+
+    from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint
+
+    common = dict(max_steps=2, divergence="js", ratio_bins=4, ratio_ema=0.5, ema_decay=0.0)
+    two = {**TINY, **common, "output_dir": str(tmp_path / "two")}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, json.dumps(two)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    seen = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        seen.append(json.loads(out.strip().splitlines()[-1]))
+
+    one = FDistillTrainer(tiny_config(tmp_path / "one", **{**common, "batch_size": 4}))
+    generator = torch.Generator().manual_seed(0)
+    logits, t = torch.randn(8, 3, generator=generator) * 2, torch.randint(0, 1000, (8,), generator=generator)
+    direct = one.f_weights(logits, t)  # one process, all 8 images
+    weights = torch.tensor(seen[0]["probe"]["weights"] + seen[1]["probe"]["weights"])
+    torch.testing.assert_close(weights, direct, rtol=1e-6, atol=0)
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.tensor(seen[rank]["probe"]["running"], dtype=torch.float64), one.ratio_running)
+    one.ratio_running = torch.ones_like(one.ratio_running)
+    before = {name: module.state_dict() for name, module in one.modules.items()}
+    one.train()
+
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints"))
+    assert seen[0]["running"] == seen[1]["running"] == saved["extra"]["ratio_running"].tolist()
+    torch.testing.assert_close(saved["extra"]["ratio_running"], one.ratio_running, rtol=1e-4, atol=0)
+    assert (one.ratio_running != 1).any()
+    for name, module in one.modules.items():
+        after = module.state_dict()
+        update_keys = [k for k in after if after[k].is_floating_point()]
+        update = torch.cat([(after[k] - before[name][k]).flatten() for k in update_keys])
+        error = torch.cat([(saved["modules"][name][k] - after[k]).flatten() for k in update_keys])
+        relative = float(error.norm() / update.norm())
+        print(f"{name}: 2 processes vs 1, |dw| / |update| = {relative:.3g}")
+        assert update.norm() > 0 and relative <= 2e-3, (name, relative)
 
 
 def test_reverse_kl_without_gan_has_no_discriminator_and_lora_student(tmp_path):

@@ -176,22 +176,42 @@ def time_bins(t: torch.Tensor, num_bins: int, num_timesteps: int) -> torch.Tenso
     return (t.long() * num_bins // num_timesteps).clamp(0, num_bins - 1)
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def one_process(totals: torch.Tensor) -> torch.Tensor:
+    """The :data:`Reduce` of a single process: its own sums are the global ones."""
+    return totals
+
+
+def time_bin_totals(ratio: torch.Tensor, bins: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """[2, num_bins] float64: the sum of r and the number of images in each time bin."""
+    totals = torch.zeros(2, num_bins, dtype=torch.float64, device=ratio.device)
+    totals[0].index_add_(0, bins, ratio.detach().double())
+    totals[1].index_add_(0, bins, torch.ones_like(ratio, dtype=torch.float64))
+    return totals
+
+
 def normalise_by_time_bin(
-    ratio: torch.Tensor, bins: torch.Tensor, running: torch.Tensor, rate: float
+    ratio: torch.Tensor, bins: torch.Tensor, running: torch.Tensor, rate: float, reduce: Reduce = one_process
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Divide each r by the running mean of r in its time bin, after moving the running means of the bins seen
-    in this batch: m_b ← rate·m_b + (1 − rate)·mean(r in b) (rate 0: this batch's mean). Returns the normalised
-    ratios and the new running means."""
+    in this batch: m_b ← rate·m_b + (1 − rate)·mean(r in b) (rate 0: this batch's mean). The bin means are of the
+    global batch: ``reduce`` sums the per-bin sums and counts over the processes, so N processes move the running
+    means exactly as one process with their N batches would. Returns the normalised ratios and the new running
+    means."""
+    totals = reduce(time_bin_totals(ratio, bins, len(running))).to(running.device)
+    seen = totals[1] > 0
     running = running.clone()
-    for b in torch.unique(bins).tolist():
-        in_bin = bins == b
-        running[b] = rate * running[b] + (1 - rate) * ratio[in_bin].mean()
-    return ratio / (running[bins] + 1e-6), running
+    running[seen] = rate * running[seen] + (1 - rate) * totals[0, seen] / totals[1, seen]
+    return ratio / (running.to(ratio.device, ratio.dtype)[bins] + 1e-6), running
 
 
-def batch_normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """h / mean(h): the weights average to one over the batch, whatever the divergence's constants."""
-    return h / (h.mean() + eps)
+def batch_normalised(h: torch.Tensor, eps: float = 1e-6, reduce: Reduce = one_process) -> torch.Tensor:
+    """h / mean(h): the weights average to one over the (global) batch, whatever the divergence's constants; the
+    mean is Σh / n with both summed over the processes by ``reduce``."""
+    total = reduce(torch.stack([h.detach().double().sum(), torch.tensor(float(h.numel()), dtype=torch.float64)]))
+    return h / (float(total[0] / total[1]) + eps)
 
 
 def dmd_gradient(
@@ -843,17 +863,25 @@ class FDistillTrainer(Trainer):
         return regression_loss(gen, self.pair_samples[pairs].to(gen.device))
 
     def f_weights(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """h(r) of the configured divergence, normalised per time bin (optional) and by the batch mean."""
+        """h(r) of the configured divergence, normalised per time bin (optional) and by the batch mean, both over
+        the global batch (every process's images), so every process holds the same running means."""
         c = self.config
         ratio = density_ratio(logits, c.ratio_min, c.ratio_max, c.logit_clamp)
         if c.ratio_bins > 0:
             bins = time_bins(t, c.ratio_bins, self.num_timesteps).to(ratio.device)
-            ratio, running = normalise_by_time_bin(
-                ratio.double(), bins, self.ratio_running.to(ratio.device), c.ratio_ema
+            ratio, self.ratio_running = normalise_by_time_bin(
+                ratio.double(), bins, self.ratio_running, c.ratio_ema, self.sum_over_processes
             )
-            self.ratio_running = running.cpu()
             ratio = ratio.float()
-        return batch_normalised(DIVERGENCES[c.divergence][1](ratio))
+        return batch_normalised(DIVERGENCES[c.divergence][1](ratio), reduce=self.sum_over_processes)
+
+    def sum_over_processes(self, totals: torch.Tensor) -> torch.Tensor:
+        """``totals`` summed over the processes (an all-reduce over the CPU group; itself for one process)."""
+        if not self.processes.distributed:
+            return totals
+        summed = totals.detach().to("cpu", torch.float64).clone()
+        torch.distributed.all_reduce(summed)
+        return summed.to(totals.device)
 
     def training_step(self) -> dict[str, float]:
         """fake_updates_per_step updates of the fake score (and discriminator), then one of the student."""
