@@ -322,13 +322,18 @@ def test_resume_refuses_a_changed_experiment_and_fresh_runs_refuse_old_checkpoin
     with pytest.raises(InvalidInput, match="lora_rank"):
         AlignPropTrainer(tiny_config(tmp_path, max_steps=2, lora_rank=8)).train(resume=True)
 
-    # a checkpoint written before a field existed (here ema_decay) resumes as the field's default, and only so
+    # a checkpoint written before a field existed (here ema_decay) resumes as the field's default, and only so;
+    # and one from before the default build trained any backbone (module and optimiser "unet", the attention
+    # projections named one by one) resumes under the current names
     from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
     path = latest_checkpoint(tmp_path / "run" / "checkpoints")
     state = load_checkpoint(path)
     config = json.loads(state["config"])
     del config["ema_decay"]
+    assert config["lora_targets"] == ["attention"] and set(state["modules"]) == {"backbone"}
+    config["lora_targets"] = ["to_q", "to_k", "to_v", "to_out.0"]
+    state = {**state, **{kind: {"unet": state[kind]["backbone"]} for kind in ("modules", "optimizers")}}
     save_checkpoint(path.parent, state["step"], {**state, "config": json.dumps(config)})
     with pytest.raises(InvalidInput, match="ema_decay: 0.0 -> 0.5"):
         AlignPropTrainer(tiny_config(tmp_path, max_steps=2, ema_decay=0.5)).train(resume=True)

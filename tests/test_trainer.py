@@ -392,7 +392,7 @@ def test_an_ema_of_the_lora_is_a_hand_computed_average_that_is_evaluated_exporte
     for _ in range(3):
         trainer.train_step()
         expected = {k: decay * expected[k] + (1 - decay) * w for k, w in weights().items()}
-    ema = trainer.emas["unet"]
+    ema = trainer.emas["backbone"]
     assert ema.average is None and set(ema.shadow) == set(expected) and all("lora" in k for k in expected)
     for k in expected:
         torch.testing.assert_close(ema.shadow[k], expected[k], rtol=1e-6, atol=1e-7)
@@ -420,7 +420,7 @@ def test_an_ema_of_the_lora_is_a_hand_computed_average_that_is_evaluated_exporte
     AlignPropTrainer(AlignPropConfig(**{**config, "max_steps": 2}, output_dir=str(tmp_path / "cut"))).train()
     resumed = AlignPropTrainer(AlignPropConfig(**config, output_dir=str(tmp_path / "cut")))
     resumed.train(resume=True)
-    a, b = whole.checkpoint_state()["ema"]["unet"], resumed.checkpoint_state()["ema"]["unet"]
+    a, b = whole.checkpoint_state()["ema"]["backbone"], resumed.checkpoint_state()["ema"]["backbone"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     for k in expected:  # the same three steps as the probe
         torch.testing.assert_close(a[k], expected[k], rtol=1e-6, atol=1e-7)
@@ -463,8 +463,8 @@ class TwoOptimiserTrainer(Trainer):
         self.update_ema("critic")
         self.critic_updates += 1
         if self.step % 2 == 0:  # the UNet every second step
-            self.backward(-self.critic(features).mean(), "unet")
-            metrics.update(self.optimizer_step("unet"))
+            self.backward(-self.critic(features).mean(), "backbone")
+            metrics.update(self.optimizer_step("backbone"))
         return {"critic_loss": float(critic_loss.detach()), **{k: v for k, v in metrics.items() if k.startswith("lr")}}
 
     def extra_state(self):
@@ -504,8 +504,8 @@ def test_several_named_modules_optimisers_and_an_ema_checkpoint_and_resume_exact
     whole.train()
     rows = {(s, m): v for s, m, v in _train_values(tmp_path / "whole")}
     assert rows[(1, "lr.critic")] == pytest.approx(0.05) and rows[(2, "lr.critic")] == pytest.approx(0.1)
-    assert rows[(1, "lr.unet")] == pytest.approx(0.005) and rows[(5, "lr.unet")] == pytest.approx(0.01)
-    assert (3, "lr.unet") in rows and (2, "lr.unet") not in rows  # the UNet stepped on steps 1, 3, 5 only
+    assert rows[(1, "lr.backbone")] == pytest.approx(0.005) and rows[(5, "lr.backbone")] == pytest.approx(0.01)
+    assert (3, "lr.backbone") in rows and (2, "lr.backbone") not in rows  # the UNet stepped on steps 1, 3, 5 only
 
     _toy(tmp_path, "cut", max_steps=2).train()
     resumed = _toy(tmp_path, "cut", max_steps=5)

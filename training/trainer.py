@@ -8,8 +8,10 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
   (a distiller: ``export: str = with_default("export", "pipeline")``).
 * ``<Method>Trainer(Trainer)`` with ``name = "<method>"`` and these hooks:
 
-  ``build()``            create what trains, and register it (default: a LoRA on ``self.model.unet``, or the
-                         whole UNet with ``trainable: full``, as module ``"unet"`` with optimiser ``"unet"``):
+  ``build()``            create what trains, and register it (default: a LoRA on ``self.model.backbone``, the
+                         UNet or the flow transformer, or the whole backbone with ``trainable: full``, as module
+                         ``"backbone"`` with optimiser ``"backbone"``; a checkpoint of an older run that named them
+                         ``"unet"`` resumes under the new name):
                            ``self.register_module(name, module, state="trainable" | "full")``
                            ``self.register_optimizer(name, params, lr=..., **adamw)``  (AdamW + linear warm-up,
                              its own loss scaler; several, at different learning rates, are fine)
@@ -17,7 +19,7 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
                              ``trainable_only=True`` an average of the trainable parameters that is swapped
                              into the module for evaluation and export; moved by ``self.update_ema(name)``,
                              which the default ``training_step`` calls for every EMA after each step)
-                         The default build keeps such an average of the LoRA (or UNet) when ``ema_decay`` > 0.
+                         The default build keeps such an average of the LoRA (or backbone) when ``ema_decay`` > 0.
                          Everything registered is checkpointed, resumed exactly and (trainable parameters)
                          broadcast from rank 0 at start. Check rollout/data settings here too: it runs
                          before any training work.
@@ -27,7 +29,12 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
                          seeds. Then N processes with batch B draw exactly what one process with batch N·B does.
   ``compute_loss(batch)`` -> ``(loss, metrics)``: the scalar loss of this process's batch (a mean over it) and
                          float metrics (averaged over micro-batches and processes before logging). It runs
-                         outside autocast: wrap the model calls in ``with self.autocast():``.
+                         outside autocast: wrap the model calls in ``with self.autocast():``. Call a backbone
+                         (the trained one, a reference or teacher copy, a student) with
+                         ``self.backbone_call(module, x, t, condition, checkpoint=...)``: the family's forward
+                         on latents [B, C, h, w] (FLUX's packing inside), at scheduler timesteps ``t`` (VP: the
+                         integer step; flow: σ·``self.num_train_timesteps``), whose noise level is
+                         ``self.noise_level(t)``; targets from :mod:`diffsteer.guidance.parameterisation`.
   ``training_step()``    one optimizer step; the default accumulates ``compute_loss`` over
                          ``gradient_accumulation_steps`` micro-batches into every optimiser. Methods with several
                          losses (a generator and a critic at different rates) override it with the building
@@ -35,22 +42,24 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
                          (gradients averaged over processes, unscaled, clipped, stepped, scheduled, zeroed).
   ``eval_model()``       the DiffusionModel the held-out evaluation samples from (default ``self.model``).
   ``eval_reward()``      reward spec scored on evaluation images besides the verifier (default ``eval_reward``).
-  ``export_unet()``      the UNet written by a pipeline export (default: ``self.model.unet``; a distiller
-                         returns its EMA student).
+  ``export_backbone()``  the backbone written by a pipeline export and whose LoRA a LoRA export writes (default:
+                         ``self.model.backbone``; a distiller returns its EMA student). The former name
+                         ``export_unet`` is still honoured where a method overrides it.
   ``extra_state()`` / ``load_extra_state(state)``  anything else a resumed run needs (tensors, numbers, strings).
   ``progress_postfix(metrics)`` what the progress bar shows.
 
 * An entry in :data:`diffsteer.training.cli.METHODS` (``diffsteer train <method>``) and a ``main()`` calling
   ``diffsteer.training.cli.run_method("<method>", argv)`` (``python -m training.<method>``, ``torchrun ... -m training.<method>``).
 
-How the export is chosen: ``config.export`` is ``lora`` (the UNet adapter in diffusers format with its α,
-``adapters/<adapter_name>/``), ``pipeline`` (a whole diffusers pipeline folder, ``pipeline/``, the LoRA merged
-into the weights: loads with ``StableDiffusionPipeline.from_pretrained`` and as a ``diffsteer`` model) or
+How the export is chosen: ``config.export`` is ``lora`` (the backbone's adapter in diffusers format with its α,
+``adapters/<adapter_name>/``, written through the family's pipeline class: ``unet_lora_layers`` or
+``transformer_lora_layers``), ``pipeline`` (the family's whole diffusers pipeline folder, ``pipeline/``, the LoRA
+merged into the weights: loads with that pipeline's ``from_pretrained`` and as a ``diffsteer`` model) or
 ``both``; :meth:`Trainer.export` may be overridden.
 
-What the loop owns: device and precision (base weights in fp16/bf16 on GPU under autocast, trained parameters
-fp32, fp16 loss scaling), seeding (``torch``/numpy/``random`` global generators from ``seed`` before
-``build``, so even library initialisers repeat), accumulation, clipping, atomic checkpoints of every registered
+What the loop owns: device and precision (base weights in fp16/bf16 on GPU under autocast, ``auto``: bf16 for
+the flow transformers, fp16 for UNets; trained parameters fp32, fp16 loss scaling), seeding
+(``torch``/numpy/``random`` global generators from ``seed`` before ``build``, so even library initialisers repeat), accumulation, clipping, atomic checkpoints of every registered
 module, optimiser, schedule, scaler and EMA with the config (resume refuses a config that changes the
 experiment), SIGINT/SIGTERM (stop after the current step with a checkpoint, agreed by all processes),
 held-out evaluation with the verifier on ``pg:`` prompts, ``metrics.csv``/TensorBoard/``reward_curve.png``,
@@ -77,19 +86,30 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 from diffsteer.evaluation.metrics import MetricScorer
 from diffsteer.evaluation.prompts import load_prompts
 from diffsteer.evaluation.runner import run_arm
 from diffsteer.guidance.errors import InvalidInput
+from diffsteer.guidance.families import Condition
 from diffsteer.guidance.files import atomic_directory
 from diffsteer.guidance.models import load_model
+from diffsteer.guidance.parameterisation import NoiseLevel
 from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffsteer.training.config_io import plain_defaults, to_plain
 from diffsteer.training.distributed import init_processes
 from diffsteer.training.logs import TrainingLog
-from diffsteer.training.lora import add_lora, load_trainable_state, merged_unet, save_lora_weights, trainable_state
+from diffsteer.training.lora import (
+    add_lora,
+    has_lora,
+    load_trainable_state,
+    merged_backbone,
+    resolve_targets,
+    save_lora_weights,
+    trainable_state,
+)
 
 # Fields a resumed run may change; any other difference between the checkpoint's config and the new one is an
 # error, since it would silently make the resumed run a different experiment. A method adds its own with
@@ -140,14 +160,16 @@ class TrainerConfig:
         default="lora",
         metadata={
             "help": "What the run writes at the end: lora (adapters/<adapter_name>/, diffusers format with its alpha), "
-            "pipeline (pipeline/: a whole diffusers pipeline with the trained UNet, LoRA merged), or both."
+            "pipeline (pipeline/: the family's whole diffusers pipeline with the trained backbone, LoRA merged), "
+            "or both."
         },
     )
-    export_dtype: Literal["fp32", "fp16"] = field(
+    export_dtype: Literal["fp32", "fp16", "bf16"] = field(
         default="fp32",
         metadata={
-            "help": "Weights of the exported pipeline's UNet and VAE: fp32, or fp16 (half the size, as the shipped "
-            "proving-ground models; the text encoder stays fp32, which keeps diffusers' latents fp32)."
+            "help": "Weights of the exported pipeline's backbone and VAE: fp32, fp16 (half the size, as the shipped "
+            "proving-ground models; the text encoder stays fp32, which keeps diffusers' latents fp32) or bf16 "
+            "(the flow transformers' own dtype)."
         },
     )
     # --- held-out evaluation (and the sampling of methods that sample while training)
@@ -184,13 +206,20 @@ class TrainerConfig:
     # --- what trains (the default build)
     trainable: Literal["lora", "full"] = field(
         default="lora",
-        metadata={"help": "lora: a LoRA adapter on the UNet (lora_* fields); full: every UNet weight (kept in fp32)."},
+        metadata={
+            "help": "lora: a LoRA adapter on the backbone, UNet or transformer (lora_* fields); full: every backbone "
+            "weight (kept in fp32)."
+        },
     )
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=4.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
     lora_targets: tuple[str, ...] = field(
-        default=("to_q", "to_k", "to_v", "to_out.0"),
-        metadata={"help": "UNet module names that get adapters (attention projections by default)."},
+        default=("attention",),
+        metadata={
+            "help": "Backbone module names that get adapters, matched as suffixes of module paths; 'attention' is the "
+            "attention projections under diffusers' names: to_q, to_k, to_v, to_out.0, and on SD3/FLUX/Qwen-Image "
+            "transformers also add_q_proj, add_k_proj, add_v_proj, to_add_out where present."
+        },
     )
     # --- optimisation
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (after warm-up)."})
@@ -218,11 +247,12 @@ class TrainerConfig:
         default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
     )
     max_steps: int = field(default=100, metadata={"help": "Optimizer steps of the run."})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = field(
         default="no",
         metadata={
-            "help": "no (fp32), fp16 (with loss scaling) or bf16: base weights and autocast in that dtype on GPU; "
-            "trained parameters stay fp32."
+            "help": "no (fp32), fp16 (with loss scaling), bf16, or auto (bf16 for the flow transformers, whose "
+            "activations overflow fp16; fp16 for UNets): base weights and autocast in that dtype on GPU; trained "
+            "parameters stay fp32. CPU runs are fp32."
         },
     )
     device: str = field(
@@ -416,18 +446,19 @@ class Trainer:
         self.processes = init_processes(c.device)
         self.device = device = self.processes.device
         on_gpu = device.type == "cuda"
-        self.weight_dtype = (
-            {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c.mixed_precision, torch.float32)
-            if on_gpu
-            else torch.float32
-        )
-        self.autocast_dtype = self.weight_dtype if on_gpu and c.mixed_precision != "no" else None
+        dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
+        requested = dtypes[c.mixed_precision] if on_gpu else torch.float32
         seed_everything(c.seed)
         if model is None:
-            model = load_model(c.model, device=device, dtype=self.weight_dtype)
+            model = load_model(c.model, device=device, dtype=requested)
         self.model = model
-        for module in (self.model.vae, *self.model.text_encoders, self.model.unet):
+        self.weight_dtype = model.dtype if requested == "auto" else requested
+        self.autocast_dtype = self.weight_dtype if on_gpu and self.weight_dtype != torch.float32 else None
+        for module in (self.model.vae, *self.model.text_encoders, self.model.backbone):
             module.requires_grad_(False)
+        # the scheduler's training timesteps T: VP timesteps are the integers 0 … T − 1; a flow model at σ ∈ [0, 1]
+        # is called at timestep σ·T, as its diffusers scheduler does
+        self.num_train_timesteps = int(model.scheduler_config.get("num_train_timesteps", 1000))
         self.modules: dict[str, RegisteredModule] = {}
         self.optimizers: dict[str, RegisteredOptimizer] = {}
         self.emas: dict[str, RegisteredEMA] = {}
@@ -439,10 +470,10 @@ class Trainer:
         if (
             c.export in ("lora", "both")
             and type(self).export is Trainer.export
-            and not getattr(self.export_unet(), "peft_config", None)
+            and not has_lora(self.exported_backbone())
         ):
             raise InvalidInput(
-                "export", f"{c.export!r} needs a LoRA on the UNet and this run trains none; use export: pipeline"
+                "export", f"{c.export!r} needs a LoRA on the backbone and this run trains none; use export: pipeline"
             )
         self.processes.broadcast_([t for m in self.modules.values() for t in m.synced_tensors()])
         for ema in self.emas.values():
@@ -519,22 +550,23 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
 
     def build(self) -> None:
-        """Default: train ``self.model.unet`` (a LoRA, or every weight with ``trainable: full``) with one AdamW."""
+        """Default: train ``self.model.backbone`` (a LoRA, or every weight with ``trainable: full``) with one AdamW,
+        registered as module, optimiser (and EMA) ``"backbone"``."""
         c = self.config
-        unet = self.model.unet
+        backbone = self.model.backbone
         if c.trainable == "lora":
             try:
-                params = add_lora(unet, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed)
+                params = add_lora(backbone, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed)
             except ValueError as e:
                 raise InvalidInput("lora_targets", str(e)) from None
-            self.register_module("unet", unet, "trainable")
+            self.register_module("backbone", backbone, "trainable")
         else:
-            unet.float().requires_grad_(True)
-            params = list(unet.parameters())
-            self.register_module("unet", unet, "full")
-        self.register_optimizer("unet", params)
+            backbone.float().requires_grad_(True)
+            params = list(backbone.parameters())
+            self.register_module("backbone", backbone, "full")
+        self.register_optimizer("backbone", params)
         if c.ema_decay > 0:
-            self.register_ema("unet", unet, c.ema_decay, trainable_only=True)
+            self.register_ema("backbone", backbone, c.ema_decay, trainable_only=True)
 
     def draw_batch(self, step: int, micro: int) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement draw_batch(step, micro)")
@@ -564,8 +596,18 @@ class Trainer:
     def eval_reward(self) -> str:
         return self.config.eval_reward
 
+    def export_backbone(self) -> torch.nn.Module:
+        return self.model.backbone
+
     def export_unet(self) -> torch.nn.Module:
-        return self.model.unet
+        """The former name of :meth:`export_backbone`, honoured where a method still overrides it."""
+        return self.export_backbone()
+
+    def exported_backbone(self) -> torch.nn.Module:
+        """What the export writes: :meth:`export_backbone`, or a method's own ``export_unet`` (the former name)."""
+        if type(self).export_unet is not Trainer.export_unet:
+            return self.export_unet()
+        return self.export_backbone()
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -577,6 +619,40 @@ class Trainer:
         return {"loss": f"{metrics.get('loss', float('nan')):.4g}"}
 
     # ------------------------------------------------------------------ building blocks of a step
+
+    def noise_level(self, timesteps: torch.Tensor) -> NoiseLevel:
+        """The :class:`NoiseLevel` of each sample's training timestep [N] (see :attr:`num_train_timesteps`),
+        broadcasting over latents [N, C, h, w]: VP ᾱ from the scheduler's table, flow σ = t / T."""
+        t = timesteps.to(self.device)
+        if self.model.family.schedule == "flow":
+            return NoiseLevel.flow((t.float() / self.num_train_timesteps).view(-1, 1, 1, 1))
+        if not hasattr(self, "_alpha_bars"):
+            self._alpha_bars = self.model.fresh_scheduler().alphas_cumprod.float().to(self.device)
+        return NoiseLevel.vp(self._alpha_bars[t.long()].view(-1, 1, 1, 1))
+
+    def backbone_call(
+        self,
+        module: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition,
+        *,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        """One training call of ``module`` (the model's backbone, or a copy of it: reference, teacher, student,
+        critic) on latents ``x`` [B, C, h, w] at scheduler timesteps ``t`` (a scalar or [B]; see
+        :meth:`noise_level`) through the family's forward (FLUX packs and unpacks inside), in the module's dtype;
+        the output in ``x``'s layout and dtype, in the model's prediction space (``self.model.prediction_type``).
+        ``checkpoint``: recompute the call in the backward pass instead of storing its activations (when grad is
+        on). Call it inside ``self.autocast()`` as any model call."""
+        forward = self.model.family.forward
+        dtype = next(module.parameters()).dtype
+        x_in, t_in = x.to(dtype), t.to(x.device)
+        if checkpoint and torch.is_grad_enabled():
+            out = activation_checkpoint(forward, module, x_in, t_in, condition, use_reentrant=False)
+        else:
+            out = forward(module, x_in, t_in, condition)
+        return out.to(x.dtype)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -773,6 +849,10 @@ class Trainer:
             )
         # a field the checkpoint's version did not have yet (ema_decay, ...) is read at its default
         saved, current = {**plain_defaults(self.config), **json.loads(state["config"])}, to_plain(self.config)
+        # targets are compared by the modules they name ('attention' or its names, as older runs wrote them)
+        for config in (saved, current):
+            config["lora_targets"] = list(resolve_targets(self.model.backbone, config["lora_targets"]))
+        state = with_legacy_names(state)
         resumable = RESUMABLE_CHANGES | self.resumable_changes
         changed = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
         if changed:
@@ -814,17 +894,20 @@ class Trainer:
         return written
 
     def export_lora(self, directory: Path) -> Path:
-        if not getattr(self.model.unet, "peft_config", None):
-            raise InvalidInput("export", "the trained UNet has no LoRA adapter; use export: pipeline")
-        return save_lora_weights(self.model, directory)
+        backbone = self.exported_backbone()
+        if not has_lora(backbone):
+            raise InvalidInput("export", "the trained backbone has no LoRA adapter; use export: pipeline")
+        return save_lora_weights(dataclasses.replace(self.model, backbone=backbone), directory)
 
     def export_pipeline(self, directory: Path) -> Path:
-        """A whole diffusers pipeline (``save_pretrained``, safetensors) whose UNet is :meth:`export_unet` with any
-        LoRA merged; written beside ``directory`` and renamed into place, replacing an older export."""
-        unet, vae = merged_unet(self.export_unet()), self.model.vae
-        if self.config.export_dtype == "fp16":  # copies: the run's own modules stay as they are
-            unet, vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
-        pipe = dataclasses.replace(self.model, backbone=unet, vae=vae).to_pipeline()
+        """The family's whole diffusers pipeline (``save_pretrained``, safetensors) whose backbone is
+        :meth:`export_backbone` with any LoRA merged; written beside ``directory`` and renamed into place,
+        replacing an older export."""
+        backbone, vae = merged_backbone(self.exported_backbone()), self.model.vae
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.export_dtype)
+        if dtype is not None:  # copies: the run's own modules stay as they are
+            backbone, vae = copy.deepcopy(backbone).to(dtype), copy.deepcopy(vae).to(dtype)
+        pipe = dataclasses.replace(self.model, backbone=backbone, vae=vae).to_pipeline()
         with atomic_directory(directory) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return directory
@@ -904,6 +987,17 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group (if this trainer joined one)."""
         self.processes.close()
+
+
+def with_legacy_names(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of a run from before the default build trained any backbone (module, optimiser and EMA
+    ``"unet"``) under the current name ``"backbone"``."""
+    renamed = dict(state)
+    for kind in ("modules", "optimizers", "ema"):
+        group = state[kind]
+        if "unet" in group and "backbone" not in group:
+            renamed[kind] = {("backbone" if k == "unet" else k): v for k, v in group.items()}
+    return renamed
 
 
 def seed_everything(seed: int) -> None:
