@@ -154,9 +154,14 @@ def test_documented_arrows_between_packages():
     assert arrows["evaluation"] <= {"guidance", "rewards", "proving_ground"}
     assert "training" not in arrows["guidance"] | arrows["evaluation"] | arrows["rewards"]
     importers_of_training = {s for s, ts in edges.items() if any(t.startswith("diffsteer.training") for t in ts)}
-    allowed = {"diffsteer.service.cli", "diffsteer.proving_ground.build_model", "diffsteer.proving_ground.build_clip"}
+    builders = (
+        "diffsteer.proving_ground.build_model",
+        "diffsteer.proving_ground.build_clip",
+        "diffsteer.proving_ground.build_flow_model",
+    )
+    allowed = {"diffsteer.service.cli", *builders}
     assert {s for s in importers_of_training if not s.startswith("diffsteer.training")} <= allowed
-    for builder in ("diffsteer.proving_ground.build_model", "diffsteer.proving_ground.build_clip"):
+    for builder in builders:
         assert {t for t in edges[builder] if t.startswith("diffsteer.training")} <= {
             "diffsteer.training",
             "diffsteer.training.config_io",
