@@ -391,6 +391,50 @@ def test_regression_pairs_are_the_teachers_samples_from_the_students_noise(tmp_p
     assert again.pair_seeds == seeds and torch.equal(again.pair_samples, trainer.pair_samples)
 
 
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path):
+    """The student's, the fake score's and the discriminator's losses and gradients on one batch are the same with
+    and without gradient_checkpointing, and with it each backbone call that takes a gradient runs again in the
+    backward pass (it was recomputed, not stored)."""
+    trainer = FDistillTrainer(tiny_config(tmp_path, max_steps=1, divergence="js", ema_decay=0.0))
+    networks = {"student": trainer.student, "fake_score": trainer.fake_score, "discriminator": trainer.discriminator}
+    calls = dict.fromkeys(["student", "fake_score", "teacher_mid_block"], 0)
+
+    def counter(name):  # a pre-hook: a recomputation stops as soon as it has what the backward pass needs
+        def hook(module, inputs):
+            calls[name] += 1
+
+        return hook
+
+    hooks = [trainer.student.register_forward_pre_hook(counter("student"))]
+    hooks.append(trainer.fake_score.register_forward_pre_hook(counter("fake_score")))
+    hooks.append(trainer.model.unet.mid_block.register_forward_pre_hook(counter("teacher_mid_block")))
+    runs, running = {}, trainer.ratio_running.clone()
+    for checkpointing in (False, True):
+        trainer.config.gradient_checkpointing = checkpointing
+        trainer.ratio_running = running.clone()  # the generator's loss moves the ratio's running means
+        calls.update(dict.fromkeys(calls, 0))
+        fake_loss, disc_loss, _ = trainer.critic_loss(trainer.draw_batch(0, 0, 0))
+        (fake_loss + disc_loss).backward()
+        loss, _ = trainer.generator_loss(trainer.draw_batch(0, 0, trainer.config.fake_updates_per_step))
+        loss.backward()
+        grads = {f"{n}.{k}": p.grad.clone() for n, m in networks.items() for k, p in m.named_parameters()}
+        for m in networks.values():
+            m.zero_grad(set_to_none=True)
+        runs[checkpointing] = (torch.stack([fake_loss, disc_loss, loss]).detach(), grads, dict(calls))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)
+    assert runs[True][1].keys() == runs[False][1].keys()
+    for key, grad in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], grad, rtol=1e-5, atol=1e-7, msg=key)
+    plain, checkpointed = runs[False][2], runs[True][2]
+    # the student's sample in both updates (the critics' without gradient), the fake score's loss, and the teacher's
+    # features under the generator's GAN loss each run once more
+    assert checkpointed["fake_score"] == plain["fake_score"] + 1
+    assert checkpointed["student"] == plain["student"] + 1
+    assert checkpointed["teacher_mid_block"] == plain["teacher_mid_block"] + 1
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

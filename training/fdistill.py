@@ -73,6 +73,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 from diffsteer.guidance.conditioning import encode_conditions
@@ -462,6 +463,15 @@ class FDistillConfig(TrainerConfig):
         default=2e-4, metadata={"help": "The discriminator head's learning rate."}
     )
     discriminator_hidden: int = field(default=64, metadata={"help": "Width of the discriminator head."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the activations of every backbone call that takes a gradient (the student's sample, "
+            "the fake score's denoising loss, the teacher's features under the generator's GAN loss) in the "
+            "backward pass instead of storing them: the same loss and gradients, less memory, about a third more "
+            "compute for those calls."
+        },
+    )
     ema_decay: float = with_default("ema_decay", 0.99)
 
     def __post_init__(self) -> None:
@@ -530,6 +540,7 @@ class FDistillTrainer(Trainer):
 
     name = "fdistill"
     config: FDistillConfig
+    resumable_changes = frozenset({"gradient_checkpointing"})  # the same computation, stored or recomputed
     eval_summary_metrics = ("verifier.passed",)
 
     def build(self) -> None:
@@ -730,8 +741,7 @@ class FDistillTrainer(Trainer):
     # ------------------------------------------------------------------ the networks' predictions
 
     def _x0(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        out = call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
-        return to_x0(out, x, self._level(t), self.model.prediction_type)
+        return to_x0(self._unet_out(unet, x, t, condition), x, self._level(t), self.model.prediction_type)
 
     def generate(self, batch: DistillBatch, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
         """The student's clean latents from the batch's noise (see :meth:`generate_from`)."""
@@ -782,8 +792,15 @@ class FDistillTrainer(Trainer):
         return out
 
     def _logits(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        features = mid_block_features(self.model.unet, x, t.to(self.device), condition)
+        features = self._checkpointed(mid_block_features, self.model.unet, x, t.to(self.device), condition)
         return self.discriminator(features)
+
+    def _checkpointed(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``fn(*args)``; with ``gradient_checkpointing`` and autograd on, its activations are recomputed in the
+        backward pass instead of stored (the same values and gradients)."""
+        if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            return activation_checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     # ------------------------------------------------------------------ the updates
 
@@ -820,7 +837,8 @@ class FDistillTrainer(Trainer):
         return fake_loss, disc_loss, metrics
 
     def _unet_out(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        return call_unet(unet, x.to(next(unet.parameters()).dtype), t.to(self.device), condition).float()
+        x = x.to(next(unet.parameters()).dtype)
+        return self._checkpointed(call_unet, unet, x, t.to(self.device), condition).float()
 
     def generator_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The f-weighted distribution-matching loss (eq. 7) plus gan_weight × the generator's GAN loss."""
