@@ -27,6 +27,8 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "fdistill": ("diffsteer.training.fdistill", "FDistillConfig", "FDistillTrainer"),
     "dpo": ("diffsteer.training.dpo", "DPOConfig", "DPOTrainer"),
     "smpo": ("diffsteer.training.smpo", "SmPOConfig", "SmPOTrainer"),
+    "grpo": ("diffsteer.training.grpo", "GRPOConfig", "GRPOTrainer"),
+    "nft": ("diffsteer.training.nft", "NFTConfig", "NFTTrainer"),
     "latent-evaluator": ("diffsteer.training.latent_evaluator", "LatentEvaluatorConfig", "LatentEvaluatorTrainer"),
 }
 
