@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_preference_pairs(args.pairs, field="pairs")
         low, high = preference_bounds(data, args.score_min, args.score_max)
-        preference = pairs_preference(data.pairs, (low, high), args.temperature).numpy()
-        signal = verifier_signal(data.pairs, preference)
+        preference = pairs_preference(data.scores, (low, high), args.temperature).numpy()
+        signal = verifier_signal(data.iter_pairs(), preference)
     except (InvalidInput, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rho = spearmanr(confidence, signal)
     report = {
-        "pairs": len(data.pairs),
+        "pairs": len(data),
         "temperature": args.temperature,
         "score_bounds": [low, high],
         "mean_confidence": float(confidence.mean()),

@@ -73,7 +73,7 @@ def smpo_arms(args) -> list[str]:
 def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
     from diffsteer.training.dpo import DPOConfig, DPOTrainer
     from diffsteer.training.preference_data import load_preference_pairs
-    from diffsteer.training.smpo import SmPOConfig, SmPOTrainer, smoothed_preference
+    from diffsteer.training.smpo import SmPOConfig, SmPOTrainer, pairs_preference
 
     common = dict(
         data=str(pairs),
@@ -95,13 +95,7 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
     )
     data = load_preference_pairs(pairs)
     low, high = data.score_range()
-    p = smoothed_preference(
-        torch.tensor([q.score_0 for q in data.pairs]),
-        torch.tensor([q.score_1 for q in data.pairs]),
-        low,
-        high,
-        args.temperature,
-    )
+    p = pairs_preference(data.scores, (low, high), args.temperature)
     strength = float((2 * p - 1).abs().mean())
     smpo_beta = args.smpo_beta or args.beta / strength
     smpo_common = dict(
@@ -136,7 +130,7 @@ def train_both(args, out: Path, pairs: Path) -> dict[str, Any]:
     exported = {name: trainer.export() for name, trainer in trainers.items()}
     return {
         "pairs": len(data),
-        "ties": sum(q.label_0 == 0.5 for q in data.pairs),
+        "ties": int((data.label_0 == 0.5).sum()),
         "score_range": [low, high],
         "mean_abs_2p_minus_1": strength,
         "dpo_beta": args.beta,

@@ -71,7 +71,7 @@ def test_parquet_in_the_pickapic_v2_schema_loads(tmp_path):
     pq.write_table(pa.Table.from_pylist(pickapic_rows()), path)
     data = load_preference_pairs(path)
     assert len(data) == 2 and not data.has_scores
-    first, second = data.pairs
+    first, second = data.read_pairs([0, 1])
     assert (first.caption, first.label_0, second.label_0) == ("a red circle", 0.0, 0.5)
     a, b = first.images()
     assert a.size == (16, 16) and a.getpixel((8, 8))[0] > 200 and b.getpixel((8, 8))[2] > 200
@@ -97,7 +97,7 @@ def test_jsonl_with_paths_and_scores_loads(tmp_path):
     }
     (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n\n")
     data = load_preference_pairs(tmp_path / "pairs.jsonl", score_fields=("ps_score_0", "ps_score_1"))
-    pair = data.pairs[0]
+    (pair,) = data.read_pairs([0])
     assert (pair.label_0, pair.score_0, pair.score_1, pair.seed_0, pair.seed_1) == (1.0, 0.21, 0.19, 5, 6)
     assert data.score_range() == (0.19, 0.21)
     assert pair.images()[0].getpixel((0, 0)) == (255, 0, 0)
@@ -202,8 +202,9 @@ def test_data_pairs_samples_scores_and_writes_pairs_that_repeat(tmp_path, pg_mod
     assert [(r["seed_0"], r["score_0"]) for r in again] == [(r["seed_0"], r["score_0"]) for r in rows]
     for suffix in (".parquet", ".jsonl"):
         data = load_preference_pairs(write_preference_pairs(tmp_path / f"pairs{suffix}", rows))
-        assert data.has_scores and [p.score_1 for p in data.pairs] == [r["score_1"] for r in rows]
-        assert np.array_equal(np.asarray(data.pairs[0].images()[0]), pixels)
+        assert data.has_scores and [p.score_1 for p in data.iter_pairs()] == [r["score_1"] for r in rows]
+        assert data.scores[:, 1].tolist() == [r["score_1"] for r in rows]
+        assert np.array_equal(np.asarray(data.read_pairs([0])[0].images()[0]), pixels)
     best = build_pairs(PairsConfig(**{**config.__dict__, "pairing": "best-worst"}), model=pg_model, progress=False)
     assert len(best) == 2 and all(r["label_0"] == 1.0 for r in best)
     rest = build_pairs(PairsConfig(**{**config.__dict__, "pairing": "best-rest"}), model=pg_model, progress=False)
@@ -360,3 +361,166 @@ def test_preference_calibration_hand_worked(tmp_path, capsys):
     assert report["signal_per_unit_push"]["smpo"] == pytest.approx((c_right - c_wrong) / (c_right + c_wrong + c_both))
     assert main([str(tmp_path / "missing.parquet")]) == 2
     assert "missing.parquet" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ streaming sources (training/preference_data.py)
+
+
+def png(colour, size=8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def numbered_rows(n, score_as_list=False):
+    """n decided pairs whose image 0 has red level = the row number (so a read row can be told by its pixels)."""
+    rows = []
+    for i in range(n):
+        s0, s1 = 0.1 + i / 1000, 0.2 - i / 1000
+        rows.append(
+            {
+                "caption": f"pair {i}",
+                "jpg_0": png((i, 0, 0)),
+                "jpg_1": png((0, 0, i)),
+                "label_0": 1.0 if i % 2 else 0.0,
+                "label_1": 0.0 if i % 2 else 1.0,
+                "ps_score_0": [s0] if score_as_list else s0,
+                "ps_score_1": [s1] if score_as_list else s1,
+            }
+        )
+    return rows
+
+
+def write_datasets_folder(folder, rows, shards=2, batch_rows=3, image_struct=True):
+    """A folder laid out as `datasets`' Dataset.save_to_disk writes it: Arrow IPC stream files named
+    data-XXXXX-of-XXXXX.arrow, state.json listing them, dataset_info.json (`datasets` itself is not installed
+    here, so the folder is written with pyarrow)."""
+    folder.mkdir(parents=True)
+    rows = [dict(r) for r in rows]
+    if image_struct:  # datasets' Image feature: a struct of bytes and path
+        for r in rows:
+            for key in ("jpg_0", "jpg_1"):
+                r[key] = {"bytes": r[key], "path": None}
+    table = pa.Table.from_pylist(rows)
+    names, per_shard = [], -(-len(rows) // shards)
+    for k in range(shards):
+        name = f"data-{k:05d}-of-{shards:05d}.arrow"
+        part = table.slice(k * per_shard, per_shard)
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in part.to_batches(max_chunksize=batch_rows):
+                writer.write_batch(batch)
+        names.append(name)
+    (folder / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": n} for n in names], "_fingerprint": "x", "_split": "train"})
+    )
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
+    return folder
+
+
+def test_parquet_is_read_by_row_groups_never_as_a_whole_table(tmp_path, monkeypatch):
+    from diffsteer.training import preference_data as pd
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(numbered_rows(23)), path, row_group_size=4)
+
+    def whole_table(*args, **kwargs):
+        raise AssertionError("the loader read the whole table")
+
+    monkeypatch.setattr(pq, "read_table", whole_table)
+    monkeypatch.setattr(pq.ParquetFile, "read", whole_table)
+    scans, groups = [], []
+    iter_batches, read_row_group = pq.ParquetFile.iter_batches, pq.ParquetFile.read_row_group
+
+    def scan_spy(self, *args, **kwargs):
+        scans.append(kwargs.get("columns"))
+        return iter_batches(self, *args, **kwargs)
+
+    def group_spy(self, g, *args, **kwargs):
+        groups.append(g)
+        return read_row_group(self, g, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", scan_spy)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", group_spy)
+    data = load_preference_pairs(path, score_fields=("ps_score_0", "ps_score_1"))
+    assert len(data) == 23 and data.label_0.tolist() == [float(i % 2) for i in range(23)]
+    assert all("jpg_0" not in c and "jpg_1" not in c for c in scans)  # the opening scan skips the images
+    assert data.scores[5].tolist() == [0.1 + 5 / 1000, 0.2 - 5 / 1000]
+    assert groups == []
+    order = [22, 0, 9, 13, 3, 21]
+    pairs = data.read_pairs(order)
+    assert [p.caption for p in pairs] == [f"pair {i}" for i in order] and [p.index for p in pairs] == order
+    assert [read_red(p) for p in pairs] == order
+    assert groups == [5, 0, 2, 3]  # row 3 is in group 0 (kept) and row 21 in group 5 (kept): each group read once
+    assert len(data.sources[0]._groups) <= pd.CACHED_CHUNKS
+    assert [p.caption for p in data.iter_pairs(batch=5)] == [f"pair {i}" for i in range(23)]
+
+
+def read_red(pair) -> int:
+    return pair.images()[0].getpixel((0, 0))[0]
+
+
+def test_datasets_arrow_folder_with_one_element_list_scores_loads(tmp_path):
+    folder = write_datasets_folder(tmp_path / "pickapic_ps", numbered_rows(10, score_as_list=True))
+    data = load_preference_pairs(folder, score_fields=("ps_score_0", "ps_score_1"))
+    assert len(data) == 10 and len(data.sources) == 2 and data.has_scores
+    assert data.scores[7].tolist() == pytest.approx([0.107, 0.193])
+    assert data.score_range() == pytest.approx((0.1, 0.2))
+    pairs = data.read_pairs([9, 4, 5, 0])
+    assert [read_red(p) for p in pairs] == [9, 4, 5, 0] and pairs[0].images()[1].getpixel((0, 0)) == (0, 0, 9)
+    assert (pairs[1].score_0, pairs[1].label_0) == (pytest.approx(0.104), 0.0)
+    # a DatasetDict folder names its splits; a split's folder loads
+    (tmp_path / "dict").mkdir()
+    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation_unique"]}))
+    with pytest.raises(InvalidInput, match="train, validation_unique"):
+        load_preference_pairs(tmp_path / "dict")
+    # plain binary image columns load too, and a bad row is named with its file and row
+    rows = numbered_rows(4)
+    rows[2]["label_0"] = 0.3
+    bad = write_datasets_folder(tmp_path / "bad", rows, shards=1, image_struct=False)
+    with pytest.raises(InvalidInput, match=r"data-00000-of-00001.arrow row 2: label_0"):
+        load_preference_pairs(bad, score_fields=("ps_score_0", "ps_score_1"))
+
+
+@pytest.mark.parametrize(
+    "score, message",
+    [([0.21], None), ([0.21, 0.3], "row 0: score_0: expected a number or a one-element list"), ([], "list of 0")],
+)
+def test_scores_as_one_element_lists(tmp_path, score, message):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    row = {"caption": "a", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1, "label_1": 0}
+    (tmp_path / "p.jsonl").write_text(json.dumps({**row, "score_0": score, "score_1": [0.5]}) + "\n")
+    if message is None:
+        data = load_preference_pairs(tmp_path / "p.jsonl")
+        assert data.scores.tolist() == [[0.21, 0.5]] and data.read_pairs([0])[0].score_0 == 0.21
+    else:
+        with pytest.raises(InvalidInput, match=message):
+            load_preference_pairs(tmp_path / "p.jsonl")
+
+
+def test_workers_decode_the_plan_as_the_training_process_does(tmp_path):
+    from diffsteer.training.preference_data import PairImages, PlannedBatches, image_tensor
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(numbered_rows(12)), path, row_group_size=5)
+    data = load_preference_pairs(path, score_fields=("ps_score_0", "ps_score_1"))
+
+    def plan(step, micro):
+        rng = np.random.default_rng([step, micro])
+        return [(int(i), bool(f)) for i, f in zip(rng.permutation(12)[:3], rng.integers(0, 2, 3))]
+
+    images = PairImages(data, (6, 8))
+    here = PlannedBatches(images, plan, accumulation=2, last_step=3, workers=0)
+    there = PlannedBatches(images, plan, accumulation=2, last_step=3, workers=2)
+    try:
+        for key in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (1, 0), (1, 1)]:  # a jump back restarts the workers
+            a, b = here.get(*key), there.get(*key)
+            assert [x.index for x in a] == [x.index for x in b] == [i for i, _ in plan(*key)]
+            for x, y in zip(a, b):
+                assert torch.equal(x.pixels_0, y.pixels_0) and torch.equal(x.pixels_1, y.pixels_1)
+                assert x.caption == y.caption == f"pair {x.index}" and x.pixels_0.shape == (3, 6, 8)
+                assert round(float(x.pixels_0[0, 0, 0]) * 255) == x.index
+    finally:
+        there.close()
+    # a flip mirrors left to right
+    image = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    assert torch.equal(image_tensor(image, (4, 6), flip=True), image_tensor(image, (4, 6)).flip(-1))

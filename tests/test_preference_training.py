@@ -76,7 +76,7 @@ def config(cls, tmp_path: Path, pairs_file: Path, name: str, **overrides):
 def adapter(trainer) -> dict[str, torch.Tensor]:
     from diffsteer.training.lora import trainable_state
 
-    return trainable_state(trainer.model.unet)
+    return trainable_state(trainer.model.backbone)
 
 
 def probe(unet) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_reference_is_the_base_unet_with_the_adapter_switched_off(tmp_path, pair
         torch.testing.assert_close(reference, base(x, t, encoder_hidden_states=text).sample, rtol=1e-5, atol=1e-6)
         trained = trainer.model.unet(x, t, encoder_hidden_states=text).sample  # the adapter is back on
     assert (trained - reference).abs().max() > 1e-4
-    assert trainer.reference_unet is None and sum(p.requires_grad for p in trainer.model.unet.parameters()) > 0
+    assert trainer.reference_backbone is None and sum(p.requires_grad for p in trainer.model.unet.parameters()) > 0
 
 
 def test_full_unet_training_keeps_a_frozen_reference_copy(tmp_path, pairs_file):
@@ -136,7 +136,7 @@ def test_full_unet_training_keeps_a_frozen_reference_copy(tmp_path, pairs_file):
     )
     summary = trainer.train()
     base = probe(load_model("builtin:proving-ground", device="cpu").unet)
-    torch.testing.assert_close(probe(trainer.reference_unet), base)
+    torch.testing.assert_close(probe(trainer.reference_backbone), base)
     assert (probe(trainer.model.unet) - base).abs().max() > 1e-5
     assert (Path(summary["pipeline"]) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -163,7 +163,7 @@ def test_smoothed_preferences_come_from_the_scores(tmp_path, pairs_file):
         config(SmPOConfig, tmp_path, pairs_file, "p", preference_score_min=10.0, preference_score_max=30.0)
     )
     batch = trainer.draw_batch(0, 0)
-    chosen = [trainer.pairs[i] for i in trainer.epoch_indices(0, 0, len(trainer.pairs))]
+    chosen = trainer.dataset.read_pairs(trainer.rows[trainer.epoch_indices(0, 0, len(trainer.rows))])
     assert [p.caption for p in chosen] == batch.captions
     for pair, p in zip(chosen, batch.preference):
         expected = smoothed_preference(torch.tensor(pair.score_0), torch.tensor(pair.score_1), 10.0, 30.0)
@@ -239,7 +239,7 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
     from diffsteer.guidance.denoiser import call_unet
     from diffsteer.guidance.models import load_model
     from diffsteer.guidance.sampler import prepare
-    from diffsteer.training.renoise import ddim_reconstruct, inversion_grid, renoise_invert
+    from diffsteer.training.renoise import inversion_grid, reconstruct, renoise_invert, vp_levels
 
     model = load_model("builtin:proving-ground", device="cpu")
     prompts = ["a red circle", "two blue squares"]
@@ -251,7 +251,7 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
         .latents
     )
     cond = encode_conditions(model, prompts, None, ["cond"], height=64, width=64)[0]["cond"]
-    alpha_bars = diffusers.DDIMScheduler.from_config(model.scheduler_config).alphas_cumprod
+    levels = vp_levels(diffusers.DDIMScheduler.from_config(model.scheduler_config).alphas_cumprod)
 
     def eps(x, t):
         return call_unet(model.unet, x, t, cond)
@@ -260,13 +260,13 @@ def test_renoise_inversion_reconstructs_better_than_plain_ddim_inversion():
     assert grid.tolist() == [[125, 250, 375, 500]] * 2
     assert inversion_grid(torch.tensor([0, 3]), 4).tolist() == [[0, 0, 0, 0], [1, 2, 2, 3]]
     small = torch.tensor([0, 3])
-    z = renoise_invert(eps, x0, inversion_grid(small, 4), alpha_bars, 1)
-    one_step = renoise_invert(eps, x0, inversion_grid(small, 1), alpha_bars, 1)
+    z = renoise_invert(eps, x0, inversion_grid(small, 4), levels, 1)
+    one_step = renoise_invert(eps, x0, inversion_grid(small, 1), levels, 1)
     assert z.shape == x0.shape and torch.isfinite(z).all() and (z - one_step).abs().max() < 0.05
     errors = {}
     for r in (0, 1):
-        z = renoise_invert(eps, x0, grid, alpha_bars, r)
-        errors[r] = float((ddim_reconstruct(eps, z, grid, alpha_bars) - x0).pow(2).mean())
+        z = renoise_invert(eps, x0, grid, levels, r)
+        errors[r] = float((reconstruct(eps, z, grid, levels) - x0).pow(2).mean())
     print(
         f"\nreconstruction MSE after inverting to t=500 (4 steps): DDIM inversion {errors[0]:.5f}, "
         f"ReNoise (1 iteration) {errors[1]:.5f}"

@@ -47,15 +47,16 @@ or data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.parameterisation import to_eps
+from diffsteer.guidance.parameterisation import to_eps, to_velocity
 from diffsteer.training.cli import run_method
 from diffsteer.training.dpo import DPOConfig, DPOTrainer, preference_margin
+from diffsteer.training.preference_data import PreferenceDataset
 from diffsteer.training.renoise import inversion_grid, renoise_invert
 from diffsteer.training.trainer import with_default
 
@@ -79,7 +80,7 @@ def smoothed_preference(
 
 
 def preference_bounds(
-    dataset: Any, score_min: float | None = None, score_max: float | None = None
+    dataset: PreferenceDataset, score_min: float | None = None, score_max: float | None = None
 ) -> tuple[float, float]:
     """SmPO's normalisation bounds (s_min, s_max) for ``dataset``: the given ones, else its own score range."""
     low, high = dataset.score_range()
@@ -93,11 +94,11 @@ def preference_bounds(
     return bounds
 
 
-def pairs_preference(pairs: list[Any], bounds: tuple[float, float], temperature: float) -> torch.Tensor:
-    """[N] float64: :func:`smoothed_preference` of image 0 over image 1 for each pair from its scores."""
-    s0 = torch.tensor([p.score_0 for p in pairs], dtype=torch.float64)
-    s1 = torch.tensor([p.score_1 for p in pairs], dtype=torch.float64)
-    return smoothed_preference(s0, s1, bounds[0], bounds[1], temperature)
+def pairs_preference(scores: np.ndarray, bounds: tuple[float, float], temperature: float) -> torch.Tensor:
+    """[N] float64: :func:`smoothed_preference` of image 0 over image 1 for each pair from its ``scores`` [N, 2]
+    (a :class:`~diffsteer.training.preference_data.PreferenceDataset`'s ``scores``, or rows of them)."""
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+    return smoothed_preference(scores[:, 0], scores[:, 1], bounds[0], bounds[1], temperature)
 
 
 def smpo_loss(
@@ -161,7 +162,10 @@ class SmPOConfig(DPOConfig):
     )
     inversion_steps: int = field(
         default=5,
-        metadata={"help": "Inverse DDIM steps from the clean latent to t (SmPO's SD1.5 setting: 5; SDXL: 10)."},
+        metadata={
+            "help": "Inverse steps from the clean latent to t: DDIM on VP models, Euler on flow models (SmPO's SD1.5 "
+            "setting: 5; SDXL: 10)."
+        },
     )
     renoise_iterations: int = field(
         default=1,
@@ -188,10 +192,10 @@ class SmPOTrainer(DPOTrainer):
 
     name = "smpo"
 
-    def select_pairs(self, dataset) -> list[Any]:
+    def select_rows(self, dataset: PreferenceDataset) -> np.ndarray:
         c = self.config
         if not c.smoothed_preference:
-            return super().select_pairs(dataset)
+            return super().select_rows(dataset)
         if not dataset.has_scores:
             raise InvalidInput(
                 "data",
@@ -199,12 +203,12 @@ class SmPOTrainer(DPOTrainer):
                 "smoothed preference needs per-image reward scores (diffsteer data pairs writes them)",
             )
         self.score_bounds = preference_bounds(dataset, c.preference_score_min, c.preference_score_max)
-        return list(dataset.pairs)  # ties stay: p = 1/2 gives them zero gradient
+        return np.arange(len(dataset))  # ties stay: p = 1/2 gives them zero gradient
 
-    def pair_preferences(self, pairs: list[Any]) -> torch.Tensor:
+    def row_preferences(self, dataset: PreferenceDataset, rows: np.ndarray) -> torch.Tensor:
         if not self.config.smoothed_preference:
-            return super().pair_preferences(pairs)
-        return pairs_preference(pairs, self.score_bounds, self.config.preference_temperature).float()
+            return super().row_preferences(dataset, rows)
+        return pairs_preference(dataset.scores[rows], self.score_bounds, self.config.preference_temperature).float()
 
     def noisy_latents(
         self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, condition
@@ -215,14 +219,14 @@ class SmPOTrainer(DPOTrainer):
         if not c.inversion:
             return super().noisy_latents(x0, t, noise, condition)
 
-        def eps(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            out = self.unet_call(self.model.unet, x, timesteps, condition).float()
-            return to_eps(out, x, self.level(timesteps), self.model.prediction_type)
+        def velocity(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            out = self.backbone_call(self.model.backbone, x, timesteps, condition).float()
+            return to_velocity(out, x, self.noise_level(timesteps), self.model.prediction_type)
 
         grid = inversion_grid(t, c.inversion_steps)
-        x_t = renoise_invert(eps, x0, grid, self.alpha_bars, c.renoise_iterations)
-        # the ε with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε: the x0 "prediction" is the clean latent itself
-        return x_t, to_eps(x0, x_t, self.level(t), "sample")
+        x_t = renoise_invert(velocity, x0, grid, self.noise_level, c.renoise_iterations)
+        # the ε with x_t = a_t·x_0 + s_t·ε: the x0 "prediction" is the clean latent itself
+        return x_t, to_eps(x0, x_t, self.noise_level(t), "sample")
 
     def pair_loss(self, errors: dict[str, torch.Tensor], preference: torch.Tensor) -> torch.Tensor:
         return smpo_loss(
