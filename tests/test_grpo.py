@@ -99,6 +99,40 @@ def test_two_processes_draw_what_one_process_with_twice_the_batch_draws(tmp_path
     assert whole.prompts[0] == whole.prompts[1] and whole.prompts[2] == whole.prompts[3]  # groups of 2
 
 
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun --nproc_per_node 2, batch 2 each, groups of 4 (each group split over the two processes, its rewards
+    gathered), against one process with batch 2 × accumulation 2: the same images in the same
+    backbone batches, so the adapters agree to float rounding."""
+    import subprocess
+    import sys
+
+    import yaml
+    from test_trainer import REPO, _env
+
+    config = {**TINY_FLOW, "output_dir": str(tmp_path / "two"), "batch_size": 2, "group_size": 4, "max_steps": 2}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*command, "-m", "diffsteer.training.grpo", "--config", str(tmp_path / "two.yaml")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    GRPOTrainer(
+        _config(tmp_path, "one", batch_size=2, group_size=4, max_steps=2, gradient_accumulation_steps=2)
+    ).train()
+    two, one = _adapter(tmp_path / "two", "grpo"), _adapter(tmp_path / "one", "grpo")
+    assert two.keys() == one.keys() and two
+    for key in two:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
+    rewards = {s: v for s, m, v in _train_values(tmp_path / "two") if m == "reward"}
+    assert rewards == pytest.approx({s: v for s, m, v in _train_values(tmp_path / "one") if m == "reward"}, abs=1e-6)
+
+
 def test_unet_models_and_bad_fields_are_refused_naming_the_field(tmp_path):
     with pytest.raises(InvalidInput, match="^model:.*flow-matching"):
         GRPOTrainer(_config(tmp_path, model="builtin:tiny", scheduler="ddim"))
