@@ -407,7 +407,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tmp_path):
 
     hooks = [trainer.student.register_forward_pre_hook(counter("student"))]
     hooks.append(trainer.fake_score.register_forward_pre_hook(counter("fake_score")))
-    hooks.append(trainer.model.unet.mid_block.register_forward_pre_hook(counter("teacher_mid_block")))
+    hooks.append(trainer.model.backbone.mid_block.register_forward_pre_hook(counter("teacher_mid_block")))
     runs, running = {}, trainer.ratio_running.clone()
     for checkpointing in (False, True):
         trainer.config.gradient_checkpointing = checkpointing
@@ -550,7 +550,7 @@ def _assert_one_step_agreement(trainer: FDistillTrainer, folder: Path) -> None:
         0,
     )
     with torch.no_grad():
-        own = decode(trainer.model, trainer.generate(batch, conditions["cond"], unet=trainer.export_unet()))
+        own = decode(trainer.model, trainer.generate(batch, conditions["cond"], backbone=trainer.export_backbone()))
     torch.testing.assert_close(ours.pixels, own, rtol=0, atol=2e-3)
 
 
@@ -627,4 +627,4 @@ def test_fp16_export_halves_unet_and_vae_and_leaves_the_run_fp32(exported):
 
     assert folder.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's private 0700
     assert next(trainer.model.vae.parameters()).dtype == torch.float32
-    assert next(trainer.export_unet().parameters()).dtype == torch.float32
+    assert next(trainer.export_backbone().parameters()).dtype == torch.float32

@@ -77,16 +77,17 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 from diffsteer.guidance.conditioning import encode_conditions
-from diffsteer.guidance.denoiser import Denoiser, StepInfo, call_unet
+from diffsteer.guidance.denoiser import Denoiser, StepInfo
 from diffsteer.guidance.errors import InvalidInput
-from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, from_x0, to_eps, to_x0
+from diffsteer.guidance.latents import encode
+from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, from_x0_and_eps, to_eps, to_x0
 from diffsteer.guidance.policies.base import SamplingContext
 from diffsteer.guidance.registry import build_policy
-from diffsteer.guidance.sampler import initial_noise, prepare
+from diffsteer.guidance.sampler import check_request, initial_noise, prepare
 from diffsteer.guidance.schedulers import build_scheduler
 from diffsteer.proving_ground.dataset import TrainingScenes
 from diffsteer.training.cli import run_method
-from diffsteer.training.lora import add_lora, save_lora_weights
+from diffsteer.training.lora import add_lora
 from diffsteer.training.prompts import load_training_prompts
 from diffsteer.training.trainer import Trainer, TrainerConfig, with_default
 
@@ -288,8 +289,8 @@ def student_timesteps(scheduler_config: dict[str, Any], steps: int) -> list[int]
 
 
 class DiscriminatorHead(torch.nn.Module):
-    """Logits from a UNet's mid-block features [B, C, h, w]: conv → GroupNorm → SiLU → 1×1 conv, one logit per
-    feature-map position ([B, h·w])."""
+    """Logits from a feature map [B, C, h, w] (a UNet's mid-block output, or a transformer block's image tokens
+    laid out on their grid): conv → GroupNorm → SiLU → 1×1 conv, one logit per feature-map position ([B, h·w])."""
 
     def __init__(self, channels: int, hidden: int = 64):
         super().__init__()
@@ -308,26 +309,58 @@ class DiscriminatorHead(torch.nn.Module):
         return self.net(features.float()).flatten(1)
 
 
+# families whose backbone's features the discriminator reads (see :func:`feature_block`)
+FEATURE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
+
+
 class _FeaturesReady(Exception):
     pass
 
 
-def mid_block_features(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-    """The UNet's mid-block output at (x, t, condition), running the network only that far."""
-    captured: list[torch.Tensor] = []
+def feature_block(backbone: torch.nn.Module) -> torch.nn.Module:
+    """Where the discriminator reads the teacher: a UNet's mid block, or the middle block of a joint-attention
+    transformer (SD3's ``transformer_blocks``; FLUX's double-stream then single-stream blocks, counted together),
+    the generic equivalent: half the network's depth, where FastGen's DiT discriminators read by default."""
+    if hasattr(backbone, "mid_block"):
+        return backbone.mid_block
+    blocks = [*backbone.transformer_blocks, *getattr(backbone, "single_transformer_blocks", [])]
+    return blocks[len(blocks) // 2]
+
+
+def feature_channels(backbone: torch.nn.Module) -> int:
+    """Channels of :func:`backbone_features`: the UNet's deepest width, or the transformer's hidden width."""
+    config = backbone.config
+    if hasattr(backbone, "mid_block"):
+        return int(config.block_out_channels[-1])
+    return int(config.num_attention_heads) * int(config.attention_head_dim)
+
+
+def backbone_features(
+    family, backbone: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition, patch: int = 1
+) -> torch.Tensor:
+    """The output of :func:`feature_block` at (x, t, condition), running the backbone only that far, as a map
+    [B, C, h, w]: a UNet block's output as it is; a transformer block's image stream (its outputs are the text and
+    the image tokens) [B, (h/p)·(w/p), D] laid out on the latent grid of ``patch`` p (SD3's patches and FLUX's
+    2×2 packing are both row-major)."""
+    captured: list[Any] = []
 
     def hook(module, inputs, output):
         captured.append(output)
         raise _FeaturesReady
 
-    handle = unet.mid_block.register_forward_hook(hook)
+    handle = feature_block(backbone).register_forward_hook(hook)
     try:
-        call_unet(unet, x.to(next(unet.parameters()).dtype), t, condition)
+        family.forward(backbone, x.to(next(backbone.parameters()).dtype), t, condition)
     except _FeaturesReady:
         pass
     finally:
         handle.remove()
-    return captured[0]
+    features = captured[0]
+    if isinstance(features, torch.Tensor):
+        return features
+    tokens = features[1]
+    h, w = x.shape[-2] // patch, x.shape[-1] // patch
+    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------- config
@@ -373,9 +406,10 @@ class FDistillConfig(TrainerConfig):
         },
     )
     scheduler: str = field(
-        default="ddim",
+        default="default",
         metadata={
-            "help": "Scheduler of the student's evaluation (its config is the student's: trailing, final ᾱ = 1)."
+            "help": "Scheduler of the student's evaluation: default, the student's own (a UNet student's DDIM, "
+            "trailing, final ᾱ = 1; a flow student's, the model's flow-matching Euler scheduler)."
         },
     )
     trainable: Literal["lora", "full"] = field(
@@ -545,18 +579,30 @@ class FDistillTrainer(Trainer):
 
     def build(self) -> None:
         c = self.config
-        teacher = self.model.unet
-        T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
+        family = self.model.family
+        if family.name not in FEATURE_FAMILIES:
+            raise InvalidInput(
+                "model",
+                f"f-distill reads the teacher's features of SD 1.x/2.x, SDXL, SD3 and FLUX.1 backbones; "
+                f"{self.model.name!r} is a {family.title} model",
+            )
+        self.flow = family.schedule == "flow"
+        teacher = self.model.backbone
+        T = self.num_timesteps = self.num_train_timesteps
         if c.timestep_max >= T:
             raise InvalidInput(
                 "timestep_max", f"must be below the model's {T} training timesteps, got {c.timestep_max}"
+            )
+        if c.student_timestep is not None and self.flow:
+            raise InvalidInput(
+                "student_timestep",
+                "a flow student reads its pure noise at σ = 1, where x̂0 = x − σ·v amplifies no error; leave it out",
             )
         if c.student_timestep is not None and not 0 <= c.student_timestep < T:
             raise InvalidInput("student_timestep", f"must be in [0, {T - 1}], got {c.student_timestep}")
         student_T = T if c.student_timestep is None else c.student_timestep + 1
         if c.steps > student_T:
             raise InvalidInput("steps", f"must be at most the student's {student_T} timesteps, got {c.steps}")
-        self.num_timesteps = T
         self.teacher_policy = build_policy(c.teacher_policy, field="teacher_policy")
         if self.teacher_policy.name in ("reno", "dynamic"):
             raise InvalidInput(
@@ -564,9 +610,13 @@ class FDistillTrainer(Trainer):
                 f"{self.teacher_policy.name!r} is not a per-step score; use cfg, apg, "
                 "adaptive, linear_ag, cfg_zero_star or perp_neg",
             )
-        self.student_config = student_scheduler_config(self.model.scheduler_config, c.student_timestep)
-        self.student_ts = student_timesteps(self.student_config, c.steps)
-        self.alphas_cumprod = self._alphas_cumprod()
+        self.alphas_cumprod = None if self.flow else self._alphas_cumprod()
+        if self.flow:  # the model's own scheduler: k steps of it are the student's chain (see flow_student_grid)
+            self.student_config = dict(self.model.scheduler_config)
+        else:
+            self.student_config = student_scheduler_config(self.model.scheduler_config, c.student_timestep)
+        self.student_ts: list[Any] = []
+        self.student_levels: list[NoiseLevel] = []
         self.student = self._trainable_copy(teacher, c.trainable, "student")
         self.fake_score = self._trainable_copy(teacher, c.fake_trainable, "fake_score")
         self.register_optimizer(
@@ -577,8 +627,7 @@ class FDistillTrainer(Trainer):
         )
         self.discriminator = None
         if c.uses_discriminator:
-            channels = teacher.config.block_out_channels[-1]
-            self.discriminator = DiscriminatorHead(channels, c.discriminator_hidden).to(self.device)
+            self.discriminator = DiscriminatorHead(feature_channels(teacher), c.discriminator_hidden).to(self.device)
             self.register_module("discriminator", self.discriminator, "full")
             self.register_optimizer(
                 "discriminator",
@@ -595,12 +644,13 @@ class FDistillTrainer(Trainer):
         else:
             self.train_prompts = load_training_prompts(c.prompts)
         self._check_sampling()
+        self.student_ts, self.student_levels = self.student_grid()
         if c.regression_weight > 0:
             self.pair_prompts, self.pair_seeds, self.pair_samples = self.regression_pairs()
 
-    def _trainable_copy(self, unet: torch.nn.Module, trainable: str, name: str) -> torch.nn.Module:
+    def _trainable_copy(self, backbone: torch.nn.Module, trainable: str, name: str) -> torch.nn.Module:
         c = self.config
-        copy_ = copy.deepcopy(unet).float()
+        copy_ = copy.deepcopy(backbone).float()
         if trainable == "lora":
             try:
                 add_lora(copy_, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed + (name == "fake_score"))
@@ -616,9 +666,21 @@ class FDistillTrainer(Trainer):
         return build_scheduler("ddim", self.model.scheduler_config).alphas_cumprod.to(torch.float64)
 
     def _check_sampling(self) -> None:
-        prepare(self.eval_model(), self.generation_params(["a red circle"], [0]))
+        check_request(self.eval_model(), self.generation_params(["a red circle"], [0]))
         if self.config.real_data == "teacher":
-            prepare(self.model, self._teacher_params(self.train_prompts[:1], [0]))
+            check_request(self.model, self._teacher_params(self.train_prompts[:1], [0]))
+
+    def student_grid(self) -> tuple[list[Any], list[NoiseLevel]]:
+        """The student's timesteps and noise levels: the trailing DDIM timesteps from t_s (VP), or the σ grid of
+        ``steps`` steps of the model's own flow scheduler at the training size, exactly as our sampler and the
+        family's diffusers pipeline set it (shift, dynamic shift μ), read from the same scheduler."""
+        c = self.config
+        if not self.flow:
+            ts = student_timesteps(self.student_config, c.steps)
+            return ts, [NoiseLevel.vp(float(self.alphas_cumprod[t])) for t in ts]
+        checked = check_request(self.student_model(), self.generation_params(["grid"], [0]))
+        sigmas = checked.scheduler.sigmas[: len(checked.timesteps)]
+        return [float(t) for t in checked.timesteps], [NoiseLevel.flow(float(s)) for s in sigmas]
 
     def _teacher_params(self, prompts: list[str], seeds: list[int]) -> dict[str, Any]:
         c = self.config
@@ -626,7 +688,7 @@ class FDistillTrainer(Trainer):
             "prompt": prompts,
             "seeds": seeds,
             "steps": c.teacher_steps,
-            "scheduler": "ddim",
+            "scheduler": "default" if self.flow else "ddim",
             "policy": c.teacher_policy,
         }
 
@@ -657,15 +719,15 @@ class FDistillTrainer(Trainer):
 
     # ------------------------------------------------------------------ models the loop reads
 
-    def student_model(self, unet: torch.nn.Module | None = None):
+    def student_model(self, backbone: torch.nn.Module | None = None):
         """A DiffusionModel that samples the student (the EMA by default) with its own scheduler config."""
-        unet = unet if unet is not None else (self.student_ema if self.student_ema is not None else self.student)
-        return dataclasses.replace(self.model, backbone=unet, scheduler_config=self.student_config)
+        backbone = backbone if backbone is not None else self.export_backbone()
+        return dataclasses.replace(self.model, backbone=backbone, scheduler_config=self.student_config)
 
     def eval_model(self):
         return self.student_model()
 
-    def export_unet(self) -> torch.nn.Module:
+    def export_backbone(self) -> torch.nn.Module:
         return self.student_ema if self.student_ema is not None else self.student
 
     def extra_state(self) -> dict[str, Any]:
@@ -713,13 +775,8 @@ class FDistillTrainer(Trainer):
         )
 
     def _gaussian(self, seeds: list[int]) -> torch.Tensor:
-        unet = self.model.unet.config
-        size = self.model.default_size // self.model.vae_scale_factor
-        return initial_noise(seeds, (unet.in_channels, size, size), self.device)[0]
-
-    def _level(self, t: torch.Tensor) -> NoiseLevel:
-        """Each image's noise level at training timestep ``t`` [B] (float32 ᾱ, broadcasting over [B, C, h, w])."""
-        return NoiseLevel.vp(self.alphas_cumprod[t.cpu()].to(self.device, torch.float32).view(-1, 1, 1, 1))
+        size = self.model.default_size
+        return initial_noise(seeds, self.model.latent_shape(size, size), self.device)[0]
 
     def _encode(self, prompts: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
         size = self.model.default_size
@@ -732,35 +789,44 @@ class FDistillTrainer(Trainer):
         """Clean latents of the real samples: the rendered scenes through the VAE, or the teacher's samples."""
         model = self.model
         if batch.real_images is not None:
-            pixels = torch.as_tensor(batch.real_images, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean
-            return latents.float() * model.vae.config.scaling_factor
+            pixels = torch.as_tensor(batch.real_images, device=self.device).permute(0, 3, 1, 2).float() / 255
+            return encode(model.vae, pixels).float()
 
         return prepare(model, self._teacher_params(batch.prompts, batch.real_seeds)).run().latents.float()
 
     # ------------------------------------------------------------------ the networks' predictions
 
-    def _x0(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        return to_x0(self._unet_out(unet, x, t, condition), x, self._level(t), self.model.prediction_type)
+    def _x0(
+        self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition, level: NoiseLevel | None = None
+    ) -> torch.Tensor:
+        """x̂0 of ``net`` at (x, t) (``level``: the noise level of t, by default :meth:`noise_level`)."""
+        level = level if level is not None else self.noise_level(t)
+        return to_x0(self._backbone_out(net, x, t, condition), x, level, self.model.prediction_type)
 
-    def generate(self, batch: DistillBatch, condition, unet: torch.nn.Module | None = None) -> torch.Tensor:
+    def _backbone_out(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        checkpoint = self.config.gradient_checkpointing
+        return self.backbone_call(net, x, t.to(self.device), condition, checkpoint=checkpoint).float()
+
+    def generate(self, batch: DistillBatch, condition, backbone: torch.nn.Module | None = None) -> torch.Tensor:
         """The student's clean latents from the batch's noise (see :meth:`generate_from`)."""
-        return self.generate_from(self._gaussian(batch.noise_seeds), batch.student_step, condition, unet)
+        return self.generate_from(self._gaussian(batch.noise_seeds), batch.student_step, condition, backbone)
 
     def generate_from(
-        self, x: torch.Tensor, student_step: int, condition, unet: torch.nn.Module | None = None
+        self, x: torch.Tensor, student_step: int, condition, backbone: torch.nn.Module | None = None
     ) -> torch.Tensor:
         """The student's clean latents: from noise ``x`` through its first ``student_step`` steps without
-        gradients, then its x̂0 at that step (with gradients when enabled)."""
-        unet = unet if unet is not None else self.student
-        for i, t in enumerate(self.student_ts):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+        gradients, then its x̂0 at that step (with gradients when enabled). A step is deterministic: x̂0 and the ε
+        it implies, noised to the next level (DDIM with η = 0; on a flow model the Euler step
+        x + (σ' − σ)·v, the same move)."""
+        net = backbone if backbone is not None else self.student
+        dtype = torch.float32 if self.flow else torch.long
+        for i, (t, level) in enumerate(zip(self.student_ts, self.student_levels)):
+            tt = torch.full((x.shape[0],), t, dtype=dtype)
             if i == student_step:
-                return self._x0(unet, x, tt, condition)
-            with torch.no_grad():  # a deterministic DDIM (η = 0) move to the next step: x̂0 and the ε it implies
-                x0 = self._x0(unet, x, tt, condition)
-                eps = to_eps(x0, x, self._level(tt), "sample")
-                x = add_noise(x0, eps, NoiseLevel.vp(float(self.alphas_cumprod[self.student_ts[i + 1]])))
+                return self._x0(net, x, tt, condition, level)
+            with torch.no_grad():
+                x0 = self._x0(net, x, tt, condition, level)
+                x = add_noise(x0, to_eps(x0, x, level, "sample"), self.student_levels[i + 1])
         raise AssertionError("student_step is beyond the student's steps")
 
     @torch.no_grad()
@@ -768,14 +834,18 @@ class FDistillTrainer(Trainer):
         """x̂0 of the guided teacher at each image's (x_t, t), through ``teacher_policy`` (one policy step per
         distinct t, its StepInfo placing t among the T training timesteps)."""
         out = torch.empty_like(x)
-        T = self.num_timesteps
+        model, T = self.model, self.num_timesteps
         for value in torch.unique(t).tolist():
             rows = (t == value).nonzero().flatten()
             conds = {k: v.rows(rows.to(v.hidden_states.device)) for k, v in conditions.items()}
-            denoiser = Denoiser(self.model.unet, conds, self.model.prediction_type, aliases=aliases)
-            level = NoiseLevel.vp(float(self.alphas_cumprod[value]))
+            denoiser = Denoiser(
+                model.backbone, conds, model.prediction_type, aliases=aliases, forward=model.family.forward
+            )
+            level = self.noise_level(torch.tensor([value]))
+            level = NoiseLevel(float(level.signal), float(level.noise), level.schedule)
+            timestep = torch.tensor(float(value) if self.flow else value, device=self.device)
             info = StepInfo(
-                T - 1 - value, T, torch.tensor(value, device=self.device), level, self.model.prediction_type
+                T - 1 - int(value), T, timestep, level, model.prediction_type, model.family.patch_size(model)
             )
             state = self.teacher_policy.start(
                 SamplingContext(
@@ -791,16 +861,17 @@ class FDistillTrainer(Trainer):
             out[rows] = to_x0(guided, x[rows], level, self.model.prediction_type)
         return out
 
-    def _logits(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        features = self._checkpointed(mid_block_features, self.model.unet, x, t.to(self.device), condition)
-        return self.discriminator(features)
-
-    def _checkpointed(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-        """``fn(*args)``; with ``gradient_checkpointing`` and autograd on, its activations are recomputed in the
-        backward pass instead of stored (the same values and gradients)."""
+    def _features(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        """The teacher's :func:`backbone_features` at (x, t); with ``gradient_checkpointing`` and autograd on
+        (the generator's GAN loss), recomputed in the backward pass instead of stored."""
+        model = self.model
+        args = (model.family, model.backbone, x, t.to(self.device), condition, model.family.patch_size(model))
         if self.config.gradient_checkpointing and torch.is_grad_enabled():
-            return activation_checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return activation_checkpoint(backbone_features, *args, use_reentrant=False)
+        return backbone_features(*args)
+
+    def _logits(self, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
+        return self.discriminator(self._features(x, t, condition))
 
     # ------------------------------------------------------------------ the updates
 
@@ -812,19 +883,19 @@ class FDistillTrainer(Trainer):
         with self.autocast():
             with torch.no_grad():
                 gen = self.generate(batch, cond).float()
-            level = self._level(batch.timesteps)
-            x_t = add_noise(gen, self._gaussian(batch.forward_seeds), level)
-            target = from_x0(gen, x_t, level, self.model.prediction_type)
-            out = self._unet_out(self.fake_score, x_t, batch.timesteps, cond)
+            level, eps = self.noise_level(batch.timesteps), self._gaussian(batch.forward_seeds)
+            x_t = add_noise(gen, eps, level)
+            target = from_x0_and_eps(gen, eps, level, self.model.prediction_type)  # flow: the velocity ε − x0
+            out = self._backbone_out(self.fake_score, x_t, batch.timesteps, cond)
             fake_loss = F.mse_loss(out, target)
             metrics = {"loss.fake_score": float(fake_loss.detach())}
             disc_loss = None
             if self.discriminator is not None:
                 real = self.real_latents(batch, conditions)
-                real_t = add_noise(real, self._gaussian(batch.real_seeds), self._level(batch.real_t))
+                real_t = add_noise(real, self._gaussian(batch.real_seeds), self.noise_level(batch.real_t))
                 with torch.no_grad():
-                    f_fake = mid_block_features(self.model.unet, x_t, batch.timesteps.to(self.device), cond)
-                    f_real = mid_block_features(self.model.unet, real_t, batch.real_t.to(self.device), cond)
+                    f_fake = self._features(x_t, batch.timesteps, cond)
+                    f_real = self._features(real_t, batch.real_t, cond)
                 fake_logits, real_logits = self.discriminator(f_fake), self.discriminator(f_real)
                 disc_loss = gan_discriminator_loss(real_logits, fake_logits)
                 metrics.update(
@@ -836,10 +907,6 @@ class FDistillTrainer(Trainer):
                 )
         return fake_loss, disc_loss, metrics
 
-    def _unet_out(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, condition) -> torch.Tensor:
-        x = x.to(next(unet.parameters()).dtype)
-        return self._checkpointed(call_unet, unet, x, t.to(self.device), condition).float()
-
     def generator_loss(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The f-weighted distribution-matching loss (eq. 7) plus gan_weight × the generator's GAN loss."""
         c = self.config
@@ -847,7 +914,7 @@ class FDistillTrainer(Trainer):
         cond = conditions["cond"]
         with self.autocast():
             gen = self.generate(batch, cond).float()
-            x_t = add_noise(gen, self._gaussian(batch.forward_seeds), self._level(batch.timesteps))
+            x_t = add_noise(gen, self._gaussian(batch.forward_seeds), self.noise_level(batch.timesteps))
             with torch.no_grad():
                 fake_x0 = self._x0(self.fake_score, x_t.detach(), batch.timesteps, cond)
                 real_x0 = self.teacher_x0(x_t.detach(), batch.timesteps, conditions, aliases)
@@ -937,11 +1004,6 @@ class FDistillTrainer(Trainer):
         return totals
 
     # ------------------------------------------------------------------ export
-
-    def export_lora(self, directory: Path) -> Path:
-        if not getattr(self.export_unet(), "peft_config", None):
-            raise InvalidInput("export", "the student has no LoRA adapter (trainable: full); use export: pipeline")
-        return save_lora_weights(self.student_model(self.export_unet()), directory)
 
     def export_pipeline(self, directory: Path) -> Path:
         """The student as a whole diffusers pipeline whose scheduler is the student's (one DDIM step from noise
