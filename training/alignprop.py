@@ -1,18 +1,22 @@
 """AlignProp: reward fine-tuning of a text-to-image model by backpropagating the reward through sampling.
 
 Prabhudesai, Goyal, Pathak & Fragkiadaki 2023, "Aligning Text-to-Image Diffusion Models with Reward
-Backpropagation" (arXiv:2310.03739). With a LoRA adapter θ on the UNet, images are sampled by the full
-reverse process x_T ~ N(0, I) → x_0 = f_θ(x_T, c), decoded by the VAE, and the model is trained to maximise
-a differentiable reward by gradient ascent through the whole chain (Sec. 4.1):
+Backpropagation" (arXiv:2310.03739). With a LoRA adapter θ on the backbone (the paper's UNet, or a flow-matching
+transformer: SD3, FLUX.1, ...), images are sampled by the full reverse process x_T ~ N(0, I) → x_0 = f_θ(x_T, c),
+decoded by the VAE, and the model is trained to maximise a differentiable reward by gradient ascent through the
+whole chain (Sec. 4.1):
 
     θ ← θ + η ∇_θ E_{c, x_T}[ r(D(f_θ(x_T, c)), c) ]
 
-made affordable by (Sec. 4.2) LoRA, gradient checkpointing of every UNet call (memory independent of the
+made affordable by (Sec. 4.2) LoRA, gradient checkpointing of every backbone call (memory independent of the
 number of steps, at one extra forward each) and randomized truncated backpropagation (the gradient flows
 through the last K steps only; see :mod:`diffsteer.training.truncation` for the strategies and how K is drawn). Here the
 reward is any composite of :mod:`rewards` and the objective is its ReNO-style loss Σ_i w_i (o_i − r_i), whose
 gradient is that of −Σ_i w_i r_i. Sampling is the project's own sampler under any guidance policy (CFG by
-default; APG, schedules, ...) with any scheduler (DDIM with ``eta`` as in the paper).
+default; APG, schedules, ...) with any scheduler of the model's schedule (DDIM with ``eta`` as in the paper for
+UNets; for a flow model f_θ is the ODE solver over the velocity field, e.g. ``scheduler: euler``: x_{σ'} = x_σ +
+(σ' − σ)·v_θ(x_σ, σ, c), so the same chain rule runs through every Euler step, and each transformer call in the
+backward window is recomputed instead of stored).
 
 The loop, the adapter, checkpoints, evaluation and export are the shared trainer's (:mod:`diffsteer.training.trainer`);
 this file is the method: its config fields, :meth:`AlignPropTrainer.draw_batch` and the rollout loss.
@@ -75,7 +79,8 @@ class AlignPropConfig(TrainerConfig):
     gradient_checkpointing: bool = field(
         default=True,
         metadata={
-            "help": "Recompute every UNet call and the VAE decoder in the backward pass instead of storing activations."
+            "help": "Recompute every backbone call (UNet or transformer) and the VAE decoder in the backward pass "
+            "instead of storing activations."
         },
     )
 
@@ -96,7 +101,7 @@ class AlignPropTrainer(Trainer):
     config: AlignPropConfig
 
     def build(self) -> None:
-        """The shared LoRA (or full UNet), the reward, the prompts; the rollout settings checked up front."""
+        """The shared LoRA (or full backbone), the reward, the prompts; the rollout settings checked up front."""
         c = self.config
         super().build()
         self.reward = get_reward(c.reward, self.device, torch.float32, field="reward")
