@@ -203,3 +203,16 @@ def test_the_form_and_the_limits_are_in_the_openapi_document(client):
     assert form["properties"]["steps"] == request["properties"]["steps"]  # bounded like the JSON body
     assert "max_upload_bytes" in schema["paths"]["/sdapi/v1/img2img"]["post"]["responses"]["413"]["description"]
     assert "max_upload_bytes" not in schema["paths"]["/sdapi/v1/txt2img"]["post"]["responses"]["413"]["description"]
+
+
+def test_repeated_parts_of_a_list_field_are_the_list():
+    """OpenAPI's multipart encoding of an array (schemathesis, generated clients): one part per item."""
+    from starlette.datastructures import FormData
+
+    from diffsteer.service.routers.common import form_fields
+
+    assert form_fields(FormData([("prompt", "a"), ("prompt", "b"), ("seeds", "1"), ("seeds", "2")])) == {
+        "prompt": ["a", "b"],
+        "seeds": [1, 2],
+    }
+    assert form_fields(FormData([("prompt", "[1]"), ("seeds", "[3, 4]")])) == {"prompt": "[1]", "seeds": [3, 4]}

@@ -5,7 +5,8 @@
 Multipart forms (``/generate``, ``/jobs``, ``/v1/images/edits``): text fields (``prompt``, ``model``, a policy spec
 string, base64 images...) as they are, other fields their JSON value (``num_images=2``, ``seeds=[1,2]``, a policy
 object); ``null`` is the same as leaving a field out; bracket keys, as the official OpenAI client flattens objects
-and lists (``policy[name]=cfg``, ``policy[scale]=4``, ``lora[][name]=style``), are read back into objects and lists.
+and lists (``policy[name]=cfg``, ``policy[scale]=4``, ``lora[][name]=style``), are read back into objects and lists;
+a list field given as repeated parts (``prompt=a``, ``prompt=b``: OpenAPI's encoding of arrays) is that list.
 Images come as file parts (PNG, JPEG, WebP), each field at most once.
 """
 
@@ -190,7 +191,7 @@ TEXT_FIELDS = frozenset(
         "mask",
     }
 )
-LIST_FIELDS = frozenset({"seeds", "lora"})
+LIST_FIELDS = frozenset({"seeds", "lora", "prompt"})  # fields that take a list: a repeated part is one
 MAX_FORM_FIELDS = 256
 MAX_FORM_FILES = 4
 _FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
@@ -276,9 +277,10 @@ def form_fields(form: FormData, skip: tuple[str, ...] = (), files: tuple[str, ..
             raise InvalidInput(name, f"nested more than {MAX_BODY_NESTING} levels deep")
         if not path and values == ["null"]:
             continue  # null: the same as leaving the field out
-        if not path and name in LIST_FIELDS:
+        if not path and name in LIST_FIELDS:  # repeated parts are a list (OpenAPI's multipart encoding of arrays)
             items = [_text_or_json(name, v) for v in values]
-            data[name] = items[0] if len(items) == 1 and isinstance(items[0], list) else items
+            one = len(items) == 1 and (isinstance(items[0], list) or name in TEXT_FIELDS)
+            data[name] = items[0] if one else items
             continue
         _assign(data, name, path, values, name)
     return data
