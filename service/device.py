@@ -31,7 +31,10 @@ the current virtual clock, so it neither banks credit nor waits behind the other
 share, one unit at a time, and a light request's calls go between its units. A sampler loop submits its next
 call a moment after the previous one returns, so after a flow's unit the worker waits up to
 ``anticipate_s`` (at most the unit's own duration) for that flow's next unit when it would be chosen next
-(anticipatory scheduling, Iyer & Druschel 2001) instead of starting another flow's longer unit. Units of a
+(anticipatory scheduling, Iyer & Druschel 2001) instead of starting another flow's longer unit. A backbone call
+costing more than the executor's ``max_unit_cost`` (a batch of many images, or large ones) is split by rows into
+units of at most that cost, and a batch holds one unit per flow, so those units run one at a time and another
+flow waits for one of them, not for the whole call. Units of a
 flow whose request was cancelled fail with GenerationCancelled instead of running, so a cancel frees the
 worker within the unit in flight. Work submitted without a flow shares one default flow (first come, first served).
 
@@ -323,11 +326,17 @@ class DeviceWorker:
         return finished + min(self.anticipate_s, seconds) - time.monotonic()
 
     def _gather(self, first: _Work) -> tuple[list[_Work], bool]:
-        """Compatible calls in arrival order within the row budget; True when the batch cannot grow."""
+        """Compatible calls of other flows in arrival order within the row budget; True when the batch cannot
+        grow. A batch holds one unit per flow: the units a heavy call was split into (:class:`DeviceExecutor`)
+        stay apart, so other flows' units can run between them (the default flow, shared by the calls submitted
+        without one, is not one request: its units batch together)."""
         batch, rows, full = [first], first.rows, first.rows >= self.max_rows
+        flows = {id(first.flow)} - {id(self._default_flow)}
         for work in self._pending:
-            if work is first or work.kind != "backbone" or work.group != first.group:
+            if work is first or work.kind != "backbone" or work.group != first.group or id(work.flow) in flows:
                 continue
+            if work.flow is not self._default_flow:
+                flows.add(id(work.flow))
             if rows + work.rows > self.max_rows:
                 full = True
                 break
@@ -482,8 +491,10 @@ class DeviceExecutor:
         native_area: int | None = None,
         call_cost: CallCost | None = None,
         pad_text: bool = False,
+        max_unit_cost: float | None = None,
     ):
         self.worker = worker
+        self.max_unit_cost = max_unit_cost
         self.flow = flow
         self.control = control
         self.adapters = adapters
@@ -517,18 +528,42 @@ class DeviceExecutor:
         t: torch.Tensor,
         condition: Condition,
     ) -> torch.Tensor:
-        return self.worker.submit_backbone(
-            forward,
-            backbone,
-            x,
-            t,
-            condition,
-            self.control,
-            self.adapters,
-            self.flow,
-            self.call_cost(x),
-            pad_text=self.pad_text,
-        ).result()
+        """One backbone call through the worker. A call costing more than ``max_unit_cost`` is split by rows into
+        units of at most that cost (at least one row each), submitted together: the worker runs them one at a time
+        (a batch holds one unit per flow), so another flow's units can go between them and a light request waits
+        for a slice of a heavy batch, not all of it. Rows are independent in the backbone, so the rows' outputs are
+        those of one call."""
+        rows = int(x.shape[0])
+        chunk = rows_per_unit(rows, self.call_cost(x[:1]), self.max_unit_cost)
+        futures = []
+        for start in range(0, rows, chunk):
+            index = None if chunk >= rows else torch.arange(start, min(start + chunk, rows), device=x.device)
+            part_x = x if index is None else x[index]
+            part_t = t if index is None or t.ndim == 0 or t.numel() == 1 else t[index]
+            futures.append(
+                self.worker.submit_backbone(
+                    forward,
+                    backbone,
+                    part_x,
+                    part_t,
+                    condition if index is None else condition.rows(index),
+                    self.control,
+                    self.adapters,
+                    self.flow,
+                    self.call_cost(part_x),
+                    pad_text=self.pad_text,
+                )
+            )
+        outputs = [future.result() for future in futures]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def rows_per_unit(rows: int, row_cost: float, max_unit_cost: float | None) -> int:
+    """Rows of a backbone call per unit: all when the call costs at most ``max_unit_cost`` (None: no limit), else
+    as many as fit in it, at least one."""
+    if max_unit_cost is None or rows * row_cost <= max_unit_cost:
+        return rows
+    return max(1, int(max_unit_cost // row_cost))
 
 
 class _BackboneOnWorker(torch.autograd.Function):

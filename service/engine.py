@@ -479,6 +479,7 @@ class Engine:
             adapters=adapters,
             call_cost=backbone_call_cost(model),
             pad_text=model.family.variable_text,
+            max_unit_cost=self.settings.max_unit_cost,
         )
         try:
             result = generate(model, checked, callback=callback, executor=executor, rewards=self.rewards)

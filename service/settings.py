@@ -254,6 +254,14 @@ class ServiceSettings(BaseSettings):
         "lane: their units get heavy_weight's share of the device against a light request's 1.",
     )
     heavy_weight: float = pydantic.Field(0.25, gt=0, le=1, description="Device share of a heavy request (light: 1).")
+    max_unit_cost: float = pydantic.Field(
+        8.0,
+        gt=0,
+        description="The most one backbone unit on the device worker may cost, in evaluations of one image at the "
+        "model's native size: a heavier call (many images, large sizes) is split by rows into units of at most this "
+        "(at least one row), run one at a time, so another request waits for one such unit, not the whole call. "
+        "Larger: heavy requests batch more rows per call (throughput on a GPU); smaller: light requests wait less.",
+    )
     anticipate_ms: float = pydantic.Field(
         10.0,
         ge=0,

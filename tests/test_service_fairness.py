@@ -312,3 +312,59 @@ def test_deleting_a_large_job_frees_the_worker_within_one_unet_call(one_thread):
             wait_idle(engine)
             assert gate.calls == 3  # the call in flight when the DELETE came, and none after
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_heavy_call_is_split_into_units_another_flow_can_run_between(batching):
+    """A backbone call costing more than max_unit_cost goes to the worker as row units of at most that cost, run
+    one at a time even with batching on (a batch holds one unit per flow: re-gathering them was why an earlier
+    split changed nothing), so a light flow's call runs after the first of them, not after all; the rows' outputs
+    equal one call's."""
+    from diffsteer.guidance.tiny import tiny_unet
+
+    unet = tiny_unet(cross_dim=32).eval()
+    worker = DeviceWorker(batching=batching, max_rows=16, window_s=0.05)
+    calls: list[tuple[str, int]] = []
+    heavy_flow, light_flow = worker.flow(name="heavy"), worker.flow(name="light")
+    per_row = lambda x: 3.0 * int(x.shape[0])  # noqa: E731 - 3 evaluations per row
+    heavy = DeviceExecutor(worker, heavy_flow, call_cost=per_row, max_unit_cost=7.0)  # 2 rows per unit
+    light = DeviceExecutor(worker, light_flow, call_cost=per_row, max_unit_cost=7.0)
+    x = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = Condition(torch.randn(8, 77, 32, generator=torch.Generator().manual_seed(1)))
+    t = torch.tensor(10.0)
+    first_unit = threading.Event()
+
+    def traced(name):
+        def call(backbone, x, t, condition):
+            calls.append((name, int(x.shape[0])))
+            if name == "heavy":
+                first_unit.set()
+                time.sleep(0.05)  # the light call arrives while the heavy call's units are under way
+            return call_unet(backbone, x, t, condition)
+
+        return call
+
+    with torch.no_grad():
+        results: dict[str, torch.Tensor] = {}
+        heavy_thread = threading.Thread(
+            target=lambda: results.__setitem__("heavy", heavy.backbone_fn(traced("heavy"), unet, x, t, cond))
+        )
+        heavy_thread.start()
+        assert first_unit.wait(30)
+        small = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))  # never batched with heavy's
+        light.backbone_fn(traced("light"), unet, small, t, cond.rows(torch.tensor([0])))
+        heavy_thread.join()
+        direct = call_unet(unet, x, t, cond)
+    worker.close()
+    assert [rows for name, rows in calls if name == "heavy"] == [2, 2, 2, 2]  # 4 units of 2 rows, never merged
+    assert calls.index(("light", 1)) < len(calls) - 1  # ran before the heavy call's last unit
+    torch.testing.assert_close(results["heavy"], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_per_unit():
+    from diffsteer.service.device import rows_per_unit
+
+    assert rows_per_unit(16, 16.0, 8.0) == 1  # a row above the limit: one row per unit
+    assert rows_per_unit(32, 1.0, 8.0) == 8
+    assert rows_per_unit(4, 2.0, 8.0) == 4  # at the limit: one unit
+    assert rows_per_unit(64, 1.0, None) == 64
