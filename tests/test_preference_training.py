@@ -291,5 +291,11 @@ def test_print_config_round_trips_and_the_cli_names_bad_fields(tmp_path, capsys,
     assert render_yaml(cls(data="pairs.parquet")) == text
     assert run_method(method, ["--set", "beta=-1", "--set", "data=x.parquet"]) == 2
     assert "beta" in capsys.readouterr().err
-    shipped = Path(__file__).resolve().parents[1] / "training" / "configs" / f"{method}-proving-ground.yaml"
-    assert load_config(cls, shipped).model == "builtin:proving-ground"
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    assert load_config(cls, configs / f"{method}-proving-ground.yaml").model == "builtin:proving-ground"
+    flow = load_config(cls, configs / f"{method}-proving-ground-flow.yaml")
+    assert (flow.model, flow.scheduler, flow.timestep_density) == (
+        "builtin:proving-ground-flow",
+        "euler",
+        "logit_normal",
+    )
