@@ -113,6 +113,18 @@ def test_a_unet_model_trains_with_any_solver(tmp_path):
     assert any(float(p.abs().max()) > 0 for k, p in trainer.model.backbone.named_parameters() if ".lora_B." in k)
 
 
+def test_every_weight_trains_against_frozen_copies_of_the_base_and_the_old_policy(tmp_path):
+    trainer = NFTTrainer(_config(tmp_path, trainable="full", export="pipeline", max_steps=2, old_decay_rate=0.5))
+    base = {k: v.clone() for k, v in trainer.frozen_reference.state_dict().items()}
+    trainer.train()
+    trained, old = trainer.model.backbone.state_dict(), trainer.old.average.state_dict()
+    assert trainer.frozen_reference is not trainer.model.backbone and trainer.old.average is not trainer.model.backbone
+    assert all(torch.equal(base[k], v) for k, v in trainer.frozen_reference.state_dict().items())
+    moved = [k for k in trained if not torch.equal(trained[k], base[k])]
+    assert moved and any(not torch.equal(old[k], trained[k]) for k in moved)  # old = ½ old + ½ θ after step 1
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path):
     whole, resumed = sigkill_and_resume(tmp_path, "diffsteer.training.nft", {**TINY_FLOW, "adapter_name": "nft"})

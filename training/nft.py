@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,7 +55,7 @@ from diffsteer.guidance.parameterisation import add_noise, to_x0
 from diffsteer.guidance.sampler import PreparedGeneration, make_scheduler, step_levels
 from diffsteer.training.cli import run_method
 from diffsteer.training.lora import has_lora
-from diffsteer.training.online_rl import GroupRolloutConfig, GroupRolloutTrainer, RolloutBatch, with_backbone
+from diffsteer.training.online_rl import GroupRolloutConfig, GroupRolloutTrainer, RolloutBatch
 from diffsteer.training.trainer import RegisteredEMA, with_default
 
 
@@ -141,7 +142,7 @@ class NFTTrainer(GroupRolloutTrainer):
     def old_policy(self):
         """The model with the old policy's weights, for the duration."""
         if self.old.average is not None:
-            yield with_backbone(self.model, self.old.average)
+            yield dataclasses.replace(self.model, backbone=self.old.average)
             return
         with self.old.swapped_in():
             yield self.model

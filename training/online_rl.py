@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,8 +234,3 @@ class GroupRolloutTrainer(Trainer):
         for name in self.emas:
             self.update_ema(name)
         return metrics
-
-
-def with_backbone(model, backbone: torch.nn.Module):
-    """``model`` with another backbone module (a frozen copy), everything else shared."""
-    return dataclasses.replace(model, backbone=backbone)
