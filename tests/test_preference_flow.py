@@ -307,3 +307,48 @@ def test_two_processes_draw_what_one_process_with_twice_the_batch_draws(tmp_path
     for i, flipped in enumerate(batch.flipped):
         for a, b in ((batch.pixels_0, plain.pixels_0), (batch.pixels_1, plain.pixels_1)):
             assert torch.equal(a[i], b[i].flip(-1) if flipped else b[i]) and not torch.equal(b[i], b[i].flip(-1))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_in_flow_form(tmp_path, pairs_file):
+    """torchrun --nproc_per_node 2 (batch 1 each, the pairs decoded by 2 DataLoader workers per process) against one
+    process with batch 1 × accumulation 2: the same per-pair computations, equal to 1e-6 after 3 steps."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    values = dict(
+        model="builtin:tiny-sd3",
+        data=str(pairs_file),
+        eval_prompts="",
+        batch_size=1,
+        max_steps=3,
+        threads=1,
+        progress=False,
+        tensorboard=False,
+        learning_rate=0.01,
+        beta=500.0,
+        random_flip=True,
+    )
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({**values, "output_dir": str(tmp_path / "two")}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "diffsteer.training.dpo", "--config", str(tmp_path / "two.yaml")]
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    DPOTrainer(
+        DPOConfig(
+            **{**values, "output_dir": str(tmp_path / "one"), "gradient_accumulation_steps": 2, "data_workers": 0}
+        )
+    ).train()
+    two, one = (
+        load_file(tmp_path / n / "adapters" / "dpo" / "pytorch_lora_weights.safetensors") for n in ("two", "one")
+    )
+    assert two.keys() == one.keys()
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3
+    for key, value in two.items():
+        torch.testing.assert_close(value, one[key], rtol=0, atol=1e-6)

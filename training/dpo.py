@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ class DPOConfig(TrainerConfig):
             "(as AlignProp's): less memory for one more forward pass per step; the loss and gradients are the same."
         },
     )
-    timestep_density: str = field(
+    timestep_density: Literal["logit_normal", "uniform"] = field(
         default="logit_normal",
         metadata={
             "help": "Flow models only: the density of the training noise level, u ~ logit_normal(logit_mean, "
@@ -263,6 +264,7 @@ class DPOTrainer(Trainer):
     """Diffusion-DPO on the shared trainer (see the module docstring); SmPO extends it (training/smpo.py)."""
 
     name = "dpo"
+    resumable_changes = frozenset({"data_workers"})  # where the pairs are decoded changes nothing
     eval_summary_metrics = ("reward", "verifier.passed")
 
     # ------------------------------------------------------------------ data
