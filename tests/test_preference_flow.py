@@ -4,75 +4,27 @@ same-seed repeatability, the LoRA in diffusers' StableDiffusion3Pipeline."""
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from preference_support import one_thread, trainer_config, write_pairs  # noqa: F401 (one_thread: autouse)
 
 from diffsteer.training.dpo import DPOConfig, DPOTrainer
-from diffsteer.training.preference_data import write_preference_pairs
 from diffsteer.training.smpo import SmPOConfig, SmPOTrainer
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shape_png(colour: str) -> bytes:
-    image = Image.new("RGB", (32, 32), (235, 235, 235))
-    ImageDraw.Draw(image).ellipse((4, 8, 20, 24), fill=COLOURS[colour])  # off-centre: a flip shows
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    rows = []
-    for i, (good, bad) in enumerate([("red", "blue"), ("blue", "green"), ("green", "red")] * 2):
-        first_good = i % 2 == 0
-        a, b = (good, bad) if first_good else (bad, good)
-        rows.append(
-            {
-                "caption": f"a {good} circle",
-                "jpg_0": shape_png(a),
-                "jpg_1": shape_png(b),
-                "label_0": float(first_good),
-                "label_1": float(not first_good),
-                "score_0": 20.0 + i if first_good else 12.0,
-                "score_1": 12.0 if first_good else 20.0 + i,
-            }
-        )
-    return write_preference_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", rows)
+    return write_pairs(tmp_path_factory.mktemp("pairs"), size=32)
 
 
 def config(cls, tmp_path: Path, pairs_file: Path, name: str, **overrides):
-    values = dict(
-        model="builtin:tiny-sd3",
-        data=str(pairs_file),
-        output_dir=str(tmp_path / name),
-        eval_prompts="",
-        batch_size=2,
-        max_steps=2,
-        threads=1,
-        progress=False,
-        tensorboard=False,
-        learning_rate=0.01,
-        beta=500.0,
-        checkpoint_every=10,
-        data_workers=0,
-    )
-    return cls(**{**values, **overrides})
+    """The tiny SD3 model, pairs decoded in the training process, no checkpoints but the last."""
+    base = dict(model="builtin:tiny-sd3", checkpoint_every=10, data_workers=0)
+    return trainer_config(cls, tmp_path, pairs_file, name, **{**base, **overrides})
 
 
 def perturb_lora(backbone: torch.nn.Module, seed: int = 3) -> None:

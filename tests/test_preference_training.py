@@ -3,74 +3,24 @@ on the shipped proving-ground model: a handful of steps each, one torch thread."
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from preference_support import one_thread, shape_png, trainer_config, write_pairs  # noqa: F401 (one_thread: autouse)
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.training.dpo import DPOConfig, DPOTrainer
 from diffsteer.training.preference_data import write_preference_pairs
 from diffsteer.training.smpo import SmPOConfig, SmPOTrainer
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def shape_png(colour: str, size: int = 64) -> bytes:
-    image = Image.new("RGB", (size, size), (235, 235, 235))
-    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=COLOURS[colour])
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
-    """Six decided pairs (the right colour scores higher), written in the Pick-a-Pic layout."""
-    rows = []
-    for i, (good, bad) in enumerate([("red", "blue"), ("blue", "green"), ("green", "red")] * 2):
-        s_good, s_bad = 20.0 + i, 12.0 + 0.5 * i
-        first_good = i % 2 == 0
-        a, b = (good, bad) if first_good else (bad, good)
-        rows.append(
-            {
-                "caption": f"a {good} circle",
-                "jpg_0": shape_png(a),
-                "jpg_1": shape_png(b),
-                "label_0": 1.0 if first_good else 0.0,
-                "label_1": 0.0 if first_good else 1.0,
-                "score_0": s_good if first_good else s_bad,
-                "score_1": s_bad if first_good else s_good,
-            }
-        )
-    return write_preference_pairs(tmp_path_factory.mktemp("pairs") / "pairs.parquet", rows)
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
 
 
-def config(cls, tmp_path: Path, pairs_file: Path, name: str, **overrides):
-    values = dict(
-        data=str(pairs_file),
-        output_dir=str(tmp_path / name),
-        eval_prompts="",
-        batch_size=2,
-        max_steps=2,
-        threads=1,
-        progress=False,
-        tensorboard=False,
-        learning_rate=0.01,
-        beta=500.0,
-        checkpoint_every=1,
-    )
-    return cls(**{**values, **overrides})
+config = trainer_config
 
 
 def adapter(trainer) -> dict[str, torch.Tensor]:
