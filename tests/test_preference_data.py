@@ -512,13 +512,21 @@ def test_workers_decode_the_plan_as_the_training_process_does(tmp_path):
     here = PlannedBatches(images, plan, accumulation=2, last_step=3, workers=0)
     there = PlannedBatches(images, plan, accumulation=2, last_step=3, workers=2)
     try:
-        for key in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (1, 0), (1, 1)]:  # a jump back restarts the workers
+        for key in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (1, 0)]:  # a jump back restarts the workers
             a, b = here.get(*key), there.get(*key)
             assert [x.index for x in a] == [x.index for x in b] == [i for i, _ in plan(*key)]
             for x, y in zip(a, b):
                 assert torch.equal(x.pixels_0, y.pixels_0) and torch.equal(x.pixels_1, y.pixels_1)
                 assert x.caption == y.caption == f"pair {x.index}" and x.pixels_0.shape == (3, 6, 8)
                 assert round(float(x.pixels_0[0, 0, 0]) * 255) == x.index
+        # Ctrl-C reaches the workers too (the terminal signals the process group): they leave it to the trainer
+        import os
+        import signal
+
+        for worker in there._iterator._workers:
+            os.kill(worker.pid, signal.SIGINT)
+        assert [x.index for x in there.get(1, 1)] == [i for i, _ in plan(1, 1)]
+        assert [x.index for x in there.get(2, 0)] == [i for i, _ in plan(2, 0)]
     finally:
         there.close()
     # a flip mirrors left to right

@@ -43,6 +43,7 @@ import io
 import json
 import math
 import os
+import signal
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -602,6 +603,12 @@ def _keep_list(batch: list[DecodedPair]) -> list[DecodedPair]:
     return batch
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """A worker leaves Ctrl-C to the training process, which stops after the step with a checkpoint and then shuts
+    the workers down (a worker ending on the terminal's SIGINT would leave a micro-batch of that step unread)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class PlannedBatches:
     """Micro-batches decoded ahead in DataLoader workers, in the order a plan gives them.
 
@@ -648,6 +655,7 @@ class PlannedBatches:
             batch_sampler=_PlanSampler(self.plan, list(self._keys(step, micro))),
             num_workers=self.workers,
             collate_fn=_keep_list,
+            worker_init_fn=_ignore_interrupts,
         )
         self._iterator = iter(loader)
 
