@@ -492,7 +492,8 @@ def test_export_is_a_one_step_pipeline_that_our_sampler_and_diffusers_agree_on(e
     """The folder's scheduler makes one DDIM step from noise the student's x̂0; our sampler, diffusers'
     StableDiffusionPipeline and the trainer's own generator give the same image."""
     trainer, folder = exported
-    assert json.loads((folder / "diffsteer.json").read_text()) == {"policy": "cfg:scale=1", "steps": 1}
+    defaults = json.loads((folder / "diffsteer.json").read_text())
+    assert defaults == {"policy": "cfg:scale=1", "steps": 1, "native_size": trainer.model.default_size}
     from diffsteer.guidance.models import model_defaults
 
     assert (model_defaults(str(folder)).steps, model_defaults(str(folder)).policy) == (1, "cfg:scale=1")

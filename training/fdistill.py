@@ -1014,13 +1014,15 @@ class FDistillTrainer(Trainer):
             path = super().export_pipeline(directory)
         finally:
             self.model = saved
-        write_model_defaults(path, self.config.steps)
+        write_model_defaults(path, self.config.steps, self.model.default_size)
         return path
 
 
-def write_model_defaults(folder: Path, steps: int) -> None:
-    """``diffsteer.json``: the model-aware defaults a folder carries (steps, and no guidance: cfg at scale 1)."""
-    (Path(folder) / "diffsteer.json").write_text(json.dumps({"policy": "cfg:scale=1", "steps": steps}, indent=2) + "\n")
+def write_model_defaults(folder: Path, steps: int, native_size: int) -> None:
+    """``diffsteer.json``: the model-aware defaults a folder carries: the student's steps, no guidance (cfg at scale
+    1) and the size it was trained at (a flow model's σ grid depends on the size through the dynamic shift)."""
+    defaults = {"policy": "cfg:scale=1", "steps": steps, "native_size": native_size}
+    (Path(folder) / "diffsteer.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
