@@ -304,3 +304,18 @@ def test_two_gloo_processes_equal_one_process_in_flow_form(tmp_path, pairs_file)
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3
     for key, value in two.items():
         torch.testing.assert_close(value, one[key], rtol=0, atol=1e-6)
+
+
+def test_flow_smpo_resume_repeats_the_uninterrupted_run(tmp_path, pairs_file):
+    """Stopped after step 1 (its checkpoint) and resumed to step 2: the same LoRA as 2 steps in one go; the data
+    plan restarts at the resumed step."""
+    small = dict(inversion_steps=2, renoise_iterations=1, batch_size=1, checkpoint_every=1, random_flip=True)
+    whole = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "whole", **small))
+    whole.train()
+    SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "cut", **{**small, "max_steps": 1})).train()
+    resumed = SmPOTrainer(config(SmPOConfig, tmp_path, pairs_file, "cut", **{**small, "data_workers": 2}))
+    resumed.train(resume=True)
+    resumed.close()
+    state = lora_state(whole)
+    for k, v in lora_state(resumed).items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
