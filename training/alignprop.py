@@ -92,6 +92,12 @@ class AlignPropConfig(TrainerConfig):
             raise InvalidInput("truncation_k_std", f"must be non-negative, got {self.truncation_k_std}")
         if self.truncation == "uniform" and not 1 <= self.truncation_k_min <= self.truncation_k_max:
             raise InvalidInput("truncation_k_min", "uniform truncation needs 1 ≤ truncation_k_min ≤ truncation_k_max")
+        if self.sharding == "fsdp" and self.truncation != "fixed":
+            raise InvalidInput(
+                "truncation",
+                "sharding: fsdp needs truncation: fixed (every process must backpropagate through the same steps: "
+                "each recorded transformer call gathers the sharded weights again in the backward pass)",
+            )
 
 
 class AlignPropTrainer(Trainer):

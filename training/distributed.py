@@ -11,6 +11,14 @@ Every rank's device is gathered before any work, and ranks that resolved to diff
 processes on a one-GPU machine with ``device: auto``: rank 0 on the GPU, rank 1 on the CPU) are refused with
 an error naming each rank's device, instead of training two different things.
 
+Sharding (``sharding: fsdp``): torch's FSDP2 (``torch.distributed.fsdp.fully_shard``) on every block of the backbone
+(the classes its diffusers model lists in ``_no_split_modules``: SD3's joint blocks, FLUX's double and single
+blocks, a UNet's resnet/transformer blocks) and then on the whole backbone, over all processes: each holds 1/N of
+every parameter, gradient and AdamW moment; a block's parameters are gathered for its forward and again for its
+recomputation in the backward pass, and its gradients reduce-scattered (averaged) after it. Every process must
+therefore make the same backbone calls in the same order. Checkpoints hold the gathered full state (the same
+tensors as an unsharded run's), written by rank 0; each process loads its shard from that full state.
+
 ``accelerate launch --num_processes N --cpu`` does NOT start N processes: accelerate's simple launcher runs one
 (its CPU multi-process mode goes through mpirun and a hostfile). It leaves ``MASTER_ADDR`` set and no
 ``WORLD_SIZE``; :func:`init_processes` recognises that and refuses, pointing at torchrun.
@@ -25,6 +33,16 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffsteer.guidance.errors import InvalidInput
 
@@ -239,3 +257,70 @@ def init_processes(requested_device: str) -> Processes:
         tensor_group=tensor_group,
         owns_group=owns,
     )
+
+
+# -- sharding (FSDP2) ---------------------------------------------------------------------------------------------
+
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the full state, on rank 0 only
+FROM_FULL = StateDictOptions(full_state_dict=True)  # every process passes the full state and keeps its shard
+
+
+def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one, innermost first: the submodules whose class the diffusers model names in
+    ``_no_split_modules``, else the entries of its top-level ``ModuleList``s."""
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    units = [m for m in module.modules() if m is not module and type(m).__name__ in names]
+    if not units:
+        units = [block for child in module.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+    order = {id(m): i for i, m in enumerate(module.modules())}
+    return sorted(units, key=lambda m: -order[id(m)])  # post-order: a nested block before its parent
+
+
+def shard_module(module: torch.nn.Module, processes: Processes) -> torch.nn.Module:
+    """Shard ``module`` in place over every process (see the module docstring), after making its weights rank
+    0's; its parameters become DTensors (build the optimiser over them afterwards)."""
+    processes.broadcast_([t for _, t in sorted(module.state_dict(keep_vars=True).items())])
+    group = processes.tensor_group or torch.distributed.group.WORLD
+    mesh = DeviceMesh.from_group(group, processes.device.type)
+    for unit in shard_units(module):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded module's full state_dict on the CPU of rank 0 (empty elsewhere); every process must call it."""
+    return get_model_state_dict(module, options=GATHERED)
+
+
+def load_gathered_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Each process keeps its shard of the full ``state``."""
+    set_model_state_dict(module, state, options=FROM_FULL)
+
+
+def gathered_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's full state keyed by parameter names, on rank 0 (empty elsewhere); every process calls it."""
+    return get_optimizer_state_dict(module, optimizer, options=GATHERED)
+
+
+def load_gathered_optimizer_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    set_optimizer_state_dict(module, optimizer, state, options=FROM_FULL)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective: every process calls it), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like`` (this process's shard where ``like`` is a DTensor; no communication)."""
+    full = full.to(device=like.device, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return full

@@ -86,6 +86,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
@@ -99,7 +100,17 @@ from diffsteer.guidance.models import load_model
 from diffsteer.guidance.parameterisation import NoiseLevel
 from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffsteer.training.config_io import plain_defaults, to_plain
-from diffsteer.training.distributed import init_processes
+from diffsteer.training.distributed import (
+    full_tensor,
+    gathered_optimizer_state,
+    gathered_state,
+    init_processes,
+    is_sharded,
+    load_gathered_optimizer_state,
+    load_gathered_state,
+    shard_like,
+    shard_module,
+)
 from diffsteer.training.logs import TrainingLog
 from diffsteer.training.lora import (
     add_lora,
@@ -255,6 +266,15 @@ class TrainerConfig:
             "parameters stay fp32. CPU runs are fp32."
         },
     )
+    sharding: Literal["none", "fsdp"] = field(
+        default="none",
+        metadata={
+            "help": "none: every process holds the whole model (gradients all-reduced); fsdp: torch's FSDP2 "
+            "(fully_shard) shards the backbone's parameters, gradients and AdamW state over the processes block by "
+            "block, for full fine-tuning of a model too large for one device (trainable: full, several processes; "
+            "checkpoints and exports hold the gathered weights)."
+        },
+    )
     device: str = field(
         default="auto",
         metadata={
@@ -316,6 +336,12 @@ class TrainerConfig:
             raise InvalidInput("threads", f"must be at least 1 or null, got {self.threads}")
         if self.trainable == "full" and self.export in ("lora", "both"):
             raise InvalidInput("export", "trainable: full has no LoRA to export; use export: pipeline")
+        if self.sharding == "fsdp" and self.trainable != "full":
+            raise InvalidInput(
+                "sharding", "fsdp shards a full fine-tune (trainable: full); a LoRA run keeps its frozen base whole"
+            )
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise InvalidInput("mixed_precision", "fp16 loss scaling is not sharded; use bf16 with sharding: fsdp")
 
 
 def with_default(name: str, default: Any) -> Any:
@@ -339,20 +365,27 @@ class TrainingInterrupted(Exception):
 class RegisteredModule:
     module: torch.nn.Module
     state: Literal["trainable", "full"]  # what a checkpoint holds: trainable parameters, or the whole state_dict
+    sharded: bool = False  # FSDP2: the state is gathered (every process calls state_dict; rank 0 gets it)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.sharded:
+            return gathered_state(self.module)
         if self.state == "trainable":
             return trainable_state(self.module)
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.state == "trainable":
+        if self.sharded:
+            load_gathered_state(self.module, state)
+        elif self.state == "trainable":
             load_trainable_state(self.module, state)
         else:
             self.module.load_state_dict(state)
 
     def synced_tensors(self) -> list[torch.Tensor]:
-        """What rank 0 broadcasts at start."""
+        """What rank 0 broadcasts at start (a sharded module was made rank 0's before it was sharded)."""
+        if self.sharded:
+            return []
         if self.state == "trainable":
             return [p for _, p in sorted(self.module.named_parameters()) if p.requires_grad]
         return [t for _, t in sorted(self.module.state_dict(keep_vars=True).items())]
@@ -365,6 +398,22 @@ class RegisteredOptimizer:
     scaler: torch.amp.GradScaler
     params: list[torch.nn.Parameter]
     max_grad_norm: float
+    sharded_module: torch.nn.Module | None = None  # FSDP2: the module whose sharded parameters it steps
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.sharded_module is not None:  # every process calls it; rank 0 gets the gathered state
+            optimizer = gathered_optimizer_state(self.sharded_module, self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.sharded_module is not None:
+            load_gathered_optimizer_state(self.sharded_module, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
 
 
 @dataclass
@@ -397,8 +446,9 @@ class RegisteredEMA:
                 avg.copy_(buf)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages (gathered where the module is sharded: every process calls it)."""
         items = self.shadow.items() if self.average is None else self.average.state_dict().items()
-        return {k: v.detach().cpu().clone() for k, v in items}
+        return {k: full_tensor(v.detach()).cpu().clone() for k, v in items}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -408,7 +458,7 @@ class RegisteredEMA:
         if set(state) != set(self.shadow):
             raise ValueError(f"the averaged parameters differ: {sorted(set(state) ^ set(self.shadow))[:4]}")
         for key, value in state.items():
-            self.shadow[key].copy_(value)
+            self.shadow[key].copy_(shard_like(value, self.shadow[key]))
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -444,6 +494,10 @@ class Trainer:
         if c.threads is not None:
             torch.set_num_threads(c.threads)
         self.processes = init_processes(c.device)
+        if c.sharding == "fsdp" and not self.processes.distributed:
+            raise InvalidInput(
+                "sharding", "fsdp shards over several processes: start them with torchrun --nproc_per_node N"
+            )
         self.device = device = self.processes.device
         on_gpu = device.type == "cuda"
         dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
@@ -487,7 +541,7 @@ class Trainer:
         """Checkpoint ``module`` under ``name``: its trainable parameters (``trainable``) or its whole state."""
         if name in self.modules:
             raise ValueError(f"module {name!r} is registered twice")
-        self.modules[name] = RegisteredModule(module, state)
+        self.modules[name] = RegisteredModule(module, state, is_sharded(module))
 
     def register_optimizer(
         self,
@@ -518,9 +572,20 @@ class Trainer:
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        owner = self._sharded_owner(params)
         self.optimizers[name] = RegisteredOptimizer(
-            optimizer, schedule, scaler, params, c.max_grad_norm if max_grad_norm is None else max_grad_norm
+            optimizer, schedule, scaler, params, c.max_grad_norm if max_grad_norm is None else max_grad_norm, owner
         )
+
+    def _sharded_owner(self, params: list[torch.nn.Parameter]) -> torch.nn.Module | None:
+        """The registered sharded module whose parameters ``params`` are (None for unsharded parameters)."""
+        if not any(isinstance(p, DTensor) for p in params):
+            return None
+        wanted = {id(p) for p in params}
+        for slot in self.modules.values():
+            if slot.sharded and wanted <= {id(p) for p in slot.module.parameters()}:
+                return slot.module
+        raise ValueError("sharded parameters must belong to one registered module (register it before its optimizer)")
 
     def register_ema(
         self, name: str, module: torch.nn.Module, decay: float, trainable_only: bool = False
@@ -532,6 +597,8 @@ class Trainer:
             raise ValueError(f"EMA {name!r} is registered twice")
         if not 0 <= decay < 1:
             raise InvalidInput("ema_decay", f"must be in [0, 1), got {decay}")
+        if is_sharded(module) and not trainable_only:
+            raise ValueError(f"EMA {name!r}: a sharded module's average is kept with trainable_only=True")
         average = None if trainable_only else copy.deepcopy(module).requires_grad_(False).eval()
         self.emas[name] = RegisteredEMA(module, average, decay)  # set from the weights once they are broadcast
         return average
@@ -562,6 +629,8 @@ class Trainer:
             self.register_module("backbone", backbone, "trainable")
         else:
             backbone.float().requires_grad_(True)
+            if c.sharding == "fsdp":
+                shard_module(backbone, self.processes)
             params = list(backbone.parameters())
             self.register_module("backbone", backbone, "full")
         self.register_optimizer("backbone", params)
@@ -673,10 +742,11 @@ class Trainer:
         for name in names:
             slot = self.optimizers[name]
             lr = slot.optimizer.param_groups[0]["lr"]  # the rate this step uses (warm-up included)
-            self.processes.average_gradients_(slot.params)
+            if slot.sharded_module is None:  # FSDP has reduce-scattered (averaged) a sharded module's gradients
+                self.processes.average_gradients_(slot.params)
             slot.scaler.unscale_(slot.optimizer)
             limit = slot.max_grad_norm if slot.max_grad_norm > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(slot.params, limit)
+            norm = full_tensor(torch.nn.utils.clip_grad_norm_(slot.params, limit))
             slot.scaler.step(slot.optimizer)
             slot.scaler.update()
             slot.schedule.step()
@@ -817,25 +887,24 @@ class Trainer:
             "step": self.step,
             "config": json.dumps(to_plain(self.config)),
             "modules": {n: m.state_dict() for n, m in self.modules.items()},
-            "optimizers": {
-                n: {
-                    "optimizer": o.optimizer.state_dict(),
-                    "schedule": o.schedule.state_dict(),
-                    "scaler": o.scaler.state_dict(),
-                }
-                for n, o in self.optimizers.items()
-            },
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "ema": {n: e.state_dict() for n, e in self.emas.items()},
             "extra": self.extra_state(),
         }
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a registered module is sharded (FSDP2): then every process takes part in gathering the
+        checkpoint, in the evaluation and in the export."""
+        return any(m.sharded for m in self.modules.values())
+
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the checkpoint of the current step atomically (the others wait for it)."""
+        """Rank 0 writes the checkpoint of the current step atomically (the others wait for it, or, where modules
+        are sharded, gather it with rank 0 first)."""
         path = None
+        state = self.checkpoint_state() if self.processes.is_main or self.sharded else None
         if self.processes.is_main:
-            path = save_checkpoint(
-                self.out / "checkpoints", self.step, self.checkpoint_state(), self.config.keep_checkpoints
-            )
+            path = save_checkpoint(self.out / "checkpoints", self.step, state, self.config.keep_checkpoints)
         self.processes.barrier()
         return path
 
@@ -872,9 +941,7 @@ class Trainer:
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         for name, slot in self.optimizers.items():
-            slot.optimizer.load_state_dict(state["optimizers"][name]["optimizer"])
-            slot.schedule.load_state_dict(state["optimizers"][name]["schedule"])
-            slot.scaler.load_state_dict(state["optimizers"][name]["scaler"])
+            slot.load_state_dict(state["optimizers"][name])
         for name, ema in self.emas.items():
             ema.load_state_dict(state["ema"][name])
         self.load_extra_state(state["extra"])
@@ -883,15 +950,33 @@ class Trainer:
     # ------------------------------------------------------------------ export
 
     def export(self) -> dict[str, str]:
-        """Write what ``config.export`` asks for (rank 0 only; the averaged weights where there is an EMA);
-        returns {"adapter": path, "pipeline": path}."""
+        """Write what ``config.export`` asks for (the averaged weights where there is an EMA); returns
+        {"adapter": path, "pipeline": path}. Rank 0 writes; where the backbone is sharded every process calls this
+        and takes part in gathering it first."""
         written: dict[str, str] = {}
         with self.averaged_weights():
+            exported = self.exported_backbone()
+            whole = self.unsharded(exported)
+            if not self.processes.is_main:
+                return written
             if self.config.export in ("lora", "both"):
                 written["adapter"] = str(self.export_lora(self.out / "adapters" / self.config.adapter_name))
             if self.config.export in ("pipeline", "both"):
-                written["pipeline"] = str(self.export_pipeline(self.out / "pipeline"))
+                gathered = () if whole is exported else (whole,)  # a method's override takes the directory alone
+                written["pipeline"] = str(self.export_pipeline(self.out / "pipeline", *gathered))
         return written
+
+    def unsharded(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        """``module`` itself, or for a sharded diffusers model a whole copy of it on the CPU of rank 0 (None on
+        the others) built from its config and the gathered weights (every process must call this)."""
+        if not is_sharded(module):
+            return module
+        state = gathered_state(module)
+        if not self.processes.is_main:
+            return None
+        whole = type(module).from_config(module.config).to(next(iter(state.values())).dtype)
+        whole.load_state_dict(state)
+        return whole.eval()
 
     def export_lora(self, directory: Path) -> Path:
         backbone = self.exported_backbone()
@@ -899,11 +984,11 @@ class Trainer:
             raise InvalidInput("export", "the trained backbone has no LoRA adapter; use export: pipeline")
         return save_lora_weights(dataclasses.replace(self.model, backbone=backbone), directory)
 
-    def export_pipeline(self, directory: Path) -> Path:
-        """The family's whole diffusers pipeline (``save_pretrained``, safetensors) whose backbone is
-        :meth:`export_backbone` with any LoRA merged; written beside ``directory`` and renamed into place,
-        replacing an older export."""
-        backbone, vae = merged_backbone(self.exported_backbone()), self.model.vae
+    def export_pipeline(self, directory: Path, backbone: torch.nn.Module | None = None) -> Path:
+        """The family's whole diffusers pipeline (``save_pretrained``, safetensors) whose backbone is ``backbone``
+        (default :meth:`export_backbone`) with any LoRA merged; written beside ``directory`` and renamed into
+        place, replacing an older export."""
+        backbone, vae = merged_backbone(backbone or self.exported_backbone()), self.model.vae
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.export_dtype)
         if dtype is not None:  # copies: the run's own modules stay as they are
             backbone, vae = copy.deepcopy(backbone).to(dtype), copy.deepcopy(vae).to(dtype)
@@ -961,8 +1046,9 @@ class Trainer:
                     )
             bar.close()
             summary: dict[str, Any] = {"steps": self.step}
-            if main:
+            if main or self.sharded:
                 summary.update(self.export())
+            if main:
                 log.plot(self.out / "reward_curve.png", eval_metrics=self.eval_summary_metrics)
                 evals = {m: dict(zip(*map(list, log.series("eval", m)))) for m in self.eval_summary_metrics}
                 summary["eval"] = {m: {str(k): v for k, v in s.items()} for m, s in evals.items() if s}
@@ -975,10 +1061,12 @@ class Trainer:
         return summary
 
     def _evaluate_and_log(self, log) -> None:
-        """Rank 0 evaluates and logs; the others wait."""
-        if self.processes.is_main:
+        """Rank 0 evaluates and logs; the others wait (or, where modules are sharded, evaluate alongside: every
+        process takes part in each backbone call)."""
+        if self.processes.is_main or self.sharded:
             with self.averaged_weights():
                 result = self.evaluate()
+        if self.processes.is_main:
             if result.metrics:
                 log.log(self.step, "eval", result.metrics)
                 self.save_grid(result)
