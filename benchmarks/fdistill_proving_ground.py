@@ -1,13 +1,15 @@
-"""f-distill acceptance figures on the proving ground: one-step students against their teacher.
+"""f-distill acceptance figures on the proving ground: one-step (or k-step) students against their teacher.
 
 Every arm generates the same held-out items (``pg:`` prompts x seeds: held-out meanings, held-out instance
 seeds, the same initial noise per item) and the exact verifier scores them; comparisons are paired differences
 of the verifier's pass with 95% prompt-bootstrap CIs (``diffsteer.evaluation.stats.compare``, as ``diffsteer ab``).
 
-1. **Student vs teacher.** The one-step student (``--student``: an exported pipeline folder, sampled with its
-   own scheduler at 1 step, no guidance: 1 UNet evaluation) against the teacher (``builtin:proving-ground``) at
-   1, 4 and 30 DDIM steps under its recommended guidance (``cfg:scale=1.5``: 2 evaluations per step; BENCHMARKS.md,
-   section Guidance policies on the proving ground). Bars: student > teacher@4 and student >= teacher@30 - 10 points.
+1. **Student vs teacher.** The student (``--student``: an exported pipeline folder, sampled with its own
+   scheduler at the steps its ``diffsteer.json`` recommends, 1 for the UNet student, no guidance: one backbone
+   evaluation per step) against the teacher (``--teacher``, default ``builtin:proving-ground``) at 1, 4 and 30
+   steps (DDIM on a UNet teacher, the model's own flow-matching Euler scheduler on a flow teacher) under
+   ``--teacher-policy`` (``cfg:scale=1.5``: 2 evaluations per step; BENCHMARKS.md, section Guidance policies on
+   the proving ground). Bars: student > teacher@4 and student >= teacher@30 - 10 points, at >= 10x fewer NFE.
 2. **Divergences at equal steps** (``--students js=DIR,reverse_kl=DIR,forward_kl=DIR``, students trained with
    the same config and number of steps but the divergence; differences against the first listed): pass rate,
    and a diversity figure from what the verifier reads: per prompt, the standard deviation over seeds of the
@@ -19,6 +21,10 @@ of the verifier's pass with 95% prompt-bootstrap CIs (``diffsteer.evaluation.sta
 
     python benchmarks/fdistill_proving_ground.py --student runs/fdistill-proving-ground/pipeline \\
         --out bench-fdistill --threads 1
+    # the flow form: distil the flow proving-ground model (or any SD3/FLUX-family --teacher) into a 4-step
+    # student with the config's settings, then the figures above against it
+    python benchmarks/fdistill_proving_ground.py --teacher builtin:proving-ground-flow \\
+        --train training/configs/fdistill-proving-ground-flow.yaml --out bench-fdistill-flow --threads 2
     # a smoke test
     python benchmarks/fdistill_proving_ground.py --student runs/fdistill-proving-ground/pipeline --out /tmp/fd \\
         --categories single --prompts-per-category 2 --seeds 2 --teacher-steps 1,4 --reno-iterations 2 --bootstrap 200
@@ -42,6 +48,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ci_text  # noqa: E402
 
 TEACHER = "builtin:proving-ground"
+
+
+def train_student(config_file: str, teacher: str, out: Path, overrides: list[str]) -> tuple[str, dict[str, Any]]:
+    """Distil ``teacher`` with the f-distill config ``config_file`` (``model`` set to the teacher, the run in
+    ``out/student``); returns the exported pipeline folder and the run's summary (training seconds added)."""
+    from diffsteer.training.config_io import load_config
+    from diffsteer.training.fdistill import FDistillConfig, FDistillTrainer
+
+    sets = [f"model={teacher}", f"output_dir={out / 'student'}", "export=pipeline", *overrides]
+    config = load_config(FDistillConfig, Path(config_file), sets)
+    t0 = time.perf_counter()
+    trainer = FDistillTrainer(config)
+    try:
+        summary = trainer.train(resume=(out / "student" / "checkpoints").is_dir())
+    finally:
+        trainer.close()
+    summary["train_s"] = time.perf_counter() - t0
+    return summary["pipeline"], summary
 
 
 def parse_students(text: str) -> dict[str, str]:
@@ -105,7 +129,15 @@ def paired(passes: dict[str, list[float]], prompt_ids: list[str], baseline: str,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--student", required=True, help="the one-step student's pipeline folder")
+    ap.add_argument("--student", default=None, help="the student's pipeline folder (or --train)")
+    ap.add_argument("--teacher", "--model", default=TEACHER, help="the teacher model (builtin:..., a folder)")
+    ap.add_argument(
+        "--train",
+        default=None,
+        help="an f-distill config file: distil --teacher with it first (resuming a run left in OUT/student), "
+        "and measure that student",
+    )
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides of the --train config")
     ap.add_argument("--students", default="", help="NAME=DIR,... students of other divergences (section 2)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--categories", default="all")
@@ -125,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    if (args.student is None) == (args.train is None):
+        ap.error("give one of --student DIR and --train CONFIG")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -137,15 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         f"pg:{args.categories}", seeds=args.seeds, seed=args.suite_seed, max_prompts=args.prompts_per_category
     ).items
     prompt_ids = [i.prompt_id for i in items]
-    teacher = load_model(TEACHER, device="cpu")
+    report: dict[str, Any] = {"teacher": args.teacher}
+    if args.train:
+        args.student, report["training"] = train_student(args.train, args.teacher, out, args.set)
+    teacher = load_model(args.teacher, device="cpu")
+    teacher_scheduler = "default" if teacher.family.schedule == "flow" else "ddim"
     students = {"student": args.student, **parse_students(args.students)}
     models = {name: load_model(path, device="cpu") for name, path in students.items()}
-    report: dict[str, Any] = {"items": len(items), "prompts": len(set(prompt_ids))}
+    student_steps = {name: model.defaults.steps or 1 for name, model in models.items()}
+    report.update({"items": len(items), "prompts": len(set(prompt_ids)), "student_steps": student_steps})
 
     passes: dict[str, list[float]] = {}
     summary: dict[str, dict[str, Any]] = {}
-    arms = [(name, model, "cfg:scale=1", 1, "default") for name, model in models.items()]
-    arms += [(f"teacher@{k}", teacher, args.teacher_policy, int(k), "ddim") for k in args.teacher_steps.split(",")]
+    arms = [(name, model, "cfg:scale=1", student_steps[name], "default") for name, model in models.items()]
+    arms += [
+        (f"teacher@{k}", teacher, args.teacher_policy, int(k), teacher_scheduler) for k in args.teacher_steps.split(",")
+    ]
     for name, model, policy, steps, scheduler in arms:
         records, seconds = run(model, items, policy, steps, scheduler, args.batch_size)
         rows = verifier_rows(records)
@@ -178,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.reno_iterations:
         reno = {"name": "reno", "scale": 1, "reward": "clip:1", "iterations": args.reno_iterations}
-        reno_arms = {"reno-student@1": (models["student"], 1, "default"), "reno-teacher@4": (teacher, 4, "ddim")}
+        student_arm = f"reno-student@{student_steps['student']}"
+        reno_arms = {
+            student_arm: (models["student"], student_steps["student"], "default"),
+            "reno-teacher@4": (teacher, 4, teacher_scheduler),
+        }
         reno_records: dict[str, list[Any]] = {k: [] for k in reno_arms}
         reno_seconds = dict.fromkeys(reno_arms, 0.0)
         for start in range(0, len(items), args.batch_size):  # interleaved batch by batch
@@ -192,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             k: {"pass": float(np.mean(v)), "s_per_image": reno_seconds[k] / len(items)} for k, v in reno_passes.items()
         }
         report["reno"]["ratio_s_per_image_teacher_over_student"] = (
-            reno_seconds["reno-teacher@4"] / reno_seconds["reno-student@1"]
+            reno_seconds["reno-teacher@4"] / reno_seconds[student_arm]
         )
-        report["reno_vs"] = paired(reno_passes, prompt_ids, "reno-student@1", args.bootstrap)
+        report["reno_vs"] = paired(reno_passes, prompt_ids, student_arm, args.bootstrap)
         print(json.dumps(report["reno"], indent=1))
         for arm, m in report["reno_vs"].items():
-            print(f"{arm} - reno-student@1: {ci_text(m)}")
+            print(f"{arm} - {student_arm}: {ci_text(m)}")
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     return 0
 

@@ -138,6 +138,17 @@ def test_student_chain_is_euler_on_the_models_own_sigma_grid(sd3_trainer):
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
+def test_the_shipped_configs_load():
+    """Both proving-ground configs parse into valid configs: the UNet one-step and the flow 4-step student."""
+    from diffsteer.training.config_io import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    unet = load_config(FDistillConfig, configs / "fdistill-proving-ground.yaml")
+    flow = load_config(FDistillConfig, configs / "fdistill-proving-ground-flow.yaml")
+    assert (unet.model, unet.steps, unet.student_timestep) == ("builtin:proving-ground", 1, 399)
+    assert (flow.model, flow.steps, flow.student_timestep) == ("builtin:proving-ground-flow", 4, None)
+
+
 def test_flow_refusals_name_the_field(tmp_path):
     with pytest.raises(InvalidInput, match="student_timestep"):
         FDistillTrainer(flow_config(tmp_path / "a", student_timestep=399))
