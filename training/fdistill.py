@@ -14,7 +14,9 @@ network trained by denoising score matching on the student's own samples (a two-
 Sec. 4.1). In x0-space s_q − s_p ∝ x̂0_fake − x̂0_teacher, normalised per image by 1/mean|x − x̂0_teacher| (DMD
 eq. 8). The ratio r is not known: a discriminator D trained with the logistic GAN loss has logit log(p/q) at
 its optimum, so r = exp(logit), clamped, clipped to [r_min, r_max], optionally divided by its running mean in
-its time bin, and h(r) is divided by its batch mean (Sec. 4.2). The generator also takes the non-saturating
+its time bin, and h(r) is divided by its batch mean (Sec. 4.2). Both means are of the global batch: the sums
+and counts are all-reduced over the processes, so N processes normalise as one process with N× the batch, and
+every process holds the same running means (the checkpoint's). The generator also takes the non-saturating
 GAN loss at ``gan_weight``; reverse KL (h ≡ 1) with the GAN term is DMD2.
 
 The f's and their weightings (Table 1; constants kept, the batch-mean normalisation removes them):
@@ -28,7 +30,8 @@ The f's and their weightings (Table 1; constants kept, the batch-mean normalisat
     Neyman χ²             f = 1/r − 2 + r   ((1−r)²/r)              h = 2 / r
 
 **Where the discriminator looks.** Its head (:class:`DiscriminatorHead`) reads the *teacher's* mid-block
-features at the noisy input x_t (the UNet run only up to its mid block), as FastGen does: the frozen teacher
+features at the noisy input x_t (the UNet run only up to its mid block; on a transformer the image tokens of its
+middle block, :func:`feature_block`, laid out on the latent grid), as FastGen does: the frozen teacher
 is a fixed, good feature extractor at every t, so the head alone learns and the fake-score network's denoising
 objective is left undisturbed (DMD2 instead shares the fake-score encoder, which couples the two losses); the
 generator's GAN gradient flows through the frozen teacher into x_t. Real samples are the proving ground's
@@ -49,6 +52,39 @@ backward simulation). The export writes that schedule as the pipeline's schedule
 exactly x̂0(G(z, t_s)), so ``diffsteer generate``, the service and ``StableDiffusionPipeline`` (with
 ``num_inference_steps=1, guidance_scale=0``) reproduce the student, and ``diffsteer.json`` in the folder
 recommends ``steps: 1`` and no guidance.
+
+**The k-step chain is deterministic.** Between the student's steps the chain keeps the ε its own x̂0 implies
+(DDIM with η = 0; on a flow model the Euler step), so the exported scheduler with its default settings is the
+student's sampler and one noise gives one image. DMD2's multi-step generator (and FastGen's default
+``student_sample_type: sde``) instead re-noises x̂0 with fresh Gaussian noise to the next timestep,
+x_{t'} = √ᾱ_{t'}·x̂0 + √(1−ᾱ_{t'})·z (flow: (1 − σ')·x̂0 + σ'·z), which forgets the previous step's error at
+the cost of a sampler that draws noise at every step (diffusers' FlowMatchEulerDiscreteScheduler
+``stochastic_sampling``, LCMScheduler's step). It is not offered here: no run compared the two on the proving
+ground, and the deterministic chain is the one whose exported folder reproduces the training-time sample
+exactly.
+
+**The GAN weight.** The losses are on DMD2's and FastGen's scale (the distribution-matching term a mean-reduced
+MSE surrogate whose gradient is the normalised score difference over the number of elements, the GAN term a
+mean of softplus), so ``gan_weight`` compares directly with theirs: FastGen's default and its SD 1.5 configs
+use 1e-3 (DMD2's SD 1.5 setting), its and DMD2's SDXL 5e-3, FastGen's FLUX DMD2 0.03. The default here is
+0.03 and the proving-ground configs use 0.1 and 0.03: with 64-pixel images, batch 4 and a few thousand steps
+the GAN term has to act within the run, and on the proving ground a ten times larger weight (1.0) collapsed the
+student (BENCHMARKS.md); 1e-3 was not measured there.
+
+**Flow models** (SD3, FLUX.1; ``model`` a flow checkpoint). The same method on the rectified-flow
+parameterisation x_t = (1 − σ)·x0 + σ·ε, every backbone call through the family's forward (the shared trainer's
+``backbone_call``; FLUX packs 2×2 patches inside) at timestep σ·T: the student is a copy of the transformer
+(full or LoRA on its attention projections), generating from pure noise at σ = 1 by k Euler steps x + (σ' −
+σ)·v on the σ grid that ``steps`` steps of the model's own flow scheduler take at the training size (shift,
+dynamic shift μ), its sample the last x̂0 = x − σ·v; the fake score is a copy trained with the flow-matching
+loss (target ε − x0 at σ = t/T, t uniform in [timestep_min, timestep_max]); the real score is the teacher's
+guided velocity through ``teacher_policy``, read as x̂0; the discriminator reads the middle transformer block.
+The export is the family's pipeline folder with the model's own FlowMatchEulerDiscreteScheduler unchanged and
+``diffsteer.json`` recommending ``steps: k``, no guidance and the training size: k steps of our sampler and of
+the family's diffusers pipeline from the same noise are the student's training-time sample. SD3's own grid at
+few steps ends very near zero (shift 3, 4 steps: σ = 1, 0.858, 0.602, 0.009), as diffusers' pipeline runs it;
+FLUX's is linspace(1, 1/k) shifted by μ. ``student_timestep`` is refused on flow models: at σ = 1, x̂0 = x − v
+multiplies no error.
 
 **Regression** (optional, ``regression_weight``): DMD's (not DMD2's) paired loss, the latent MSE between the
 student's sample from z and the teacher's own ``teacher_steps``-step sample from the same z, over
@@ -384,7 +420,9 @@ class FDistillConfig(TrainerConfig):
         default=1,
         metadata={
             "help": "The student's steps: 1 (from pure noise at student_timestep, by default the last timestep) or k "
-            "(its own k-step DDIM chain on trailing timesteps); the evaluation samples the student with as many."
+            "(its own deterministic k-step chain: DDIM on trailing timesteps, or on a flow model Euler on the "
+            "model's own k-step σ grid; DMD2 re-noises between steps instead); the evaluation samples the student "
+            "with as many."
         },
     )
     student_timestep: int | None = field(
@@ -481,7 +519,11 @@ class FDistillConfig(TrainerConfig):
     )
     gan_weight: float = field(
         default=0.03,
-        metadata={"help": "Weight of the generator's GAN loss (0 with reverse_kl: DMD without the discriminator)."},
+        metadata={
+            "help": "Weight of the generator's GAN loss (0 with reverse_kl: DMD without the discriminator). On the "
+            "scale of DMD2's and FastGen's: their default and SD 1.5 value is 1e-3, SDXL 5e-3, FastGen's FLUX "
+            "DMD2 0.03 (this default); the proving-ground configs use 0.1 (UNet) and 0.03 (flow)."
+        },
     )
     # --- the fake score and the discriminator
     fake_trainable: Literal["lora", "full"] = field(
