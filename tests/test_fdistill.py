@@ -247,16 +247,17 @@ trainer.close()
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_normalise_over_the_global_batch_and_equal_one_process(tmp_path):
-    """Two processes (gloo) with batch 2 each against one with batch 4: h(r)'s batch mean and the time bins'
-    running means are of the global batch (the normaliser equals the direct computation on all 8 images), every
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-sd3"])
+def test_two_gloo_processes_normalise_over_the_global_batch_and_equal_one_process(tmp_path, model):
+    """Two processes (gloo) with batch 2 each against one with batch 4, on a UNet and on a flow transformer: h(r)'s
+    batch mean and the time bins' running means are of the global batch (the normaliser equals the direct computation on all 8 images), every
     process holds the same running means (the checkpoint's, which rank 0 writes, so a resume restores them for
     every process), and the trained networks equal the one-process run's to rounding (batched kernels)."""
     from test_service_support import free_port
 
     from diffsteer.training.checkpoints import latest_checkpoint, load_checkpoint
 
-    common = dict(max_steps=2, divergence="js", ratio_bins=4, ratio_ema=0.5, ema_decay=0.0)
+    common = dict(model=model, max_steps=2, divergence="js", ratio_bins=4, ratio_ema=0.5, ema_decay=0.0)
     two = {**TINY, **common, "output_dir": str(tmp_path / "two")}
     env = {
         **os.environ,

@@ -6,10 +6,16 @@ family's diffusers pipeline and in the trainer alike. Tiny random-weight transfo
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.parameterisation import NoiseLevel
@@ -90,6 +96,24 @@ def test_teacher_target_is_the_guided_velocity_read_as_x0(sd3_trainer):
             v = v_u + 2.0 * (v_c - v_u)
             sigma = float(t[i]) / 1000
             torch.testing.assert_close(got[rows], x[rows] - sigma * v, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_score_loss_is_flow_matching_on_the_students_samples(sd3_trainer):
+    """The fake score's loss by hand: the student's sample x0, x_t = (1 − σ)·x0 + σ·ε at σ = t / 1000 with the
+    batch's ε, and the mean squared error of the fake score's velocity against ε − x0."""
+    trainer = sd3_trainer
+    batch = trainer.draw_batch(0, 0, 0)
+    fake_loss, _, _ = trainer.critic_loss(batch)
+    cond = trainer._encode(batch.prompts)[0]["cond"]
+    with torch.no_grad():
+        x0 = trainer.generate(batch, cond)
+        eps = torch.cat(
+            [torch.randn((1, *x0.shape[1:]), generator=torch.Generator().manual_seed(s)) for s in batch.forward_seeds]
+        )
+        sigma = batch.timesteps.float().view(-1, 1, 1, 1) / 1000
+        x_t = (1 - sigma) * x0 + sigma * eps
+        v = trainer.model.family.forward(trainer.fake_score, x_t, batch.timesteps.float(), cond)
+    torch.testing.assert_close(fake_loss.detach(), ((v - (eps - x0)) ** 2).mean(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("spec", ["builtin:tiny-sd3", "builtin:tiny-flux"])
@@ -178,6 +202,47 @@ def test_same_seed_same_weights_and_resume_equals_the_uninterrupted_run(tmp_path
     resumed = FDistillTrainer(flow_config(tmp_path / "c", max_steps=3))
     resumed.train(resume=True)
     _assert_equal_states(_states(resumed), after)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path):
+    """A flow distillation killed (SIGKILL) after its second checkpoint and resumed with --resume ends with the
+    same checkpoint, bit for bit, as the run that was never interrupted."""
+    from diffsteer.training.checkpoints import load_checkpoint
+
+    def cli(name: str, *extra: str) -> subprocess.Popen:
+        config = tmp_path / f"{name}.yaml"
+        values = {**TINY, "output_dir": str(tmp_path / name), "max_steps": 6, "keep_checkpoints": 0}
+        config.write_text(yaml.safe_dump(values))
+        return subprocess.Popen(
+            [sys.executable, "-m", "diffsteer.training.fdistill", "--config", str(config), *extra],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    whole = cli("whole")
+    assert whole.wait(timeout=400) == 0, whole.communicate()[1][-2000:]
+    cut = cli("cut")
+    marker = tmp_path / "cut" / "checkpoints" / "step-00000002.pt"
+    deadline = time.monotonic() + 400
+    while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), cut.communicate()[1][-2000:]
+    cut.send_signal(signal.SIGKILL)
+    cut.wait()
+    assert cut.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "pipeline").exists()
+    resumed = cli("cut", "--resume")
+    assert resumed.wait(timeout=400) == 0, resumed.communicate()[1][-2000:]
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-00000006.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006.pt")
+    for kind in ("modules", "ema"):
+        assert a[kind].keys() == b[kind].keys()
+        for name in a[kind]:
+            for key, value in a[kind][name].items():
+                assert torch.equal(value, b[kind][name][key]), f"{kind}.{name}.{key}"
+    assert torch.equal(a["extra"]["ratio_running"], b["extra"]["ratio_running"])
 
 
 def test_a_lora_student_and_fake_score_on_the_transformer(tmp_path):
