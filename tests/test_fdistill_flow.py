@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_fdistill import TINY as UNET_TINY
+from test_fdistill import _states, tiny_config
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.parameterisation import NoiseLevel
@@ -27,37 +29,13 @@ from diffsteer.training.fdistill import (
     feature_block,
 )
 
-TINY = dict(
-    model="builtin:tiny-sd3",
-    eval_prompts="",
-    batch_size=2,
-    threads=1,
-    progress=False,
-    tensorboard=False,
-    fake_updates_per_step=2,
-    learning_rate=1e-3,
-    fake_learning_rate=1e-3,
-    checkpoint_every=1,
-    ema_decay=0.5,
-    divergence="js",
-    steps=2,
-    teacher_policy="cfg:scale=2",
-)
+# the UNet tests' tiny settings on a tiny SD3 transformer, a 2-step student and a guided teacher
+FLOW = dict(model="builtin:tiny-sd3", divergence="js", steps=2, teacher_policy="cfg:scale=2")
+TINY = {**UNET_TINY, **FLOW}
 
 
 def flow_config(tmp_path: Path, **overrides) -> FDistillConfig:
-    return FDistillConfig(**{**TINY, "output_dir": str(tmp_path / "run"), **overrides})
-
-
-def _states(trainer: FDistillTrainer) -> dict[str, torch.Tensor]:
-    out = {f"{n}.{k}": v for n, m in trainer.modules.items() for k, v in m.state_dict().items()}
-    for name, ema in trainer.emas.items():
-        out.update({f"ema.{name}.{k}": v for k, v in ema.state_dict().items()})
-    for name, slot in trainer.optimizers.items():
-        for i, s in slot.optimizer.state_dict()["state"].items():
-            out.update({f"opt.{name}.{i}.{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
-    out["ratio_running"] = trainer.ratio_running.clone()
-    return out
+    return tiny_config(tmp_path, **{**FLOW, **overrides})
 
 
 def _assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
