@@ -184,6 +184,7 @@ def evaluate(args, out: Path, exported: dict[str, str]) -> dict[str, Any]:
             "pass": {arm: run["summary"][arm]["verifier.passed"]["mean"] for arm in names},
             "reward": {arm: run["summary"][arm][f"reward:{args.reward}"]["mean"] for arm in names},
             **{f"{m}_vs_base": ab_pair(run, "base", m)["verifier.passed"] for m in exported},
+            **{f"{m}_vs_base_cfg1": ab_pair(run, "base_cfg1", m)["verifier.passed"] for m in exported if m in CFG_FREE},
         }
     return results
 
@@ -227,6 +228,10 @@ def markdown(args, summary: dict[str, Any]) -> str:
     lines.append("|---" * (3 + len(methods) + 1) + "|")
     for category, r in ev.items():
         cells = [f"{r['pass'][m]:.3f} ({ci_text(r[f'{m}_vs_base'], tests=False)})" for m in methods]
+        cells = [
+            cell + (f"; vs base cfg 1 {ci_text(r[f'{m}_vs_base_cfg1'], tests=False)}" if m in CFG_FREE else "")
+            for m, cell in zip(methods, cells)
+        ]
         mark = " (trained)" if r["trained"] else ""
         lines.append(
             f"| {category}{mark} | {r['n']} | {r['pass']['base']:.3f} | {r['pass']['base_cfg1']:.3f} | "
