@@ -192,7 +192,7 @@ def _states(trainer: FDistillTrainer) -> dict[str, torch.Tensor]:
     for name, module in trainer.modules.items():
         out.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     for name, ema in trainer.emas.items():
-        out.update({f"ema.{name}.{k}": v.clone() for k, v in ema.average.state_dict().items()})
+        out.update({f"ema.{name}.{k}": v for k, v in ema.state_dict().items()})
     for name, slot in trainer.optimizers.items():
         for i, s in slot.optimizer.state_dict()["state"].items():
             out.update({f"opt.{name}.{i}.{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})

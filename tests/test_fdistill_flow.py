@@ -225,15 +225,29 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path):
 
 def test_a_lora_student_and_fake_score_on_the_transformer(tmp_path):
     """trainable: lora puts the adapters on the transformer's attention projections (diffusers' names, the text
-    stream's too); the student's LoRA exports with the pipeline, and one step moves only adapter weights."""
+    stream's too), only adapter weights train, the student's EMA is an average of its adapter alone (no second copy
+    of the transformer), and the exported pipeline holds the base weights with that average merged in."""
+    from safetensors.torch import load_file
+
+    from diffsteer.training.lora import merged_backbone
+
     trainer = FDistillTrainer(
-        flow_config(tmp_path, max_steps=1, trainable="lora", fake_trainable="lora", export="both", ema_decay=0.0)
+        flow_config(tmp_path, max_steps=2, trainable="lora", fake_trainable="lora", export="both", ema_decay=0.5)
     )
     names = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
     assert names and all("lora" in n for n in names)
     assert any(".add_q_proj." in n for n in names) and any(".to_q." in n for n in names)
+    assert trainer.student_ema is None and sorted(trainer.emas["student"].shadow) == sorted(names)
     summary = trainer.train()
-    assert Path(summary["adapter"]).is_file() and (Path(summary["pipeline"]) / "model_index.json").is_file()
+    assert Path(summary["adapter"]).is_file()
+    with trainer.averaged_weights():
+        expected = merged_backbone(trainer.student).state_dict()
+    exported = load_file(next((Path(summary["pipeline"]) / "transformer").glob("*.safetensors")))
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)
+    live = merged_backbone(trainer.student).state_dict()  # the live adapter, not the average
+    assert any(not torch.equal(live[k], expected[k]) for k in expected)
 
 
 # ----------------------------------------------------------------------------- the exported student

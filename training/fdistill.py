@@ -678,7 +678,13 @@ class FDistillTrainer(Trainer):
                 betas=(0.0, 0.99),
                 weight_decay=0.0,
             )
-        self.student_ema = self.register_ema("student", self.student, c.ema_decay) if c.ema_decay > 0 else None
+        # the student's EMA: a frozen copy of a full student; of a LoRA student only the adapter's average, swapped
+        # into the student for evaluation and export (a second copy of the base weights would hold nothing new)
+        self.student_ema = None
+        if c.ema_decay > 0:
+            self.student_ema = self.register_ema(
+                "student", self.student, c.ema_decay, trainable_only=c.trainable == "lora"
+            )
         self.ratio_running = torch.ones(max(c.ratio_bins, 1), dtype=torch.float64)
         if c.real_data == "pg-train":
             self.scenes = TrainingScenes(seed=c.seed, resolution=self.model.default_size)
@@ -691,8 +697,10 @@ class FDistillTrainer(Trainer):
             self.pair_prompts, self.pair_seeds, self.pair_samples = self.regression_pairs()
 
     def _trainable_copy(self, backbone: torch.nn.Module, trainable: str, name: str) -> torch.nn.Module:
+        """A copy of the teacher's backbone that trains: every weight in fp32 (``full``), or the base weights in
+        the run's weight dtype (bf16/fp16 on GPUs: a LoRA leaves them frozen) with fp32 adapters (``lora``)."""
         c = self.config
-        copy_ = copy.deepcopy(backbone).float()
+        copy_ = copy.deepcopy(backbone)
         if trainable == "lora":
             try:
                 add_lora(copy_, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed + (name == "fake_score"))
@@ -700,7 +708,7 @@ class FDistillTrainer(Trainer):
                 raise InvalidInput("lora_targets", str(e)) from None
             self.register_module(name, copy_, "trainable")
         else:
-            copy_.requires_grad_(True)
+            copy_.float().requires_grad_(True)
             self.register_module(name, copy_, "full")
         return copy_.train()
 
@@ -1041,7 +1049,7 @@ class FDistillTrainer(Trainer):
             for p in critic_params:
                 p.requires_grad_(True)
         totals.update(self.optimizer_step("student"))
-        if self.student_ema is not None:
+        if "student" in self.emas:
             self.update_ema("student")
         return totals
 
