@@ -151,6 +151,34 @@ def test_the_shipped_configs_load():
     assert (flow.model, flow.steps, flow.student_timestep) == ("builtin:proving-ground-flow", 4, None)
 
 
+def test_teacher_samples_as_real_data_and_regression_pairs_on_a_flow_model(tmp_path):
+    """real_data: teacher and the regression pairs sample the flow teacher with its own scheduler (flow-matching
+    Euler, teacher_steps, teacher_policy), and a step trains with both."""
+    from diffsteer.guidance.sampler import prepare
+
+    trainer = FDistillTrainer(
+        flow_config(
+            tmp_path,
+            max_steps=1,
+            real_data="teacher",
+            prompts="pg-train:single",
+            teacher_steps=2,
+            regression_weight=0.5,
+            regression_pairs=2,
+            fake_updates_per_step=1,
+        )
+    )
+    params = trainer._teacher_params(trainer.pair_prompts, trainer.pair_seeds)
+    assert params["scheduler"] == "default" and params["steps"] == 2
+    torch.testing.assert_close(trainer.pair_samples, prepare(trainer.model, params).run().latents.float())
+    batch = trainer.draw_batch(0, 0, 0)
+    expected = prepare(trainer.model, trainer._teacher_params(batch.prompts, batch.real_seeds)).run().latents
+    torch.testing.assert_close(trainer.real_latents(batch, None), expected.float())
+    trainer.train()
+    rows = (Path(trainer.config.output_dir) / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("1,train,loss.regression,") for r in rows)
+
+
 def test_flow_refusals_name_the_field(tmp_path):
     with pytest.raises(InvalidInput, match="student_timestep"):
         FDistillTrainer(flow_config(tmp_path / "a", student_timestep=399))
