@@ -728,7 +728,9 @@ class FDistillTrainer(Trainer):
         if not self.flow:
             ts = student_timesteps(self.student_config, c.steps)
             return ts, [NoiseLevel.vp(float(self.alphas_cumprod[t])) for t in ts]
-        checked = check_request(self.student_model(), self.generation_params(["grid"], [0]))
+        size = self.model.default_size  # the training size (FLUX's μ, hence its grid, depends on it)
+        params = {**self.generation_params(["grid"], [0]), "height": size, "width": size}
+        checked = check_request(self.student_model(), params)
         sigmas = checked.scheduler.sigmas[: len(checked.timesteps)]
         return [float(t) for t in checked.timesteps], [NoiseLevel.flow(float(s)) for s in sigmas]
 
