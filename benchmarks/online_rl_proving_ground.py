@@ -1,11 +1,13 @@
-"""Online RL on the proving ground: Flow-GRPO and DiffusionNFT against AlignProp and the base model at equal wall
-time, judged by the verifier on held-out seeds.
+"""Online RL on the proving ground: Flow-GRPO and DiffusionNFT against AlignProp, SmPO and the base model at equal
+wall time, judged by the verifier on held-out seeds.
 
-1. **Training at equal wall time.** AlignProp, Flow-GRPO and DiffusionNFT (LoRA, the same prompts, reward, seed,
-   rank and learning rate; each method's own sampling recipe: AlignProp samples at the evaluation's steps with
-   truncated backpropagation, Flow-GRPO and NFT roll out at ``--sample-steps``) take optimizer steps in turn, one
-   each, until each has spent ``--budget-s`` seconds in its own steps, so machine load hits all alike and the
-   comparison is per unit of training time, not per step.
+1. **Training at equal wall time.** AlignProp, SmPO, Flow-GRPO and DiffusionNFT (LoRA, the same training prompts,
+   reward, seed, rank and learning rate; each method's own recipe: AlignProp samples at the evaluation's steps with
+   truncated backpropagation; SmPO trains on best-against-rest pairs of the base model's images scored by the
+   reward, made first and counted in its time, with the recipe of its own benchmark (β 20000, τ 0.3, no inversion,
+   an EMA of the adapter); Flow-GRPO and NFT roll out at ``--sample-steps``) take optimizer steps in turn, one
+   each, until each has spent ``--budget-s`` seconds, so machine load hits all alike and the comparison is per
+   unit of training time, not per step.
 2. **The reward-vs-verifier curve.** At ``--curve-points`` evenly spaced moments of each method's budget (and at
    0), its current weights are evaluated by the trainer's own held-out evaluation (``pg:`` prompts at fixed
    seeds): the training reward and the verifier's pass rate, so reward hacking shows as a reward that climbs while
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 from benchmarks.common import ab_pair, ab_progress_printer, ci_text  # noqa: E402
 from diffsteer.guidance.errors import InvalidInput  # noqa: E402
 
-METHODS = ("alignprop", "grpo", "nft")
+METHODS = ("alignprop", "smpo", "grpo", "nft")
 CFG_FREE = {"nft"}  # methods evaluated at guidance 1
 
 SMOKE = dict(
@@ -58,6 +60,8 @@ SMOKE = dict(
     batch=4,
     group_size=2,
     bootstrap=200,
+    pairs_prompts=1,
+    pairs_images=2,
 )
 
 
@@ -65,10 +69,36 @@ def method_policy(args, method: str) -> str:
     return "cfg:scale=1" if method in CFG_FREE else args.policy
 
 
-def build_trainers(args, out: Path) -> dict[str, Any]:
+def smpo_pairs(args, out: Path) -> Path:
+    """SmPO's offline data, made from the base model: the reward's best of ``--pairs-images`` images per training
+    prompt against each other one (``best-rest``, the recipe of BENCHMARKS.md's Diffusion-DPO and SmPO section)."""
+    from diffsteer.training.pairs import PairsConfig, build_pairs
+    from diffsteer.training.preference_data import write_preference_pairs
+
+    config = PairsConfig(
+        output=str(out / "pairs.parquet"),
+        model=args.model,
+        prompts=f"pg-train:{args.train_categories}",
+        max_prompts=args.pairs_prompts,
+        images_per_prompt=args.pairs_images,
+        pairing="best-rest",
+        reward=args.reward,
+        policy=args.policy,
+        scheduler="euler",
+        steps=args.eval_steps,
+        seed=args.seed,
+        batch_size=args.batch_eval,
+    )
+    return write_preference_pairs(config.output, build_pairs(config, progress=False))
+
+
+def build_trainers(args, out: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The trainers, and the seconds each method spent before its first step (SmPO: making its pairs), which count
+    in its budget."""
     from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
     from diffsteer.training.grpo import GRPOConfig, GRPOTrainer
     from diffsteer.training.nft import NFTConfig, NFTTrainer
+    from diffsteer.training.smpo import SmPOConfig, SmPOTrainer
 
     common = dict(
         model=args.model,
@@ -93,23 +123,32 @@ def build_trainers(args, out: Path) -> dict[str, Any]:
         max_steps=10**6,
     )
     online = dict(group_size=args.group_size, sample_steps=args.sample_steps)
+    preference = dict(
+        beta=20000.0, preference_temperature=0.3, inversion=False, ema_decay=0.97, eval_reward=args.reward
+    )
     configs = {
         "alignprop": (AlignPropConfig, AlignPropTrainer, dict(truncation="uniform", truncation_k_max=args.eval_steps)),
+        "smpo": (SmPOConfig, SmPOTrainer, preference),
         "grpo": (GRPOConfig, GRPOTrainer, dict(online, rollout_cfg=float(args.policy_scale))),
         "nft": (NFTConfig, NFTTrainer, dict(online, rollout_cfg=1.0)),
     }
-    trainers = {}
+    trainers, setup = {}, {}
     for method in args.methods.split(","):
         config_cls, trainer_cls, extra = configs[method]
         values = {**common, **extra, "policy": method_policy(args, method), "output_dir": str(out / method)}
+        t0 = time.perf_counter()
+        if method == "smpo":
+            values = {k: v for k, v in values.items() if k not in ("prompts", "reward")}
+            values["data"] = str(smpo_pairs(args, out))
+        setup[method] = time.perf_counter() - t0
         trainers[method] = trainer_cls(config_cls(**values))
-    return trainers
+    return trainers, setup
 
 
-def train_at_equal_wall_time(args, trainers: dict[str, Any]) -> dict[str, Any]:
-    """Round-robin optimizer steps until every method has spent ``budget_s`` in its own steps; curve points at
-    evenly spaced fractions of the budget (evaluation time not counted)."""
-    spent = dict.fromkeys(trainers, 0.0)
+def train_at_equal_wall_time(args, trainers: dict[str, Any], setup: dict[str, float]) -> dict[str, Any]:
+    """Round-robin optimizer steps until every method has spent ``budget_s`` in its setup (SmPO's pairs) and its
+    own steps; curve points at evenly spaced fractions of the budget (evaluation time not counted)."""
+    spent = dict(setup)
     curve: dict[str, list[dict[str, float]]] = {m: [] for m in trainers}
     marks = [args.budget_s * (k + 1) / args.curve_points for k in range(args.curve_points)]
     next_mark = dict.fromkeys(trainers, 0)
@@ -123,20 +162,26 @@ def train_at_equal_wall_time(args, trainers: dict[str, Any]) -> dict[str, Any]:
         curve[method].append({"train_s": spent[method], "step": trainer.step, **metrics})
         print(f"{method}: {spent[method]:.0f} s, step {trainer.step}: {metrics}", file=sys.stderr, flush=True)
 
+    def catch_up(method: str) -> None:
+        while next_mark[method] < len(marks) and spent[method] >= marks[next_mark[method]]:
+            next_mark[method] += 1
+            point(method)
+
+    def running(method: str) -> bool:  # every method takes at least one step, even after a setup over budget
+        return spent[method] < args.budget_s or trainers[method].step == 0
+
     for method in trainers:
         point(method)
-    while any(spent[m] < args.budget_s for m in trainers):
+    while any(running(m) for m in trainers):
         for method, trainer in trainers.items():
-            if spent[method] >= args.budget_s:
+            if not running(method):
                 continue
             t0 = time.perf_counter()
             metrics = trainer.train_step()
             step_times[method].append(time.perf_counter() - t0)
             spent[method] += step_times[method][-1]
-            rewards[method].append(metrics["reward"])
-            while next_mark[method] < len(marks) and spent[method] >= marks[next_mark[method]]:
-                next_mark[method] += 1
-                point(method)
+            rewards[method].append(metrics.get("reward", np.nan))  # SmPO trains on pairs: no rollout reward
+            catch_up(method)
     exported = {}
     for method, trainer in trainers.items():
         exported[method] = trainer.export()["pipeline"]
@@ -144,7 +189,9 @@ def train_at_equal_wall_time(args, trainers: dict[str, Any]) -> dict[str, Any]:
         "train_s": spent,
         "steps": {m: t.step for m, t in trainers.items()},
         "step_s_median": {m: float(np.median(v)) for m, v in step_times.items()},
-        "train_reward_first_last": {m: [v[0], float(np.mean(v[-5:]))] for m, v in rewards.items() if v},
+        "train_reward_first_last": {
+            m: [v[0], float(np.mean(v[-5:]))] for m, v in rewards.items() if v and not np.isnan(v[0])
+        },
         "curve": curve,
         "exported": exported,
     }
@@ -219,8 +266,9 @@ def markdown(args, summary: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for m in methods:
-        first, last = tr["train_reward_first_last"].get(m, [float("nan")] * 2)
-        lines.append(f"| {m} | {tr['steps'][m]} | {tr['step_s_median'][m]:.2f} | {first:.4f} → {last:.4f} |")
+        first_last = tr["train_reward_first_last"].get(m)
+        rewards = f"{first_last[0]:.4f} → {first_last[1]:.4f}" if first_last else "—"
+        lines.append(f"| {m} | {tr['steps'][m]} | {tr['step_s_median'][m]:.2f} | {rewards} |")
     lines += [
         "",
         "| category | n | base | base cfg 1 | " + " | ".join(f"{m} (Δ vs base, 95% CI)" for m in methods) + " |",
@@ -259,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluation (and of AlignProp)")
     ap.add_argument("--batch", type=int, default=8, help="images per step (each method)")
     ap.add_argument("--group-size", type=int, default=4, help="images per prompt of GRPO and NFT")
+    ap.add_argument("--pairs-prompts", type=int, default=24, help="SmPO: training prompts its pairs are made from")
+    ap.add_argument("--pairs-images", type=int, default=12, help="SmPO: images per prompt (best against the rest)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--eval-categories", default="single,two_objects,counting,position,colour_binding")
@@ -284,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        trainers = build_trainers(args, out)
-        training = train_at_equal_wall_time(args, trainers)
+        trainers, setup = build_trainers(args, out)
+        training = train_at_equal_wall_time(args, trainers, setup)
+        training["setup_s"] = setup
         evaluation = evaluate(args, out, training["exported"])
     except InvalidInput as e:
         print(f"online_rl_proving_ground: error: {e}", file=sys.stderr)
