@@ -37,8 +37,20 @@ Rows (``--rows`` picks some; order = priority when the budget runs short):
 - ``flow_flux``: the same for FLUX.1-dev's transformer at its real config (11.9B, guidance-distilled, the real 512
   T5 tokens), built in bf16 directly on the device; ``generate`` with cfg 1 on the distilled guidance 3.5.
 
-The two flow rows come last: in the default budget they run only if the rows before them leave time; on their
-own (``--rows flow_sd35m,flow_flux``) they take about 2-3 minutes on an H100 (FLUX.1-dev-size needs ~30 GB).
+- ``train_sd35m``: one LoRA training step of each training method on SD3.5 Medium's MMDiT (real config, random
+  weights, bf16 base, fp32 LoRA on the attention projections of both streams, rank 16) at 1024², batch 1, through
+  the shared trainer: AlignProp through the 4-step Euler flow sampler under cfg 7 with gradient checkpointing of
+  every transformer call (K = 1 and K = 4 = full backpropagation; the ``saturation`` reward, so the row measures
+  the backbone), Diffusion-DPO and SmPO in flow form on a one-pair synthetic file (gradient checkpointing), f-distill
+  to a one-step student (gradient checkpointing), Flow-GRPO and DiffusionNFT (groups of 2, 4 sampling steps; they
+  have no checkpointing option): step time and peak memory against the bf16 weights;
+- ``train_flux``: the same on FLUX.1-dev's transformer (real config, 11.9B) at 1024², cfg 1 on the distilled
+  guidance 3.5.
+
+The flow rows come last: in the default budget they run only if the rows before them leave time; on their own
+(``--rows flow_sd35m,flow_flux``) they take about 2-3 minutes on an H100 (FLUX.1-dev-size needs ~30 GB); the
+training rows (``--rows train_sd35m,train_flux``) a few minutes more (a method that runs out of memory is a line
+with its error; f-distill keeps two more copies of the backbone).
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import json
 import os
 import platform
@@ -96,6 +109,8 @@ ROWS: dict[str, float] = {
     "compile": 150,
     "flow_sd35m": 75,
     "flow_flux": 120,
+    "train_sd35m": 240,
+    "train_flux": 420,
 }
 SMOKE_ROW_CAP = 600  # CPU, tiny models; generous because a shared machine can be 10x slower than idle
 PROMPT = "a red circle to the left of a blue square"
@@ -677,6 +692,24 @@ def seconds_per_call(fn: Callable[[], Any], device, *, repeats: int, target_s: f
     return interleaved_medians({"f": lambda: [fn() for _ in range(calls)]}, repeats, device)["f"] / calls
 
 
+def _flow_model(s: Setup, row: str, build: Callable[[], dict]):
+    """The components ``build`` makes, built on the device in bf16 (fp32 on a CPU), as a DiffusionModel."""
+    import torch
+
+    from benchmarks.common import default_dtype
+    from diffsteer.guidance.models import _place, from_components
+
+    dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32  # bf16 is slow on most CPUs
+    with torch.device(s.device), default_dtype(dtype):
+        model = from_components(f"{row}-random", build())
+    for module in (model.backbone, model.vae, *model.text_encoders):
+        tensors = [*module.parameters(), *module.buffers()]
+        if any(v.is_floating_point() and v.dtype != dtype for v in tensors):
+            module.to(dtype)  # buffers made in fp32 (positions), as loading a checkpoint in bf16 would
+    _place(model, s.device, dtype)
+    return model, dtype
+
+
 def _flow_row(s: Setup, row: str, label: str, build: Callable[[], dict], policy: str, passes: int) -> list[dict]:
     """A flow transformer built on the device in bf16 (fp32 on a CPU): its backbone call (as the sampler makes it,
     through the family's ``forward``) at 1, 2, 8 rows and at the rows of the generations, its MFU and batching
@@ -685,19 +718,11 @@ def _flow_row(s: Setup, row: str, label: str, build: Callable[[], dict], policy:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.common import default_dtype, interleaved_medians
-    from diffsteer.guidance.models import _place, from_components
+    from benchmarks.common import interleaved_medians
     from diffsteer.guidance.sampler import generate
 
-    dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32  # bf16 is slow on most CPUs
+    model, dtype = _flow_model(s, row, build)
     dtype_name = str(dtype).removeprefix("torch.")
-    with torch.device(s.device), default_dtype(dtype):
-        model = from_components(f"{row}-random", build())
-    for module in (model.backbone, model.vae, *model.text_encoders):
-        tensors = [*module.parameters(), *module.buffers()]
-        if any(v.is_floating_point() and v.dtype != dtype for v in tensors):
-            module.to(dtype)  # buffers made in fp32 (positions), as loading a checkpoint in bf16 would
-    _place(model, s.device, dtype)
     family, backbone = model.family, model.backbone
     size = 32 if s.smoke else 1024
     steps = 2 if s.smoke else 4
@@ -819,12 +844,168 @@ def _flow_row(s: Setup, row: str, label: str, build: Callable[[], dict], policy:
     return out
 
 
-def row_flow_sd35m(s: Setup) -> list[dict]:
-    """SD3.5 Medium's MMDiT (real config, 2.2B, random weights, bf16) at 1024²: 4096 image tokens and the real
-    333 text tokens (77 CLIP + 256 T5 positions; the text encoders are small random ones and T5's states zeros,
-    :func:`benchmarks.common.sd35_medium_components`): the rows measure the backbone. cfg at 7 (two rows per
-    image, as ``StableDiffusion3Pipeline``). Smoke: the tiny SD3.5-Medium-style model (dual attention) at 32²."""
+def _pairs_file(folder: Path, size: int) -> str:
+    """One preference pair of two random ``size``² PNGs (image 0 preferred, scores for SmPO) for the DPO rows."""
+    import io
 
+    import numpy as np
+    from PIL import Image
+
+    from diffsteer.training.preference_data import write_preference_pairs
+
+    def png(seed: int) -> bytes:
+        pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    row = {"caption": PROMPT, "jpg_0": png(0), "jpg_1": png(1), "label_0": 1.0, "label_1": 0.0}
+    return str(write_preference_pairs(folder / "pairs.parquet", [{**row, "score_0": 0.7, "score_1": 0.3}]))
+
+
+def training_methods(s: Setup, policy: str, steps: int, data: str) -> dict[str, tuple[str, Callable[[], Any]]]:
+    """Each training method's (config, trainer) factory for one LoRA step at batch 1 (a label for the line)."""
+    from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
+    from diffsteer.training.dpo import DPOConfig, DPOTrainer
+    from diffsteer.training.fdistill import FDistillConfig, FDistillTrainer
+    from diffsteer.training.grpo import GRPOConfig, GRPOTrainer
+    from diffsteer.training.nft import NFTConfig, NFTTrainer
+    from diffsteer.training.smpo import SmPOConfig, SmPOTrainer
+
+    scale = float(policy.rsplit("=", 1)[1])
+    rollout = dict(prompts="pg-train:single", reward="saturation:1", policy=policy, scheduler="euler")
+    online = dict(rollout, group_size=2, batch_size=2, sample_steps=steps, rollout_cfg=scale, steps=steps)
+    return {
+        "alignprop K = 1": (AlignPropConfig, AlignPropTrainer, dict(rollout, steps=steps, truncation_k=1)),
+        f"alignprop K = {steps} (full)": (
+            AlignPropConfig,
+            AlignPropTrainer,
+            dict(rollout, steps=steps, truncation_k=steps),
+        ),
+        "dpo": (DPOConfig, DPOTrainer, dict(data=data, gradient_checkpointing=True, beta=1000.0)),
+        "smpo": (SmPOConfig, SmPOTrainer, dict(data=data, gradient_checkpointing=True)),
+        "fdistill": (
+            FDistillConfig,
+            FDistillTrainer,
+            dict(
+                prompts="pg-train:single",
+                real_data="teacher",
+                trainable="lora",
+                fake_trainable="lora",
+                teacher_steps=steps,
+                teacher_policy=policy,
+                scheduler="euler",
+                policy="cfg:scale=1",
+                gradient_checkpointing=True,
+                export="lora",
+                regression_weight=0.0,
+            ),
+        ),
+        "grpo": (GRPOConfig, GRPOTrainer, dict(online, updates_per_rollout=1)),
+        "nft": (NFTConfig, NFTTrainer, online),
+    }
+
+
+def _training_row(s: Setup, row: str, label: str, build: Callable[[], dict], policy: str) -> list[dict]:
+    """One LoRA training step of each method (:func:`training_methods`) on the model ``build`` makes, through the
+    shared trainer on the same bf16 base (each method's adapter removed before the next): the median of the timed
+    steps after one warm-up step, and the peak memory of those steps against the base weights."""
+    import torch
+
+    from benchmarks.common import interleaved_medians
+    from diffsteer.guidance.models import with_family_defaults
+
+    model, dtype = _flow_model(s, row, build)
+    backbone, family = model.backbone, model.family
+    size = 32 if s.smoke else 1024
+    steps = 2 if s.smoke else 4
+    model.defaults = with_family_defaults(model.defaults, family, dict(backbone.config), size)  # its native size
+    weights_gb = sum(p.numel() * p.element_size() for p in backbone.parameters()) / 1e9
+    condition = family.encode_prompts(model, [PROMPT], height=size, width=size)[0]
+    condition = family.with_request_inputs(model, condition, None)
+    x = torch.randn(1, *model.latent_shape(size, size), generator=torch.Generator().manual_seed(0)).to(s.device, dtype)
+    t = torch.tensor(500.0, device=s.device)
+    with torch.no_grad():  # the yardstick: one inference call of one row
+        forward_s = seconds_per_call(lambda: family.forward(backbone, x, t, condition), s.device, repeats=s.repeats)
+    work = Path(tempfile.mkdtemp(prefix="diffsteer-train-row-"))
+    common = dict(
+        eval_prompts="",
+        batch_size=1,
+        max_steps=1000,
+        height=size,
+        width=size,
+        lora_rank=4 if s.smoke else 16,
+        lora_alpha=4 if s.smoke else 16,
+        mixed_precision="bf16" if s.device.type == "cuda" else "no",
+        device=str(s.device),
+        progress=False,
+        tensorboard=False,
+        threads=torch_threads(),
+    )
+    out: list[dict] = []
+    try:
+        data = _pairs_file(work, size)
+        for name, (config_cls, trainer_cls, fields) in training_methods(s, policy, steps, data).items():
+            measure = f"{name}: one LoRA step, {label}, {size}², batch 1"
+            try:
+                config = config_cls(**{**common, **fields, "output_dir": str(work / name.split()[0])})
+                trainer = trainer_cls(config, model=model)
+                trainer.train_step()  # warm-up
+                mem: dict[str, float] = {}
+                with peak_memory(s.device, mem):
+                    seconds = interleaved_medians({"s": trainer.train_step}, s.repeats, s.device)["s"]
+            except Exception as e:  # noqa: BLE001 - one method's failure (out of memory) is its line's error
+                out.append(line(row, measure, None, "s", error=f"{type(e).__name__}: {e}"[:300]))
+                continue
+            finally:
+                trainer = None
+                gc.collect()  # a method's data-loader workers end with its trainer, before the next method runs
+                if getattr(backbone, "peft_config", None):
+                    backbone.unload_lora()  # the next method starts from the bare base
+                if s.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            out.append(
+                line(
+                    row,
+                    measure,
+                    seconds,
+                    "s",
+                    baseline="one backbone call of one row, no grad",
+                    baseline_value=forward_s,
+                    method=name,
+                    checkpointing=bool(fields.get("gradient_checkpointing", "truncation_k" in fields)),
+                )
+            )
+            out.append(
+                line(
+                    row,
+                    f"{name}: peak memory"
+                    + (" (CUDA, allocated)" if s.device.type == "cuda" else " (process peak RSS)"),
+                    round(mem["peak_bytes"] / 1e9, 3),
+                    "GB",
+                    baseline=f"the transformer's weights ({str(dtype).removeprefix('torch.')})",
+                    baseline_value=weights_gb,
+                    method=name,
+                )
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def row_train_sd35m(s: Setup) -> list[dict]:
+    """:func:`_training_row` on SD3.5 Medium's MMDiT under cfg 7 (smoke: the tiny SD3.5-M-style model, 32²)."""
+    label = "tiny SD3.5-M-style MMDiT" if s.smoke else "SD3.5-Medium MMDiT"
+    return _training_row(s, "train_sd35m", label, _sd35m_components(s), "cfg:scale=7")
+
+
+def row_train_flux(s: Setup) -> list[dict]:
+    """:func:`_training_row` on FLUX.1-dev's transformer, cfg 1 on the distilled guidance (smoke: tiny FLUX.1-dev)."""
+    label = "tiny FLUX.1-dev transformer" if s.smoke else "FLUX.1-dev transformer"
+    return _training_row(s, "train_flux", label, _flux_components(s), "cfg:scale=1")
+
+
+def _sd35m_components(s: Setup) -> Callable[[], dict]:
     def build():
         if s.smoke:
             from diffsteer.guidance.tiny_transformers import tiny_sd3_components
@@ -835,16 +1016,10 @@ def row_flow_sd35m(s: Setup) -> list[dict]:
 
         return sd35_medium_components()
 
-    label = "tiny SD3.5-M-style MMDiT" if s.smoke else "SD3.5-Medium MMDiT"
-    return _flow_row(s, "flow_sd35m", label, build, "cfg:scale=7", passes=2)
+    return build
 
 
-def row_flow_flux(s: Setup) -> list[dict]:
-    """FLUX.1-dev's transformer (real config, 11.9B, random weights, bf16, built on the device) at 1024²: 4096
-    image tokens and the real 512 T5 tokens (a small random CLIP and a one-layer random T5 of the real width,
-    :func:`benchmarks.common.flux_dev_components`): the rows measure the backbone. cfg at 1 on the distilled
-    guidance 3.5 (one row per image, as ``FluxPipeline``'s defaults). Smoke: the tiny FLUX.1-dev model at 32²."""
-
+def _flux_components(s: Setup) -> Callable[[], dict]:
     def build():
         if s.smoke:
             from diffsteer.guidance.tiny_transformers import tiny_flux_components
@@ -854,8 +1029,25 @@ def row_flow_flux(s: Setup) -> list[dict]:
 
         return flux_dev_components()
 
+    return build
+
+
+def row_flow_sd35m(s: Setup) -> list[dict]:
+    """SD3.5 Medium's MMDiT (real config, 2.2B, random weights, bf16) at 1024²: 4096 image tokens and the real
+    333 text tokens (77 CLIP + 256 T5 positions; the text encoders are small random ones and T5's states zeros,
+    :func:`benchmarks.common.sd35_medium_components`): the rows measure the backbone. cfg at 7 (two rows per
+    image, as ``StableDiffusion3Pipeline``). Smoke: the tiny SD3.5-Medium-style model (dual attention) at 32²."""
+    label = "tiny SD3.5-M-style MMDiT" if s.smoke else "SD3.5-Medium MMDiT"
+    return _flow_row(s, "flow_sd35m", label, _sd35m_components(s), "cfg:scale=7", passes=2)
+
+
+def row_flow_flux(s: Setup) -> list[dict]:
+    """FLUX.1-dev's transformer (real config, 11.9B, random weights, bf16, built on the device) at 1024²: 4096
+    image tokens and the real 512 T5 tokens (a small random CLIP and a one-layer random T5 of the real width,
+    :func:`benchmarks.common.flux_dev_components`): the rows measure the backbone. cfg at 1 on the distilled
+    guidance 3.5 (one row per image, as ``FluxPipeline``'s defaults). Smoke: the tiny FLUX.1-dev model at 32²."""
     label = "tiny FLUX.1-dev transformer" if s.smoke else "FLUX.1-dev transformer"
-    return _flow_row(s, "flow_flux", label, build, "cfg:scale=1", passes=1)
+    return _flow_row(s, "flow_flux", label, _flux_components(s), "cfg:scale=1", passes=1)
 
 
 ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
@@ -870,6 +1062,8 @@ ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
     "mfu_sdxl": row_mfu_sdxl,
     "flow_sd35m": row_flow_sd35m,
     "flow_flux": row_flow_flux,
+    "train_sd35m": row_train_sd35m,
+    "train_flux": row_train_flux,
 }
 
 

@@ -55,6 +55,15 @@ def test_smoke_run_measures_every_row(tmp_path):
         generated = [ln for ln in lines if ln["unit"] == "images/s"]
         assert [ln["batch"] for ln in generated] == [1, 4], row
         assert all(ln["value"] > 0 and 0 < ln["ratio"] and ln["nfe"] == 2 * passes for ln in generated), row
+    methods = ["alignprop K = 1", "alignprop K = 2 (full)", "dpo", "smpo", "fdistill", "grpo", "nft"]
+    for row in ("train_sd35m", "train_flux"):
+        lines = by_row[row]["lines"]
+        steps = {ln.get("method"): ln for ln in lines if ln["unit"] == "s"}
+        assert list(steps) == methods, (row, [ln.get("error") for ln in lines])
+        assert all(ln["value"] > 0 and ln["baseline_value"] > 0 for ln in steps.values()), row
+        assert steps["alignprop K = 1"]["checkpointing"] and steps["dpo"]["checkpointing"], row
+        memory = [ln for ln in lines if ln["unit"] == "GB"]
+        assert [ln["method"] for ln in memory] == methods and all(ln["value"] > 0 for ln in memory), row
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| row | measure | value | baseline" in table and "| reno |" in table
 
