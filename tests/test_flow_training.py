@@ -301,3 +301,32 @@ def test_fsdp_over_two_processes_repeats_resumes_and_equals_one_process(tmp_path
     assert error <= 1e-6 < update
     exported = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "whole" / "pipeline")).transformer.state_dict()
     assert all(torch.equal(exported[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        (dict(sharding="fsdp"), "sharding"),  # a LoRA run
+        (dict(sharding="fsdp", trainable="full", export="pipeline", mixed_precision="fp16"), "mixed_precision"),
+        (dict(sharding="fsdp", trainable="full", export="pipeline", truncation="uniform"), "truncation"),
+        (dict(sharding="zero3"), "sharding"),
+        (dict(lora_targets=("no_such_projection",)), "lora_targets"),
+    ],
+)
+def test_bad_sharding_and_target_settings_name_the_field(tmp_path, values, field):
+    from diffsteer.guidance.errors import InvalidInput
+    from diffsteer.training.config_io import load_config
+
+    with pytest.raises(InvalidInput) as info:
+        overrides = [f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in {**SD3, **values}.items()]
+        config = load_config(AlignPropConfig, None, [*overrides, f"output_dir={tmp_path}"])
+        AlignPropTrainer(config)  # one process: fsdp is refused here too
+    assert info.value.field == field
+
+
+def test_fsdp_in_one_process_is_refused_naming_sharding(tmp_path):
+    from diffsteer.guidance.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="torchrun") as info:
+        AlignPropTrainer(AlignPropConfig(**{**FULL, "sharding": "fsdp", "output_dir": str(tmp_path)}))
+    assert info.value.field == "sharding"

@@ -43,8 +43,7 @@ A method is one module, ``training/<method>.py`` (trl's pairing of ``<method>_co
   ``eval_model()``       the DiffusionModel the held-out evaluation samples from (default ``self.model``).
   ``eval_reward()``      reward spec scored on evaluation images besides the verifier (default ``eval_reward``).
   ``export_backbone()``  the backbone written by a pipeline export and whose LoRA a LoRA export writes (default:
-                         ``self.model.backbone``; a distiller returns its EMA student). The former name
-                         ``export_unet`` is still honoured where a method overrides it.
+                         ``self.model.backbone``; a distiller returns its EMA student).
   ``extra_state()`` / ``load_extra_state(state)``  anything else a resumed run needs (tensors, numbers, strings).
   ``progress_postfix(metrics)`` what the progress bar shows.
 
@@ -524,7 +523,7 @@ class Trainer:
         if (
             c.export in ("lora", "both")
             and type(self).export is Trainer.export
-            and not has_lora(self.exported_backbone())
+            and not has_lora(self.export_backbone())
         ):
             raise InvalidInput(
                 "export", f"{c.export!r} needs a LoRA on the backbone and this run trains none; use export: pipeline"
@@ -667,16 +666,6 @@ class Trainer:
 
     def export_backbone(self) -> torch.nn.Module:
         return self.model.backbone
-
-    def export_unet(self) -> torch.nn.Module:
-        """The former name of :meth:`export_backbone`, honoured where a method still overrides it."""
-        return self.export_backbone()
-
-    def exported_backbone(self) -> torch.nn.Module:
-        """What the export writes: :meth:`export_backbone`, or a method's own ``export_unet`` (the former name)."""
-        if type(self).export_unet is not Trainer.export_unet:
-            return self.export_unet()
-        return self.export_backbone()
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -955,7 +944,7 @@ class Trainer:
         and takes part in gathering it first."""
         written: dict[str, str] = {}
         with self.averaged_weights():
-            exported = self.exported_backbone()
+            exported = self.export_backbone()
             whole = self.unsharded(exported)
             if not self.processes.is_main:
                 return written
@@ -979,7 +968,7 @@ class Trainer:
         return whole.eval()
 
     def export_lora(self, directory: Path) -> Path:
-        backbone = self.exported_backbone()
+        backbone = self.export_backbone()
         if not has_lora(backbone):
             raise InvalidInput("export", "the trained backbone has no LoRA adapter; use export: pipeline")
         return save_lora_weights(dataclasses.replace(self.model, backbone=backbone), directory)
@@ -988,7 +977,7 @@ class Trainer:
         """The family's whole diffusers pipeline (``save_pretrained``, safetensors) whose backbone is ``backbone``
         (default :meth:`export_backbone`) with any LoRA merged; written beside ``directory`` and renamed into
         place, replacing an older export."""
-        backbone, vae = merged_backbone(backbone or self.exported_backbone()), self.model.vae
+        backbone, vae = merged_backbone(backbone or self.export_backbone()), self.model.vae
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.export_dtype)
         if dtype is not None:  # copies: the run's own modules stay as they are
             backbone, vae = copy.deepcopy(backbone).to(dtype), copy.deepcopy(vae).to(dtype)
