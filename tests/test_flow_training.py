@@ -149,7 +149,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
 @pytest.mark.slow
 def test_the_lora_and_the_pipeline_export_load_in_diffusers_and_give_our_image(runs):
     """StableDiffusion3Pipeline.load_lora_weights on the base model, and the merged pipeline folder, each give
-    the image our sampler gives with the trained adapter (within one grey level); the adapter changes it."""
+    the image our sampler gives with the trained adapter (within one grey level); the adapter changes it; the
+    service serves it by name."""
     from diffusers import StableDiffusion3Pipeline
 
     tmp, trainers, _, _ = runs
@@ -161,6 +162,10 @@ def test_the_lora_and_the_pipeline_export_load_in_diffusers_and_give_our_image(r
     assert_same_image(_diffusers(pipe, guidance_scale=3.0), trained)
     exported = StableDiffusion3Pipeline.from_pretrained(str(tmp / "a" / "pipeline"))
     assert_same_image(_diffusers(exported, guidance_scale=3.0), trained)
+    # and the service loads the adapter by name into the same model
+    from test_service_support import assert_lora_served_like
+
+    assert_lora_served_like(trainers["a"].model, tmp / "a" / "adapters", "alignprop", "builtin:tiny-sd3", "euler")
 
 
 def test_a_flux_lora_loads_in_flux_pipeline_at_alpha_over_rank_and_gives_our_image(tmp_path):

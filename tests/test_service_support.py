@@ -125,9 +125,9 @@ class UNetGate:
         self.close()
 
 
-def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tiny") -> None:
+def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tiny", scheduler: str = "ddim") -> None:
     """The service, given ``lora_dir``, generates with LoRA ``name`` what ``model`` (the trained ``spec``, its
-    adapter active) generates directly (within PNG rounding)."""
+    adapter active) generates directly (within PNG rounding); ``scheduler``: one of the model's schedule."""
     from diffsteer.guidance.sampler import generate
 
     # the policy is named: the service would otherwise use the model's recommended one, the library its own default
@@ -135,7 +135,7 @@ def assert_lora_served_like(model, lora_dir, name: str, spec: str = "builtin:tin
         "prompt": "a red circle",
         "steps": 4,
         "seed": 7,
-        "scheduler": "ddim",
+        "scheduler": scheduler,
         "policy": "cfg:scale=3",
         "model": spec,
     }
