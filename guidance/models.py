@@ -6,6 +6,8 @@
   its synthetic shapes world (64×64, shipped in the package; see ``proving_ground/build_model.py``);
 - ``"builtin:proving-ground-1step"``: its one-step student, distilled by f-distill (``training/fdistill.py``;
   one DDIM step, no guidance, by its ``diffsteer.json``);
+- ``"builtin:proving-ground-flow"``: a flow-matching model of the same world, an SD3-style MMDiT trained by
+  rectified flow (a ``StableDiffusion3Pipeline`` folder; see ``proving_ground/build_flow_model.py``);
 - tiny random-weight models built from config (:data:`TINY_MODELS`): ``builtin:tiny`` / ``builtin:tiny-v`` /
   ``builtin:tiny-sdxl`` (UNets), ``builtin:tiny-sd3``, ``builtin:tiny-flux`` (guidance-distilled, as FLUX.1-dev),
   ``builtin:tiny-flux-schnell``, ``builtin:tiny-qwenimage``, ``builtin:tiny-zimage``;
@@ -49,7 +51,11 @@ from diffsteer.proving_ground import shipped
 
 log = logging.getLogger(__name__)
 
-BUILTIN_FOLDERS = {"builtin:proving-ground": shipped.MODEL, "builtin:proving-ground-1step": shipped.ONE_STEP_MODEL}
+BUILTIN_FOLDERS = {
+    "builtin:proving-ground": shipped.MODEL,
+    "builtin:proving-ground-1step": shipped.ONE_STEP_MODEL,
+    "builtin:proving-ground-flow": shipped.FLOW_MODEL,
+}
 
 
 @dataclass(frozen=True)

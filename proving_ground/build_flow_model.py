@@ -67,12 +67,15 @@ class ProvingGroundFlowConfig:
         metadata={"help": "The UNet model folder whose VAE and text encoder are reused (frozen)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data stream and of every initialisation."})
-    num_scenes: int = field(default=30_000, metadata={"help": "Training scenes rendered and encoded once."})
+    num_scenes: int = field(default=20_000, metadata={"help": "Training scenes rendered and encoded once."})
     category_weights: dict[str, float] = field(
         default_factory=lambda: dict(ProvingGroundModelConfig().category_weights),
         metadata={"help": "Mix of prompt categories in the training stream."},
     )
-    threads: int = field(default=2, metadata={"help": "torch CPU threads."})
+    threads: int = field(
+        default=1,
+        metadata={"help": "torch CPU threads (on the shared 2-core machine two were 2-3x slower than one)."},
+    )
     # transformer
     num_layers: int = field(default=4, metadata={"help": "MMDiT joint blocks."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
@@ -82,7 +85,7 @@ class ProvingGroundFlowConfig:
         default=32, metadata={"help": "Position grid side (tokens): 32 allows 256×256 images."}
     )
     # training
-    steps: int = field(default=3000, metadata={"help": "Optimisation steps."})
+    steps: int = field(default=2500, metadata={"help": "Optimisation steps."})
     batch: int = field(default=32, metadata={"help": "Batch size."})
     lr: float = field(default=5e-4, metadata={"help": "Peak learning rate (warm-up, cosine decay)."})
     warmup: int = field(default=200, metadata={"help": "Warm-up steps."})
@@ -91,6 +94,10 @@ class ProvingGroundFlowConfig:
     logit_mean: float = field(default=0.0, metadata={"help": "m of the logit-normal t distribution."})
     logit_std: float = field(default=1.0, metadata={"help": "s of the logit-normal t distribution."})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved transformer weights."})
+    snapshot_steps: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "Also save the EMA model after these steps, as OUTPUT-stepN folders (pilot evaluations)."},
+    )
     # sampling
     shift: float = field(default=3.0, metadata={"help": "The scheduler's σ shift at sampling (SD3: 3)."})
     recommended_policy: str = field(
@@ -203,8 +210,9 @@ def flow_pair(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[t
     return (1 - tt) * x0 + tt * noise, noise - x0
 
 
-def train_transformer(cfg, latents_mean, latents_std, latent_shift, scaling, captions, model, log):
-    """Rectified-flow training of ``model.backbone`` on the encoded scenes; returns the EMA transformer."""
+def train_transformer(cfg, latents_mean, latents_std, latent_shift, scaling, captions, model, log, snapshot=None):
+    """Rectified-flow training of ``model.backbone`` on the encoded scenes; returns the EMA transformer.
+    ``snapshot(step, ema)`` is called after each of ``cfg.snapshot_steps``."""
     transformer = model.backbone.train()
     unique = sorted(set(captions)) + [""]
     conditions = model.family.encode_prompts(model, unique, height=64, width=64)
@@ -250,16 +258,23 @@ def train_transformer(cfg, latents_mean, latents_std, latent_shift, scaling, cap
         losses.append(loss.item())
         if step % 200 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        if snapshot is not None and step + 1 in cfg.snapshot_steps:
+            snapshot(step + 1, ordinary_attention(copy.deepcopy(ema)))
     log["flow_mse_first_200"] = float(np.mean(losses[:200]))
     log["flow_mse_last_200"] = float(np.mean(losses[-200:]))
+    return ordinary_attention(ema)
+
+
+def ordinary_attention(transformer):
+    """The transformer with diffusers' own joint attention again (what the saved model runs)."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    ema.set_attn_processor(JointAttnProcessor2_0())  # the saved model is the ordinary one
-    return ema
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    return transformer
 
 
 def train(cfg: ProvingGroundFlowConfig) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -291,23 +306,32 @@ def train(cfg: ProvingGroundFlowConfig) -> Path:
         "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift),
     }
     model = from_components("proving-ground-flow", components)
-    components["transformer"] = train_transformer(cfg, mean, std, latent_shift, scaling, captions, model, log)
+
+    def snapshot(step, transformer):
+        save_pipeline(cfg, {**components, "transformer": transformer}, Path(f"{out}-step{step}"), {**log, "step": step})
+
+    trained = train_transformer(cfg, mean, std, latent_shift, scaling, captions, model, log, snapshot)
     log["transformer_s"] = time.perf_counter() - t2
     log["total_s"] = time.perf_counter() - t0
+    save_pipeline(cfg, {**components, "transformer": trained}, out, log)
+    return out
 
-    # Transformer and VAE in fp16; the text encoders (0.3 MB each) stay fp32, as in the UNet model's folder.
-    components["transformer"] = components["transformer"].half()
-    components["vae"] = vae.half()
-    if out.exists():
-        shutil.rmtree(out / "transformer", ignore_errors=True)
-    StableDiffusion3Pipeline(**components).save_pretrained(out, safe_serialization=True)
+
+def save_pipeline(cfg: ProvingGroundFlowConfig, components: dict, out: Path, log: dict) -> None:
+    """The pipeline folder with its training log and diffsteer.json. Transformer and VAE in fp16 (copies); the
+    text encoders (0.3 MB each) stay fp32, as in the UNet model's folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    parts = {**components, "transformer": copy.deepcopy(components["transformer"]).half()}
+    parts["vae"] = copy.deepcopy(components["vae"]).half()
+    shutil.rmtree(out / "transformer", ignore_errors=True)
+    StableDiffusion3Pipeline(**parts).save_pretrained(out, safe_serialization=True)
     log["parameters"] = {
-        name: sum(p.numel() for p in components[name].parameters()) for name in ("vae", "text_encoder", "transformer")
+        name: sum(p.numel() for p in parts[name].parameters()) for name in ("vae", "text_encoder", "transformer")
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=2))
     defaults = {"policy": cfg.recommended_policy, "steps": cfg.recommended_steps, "native_size": 64, "max_size": 256}
     (out / "diffsteer.json").write_text(json.dumps(defaults, indent=2) + "\n")
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
