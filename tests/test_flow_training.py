@@ -329,9 +329,20 @@ def test_bad_sharding_and_target_settings_name_the_field(tmp_path, values, field
     assert info.value.field == field
 
 
-def test_fsdp_in_one_process_is_refused_naming_sharding(tmp_path):
-    from diffsteer.guidance.errors import InvalidInput
+def test_fsdp_in_one_process_equals_the_unsharded_run(tmp_path):
+    """sharding: fsdp without a launcher shards over a group of one (the same code as on several devices): the
+    weights of sharding: none after one step, to 1e-6 (the gradient norm is summed in another order)."""
+    from diffsteer.guidance.models import load_model
 
-    with pytest.raises(InvalidInput, match="torchrun") as info:
-        AlignPropTrainer(AlignPropConfig(**{**FULL, "sharding": "fsdp", "output_dir": str(tmp_path)}))
-    assert info.value.field == "sharding"
+    runs = {}
+    for sharding in ("none", "fsdp"):
+        values = {**FULL, "sharding": sharding, "max_steps": 1, "output_dir": str(tmp_path / sharding)}
+        trainer = AlignPropTrainer(AlignPropConfig(**values))
+        trainer.train()
+        trainer.close()  # leave the group of one (a live group at exit can abort the interpreter)
+        runs[sharding] = _backbone_state(tmp_path / sharding, 1)
+    base = load_model("builtin:tiny-sd3").backbone.state_dict()
+    assert runs["none"].keys() == runs["fsdp"].keys()
+    error = max(float((runs["none"][k] - runs["fsdp"][k]).abs().max()) for k in runs["none"])
+    update = max(float((runs["none"][k] - base[k]).abs().max()) for k in runs["none"])
+    assert error <= 1e-6 < update, (error, update)

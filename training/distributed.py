@@ -220,17 +220,21 @@ class Processes:
             self.owns_group = False
 
 
-def init_processes(requested_device: str) -> Processes:
-    """Join the launcher's process group (if any), resolve and check the device; see the module docstring."""
+def init_processes(requested_device: str, group_for_one: bool = False) -> Processes:
+    """Join the launcher's process group (if any), resolve and check the device; see the module docstring.
+    ``group_for_one``: a single process gets a process group of its own too (FSDP2 shards over a group, here of
+    one, so that a sharded run on one device is the same code as on several)."""
     refuse_single_process_launch()
     world_size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     device = resolve_device(requested_device, local_rank, world_size)
-    if world_size <= 1:
-        return Processes(device=device)
     dist = torch.distributed
+    if world_size <= 1 and not group_for_one:
+        return Processes(device=device)
     owns = not dist.is_initialized()
-    if owns:
+    if owns and world_size <= 1:  # no launcher: an in-memory rendezvous of one
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
+    elif owns:
         dist.init_process_group(backend="gloo", timeout=TIMEOUT)
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(

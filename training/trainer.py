@@ -270,8 +270,8 @@ class TrainerConfig:
         metadata={
             "help": "none: every process holds the whole model (gradients all-reduced); fsdp: torch's FSDP2 "
             "(fully_shard) shards the backbone's parameters, gradients and AdamW state over the processes block by "
-            "block, for full fine-tuning of a model too large for one device (trainable: full, several processes; "
-            "checkpoints and exports hold the gathered weights)."
+            "block, for full fine-tuning of a model too large for one device (trainable: full; checkpoints and "
+            "exports hold the gathered weights; one process shards over a group of one)."
         },
     )
     device: str = field(
@@ -492,11 +492,16 @@ class Trainer:
         self.out = Path(c.output_dir)
         if c.threads is not None:
             torch.set_num_threads(c.threads)
-        self.processes = init_processes(c.device)
-        if c.sharding == "fsdp" and not self.processes.distributed:
-            raise InvalidInput(
-                "sharding", "fsdp shards over several processes: start them with torchrun --nproc_per_node N"
-            )
+        self.processes = init_processes(c.device, group_for_one=c.sharding == "fsdp")
+        try:
+            self._start(model)
+        except BaseException:  # a refused start leaves the group it made (a live group at exit can abort Python)
+            self.processes.close()
+            raise
+
+    def _start(self, model: Any) -> None:
+        """Everything of ``__init__`` after joining the processes: the model, what trains, rank 0's weights."""
+        c = self.config
         self.device = device = self.processes.device
         on_gpu = device.type == "cuda"
         dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}
