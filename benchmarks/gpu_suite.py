@@ -45,7 +45,11 @@ Rows (``--rows`` picks some; order = priority when the budget runs short):
   to a one-step student (gradient checkpointing), Flow-GRPO and DiffusionNFT (groups of 2, 4 sampling steps; they
   have no checkpointing option): step time and peak memory against the bf16 weights;
 - ``train_flux``: the same on FLUX.1-dev's transformer (real config, 11.9B) at 1024², cfg 1 on the distilled
-  guidance 3.5.
+  guidance 3.5;
+- ``fsdp_sd35m``: full fine-tuning of SD3.5 Medium's MMDiT (every weight, fp32 weights and AdamW state): one
+  AlignProp step (K = 1, checkpointing, 1024², cfg 7, 4 Euler steps) with ``sharding: fsdp`` over the one device
+  (FSDP2's gather and reduce-scatter path; ``torchrun`` over N devices divides the sharded state by N) against
+  ``sharding: none``: step time and peak memory.
 
 The flow rows come last: in the default budget they run only if the rows before them leave time; on their own
 (``--rows flow_sd35m,flow_flux``) they take about 2-3 minutes on an H100 (FLUX.1-dev-size needs ~30 GB); the
@@ -111,6 +115,7 @@ ROWS: dict[str, float] = {
     "flow_flux": 120,
     "train_sd35m": 240,
     "train_flux": 420,
+    "fsdp_sd35m": 200,
 }
 SMOKE_ROW_CAP = 600  # CPU, tiny models; generous because a shared machine can be 10x slower than idle
 PROMPT = "a red circle to the left of a blue square"
@@ -993,6 +998,89 @@ def _training_row(s: Setup, row: str, label: str, build: Callable[[], dict], pol
     return out
 
 
+def row_fsdp_sd35m(s: Setup) -> list[dict]:
+    """One full-weight AlignProp step on SD3.5 Medium's MMDiT with ``sharding: fsdp`` (a group of one) against
+    ``sharding: none``, each on a freshly built model (smoke: the tiny SD3.5-M-style model, 32²)."""
+    import torch
+
+    from benchmarks.common import interleaved_medians
+    from diffsteer.guidance.models import with_family_defaults
+    from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
+
+    size, steps = (32, 2) if s.smoke else (1024, 4)
+    label = "tiny SD3.5-M-style MMDiT" if s.smoke else "SD3.5-Medium MMDiT"
+    work = Path(tempfile.mkdtemp(prefix="diffsteer-fsdp-row-"))
+    results: dict[str, tuple[float, float] | str] = {}
+    try:
+        for sharding in ("none", "fsdp"):
+            model, _ = _flow_model(s, "fsdp_sd35m", _sd35m_components(s))
+            model.defaults = with_family_defaults(model.defaults, model.family, dict(model.backbone.config), size)
+            config = AlignPropConfig(
+                prompts="pg-train:single",
+                reward="saturation:1",
+                policy="cfg:scale=7",
+                scheduler="euler",
+                steps=steps,
+                truncation_k=1,
+                trainable="full",
+                export="pipeline",
+                sharding=sharding,
+                learning_rate=1e-5,
+                eval_prompts="",
+                batch_size=1,
+                max_steps=1000,
+                height=size,
+                width=size,
+                mixed_precision="bf16" if s.device.type == "cuda" else "no",
+                device=str(s.device),
+                progress=False,
+                tensorboard=False,
+                threads=torch_threads(),
+                output_dir=str(work / sharding),
+            )
+            trainer = None
+            try:
+                trainer = AlignPropTrainer(config, model=model)
+                trainer.train_step()  # warm-up
+                mem: dict[str, float] = {}
+                with peak_memory(s.device, mem):
+                    seconds = interleaved_medians({"s": trainer.train_step}, s.repeats, s.device)["s"]
+                results[sharding] = (seconds, mem["peak_bytes"] / 1e9)
+            except Exception as e:  # noqa: BLE001 - out of memory is the line's error
+                results[sharding] = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                if trainer is not None:
+                    trainer.close()
+                trainer = model = None
+                gc.collect()
+                if s.device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = results["none"] if isinstance(results["none"], tuple) else (None, None)
+    kind = " (CUDA, allocated)" if s.device.type == "cuda" else " (process peak RSS)"
+    out = []
+    for sharding, result in results.items():
+        measure = f"sharding {sharding}: one full-weight AlignProp step, {label}, {size}², batch 1, K = 1"
+        if isinstance(result, str):
+            out.append(line("fsdp_sd35m", measure, None, "s", error=result, sharding=sharding))
+            continue
+        time_base = dict(baseline="sharding none", baseline_value=base[0]) if sharding != "none" else {}
+        memory_base = dict(baseline="sharding none", baseline_value=base[1]) if sharding != "none" else {}
+        out.append(line("fsdp_sd35m", measure, result[0], "s", sharding=sharding, **time_base))
+        out.append(
+            line(
+                "fsdp_sd35m",
+                f"sharding {sharding}: peak memory{kind}",
+                round(result[1], 3),
+                "GB",
+                sharding=sharding,
+                **memory_base,
+            )
+        )
+    return out
+
+
 def row_train_sd35m(s: Setup) -> list[dict]:
     """:func:`_training_row` on SD3.5 Medium's MMDiT under cfg 7 (smoke: the tiny SD3.5-M-style model, 32²)."""
     label = "tiny SD3.5-M-style MMDiT" if s.smoke else "SD3.5-Medium MMDiT"
@@ -1064,6 +1152,7 @@ ROW_FUNCTIONS: dict[str, Callable[..., list[dict]]] = {
     "flow_flux": row_flow_flux,
     "train_sd35m": row_train_sd35m,
     "train_flux": row_train_flux,
+    "fsdp_sd35m": row_fsdp_sd35m,
 }
 
 

@@ -64,6 +64,14 @@ def test_smoke_run_measures_every_row(tmp_path):
         assert steps["alignprop K = 1"]["checkpointing"] and steps["dpo"]["checkpointing"], row
         memory = [ln for ln in lines if ln["unit"] == "GB"]
         assert [ln["method"] for ln in memory] == methods and all(ln["value"] > 0 for ln in memory), row
+    fsdp = by_row["fsdp_sd35m"]["lines"]
+    assert [(ln["sharding"], ln["unit"]) for ln in fsdp] == [
+        ("none", "s"),
+        ("none", "GB"),
+        ("fsdp", "s"),
+        ("fsdp", "GB"),
+    ]
+    assert all(ln["value"] > 0 for ln in fsdp) and fsdp[2]["baseline_value"] == fsdp[0]["value"]
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| row | measure | value | baseline" in table and "| reno |" in table
 
