@@ -3,15 +3,11 @@ SIGKILL-and-resume comparison and the check that an exported LoRA loads through 
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
-from test_trainer import REPO, _adapter, _env
+from training_support import kill_after_checkpoint, read_adapter, start_training, wait_for_success
 
 from diffsteer.guidance.models import load_model
 
@@ -44,31 +40,12 @@ def sigkill_and_resume(tmp_path: Path, module: str, config: dict, max_steps: int
         path.write_text(yaml.safe_dump({**values, "keep_checkpoints": 0}))
         return path
 
-    def cli(*args):
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    whole, cut = cli("--config", str(write("whole"))), cli("--config", str(write("cut")))
-    marker = tmp_path / "cut" / "checkpoints" / "step-00000002.pt"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), cut.communicate()[1][-2000:]
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    assert cut.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "adapters").exists()
-    resumed = cli("--config", str(tmp_path / "cut.yaml"), "--resume")
-    for proc in (whole, resumed):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    whole = start_training(module, "--config", str(write("whole")))
+    cut = start_training(module, "--config", str(write("cut")))
+    kill_after_checkpoint(cut, tmp_path / "cut", step=2)
+    wait_for_success(whole, start_training(module, "--config", str(tmp_path / "cut.yaml"), "--resume"))
     name = config["adapter_name"]
-    return _adapter(tmp_path / "whole", name), _adapter(tmp_path / "cut", name)
+    return read_adapter(tmp_path / "whole", name), read_adapter(tmp_path / "cut", name)
 
 
 def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:

@@ -4,10 +4,7 @@ export (diffusers' load_lora_weights and the service), and the config/CLI surfac
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from training_support import kill_after_checkpoint, read_adapter, start_training, wait_for_success
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
 from diffsteer.training.config_io import load_config, render_yaml
 from diffsteer.training.truncation import draw_truncation, window_mask
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
     model="builtin:tiny",
     prompts="pg-train:single",
@@ -194,19 +191,6 @@ def _ddim(model):
     return DDIMScheduler.from_config(model.scheduler_config)
 
 
-def _cli(args, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "diffsteer.training.alignprop", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
 def _write_config(tmp_path: Path, name: str, **overrides) -> Path:
     path = tmp_path / f"{name}.yaml"
     values = {
@@ -226,25 +210,12 @@ def _write_config(tmp_path: Path, name: str, **overrides) -> Path:
 
 @pytest.mark.slow
 def test_sigkill_and_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path):
-    from safetensors.torch import load_file
-
-    whole = _cli(["--config", str(_write_config(tmp_path, "whole"))])
-    interrupted = _cli(["--config", str(_write_config(tmp_path, "cut"))])
-    marker = tmp_path / "cut" / "checkpoints" / "step-00000003.pt"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and interrupted.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), interrupted.communicate()[1][-2000:]
-    interrupted.send_signal(signal.SIGKILL)
-    interrupted.wait()
-    assert interrupted.returncode == -signal.SIGKILL
-    assert not (tmp_path / "cut" / "adapters").exists()  # it really died mid-run
-    resumed = _cli(["--config", str(tmp_path / "cut.yaml"), "--resume"])
-    for proc in (whole, resumed):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-    a = load_file(tmp_path / "whole" / "adapters" / "alignprop" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "cut" / "adapters" / "alignprop" / "pytorch_lora_weights.safetensors")
+    module = "diffsteer.training.alignprop"
+    whole = start_training(module, "--config", str(_write_config(tmp_path, "whole")))
+    interrupted = start_training(module, "--config", str(_write_config(tmp_path, "cut")))
+    kill_after_checkpoint(interrupted, tmp_path / "cut", step=3)
+    wait_for_success(whole, start_training(module, "--config", str(tmp_path / "cut.yaml"), "--resume"))
+    a, b = read_adapter(tmp_path / "whole"), read_adapter(tmp_path / "cut")
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7)
@@ -257,7 +228,7 @@ def test_sigkill_and_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(t
 @pytest.mark.slow
 def test_sigterm_stops_after_a_checkpoint_and_the_run_resumes(tmp_path):
     config = _write_config(tmp_path, "term", max_steps=200, checkpoint_every=1000)
-    proc = _cli(["--config", str(config)])
+    proc = start_training("diffsteer.training.alignprop", "--config", str(config))
     csv = tmp_path / "term" / "metrics.csv"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:

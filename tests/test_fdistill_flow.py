@@ -6,11 +6,7 @@ family's diffusers pipeline and in the trainer alike. Tiny random-weight transfo
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import torch
 import yaml
 from test_fdistill import TINY as UNET_TINY
 from test_fdistill import _states, tiny_config
+from training_support import kill_after_checkpoint, start_training, wait_for_success
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.parameterisation import NoiseLevel
@@ -220,27 +217,13 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(tmp_path):
         config = tmp_path / f"{name}.yaml"
         values = {**TINY, "output_dir": str(tmp_path / name), "max_steps": 6, "keep_checkpoints": 0}
         config.write_text(yaml.safe_dump(values))
-        return subprocess.Popen(
-            [sys.executable, "-m", "diffsteer.training.fdistill", "--config", str(config), *extra],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start_training("diffsteer.training.fdistill", "--config", str(config), *extra)
 
     whole = cli("whole")
-    assert whole.wait(timeout=400) == 0, whole.communicate()[1][-2000:]
+    wait_for_success(whole, timeout=400)
     cut = cli("cut")
-    marker = tmp_path / "cut" / "checkpoints" / "step-00000002.pt"
-    deadline = time.monotonic() + 400
-    while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), cut.communicate()[1][-2000:]
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    assert cut.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "pipeline").exists()
-    resumed = cli("cut", "--resume")
-    assert resumed.wait(timeout=400) == 0, resumed.communicate()[1][-2000:]
+    kill_after_checkpoint(cut, tmp_path / "cut", step=2, timeout=400)
+    wait_for_success(cli("cut", "--resume"), timeout=400)
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-00000006.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006.pt")
     for kind in ("modules", "ema"):

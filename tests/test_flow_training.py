@@ -6,7 +6,6 @@ training noise level of a flow model is its scheduler's own forward noising. Tin
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 from pipeline_reference import assert_same_image, pipeline_images
+from training_support import REPO, read_adapter, training_env
 
 from diffsteer.guidance.latents import decode
 from diffsteer.guidance.models import load_model
@@ -25,7 +25,6 @@ from diffsteer.guidance.sampler import generate, prepare
 from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
 from diffsteer.training.lora import add_lora, save_lora_weights
 
-REPO = Path(__file__).resolve().parents[1]
 # builtin:tiny-sd3 at its native 32 px, 2 Euler steps under CFG 3, full backpropagation; one image per micro-batch
 # and two micro-batches per step, so that two processes with one image each draw the same global batch.
 SD3 = dict(
@@ -51,20 +50,10 @@ SD3 = dict(
 SAMPLE = {"prompt": "a red circle", "steps": 4, "seed": 3}
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def _write_config(tmp_path: Path, name: str, **values) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**SD3, "output_dir": str(tmp_path / name), **values}))
     return path
-
-
-def _adapter(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "adapters" / "alignprop" / "pytorch_lora_weights.safetensors")
 
 
 def _ours(model, policy: str) -> np.ndarray:
@@ -84,7 +73,7 @@ def runs(tmp_path_factory):
     cut = subprocess.Popen(
         [sys.executable, "-m", "diffsteer.training.alignprop", "--config", str(_write_config(tmp, "cut"))],
         cwd=REPO,
-        env=_env(),
+        env=training_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -105,7 +94,7 @@ def runs(tmp_path_factory):
                 + ["-m", "diffsteer.training.alignprop", "--config"]
                 + [str(_write_config(tmp, "two", gradient_accumulation_steps=1))],
                 cwd=REPO,
-                env=_env(),
+                env=training_env(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -117,7 +106,7 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_two_same_seed_runs_give_bit_identical_adapters(runs):
     tmp, trainers, _, _ = runs
-    a, b = _adapter(tmp / "a"), _adapter(tmp / "b")
+    a, b = read_adapter(tmp / "a"), read_adapter(tmp / "b")
     assert a.keys() == b.keys() and any(".add_q_proj." in k for k in a)  # the text stream's projections train too
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-2  # B started at zero: it moved
@@ -128,7 +117,7 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(runs):
     tmp, _, (returncode, no_adapter, checkpointed, err), _ = runs
     assert returncode == -signal.SIGKILL and no_adapter and checkpointed, err  # killed mid-run, after step 1
     AlignPropTrainer(AlignPropConfig(**{**SD3, "output_dir": str(tmp / "cut")})).train(resume=True)
-    a, cut = _adapter(tmp / "a"), _adapter(tmp / "cut")
+    a, cut = read_adapter(tmp / "a"), read_adapter(tmp / "cut")
     assert a.keys() == cut.keys() and all(torch.equal(a[k], cut[k]) for k in a)
 
 
@@ -138,7 +127,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     gradients averaged by an all-reduce instead of summed over micro-batches): equal to 1e-6 after 2 Adam steps."""
     tmp, _, _, (returncode, err) = runs
     assert returncode == 0, err
-    one, two = _adapter(tmp / "a"), _adapter(tmp / "two")
+    one, two = read_adapter(tmp / "a"), read_adapter(tmp / "two")
     assert one.keys() == two.keys()
     error = max(float((one[k] - two[k]).abs().max()) for k in one)
     update = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)
@@ -289,7 +278,7 @@ def test_fsdp_over_two_processes_repeats_resumes_and_equals_one_process(tmp_path
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
         + [repr(sharded), str(tmp_path)],
         cwd=REPO,
-        env=_env(),
+        env=training_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from online_rl_support import TINY_FLOW, assert_lora_loads_in_pipeline, sigkill_and_resume
-from test_trainer import _adapter, _train_values
+from test_trainer import _train_values
+from training_support import REPO, read_adapter, training_env
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.training.distributed import Processes
@@ -61,7 +62,7 @@ def test_same_seed_same_adapter_and_the_exported_lora_loads_through_the_sd3_pipe
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         trainer = GRPOTrainer(_config(tmp_path, name, max_steps=2, seed=seed))
         trainer.train()
-        adapters.append(_adapter(tmp_path / name, "grpo"))
+        adapters.append(read_adapter(tmp_path / name, "grpo"))
     a, b, c = adapters
     assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
@@ -72,7 +73,7 @@ def test_a_resumed_run_equals_the_uninterrupted_run(tmp_path):
     GRPOTrainer(_config(tmp_path, "whole", max_steps=3)).train()
     GRPOTrainer(_config(tmp_path, "cut", max_steps=1, checkpoint_every=1)).train()
     GRPOTrainer(_config(tmp_path, "cut", max_steps=3)).train(resume=True)
-    whole, resumed = _adapter(tmp_path / "whole", "grpo"), _adapter(tmp_path / "cut", "grpo")
+    whole, resumed = read_adapter(tmp_path / "whole", "grpo"), read_adapter(tmp_path / "cut", "grpo")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
@@ -108,7 +109,6 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     import sys
 
     import yaml
-    from test_trainer import REPO, _env
 
     config = {**TINY_FLOW, "output_dir": str(tmp_path / "two"), "batch_size": 2, "group_size": 4, "max_steps": 2}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
@@ -116,7 +116,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     proc = subprocess.run(
         [*command, "-m", "diffsteer.training.grpo", "--config", str(tmp_path / "two.yaml")],
         cwd=REPO,
-        env=_env(),
+        env=training_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -125,7 +125,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     GRPOTrainer(
         _config(tmp_path, "one", batch_size=2, group_size=4, max_steps=2, gradient_accumulation_steps=2)
     ).train()
-    two, one = _adapter(tmp_path / "two", "grpo"), _adapter(tmp_path / "one", "grpo")
+    two, one = read_adapter(tmp_path / "two", "grpo"), read_adapter(tmp_path / "one", "grpo")
     assert two.keys() == one.keys() and two
     for key in two:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from online_rl_support import TINY_FLOW, assert_lora_loads_in_pipeline, sigkill_and_resume
-from test_trainer import _adapter, _train_values
+from test_trainer import _train_values
+from training_support import read_adapter
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.parameterisation import NoiseLevel, add_noise, to_x0
@@ -99,7 +100,7 @@ def test_same_seed_same_adapter_and_resume_equals_the_uninterrupted_run(tmp_path
     NFTTrainer(_config(tmp_path, "cut", **{**config, "max_steps": 1, "checkpoint_every": 1})).train()
     NFTTrainer(_config(tmp_path, "cut", **config)).train(resume=True)
     NFTTrainer(_config(tmp_path, "c", **config, seed=5)).train()
-    a, b, cut, c = (_adapter(tmp_path / n, "nft") for n in ("a", "b", "cut", "c"))
+    a, b, cut, c = (read_adapter(tmp_path / n, "nft") for n in ("a", "b", "cut", "c"))
     assert a.keys() == b.keys() == cut.keys() and a
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], cut[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -5,23 +5,20 @@ launch refusals. Few steps, tiny batches."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from training_support import REPO, kill_after_checkpoint, read_adapter, start_training, training_env, wait_for_success
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.training.alignprop import AlignPropConfig, AlignPropTrainer
 from diffsteer.training.trainer import Trainer, TrainerConfig
 
-REPO = Path(__file__).resolve().parents[1]
 # The shipped default model, 2 sampling steps, one 64 px image per step: a few seconds per step on a CPU core.
 PG = dict(
     model="builtin:proving-ground",
@@ -41,20 +38,10 @@ PG = dict(
 )
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def _write_config(tmp_path: Path, name: str, **values) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**PG, "output_dir": str(tmp_path / name), **values}))
     return path
-
-
-def _adapter(folder: Path, name: str = "alignprop") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(folder / "adapters" / name / "pytorch_lora_weights.safetensors")
 
 
 def _train_rows(folder: Path) -> list[tuple[int, str]]:
@@ -89,7 +76,7 @@ def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_
         AlignPropTrainer(
             AlignPropConfig(**{**PG, "output_dir": str(tmp_path / name), "max_steps": 2, "seed": seed})
         ).train()
-        adapters.append(_adapter(tmp_path / name))
+        adapters.append(read_adapter(tmp_path / name))
     a, b, c = adapters
     assert a.keys() == b.keys() and a
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -98,32 +85,14 @@ def test_two_runs_with_the_same_seed_give_bit_identical_adapters_on_the_shipped_
 
 @pytest.mark.slow
 def test_sigkill_and_resume_on_the_shipped_model_equals_the_uninterrupted_run(tmp_path):
-    def cli(*args):
-        return subprocess.Popen(
-            [sys.executable, "-m", "diffsteer.training.alignprop", *args],
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
     common = dict(max_steps=4, checkpoint_every=1, keep_checkpoints=0, eta=1.0)
-    whole = cli("--config", str(_write_config(tmp_path, "whole", **common)))
-    cut = cli("--config", str(_write_config(tmp_path, "cut", **common)))
-    marker = tmp_path / "cut" / "checkpoints" / "step-00000002.pt"
-    deadline = time.monotonic() + 400
-    while not marker.exists() and cut.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), cut.communicate()[1][-2000:]
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    assert cut.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "adapters").exists()
-    resumed = cli("--config", str(tmp_path / "cut.yaml"), "--resume")
-    for proc in (whole, resumed):
-        _, err = proc.communicate(timeout=400)
-        assert proc.returncode == 0, err[-2000:]
-    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "cut")
+    module = "diffsteer.training.alignprop"
+    whole = start_training(module, "--config", str(_write_config(tmp_path, "whole", **common)))
+    cut = start_training(module, "--config", str(_write_config(tmp_path, "cut", **common)))
+    kill_after_checkpoint(cut, tmp_path / "cut", step=2, timeout=400)
+    resumed = start_training(module, "--config", str(tmp_path / "cut.yaml"), "--resume")
+    wait_for_success(whole, resumed, timeout=400)
+    a, b = read_adapter(tmp_path / "whole"), read_adapter(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted({s for s, _ in _train_rows(tmp_path / "cut")}) == [1, 2, 3, 4]
 
@@ -151,7 +120,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
             str(two),
         ],
         cwd=REPO,
-        env=_env(),
+        env=training_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -162,8 +131,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         AlignPropTrainer(
             AlignPropConfig(**{**PG, "output_dir": str(tmp_path / name), "max_steps": 3, **values})
         ).train()
-        runs[name] = _adapter(tmp_path / name)
-    distributed = _adapter(tmp_path / "two")
+        runs[name] = read_adapter(tmp_path / name)
+    distributed = read_adapter(tmp_path / "two")
     assert distributed.keys() == runs["batched"].keys()
     for key, value in distributed.items():
         torch.testing.assert_close(value, runs["accumulated"][key], rtol=0, atol=1e-6)
@@ -203,6 +172,8 @@ def test_devices_that_disagree_are_refused_naming_each_rank():
 RANK_SCRIPT = """
 import sys, torch
 import diffsteer.training.distributed as d
+from training_support import REPO, kill_after_checkpoint, read_adapter, start_training, training_env, wait_for_success
+
 from diffsteer.guidance.errors import InvalidInput
 if d._env_int("RANK", 0) == 1:  # this rank resolves 'auto' to a GPU, as on a machine with one GPU for two ranks
     d.resolve_device = lambda requested, local_rank, world_size: torch.device("cuda", 0)
@@ -218,7 +189,7 @@ except InvalidInput as e:
 def test_two_processes_that_resolve_different_devices_both_refuse(tmp_path):
     from test_service_support import free_port
 
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    env = {**training_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT],
@@ -256,7 +227,7 @@ def test_share_work_computes_each_item_once_and_gives_every_process_all_of_them(
 
     from test_service_support import free_port
 
-    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    env = {**training_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", SHARE_SCRIPT],
@@ -304,7 +275,7 @@ def test_accelerate_single_process_cpu_launch_is_refused(tmp_path):
             str(config),
         ],
         cwd=REPO,
-        env=_env(),
+        env=training_env(),
         capture_output=True,
         text=True,
         timeout=300,
