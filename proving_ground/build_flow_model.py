@@ -35,7 +35,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from diffsteer.proving_ground.build_model import (
     _schedule,
     ema_update,
     encode_latents,
-    render_scenes,
+    start_build,
 )
 from diffsteer.training.config_io import load_config
 
@@ -276,13 +276,8 @@ def ordinary_attention(transformer):
 def train(cfg: ProvingGroundFlowConfig) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
-    log: dict = {"config": asdict(cfg)}
     t0 = time.perf_counter()
-    pixels, captions = render_scenes(cfg)
-    log["render_s"] = time.perf_counter() - t0
+    out, log, pixels, captions = start_build(cfg)
 
     t1 = time.perf_counter()
     vae, text, tokenizer = load_source(cfg)

@@ -296,17 +296,24 @@ def train_denoiser(cfg, latent_mean, latent_std, scaling, captions, tokenizer, l
     return ema_unet, ema_text, scheduler
 
 
-def train(cfg: ProvingGroundModelConfig) -> Path:
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
+def start_build(cfg) -> tuple[Path, dict, torch.Tensor, list[str]]:
+    """The first stage of a proving-ground builder (this one's and build_flow_model's config): torch's threads and
+    seed set, the training scenes rendered; returns the output folder, the log begun, the pixels and captions."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
     log: dict = {"config": asdict(cfg)}
     t0 = time.perf_counter()
     pixels, captions = render_scenes(cfg)
     log["render_s"] = time.perf_counter() - t0
+    return Path(cfg.output), log, pixels, captions
+
+
+def train(cfg: ProvingGroundModelConfig) -> Path:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    t0 = time.perf_counter()
+    out, log, pixels, captions = start_build(cfg)
 
     t1 = time.perf_counter()
     vae = train_vae(cfg, pixels, log)
