@@ -172,8 +172,6 @@ def test_devices_that_disagree_are_refused_naming_each_rank():
 RANK_SCRIPT = """
 import sys, torch
 import diffsteer.training.distributed as d
-from training_support import REPO, kill_after_checkpoint, read_adapter, start_training, training_env, wait_for_success
-
 from diffsteer.guidance.errors import InvalidInput
 if d._env_int("RANK", 0) == 1:  # this rank resolves 'auto' to a GPU, as on a machine with one GPU for two ranks
     d.resolve_device = lambda requested, local_rank, world_size: torch.device("cuda", 0)
