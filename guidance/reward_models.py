@@ -5,7 +5,8 @@ is the caller's configuration (the service's ``rewards`` setting, a trainer's co
 :class:`RewardModels` that the caller passes down to :func:`diffsteer.guidance.sampler.generate` (and through it to the
 policies), never set process-wide. Built composites are cached per (spec, device, dtype) in the library and
 shared: reward models are frozen and only read during scoring, so concurrent requests can use one instance.
-:data:`DEFAULT_REWARDS` needs no configuration: the built-in rewards and the proving ground's CLIP.
+:data:`DEFAULT_REWARDS` needs no configuration: the built-in rewards, the proving ground's CLIP and its exact verifier
+(``verifier``, registered here since ``rewards/`` imports nothing of ours).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import torch
 
 from diffsteer.guidance.errors import InvalidInput
 from diffsteer.proving_ground import shipped
+from diffsteer.proving_ground.reward import VerifierReward, VerifierRewardConfig
 from diffsteer.rewards import CompositeReward, build_composite
+from diffsteer.rewards.registry import register_reward
+
+register_reward("verifier", VerifierReward, VerifierRewardConfig)
 
 
 def default_reward_configs() -> dict[str, dict[str, Any]]:

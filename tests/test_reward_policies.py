@@ -99,6 +99,15 @@ def test_reno_rejects_an_unknown_reward(sd_model):
     assert e.value.field == "policy.reward" and "saturation" in str(e.value)
 
 
+@pytest.mark.parametrize("reward", ["verifier:1", "saturation:1,jpeg_compressibility:0.1"])
+def test_reno_refuses_a_non_differentiable_reward_before_sampling(sd_model, reward):
+    from diffsteer.guidance.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as e:
+        _reno(sd_model, "a red circle", [1], iterations=1, policy={"name": "reno", "reward": reward})
+    assert e.value.field == "policy.reward" and "non-differentiable" in str(e.value)
+
+
 def test_dynamic_cfg_with_one_candidate_is_cfg(sd_model):
     common = {"prompt": "a red circle", "seeds": [3, 4], "steps": 4}
     dynamic = generate(

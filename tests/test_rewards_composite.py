@@ -167,8 +167,20 @@ def reward_cfg_of(name, paths):
 
 
 def test_registry_documents_every_field():
+    import diffsteer.guidance.reward_models  # noqa: F401  (registers the proving ground's verifier)
+
     assert available_rewards() == sorted(
-        ["aesthetic", "brightness", "clip", "contrast", "hps", "jpeg_compressibility", "pickscore", "saturation"]
+        [
+            "aesthetic",
+            "brightness",
+            "clip",
+            "contrast",
+            "hps",
+            "jpeg_compressibility",
+            "pickscore",
+            "saturation",
+            "verifier",
+        ]
     )
     for name in available_rewards():
         help_ = reward_config_help(name)

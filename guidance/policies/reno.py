@@ -31,6 +31,7 @@ import pydantic
 import torch
 
 from diffsteer.guidance.denoiser import Denoiser, StepInfo
+from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.events import StepCallback, StepEvent
 from diffsteer.guidance.executor import BACKWARD_COST, run_with_grad
 from diffsteer.guidance.latent_evaluators import PromptInputs, is_latent_spec, latent_reward
@@ -78,7 +79,12 @@ class ReNO(OuterLoopPolicy):
         if ctx.model is not None and is_latent_spec(self.params.reward):
             latent_reward(ctx.model, self.params.reward, rewards=ctx.rewards)  # load (and validate) before any work
         elif ctx.model is not None and ctx.rewards is not None:
-            ctx.rewards.get(self.params.reward, ctx.model.device)
+            if not ctx.rewards.get(self.params.reward, ctx.model.device).differentiable:
+                raise InvalidInput(
+                    "policy.reward",
+                    f"{self.params.reward!r} has a non-differentiable term (a metric such as jpeg_compressibility "
+                    "or verifier); ReNO needs gradients",
+                )
         return self._inner.start(ctx)
 
     def step(self, state: PolicyState, x: torch.Tensor, info: StepInfo, denoiser: Denoiser) -> torch.Tensor:
