@@ -91,6 +91,14 @@ class ProvingGroundFlowConfig:
     warmup: int = field(default=200, metadata={"help": "Warm-up steps."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     caption_dropout: float = field(default=0.15, metadata={"help": "Probability of training on the empty caption."})
+    caption_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability that a training scene is paired with the caption of another random scene, as web "
+            "alt-text often fails to describe its image; it gives the conditional model the spread that guidance "
+            "removes in real models."
+        },
+    )
     logit_mean: float = field(default=0.0, metadata={"help": "m of the logit-normal t distribution."})
     logit_std: float = field(default=1.0, metadata={"help": "s of the logit-normal t distribution."})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved transformer weights."})
@@ -109,6 +117,8 @@ class ProvingGroundFlowConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in (0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.caption_noise < 1.0:
+            raise ValueError(f"caption_noise must be in [0, 1), got {self.caption_noise}")
         if self.steps < 1 or self.batch < 1 or self.num_scenes < self.batch:
             raise ValueError("steps and batch must be ≥ 1 and num_scenes ≥ batch")
 
@@ -210,6 +220,25 @@ def flow_pair(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[t
     return (1 - tt) * x0 + tt * noise, noise - x0
 
 
+def training_captions(
+    caption_index: torch.Tensor,
+    idx: torch.Tensor,
+    noise: float,
+    dropout: float,
+    empty_index: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The caption (an index into the unique captions) each drawn scene ``idx`` trains with: with probability
+    ``noise`` the caption of another random scene, then with probability ``dropout`` the empty caption."""
+    cap = caption_index[idx].clone()
+    if noise > 0:
+        mismatched = torch.rand(len(idx), generator=generator) < noise
+        others = caption_index[torch.randint(0, len(caption_index), (len(idx),), generator=generator)]
+        cap[mismatched] = others[mismatched]
+    cap[torch.rand(len(idx), generator=generator) < dropout] = empty_index
+    return cap
+
+
 def train_transformer(cfg, latents_mean, latents_std, latent_shift, scaling, captions, model, log, snapshot=None):
     """Rectified-flow training of ``model.backbone`` on the encoded scenes; returns the EMA transformer.
     ``snapshot(step, ema)`` is called after each of ``cfg.snapshot_steps``."""
@@ -240,8 +269,7 @@ def train_transformer(cfg, latents_mean, latents_std, latent_shift, scaling, cap
         noise = torch.randn(x0.shape, generator=g)
         t = logit_normal_t(cfg.batch, cfg.logit_mean, cfg.logit_std, g)
         x_t, target = flow_pair(x0, noise, t)
-        cap = caption_index[idx].clone()
-        cap[torch.rand(cfg.batch, generator=g) < cfg.caption_dropout] = empty_index
+        cap = training_captions(caption_index, idx, cfg.caption_noise, cfg.caption_dropout, empty_index, g)
         pred = transformer(
             hidden_states=x_t,
             timestep=1000 * t,

@@ -143,6 +143,20 @@ def test_the_builder_runs_end_to_end_and_is_deterministic_from_its_seed(tmp_path
     assert generate(model, {"prompt": "a red circle", "seed": 0, "steps": 2}).images[0].size == (64, 64)
 
 
+def test_caption_noise_pairs_a_share_of_scenes_with_other_captions_before_dropout():
+    captions = torch.arange(50)  # scene i has caption i (the empty caption is index 50)
+    idx = torch.randint(0, 50, (20_000,), generator=torch.Generator().manual_seed(1))
+    clean = builder.training_captions(captions, idx, 0.0, 1e-9, 50, torch.Generator().manual_seed(2))
+    assert torch.equal(clean, idx)
+    noisy = builder.training_captions(captions, idx, 0.3, 0.15, 50, torch.Generator().manual_seed(2))
+    dropped = noisy == 50
+    assert float(dropped.float().mean()) == pytest.approx(0.15, abs=0.01)
+    # a mismatched scene keeps its own caption when the other scene drawn has it (1 in 50)
+    assert float((noisy[~dropped] != idx[~dropped]).float().mean()) == pytest.approx(0.3 * 49 / 50, abs=0.015)
+    with pytest.raises(ValueError, match="caption_noise"):
+        builder.ProvingGroundFlowConfig(caption_noise=1.0)
+
+
 def test_the_shipped_folder_is_what_its_recipe_builds():
     """The training log's config is the shipped recipe's (fields that do not touch the weights aside), and the
     folder's diffsteer.json and scheduler are the ones the recipe writes."""
