@@ -129,7 +129,11 @@ def build_trainers(args, out: Path) -> tuple[dict[str, Any], dict[str, float]]:
     configs = {
         "alignprop": (AlignPropConfig, AlignPropTrainer, dict(truncation="uniform", truncation_k_max=args.eval_steps)),
         "smpo": (SmPOConfig, SmPOTrainer, preference),
-        "grpo": (GRPOConfig, GRPOTrainer, dict(online, rollout_cfg=float(args.policy_scale))),
+        "grpo": (
+            GRPOConfig,
+            GRPOTrainer,
+            dict(online, rollout_cfg=float(args.policy_scale), sde_window=args.sde_window),
+        ),
         "nft": (NFTConfig, NFTTrainer, dict(online, rollout_cfg=1.0)),
     }
     trainers, setup = {}, {}
@@ -297,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on the tiny SD3 transformer (CI)")
     ap.add_argument("--model", default="builtin:proving-ground-flow")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    ap.add_argument("--reward", default="clip:1", help="training reward (the proving-ground CLIP; never the verifier)")
+    ap.add_argument(
+        "--reward",
+        default="clip:1",
+        help="training reward: the proving-ground CLIP, or 'verifier' (the verifier's partial score on the training "
+        "prompts, as Flow-GRPO trains on GenEval's rule reward; AlignProp needs a differentiable one)",
+    )
     ap.add_argument("--budget-s", type=float, default=1800.0, help="training seconds per method")
     ap.add_argument("--curve-points", type=int, default=6, help="held-out evaluations per method during training")
     ap.add_argument("--curve-prompts", type=int, default=4, help="held-out prompts per category of the curve")
@@ -305,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy-scale", type=float, default=3.0, help="CFG scale of the base, AlignProp and GRPO")
     ap.add_argument("--sample-steps", type=int, default=10, help="rollout steps of Flow-GRPO and NFT")
     ap.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluation (and of AlignProp)")
+    ap.add_argument("--sde-window", type=int, default=0, help="Flow-GRPO's stochastic steps per rollout (0: all)")
     ap.add_argument("--batch", type=int, default=8, help="images per step (each method)")
     ap.add_argument("--group-size", type=int, default=4, help="images per prompt of GRPO and NFT")
     ap.add_argument("--pairs-prompts", type=int, default=24, help="SmPO: training prompts its pairs are made from")
