@@ -9,7 +9,9 @@ Rectified Flow Transformers for High-Resolution Image Synthesis", Sec. 2–3) on
 with t drawn logit-normally, t = sigmoid(u), u ~ N(m, s²) (Esser et al. 2024, Sec. 3.1, "lognorm(m, s)"), the
 timestep fed to the transformer as 1000·t (what ``FlowMatchEulerDiscreteScheduler`` passes at sampling), caption
 dropout so that the same network is the unconditional model of classifier-free guidance (Ho & Salimans 2022),
-and an exponential moving average of the weights.
+caption noise (a share of the scenes paired with another scene's caption, as web alt-text often misdescribes its
+image: without it the conditional model has no spread for guidance to remove, and guidance erased objects), and an
+exponential moving average of the weights.
 
 To save CPU time it reuses the shipped UNet model (``builtin:proving-ground``): its VAE, frozen, encodes every
 training scene once (its ``shift_factor`` and ``scaling_factor`` are set to the mean and 1/std of the training
