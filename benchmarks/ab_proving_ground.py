@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ab_pair, ab_progress_printer, ci_text, scale_text  # noqa: E402
+from benchmarks.common import ab_pair, ab_progress_printer, ci_text, scale_text, tune_cfg_scale  # noqa: E402
 from diffsteer.evaluation.ab import run_ab  # noqa: E402
 from diffsteer.guidance.errors import InvalidInput  # noqa: E402
 
@@ -72,22 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         best = args.best_scale
         if best is None:
             scales = [float(s) for s in args.scales.split(",") if s.strip()]
-            tuning = run_ab(
-                {
-                    **common,
-                    "arms": [f"s{scale_text(s)}=cfg:scale={s}" for s in scales],
-                    "prompts": pg,
-                    "seed": 1,
-                    "seeds": 1,
-                    "max_prompts": args.tune_prompts,
-                    "metrics": ["verifier", "nfe"],
-                    "output_dir": str(out / "tune_cfg_scale"),
-                    "report": True,
-                },
-                progress=ab_progress_printer("tune"),
+            best, rates = tune_cfg_scale(
+                common,
+                scales,
+                prompts=pg,
+                seed=1,
+                max_prompts=args.tune_prompts,
+                output_dir=str(out / "tune_cfg_scale"),
+                report=True,
             )
-            rates = {s: tuning["summary"][f"s{scale_text(s)}"]["verifier.passed"]["mean"] for s in scales}
-            best = max(scales, key=lambda s: (rates[s], -s))  # ties: the smaller scale
             summary["tuning"] = {"pass_rate_by_scale": {scale_text(s): rates[s] for s in scales}, "best_scale": best}
             print(
                 f"tuning split: pass rate by CFG scale {summary['tuning']['pass_rate_by_scale']} -> best {best:g}",

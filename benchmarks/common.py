@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from diffsteer.evaluation.ab import run_ab
+
 
 def sd15_components(seed: int = 0) -> dict:
     """Stable Diffusion 1.5 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder), random weights."""
@@ -372,6 +374,35 @@ def ab_progress_printer(label: str, interval_s: float = 15.0):
 def scale_text(x: float) -> str:
     """A guidance scale as arm names and tables write it (3, 4.5)."""
     return f"{x:g}"
+
+
+def best_scale(rates: dict[float, float]) -> float:
+    """The scale with the highest pass rate; ties: the smaller scale."""
+    return max(rates, key=lambda s: (rates[s], -s))
+
+
+def scale_arm(scale: float) -> str:
+    """The arm name of plain CFG at ``scale`` (``s3``, ``s4.5``)."""
+    return f"s{scale_text(scale)}"
+
+
+def cfg_scale_arms(scales: list[float]) -> list[str]:
+    """One A/B arm ``sX=cfg:scale=X`` per scale."""
+    return [f"{scale_arm(s)}=cfg:scale={s}" for s in scales]
+
+
+def tune_cfg_scale(
+    common: dict[str, Any], scales: list[float], label: str = "tune", **fields: Any
+) -> tuple[float, dict[float, float]]:
+    """The plain CFG scale with the best verifier pass rate on a tuning split (ties: the smaller), and each
+    scale's pass rate: one A/B run of :func:`cfg_scale_arms` at one seed per prompt, with ``common`` and
+    ``fields`` (prompts, seed, max_prompts, output_dir, report...)."""
+    tuning = run_ab(
+        {**common, "arms": cfg_scale_arms(scales), "seeds": 1, "metrics": ["verifier", "nfe"], **fields},
+        progress=ab_progress_printer(label),
+    )
+    rates = {s: tuning["summary"][scale_arm(s)]["verifier.passed"]["mean"] for s in scales}
+    return best_scale(rates), rates
 
 
 def ab_pair(results: dict[str, Any], a: str, b: str) -> dict[str, Any]:

@@ -30,7 +30,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ab_pair, ab_progress_printer, ci_text, scale_text  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ab_pair,
+    ab_progress_printer,
+    best_scale,
+    cfg_scale_arms,
+    ci_text,
+    scale_arm,
+    scale_text,
+    tune_cfg_scale,
+)
 from diffsteer.evaluation.ab import run_ab  # noqa: E402
 from diffsteer.guidance.errors import InvalidInput  # noqa: E402
 from diffsteer.guidance.models import model_defaults  # noqa: E402
@@ -39,11 +48,6 @@ FLOW_MODEL = "builtin:proving-ground-flow"
 UNET_MODEL = "builtin:proving-ground"
 RESPONSE_CATEGORIES = "single,two_objects,colour_binding"
 BAR_POINTS = 0.05  # scales 5 and 7 within 5 points of the best
-
-
-def best_scale(rates: dict[float, float]) -> float:
-    """The scale with the highest pass rate; ties: the smaller scale."""
-    return max(rates, key=lambda s: (rates[s], -s))
 
 
 def response_bar(rates: dict[float, float]) -> dict[str, Any]:
@@ -61,12 +65,12 @@ def response_bar(rates: dict[float, float]) -> dict[str, Any]:
 
 def guidance_response(out: Path, common: dict[str, Any], args) -> dict[str, Any]:
     scales = [float(s) for s in args.scales.split(",")]
-    names = {s: f"s{scale_text(s)}" for s in scales}
+    names = {s: scale_arm(s) for s in scales}
     results = run_ab(
         {
             **common,
             "model": args.model,
-            "arms": [f"{names[s]}=cfg:scale={s}" for s in scales],
+            "arms": cfg_scale_arms(scales),
             "prompts": f"pg:{args.response_categories}",
             "seed": args.seed,
             "seeds": args.seeds,
@@ -164,22 +168,15 @@ def policy_arms(best: float, high: float) -> list[str]:
 
 def policies(out: Path, common: dict[str, Any], args) -> dict[str, Any]:
     scales = [float(s) for s in args.scales.split(",")]
-    tuning = run_ab(
-        {
-            **common,
-            "model": args.model,
-            "arms": [f"s{scale_text(s)}=cfg:scale={s}" for s in scales],
-            "prompts": "pg:all",
-            "seed": args.tune_seed,
-            "seeds": 1,
-            "max_prompts": args.tune_prompts,
-            "metrics": ["verifier", "nfe"],
-            "output_dir": str(out / "tune"),
-            "report": False,
-        },
-        progress=ab_progress_printer("tune"),
+    best, _ = tune_cfg_scale(
+        {**common, "model": args.model},
+        scales,
+        prompts="pg:all",
+        seed=args.tune_seed,
+        max_prompts=args.tune_prompts,
+        output_dir=str(out / "tune"),
+        report=False,
     )
-    best = best_scale({s: tuning["summary"][f"s{scale_text(s)}"]["verifier.passed"]["mean"] for s in scales})
     results = run_ab(
         {
             **common,

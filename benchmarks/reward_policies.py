@@ -83,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import ab_pair, ab_progress_printer, ci_text, proc_memory_bytes, scale_text
+from benchmarks.common import ab_pair, ab_progress_printer, best_scale, ci_text, proc_memory_bytes, scale_text
 from diffsteer.evaluation.ab import run_ab
 from diffsteer.guidance.errors import InvalidInput
 
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             res, dyn_policy, scales = dynamic_comparison(args, common, out)
             pids, cats = item_prompts(res)
             rates = {x: res["summary"][f"cfg{scale_text(x)}"]["verifier.passed"]["mean"] for x in scales}
-            best = max(scales, key=lambda x: (rates[x], -x))
+            best = best_scale(rates)
             best_arm = f"cfg{scale_text(best)}"
             st = ab_pair(res, best_arm, "dynamic")
             dpass, drew = st["verifier.passed"], st[rm]
