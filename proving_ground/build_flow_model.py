@@ -10,8 +10,8 @@ with t drawn logit-normally, t = sigmoid(u), u ~ N(m, s²) (Esser et al. 2024, S
 timestep fed to the transformer as 1000·t (what ``FlowMatchEulerDiscreteScheduler`` passes at sampling), caption
 dropout so that the same network is the unconditional model of classifier-free guidance (Ho & Salimans 2022),
 caption noise (a share of the scenes paired with another scene's caption, as web alt-text often misdescribes its
-image: without it the conditional model has no spread for guidance to remove, and guidance erased objects), and an
-exponential moving average of the weights.
+image, so that the conditional model has a spread for guidance to remove), and an exponential moving average of the
+weights.
 
 To save CPU time it reuses the shipped UNet model (``builtin:proving-ground``): its VAE, frozen, encodes every
 training scene once (its ``shift_factor`` and ``scaling_factor`` are set to the mean and 1/std of the training
