@@ -12,7 +12,7 @@ proving ground. Each image is judged against its caption (:func:`diffsteer.provi
 
 It is a metric, not a function of the pixels that autograd can follow (``differentiable = False``): it serves the
 online-RL methods (Flow-GRPO, DiffusionNFT) and evaluations, and AlignProp and ReNO refuse it. A prompt that is
-not a proving-ground caption is a ``ValueError`` naming it. Registered as ``verifier`` by
+not a proving-ground caption is an ``InvalidInput`` (a ``ValueError``) of field ``prompt`` naming it. Registered as ``verifier`` by
 :mod:`diffsteer.guidance.reward_models`, beside the proving ground's CLIP.
 """
 
@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from diffsteer.guidance.errors import InvalidInput
 from diffsteer.rewards.base import Reward, RewardConfig
 
 from .verifier import ATTRIBUTES, VerifierReport, verify
@@ -74,7 +75,9 @@ class VerifierReward(Reward):
             try:
                 specs.append(parse_caption(prompt))
             except ValueError as e:
-                raise ValueError(f"verifier: prompt {prompt!r} is not a proving-ground caption ({e})") from None
+                raise InvalidInput(
+                    "prompt", f"the verifier reward scores proving-ground captions only; {prompt!r}: {e}"
+                ) from None
         pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         scores = [report_score(verify(image, spec), self.config.score) for image, spec in zip(pixels, specs)]
         return torch.tensor(scores, dtype=torch.float32, device=images.device)

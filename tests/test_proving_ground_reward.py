@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffsteer.guidance.errors import InvalidInput
 from diffsteer.guidance.reward_models import get_reward
 from diffsteer.proving_ground.render import render_prompt
 from diffsteer.proving_ground.reward import VerifierReward, VerifierRewardConfig
@@ -52,8 +53,9 @@ def test_a_relation_counts_as_a_fifth_check():
 
 def test_refusals_name_the_problem():
     reward = VerifierReward()
-    with pytest.raises(ValueError, match="not a proving-ground caption"):
+    with pytest.raises(InvalidInput, match="proving-ground captions only; 'a photo of a cat'") as e:
         reward.score(_image("a red circle"), "a photo of a cat")
+    assert e.value.field == "prompt"
     with pytest.raises(ValueError, match="prompts are required"):
         reward.score(_image("a red circle"))
     images = _image("a red circle").requires_grad_()
@@ -61,3 +63,18 @@ def test_refusals_name_the_problem():
         reward.score(images, "a red circle")
     with pytest.raises(ValueError, match="verifier.score"):
         build_reward({"name": "verifier", "score": "mean"})
+
+
+def test_the_service_answers_422_naming_the_prompt_for_a_caption_the_verifier_cannot_read():
+    from fastapi.testclient import TestClient
+    from test_service_support import settings
+
+    from diffsteer.service.app import create_app
+
+    policy = {"name": "dynamic_cfg", "reward": "verifier:1"}
+    with TestClient(create_app(settings(model="builtin:proving-ground", preload=False))) as client:
+        ok = client.post("/generate", json={"prompt": "a red circle", "steps": 2, "seed": 1, "policy": policy})
+        bad = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2, "seed": 1, "policy": policy})
+    assert ok.status_code == 200
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "prompt"
+    assert "'a photo of a cat'" in bad.json()["error"]["message"]
